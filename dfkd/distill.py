@@ -1,0 +1,75 @@
+"""``dfkd distill``: Hinton knowledge distillation of a student on a synthetic set.
+
+``L_KD = T^2 * KL(softmax(t / T) || softmax(s / T))`` averaged over the batch
+(Hinton, Vinyals & Dean 2015), with ``t`` the teacher's logits on the synthetic
+inputs (stored in the shards) and ``s`` the student's. No true label is used. The
+student's accuracy on the real test set is logged every epoch but never picks the
+model: the last epoch's student is the one saved.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import load_model, read_json, save_model, write_json
+from .config import DistillConfig, to_dict
+from .data import ImageSet, load_mnist, to_input
+from .errors import DfkdError
+from .evaluate import accuracy
+from .models import build_model, model_input_shape
+from .reconstruct import load_synthetic
+from .runtime import pick_device, seed_everything, setup_threads
+from .train import fit
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's soft-target loss, scaled by ``T^2`` so gradients keep their size across T."""
+    log_p = F.log_softmax(student_logits / temperature, dim=1)
+    q = F.softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(log_p, q, reduction="batchmean") * temperature ** 2
+
+
+def distill_model(student: nn.Module, x: torch.Tensor, teacher_logits: torch.Tensor, cfg: DistillConfig,
+                  test: ImageSet | None = None, state_path: Path | None = None) -> list[dict]:
+    """Distill ``student`` on inputs ``x`` with the teacher's logits as soft targets."""
+    shape = model_input_shape(student)
+    if tuple(x.shape[1:]) != tuple(shape):
+        raise DfkdError("synthetic set", f"inputs of shape {tuple(x.shape[1:])} do not fit the student's {tuple(shape)}")
+    with torch.no_grad():
+        probe = student(x[:2].to(next(student.parameters()).device))
+    if probe.shape[1] != teacher_logits.shape[1]:
+        raise DfkdError("synthetic set", f"the teacher has {teacher_logits.shape[1]} classes, "
+                        f"the student {probe.shape[1]}")
+    on_epoch = None
+    if test is not None:
+        xt = to_input(test.test_x, shape)
+        on_epoch = lambda m: {"test_accuracy": accuracy(m, xt, test.test_y)}  # noqa: E731
+    return fit(student, x, teacher_logits, lambda s, t: kd_loss(s, t, cfg.temperature), epochs=cfg.epochs,
+               batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, state_path=state_path, on_epoch=on_epoch,
+               desc=f"distill {getattr(student, 'arch', '')}", progress=cfg.progress)
+
+
+def distill(synthetic: str | Path, out: str | Path, cfg: DistillConfig = DistillConfig(),
+            data_dir: str | None = None, teacher: str | Path | None = None) -> Path:
+    """``dfkd distill``: train a registry student on a synthetic set; save it like a teacher."""
+    setup_threads()
+    seed_everything(cfg.seed)
+    x, _, logits = load_synthetic(synthetic)
+    manifest = read_json(Path(synthetic) / "manifest.json" if Path(synthetic).is_dir() else synthetic)
+    if teacher is not None:
+        tdesc = read_json(Path(teacher).with_suffix(".json") if Path(teacher).suffix else Path(f"{teacher}.json"))
+        if tdesc.get("sha256") != manifest.get("teacher_sha256"):
+            raise DfkdError(synthetic, "this synthetic set was made from another teacher")
+    student = build_model(cfg.student).to(pick_device(cfg.device))
+    data = load_mnist(data_dir)
+    out = Path(out)
+    history = distill_model(student, x, logits, cfg, data, state_path=out.parent / "state" / f"distill-{out.name}.pt")
+    info = dict(arch=student.arch, args=student.arch_args, input_shape=list(model_input_shape(student)),
+                normalization={"mean": 0.0, "std": 1.0, "range": "pixels/255"}, num_classes=data.num_classes,
+                test_accuracy=history[-1]["test_accuracy"], history=history, distill_config=to_dict(cfg),
+                objective=manifest.get("objective"), teacher_sha256=manifest.get("teacher_sha256"),
+                synthetic=str(synthetic), synthetic_images=len(x))
+    return save_model(student.cpu(), out, info)

@@ -1,0 +1,33 @@
+"""Seeding, threads and device choice: the only miscellaneous module, kept tiny."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import DfkdError
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch's global RNG and return a CPU generator seeded the same way."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def setup_threads() -> None:
+    """Use every core unless the user set OMP_NUM_THREADS."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def pick_device(name: str = "cpu") -> torch.device:
+    """Resolve ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; refuse what is not here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise DfkdError("--device", f"unknown device {name!r} (use cpu, cuda or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DfkdError("--device", "cuda was asked for but no CUDA device is available")
+    return dev

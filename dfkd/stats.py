@@ -1,0 +1,143 @@
+"""Streaming per-class statistics and graph-Fourier bases: pure tensor math, no files, no models.
+
+Moments are merged batch by batch with Chan et al.'s pairwise update in float64,
+so the streamed result equals ``torch.cov`` on the concatenated data (unbiased,
+``n - 1``) to rounding.
+
+Spectral basis. A feed-forward adjacency is nilpotent, so we use the symmetric
+graph Laplacian of the absolute weights, ``L = D - A`` with
+``A = [[0, |W|^T], [|W|, 0]]`` per pair of adjacent layers (block tridiagonal
+for the whole network). Its orthonormal eigenvectors ``V`` (``L = V diag(lam) V^T``)
+define the graph Fourier transform ``s_hat = V^T s`` and its inverse ``s = V s_hat``.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class ClassMoments:
+    """Per-class count, mean and (full or diagonal) second central moment, streamed."""
+
+    def __init__(self, num_classes: int, dim: int, full: bool):
+        self.full = full
+        self.count = torch.zeros(num_classes, dtype=torch.float64)
+        self.mean = torch.zeros(num_classes, dim, dtype=torch.float64)
+        shape = (num_classes, dim, dim) if full else (num_classes, dim)
+        self.m2 = torch.zeros(shape, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Merge a batch ``x [N, D]`` with class labels ``y [N]``."""
+        x = x.detach().to(torch.float64).cpu()
+        y = y.cpu()
+        for c in torch.unique(y).tolist():
+            xc = x[y == c]
+            nb = float(len(xc))
+            mb = xc.mean(0)
+            d = xc - mb
+            m2b = d.T @ d if self.full else (d * d).sum(0)
+            na = float(self.count[c])
+            n = na + nb
+            delta = mb - self.mean[c]
+            self.mean[c] += delta * (nb / n)
+            corr = torch.outer(delta, delta) if self.full else delta * delta
+            self.m2[c] += m2b + corr * (na * nb / n)
+            self.count[c] = n
+
+    def covariance(self) -> torch.Tensor:
+        """Unbiased covariance per class: ``[C, D, D]`` if full, else variances ``[C, D]``."""
+        denom = (self.count - 1).clamp(min=1)
+        return self.m2 / (denom.view(-1, 1, 1) if self.full else denom.view(-1, 1))
+
+
+def cholesky_psd(cov: torch.Tensor, rel_jitter: float = 1e-6, tries: int = 12) -> tuple[torch.Tensor, float]:
+    """Cholesky factors of PSD matrices ``[..., D, D]``.
+
+    A rank-deficient covariance (dead ReLU units, fewer samples than units) has no
+    Cholesky factor, so ``eps * I`` is added with ``eps = rel_jitter * mean(diag)``,
+    multiplied by 10 until every factorisation succeeds. Returns the factor and the
+    absolute jitter that was used (0.0 when none was needed).
+    """
+    cov = 0.5 * (cov + cov.transpose(-1, -2))
+    scale = cov.diagonal(dim1=-2, dim2=-1).mean().clamp(min=1e-12).item()
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype)
+    jitter = 0.0
+    for _ in range(tries):
+        chol, info = torch.linalg.cholesky_ex(cov + jitter * eye)
+        if int(info.max()) == 0:
+            return chol, jitter
+        jitter = rel_jitter * scale if jitter == 0.0 else jitter * 10
+    raise ValueError(f"covariance is not positive semi-definite even with jitter {jitter:g}")
+
+
+def low_rank(cov: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cov ~ F F^T + diag(r)``: top-``rank`` eigenpairs as ``F [..., D, k]``, and the
+    residual variances ``r >= 0`` so that the diagonal is kept exactly."""
+    vals, vecs = torch.linalg.eigh(cov)
+    vals, vecs = vals[..., -rank:].clamp(min=0), vecs[..., -rank:]
+    factor = vecs * vals.sqrt().unsqueeze(-2)
+    resid = (cov.diagonal(dim1=-2, dim2=-1) - (factor * factor).sum(-1)).clamp(min=0)
+    return factor, resid
+
+
+def laplacian(adj: torch.Tensor) -> torch.Tensor:
+    """Combinatorial Laplacian ``D - A`` of a symmetric non-negative adjacency."""
+    return torch.diag(adj.sum(1)) - adj
+
+
+def fourier_basis(adj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending graph frequency) and orthonormal eigenvectors of the Laplacian, in float64."""
+    return torch.linalg.eigh(laplacian(adj.to(torch.float64)))
+
+
+def block_adjacency(sizes: list[int], edges: dict[tuple[int, int], torch.Tensor]) -> torch.Tensor:
+    """Symmetric adjacency over concatenated node blocks; ``edges[(a, b)]`` is ``[n_a, n_b]``."""
+    offs = [0]
+    for s in sizes:
+        offs.append(offs[-1] + s)
+    adj = torch.zeros(offs[-1], offs[-1], dtype=torch.float64)
+    for (a, b), w in edges.items():
+        adj[offs[a]:offs[a + 1], offs[b]:offs[b + 1]] = w
+        adj[offs[b]:offs[b + 1], offs[a]:offs[a + 1]] = w.T
+    return adj
+
+
+class SpectralMoments:
+    """Per-class mean and variance of the kept graph-Fourier coefficients of a signal.
+
+    Which coefficients are kept (the ``keep`` fraction with the largest mean energy
+    ``E[s_hat_k^2]``) is decided on the first ``select_n`` samples streamed (buffered,
+    then replayed), so the full ``D x D`` transform is paid on those only; the moments
+    then cover every sample. Diagonal moments in the Fourier domain are the stationary
+    graph-signal model: they stand for a full covariance in the vertex domain.
+    """
+
+    def __init__(self, basis: torch.Tensor, num_classes: int, keep: float, select_n: int = 10000):
+        self.basis = basis.to(torch.float64)
+        self.k = max(1, round(keep * basis.shape[1]))
+        self.num_classes, self.select_n = num_classes, select_n
+        self.kept: torch.Tensor | None = None
+        self.energy: torch.Tensor | None = None
+        self.moments = ClassMoments(num_classes, self.k, full=False)
+        self._buf: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _select(self) -> None:
+        s = torch.cat([b for b, _ in self._buf])
+        self.energy = ((s @ self.basis) ** 2).mean(0)
+        self.kept = torch.argsort(self.energy, descending=True)[: self.k].sort().values
+        self.kept_basis = self.basis[:, self.kept].contiguous()
+        buf, self._buf = self._buf, []
+        for s, y in buf:
+            self.moments.update(s @ self.kept_basis, y)
+
+    def update(self, s: torch.Tensor, y: torch.Tensor) -> None:
+        s = s.detach().to(torch.float64).cpu()
+        if self.kept is None:
+            self._buf.append((s, y.cpu()))
+            if sum(len(b) for b, _ in self._buf) >= self.select_n:
+                self._select()
+        else:
+            self.moments.update(s @ self.kept_basis, y)
+
+    def finish(self) -> None:
+        if self.kept is None:
+            self._select()
