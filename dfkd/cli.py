@@ -125,10 +125,23 @@ def _cmd_distill(a: argparse.Namespace) -> int:
     from .distill import distill
 
     cfg = DistillConfig(student=a.student, temperature=a.temperature, epochs=a.epochs, batch_size=a.batch_size,
-                        lr=a.lr, seed=a.seed, device=a.device, progress=not a.quiet)
+                        lr=a.lr, augment=a.augment, seed=a.seed, device=a.device, progress=not a.quiet)
     path = distill(a.synthetic, a.out, cfg, a.data_dir, a.teacher)
     desc = json.loads(path.with_suffix(".json").read_text())
     print(f"saved {path} (student test accuracy {100 * desc['test_accuracy']:.2f}%)")
+    return 0
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    from .pipeline import RunConfig, run
+
+    objectives = tuple(o.strip() for o in a.objectives.split(",")) if a.objectives else RunConfig.objectives
+    networks = tuple(n.strip() for n in a.networks.split(",") if n.strip())
+    out = a.out or f"runs/{a.profile}"
+    path = run(RunConfig(out=out, profile=a.profile, networks=networks, objectives=objectives, teacher=a.teacher,
+                         seed=a.seed, data_dir=a.data_dir, device=a.device, progress=not a.quiet))
+    print((path.parent / "results.md").read_text())
+    print(f"results: {path} and {path.parent / 'results.md'}")
     return 0
 
 
@@ -182,12 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--synthetic", required=True, help="synthetic set directory (with manifest.json)")
     d.add_argument("--student", default="lenet5-half", help="registry name")
     d.add_argument("--out", required=True, help="student file stem, e.g. runs/mnist/student")
-    d.add_argument("--teacher", default=None, help="saved teacher, to check the set was made from it")
+    d.add_argument("--teacher", default=None,
+                   help="saved teacher: labels augmented inputs online (else the stored logits are used)")
+    d.add_argument("--augment", default="shift", help="shift, shift+mix or none (needs --teacher)")
     d.add_argument("--temperature", type=_positive(float), default=8.0)
     d.add_argument("--epochs", type=_positive(int), default=30)
     d.add_argument("--batch-size", type=_positive(int), default=64)
     d.add_argument("--lr", type=_positive(float), default=1e-3)
     d.set_defaults(func=_cmd_distill)
+
+    u = sub.add_parser("run", parents=[common], formatter_class=fmt,
+                       help="the whole pipeline on MNIST, with the paper's numbers beside ours")
+    u.add_argument("--profile", default="quick", help="quick (CPU, minutes), paper (the paper's sizes; GPU) or tiny")
+    u.add_argument("--networks", default="lenet5,hinton-1200", help="teachers: lenet5 and/or hinton-1200")
+    u.add_argument("--objectives", default=None, help="comma-separated (default: all)")
+    u.add_argument("--teacher", default=None, help="a saved teacher to use instead of training one")
+    u.add_argument("--out", default=None, help="run directory (default: runs/<profile>)")
+    u.set_defaults(func=_cmd_run)
 
     i = sub.add_parser("inspect", formatter_class=fmt, help="describe a statistics file and its size")
     i.add_argument("file")

@@ -44,6 +44,7 @@ class ReconstructConfig:
     init_mean: float = 0.15        # inputs start i.i.d. N(init_mean, init_std) (the paper's values)
     init_std: float = 0.1
     clamp: bool = True             # keep inputs in the data's range [0, 1] after each step
+    tv: float = 0.0                # weight of a total-variation image prior (0 = the paper's pure objective)
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -56,6 +57,7 @@ class DistillConfig:
     epochs: int = 30               # the paper: 30
     batch_size: int = 64
     lr: float = 1e-3               # Adam
+    augment: str = "shift"         # shift | shift+mix | none: augment synthetic inputs, teacher labels them online
     seed: int = 0
     device: str = "cpu"
     progress: bool = True

@@ -1,8 +1,12 @@
 """``dfkd distill``: Hinton knowledge distillation of a student on a synthetic set.
 
 ``L_KD = T^2 * KL(softmax(t / T) || softmax(s / T))`` averaged over the batch
-(Hinton, Vinyals & Dean 2015), with ``t`` the teacher's logits on the synthetic
-inputs (stored in the shards) and ``s`` the student's. No true label is used. The
+(Hinton, Vinyals & Dean 2015), with ``t`` the teacher's logits and ``s`` the
+student's. No true label is used. With a teacher at hand (the default), each batch
+is augmented (``shift``: one random translation of up to 2 pixels, zero-filled;
+``shift+mix``: then a random convex mix with the reversed batch) and the teacher
+labels what the student sees; without one, the logits stored in the shards are the
+targets and the inputs are used as they are. The
 student's accuracy on the real test set is logged every epoch but never picks the
 model: the last epoch's student is the one saved.
 """
@@ -32,9 +36,25 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_p, q, reduction="batchmean") * temperature ** 2
 
 
+def augment(x: torch.Tensor, how: str, g: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """A random translation of the whole batch (and, for ``shift+mix``, a convex mix)."""
+    if how == "none":
+        return x
+    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
+    x = F.pad(x, (pad, pad, pad, pad))[:, :, dy:dy + x.shape[2], dx:dx + x.shape[3]]
+    if how == "shift+mix":
+        lam = torch.rand((len(x), 1, 1, 1), generator=g).to(x.device)
+        x = lam * x + (1 - lam) * x.flip(0)
+    return x
+
+
 def distill_model(student: nn.Module, x: torch.Tensor, teacher_logits: torch.Tensor, cfg: DistillConfig,
-                  test: ImageSet | None = None, state_path: Path | None = None) -> list[dict]:
-    """Distill ``student`` on inputs ``x`` with the teacher's logits as soft targets."""
+                  test: ImageSet | None = None, state_path: Path | None = None,
+                  teacher: nn.Module | None = None) -> list[dict]:
+    """Distill ``student`` on inputs ``x``: soft targets from ``teacher`` online (augmented
+    inputs), or the stored ``teacher_logits`` when no teacher is given."""
+    if cfg.augment not in ("shift", "shift+mix", "none"):
+        raise DfkdError("--augment", f"{cfg.augment!r} is not shift, shift+mix or none")
     shape = model_input_shape(student)
     if tuple(x.shape[1:]) != tuple(shape):
         raise DfkdError("synthetic set", f"inputs of shape {tuple(x.shape[1:])} do not fit the student's {tuple(shape)}")
@@ -47,7 +67,18 @@ def distill_model(student: nn.Module, x: torch.Tensor, teacher_logits: torch.Ten
     if test is not None:
         xt = to_input(test.test_x, shape)
         on_epoch = lambda m: {"test_accuracy": accuracy(m, xt, test.test_y)}  # noqa: E731
-    return fit(student, x, teacher_logits, lambda s, t: kd_loss(s, t, cfg.temperature), epochs=cfg.epochs,
+    if teacher is not None:
+        teacher.eval()
+
+        def batch_loss(m, xb, tb, g):
+            xb = augment(xb, cfg.augment, g)
+            with torch.no_grad():
+                tb = teacher(xb)
+            return kd_loss(m(xb), tb, cfg.temperature)
+    else:
+        def batch_loss(m, xb, tb, g):
+            return kd_loss(m(xb), tb, cfg.temperature)
+    return fit(student, x, teacher_logits, batch_loss, epochs=cfg.epochs,
                batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, state_path=state_path, on_epoch=on_epoch,
                desc=f"distill {getattr(student, 'arch', '')}", progress=cfg.progress)
 
@@ -59,14 +90,18 @@ def distill(synthetic: str | Path, out: str | Path, cfg: DistillConfig = Distill
     seed_everything(cfg.seed)
     x, _, logits = load_synthetic(synthetic)
     manifest = read_json(Path(synthetic) / "manifest.json" if Path(synthetic).is_dir() else synthetic)
+    dev = pick_device(cfg.device)
+    tmodel = None
     if teacher is not None:
-        tdesc = read_json(Path(teacher).with_suffix(".json") if Path(teacher).suffix else Path(f"{teacher}.json"))
+        tmodel, tdesc = load_model(teacher)
         if tdesc.get("sha256") != manifest.get("teacher_sha256"):
             raise DfkdError(synthetic, "this synthetic set was made from another teacher")
-    student = build_model(cfg.student).to(pick_device(cfg.device))
+        tmodel.to(dev)
+    student = build_model(cfg.student).to(dev)
     data = load_mnist(data_dir)
     out = Path(out)
-    history = distill_model(student, x, logits, cfg, data, state_path=out.parent / "state" / f"distill-{out.name}.pt")
+    history = distill_model(student, x, logits, cfg, data, state_path=out.parent / "state" / f"distill-{out.name}.pt",
+                            teacher=tmodel)
     info = dict(arch=student.arch, args=student.arch_args, input_shape=list(model_input_shape(student)),
                 normalization={"mean": 0.0, "std": 1.0, "range": "pixels/255"}, num_classes=data.num_classes,
                 test_accuracy=history[-1]["test_accuracy"], history=history, distill_config=to_dict(cfg),

@@ -31,6 +31,13 @@ def _batch_seed(seed: int, b: int) -> int:
     return int.from_bytes(hashlib.sha256(f"dfkd-reconstruct|{seed}|{b}".encode()).digest()[:8], "little") >> 1
 
 
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean absolute difference between neighbouring pixels (an image prior)."""
+    dh = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
+    dw = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
+    return dh + dw
+
+
 def optimise_batch(teacher: nn.Module, objective, labels: torch.Tensor, cfg: ReconstructConfig,
                    g: torch.Generator, bar: tqdm | None = None) -> tuple[torch.Tensor, list[float]]:
     """Optimise one batch of inputs for ``objective``; returns the inputs and [first, last] loss."""
@@ -50,6 +57,8 @@ def optimise_batch(teacher: nn.Module, objective, labels: torch.Tensor, cfg: Rec
         for step in range(cfg.steps):
             logits = teacher(x * masks["input"] if masks else x)
             loss = objective.loss(logits, acts, tg).sum()
+            if cfg.tv:
+                loss = loss + cfg.tv * total_variation(x).sum()
             if not torch.isfinite(loss):
                 raise DfkdError("reconstruct", f"loss became {loss.item()} at step {step}; finished shards are kept "
                                 "(try a lower --lr)")

@@ -26,7 +26,12 @@ from .evaluate import accuracy
 from .models import build_model, model_input_shape
 from .runtime import pick_device, seed_everything, setup_threads
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# batch_loss(model, inputs, targets, generator) -> scalar loss; the generator is the epoch's own
+BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, _g: torch.Generator) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
 
 
 def _load_state(path: Path | None, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list]:
@@ -49,7 +54,7 @@ def _save_state(path: Path | None, model: nn.Module, opt: torch.optim.Optimizer,
     atomic_write(path, buf.getvalue())
 
 
-def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, *, epochs: int, batch_size: int,
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_loss: BatchLoss, *, epochs: int, batch_size: int,
         lr: float, seed: int, schedule: str = "cosine", state_path: Path | None = None, on_epoch: Callable[[nn.Module], dict] | None = None,
         desc: str = "train", progress: bool = True) -> list[dict]:
     """Adam over ``(x, y)`` for ``epochs``; returns one dict per epoch (loss, seconds, and ``on_epoch``'s).
@@ -74,7 +79,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, *, 
                 for group in opt.param_groups:
                     group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * t))
             idx = perm[i:i + batch_size]
-            loss = loss_fn(model(x[idx].to(dev)), y[idx].to(dev))
+            loss = batch_loss(model, x[idx].to(dev), y[idx].to(dev), g)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -96,7 +101,7 @@ def train_model(model: nn.Module, data: ImageSet, cfg: TrainConfig, state_path: 
     """Train any ``nn.Module`` (with ``input_shape``) on ``data`` with cross-entropy."""
     shape = model_input_shape(model)
     x, xt = to_input(data.train_x, shape), to_input(data.test_x, shape)
-    return fit(model, x, data.train_y, F.cross_entropy, epochs=cfg.epochs, batch_size=cfg.batch_size,
+    return fit(model, x, data.train_y, cross_entropy_loss, epochs=cfg.epochs, batch_size=cfg.batch_size,
                lr=cfg.lr, seed=cfg.seed, state_path=state_path, desc=f"train {getattr(model, 'arch', '')}",
                on_epoch=lambda m: {"test_accuracy": accuracy(m, xt, data.test_y)}, progress=cfg.progress)
 

@@ -1,12 +1,11 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dfkd.config import TrainConfig
 from dfkd.data import to_input
 from dfkd.evaluate import evaluate_model
 from dfkd.models import build_model
-from dfkd.train import fit
+from dfkd.train import cross_entropy_loss, fit
 
 
 def test_trained_teacher_beats_stated_accuracy(teacher, mnist):
@@ -26,7 +25,7 @@ def test_resumed_training_equals_uninterrupted(small, tmp_path):
     def run(state, on_epoch=None):
         torch.manual_seed(0)
         m = build_model("lenet5-half")
-        fit(m, x, y, F.cross_entropy, epochs=3, batch_size=64, lr=1e-3, seed=3, state_path=state,
+        fit(m, x, y, cross_entropy_loss, epochs=3, batch_size=64, lr=1e-3, seed=3, state_path=state,
             on_epoch=on_epoch, progress=False)
         return m
 
@@ -44,7 +43,7 @@ def test_resumed_training_equals_uninterrupted(small, tmp_path):
         run(state, interrupt)
     torch.manual_seed(123)  # a different global RNG state must not matter
     m = build_model("lenet5-half")
-    hist = fit(m, x, y, F.cross_entropy, epochs=3, batch_size=64, lr=1e-3, seed=3, state_path=state, progress=False)
+    hist = fit(m, x, y, cross_entropy_loss, epochs=3, batch_size=64, lr=1e-3, seed=3, state_path=state, progress=False)
     assert len(hist) == 3
     for a, b in zip(whole.state_dict().values(), m.state_dict().values()):
         assert torch.equal(a, b)

@@ -1,0 +1,192 @@
+"""``dfkd run``: the whole pipeline per network pair, with the paper's table beside ours.
+
+For each teacher -> student pair: train the teacher (unless given), record its
+metadata, distill a student on real data (``real-kd``) and train one on real labels
+(``real-data``) as baselines, then reconstruct and distill for every objective.
+Every stage skips finished work, so an interrupted run resumes where it stopped.
+``results.json`` (``rows``: one per student) and ``results.md`` are rewritten
+atomically after every student.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_model, read_json, save_model, write_json
+from .config import DistillConfig, ReconstructConfig, TrainConfig, to_dict
+from .data import load_mnist, to_input
+from .distill import distill_model
+from .errors import DfkdError
+from .evaluate import evaluate_model
+from .metadata import load as load_stats
+from .metadata import save as save_stats
+from .models import build_model, predict_logits
+from .objectives import OBJECTIVES
+from .record import record, stats_path
+from .reconstruct import load_synthetic, reconstruct
+from .runtime import pick_device, seed_everything, setup_threads
+from .train import train_model
+
+PAIRS = {"lenet5": "lenet5-half", "hinton-1200": "hinton-800"}
+# Lopes et al. (2017), Table 1 (MNIST test accuracy, %); "noise" is DAFL's (Chen et al. 2019) run.
+PAPER = {
+    "lenet5": {"teacher": 98.91, "real-data": 98.65, "real-kd": 98.91, "top-layer": 77.30, "all-layers": 85.61,
+               "spectral-all": 90.28, "spectral-pairs": 92.47, "noise": 88.01},
+    "hinton-1200": {"teacher": 96.95, "real-data": 95.70, "real-kd": 95.74, "top-layer": 68.75, "all-layers": 76.38,
+                    "all-layers-dropout": 76.23, "spectral-all": 89.41, "spectral-pairs": 91.24, "noise": 87.58},
+}
+# name -> (teacher epochs, real-baseline epochs, images, Adam steps, reconstruction batch, distill epochs)
+PROFILES = {
+    "quick": dict(teacher_epochs=10, baseline_epochs=5, n=2000, steps=200, batch_size=500, distill_epochs=30),
+    "paper": dict(teacher_epochs=10, baseline_epochs=10, n=64000, steps=1000, batch_size=1000, distill_epochs=30),
+    "tiny": dict(teacher_epochs=1, baseline_epochs=1, n=40, steps=5, batch_size=20, distill_epochs=1),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out: str = "runs/quick"
+    profile: str = "quick"
+    networks: tuple[str, ...] = ("lenet5", "hinton-1200")
+    objectives: tuple[str, ...] = tuple(OBJECTIVES)
+    teacher: str | None = None      # a saved teacher to use instead of training one (one network only)
+    seed: int = 0
+    data_dir: str | None = None
+    device: str = "cpu"
+    progress: bool = True
+
+
+def _timed(fn, *args, **kw):
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.perf_counter() - t0
+
+
+def _teacher(cfg: RunConfig, net: str, d: Path, data, p: dict, dev) -> tuple[torch.nn.Module, dict, float]:
+    path = Path(cfg.teacher) if cfg.teacher else d / "teacher"
+    if path.with_suffix(".json").is_file() or cfg.teacher:
+        model, desc = load_model(path)
+        return model.to(dev), desc, 0.0
+    seed_everything(cfg.seed)
+    model = build_model(net).to(dev)
+    tc = TrainConfig(model=net, epochs=p["teacher_epochs"], seed=cfg.seed, progress=cfg.progress)
+    hist, secs = _timed(train_model, model, data, tc, d / "state" / "train-teacher.pt")
+    info = dict(arch=net, args=model.arch_args, input_shape=list(model.input_shape), num_classes=data.num_classes,
+                normalization={"mean": 0.0, "std": 1.0, "range": "pixels/255"}, dataset=data.name,
+                test_accuracy=hist[-1]["test_accuracy"], history=hist, train_config=to_dict(tc), seconds=secs)
+    save_model(model.cpu(), d / "teacher", info)
+    model, desc = load_model(d / "teacher")
+    return model.to(dev), desc, secs
+
+
+def _student_row(path: Path) -> dict | None:
+    return read_json(path.with_suffix(".json")).get("row") if path.with_suffix(".json").is_file() else None
+
+
+def _baseline(kind: str, teacher, data, student_name: str, p: dict, cfg: RunConfig, d: Path, dev) -> dict:
+    """``real-data``: train the student on the true labels; ``real-kd``: distill it on the real images."""
+    seed_everything(cfg.seed)
+    student = build_model(student_name).to(dev)
+    state = d / "state" / f"{kind}.pt"
+    if kind == "real-data":
+        hist, secs = _timed(train_model, student, data, TrainConfig(epochs=p["baseline_epochs"], seed=cfg.seed,
+                                                                    progress=cfg.progress), state)
+    else:
+        x = to_input(data.train_x, student.input_shape)
+        logits = predict_logits(teacher, to_input(data.train_x, teacher.input_shape))
+        dc = DistillConfig(student=student_name, epochs=p["baseline_epochs"], augment="none", seed=cfg.seed,
+                           progress=cfg.progress)
+        hist, secs = _timed(distill_model, student, x, logits, dc, data, state)
+    return {"history": hist, "seconds": {"train" if kind == "real-data" else "distill": secs}, "model": student,
+            "image_steps": 0}
+
+
+def _objective(name: str, teacher, meta, data, student_name: str, p: dict, cfg: RunConfig, d: Path, dev) -> dict:
+    rc = ReconstructConfig(objective=name, n=p["n"], steps=p["steps"], batch_size=p["batch_size"], seed=cfg.seed,
+                           device=cfg.device, progress=cfg.progress)
+    _, rsecs = _timed(reconstruct, teacher, meta, d / "synthetic" / name, rc)
+    manifest = read_json(d / "synthetic" / name / "manifest.json")
+    x, _, logits = load_synthetic(d / "synthetic" / name)
+    seed_everything(cfg.seed)
+    student = build_model(student_name).to(dev)
+    dc = DistillConfig(student=student_name, epochs=p["distill_epochs"], seed=cfg.seed, progress=cfg.progress)
+    hist, dsecs = _timed(distill_model, student, x, logits, dc, data, d / "state" / f"distill-{name}.pt", teacher)
+    return {"history": hist, "model": student, "image_steps": manifest.get("image_steps", 0),
+            "seconds": {"reconstruct": sum(s["seconds"] for s in manifest["shards"]) if rsecs > 1e-9 else rsecs,
+                        "distill": dsecs}}
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| teacher | student | objective | accuracy % | paper % | vs paper | share of teacher % "
+             "| reconstruct s | distill/train s | image-steps |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s, paper, acc = r["seconds"], r["paper_accuracy"], r["accuracy"]
+        ptxt = "" if paper is None else f"{100 * paper:.2f}"
+        dtxt = "" if paper is None else f"{100 * (acc - paper):+.2f}"
+        lines.append(
+            f"| {r['teacher']} | {r['student']} | {r['objective']} | {100 * acc:.2f} | {ptxt} | {dtxt} | "
+            f"{100 * acc / r['teacher_accuracy']:.1f} | {s.get('reconstruct', 0):.0f} | "
+            f"{s.get('distill', s.get('train', 0)):.0f} | {r['image_steps']:,} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write(out: Path, rows: list[dict], cfg: RunConfig, t0: float) -> None:
+    write_json(out / "results.json", {"config": to_dict(cfg), "profile": PROFILES[cfg.profile], "rows": rows,
+                                      "wall_seconds": time.perf_counter() - t0})
+    (out / "results.md").parent.mkdir(parents=True, exist_ok=True)
+    from .checkpoint import atomic_write
+    atomic_write(out / "results.md", "# dfkd results (test accuracy on the real MNIST test set, last epoch)\n\n"
+                 + _table(rows))
+
+
+def run(cfg: RunConfig = RunConfig()) -> Path:
+    """Run the pipeline; returns the path of ``results.json``."""
+    if cfg.profile not in PROFILES:
+        raise DfkdError("--profile", f"unknown profile {cfg.profile!r}; choose one of {', '.join(PROFILES)}")
+    bad = [n for n in cfg.networks if n not in PAIRS]
+    if bad or not cfg.networks:
+        raise DfkdError("--networks", f"unknown network(s) {bad}; choose from {', '.join(PAIRS)}")
+    bad = [o for o in cfg.objectives if o not in OBJECTIVES]
+    if bad:
+        raise DfkdError("--objectives", f"unknown objective(s) {bad}; choose from {', '.join(OBJECTIVES)}")
+    if cfg.teacher and len(cfg.networks) != 1:
+        raise DfkdError("--teacher", "a given teacher needs exactly one --networks entry")
+    setup_threads()
+    p, dev, out, t0 = PROFILES[cfg.profile], pick_device(cfg.device), Path(cfg.out), time.perf_counter()
+    data = load_mnist(cfg.data_dir)
+    rows: list[dict] = []
+    for net in cfg.networks:
+        d, student_name = out / net, PAIRS[net]
+        teacher, desc, tsecs = _teacher(cfg, net, d, data, p, dev)
+        t_acc = evaluate_model(teacher, data)["accuracy"]
+        spath = stats_path(d / "teacher") if not cfg.teacher else stats_path(cfg.teacher)
+        rsecs = 0.0
+        if not spath.is_file():
+            meta, rsecs = _timed(record, teacher, data, progress=cfg.progress)
+            save_stats(meta, spath)
+        meta = load_stats(spath, desc["sha256"])
+        for name in ("real-data", "real-kd", *cfg.objectives):
+            spath_student = d / "students" / name
+            row = _student_row(spath_student)
+            if row is None:
+                res = _baseline(name, teacher, data, student_name, p, cfg, d, dev) if name.startswith("real") \
+                    else _objective(name, teacher, meta, data, student_name, p, cfg, d, dev)
+                paper = PAPER[net].get(name)
+                row = {"teacher": net, "student": student_name, "objective": name,
+                       "accuracy": res["history"][-1]["test_accuracy"], "teacher_accuracy": t_acc,
+                       "paper_accuracy": None if paper is None else paper / 100, "image_steps": res["image_steps"],
+                       "seconds": dict(res["seconds"], teacher_train=tsecs, record=rsecs),
+                       "history": [h["test_accuracy"] for h in res["history"]]}
+                save_model(res["model"].cpu(), spath_student, dict(
+                    arch=student_name, args=res["model"].arch_args, input_shape=list(res["model"].input_shape),
+                    num_classes=data.num_classes, test_accuracy=row["accuracy"], objective=name,
+                    teacher_sha256=desc["sha256"], row=row))
+            rows.append(row)
+            _write(out, rows, cfg, t0)
+            if cfg.progress:
+                print(f"{net} -> {student_name} {name}: {100 * row['accuracy']:.2f}%"
+                      + (f" (paper {100 * row['paper_accuracy']:.2f}%)" if row["paper_accuracy"] else ""), flush=True)
+    return out / "results.json"
