@@ -144,7 +144,7 @@ def summary(meta: Metadata) -> dict:
         k["bytes"] += r["bytes"]
     total = sum(r["bytes"] for r in rows)
     rec = meta.header["recorded_on"]
-    train_bytes = rec["n_samples"] * 784 if rec["dataset"] == "mnist" else None
+    train_bytes = rec["n_samples"] * rec["sample_bytes"] if rec.get("sample_bytes") else None
     return {"rows": rows, "per_kind": per_kind, "total_bytes": total,
             "total_floats": sum(r["floats"] for r in rows), "train_bytes": train_bytes,
             "ratio": total / train_bytes if train_bytes else None}

@@ -88,6 +88,8 @@ def record(model: nn.Module, data: ImageSet | tuple[torch.Tensor, torch.Tensor],
     shape = model_input_shape(model)
     x, y, name = (to_input(data.train_x, shape), data.train_y, data.name) if isinstance(data, ImageSet) \
         else (data[0], data[1], "custom")
+    # the training set's own size, at one byte per value (uint8 images): what the metadata stands in for
+    sample_bytes = data.train_x[0].numel() if isinstance(data, ImageSet) else x[0].numel()
     if len(x) != len(y):
         raise DfkdError("data", f"{len(x)} inputs but {len(y)} labels")
     dev = next(model.parameters()).device
@@ -145,7 +147,8 @@ def record(model: nn.Module, data: ImageSet | tuple[torch.Tensor, torch.Tensor],
         kinds=kinds, num_classes=c, temperature=temperature, input_shape=list(shape),
         input_normalization=getattr(model, "normalization", {"mean": 0.0, "std": 1.0, "range": "pixels/255"}),
         teacher_sha256=weights_sha256(model.state_dict()), teacher_arch=getattr(model, "arch", type(model).__name__),
-        recorded_on={"dataset": name, "n_samples": len(y), "per_class": counts.tolist()},
+        recorded_on={"dataset": name, "n_samples": len(y), "per_class": counts.tolist(),
+                     "sample_bytes": sample_bytes},
         layers=[dict(i.as_dict(), cov=modes[i.path]) for i in infos], top={"path": "output", "units": c},
         spectral=spectral)
     return Metadata(header, tensors, timings={"basis_seconds": basis_s, "pass_seconds": pass_s})
