@@ -58,6 +58,7 @@ class DistillConfig:
     batch_size: int = 64
     lr: float = 1e-3               # Adam
     augment: str = "shift"         # shift | shift+mix | none: augment synthetic inputs, teacher labels them online
+    schedule: str = "cosine"       # cosine | constant learning rate
     seed: int = 0
     device: str = "cpu"
     progress: bool = True

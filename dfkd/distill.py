@@ -79,7 +79,8 @@ def distill_model(student: nn.Module, x: torch.Tensor, teacher_logits: torch.Ten
         def batch_loss(m, xb, tb, g):
             return kd_loss(m(xb), tb, cfg.temperature)
     return fit(student, x, teacher_logits, batch_loss, epochs=cfg.epochs,
-               batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, state_path=state_path, on_epoch=on_epoch,
+               batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, schedule=cfg.schedule, state_path=state_path,
+               on_epoch=on_epoch,
                desc=f"distill {getattr(student, 'arch', '')}", progress=cfg.progress)
 
 
