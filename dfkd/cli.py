@@ -109,7 +109,8 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
 
     objective = a.objective.replace("_", "-")
     cfg = ReconstructConfig(objective=objective, n=a.n, batch_size=a.batch_size, steps=a.steps, lr=a.lr,
-                            clamp=not a.no_clamp, seed=a.seed, device=a.device, progress=not a.quiet)
+                            clamp=not a.no_clamp, jitter=a.jitter, tv=a.tv, seed=a.seed, device=a.device,
+                            progress=not a.quiet)
     stats = a.stats
     if stats is None and objective != "noise":
         from .record import stats_path
@@ -187,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=1000, help="Adam steps per batch")
     c.add_argument("--lr", type=_positive(float), default=0.07)
     c.add_argument("--no-clamp", action="store_true", help="do not clamp inputs to [0, 1]")
+    c.add_argument("--jitter", type=int, default=0, help="roll inputs by up to this many pixels each step")
+    c.add_argument("--tv", type=float, default=0.0, help="weight of a total-variation prior on the inputs")
     c.add_argument("--out", default=None, help="output directory (default: <run>/synthetic/<objective>)")
     c.add_argument("--allow-other-teacher", action="store_true", help="use statistics recorded on other weights")
     c.set_defaults(func=_cmd_reconstruct)

@@ -45,6 +45,7 @@ class ReconstructConfig:
     init_std: float = 0.1
     clamp: bool = True             # keep inputs in the data's range [0, 1] after each step
     tv: float = 0.0                # weight of a total-variation image prior (0 = the paper's pure objective)
+    jitter: int = 0                # roll inputs by up to this many pixels each step (DeepInversion's jitter)
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -58,7 +59,7 @@ class DistillConfig:
     batch_size: int = 64
     lr: float = 1e-3               # Adam
     augment: str = "shift"         # shift | shift+mix | none: augment synthetic inputs, teacher labels them online
-    schedule: str = "cosine"       # cosine | constant learning rate
+    schedule: str = "constant"     # constant (the paper's plain Adam) | cosine
     seed: int = 0
     device: str = "cpu"
     progress: bool = True

@@ -38,11 +38,15 @@ PAPER = {
     "hinton-1200": {"teacher": 96.95, "real-data": 95.70, "real-kd": 95.74, "top-layer": 68.75, "all-layers": 76.38,
                     "all-layers-dropout": 76.23, "spectral-all": 89.41, "spectral-pairs": 91.24, "noise": 87.58},
 }
-# name -> (teacher epochs, real-baseline epochs, images, Adam steps, reconstruction batch, distill epochs)
+# Per profile: epochs for the teacher, the real-data baselines and distillation, the reconstruction
+# batch, and per teacher the recipe: synthetic images, Adam steps per image, jitter (see README).
 PROFILES = {
-    "quick": dict(teacher_epochs=10, baseline_epochs=5, n=2000, steps=200, batch_size=500, distill_epochs=30),
-    "paper": dict(teacher_epochs=10, baseline_epochs=10, n=64000, steps=1000, batch_size=1000, distill_epochs=30),
-    "tiny": dict(teacher_epochs=1, baseline_epochs=1, n=40, steps=5, batch_size=20, distill_epochs=1),
+    "quick": dict(teacher_epochs=10, baseline_epochs=3, distill_epochs=30, batch_size=500,
+                  recipe={"lenet5": (10000, 40, 0), "hinton-1200": (10000, 40, 2)}),
+    "paper": dict(teacher_epochs=10, baseline_epochs=10, distill_epochs=30, batch_size=1000,
+                  recipe={"lenet5": (64000, 1000, 0), "hinton-1200": (64000, 1000, 0)}),
+    "tiny": dict(teacher_epochs=1, baseline_epochs=1, distill_epochs=1, batch_size=20,
+                 recipe={"lenet5": (40, 5, 0), "hinton-1200": (40, 5, 2)}),
 }
 
 
@@ -104,9 +108,11 @@ def _baseline(kind: str, teacher, data, student_name: str, p: dict, cfg: RunConf
             "image_steps": 0}
 
 
-def _objective(name: str, teacher, meta, data, student_name: str, p: dict, cfg: RunConfig, d: Path, dev) -> dict:
-    rc = ReconstructConfig(objective=name, n=p["n"], steps=p["steps"], batch_size=p["batch_size"], seed=cfg.seed,
-                           device=cfg.device, progress=cfg.progress)
+def _objective(name: str, net: str, teacher, meta, data, student_name: str, p: dict, cfg: RunConfig, d: Path,
+               dev) -> dict:
+    n, steps, jitter = p["recipe"][net]
+    rc = ReconstructConfig(objective=name, n=n, steps=steps, jitter=jitter, batch_size=p["batch_size"],
+                           seed=cfg.seed, device=cfg.device, progress=cfg.progress)
     _, rsecs = _timed(reconstruct, teacher, meta, d / "synthetic" / name, rc)
     manifest = read_json(d / "synthetic" / name / "manifest.json")
     x, _, logits = load_synthetic(d / "synthetic" / name)
@@ -173,7 +179,7 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
             row = _student_row(spath_student)
             if row is None:
                 res = _baseline(name, teacher, data, student_name, p, cfg, d, dev) if name.startswith("real") \
-                    else _objective(name, teacher, meta, data, student_name, p, cfg, d, dev)
+                    else _objective(name, net, teacher, meta, data, student_name, p, cfg, d, dev)
                 paper = PAPER[net].get(name)
                 row = {"teacher": net, "student": student_name, "objective": name,
                        "accuracy": res["history"][-1]["test_accuracy"], "teacher_accuracy": t_acc,

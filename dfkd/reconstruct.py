@@ -55,7 +55,11 @@ def optimise_batch(teacher: nn.Module, objective, labels: torch.Tensor, cfg: Rec
     losses = []
     with tap(teacher, objective.layers(), alter=alter) as acts:
         for step in range(cfg.steps):
-            logits = teacher(x * masks["input"] if masks else x)
+            xin = x
+            if cfg.jitter:
+                dy, dx = (torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=g)).tolist()
+                xin = torch.roll(x, (dy, dx), (2, 3))
+            logits = teacher(xin * masks["input"] if masks else xin)
             loss = objective.loss(logits, acts, tg).sum()
             if cfg.tv:
                 loss = loss + cfg.tv * total_variation(x).sum()
@@ -90,8 +94,8 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
     The teacher is frozen (``requires_grad`` off, eval mode) and its weights are untouched.
     """
     out = Path(out)
-    if cfg.n <= 0 or cfg.batch_size <= 0 or cfg.steps < 0 or cfg.lr <= 0:
-        raise DfkdError("reconstruct", "n, batch size and lr must be > 0, steps >= 0")
+    if cfg.n <= 0 or cfg.batch_size <= 0 or cfg.steps < 0 or cfg.lr <= 0 or cfg.jitter < 0 or cfg.tv < 0:
+        raise DfkdError("reconstruct", "n, batch size and lr must be > 0; steps, jitter and tv >= 0")
     objective = make_objective(cfg.objective, meta, teacher)
     c = meta.num_classes if meta is not None else teacher.num_classes
     teacher.eval()

@@ -8,7 +8,7 @@ from dfkd.config import ReconstructConfig
 from dfkd.errors import DfkdError
 from dfkd.reconstruct import load_synthetic, reconstruct
 
-CFG = ReconstructConfig(objective="all-layers", n=30, batch_size=10, steps=8, progress=False)
+CFG = ReconstructConfig(objective="all-layers", n=30, batch_size=10, steps=8, jitter=1, progress=False)
 
 
 def _shards(d):
