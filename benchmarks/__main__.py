@@ -14,6 +14,8 @@ def main() -> None:
     p.add_argument("which", nargs="?", default="all", choices=["train", "record", "all"])
     p.add_argument("--json", default=None, help="also write the figures to this file")
     a = p.parse_args()
+    from dfkd.runtime import setup_threads
+    setup_threads()
     out = {"threads": torch.get_num_threads(), "matmul_peak_gflops": matmul_peak_gflops()}
     print(f"fp32 matmul peak, measured now: {out['matmul_peak_gflops']:.0f} GFLOP/s on {out['threads']} threads")
     if a.which in ("train", "all"):

@@ -30,8 +30,10 @@ def matmul_peak_gflops(n: int = 2048, repeat: int = 5) -> float:
 
 
 def _child(conn, fn, args):
-    torch.set_num_threads(torch.get_num_threads())
+    from dfkd.runtime import setup_threads
+    setup_threads()  # a spawned process starts with torch's default, which may be fewer threads
     out = fn(*args)
+    out["threads"] = torch.get_num_threads()
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     conn.send(out)
     conn.close()

@@ -136,6 +136,13 @@ def _table(rows: list[dict]) -> str:
             f"| {r['teacher']} | {r['student']} | {r['objective']} | {100 * acc:.2f} | {ptxt} | {dtxt} | "
             f"{100 * acc / r['teacher_accuracy']:.1f} | {s.get('reconstruct', 0):.0f} | "
             f"{s.get('distill', s.get('train', 0)):.0f} | {r['image_steps']:,} |")
+    stages = {}
+    for r in rows:
+        s = stages.setdefault(r["teacher"], {"train teacher": 0.0, "record": 0.0})
+        s["train teacher"] = max(s["train teacher"], r["seconds"].get("teacher_train", 0.0))
+        s["record"] = max(s["record"], r["seconds"].get("record", 0.0))
+    lines.append("")
+    lines += [f"{t}: " + ", ".join(f"{k} {v:.0f} s" for k, v in s.items()) + "  " for t, s in stages.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -145,7 +152,7 @@ def _write(out: Path, rows: list[dict], cfg: RunConfig, t0: float) -> None:
     (out / "results.md").parent.mkdir(parents=True, exist_ok=True)
     from .checkpoint import atomic_write
     atomic_write(out / "results.md", "# dfkd results (test accuracy on the real MNIST test set, last epoch)\n\n"
-                 + _table(rows))
+                 + _table(rows) + f"\nwall time so far: {time.perf_counter() - t0:.0f} s\n")
 
 
 def run(cfg: RunConfig = RunConfig()) -> Path:

@@ -26,7 +26,7 @@ from .graph import LayerInfo, chain_basis, layer_infos, layer_signal, signal
 from .metadata import KINDS, Metadata, new_header, save
 from .models import model_input_shape
 from .runtime import pick_device, setup_threads
-from .stats import ClassMoments, SpectralMoments, cholesky_psd, low_rank
+from .stats import SELECT_N, ClassMoments, SpectralMoments, cholesky_psd, low_rank
 from .taps import default_layers, tap
 
 
@@ -131,7 +131,7 @@ def record(model: nn.Module, data: ImageSet | tuple[torch.Tensor, torch.Tensor],
     for p, m in per_layer.items():
         tensors.update(_all_layer_tensors(m, p, modes[p]))
     spectral = {"keep": spectral_keep, "operator": "laplacian D-A of |W| (bipartite per layer pair)",
-                "conv_nodes": "per channel, spatial mean", "select_n": 10000, "pairs": []}
+                "conv_nodes": "per channel, spatial mean", "select_n": SELECT_N, "pairs": []}
     for gname, (members, sm, vals) in graphs.items():
         sm.finish()
         g = {"name": gname.split("/", 1)[-1], "layers": [i.path for i in members],

@@ -101,6 +101,9 @@ def block_adjacency(sizes: list[int], edges: dict[tuple[int, int], torch.Tensor]
     return adj
 
 
+SELECT_N = 2000  # samples that decide which Fourier coefficients are kept (energy ranking only)
+
+
 class SpectralMoments:
     """Per-class mean and variance of the kept graph-Fourier coefficients of a signal.
 
@@ -111,7 +114,7 @@ class SpectralMoments:
     graph-signal model: they stand for a full covariance in the vertex domain.
     """
 
-    def __init__(self, basis: torch.Tensor, num_classes: int, keep: float, select_n: int = 10000):
+    def __init__(self, basis: torch.Tensor, num_classes: int, keep: float, select_n: int = SELECT_N):
         self.basis = basis.to(torch.float64)
         self.k = max(1, round(keep * basis.shape[1]))
         self.num_classes, self.select_n = num_classes, select_n
