@@ -1,8 +1,11 @@
 """Reconstruction: deterministic shards, resume after a kill, NaN handling, bad settings."""
+import importlib
+
 import pytest
 import torch
 
-import dfkd.reconstruct as rec
+# the package exports the function dfkd.reconstruct, which shadows the module's attribute name
+rec = importlib.import_module("dfkd.reconstruct")
 from dfkd.checkpoint import load_tensors, read_json
 from dfkd.config import ReconstructConfig
 from dfkd.errors import DfkdError
