@@ -48,7 +48,6 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         if (module, name) not in _ALLOWED:
             raise pickle.UnpicklingError(f"refused global {module}.{name}")
         if name == "_reconstruct":
-            from numpy.lib.format import descr_to_dtype  # noqa: F401  (ensures numpy is importable)
             try:
                 from numpy._core.multiarray import _reconstruct
             except ImportError:  # numpy < 2

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_model, read_json, save_model, write_json
+from .checkpoint import load_model, read_json, save_model
 from .config import DistillConfig, to_dict
 from .data import ImageSet, load_mnist, to_input
 from .errors import DfkdError
@@ -26,7 +26,7 @@ from .evaluate import accuracy
 from .models import build_model, model_input_shape
 from .reconstruct import load_synthetic
 from .runtime import pick_device, seed_everything, setup_threads
-from .train import fit
+from .train import fit, model_info
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -103,9 +103,7 @@ def distill(synthetic: str | Path, out: str | Path, cfg: DistillConfig = Distill
     out = Path(out)
     history = distill_model(student, x, logits, cfg, data, state_path=out.parent / "state" / f"distill-{out.name}.pt",
                             teacher=tmodel)
-    info = dict(arch=student.arch, args=student.arch_args, input_shape=list(model_input_shape(student)),
-                normalization={"mean": 0.0, "std": 1.0, "range": "pixels/255"}, num_classes=data.num_classes,
-                test_accuracy=history[-1]["test_accuracy"], history=history, distill_config=to_dict(cfg),
-                objective=manifest.get("objective"), teacher_sha256=manifest.get("teacher_sha256"),
-                synthetic=str(synthetic), synthetic_images=len(x))
+    info = model_info(student.cpu(), data, test_accuracy=history[-1]["test_accuracy"], history=history,
+                      distill_config=to_dict(cfg), objective=manifest.get("objective"),
+                      teacher_sha256=manifest.get("teacher_sha256"), synthetic=str(synthetic), synthetic_images=len(x))
     return save_model(student.cpu(), out, info)

@@ -10,7 +10,7 @@ atomically after every student.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from .objectives import OBJECTIVES
 from .record import record, stats_path
 from .reconstruct import load_synthetic, reconstruct
 from .runtime import pick_device, seed_everything, setup_threads
-from .train import train_model
+from .train import model_info, train_model
 
 PAIRS = {"lenet5": "lenet5-half", "hinton-1200": "hinton-800"}
 # Lopes et al. (2017), Table 1 (MNIST test accuracy, %); "noise" is DAFL's (Chen et al. 2019) run.
@@ -78,9 +78,8 @@ def _teacher(cfg: RunConfig, net: str, d: Path, data, p: dict, dev) -> tuple[tor
     model = build_model(net).to(dev)
     tc = TrainConfig(model=net, epochs=p["teacher_epochs"], seed=cfg.seed, progress=cfg.progress)
     hist, secs = _timed(train_model, model, data, tc, d / "state" / "train-teacher.pt")
-    info = dict(arch=net, args=model.arch_args, input_shape=list(model.input_shape), num_classes=data.num_classes,
-                normalization={"mean": 0.0, "std": 1.0, "range": "pixels/255"}, dataset=data.name,
-                test_accuracy=hist[-1]["test_accuracy"], history=hist, train_config=to_dict(tc), seconds=secs)
+    info = model_info(model.cpu(), data, test_accuracy=hist[-1]["test_accuracy"], history=hist,
+                      train_config=to_dict(tc), seconds=secs)
     save_model(model.cpu(), d / "teacher", info)
     model, desc = load_model(d / "teacher")
     return model.to(dev), desc, secs
@@ -191,9 +190,8 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                        "paper_accuracy": None if paper is None else paper / 100, "image_steps": res["image_steps"],
                        "seconds": dict(res["seconds"], teacher_train=tsecs, record=rsecs),
                        "history": [h["test_accuracy"] for h in res["history"]]}
-                save_model(res["model"].cpu(), spath_student, dict(
-                    arch=student_name, args=res["model"].arch_args, input_shape=list(res["model"].input_shape),
-                    num_classes=data.num_classes, test_accuracy=row["accuracy"], objective=name,
+                save_model(res["model"].cpu(), spath_student, model_info(
+                    res["model"], data, test_accuracy=row["accuracy"], objective=name,
                     teacher_sha256=desc["sha256"], row=row))
             rows.append(row)
             _write(out, rows, cfg, t0)

@@ -22,7 +22,7 @@ from .checkpoint import load_model, weights_sha256
 from .config import RecordConfig
 from .data import ImageSet, load_mnist, to_input
 from .errors import DfkdError
-from .graph import LayerInfo, chain_basis, layer_infos, layer_signal, signal
+from .graph import LayerInfo, chain_basis, layer_infos, signal
 from .metadata import KINDS, Metadata, new_header, save
 from .models import model_input_shape
 from .runtime import pick_device, setup_threads

@@ -4,7 +4,7 @@ import torch
 
 from dfkd.data import to_input
 from dfkd.graph import chain_basis, layer_infos, signal
-from dfkd.stats import ClassMoments, SpectralMoments, cholesky_psd, fourier_basis, laplacian, low_rank
+from dfkd.stats import ClassMoments, SpectralMoments, cholesky_psd, laplacian, low_rank
 from dfkd.taps import default_layers, tap
 
 

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from dfkd.config import TrainConfig
 from dfkd.data import to_input
 from dfkd.evaluate import evaluate_model
 from dfkd.models import build_model
