@@ -107,12 +107,17 @@ class _Spectral(Objective):
     """Shared by the spectral objectives: ``s_hat = V_K^T s(x)`` on each graph's kept basis."""
     graphs: ClassVar[str]
 
-    def prefixes(self) -> list[tuple[str, list[LayerInfo]]]:
-        sp = self.meta.header["spectral"]
-        by_path = {i.path: i for i in self.infos}
+    def __init__(self, meta: Metadata, model: nn.Module):
+        super().__init__(meta, model)
+        sp, by_path = meta.header["spectral"], {i.path: i for i in self.infos}
         gs = [("spectral_all", sp["all"])] if self.graphs == "all" else \
             [(f"spectral_pairs/{g['name']}", g) for g in sp["pairs"]]
-        return [(pre, [by_path[p] for p in g["layers"]]) for pre, g in gs]
+        dev = next(model.parameters()).device
+        # resolved once: the loss runs every step of every batch
+        self._graphs = [(pre, [by_path[p] for p in g["layers"]], self.t[pre + "/basis"].to(dev)) for pre, g in gs]
+
+    def prefixes(self) -> list[tuple[str, list[LayerInfo]]]:
+        return [(pre, members) for pre, members, _ in self._graphs]
 
     def layers(self):
         return [i.path for i in self.infos]
@@ -122,8 +127,8 @@ class _Spectral(Objective):
 
     def loss(self, logits, acts, tg):
         total = 0
-        for pre, members in self.prefixes():
-            coef = signal(acts, members) @ self.t[pre + "/basis"].to(logits.device)
+        for pre, members, basis in self._graphs:
+            coef = signal(acts, members) @ basis
             total = total + (coef - tg[pre]).pow(2).mean(1)
         return total
 

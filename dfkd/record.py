@@ -22,7 +22,7 @@ from .checkpoint import load_model, weights_sha256
 from .config import RecordConfig
 from .data import ImageSet, load_mnist, to_input
 from .errors import DfkdError
-from .graph import LayerInfo, chain_basis, layer_infos, signal
+from .graph import LayerInfo, chain_basis, layer_infos, layer_signal
 from .metadata import KINDS, Metadata, new_header, save
 from .models import model_input_shape
 from .runtime import pick_device, setup_threads
@@ -119,8 +119,10 @@ def record(model: nn.Module, data: ImageSet | tuple[torch.Tensor, torch.Tensor],
             for i in infos:
                 if i.path in per_layer:
                     per_layer[i.path].update(acts[i.path].flatten(1), yb)
-            for members, sm, _ in graphs.values():
-                sm.update(signal(acts, members), yb)
+            if graphs:  # each layer's node signal once, shared by every graph it belongs to
+                nodes = {i.path: layer_signal(acts[i.path], i).double().cpu() for i in infos}
+                for members, sm, _ in graphs.values():
+                    sm.update(torch.cat([nodes[m.path] for m in members], 1), yb)
     pass_s = time.perf_counter() - t1
     counts = torch.bincount(y, minlength=c)
     if int(counts.min()) < 2:
