@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+from .config import DistillConfig
 from .errors import DfkdError
 
 
@@ -109,7 +110,7 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
 
     objective = a.objective.replace("_", "-")
     cfg = ReconstructConfig(objective=objective, n=a.n, batch_size=a.batch_size, steps=a.steps, lr=a.lr,
-                            clamp=not a.no_clamp, jitter=a.jitter, tv=a.tv, seed=a.seed, device=a.device,
+                            clamp=not a.no_clamp, jitter=a.jitter, tv=a.tv, whiten=not a.no_whiten, seed=a.seed, device=a.device,
                             progress=not a.quiet)
     stats = a.stats
     if stats is None and objective != "noise":
@@ -122,7 +123,6 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
 
 
 def _cmd_distill(a: argparse.Namespace) -> int:
-    from .config import DistillConfig
     from .distill import distill
 
     cfg = DistillConfig(student=a.student, temperature=a.temperature, epochs=a.epochs, batch_size=a.batch_size,
@@ -140,6 +140,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
     networks = tuple(n.strip() for n in a.networks.split(",") if n.strip())
     out = a.out or f"runs/{a.profile}"
     path = run(RunConfig(out=out, profile=a.profile, networks=networks, objectives=objectives, teacher=a.teacher,
+                         teachers=a.teachers, images=a.images, steps=a.steps, baselines=not a.no_baselines,
                          seed=a.seed, data_dir=a.data_dir, device=a.device, progress=not a.quiet))
     print((path.parent / "results.md").read_text())
     print(f"results: {path} and {path.parent / 'results.md'}")
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-clamp", action="store_true", help="do not clamp inputs to [0, 1]")
     c.add_argument("--jitter", type=int, default=0, help="roll inputs by up to this many pixels each step")
     c.add_argument("--tv", type=float, default=0.0, help="weight of a total-variation prior on the inputs")
+    c.add_argument("--no-whiten", action="store_true", help="the paper's plain squared distance (by default each "
+                   "statistic's error is divided by its std; all-layers and spectral objectives)")
     c.add_argument("--out", default=None, help="output directory (default: <run>/synthetic/<objective>)")
     c.add_argument("--allow-other-teacher", action="store_true", help="use statistics recorded on other weights")
     c.set_defaults(func=_cmd_reconstruct)
@@ -200,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="student file stem, e.g. runs/mnist/student")
     d.add_argument("--teacher", default=None,
                    help="saved teacher: labels augmented inputs online (else the stored logits are used)")
-    d.add_argument("--augment", default="shift", help="shift, shift+mix or none (needs --teacher)")
+    d.add_argument("--augment", default=DistillConfig.augment, help="affine, shift, shift+mix or none (needs --teacher)")
     d.add_argument("--temperature", type=_positive(float), default=8.0)
     d.add_argument("--epochs", type=_positive(int), default=30)
     d.add_argument("--batch-size", type=_positive(int), default=64)
@@ -213,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--networks", default="lenet5,hinton-1200", help="teachers: lenet5 and/or hinton-1200")
     u.add_argument("--objectives", default=None, help="comma-separated (default: all)")
     u.add_argument("--teacher", default=None, help="a saved teacher to use instead of training one")
+    u.add_argument("--teachers", default=None,
+                   help="an earlier run directory: use (or train once) <dir>/<network>/teacher and its statistics")
+    u.add_argument("--images", type=_positive(int), default=None, help="synthetic images per objective "
+                   "(default: the profile's)")
+    u.add_argument("--steps", type=int, default=None, help="Adam steps per image (default: the profile's)")
+    u.add_argument("--no-baselines", action="store_true", help="skip the real-data and real-KD students")
     u.add_argument("--out", default=None, help="run directory (default: runs/<profile>)")
     u.set_defaults(func=_cmd_run)
 

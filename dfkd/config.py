@@ -46,6 +46,7 @@ class ReconstructConfig:
     clamp: bool = True             # keep inputs in the data's range [0, 1] after each step
     tv: float = 0.0                # weight of a total-variation image prior (0 = the paper's pure objective)
     jitter: int = 0                # roll inputs by up to this many pixels each step (DeepInversion's jitter)
+    whiten: bool = True            # standardise each statistic's error by its std (False: the paper's plain distance)
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -58,7 +59,7 @@ class DistillConfig:
     epochs: int = 30               # the paper: 30
     batch_size: int = 64
     lr: float = 1e-3               # Adam
-    augment: str = "shift"         # shift | shift+mix | none: augment synthetic inputs, teacher labels them online
+    augment: str = "affine"        # affine | shift | shift+mix | none: augment the inputs, the teacher labels them
     schedule: str = "constant"     # constant (the paper's plain Adam) | cosine
     seed: int = 0
     device: str = "cpu"

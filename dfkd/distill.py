@@ -12,6 +12,7 @@ model: the last epoch's student is the one saved.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -23,10 +24,13 @@ from .config import DistillConfig, to_dict
 from .data import ImageSet, load_mnist, to_input
 from .errors import DfkdError
 from .evaluate import accuracy
-from .models import build_model, model_input_shape
+from .models import build_model, model_input_shape, predict_logits
 from .reconstruct import load_synthetic
 from .runtime import pick_device, seed_everything, setup_threads
 from .train import fit, model_info
+
+
+AUGMENTS = ("shift", "affine", "shift+mix", "none")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -37,9 +41,21 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def augment(x: torch.Tensor, how: str, g: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """A random translation of the whole batch (and, for ``shift+mix``, a convex mix)."""
+    """Augment a batch: ``shift`` translates the whole batch by up to ``pad`` pixels
+    (zero-filled); ``shift+mix`` then mixes it with its reverse; ``affine`` gives every
+    sample its own random rotation (+-15 degrees), scale (0.9 to 1.1) and translation
+    (+-``pad`` pixels), bilinear with zero fill."""
     if how == "none":
         return x
+    if how == "affine":
+        n, h = len(x), x.shape[2]
+        ang = (torch.rand(n, generator=g) * 2 - 1) * (math.pi / 12)
+        scale = 1 / (0.9 + 0.2 * torch.rand(n, generator=g))
+        shift = (torch.rand(n, 2, generator=g) * 2 - 1) * (2 * pad / h)
+        cos, sin = torch.cos(ang) * scale, torch.sin(ang) * scale
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
     x = F.pad(x, (pad, pad, pad, pad))[:, :, dy:dy + x.shape[2], dx:dx + x.shape[3]]
     if how == "shift+mix":
@@ -53,8 +69,8 @@ def distill_model(student: nn.Module, x: torch.Tensor, teacher_logits: torch.Ten
                   teacher: nn.Module | None = None) -> list[dict]:
     """Distill ``student`` on inputs ``x``: soft targets from ``teacher`` online (augmented
     inputs), or the stored ``teacher_logits`` when no teacher is given."""
-    if cfg.augment not in ("shift", "shift+mix", "none"):
-        raise DfkdError("--augment", f"{cfg.augment!r} is not shift, shift+mix or none")
+    if cfg.augment not in AUGMENTS:
+        raise DfkdError("--augment", f"{cfg.augment!r} is not one of {', '.join(AUGMENTS)}")
     shape = model_input_shape(student)
     if tuple(x.shape[1:]) != tuple(shape):
         raise DfkdError("synthetic set", f"inputs of shape {tuple(x.shape[1:])} do not fit the student's {tuple(shape)}")
@@ -67,20 +83,15 @@ def distill_model(student: nn.Module, x: torch.Tensor, teacher_logits: torch.Ten
     if test is not None:
         xt = to_input(test.test_x, shape)
         on_epoch = lambda m: {"test_accuracy": accuracy(m, xt, test.test_y)}  # noqa: E731
-    if teacher is not None:
-        teacher.eval()
+    def label(xe, _te, g):  # augment batch by batch (as the steps will see them), label in bulk
+        xa = torch.cat([augment(xe[i:i + cfg.batch_size], cfg.augment, g) for i in range(0, len(xe), cfg.batch_size)])
+        return xa, predict_logits(teacher, xa)
 
-        def batch_loss(m, xb, tb, g):
-            xb = augment(xb, cfg.augment, g)
-            with torch.no_grad():
-                tb = teacher(xb)
-            return kd_loss(m(xb), tb, cfg.temperature)
-    else:
-        def batch_loss(m, xb, tb, g):
-            return kd_loss(m(xb), tb, cfg.temperature)
+    def batch_loss(m, xb, tb, g):
+        return kd_loss(m(xb), tb, cfg.temperature)
     return fit(student, x, teacher_logits, batch_loss, epochs=cfg.epochs,
                batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, schedule=cfg.schedule, state_path=state_path,
-               on_epoch=on_epoch,
+               on_epoch=on_epoch, prepare=label if teacher is not None else None,
                desc=f"distill {getattr(student, 'arch', '')}", progress=cfg.progress)
 
 

@@ -4,6 +4,12 @@ Every objective owns its metadata contract (``kind``: what ``dfkd record`` must 
 stored), draws its targets once per batch (``targets``), and gives a per-sample loss
 (``loss``); reconstruction sums it over the batch, so batch size does not change the
 dynamics. ``z ~ N(0, I)`` below, drawn from the batch's own generator.
+
+``whiten`` (all-layers and spectral objectives; the others ignore it) divides each coordinate's error by its
+standard deviation pooled over classes, ``w_k = 1 / (sigma_k + 1e-3 mean(sigma))``: the
+paper's plain squared distance is dominated by the few high-energy coordinates, whose
+class means all samples share; standardised, every coordinate's spread counts, as in the
+Gaussian's own likelihood, and the reconstructed images keep their diversity.
 """
 from __future__ import annotations
 
@@ -33,12 +39,18 @@ def _gauss(mean: torch.Tensor, labels: torch.Tensor, g: torch.Generator, *, chol
     return m + torch.einsum("bij,bj->bi", factor[labels], zk) + resid[labels] * z
 
 
+def whitening(std: torch.Tensor) -> torch.Tensor:
+    """Per-coordinate weights ``[D]`` from per-class standard deviations ``[C, D]``."""
+    s = std.mean(0)
+    return 1.0 / (s + 1e-3 * s.mean())
+
+
 class Objective:
     name: ClassVar[str]
     kind: ClassVar[str | None]  # the metadata kind it needs
 
-    def __init__(self, meta: Metadata | None, model: nn.Module):
-        self.meta, self.model = meta, model
+    def __init__(self, meta: Metadata | None, model: nn.Module, whiten: bool = False):
+        self.meta, self.model, self.whiten = meta, model, whiten
         self.t = meta.tensors if meta is not None else {}
         self.infos = [LayerInfo(l["path"], l["type"], tuple(l["shape"]), l["units"], l["nodes"])
                       for l in meta.header["layers"]] if meta is not None else []
@@ -72,6 +84,20 @@ class AllLayers(Objective):
     ``d_l``, with ``t_l`` drawn per layer from its class Gaussian (full, diagonal or low rank)."""
     name, kind = "all-layers", "all_layers"
 
+    def __init__(self, meta: Metadata, model: nn.Module, whiten: bool = False):
+        super().__init__(meta, model, whiten)
+        dev = next(model.parameters()).device
+        self._w = {}
+        for i in self.infos if whiten else []:
+            pre = f"all_layers/{i.path}/"
+            if pre + "std" in self.t:
+                std = self.t[pre + "std"]
+            elif pre + "chol" in self.t:
+                std = self.t[pre + "chol"].pow(2).sum(-1).sqrt()
+            else:
+                std = (self.t[pre + "factor"].pow(2).sum(-1) + self.t[pre + "resid_std"].pow(2)).sqrt()
+            self._w[i.path] = whitening(std).to(dev)
+
     def layers(self):
         return [i.path for i in self.infos]
 
@@ -85,7 +111,8 @@ class AllLayers(Objective):
         return out
 
     def loss(self, logits, acts, tg):
-        return sum((acts[i.path].flatten(1) - tg[i.path]).pow(2).mean(1) for i in self.infos)
+        return sum(((acts[i.path].flatten(1) - tg[i.path]) * self._w.get(i.path, 1.0)).pow(2).mean(1)
+                   for i in self.infos)
 
 
 class AllLayersDropout(AllLayers):
@@ -107,17 +134,18 @@ class _Spectral(Objective):
     """Shared by the spectral objectives: ``s_hat = V_K^T s(x)`` on each graph's kept basis."""
     graphs: ClassVar[str]
 
-    def __init__(self, meta: Metadata, model: nn.Module):
-        super().__init__(meta, model)
+    def __init__(self, meta: Metadata, model: nn.Module, whiten: bool = False):
+        super().__init__(meta, model, whiten)
         sp, by_path = meta.header["spectral"], {i.path: i for i in self.infos}
         gs = [("spectral_all", sp["all"])] if self.graphs == "all" else \
             [(f"spectral_pairs/{g['name']}", g) for g in sp["pairs"]]
         dev = next(model.parameters()).device
         # resolved once: the loss runs every step of every batch
-        self._graphs = [(pre, [by_path[p] for p in g["layers"]], self.t[pre + "/basis"].to(dev)) for pre, g in gs]
+        self._graphs = [(pre, [by_path[p] for p in g["layers"]], self.t[pre + "/basis"].to(dev),
+                         whitening(self.t[pre + "/std"]).to(dev) if whiten else 1.0) for pre, g in gs]
 
     def prefixes(self) -> list[tuple[str, list[LayerInfo]]]:
-        return [(pre, members) for pre, members, _ in self._graphs]
+        return [(pre, members) for pre, members, _, _ in self._graphs]
 
     def layers(self):
         return [i.path for i in self.infos]
@@ -127,9 +155,9 @@ class _Spectral(Objective):
 
     def loss(self, logits, acts, tg):
         total = 0
-        for pre, members, basis in self._graphs:
+        for pre, members, basis, w in self._graphs:
             coef = signal(acts, members) @ basis
-            total = total + (coef - tg[pre]).pow(2).mean(1)
+            total = total + ((coef - tg[pre]) * w).pow(2).mean(1)
         return total
 
 
@@ -155,7 +183,8 @@ OBJECTIVES: dict[str, type[Objective]] = {c.name: c for c in
                                           (TopLayer, AllLayers, AllLayersDropout, SpectralAll, SpectralPairs, Noise)}
 
 
-def make_objective(name: str, meta: Metadata | None, model: nn.Module, teacher_ref: str = "TEACHER") -> Objective:
+def make_objective(name: str, meta: Metadata | None, model: nn.Module, teacher_ref: str = "TEACHER",
+                   whiten: bool = False) -> Objective:
     """Build an objective, checking that ``meta`` holds the statistics it needs."""
     if name not in OBJECTIVES:
         raise DfkdError("--objective", f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -164,4 +193,4 @@ def make_objective(name: str, meta: Metadata | None, model: nn.Module, teacher_r
         if meta is None:
             raise DfkdError("--stats", f"objective {name} needs a statistics file")
         meta.require(cls.kind, teacher_ref)
-    return cls(meta, model)
+    return cls(meta, model, whiten)

@@ -38,14 +38,17 @@ PAPER = {
     "hinton-1200": {"teacher": 96.95, "real-data": 95.70, "real-kd": 95.74, "top-layer": 68.75, "all-layers": 76.38,
                     "all-layers-dropout": 76.23, "spectral-all": 89.41, "spectral-pairs": 91.24, "noise": 87.58},
 }
-# Per profile: epochs for the teacher, the real-data baselines and distillation, the reconstruction
-# batch, and per teacher the recipe: synthetic images, Adam steps per image, jitter (see README).
+# Per profile: epochs for the teacher and the real-data baselines, the distillation recipe, the
+# reconstruction batch, and per teacher the synthetic images, Adam steps per image and jitter (see README).
 PROFILES = {
-    "quick": dict(teacher_epochs=10, baseline_epochs=3, distill_epochs=30, batch_size=500,
-                  recipe={"lenet5": (10000, 40, 0), "hinton-1200": (10000, 40, 2)}),
-    "paper": dict(teacher_epochs=10, baseline_epochs=10, distill_epochs=30, batch_size=1000,
-                  recipe={"lenet5": (64000, 1000, 0), "hinton-1200": (64000, 1000, 0)}),
-    "tiny": dict(teacher_epochs=1, baseline_epochs=1, distill_epochs=1, batch_size=20,
+    "quick": dict(teacher_epochs=10, baseline_epochs=2, batch_size=500,
+                  distill=dict(epochs=30, batch_size=64, lr=1e-3, augment="affine"),
+                  recipe={"lenet5": (5000, 40, 0), "hinton-1200": (5000, 40, 2)}),
+    "paper": dict(teacher_epochs=10, baseline_epochs=10, batch_size=1000,
+                  distill=dict(epochs=30, batch_size=64, lr=1e-3, augment="affine"),
+                  recipe={"lenet5": (64000, 1000, 0), "hinton-1200": (64000, 1000, 2)}),
+    "tiny": dict(teacher_epochs=1, baseline_epochs=1, batch_size=20,
+                 distill=dict(epochs=1, batch_size=64, lr=1e-3, augment="affine"),
                  recipe={"lenet5": (40, 5, 0), "hinton-1200": (40, 5, 2)}),
 }
 
@@ -57,6 +60,10 @@ class RunConfig:
     networks: tuple[str, ...] = ("lenet5", "hinton-1200")
     objectives: tuple[str, ...] = tuple(OBJECTIVES)
     teacher: str | None = None      # a saved teacher to use instead of training one (one network only)
+    teachers: str | None = None     # an earlier run directory whose <network>/teacher* to use (or train there)
+    images: int | None = None       # override the profile's synthetic images per objective
+    steps: int | None = None        # override the profile's Adam steps per image
+    baselines: bool = True          # also train the real-data and real-KD students
     seed: int = 0
     data_dir: str | None = None
     device: str = "cpu"
@@ -67,6 +74,12 @@ def _timed(fn, *args, **kw):
     t0 = time.perf_counter()
     out = fn(*args, **kw)
     return out, time.perf_counter() - t0
+
+
+def recipe(cfg: RunConfig, net: str) -> tuple[int, int, int]:
+    """Synthetic images, Adam steps per image and jitter for ``net`` under ``cfg``."""
+    n, steps, jitter = PROFILES[cfg.profile]["recipe"][net]
+    return cfg.images or n, steps if cfg.steps is None else cfg.steps, jitter
 
 
 def _teacher(cfg: RunConfig, net: str, d: Path, data, p: dict, dev) -> tuple[torch.nn.Module, dict, float]:
@@ -109,7 +122,7 @@ def _baseline(kind: str, teacher, data, student_name: str, p: dict, cfg: RunConf
 
 def _objective(name: str, net: str, teacher, meta, data, student_name: str, p: dict, cfg: RunConfig, d: Path,
                dev) -> dict:
-    n, steps, jitter = p["recipe"][net]
+    n, steps, jitter = recipe(cfg, net)
     rc = ReconstructConfig(objective=name, n=n, steps=steps, jitter=jitter, batch_size=p["batch_size"],
                            seed=cfg.seed, device=cfg.device, progress=cfg.progress)
     reconstruct(teacher, meta, d / "synthetic" / name, rc)
@@ -117,7 +130,7 @@ def _objective(name: str, net: str, teacher, meta, data, student_name: str, p: d
     x, _, logits = load_synthetic(d / "synthetic" / name)
     seed_everything(cfg.seed)
     student = build_model(student_name).to(dev)
-    dc = DistillConfig(student=student_name, epochs=p["distill_epochs"], seed=cfg.seed, progress=cfg.progress)
+    dc = DistillConfig(student=student_name, seed=cfg.seed, progress=cfg.progress, **p["distill"])
     hist, dsecs = _timed(distill_model, student, x, logits, dc, data, d / "state" / f"distill-{name}.pt", teacher)
     return {"history": hist, "model": student, "image_steps": manifest.get("image_steps", 0),
             # summed over shards, so that a resumed run still reports the whole reconstruction
@@ -162,6 +175,8 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
     bad = [o for o in cfg.objectives if o not in OBJECTIVES]
     if bad:
         raise DfkdError("--objectives", f"unknown objective(s) {bad}; choose from {', '.join(OBJECTIVES)}")
+    if (cfg.images is not None and cfg.images <= 0) or (cfg.steps is not None and cfg.steps < 0):
+        raise DfkdError("--images/--steps", "images must be > 0 and steps >= 0")
     if cfg.teacher and len(cfg.networks) != 1:
         raise DfkdError("--teacher", "a given teacher needs exactly one --networks entry")
     setup_threads()
@@ -170,15 +185,16 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
     rows: list[dict] = []
     for net in cfg.networks:
         d, student_name = out / net, PAIRS[net]
-        teacher, desc, tsecs = _teacher(cfg, net, d, data, p, dev)
+        td = Path(cfg.teachers) / net if cfg.teachers else d
+        teacher, desc, tsecs = _teacher(cfg, net, td, data, p, dev)
         t_acc = evaluate_model(teacher, data)["accuracy"]
-        spath = stats_path(d / "teacher") if not cfg.teacher else stats_path(cfg.teacher)
+        spath = stats_path(td / "teacher") if not cfg.teacher else stats_path(cfg.teacher)
         rsecs = 0.0
         if not spath.is_file():
             meta, rsecs = _timed(record, teacher, data, progress=cfg.progress)
             save_stats(meta, spath)
         meta = load_stats(spath, desc["sha256"])
-        for name in ("real-data", "real-kd", *cfg.objectives):
+        for name in (("real-data", "real-kd") if cfg.baselines else ()) + tuple(cfg.objectives):
             spath_student = d / "students" / name
             row = _student_row(spath_student)
             if row is None:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .checkpoint import load_tensors, read_json, save_tensors, weights_sha256, write_json
 from .config import ReconstructConfig, to_dict
 from .errors import DfkdError
+from .fastgrad import input_grad_by_fold
 from .images import save_grid
 from .metadata import Metadata
 from .models import model_input_shape
@@ -53,7 +54,7 @@ def optimise_batch(teacher: nn.Module, objective, labels: torch.Tensor, cfg: Rec
     x = x.to(dev).requires_grad_(True)
     opt = torch.optim.Adam([x], lr=cfg.lr)
     losses = []
-    with tap(teacher, objective.layers(), alter=alter) as acts:
+    with tap(teacher, objective.layers(), alter=alter) as acts, input_grad_by_fold(teacher, dev.type == "cpu"):
         for step in range(cfg.steps):
             xin = x
             if cfg.jitter:
@@ -96,7 +97,7 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
     out = Path(out)
     if cfg.n <= 0 or cfg.batch_size <= 0 or cfg.steps < 0 or cfg.lr <= 0 or cfg.jitter < 0 or cfg.tv < 0:
         raise DfkdError("reconstruct", "n, batch size and lr must be > 0; steps, jitter and tv >= 0")
-    objective = make_objective(cfg.objective, meta, teacher)
+    objective = make_objective(cfg.objective, meta, teacher, whiten=cfg.whiten)
     c = meta.num_classes if meta is not None else teacher.num_classes
     teacher.eval()
     for p in teacher.parameters():

@@ -120,7 +120,7 @@ def record(model: nn.Module, data: ImageSet | tuple[torch.Tensor, torch.Tensor],
                 if i.path in per_layer:
                     per_layer[i.path].update(acts[i.path].flatten(1), yb)
             if graphs:  # each layer's node signal once, shared by every graph it belongs to
-                nodes = {i.path: layer_signal(acts[i.path], i).double().cpu() for i in infos}
+                nodes = {i.path: layer_signal(acts[i.path], i).float().cpu() for i in infos}
                 for members, sm, _ in graphs.values():
                     sm.update(torch.cat([nodes[m.path] for m in members], 1), yb)
     pass_s = time.perf_counter() - t1

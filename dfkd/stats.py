@@ -26,22 +26,29 @@ class ClassMoments:
         self.m2 = torch.zeros(shape, dtype=torch.float64)
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Merge a batch ``x [N, D]`` with class labels ``y [N]``."""
+        """Merge a batch ``x [N, D]`` with class labels ``y [N]`` (every class at once: the
+        class sums are one matrix product with the one-hot labels)."""
         x = x.detach().to(torch.float64).cpu()
         y = y.cpu()
-        for c in torch.unique(y).tolist():
-            xc = x[y == c]
-            nb = float(len(xc))
-            mb = xc.mean(0)
-            d = xc - mb
-            m2b = d.T @ d if self.full else (d * d).sum(0)
-            na = float(self.count[c])
-            n = na + nb
-            delta = mb - self.mean[c]
-            self.mean[c] += delta * (nb / n)
-            corr = torch.outer(delta, delta) if self.full else delta * delta
-            self.m2[c] += m2b + corr * (na * nb / n)
-            self.count[c] = n
+        onehot = torch.nn.functional.one_hot(y, len(self.count)).to(torch.float64)  # [N, C]
+        nb = onehot.sum(0)
+        mb = (onehot.T @ x) / nb.clamp(min=1).unsqueeze(1)
+        d = x - mb[y]  # centred on the batch's class means: no cancellation
+        if self.full:
+            m2b = torch.zeros_like(self.m2)
+            for c in torch.nonzero(nb).flatten().tolist():
+                dc = d[y == c]
+                m2b[c] = dc.T @ dc
+        else:
+            m2b = onehot.T @ (d * d)
+        na = self.count
+        n = na + nb
+        delta = mb - self.mean
+        self.mean += delta * (nb / n.clamp(min=1)).unsqueeze(1)
+        w = na * nb / n.clamp(min=1)
+        corr = torch.einsum("ci,cj->cij", delta, delta) * w.view(-1, 1, 1) if self.full else delta * delta * w.unsqueeze(1)
+        self.m2 += m2b + corr
+        self.count = n
 
     def covariance(self) -> torch.Tensor:
         """Unbiased covariance per class: ``[C, D, D]`` if full, else variances ``[C, D]``."""
@@ -110,12 +117,14 @@ class SpectralMoments:
     Which coefficients are kept (the ``keep`` fraction with the largest mean energy
     ``E[s_hat_k^2]``) is decided on the first ``select_n`` samples streamed (buffered,
     then replayed), so the full ``D x D`` transform is paid on those only; the moments
-    then cover every sample. Diagonal moments in the Fourier domain are the stationary
+    then cover every sample. The projections run in float32 (the precision the file stores),
+    the moments accumulate in float64. Diagonal moments in the Fourier domain are the stationary
     graph-signal model: they stand for a full covariance in the vertex domain.
     """
 
     def __init__(self, basis: torch.Tensor, num_classes: int, keep: float, select_n: int = SELECT_N):
         self.basis = basis.to(torch.float64)
+        self._basis32 = self.basis.float()
         self.k = max(1, round(keep * basis.shape[1]))
         self.num_classes, self.select_n = num_classes, select_n
         self.kept: torch.Tensor | None = None
@@ -125,21 +134,22 @@ class SpectralMoments:
 
     def _select(self) -> None:
         s = torch.cat([b for b, _ in self._buf])
-        self.energy = ((s @ self.basis) ** 2).mean(0)
+        self.energy = ((s @ self._basis32).double() ** 2).mean(0)
         self.kept = torch.argsort(self.energy, descending=True)[: self.k].sort().values
         self.kept_basis = self.basis[:, self.kept].contiguous()
+        self._kept32 = self.kept_basis.float()
         buf, self._buf = self._buf, []
         for s, y in buf:
-            self.moments.update(s @ self.kept_basis, y)
+            self.moments.update(s @ self._kept32, y)
 
     def update(self, s: torch.Tensor, y: torch.Tensor) -> None:
-        s = s.detach().to(torch.float64).cpu()
+        s = s.detach().float().cpu()
         if self.kept is None:
             self._buf.append((s, y.cpu()))
             if sum(len(b) for b, _ in self._buf) >= self.select_n:
                 self._select()
         else:
-            self.moments.update(s @ self.kept_basis, y)
+            self.moments.update(s @ self._kept32, y)
 
     def finish(self) -> None:
         if self.kept is None:

@@ -98,8 +98,11 @@ def test_spectral_moments_equal_oracle(teacher, small):
     sm.finish()
     coef = s.double() @ v
     energy = (coef[:1000] ** 2).mean(0)
-    kept = torch.argsort(energy, descending=True)[:24].sort().values
-    assert torch.equal(sm.kept, kept)
+    # the kept set is the top 24 by energy; float32 projections may only swap near-ties
+    kth = torch.sort(energy, descending=True).values[23]
+    assert len(sm.kept) == 24 and torch.equal(sm.kept, sm.kept.unique())
+    assert energy[sm.kept].min() >= kth * (1 - 1e-5)
+    kept = sm.kept
     for c in range(10):
         cc = coef[y == c][:, kept]
         assert _rel(sm.moments.mean[c], cc.mean(0)) < 1e-6

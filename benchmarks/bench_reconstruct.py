@@ -1,0 +1,69 @@
+"""Reconstruction: Adam steps on a batch of inputs, per objective, against a plain teacher
+forward + backward-to-input step on the same batch, measured in the same process.
+
+The teacher is freshly initialised and its metadata recorded on 10,000 training images:
+the cost of a step does not depend on the weights' values."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from dfkd.config import ReconstructConfig
+from dfkd.data import load_mnist, to_input
+from dfkd.models import build_model
+from dfkd.objectives import make_objective
+from dfkd.pipeline import PROFILES
+from dfkd.reconstruct import optimise_batch
+from dfkd.record import record
+
+from .common import forward_flops, row
+
+TARGET = 0.60   # an objective's step runs at >= this share of the plain step's throughput
+PEAK_TARGET = 0.50  # hinton-1200: achieved GFLOP/s >= this share of the matmul peak
+
+
+def _plain_steps(m, shape, batch: int, steps: int) -> float:
+    """Seconds for ``steps`` plain forward + backward-to-input steps."""
+    x = torch.rand(batch, *shape, requires_grad=True)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        x.grad = None
+        m(x).sum().backward()
+    return time.perf_counter() - t0
+
+
+def measure(name: str, objective: str, peak: float, steps: int = 20) -> list[dict]:
+    data = load_mnist()
+    torch.manual_seed(0)
+    m = build_model(name).eval()
+    shape = m.input_shape
+    n, _, jitter = PROFILES["quick"]["recipe"][name]
+    batch = PROFILES["quick"]["batch_size"]
+    meta = record(m, (to_input(data.train_x[:10000], shape), data.train_y[:10000]), progress=False)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    f = 2 * forward_flops(m)  # forward + backward to the activations and the input
+    obj = make_objective(objective, meta, m)
+    labels = torch.arange(batch) % m.num_classes
+    cfg = ReconstructConfig(objective=objective, steps=steps, batch_size=batch, jitter=jitter, progress=False)
+
+    def objective_steps() -> float:
+        t0 = time.perf_counter()
+        optimise_batch(m, obj, labels, cfg, torch.Generator().manual_seed(0))
+        return time.perf_counter() - t0
+
+    _plain_steps(m, shape, batch, 2)
+    objective_steps()  # burn-in
+    # interleaved, best of three: both see the same machine state
+    plain_s, obj_s = zip(*[(_plain_steps(m, shape, batch, steps), objective_steps()) for _ in range(3)])
+    plain, rate = batch * steps / min(plain_s), batch * steps / min(obj_s)
+    share = rate * f / 1e9 / peak
+    targets, met = [f">= {TARGET:.0%} of plain"], rate / plain >= TARGET
+    if name == "hinton-1200":
+        targets.append(f">= {PEAK_TARGET:.0%} of peak")
+        met = met and share >= PEAK_TARGET
+    out = [row(name, "reconstruct", "plain forward+backward-to-input", "image-steps/s", plain, f),
+           row(name, "reconstruct", objective, "image-steps/s", rate, f, reference="plain step (same process)",
+               ratio=rate / plain, target=", ".join(targets), met=met)]
+    return out
