@@ -30,10 +30,10 @@ def _rows(stage: str, net: str, peak: float) -> list[dict]:
         rows = []
         for k, obj in enumerate(o for o in OBJECTIVES if OBJECTIVES[o].kind):
             got = in_child(bench_reconstruct.measure, net, obj, peak)
-            rows += got if k == 0 else got[1:]  # the plain reference once per network
+            rows += got if k == 0 else got[-1:]  # the plain reference once per network
         return rows
     if stage == "distill":
-        return [in_child(bench_distill.measure, net)]
+        return in_child(bench_distill.measure, net)
     return [in_child(bench_evaluate.measure, n) for n in (net, PAIRS[net])]
 
 
@@ -55,8 +55,10 @@ def curve_main(argv: list[str]) -> None:
     p.add_argument("--budgets", default="2500x40,5000x40,10000x40", help="IMAGESxSTEPS,... (default: %(default)s)")
     p.add_argument("--networks", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     p.add_argument("--out", default="runs/curve", help="(default: %(default)s)")
+    p.add_argument("--teachers", default=None, help="an earlier run directory whose teachers to use "
+                   "(default: train them once under OUT/teachers)")
     a = p.parse_args(argv)
-    curve.main(a.out, a.budgets, a.networks)
+    curve.main(a.out, a.budgets, a.networks, a.teachers)
 
 
 def main() -> None:

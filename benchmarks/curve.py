@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dfkd.checkpoint import atomic_write, read_json
 from dfkd.objectives import OBJECTIVES
-from dfkd.pipeline import PAIRS, RunConfig, run
+from dfkd.pipeline import PAIRS, PAPER, RunConfig, run
 
 
 def parse_budgets(text: str) -> list[tuple[int, int]]:
@@ -25,14 +25,16 @@ def parse_budgets(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def sweep(out: str, budgets: list[tuple[int, int]], networks: list[str], seed: int = 0) -> list[dict]:
+def sweep(out: str, budgets: list[tuple[int, int]], networks: list[str], teachers: str | None = None,
+          seed: int = 0) -> list[dict]:
     rows = []
     for n, steps in budgets:
-        res = run(RunConfig(out=f"{out}/{n}x{steps}", networks=tuple(networks), teachers=f"{out}/teachers",
+        res = run(RunConfig(out=f"{out}/{n}x{steps}", networks=tuple(networks), teachers=teachers or f"{out}/teachers",
                             images=n, steps=steps, baselines=False, seed=seed))
         for r in read_json(res)["rows"]:
-            rows.append({k: r[k] for k in ("teacher", "student", "objective", "accuracy", "paper_accuracy",
-                                           "image_steps", "seconds")} | {"images": n, "steps": steps})
+            paper = PAPER[r["teacher"]].get(r["objective"])
+            rows.append({k: r[k] for k in ("teacher", "student", "objective", "accuracy", "image_steps", "seconds")}
+                        | {"images": n, "steps": steps, "paper_accuracy": None if paper is None else paper / 100})
     return rows
 
 
@@ -61,13 +63,19 @@ def plot(rows: list[dict], path: Path) -> None:
     nets = list(dict.fromkeys(r["teacher"] for r in rows))
     fig, axes = plt.subplots(1, len(nets), figsize=(6 * len(nets), 4.5), squeeze=False)
     for ax, net in zip(axes[0], nets):
-        for k, obj in enumerate(o for o in OBJECTIVES if any(r["objective"] == o and r["teacher"] == net for r in rows)):
-            pts = sorted((r["image_steps"] or r["images"], 100 * r["accuracy"], r["paper_accuracy"])
+        # noise spends no reconstruction compute: it is in the table, not on this axis
+        objs = [o for o in OBJECTIVES if OBJECTIVES[o].kind and any(r["objective"] == o and r["teacher"] == net
+                                                                   for r in rows)]
+        for k, obj in enumerate(objs):
+            pts = sorted((r["image_steps"], 100 * r["accuracy"], r["paper_accuracy"])
                          for r in rows if r["teacher"] == net and r["objective"] == obj)
             color = f"C{k}"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=obj)
             if pts[0][2] is not None:
                 ax.axhline(100 * pts[0][2], color=color, ls=":", lw=1)
+        shown = [100 * r[k] for r in rows if r["teacher"] == net and r["objective"] in objs
+                 for k in ("accuracy", "paper_accuracy") if r[k] is not None]
+        ax.set_ylim(min(shown) - 2, max(shown) + 2)  # the paper's lines included
         ax.set_xscale("log")
         ax.set_xlabel("reconstruction compute (images x Adam steps)")
         ax.set_ylabel("student test accuracy (%)")
@@ -80,8 +88,8 @@ def plot(rows: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
-def main(out: str, budgets: str, networks: list[str]) -> None:
-    rows = sweep(out, parse_budgets(budgets), networks)
+def main(out: str, budgets: str, networks: list[str], teachers: str | None = None) -> None:
+    rows = sweep(out, parse_budgets(budgets), networks, teachers)
     md = table(rows)
     atomic_write(Path(out) / "curve.md", "# Student accuracy (%) against reconstruction compute\n\n" + md)
     atomic_write(Path(out) / "curve.json", json.dumps(rows, indent=2) + "\n")

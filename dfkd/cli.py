@@ -110,7 +110,8 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
 
     objective = a.objective.replace("_", "-")
     cfg = ReconstructConfig(objective=objective, n=a.n, batch_size=a.batch_size, steps=a.steps, lr=a.lr,
-                            clamp=not a.no_clamp, jitter=a.jitter, tv=a.tv, whiten=not a.no_whiten, seed=a.seed, device=a.device,
+                            clamp=not a.no_clamp, jitter=a.jitter, tv=a.tv, whiten=not a.no_whiten,
+                            seed=a.seed, device=a.device,
                             progress=not a.quiet)
     stats = a.stats
     if stats is None and objective != "noise":
@@ -126,7 +127,8 @@ def _cmd_distill(a: argparse.Namespace) -> int:
     from .distill import distill
 
     cfg = DistillConfig(student=a.student, temperature=a.temperature, epochs=a.epochs, batch_size=a.batch_size,
-                        lr=a.lr, augment=a.augment, seed=a.seed, device=a.device, progress=not a.quiet)
+                        lr=a.lr, augment=a.augment, eval_every=a.eval_every, seed=a.seed, device=a.device,
+                        progress=not a.quiet)
     path = distill(a.synthetic, a.out, cfg, a.data_dir, a.teacher)
     desc = json.loads(path.with_suffix(".json").read_text())
     print(f"saved {path} (student test accuracy {100 * desc['test_accuracy']:.2f}%)")
@@ -203,11 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="student file stem, e.g. runs/mnist/student")
     d.add_argument("--teacher", default=None,
                    help="saved teacher: labels augmented inputs online (else the stored logits are used)")
-    d.add_argument("--augment", default=DistillConfig.augment, help="affine, shift, shift+mix or none (needs --teacher)")
+    d.add_argument("--augment", default=DistillConfig.augment,
+                   help="affine, shift, shift+mix or none (needs --teacher)")
     d.add_argument("--temperature", type=_positive(float), default=8.0)
     d.add_argument("--epochs", type=_positive(int), default=30)
     d.add_argument("--batch-size", type=_positive(int), default=64)
     d.add_argument("--lr", type=_positive(float), default=1e-3)
+    d.add_argument("--eval-every", type=_positive(int), default=1, help="log test accuracy every N epochs")
     d.set_defaults(func=_cmd_distill)
 
     u = sub.add_parser("run", parents=[common], formatter_class=fmt,

@@ -61,6 +61,7 @@ class DistillConfig:
     lr: float = 1e-3               # Adam
     augment: str = "affine"        # affine | shift | shift+mix | none: augment the inputs, the teacher labels them
     schedule: str = "constant"     # constant (the paper's plain Adam) | cosine
+    eval_every: int = 1            # log the real test accuracy every this many epochs (and after the last)
     seed: int = 0
     device: str = "cpu"
     progress: bool = True

@@ -2,13 +2,14 @@
 
 ``L_KD = T^2 * KL(softmax(t / T) || softmax(s / T))`` averaged over the batch
 (Hinton, Vinyals & Dean 2015), with ``t`` the teacher's logits and ``s`` the
-student's. No true label is used. With a teacher at hand (the default), each batch
-is augmented (``shift``: one random translation of up to 2 pixels, zero-filled;
-``shift+mix``: then a random convex mix with the reversed batch) and the teacher
-labels what the student sees; without one, the logits stored in the shards are the
-targets and the inputs are used as they are. The
-student's accuracy on the real test set is logged every epoch but never picks the
-model: the last epoch's student is the one saved.
+student's. No true label is used. With a teacher at hand (the default), every epoch's
+inputs are augmented (``affine``: each sample its own small rotation, scale and shift;
+``shift``: one translation of up to 2 pixels per batch; ``shift+mix``: then a convex
+mix with the reversed batch) and the teacher labels what the student sees, the whole
+epoch in one bulk pass before its steps; without one, the logits stored in the shards
+are the targets and the inputs are used as they are. The student's accuracy on the
+real test set is logged (every ``eval_every`` epochs) but never picks the model: the
+last epoch's student is the one saved.
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def distill_model(student: nn.Module, x: torch.Tensor, teacher_logits: torch.Ten
         return kd_loss(m(xb), tb, cfg.temperature)
     return fit(student, x, teacher_logits, batch_loss, epochs=cfg.epochs,
                batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, schedule=cfg.schedule, state_path=state_path,
-               on_epoch=on_epoch, prepare=label if teacher is not None else None,
+               on_epoch=on_epoch, eval_every=cfg.eval_every, prepare=label if teacher is not None else None,
                desc=f"distill {getattr(student, 'arch', '')}", progress=cfg.progress)
 
 

@@ -32,21 +32,25 @@ class ClassMoments:
         y = y.cpu()
         onehot = torch.nn.functional.one_hot(y, len(self.count)).to(torch.float64)  # [N, C]
         nb = onehot.sum(0)
-        mb = (onehot.T @ x) / nb.clamp(min=1).unsqueeze(1)
-        d = x - mb[y]  # centred on the batch's class means: no cancellation
-        if self.full:
+        s1 = onehot.T @ x
+        mb = s1 / nb.clamp(min=1).unsqueeze(1)
+        if self.full:  # per class, on contiguous slices of the batch sorted by class
+            order = torch.argsort(y, stable=True)
+            d = (x - mb[y])[order]
             m2b = torch.zeros_like(self.m2)
-            for c in torch.nonzero(nb).flatten().tolist():
-                dc = d[y == c]
-                m2b[c] = dc.T @ dc
-        else:
-            m2b = onehot.T @ (d * d)
+            ends = torch.cumsum(nb, 0).long().tolist()
+            for c, (a, b) in enumerate(zip([0] + ends[:-1], ends)):
+                if b > a:
+                    m2b[c] = d[a:b].T @ d[a:b]
+        else:  # raw sums: in float64 the cancellation costs ~1e-16 * mean^2 / var, far below 1e-6
+            m2b = onehot.T @ (x * x) - s1 * mb
         na = self.count
         n = na + nb
         delta = mb - self.mean
         self.mean += delta * (nb / n.clamp(min=1)).unsqueeze(1)
         w = na * nb / n.clamp(min=1)
-        corr = torch.einsum("ci,cj->cij", delta, delta) * w.view(-1, 1, 1) if self.full else delta * delta * w.unsqueeze(1)
+        corr = (torch.einsum("ci,cj->cij", delta, delta) * w.view(-1, 1, 1) if self.full
+                else delta * delta * w.unsqueeze(1))
         self.m2 += m2b + corr
         self.count = n
 

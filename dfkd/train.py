@@ -58,11 +58,12 @@ def _save_state(path: Path | None, model: nn.Module, opt: torch.optim.Optimizer,
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_loss: BatchLoss, *, epochs: int, batch_size: int,
         lr: float, seed: int, schedule: str = "cosine", state_path: Path | None = None,
-        on_epoch: Callable[[nn.Module], dict] | None = None, prepare: Prepare | None = None,
+        on_epoch: Callable[[nn.Module], dict] | None = None, eval_every: int = 1, prepare: Prepare | None = None,
         desc: str = "train", progress: bool = True) -> list[dict]:
     """Adam over ``(x, y)`` for ``epochs``; returns one dict per epoch (loss, seconds, and ``on_epoch``'s).
 
-    ``prepare`` may rewrite each epoch's shuffled data in one go before its steps (distillation
+    ``on_epoch`` runs after every ``eval_every``-th epoch and after the last. ``prepare`` may
+    rewrite each epoch's shuffled data in one go before its steps (distillation
     augments it and lets the teacher label it in large, efficient batches).
 
     ``schedule="cosine"`` anneals the learning rate from ``lr`` to 0 over the run (per step), which
@@ -96,7 +97,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_loss: BatchLos
             total += loss.item() * min(batch_size, n - i)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         rec = {"epoch": epoch + 1, "loss": total / n, "seconds": time.perf_counter() - t0}
-        if on_epoch is not None:
+        if on_epoch is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
             rec.update(on_epoch(model))
         history.append(rec)
         if progress:

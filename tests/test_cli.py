@@ -77,6 +77,22 @@ def test_run_tiny_profile_writes_its_table(tmp_path, idx_dir):
     assert again.returncode == 0 and json.loads((tmp_path / "results.json").read_text())["rows"] == res["rows"]
 
 
+def test_run_overrides_share_teachers_and_skip_baselines(tmp_path, idx_dir):
+    """What ``python -m benchmarks curve`` does per budget: one teacher, other recipes, no baselines."""
+    first = dfkd("run", "--profile", "tiny", "--networks", "lenet5", "--objectives", "top-layer",
+                 "--out", tmp_path / "a", "--data-dir", idx_dir, "--quiet", "--no-baselines")
+    assert first.returncode == 0, first.stderr
+    r = dfkd("run", "--profile", "tiny", "--networks", "lenet5", "--objectives", "top-layer", "--out", tmp_path / "b",
+             "--teachers", tmp_path / "a", "--images", "20", "--steps", "3", "--no-baselines", "--data-dir", idx_dir,
+             "--quiet")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
+    assert [row["objective"] for row in rows] == ["top-layer"] and rows[0]["image_steps"] == 20 * 3
+    assert not (tmp_path / "b" / "lenet5" / "teacher.json").exists()  # the first run's teacher was used
+    manifest = json.loads((tmp_path / "b" / "lenet5" / "synthetic" / "top-layer" / "manifest.json").read_text())
+    assert manifest["n"] == 20 and manifest["config"]["steps"] == 3
+
+
 def test_bad_inputs_are_one_line(run_dir, tmp_path, idx_dir):
     one_line_error(dfkd("train", "--model", "resnet"), "--model", "hinton-1200")
     one_line_error(dfkd("train", "--epochs", "0"), "--epochs")

@@ -2,7 +2,7 @@
 import torch
 
 from dfkd.config import DistillConfig, ReconstructConfig
-from dfkd.distill import distill_model, kd_loss
+from dfkd.distill import augment, distill_model, kd_loss
 from dfkd.models import build_model
 from dfkd.reconstruct import load_synthetic, reconstruct
 
@@ -35,3 +35,19 @@ def test_synthetic_student_beats_noise_baseline(teacher, meta, small, tmp_path):
     print(f"all-layers student {acc:.3f}, noise student {noise:.3f}")
     assert acc > noise + 0.30
     assert acc > 0.6
+
+
+def test_affine_augment_is_seeded_per_sample_and_keeps_digits(teacher, small):
+    x = small.test_x[:200].float().div(255)
+    x = torch.nn.functional.pad(x, (2, 2, 2, 2)).unsqueeze(1)
+    a1 = augment(x, "affine", torch.Generator().manual_seed(3))
+    a2 = augment(x, "affine", torch.Generator().manual_seed(3))
+    assert torch.equal(a1, a2) and a1.shape == x.shape
+    assert not torch.equal(a1, augment(x, "affine", torch.Generator().manual_seed(4)))
+    assert 0 <= a1.min() and a1.max() <= 1 + 1e-6
+    moved = (a1 - x).abs().flatten(1).sum(1)
+    assert (moved > 0).float().mean() > 0.95  # every sample gets its own transform
+    with torch.no_grad():  # small rotations and shifts keep the digit: the teacher still reads it
+        acc = (teacher(a1).argmax(1) == small.test_y[:200]).float().mean().item()
+        base = (teacher(x).argmax(1) == small.test_y[:200]).float().mean().item()
+    assert acc > 0.8 and base > 0.9, (acc, base)  # (this small teacher never saw an augmented digit)

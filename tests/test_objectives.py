@@ -19,9 +19,10 @@ def _loss(obj, teacher, x, labels, seed=0):
         return obj.loss(logits, acts, tg).mean().item()
 
 
+@pytest.mark.parametrize("whiten", [True, False])
 @pytest.mark.parametrize("name", STAT_OBJECTIVES)
-def test_loss_small_on_real_data_large_on_noise(name, teacher, meta, small):
-    obj = make_objective(name, meta, teacher)
+def test_loss_small_on_real_data_large_on_noise(name, whiten, teacher, meta, small):
+    obj = make_objective(name, meta, teacher, whiten=whiten)
     x = to_input(small.test_x[:400], (1, 32, 32))
     labels = small.test_y[:400]
     real = _loss(obj, teacher, x, labels)
@@ -67,3 +68,35 @@ def test_unknown_objective_and_missing_kind(teacher, small):
     m = record(teacher, small, kinds=["top_layer"], progress=False)
     with pytest.raises(DfkdError, match="dfkd record --teacher .* --kinds spectral_all"):
         make_objective("spectral-all", m, teacher)
+
+
+@pytest.mark.parametrize("name", ["all-layers", "spectral-pairs"])
+def test_whitened_loss_is_the_standardised_distance(name, teacher, meta, small):
+    """Against an independent float64 computation from the file's tensors."""
+    obj = make_objective(name, meta, teacher, whiten=True)
+    x, labels = to_input(small.test_x[:50], (1, 32, 32)), small.test_y[:50]
+    tg = obj.targets(labels, torch.Generator().manual_seed(0))
+    with torch.no_grad(), tap(teacher, obj.layers()) as acts:
+        got = obj.loss(teacher(x), acts, tg).double()
+    t = {k: v.double() for k, v in meta.tensors.items()}
+    oracle = torch.zeros(50, dtype=torch.float64)
+    if name == "all-layers":
+        for i in obj.infos:
+            pre = f"all_layers/{i.path}/"
+            std = t[pre + "std"] if pre + "std" in t else \
+                torch.stack([c.matmul(c.T).diagonal() for c in t[pre + "chol"]]).sqrt()
+            sd = std.mean(0)
+            z = (acts[i.path].flatten(1).double() - tg[i.path].double()) / (sd + 1e-3 * sd.mean())
+            oracle += (z ** 2).mean(1)
+    else:
+        for g in meta.header["spectral"]["pairs"]:
+            pre = "spectral_pairs/" + g["name"]
+            s = torch.cat([acts[p].double().flatten(2).mean(2) if acts[p].dim() == 4 else acts[p].double()
+                           for p in g["layers"]], 1)
+            sd = t[pre + "/std"].mean(0)
+            z = (s @ t[pre + "/basis"] - tg[pre].double()) / (sd + 1e-3 * sd.mean())
+            oracle += (z ** 2).mean(1)
+    assert torch.allclose(got, oracle, rtol=1e-4), (got[:3], oracle[:3])
+    plain = make_objective(name, meta, teacher, whiten=False)
+    with torch.no_grad(), tap(teacher, plain.layers()) as acts:
+        assert not torch.allclose(plain.loss(teacher(x), acts, tg).double(), oracle, rtol=1e-2)
