@@ -5,8 +5,9 @@ stored), draws its targets once per batch (``targets``), and gives a per-sample 
 (``loss``); reconstruction sums it over the batch, so batch size does not change the
 dynamics. ``z ~ N(0, I)`` below, drawn from the batch's own generator.
 
-``whiten`` (all-layers and spectral objectives; the others ignore it) divides each coordinate's error by its
-standard deviation pooled over classes, ``w_k = 1 / (sigma_k + 1e-3 mean(sigma))``: the
+``whiten`` (all-layers and spectral objectives; the others ignore it) divides each
+coordinate's error by its standard deviation pooled over classes,
+``w_k = 1 / (sigma_k + 1e-3 mean(sigma))``: the
 paper's plain squared distance is dominated by the few high-energy coordinates, whose
 class means all samples share; standardised, every coordinate's spread counts, as in the
 Gaussian's own likelihood, and the reconstructed images keep their diversity.
