@@ -26,24 +26,19 @@ class ClassMoments:
         self.m2 = torch.zeros(shape, dtype=torch.float64)
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Merge a batch ``x [N, D]`` with class labels ``y [N]`` (every class at once: the
-        class sums are one matrix product with the one-hot labels)."""
-        x = x.detach().to(torch.float64).cpu()
+        """Merge a batch ``x [N, D]`` with class labels ``y [N]``: the batch is sorted by class
+        once, and each class's moments are taken on its contiguous slice (no per-class copies)."""
         y = y.cpu()
-        onehot = torch.nn.functional.one_hot(y, len(self.count)).to(torch.float64)  # [N, C]
-        nb = onehot.sum(0)
-        s1 = onehot.T @ x
-        mb = s1 / nb.clamp(min=1).unsqueeze(1)
-        if self.full:  # per class, on contiguous slices of the batch sorted by class
-            order = torch.argsort(y, stable=True)
-            d = (x - mb[y])[order]
-            m2b = torch.zeros_like(self.m2)
-            ends = torch.cumsum(nb, 0).long().tolist()
-            for c, (a, b) in enumerate(zip([0] + ends[:-1], ends)):
-                if b > a:
-                    m2b[c] = d[a:b].T @ d[a:b]
-        else:  # raw sums: in float64 the cancellation costs ~1e-16 * mean^2 / var, far below 1e-6
-            m2b = onehot.T @ (x * x) - s1 * mb
+        order = torch.argsort(y, stable=True)
+        xs = x.detach().cpu()[order].to(torch.float64)
+        nb = torch.bincount(y, minlength=len(self.count)).to(torch.float64)
+        mb = torch.zeros_like(self.mean)
+        m2b = torch.zeros_like(self.m2)
+        for c, part in enumerate(torch.split(xs, nb.long().tolist())):
+            if len(part):
+                mb[c] = part.mean(0)
+                d = part - mb[c]
+                m2b[c] = d.T @ d if self.full else (d * d).sum(0)
         na = self.count
         n = na + nb
         delta = mb - self.mean
