@@ -46,7 +46,7 @@ def measure(teacher_name: str, n: int = 10000) -> list[dict]:
         rows.append(row(f"{teacher_name}->{student_name}", "distill", what, "images/s", n / secs,
                         3 * fs + (ft if online is not None else 0), reference="student real-data epoch (best of 2)",
                         seconds=secs))
-    train_s = min(train_epoch_seconds(student_name, n, DistillConfig.batch_size) for _ in range(2))
+    train_s = min(train_epoch_seconds(student_name, n, DistillConfig.batch_size, data) for _ in range(2))
     for r in rows:
         r.update(ratio=r["seconds"] / train_s, target=f"<= {TARGET:g}x", met=r["seconds"] / train_s <= TARGET)
     return rows

@@ -13,9 +13,9 @@ from dfkd.train import cross_entropy_loss, fit
 from .common import forward_flops, row
 
 
-def train_epoch_seconds(name: str, n: int, batch_size: int = TrainConfig.batch_size) -> float:
+def train_epoch_seconds(name: str, n: int, batch_size: int = TrainConfig.batch_size, data=None) -> float:
     """Seconds of one real-data training epoch of a fresh ``name`` over ``n`` images."""
-    data = load_mnist()
+    data = data or load_mnist()
     torch.manual_seed(0)
     m = build_model(name)
     x = to_input(data.train_x[:n], m.input_shape)

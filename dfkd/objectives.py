@@ -51,7 +51,7 @@ class Objective:
     kind: ClassVar[str | None]  # the metadata kind it needs
 
     def __init__(self, meta: Metadata | None, model: nn.Module, whiten: bool = False):
-        self.meta, self.model, self.whiten = meta, model, whiten
+        self.meta, self.model = meta, model  # ``whiten`` is read by the subclasses that use it
         self.t = meta.tensors if meta is not None else {}
         self.infos = [LayerInfo(l["path"], l["type"], tuple(l["shape"]), l["units"], l["nodes"])
                       for l in meta.header["layers"]] if meta is not None else []

@@ -201,22 +201,22 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
         meta = load_stats(spath, desc["sha256"])
         for name in (("real-data", "real-kd") if cfg.baselines else ()) + tuple(cfg.objectives):
             spath_student = d / "students" / name
+            paper = PAPER[net].get(name)
+            paper = None if paper is None else paper / 100
             row = _student_row(spath_student)
             if row is None:
                 res = _baseline(name, teacher, data, student_name, p, cfg, d, dev) if name.startswith("real") \
                     else _objective(name, net, teacher, meta, data, student_name, p, cfg, d, dev)
-                paper = PAPER[net].get(name)
                 row = {"teacher": net, "student": student_name, "objective": name,
                        "accuracy": res["history"][-1]["test_accuracy"], "teacher_accuracy": t_acc,
-                       "paper_accuracy": None if paper is None else paper / 100, "image_steps": res["image_steps"],
+                       "paper_accuracy": paper, "image_steps": res["image_steps"],
                        "seconds": dict(res["seconds"], teacher_train=tsecs, record=rsecs),
                        "history": [h["test_accuracy"] for h in res["history"] if "test_accuracy" in h],
                        "history_epochs": [h["epoch"] for h in res["history"] if "test_accuracy" in h]}
                 save_model(res["model"].cpu(), spath_student, model_info(
                     res["model"], data, test_accuracy=row["accuracy"], objective=name,
                     teacher_sha256=desc["sha256"], row=row))
-            paper = PAPER[net].get(name)  # a resumed row gets today's reference figures
-            row = dict(row, paper_accuracy=None if paper is None else paper / 100)
+            row = dict(row, paper_accuracy=paper)  # a resumed row gets today's reference figure
             rows.append(row)
             _write(out, rows, cfg, t0)
             if cfg.progress:
