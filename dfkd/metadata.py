@@ -1,11 +1,18 @@
-"""The publishable statistics file, ``<model>.stats.safetensors``: format, save, load, validate.
+"""The publishable statistics file, ``<model>.stats.safetensors``: the contract, save, load, validate.
 
-Tensors are named ``<kind>/<layer path>/<statistic>`` (``spectral_all/<statistic>`` and
-``spectral_pairs/<a>+<b>/<statistic>`` for the graphs), class-major. The safetensors
-string metadata holds one key, ``dfkd``, a JSON header: format and version, kinds,
-layers with shapes and covariance modes, class count, input shape and normalisation,
-the teacher's weights sha256, the data set and its per-class counts, the dfkd version,
-and the sha256 of the tensors themselves (so tampering is detected). Nothing is pickled.
+The contract (``contract``) is declared once here and read by ``record`` (which tensors to
+write), ``load`` (which to expect, with their shapes) and the objectives (which to read,
+through ``Metadata.gaussian``). Kinds are spelled as the objectives that use them.
+
+Tensors are named ``<kind>/<part>/<statistic>``: ``top-layer/mean``,
+``all-layers/<layer path>/chol``, ``spectral-all/basis``, ``spectral-pairs/<a>+<b>/std``;
+per-class tensors are class-major. A class Gaussian is stored as its ``mean`` and one of
+``chol`` (full covariance, as its Cholesky factor), ``std`` (diagonal) or ``factor`` +
+``resid_std`` (low rank: ``cov ~ F F^T + diag(r^2)``). The safetensors string metadata holds
+one key, ``dfkd``, a JSON header: format and version, kinds, layers, class count, the data
+description (input shape, normalisation, range, class names), the teacher's weights sha256,
+the data set and its per-class counts, the dfkd version, and the sha256 of the tensors
+themselves (so tampering is detected). Nothing is pickled.
 """
 from __future__ import annotations
 
@@ -17,11 +24,56 @@ import torch
 
 from . import __version__
 from .checkpoint import load_tensors, save_tensors, weights_sha256
+from .data import DataInfo
 from .errors import DfkdError
 
-FORMAT, VERSION = "dfkd-stats", 1
-KINDS = ("top_layer", "all_layers", "spectral_all", "spectral_pairs")
+FORMAT, VERSION = "dfkd-stats", 2
+KINDS = ("top-layer", "all-layers", "spectral-all", "spectral-pairs")
 RECORD_HINT = "dfkd record --teacher {teacher} --kinds {kind}"
+
+
+def key(kind: str, stat: str, part: str | None = None) -> str:
+    return f"{kind}/{part}/{stat}" if part else f"{kind}/{stat}"
+
+
+def gaussian_shapes(mode: str, c: int, d: int) -> dict[str, tuple[int, ...]]:
+    """The statistics of a per-class Gaussian of dimension ``d`` stored in covariance ``mode``."""
+    out = {"mean": (c, d)}
+    if mode == "full":
+        out["chol"] = (c, d, d)
+    elif mode == "diag":
+        out["std"] = (c, d)
+    elif mode.startswith("lowrank:"):
+        out.update(factor=(c, d, int(mode.split(":")[1])), resid_std=(c, d))
+    else:
+        raise ValueError(f"unknown covariance mode {mode!r}")
+    return out
+
+
+def graphs(h: dict) -> list[tuple[str, str, dict]]:
+    """``(kind, part, graph)`` for every spectral graph the header declares (part None: the whole net)."""
+    spec = h.get("spectral", {})
+    out = [("spectral-all", None, spec["all"])] if "spectral-all" in h["kinds"] else []
+    if "spectral-pairs" in h["kinds"]:
+        out += [("spectral-pairs", g["name"], g) for g in spec["pairs"]]
+    return out
+
+
+def contract(h: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor the header promises, with its shape."""
+    c = int(h["num_classes"])
+    out: dict[str, tuple[int, ...]] = {"count": (c,)}
+    if "top-layer" in h["kinds"]:
+        out.update({key("top-layer", s): shape for s, shape in gaussian_shapes("full", c, c).items()})
+    if "all-layers" in h["kinds"]:
+        for layer in h["layers"]:
+            for s, shape in gaussian_shapes(layer["cov"], c, int(layer["dim"])).items():
+                out[key("all-layers", s, layer["path"])] = shape
+    for kind, part, g in graphs(h):
+        d, k = int(g["nodes"]), int(g["kept"])
+        out.update({key(kind, s, part): shape for s, shape in
+                    {"basis": (d, k), "eigvals": (k,), "kept": (k,), "mean": (c, k), "std": (c, k)}.items()})
+    return out
 
 
 @dataclass
@@ -39,6 +91,18 @@ class Metadata:
     def num_classes(self) -> int:
         return int(self.header["num_classes"])
 
+    @property
+    def data(self) -> DataInfo:
+        return DataInfo.from_dict(self.header["data"], self.path or "stats")
+
+    def get(self, kind: str, stat: str, part: str | None = None) -> torch.Tensor:
+        return self.tensors[key(kind, stat, part)]
+
+    def gaussian(self, kind: str, part: str | None = None) -> dict[str, torch.Tensor]:
+        """A part's class Gaussian: ``mean`` and its ``chol``, ``std`` or ``factor`` + ``resid_std``."""
+        pre = key(kind, "", part)
+        return {k[len(pre):]: v for k, v in self.tensors.items() if k.startswith(pre) and "/" not in k[len(pre):]}
+
     def require(self, kind: str, teacher: str = "TEACHER") -> None:
         if kind not in self.kinds:
             raise DfkdError(self.path or "stats", f"holds no {kind} statistics (it has {', '.join(self.kinds)}); "
@@ -47,39 +111,11 @@ class Metadata:
     def sizes(self) -> list[dict]:
         """One row per kind and record: floats and bytes stored."""
         rows = []
-        for key, t in sorted(self.tensors.items()):
-            kind, _, rest = key.partition("/")
-            rows.append({"kind": kind if kind in KINDS else "shared", "record": rest or key,
+        for name, t in sorted(self.tensors.items()):
+            kind, _, rest = name.partition("/")
+            rows.append({"kind": kind if kind in KINDS else "shared", "record": rest or name,
                          "floats": t.numel(), "bytes": t.numel() * t.element_size()})
         return rows
-
-
-def expected_shapes(h: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor the header promises, with its shape."""
-    c = int(h["num_classes"])
-    out: dict[str, tuple[int, ...]] = {"count": (c,)}
-    if "top_layer" in h["kinds"]:
-        k = int(h["top"]["units"])
-        out.update({"top_layer/mean": (c, k), "top_layer/chol": (c, k, k)})
-    if "all_layers" in h["kinds"]:
-        for layer in h["layers"]:
-            p, d, mode = layer["path"], int(layer["units"]), layer["cov"]
-            out[f"all_layers/{p}/mean"] = (c, d)
-            if mode == "full":
-                out[f"all_layers/{p}/chol"] = (c, d, d)
-            elif mode == "diag":
-                out[f"all_layers/{p}/std"] = (c, d)
-            else:
-                out[f"all_layers/{p}/factor"] = (c, d, int(mode.split(":")[1]))
-                out[f"all_layers/{p}/resid_std"] = (c, d)
-    spec = h.get("spectral", {})
-    graphs = ([("spectral_all", spec["all"])] if "spectral_all" in h["kinds"] else []) + \
-             ([(f"spectral_pairs/{g['name']}", g) for g in spec.get("pairs", [])] if "spectral_pairs" in h["kinds"] else [])
-    for prefix, g in graphs:
-        d, k = int(g["nodes"]), int(g["kept"])
-        out.update({f"{prefix}/basis": (d, k), f"{prefix}/eigvals": (k,), f"{prefix}/kept": (k,),
-                    f"{prefix}/mean": (c, k), f"{prefix}/std": (c, k)})
-    return out
 
 
 def save(meta: Metadata, path: str | Path) -> Path:
@@ -91,14 +127,16 @@ def _validate(path: Path, h: dict, tensors: dict[str, torch.Tensor]) -> None:
     if h.get("format") != FORMAT:
         raise DfkdError(path, f"not a dfkd statistics file (format {h.get('format')!r})")
     if h.get("version") != VERSION:
-        raise DfkdError(path, f"format version {h.get('version')!r} is not supported (this dfkd reads {VERSION})")
+        raise DfkdError(path, f"format version {h.get('version')!r} is not supported (this dfkd reads {VERSION}; "
+                        "record the statistics again)")
     unknown = [k for k in h.get("kinds", []) if k not in KINDS]
     if unknown or not h.get("kinds"):
         raise DfkdError(path, f"unknown or missing kinds {unknown or h.get('kinds')}")
     try:
-        want = expected_shapes(h)
-    except (KeyError, TypeError, ValueError, IndexError) as e:
+        want = contract(h)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise DfkdError(path, f"header is incomplete ({type(e).__name__}: {e})") from None
+    DataInfo.from_dict(h.get("data"), path)
     missing = sorted(set(want) - set(tensors))
     extra = sorted(set(tensors) - set(want))
     if missing or extra:
@@ -123,9 +161,11 @@ def load(path: str | Path, teacher_sha256: str | None = None, allow_other_teache
     if not isinstance(header, dict):
         raise DfkdError(path, "dfkd header is not a JSON object")
     _validate(path, header, tensors)
-    if teacher_sha256 and header.get("teacher_sha256") != teacher_sha256 and not allow_other_teacher:
-        raise DfkdError(path, "recorded on another teacher (weights sha256 differs); "
-                        "pass --allow-other-teacher to use it anyway")
+    if teacher_sha256 and header.get("teacher_sha256") != teacher_sha256:
+        if not allow_other_teacher:
+            raise DfkdError(path, "recorded on another teacher (weights sha256 differs); "
+                            "pass --allow-other-teacher to use it anyway")
+        header["teacher_sha256"] = teacher_sha256
     return Metadata(header, tensors, path)
 
 
@@ -134,8 +174,8 @@ def new_header(**fields) -> dict:
 
 
 def summary(meta: Metadata) -> dict:
-    """Sizes per kind and record, the total, and the ratio to the training images' size
-    (uint8 pixels, e.g. MNIST's 60,000 x 28 x 28 = 47 MB)."""
+    """Sizes per kind and record, the total, and the ratio to the training inputs' size
+    (one byte per value, e.g. MNIST's 60,000 x 28 x 28 = 47 MB)."""
     rows = meta.sizes()
     per_kind: dict[str, dict] = {}
     for r in rows:

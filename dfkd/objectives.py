@@ -1,16 +1,18 @@
-"""The reconstruction objectives of Lopes, Fenu & Starner (2017), one small class each.
+"""The reconstruction objectives, one small class each: Lopes, Fenu & Starner (2017) from
+metadata, DeepInversion's BatchNorm matching (Yin et al. 2020) from the teacher alone, and noise.
 
-Every objective owns its metadata contract (``kind``: what ``dfkd record`` must have
-stored), draws its targets once per batch (``targets``), and gives a per-sample loss
-(``loss``); reconstruction sums it over the batch, so batch size does not change the
-dynamics. ``z ~ N(0, I)`` below, drawn from the batch's own generator.
+Every objective names the metadata kind it needs (``kind``; spelled as in the file), the
+layers whose outputs (``layers``) or inputs (``inputs``) it reads, draws its targets once
+per batch (``targets``), and gives the batch's total loss (``loss``): per-sample terms are
+summed over the batch and batch-level terms weighted by the samples they cover, so batch
+size does not change the dynamics. ``z ~ N(0, I)`` below, drawn from the batch's own generator.
+Objectives combine with ``+`` (``all-layers+bn-stats``): their losses add.
 
-``whiten`` (all-layers and spectral objectives; the others ignore it) divides each
-coordinate's error by its standard deviation pooled over classes,
-``w_k = 1 / (sigma_k + 1e-3 mean(sigma))``: the
-paper's plain squared distance is dominated by the few high-energy coordinates, whose
-class means all samples share; standardised, every coordinate's spread counts, as in the
-Gaussian's own likelihood, and the reconstructed images keep their diversity.
+``whiten`` (all-layers and spectral objectives) divides each coordinate's error by its
+standard deviation pooled over classes, ``w_k = 1 / (sigma_k + 1e-3 mean(sigma))``: the
+paper's plain squared distance is dominated by the few high-energy coordinates whose class
+means all samples share; standardised, every coordinate's spread counts, as in the
+Gaussian's own likelihood, and the reconstructed inputs keep their diversity.
 """
 from __future__ import annotations
 
@@ -20,24 +22,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ReconstructConfig
 from .errors import DfkdError
 from .graph import LayerInfo, signal
 from .metadata import Metadata
+from .models import device_of
+from .taps import input_key
 
 Targets = dict[str, torch.Tensor]
 
 
-def _gauss(mean: torch.Tensor, labels: torch.Tensor, g: torch.Generator, *, chol=None, std=None,
-           factor=None, resid=None) -> torch.Tensor:
-    """Draw one target per label from the class's Gaussian (full, diagonal or low rank)."""
-    m = mean[labels]
+def draw(gauss: dict[str, torch.Tensor], labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One target per label from its class Gaussian (``metadata.gaussian_shapes``)."""
+    m = gauss["mean"][labels]
     z = torch.randn(m.shape, generator=g)
-    if chol is not None:
-        return m + torch.einsum("bij,bj->bi", chol[labels], z)
-    if std is not None:
-        return m + std[labels] * z
-    zk = torch.randn((len(labels), factor.shape[-1]), generator=g)
-    return m + torch.einsum("bij,bj->bi", factor[labels], zk) + resid[labels] * z
+    if "chol" in gauss:
+        return m + torch.einsum("bij,bj->bi", gauss["chol"][labels], z)
+    if "std" in gauss:
+        return m + gauss["std"][labels] * z
+    zk = torch.randn((len(labels), gauss["factor"].shape[-1]), generator=g)
+    return m + torch.einsum("bij,bj->bi", gauss["factor"][labels], zk) + gauss["resid_std"][labels] * z
+
+
+def gauss_std(gauss: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-class standard deviations ``[C, D]`` of a stored Gaussian."""
+    if "std" in gauss:
+        return gauss["std"]
+    if "chol" in gauss:
+        return gauss["chol"].pow(2).sum(-1).sqrt()
+    return (gauss["factor"].pow(2).sum(-1) + gauss["resid_std"].pow(2)).sqrt()
 
 
 def whitening(std: torch.Tensor) -> torch.Tensor:
@@ -48,72 +61,106 @@ def whitening(std: torch.Tensor) -> torch.Tensor:
 
 class Objective:
     name: ClassVar[str]
-    kind: ClassVar[str | None]  # the metadata kind it needs
+    kind: ClassVar[str | None]  # the metadata kind it needs (None: the teacher alone)
 
-    def __init__(self, meta: Metadata | None, model: nn.Module, whiten: bool = False):
-        self.meta, self.model = meta, model  # ``whiten`` is read by the subclasses that use it
-        self.t = meta.tensors if meta is not None else {}
-        self.infos = [LayerInfo(l["path"], l["type"], tuple(l["shape"]), l["units"], l["nodes"])
-                      for l in meta.header["layers"]] if meta is not None else []
+    def __init__(self, meta: Metadata | None, model: nn.Module, cfg: ReconstructConfig):
+        self.meta, self.model, self.cfg = meta, model, cfg
+        self.dev = device_of(model)
+        self.infos = [LayerInfo.from_dict(d) for d in meta.header["layers"]] if meta is not None else []
 
     def layers(self) -> list[str]:
         """Module paths whose outputs the loss reads."""
         return []
 
+    def inputs(self) -> list[str]:
+        """Module paths whose inputs the loss reads."""
+        return []
+
     def targets(self, labels: torch.Tensor, g: torch.Generator) -> Targets:
         return {}
 
-    def loss(self, logits: torch.Tensor, acts: dict[str, torch.Tensor], tg: Targets) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, acts: dict[str, torch.Tensor], tg: Targets,
+             labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
 class TopLayer(Objective):
     """``L = mean_k (ReLU(t_k) - ReLU(f(x)_k / T))^2`` with ``t = mu_c + L_c z`` from the
     per-class mean and Cholesky factor of the logits / T."""
-    name, kind = "top-layer", "top_layer"
+    name, kind = "top-layer", "top-layer"
 
     def targets(self, labels, g):
-        return {"top": _gauss(self.t["top_layer/mean"], labels, g, chol=self.t["top_layer/chol"])}
+        return {"top": draw(self.meta.gaussian("top-layer"), labels, g)}
 
-    def loss(self, logits, acts, tg):
+    def loss(self, logits, acts, tg, labels):
         temp = float(self.meta.header["temperature"])
-        return (F.relu(tg["top"]) - F.relu(logits / temp)).pow(2).mean(1)
+        return (F.relu(tg["top"]) - F.relu(logits / temp)).pow(2).mean(1).sum()
+
+
+def class_moments(out: torch.Tensor, labels: torch.Tensor, k: int, full: bool):
+    """Per-class mean ``[K, C]`` and (co)variance of a map's channels pooled over positions, and the
+    rows each class covers, from per-sample sums (one batched product, no per-class loop)."""
+    z = out.flatten(2)                                  # [B, C, P]
+    onehot = F.one_hot(labels, k).to(z.dtype)           # [B, K]
+    rows = onehot.sum(0) * z.shape[2]                   # [K]
+    denom = rows.clamp(min=1)
+    mean = onehot.T @ z.sum(2) / denom[:, None]
+    if full:
+        second = torch.einsum("bk,bcd->kcd", onehot, z @ z.transpose(1, 2)) / denom[:, None, None]
+        return mean, second - mean[:, :, None] * mean[:, None, :], rows
+    second = onehot.T @ z.pow(2).sum(2) / denom[:, None]
+    return mean, second - mean.pow(2), rows
 
 
 class AllLayers(Objective):
-    """``L = sum_l (1 / d_l) ||a_l(x) - t_l||^2`` over every recorded layer ``l`` of width
-    ``d_l``, with ``t_l`` drawn per layer from its class Gaussian (full, diagonal or low rank)."""
-    name, kind = "all-layers", "all_layers"
+    """Per recorded layer ``l`` of dimension ``d_l``: a per-unit layer adds
+    ``(1 / d_l) ||w (a_l(x) - t_l)||^2`` per sample, ``t_l`` drawn from its class Gaussian; a
+    per-channel conv layer (``stat="channel"``) matches, per class present in the batch, the
+    pooled channel mean and covariance (variance when diagonal) of the batch's samples of that
+    class against the stored ones, ``(1/d) ||w (m - mu)||^2 + (1/d^2) ||w w^T . (S - Sigma)||^2``,
+    weighted by the class's samples (DeepInversion's batch-level matching, per class)."""
+    name, kind = "all-layers", "all-layers"
 
-    def __init__(self, meta: Metadata, model: nn.Module, whiten: bool = False):
-        super().__init__(meta, model, whiten)
-        dev = next(model.parameters()).device
-        self._w = {}
-        for i in self.infos if whiten else []:
-            pre = f"all_layers/{i.path}/"
-            if pre + "std" in self.t:
-                std = self.t[pre + "std"]
-            elif pre + "chol" in self.t:
-                std = self.t[pre + "chol"].pow(2).sum(-1).sqrt()
-            else:
-                std = (self.t[pre + "factor"].pow(2).sum(-1) + self.t[pre + "resid_std"].pow(2)).sqrt()
-            self._w[i.path] = whitening(std).to(dev)
+    def __init__(self, meta, model, cfg):
+        super().__init__(meta, model, cfg)
+        self._g, self._w, self._cov = {}, {}, {}
+        for i in self.infos:
+            gauss = {k: v.to(self.dev) for k, v in meta.gaussian("all-layers", i.path).items()}
+            self._g[i.path] = gauss
+            self._w[i.path] = whitening(gauss_std(gauss)) if cfg.whiten else torch.ones(i.dim, device=self.dev)
+            if i.stat == "channel":
+                if "chol" in gauss:
+                    self._cov[i.path] = gauss["chol"] @ gauss["chol"].transpose(1, 2)
+                elif "std" in gauss:
+                    self._cov[i.path] = gauss["std"].pow(2)
+                else:
+                    f = gauss["factor"]
+                    self._cov[i.path] = f @ f.transpose(1, 2) + torch.diag_embed(gauss["resid_std"].pow(2))
 
     def layers(self):
         return [i.path for i in self.infos]
 
     def targets(self, labels, g):
-        out = {}
-        for i in self.infos:
-            pre = f"all_layers/{i.path}/"
-            out[i.path] = _gauss(self.t[pre + "mean"], labels, g, chol=self.t.get(pre + "chol"),
-                                 std=self.t.get(pre + "std"), factor=self.t.get(pre + "factor"),
-                                 resid=self.t.get(pre + "resid_std"))
-        return out
+        return {i.path: draw({k: v.cpu() for k, v in self._g[i.path].items()}, labels, g)
+                for i in self.infos if i.stat == "unit"}
 
-    def loss(self, logits, acts, tg):
-        return sum(((acts[i.path].flatten(1) - tg[i.path]) * self._w.get(i.path, 1.0)).pow(2).mean(1)
-                   for i in self.infos)
+    def _channel_loss(self, i: LayerInfo, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        cov = self._cov[i.path]
+        mean, second, rows = class_moments(out, labels, len(cov), cov.dim() == 3)
+        w = self._w[i.path]
+        dm = ((mean - self._g[i.path]["mean"]) * w).pow(2).mean(1)
+        ww = w[:, None] * w[None, :] if cov.dim() == 3 else w * w
+        dc = ((second - cov) * ww).pow(2).flatten(1).mean(1)
+        return ((dm + dc) * rows / out[0, 0].numel()).sum()  # weighted by the samples each class covers
+
+    def loss(self, logits, acts, tg, labels):
+        total = logits.new_zeros(())
+        for i in self.infos:
+            if i.stat == "channel":
+                total = total + self._channel_loss(i, acts[i.path], labels)
+            else:
+                total = total + ((acts[i.path].flatten(1) - tg[i.path]) * self._w[i.path]).pow(2).mean(1).sum()
+        return total
 
 
 class AllLayersDropout(AllLayers):
@@ -121,7 +168,7 @@ class AllLayersDropout(AllLayers):
     all its steps, keeping 80% of the inputs and 50% of every hidden layer's units
     (inverted dropout: kept values are divided by the keep rate). The loss reads the
     unmasked pre-activations; the masks change what later layers see."""
-    name, kind = "all-layers-dropout", "all_layers"
+    name, kind = "all-layers-dropout", "all-layers"
     keep_input, keep_hidden = 0.8, 0.5
 
     def masks(self, input_shape, n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -133,32 +180,33 @@ class AllLayersDropout(AllLayers):
 
 class _Spectral(Objective):
     """Shared by the spectral objectives: ``s_hat = V_K^T s(x)`` on each graph's kept basis."""
-    graphs: ClassVar[str]
+    kind: ClassVar[str]
 
-    def __init__(self, meta: Metadata, model: nn.Module, whiten: bool = False):
-        super().__init__(meta, model, whiten)
-        sp, by_path = meta.header["spectral"], {i.path: i for i in self.infos}
-        gs = [("spectral_all", sp["all"])] if self.graphs == "all" else \
-            [(f"spectral_pairs/{g['name']}", g) for g in sp["pairs"]]
-        dev = next(model.parameters()).device
+    def __init__(self, meta, model, cfg):
+        super().__init__(meta, model, cfg)
+        by_path = {i.path: i for i in self.infos}
+        from .metadata import graphs
         # resolved once: the loss runs every step of every batch
-        self._graphs = [(pre, [by_path[p] for p in g["layers"]], self.t[pre + "/basis"].to(dev),
-                         whitening(self.t[pre + "/std"]).to(dev) if whiten else 1.0) for pre, g in gs]
-
-    def prefixes(self) -> list[tuple[str, list[LayerInfo]]]:
-        return [(pre, members) for pre, members, _, _ in self._graphs]
+        self._graphs = []
+        for kind, part, g in graphs(meta.header):
+            if kind != self.kind:
+                continue
+            gauss = {"mean": meta.get(kind, "mean", part), "std": meta.get(kind, "std", part)}
+            self._graphs.append((f"{kind}/{part}", [by_path[p] for p in g["layers"]],
+                                 meta.get(kind, "basis", part).to(self.dev), gauss,
+                                 whitening(gauss["std"]).to(self.dev) if cfg.whiten else 1.0))
 
     def layers(self):
         return [i.path for i in self.infos]
 
     def targets(self, labels, g):
-        return {pre: _gauss(self.t[pre + "/mean"], labels, g, std=self.t[pre + "/std"]) for pre, _ in self.prefixes()}
+        return {name: draw(gauss, labels, g) for name, _, _, gauss, _ in self._graphs}
 
-    def loss(self, logits, acts, tg):
-        total = 0
-        for pre, members, basis, w in self._graphs:
+    def loss(self, logits, acts, tg, labels):
+        total = logits.new_zeros(())
+        for name, members, basis, _, w in self._graphs:
             coef = signal(acts, members) @ basis
-            total = total + ((coef - tg[pre]) * w).pow(2).mean(1)
+            total = total + ((coef - tg[name]) * w).pow(2).mean(1).sum()
         return total
 
 
@@ -166,13 +214,44 @@ class SpectralAll(_Spectral):
     """``L = (1 / K) ||V_K^T s(x) - t||^2``: ``s(x)`` is the whole network's node signal, ``V_K``
     the kept eigenvectors of its weight-graph Laplacian, ``t = mu_c + sigma_c z`` per
     coefficient (stationary graph-signal model)."""
-    name, kind, graphs = "spectral-all", "spectral_all", "all"
+    name, kind = "spectral-all", "spectral-all"
 
 
 class SpectralPairs(_Spectral):
     """``L = sum_p (1 / K_p) ||V_p^T s_p(x) - t_p||^2`` over the graphs of adjacent layer pairs
     ``p``, each with its own (smaller, cheaper) Laplacian eigenbasis."""
-    name, kind, graphs = "spectral-pairs", "spectral_pairs", "pairs"
+    name, kind = "spectral-pairs", "spectral-pairs"
+
+
+class BNStats(Objective):
+    """DeepInversion's feature-distribution loss, which needs no metadata: for every BatchNorm
+    layer ``l`` (teacher in eval mode), the batch mean ``mu_l`` and biased variance ``s2_l`` of
+    its input over samples and positions against its running statistics,
+    ``B * bn_weight * sum_l (||mu_l - running_mean_l||_2 + ||s2_l - running_var_l||_2)``, plus
+    the cross-entropy of the intended labels (which makes the batch class-conditional)."""
+    name, kind = "bn-stats", None
+
+    def __init__(self, meta, model, cfg):
+        super().__init__(None, model, cfg)
+        self._bn = [(p, m) for p, m in model.named_modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+        if not self._bn:
+            raise DfkdError("objective", f"bn-stats needs BatchNorm layers with running statistics, and "
+                            f"{type(model).__name__} has none; use a metadata objective (e.g. all-layers)")
+
+    def inputs(self):
+        return [p for p, _ in self._bn]
+
+    def loss(self, logits, acts, tg, labels):
+        total = logits.new_zeros(())
+        for p, m in self._bn:
+            x = acts[input_key(p)]
+            dims = [0] + list(range(2, x.dim()))
+            mean, var = x.mean(dims), x.var(dims, unbiased=False)
+            total = total + torch.linalg.vector_norm(mean - m.running_mean) + \
+                torch.linalg.vector_norm(var - m.running_var)
+        return len(labels) * self.cfg.bn_weight * total + F.cross_entropy(logits, labels.to(logits.device),
+                                                                          reduction="sum")
 
 
 class Noise(Objective):
@@ -180,18 +259,49 @@ class Noise(Objective):
     name, kind = "noise", None
 
 
-OBJECTIVES: dict[str, type[Objective]] = {c.name: c for c in
-                                          (TopLayer, AllLayers, AllLayersDropout, SpectralAll, SpectralPairs, Noise)}
+class Combined(Objective):
+    """Several objectives at once (``a+b``): their losses add."""
+    kind = None
+
+    def __init__(self, parts: list[Objective]):
+        self.parts, self.name = parts, "+".join(p.name for p in parts)
+        self.kind = next((p.kind for p in parts if p.kind), None)
+        self.masks = next((p.masks for p in parts if hasattr(p, "masks")), None)
+        if self.masks is None:
+            del self.masks
+
+    def layers(self):
+        return list(dict.fromkeys(p for o in self.parts for p in o.layers()))
+
+    def inputs(self):
+        return list(dict.fromkeys(p for o in self.parts for p in o.inputs()))
+
+    def targets(self, labels, g):
+        return {f"{k}|{name}": v for k, o in enumerate(self.parts) for name, v in o.targets(labels, g).items()}
+
+    def loss(self, logits, acts, tg, labels):
+        return sum(o.loss(logits, acts, {n.partition("|")[2]: v for n, v in tg.items() if n.startswith(f"{k}|")},
+                          labels) for k, o in enumerate(self.parts))
 
 
-def make_objective(name: str, meta: Metadata | None, model: nn.Module, teacher_ref: str = "TEACHER",
-                   whiten: bool = False) -> Objective:
-    """Build an objective, checking that ``meta`` holds the statistics it needs."""
-    if name not in OBJECTIVES:
-        raise DfkdError("--objective", f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
-    cls = OBJECTIVES[name]
-    if cls.kind is not None:
-        if meta is None:
-            raise DfkdError("--stats", f"objective {name} needs a statistics file")
-        meta.require(cls.kind, teacher_ref)
-    return cls(meta, model, whiten)
+OBJECTIVES: dict[str, type[Objective]] = {c.name: c for c in (TopLayer, AllLayers, AllLayersDropout, SpectralAll,
+                                                               SpectralPairs, BNStats, Noise)}
+
+
+def make_objective(name: str, meta: Metadata | None, model: nn.Module, cfg: ReconstructConfig = ReconstructConfig(),
+                   teacher_ref: str = "TEACHER") -> Objective:
+    """Build an objective (or a ``+``-joined combination), checking that ``meta`` holds what it needs."""
+    names = name.split("+")
+    bad = [n for n in names if n not in OBJECTIVES]
+    if bad or ("noise" in names and len(names) > 1):
+        raise DfkdError("objective", f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)} "
+                        "(metadata and bn-stats objectives combine with +)")
+    parts = []
+    for n in names:
+        cls = OBJECTIVES[n]
+        if cls.kind is not None:
+            if meta is None:
+                raise DfkdError("stats", f"objective {n} needs a statistics file")
+            meta.require(cls.kind, teacher_ref)
+        parts.append(cls(meta, model, cfg))
+    return parts[0] if len(parts) == 1 else Combined(parts)

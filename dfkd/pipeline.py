@@ -16,19 +16,20 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_write, load_model, read_json, save_model, write_json
-from .config import DistillConfig, ReconstructConfig, TrainConfig, to_dict
-from .data import load_mnist, to_input
-from .distill import distill_model
+from .config import DistillConfig, ReconstructConfig, RecordConfig, TrainConfig, to_dict
+from .data import open_data
+from .distillation import distill
 from .errors import DfkdError
-from .evaluate import evaluate_model
+from .evaluation import accuracy
 from .metadata import load as load_stats
 from .metadata import save as save_stats
-from .models import build_model, predict_logits
+from .models import build_model
 from .objectives import OBJECTIVES
-from .record import record, stats_path
-from .reconstruct import load_synthetic, reconstruct
+from .reconstruction import reconstruct
+from .recording import record, stats_path
 from .runtime import pick_device, seed_everything, setup_threads
-from .train import model_info, train_model
+from .synthetic import SyntheticSet
+from .training import train
 
 PAIRS = {"lenet5": "lenet5-half", "hinton-1200": "hinton-800"}
 # Lopes et al. (2017), Table 1 (MNIST test accuracy, %). The paper has no noise baseline.
@@ -61,14 +62,15 @@ class RunConfig:
     out: str = "runs/quick"
     profile: str = "quick"
     networks: tuple[str, ...] = ("lenet5", "hinton-1200")
-    objectives: tuple[str, ...] = tuple(OBJECTIVES)
+    objectives: tuple[str, ...] = tuple(o for o in OBJECTIVES if o != "bn-stats")  # the paper's nets have no BN
     teacher: str | None = None      # a saved teacher to use instead of training one (one network only)
     teachers: str | None = None     # an earlier run directory whose <network>/teacher* to use (or train there)
     images: int | None = None       # override the profile's synthetic images per objective
     steps: int | None = None        # override the profile's Adam steps per image
     baselines: bool = True          # also train the real-data and real-KD students
     seed: int = 0
-    data_dir: str | None = None
+    data: str = "mnist"             # a data spec (mnist, idx:DIR, folder:DIR, npz:FILE)
+    conv_stats: str = "unit"        # conv maps per unit: the paper's LeNet-5 statistics
     device: str = "cpu"
     progress: bool = True
 
@@ -85,20 +87,21 @@ def recipe(cfg: RunConfig, net: str) -> tuple[int, int, int]:
     return cfg.images or n, steps if cfg.steps is None else cfg.steps, jitter
 
 
-def _teacher(cfg: RunConfig, net: str, d: Path, data, p: dict, dev) -> tuple[torch.nn.Module, dict, float]:
+def _teacher(cfg: RunConfig, net: str, d: Path, p: dict, dev) -> tuple[torch.nn.Module, dict, object, float]:
+    """The network's teacher (loaded, or trained and saved) and the data fitted to it."""
     path = Path(cfg.teacher) if cfg.teacher else d / "teacher"
     if path.with_suffix(".json").is_file() or cfg.teacher:
-        model, desc = load_model(path)
-        return model.to(dev), desc, 0.0
+        model, desc, info = load_model(path)
+        return model.to(dev), desc, open_data(cfg.data, info=info), 0.0
     seed_everything(cfg.seed)
-    model = build_model(net).to(dev)
-    tc = TrainConfig(model=net, epochs=p["teacher_epochs"], seed=cfg.seed, progress=cfg.progress)
-    hist, secs = _timed(train_model, model, data, tc, d / "state" / "train-teacher.pt")
-    info = model_info(model.cpu(), data, test_accuracy=hist[-1]["test_accuracy"], history=hist,
-                      train_config=to_dict(tc), seconds=secs)
-    save_model(model.cpu(), d / "teacher", info)
-    model, desc = load_model(d / "teacher")
-    return model.to(dev), desc, secs
+    model, info = build_model(net, open_data(cfg.data).info)
+    data = open_data(cfg.data, info=info)
+    tc = TrainConfig(epochs=p["teacher_epochs"], seed=cfg.seed, progress=cfg.progress)
+    hist, secs = _timed(train, model.to(dev), data, tc, state_path=d / "state" / "train-teacher.pt")
+    save_model(model.cpu(), d / "teacher", net, {}, info, test_accuracy=hist[-1]["test_accuracy"], history=hist,
+               train_config=to_dict(tc), seconds=secs)
+    model, desc, info = load_model(d / "teacher")
+    return model.to(dev), desc, data, secs
 
 
 def _student_row(path: Path) -> dict | None:
@@ -108,17 +111,14 @@ def _student_row(path: Path) -> dict | None:
 def _baseline(kind: str, teacher, data, student_name: str, p: dict, cfg: RunConfig, d: Path, dev) -> dict:
     """``real-data``: train the student on the true labels; ``real-kd``: distill it on the real images."""
     seed_everything(cfg.seed)
-    student = build_model(student_name).to(dev)
+    student = build_model(student_name, data.info)[0].to(dev)
     state = d / "state" / f"{kind}.pt"
     if kind == "real-data":
-        hist, secs = _timed(train_model, student, data, TrainConfig(epochs=p["baseline_epochs"], seed=cfg.seed,
-                                                                    progress=cfg.progress), state)
+        hist, secs = _timed(train, student, data, TrainConfig(epochs=p["baseline_epochs"], seed=cfg.seed,
+                                                              progress=cfg.progress), state_path=state)
     else:
-        x = to_input(data.train_x, student.input_shape)
-        logits = predict_logits(teacher, to_input(data.train_x, teacher.input_shape))
-        dc = DistillConfig(student=student_name, epochs=p["baseline_epochs"], augment="none", seed=cfg.seed,
-                           progress=cfg.progress)
-        hist, secs = _timed(distill_model, student, x, logits, dc, data, state)
+        dc = DistillConfig(epochs=p["baseline_epochs"], augment="none", seed=cfg.seed, progress=cfg.progress)
+        hist, secs = _timed(distill, student, data.train, teacher, dc, data, data.info, state)
     return {"history": hist, "seconds": {"train" if kind == "real-data" else "distill": secs}, "model": student,
             "image_steps": 0}
 
@@ -128,16 +128,15 @@ def _objective(name: str, net: str, teacher, meta, data, student_name: str, p: d
     n, steps, jitter = recipe(cfg, net)
     rc = ReconstructConfig(objective=name, n=n, steps=steps, jitter=jitter, batch_size=p["batch_size"],
                            seed=cfg.seed, device=cfg.device, progress=cfg.progress)
-    reconstruct(teacher, meta, d / "synthetic" / name, rc)
-    manifest = read_json(d / "synthetic" / name / "manifest.json")
-    x, _, logits = load_synthetic(d / "synthetic" / name)
+    reconstruct(teacher, meta, d / "synthetic" / name, rc, data.info)
+    synth = SyntheticSet(d / "synthetic" / name).open()
     seed_everything(cfg.seed)
-    student = build_model(student_name).to(dev)
-    dc = DistillConfig(student=student_name, seed=cfg.seed, progress=cfg.progress, **p["distill"])
-    hist, dsecs = _timed(distill_model, student, x, logits, dc, data, d / "state" / f"distill-{name}.pt", teacher)
-    return {"history": hist, "model": student, "image_steps": manifest.get("image_steps", 0),
+    student = build_model(student_name, data.info)[0].to(dev)
+    dc = DistillConfig(seed=cfg.seed, progress=cfg.progress, **p["distill"])
+    hist, dsecs = _timed(distill, student, synth, teacher, dc, data, data.info, d / "state" / f"distill-{name}.pt")
+    return {"history": hist, "model": student, "image_steps": synth.manifest.get("image_steps", 0),
             # summed over shards, so that a resumed run still reports the whole reconstruction
-            "seconds": {"reconstruct": sum(s["seconds"] for s in manifest["shards"]), "distill": dsecs}}
+            "seconds": {"reconstruct": sum(s["seconds"] for s in synth.manifest["shards"]), "distill": dsecs}}
 
 
 def _table(rows: list[dict]) -> str:
@@ -173,30 +172,30 @@ def _write(out: Path, rows: list[dict], cfg: RunConfig, t0: float) -> None:
 def run(cfg: RunConfig = RunConfig()) -> Path:
     """Run the pipeline; returns the path of ``results.json``."""
     if cfg.profile not in PROFILES:
-        raise DfkdError("--profile", f"unknown profile {cfg.profile!r}; choose one of {', '.join(PROFILES)}")
+        raise DfkdError("profile", f"unknown profile {cfg.profile!r}; choose one of {', '.join(PROFILES)}")
     bad = [n for n in cfg.networks if n not in PAIRS]
     if bad or not cfg.networks:
-        raise DfkdError("--networks", f"unknown network(s) {bad}; choose from {', '.join(PAIRS)}")
+        raise DfkdError("networks", f"unknown network(s) {bad}; choose from {', '.join(PAIRS)}")
     bad = [o for o in cfg.objectives if o not in OBJECTIVES]
     if bad:
-        raise DfkdError("--objectives", f"unknown objective(s) {bad}; choose from {', '.join(OBJECTIVES)}")
+        raise DfkdError("objectives", f"unknown objective(s) {bad}; choose from {', '.join(OBJECTIVES)}")
     if (cfg.images is not None and cfg.images <= 0) or (cfg.steps is not None and cfg.steps < 0):
-        raise DfkdError("--images/--steps", "images must be > 0 and steps >= 0")
+        raise DfkdError("images", "images must be > 0 and steps >= 0")
     if cfg.teacher and len(cfg.networks) != 1:
-        raise DfkdError("--teacher", "a given teacher needs exactly one --networks entry")
+        raise DfkdError("teacher", "a given teacher needs exactly one network")
     setup_threads()
     p, dev, out, t0 = PROFILES[cfg.profile], pick_device(cfg.device), Path(cfg.out), time.perf_counter()
-    data = load_mnist(cfg.data_dir)
     rows: list[dict] = []
     for net in cfg.networks:
         d, student_name = out / net, PAIRS[net]
         td = Path(cfg.teachers) / net if cfg.teachers else d
-        teacher, desc, tsecs = _teacher(cfg, net, td, data, p, dev)
-        t_acc = evaluate_model(teacher, data)["accuracy"]
+        teacher, desc, data, tsecs = _teacher(cfg, net, td, p, dev)
+        t_acc = accuracy(teacher, data.test)
         spath = stats_path(td / "teacher") if not cfg.teacher else stats_path(cfg.teacher)
         rsecs = 0.0
         if not spath.is_file():
-            meta, rsecs = _timed(record, teacher, data, progress=cfg.progress)
+            rc = RecordConfig(conv_stats=cfg.conv_stats, progress=cfg.progress)
+            meta, rsecs = _timed(record, teacher, data, rc)
             save_stats(meta, spath)
         meta = load_stats(spath, desc["sha256"])
         for name in (("real-data", "real-kd") if cfg.baselines else ()) + tuple(cfg.objectives):
@@ -213,9 +212,8 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                        "seconds": dict(res["seconds"], teacher_train=tsecs, record=rsecs),
                        "history": [h["test_accuracy"] for h in res["history"] if "test_accuracy" in h],
                        "history_epochs": [h["epoch"] for h in res["history"] if "test_accuracy" in h]}
-                save_model(res["model"].cpu(), spath_student, model_info(
-                    res["model"], data, test_accuracy=row["accuracy"], objective=name,
-                    teacher_sha256=desc["sha256"], row=row))
+                save_model(res["model"].cpu(), spath_student, student_name, {}, data.info,
+                           test_accuracy=row["accuracy"], objective=name, teacher_sha256=desc["sha256"], row=row)
             row = dict(row, paper_accuracy=paper)  # a resumed row gets today's reference figure
             rows.append(row)
             _write(out, rows, cfg, t0)

@@ -27,7 +27,7 @@ def pick_device(name: str = "cpu") -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise DfkdError("--device", f"unknown device {name!r} (use cpu, cuda or auto)") from None
+        raise DfkdError("device", f"unknown device {name!r} (use cpu, cuda or auto)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DfkdError("--device", "cuda was asked for but no CUDA device is available")
+        raise DfkdError("device", "cuda was asked for but no CUDA device is available")
     return dev

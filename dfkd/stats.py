@@ -26,16 +26,33 @@ class ClassMoments:
         self.m2 = torch.zeros(shape, dtype=torch.float64)
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Merge a batch ``x [N, D]`` with class labels ``y [N]``: the batch is sorted by class
-        once, and each class's moments are taken on its contiguous slice (no per-class copies)."""
+        """Merge a batch ``x [N, D]`` (or ``[N, D, P]``: ``P`` positions per sample, each a row of
+        the sample's class, as BatchNorm pools a conv map) with class labels ``y [N]``. The batch is
+        sorted by class once and each class's moments are taken on its contiguous slice. Rows
+        are centred on the batch's class mean before their products are summed (float64 for
+        ``[N, D]``; float32 products of centred values for pooled maps, summed in float64)."""
         y = y.cpu()
         order = torch.argsort(y, stable=True)
-        xs = x.detach().cpu()[order].to(torch.float64)
-        nb = torch.bincount(y, minlength=len(self.count)).to(torch.float64)
+        pooled = x.dim() == 3
+        xs = x.detach().cpu()[order]
+        xs = xs.float() if pooled else xs.to(torch.float64)
+        counts = torch.bincount(y, minlength=len(self.count))
+        nb = counts.to(torch.float64) * (x.shape[2] if pooled else 1)
         mb = torch.zeros_like(self.mean)
         m2b = torch.zeros_like(self.m2)
-        for c, part in enumerate(torch.split(xs, nb.long().tolist())):
-            if len(part):
+        for c, part in enumerate(torch.split(xs, counts.tolist())):
+            if not len(part):
+                continue
+            if pooled:
+                part = part.transpose(0, 1).reshape(part.shape[1], -1)  # [D, n * P]
+                centre = part.mean(1)
+                d = part - centre.unsqueeze(1)
+                r = d.mean(1).double()  # what the float32 centre missed
+                mb[c] = centre.double() + r
+                m = d.shape[1]
+                m2b[c] = ((d @ d.T).double() - m * torch.outer(r, r)) if self.full else \
+                    ((d * d).sum(1, dtype=torch.float64) - m * r * r)
+            else:
                 mb[c] = part.mean(0)
                 d = part - mb[c]
                 m2b[c] = d.T @ d if self.full else (d * d).sum(0)
@@ -132,7 +149,7 @@ class SpectralMoments:
         self._buf: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def _select(self) -> None:
-        s = torch.cat([b for b, _ in self._buf])
+        s = torch.cat([b for b, _ in self._buf])[: self.select_n]
         self.energy = ((s @ self._basis32).double() ** 2).mean(0)
         self.kept = torch.argsort(self.energy, descending=True)[: self.k].sort().values
         self.kept_basis = self.basis[:, self.kept].contiguous()

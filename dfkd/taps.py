@@ -29,44 +29,40 @@ def resolve(model: nn.Module, paths: list[str] | tuple[str, ...]) -> dict[str, n
     for p in paths:
         if p not in mods or p == "":
             near = difflib.get_close_matches(p, [n for n in mods if n], n=3, cutoff=0.3)
-            raise DfkdError("--layers", f"no layer {p!r} in the model; nearest: {', '.join(near) or 'none'}")
+            raise DfkdError("layers", f"no layer {p!r} in the model; nearest: {', '.join(near) or 'none'}")
         out[p] = mods[p]
     return out
 
 
+def input_key(path: str) -> str:
+    """The key under which ``tap`` keeps the input of ``path`` (asked for with ``inputs``)."""
+    return path + "#input"
+
+
 @contextmanager
 def tap(model: nn.Module, paths: list[str] | tuple[str, ...],
-        alter: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the outputs of ``paths``; ``alter(path, out)`` may replace what flows on."""
+        alter: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+        inputs: list[str] | tuple[str, ...] = ()) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the outputs of ``paths`` (and the first input of ``inputs``, under ``input_key``);
+    ``alter(path, out)`` may replace what flows on."""
     acts: dict[str, torch.Tensor] = {}
     handles = []
 
-    def make(path: str):
-        def hook(_m, _inp, out):
-            acts[path] = out
-            return alter(path, out) if alter is not None else None
+    def make(path: str, keep_out: bool, keep_in: bool):
+        def hook(_m, inp, out):
+            if keep_in:
+                acts[input_key(path)] = inp[0]
+            if keep_out:
+                acts[path] = out
+                return alter(path, out) if alter is not None else None
+            return None
         return hook
 
     try:
-        for p, m in resolve(model, paths).items():
-            handles.append(m.register_forward_hook(make(p)))
+        mods = resolve(model, list(dict.fromkeys([*paths, *inputs])))
+        for p, m in mods.items():
+            handles.append(m.register_forward_hook(make(p, p in paths, p in inputs)))
         yield acts
     finally:
         for h in handles:
             h.remove()
-
-
-def execution_order(model: nn.Module, paths: list[str], example: torch.Tensor) -> list[str]:
-    """``paths`` sorted by when they run in a forward pass of ``example``; paths that never run are an error."""
-    order: list[str] = []
-    with tap(model, paths, alter=lambda p, o: order.append(p)):
-        with torch.no_grad():
-            model(example)
-    missing = [p for p in paths if p not in order]
-    if missing:
-        raise DfkdError("--layers", f"layer(s) {', '.join(missing)} never run in a forward pass")
-    seen: list[str] = []
-    for p in order:
-        if p not in seen:
-            seen.append(p)
-    return seen

@@ -3,43 +3,49 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from dfkd.config import TrainConfig
-from dfkd.data import ImageSet, load_mnist
+from dfkd.config import RecordConfig, TrainConfig
+from dfkd.data import as_batches, open_data
 from dfkd.models import build_model
-from dfkd.record import record
-from dfkd.train import train_model
+from dfkd.recording import record
+from dfkd.training import train
 
 torch.set_num_threads(2)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def mnist() -> ImageSet:
-    return load_mnist()
+def mnist():
+    """All of MNIST as a DataSource (60,000 training and 10,000 test images, 1x28x28)."""
+    return open_data("mnist")
 
 
 @pytest.fixture(scope="session")
-def small(mnist) -> ImageSet:
-    """The first 6,000 training and 1,000 test images of real MNIST."""
-    return ImageSet("mnist", mnist.train_x[:6000], mnist.train_y[:6000], mnist.test_x[:1000], mnist.test_y[:1000])
+def small(mnist):
+    """The first 6,000 training and 1,000 test images of real MNIST as LeNet-5 inputs (1x32x32)."""
+    info = build_model("lenet5", mnist.info)[1]
+    d = open_data("mnist", info=info)
+    return SimpleNamespace(train=next(as_batches(d.train, 6000)), test=next(as_batches(d.test, 1000)), info=info)
 
 
 @pytest.fixture(scope="session")
 def teacher(small):
     """LeNet-5 trained (seeded) for 3 epochs on 6,000 real images."""
     torch.manual_seed(0)
-    model = build_model("lenet5")
-    train_model(model, small, TrainConfig(epochs=3, lr=3e-3, seed=0, progress=False))
+    model, _ = build_model("lenet5", small.info)
+    train(model, small.train, TrainConfig(epochs=3, lr=3e-3, seed=0, progress=False))
     return model.eval()
 
 
 @pytest.fixture(scope="session")
 def meta(teacher, small):
-    return record(teacher, small, progress=False)
+    """All four kinds on the small teacher; conv maps per unit (the paper's form)."""
+    return record(teacher, small.train, RecordConfig(conv_stats="unit", progress=False), small.info)
 
 
 def write_idx(path: Path, arr: np.ndarray, compress: bool = False) -> None:
@@ -49,11 +55,26 @@ def write_idx(path: Path, arr: np.ndarray, compress: bool = False) -> None:
 
 
 @pytest.fixture(scope="session")
-def idx_dir(tmp_path_factory, mnist) -> Path:
+def idx_dir(tmp_path_factory) -> Path:
     """2,000 training and 500 test images of real MNIST as standard IDX files."""
+    from dfkd.sources import mnist_arrays
+    a = mnist_arrays()
     d = tmp_path_factory.mktemp("idx")
-    write_idx(d / "train-images-idx3-ubyte.gz", mnist.train_x[:2000].numpy(), compress=True)
-    write_idx(d / "train-labels-idx1-ubyte", mnist.train_y[:2000].numpy())
-    write_idx(d / "t10k-images-idx3-ubyte", mnist.test_x[:500].numpy())
-    write_idx(d / "t10k-labels-idx1-ubyte", mnist.test_y[:500].numpy())
+    write_idx(d / "train-images-idx3-ubyte.gz", a["train_x"][:2000], compress=True)
+    write_idx(d / "train-labels-idx1-ubyte", a["train_y"][:2000])
+    write_idx(d / "t10k-images-idx3-ubyte", a["test_x"][:500])
+    write_idx(d / "t10k-labels-idx1-ubyte", a["test_y"][:500])
+    return d
+
+
+@pytest.fixture(scope="session")
+def colour_dir(tmp_path_factory) -> Path:
+    """Colourised MNIST digits, 32x32 RGB, as an image folder (2,000 train, 500 test), written by
+    examples/colour_digits.py as a user would."""
+    import subprocess
+    import sys
+    d = tmp_path_factory.mktemp("colour")
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "colour_digits.py"), str(d), "--train", "2000",
+                        "--test", "500"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     return d

@@ -1,16 +1,21 @@
-"""The command line as a user runs it: each sub-command end to end at tiny sizes, and bad input."""
+"""The command line as a user runs it: each sub-command end to end at tiny sizes, the README's
+own-model section as written, and bad input answered in one line."""
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
 import pytest
 
+from tests.conftest import ROOT
+
 
 def dfkd(*args, cwd=None):
     env = dict(os.environ, OMP_NUM_THREADS="2")
     return subprocess.run([sys.executable, "-m", "dfkd", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
+                          cwd=cwd, env=env, timeout=900)
 
 
 def one_line_error(res, *needles):
@@ -27,43 +32,47 @@ def one_line_error(res, *needles):
 def run_dir(tmp_path_factory, idx_dir):
     """train -> record -> reconstruct -> distill through the CLI on 2,000 real images."""
     d = tmp_path_factory.mktemp("cli")
-    r = dfkd("train", "--model", "lenet5", "--out", d, "--epochs", "2", "--data-dir", idx_dir, "--quiet")
+    r = dfkd("train", "--model", "lenet5", "--out", d, "--epochs", "2", "--data", f"idx:{idx_dir}", "--quiet")
     assert r.returncode == 0, r.stderr
     assert "test accuracy" in r.stdout
-    r = dfkd("record", "--teacher", d / "teacher", "--data-dir", idx_dir, "--quiet")
+    r = dfkd("record", "--teacher", d / "teacher", "--quiet")  # the teacher's own data, from its description
     assert r.returncode == 0, r.stderr
     r = dfkd("reconstruct", "--teacher", d / "teacher", "--objective", "spectral-pairs", "--n", 40,
              "--batch-size", 20, "--steps", 5, "--quiet")
     assert r.returncode == 0, r.stderr
     r = dfkd("distill", "--synthetic", d / "synthetic" / "spectral-pairs", "--teacher", d / "teacher",
-             "--out", d / "student", "--epochs", 2, "--data-dir", idx_dir, "--quiet")
+             "--out", d / "student", "--epochs", 2, "--quiet")
     assert r.returncode == 0, r.stderr
     return d
 
 
-def test_pipeline_files(run_dir):
+def test_pipeline_files(run_dir, idx_dir):
     for f in ["teacher.safetensors", "teacher.json", "teacher.stats.safetensors", "student.safetensors",
               "student.json", "synthetic/spectral-pairs/manifest.json", "synthetic/spectral-pairs/samples.png"]:
         assert (run_dir / f).is_file(), f
     desc = json.loads((run_dir / "teacher.json").read_text())
-    assert desc["arch"] == "lenet5" and desc["num_classes"] == 10 and len(desc["sha256"]) == 64
+    assert desc["model"]["spec"] == "lenet5" and desc["data"]["num_classes"] == 10 and len(desc["sha256"]) == 64
+    assert desc["data"]["shape"] == [1, 32, 32] and desc["data"]["name"] == f"idx:{idx_dir}"
     assert 0.5 < desc["test_accuracy"] <= 1
-    assert not list(run_dir.rglob("*.tmp"))
+    student = json.loads((run_dir / "student.json").read_text())
+    assert student["model"]["spec"] == "lenet5-half" and 0 <= student["test_accuracy"] <= 1
+    assert not list(run_dir.rglob("*.tmp")) and not list(run_dir.rglob("*.state.pt"))
 
 
-def test_evaluate_and_inspect(run_dir, idx_dir):
-    r = dfkd("evaluate", run_dir / "student", "--teacher", run_dir / "teacher", "--data-dir", idx_dir, "--json")
+def test_evaluate_and_inspect(run_dir):
+    r = dfkd("evaluate", run_dir / "student", "--teacher", run_dir / "teacher", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout[r.stdout.index("{"):])
-    assert res["n"] == 500 and 0 <= res["agreement"] <= 1
+    assert res["n"] == 500 and 0 <= res["agreement"] <= 1 and len(res["per_class"]) == 10
     r = dfkd("inspect", run_dir / "teacher.stats.safetensors")
     assert r.returncode == 0, r.stderr
-    assert "spectral_pairs" in r.stdout and "larger" in r.stdout
+    assert "spectral-pairs" in r.stdout and "larger" in r.stdout and "per channel" in r.stdout
 
 
 def test_run_tiny_profile_writes_its_table(tmp_path, idx_dir):
-    r = dfkd("run", "--profile", "tiny", "--networks", "lenet5", "--objectives", "top-layer,spectral-all",
-             "--out", tmp_path, "--data-dir", idx_dir, "--quiet")
+    args = ["run", "--profile", "tiny", "--networks", "lenet5", "--objectives", "top-layer,spectral-all",
+            "--out", tmp_path, "--data", f"idx:{idx_dir}", "--quiet"]
+    r = dfkd(*args)
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "results.json").read_text())
     assert [row["objective"] for row in res["rows"]] == ["real-data", "real-kd", "top-layer", "spectral-all"]
@@ -72,19 +81,18 @@ def test_run_tiny_profile_writes_its_table(tmp_path, idx_dir):
         assert set(row) >= {"teacher_accuracy", "paper_accuracy", "seconds"}
     assert res["rows"][2]["paper_accuracy"] == pytest.approx(0.7730)
     assert "| lenet5 | lenet5-half | top-layer |" in (tmp_path / "results.md").read_text()
-    again = dfkd("run", "--profile", "tiny", "--networks", "lenet5", "--objectives", "top-layer,spectral-all",
-                 "--out", tmp_path, "--data-dir", idx_dir, "--quiet")
+    again = dfkd(*args)
     assert again.returncode == 0 and json.loads((tmp_path / "results.json").read_text())["rows"] == res["rows"]
 
 
 def test_run_overrides_share_teachers_and_skip_baselines(tmp_path, idx_dir):
     """What ``python -m benchmarks curve`` does per budget: one teacher, other recipes, no baselines."""
+    data = f"idx:{idx_dir}"
     first = dfkd("run", "--profile", "tiny", "--networks", "lenet5", "--objectives", "top-layer",
-                 "--out", tmp_path / "a", "--data-dir", idx_dir, "--quiet", "--no-baselines")
+                 "--out", tmp_path / "a", "--data", data, "--quiet", "--no-baselines")
     assert first.returncode == 0, first.stderr
     r = dfkd("run", "--profile", "tiny", "--networks", "lenet5", "--objectives", "top-layer", "--out", tmp_path / "b",
-             "--teachers", tmp_path / "a", "--images", "20", "--steps", "3", "--no-baselines", "--data-dir", idx_dir,
-             "--quiet")
+             "--teachers", tmp_path / "a", "--images", "20", "--steps", "3", "--no-baselines", "--data", data, "--quiet")
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
     assert [row["objective"] for row in rows] == ["top-layer"] and rows[0]["image_steps"] == 20 * 3
@@ -93,35 +101,92 @@ def test_run_overrides_share_teachers_and_skip_baselines(tmp_path, idx_dir):
     assert manifest["n"] == 20 and manifest["config"]["steps"] == 3
 
 
-def test_bad_inputs_are_one_line(run_dir, tmp_path, idx_dir):
+def readme_commands(section: str) -> list[list[str]]:
+    """The commands of the first bash block under a README heading, joined over backslashes."""
+    text = (ROOT / "README.md").read_text()
+    body = text[text.index(section):]
+    block = re.search(r"```bash\n(.*?)```", body, re.S).group(1)
+    lines, cmds = block.replace("\\\n", " ").splitlines(), []
+    for line in lines:
+        line = line.split("  #")[0].strip()
+        if line and not line.startswith("#"):
+            cmds.append(shlex.split(line))
+    return cmds
+
+
+# appended to the README's commands in CI (argparse keeps the last value): small sizes only
+SMALL = {"colour_digits.py": ["--train", "600", "--test", "200"], "train": ["--epochs", "1"],
+         "reconstruct": ["--n", "40", "--batch-size", "20", "--steps", "3"], "distill": ["--epochs", "1"]}
+
+
+def test_readme_own_model_section_runs_as_written(tmp_path):
+    """A user's own BN/residual teacher and GELU student on a colour image folder, from the README."""
+    cmds = readme_commands("## Your own model and data")
+    assert [c[1] if c[0] == "dfkd" else c[1].split("/")[-1] for c in cmds] == \
+        ["colour_digits.py", "train", "record", "reconstruct", "distill", "evaluate"]
+    out = ""
+    for cmd in cmds:
+        name = cmd[1] if cmd[0] == "dfkd" else cmd[1].split("/")[-1]
+        argv = [sys.executable] + (["-m", "dfkd"] + cmd[1:] if cmd[0] == "dfkd" else cmd[1:])
+        argv = [str(ROOT / a) if a.startswith("examples/") else a.replace("examples/", f"{ROOT}/examples/")
+                if "examples/" in a and ":" in a else a for a in argv]
+        r = subprocess.run(argv + SMALL.get(name, []) + (["--quiet"] if cmd[0] == "dfkd" else []), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=900,
+                           env=dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT)))
+        assert r.returncode == 0, (cmd, r.stderr)
+        out = r.stdout
+    assert "test accuracy" in out and "agreement" in out
+    desc = json.loads(next(tmp_path.rglob("teacher.json")).read_text())
+    assert desc["data"]["shape"] == [3, 32, 32] and len(desc["data"]["mean"]) == 3
+    assert desc["model"]["spec"].endswith("own_model.py:teacher")
+
+
+def test_bad_inputs_are_one_line(run_dir, tmp_path):
     one_line_error(dfkd("train", "--model", "resnet"), "--model", "hinton-1200")
     one_line_error(dfkd("train", "--epochs", "0"), "--epochs")
+    one_line_error(dfkd("train", "--model", str(tmp_path / "none.py") + ":make"), "no such file")
+    (tmp_path / "boom.py").write_text("raise RuntimeError('nope')\n")
+    one_line_error(dfkd("train", "--model", f"{tmp_path / 'boom.py'}:make"), "cannot import the model code",
+                   "RuntimeError")
+    one_line_error(dfkd("train", "--model", "lenet5", "--model-args", "{bad"), "--model-args", "not JSON")
+    one_line_error(dfkd("train", "--data", "imagenet:x"), "--data", "unknown data source")
+    one_line_error(dfkd("train", "--data", f"folder:{tmp_path / 'nowhere'}"), "not a directory")
     one_line_error(dfkd("evaluate", tmp_path / "nothing"), "nothing.json", "no such file")
-    broken = tmp_path / "broken"
     (tmp_path / "broken.json").write_text((run_dir / "teacher.json").read_text())
     (tmp_path / "broken.safetensors").write_bytes((run_dir / "teacher.safetensors").read_bytes()[:1000])
-    one_line_error(dfkd("evaluate", broken), "broken.safetensors", "truncated or corrupt")
+    one_line_error(dfkd("evaluate", tmp_path / "broken"), "broken.safetensors", "truncated or corrupt")
     (tmp_path / "bad.json").write_text("{not json")
     one_line_error(dfkd("evaluate", tmp_path / "bad"), "bad.json", "not valid JSON")
     stats = tmp_path / "t.stats.safetensors"
     stats.write_bytes((run_dir / "teacher.stats.safetensors").read_bytes()[:-50])
     one_line_error(dfkd("inspect", stats), "t.stats.safetensors")
-    one_line_error(dfkd("record", "--teacher", run_dir / "teacher", "--layers", "fc9", "--out", tmp_path / "x",
-                        "--data-dir", idx_dir), "--layers", "nearest")
+    one_line_error(dfkd("record", "--teacher", run_dir / "teacher", "--layers", "fc9", "--out", tmp_path / "x"),
+                   "--layers", "nearest")
+    one_line_error(dfkd("record", "--teacher", run_dir / "teacher", "--kinds", "top_layer", "--out", tmp_path / "x"),
+                   "--kinds", "top-layer")
     assert not (tmp_path / "x").exists()
     one_line_error(dfkd("reconstruct", "--teacher", run_dir / "teacher", "--objective", "magic"), "--objective")
+    one_line_error(dfkd("reconstruct", "--teacher", run_dir / "teacher", "--objective", "bn-stats",
+                        "--out", tmp_path / "bn"), "--objective", "BatchNorm")
+    # a saved model made from user code is not imported unless the user names that code
+    desc = json.loads((run_dir / "teacher.json").read_text())
+    desc["model"]["spec"] = f"{tmp_path / 'boom.py'}:make"
+    (tmp_path / "evil.json").write_text(json.dumps(desc))
+    (tmp_path / "evil.safetensors").write_bytes((run_dir / "teacher.safetensors").read_bytes())
+    one_line_error(dfkd("evaluate", tmp_path / "evil"), "evil.json", "--code")
     # a stats file recorded on another teacher
     r = dfkd("train", "--model", "lenet5", "--out", tmp_path, "--name", "other", "--epochs", "1",
-             "--data-dir", idx_dir, "--quiet")
-    assert r.returncode == 0
+             "--data", json.loads((run_dir / "teacher.json").read_text())["data"]["name"], "--quiet")
+    assert r.returncode == 0, r.stderr
     one_line_error(dfkd("reconstruct", "--teacher", tmp_path / "other", "--stats", run_dir / "teacher.stats.safetensors",
                         "--out", tmp_path / "syn"), "another teacher")
     # a stats file lacking the kind: the message names the record command
-    r = dfkd("record", "--teacher", tmp_path / "other", "--kinds", "top_layer", "--data-dir", idx_dir, "--quiet")
-    assert r.returncode == 0
+    r = dfkd("record", "--teacher", tmp_path / "other", "--kinds", "top-layer", "--quiet")
+    assert r.returncode == 0, r.stderr
     one_line_error(dfkd("reconstruct", "--teacher", tmp_path / "other", "--objective", "spectral-pairs",
-                        "--out", tmp_path / "syn2"), "dfkd record --teacher", "--kinds spectral_pairs")
+                        "--out", tmp_path / "syn2"), "dfkd record --teacher", "--kinds spectral-pairs")
     # a synthetic set that does not fit the student
     one_line_error(dfkd("distill", "--synthetic", run_dir / "synthetic" / "spectral-pairs", "--student",
-                        "hinton-800", "--out", tmp_path / "s", "--data-dir", idx_dir), "do not fit the student")
+                        f"{ROOT / 'examples' / 'own_model.py'}:student", "--student-args", '{"in_channels": 3}',
+                        "--out", tmp_path / "s"), "--synthetic", "do not fit the student")
     assert not list(tmp_path.rglob("*.tmp"))

@@ -1,3 +1,4 @@
+"""Data sources (bundled MNIST, IDX, image folders, npz arrays), normalisation and streaming."""
 import gzip
 import os
 import pickle
@@ -6,32 +7,34 @@ import numpy as np
 import pytest
 import torch
 
-from dfkd.data import _from_hub_pickle, load_mnist, read_idx, restricted_unpickle, to_input
+from dfkd.data import DataInfo, as_batches, channel_moments, fit_shape, open_data
 from dfkd.errors import DfkdError
+from dfkd.sources import from_hub_pickle, hub_pickle_bytes, mnist_arrays, read_idx, restricted_unpickle
 from tests.conftest import write_idx
 
 
 def test_mnist_shapes_labels_and_checksums(mnist):
-    assert mnist.train_x.shape == (60000, 28, 28) and mnist.train_x.dtype == torch.uint8
-    assert mnist.test_x.shape == (10000, 28, 28)
+    a = mnist_arrays()
+    assert a["train_x"].shape == (60000, 28, 28) and a["train_x"].dtype == np.uint8
+    assert a["test_x"].shape == (10000, 28, 28)
     # the official MNIST label counts
-    assert mnist.train_y.bincount().tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
-    assert mnist.test_y.bincount().tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-    assert mnist.train_y[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
-    assert int(mnist.train_x.max()) == 255 and int(mnist.train_x.min()) == 0
+    assert np.bincount(a["train_y"]).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert np.bincount(a["test_y"]).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert a["train_y"][:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
     # pixel checksums (golden; MNIST's mean intensity 0.1307 is the published figure)
-    assert int(mnist.test_x.long().sum()) == 264_923_200
-    assert int(mnist.train_x.long().sum()) == 1_567_298_545
-    assert abs(mnist.train_x.double().mean().item() / 255 - 0.1307) < 5e-4
+    assert int(a["test_x"].astype(np.int64).sum()) == 264_923_200
+    assert int(a["train_x"].astype(np.int64).sum()) == 1_567_298_545
+    assert mnist.info.shape == (1, 28, 28) and mnist.info.num_classes == 10 and len(mnist.train) == 60000
+    x, y = next(as_batches(mnist.train, 60000))
+    assert abs(x.double().mean().item() - 0.1307) < 5e-4 and torch.equal(y, torch.from_numpy(a["train_y"]))
 
 
-def test_pixels_equal_the_pickle_values(mnist):
-    from dfkd.data import _hub_pickle
-    raw = gzip.decompress(_hub_pickle().read_bytes())
-    (trx, _), _, (tex, _) = restricted_unpickle(raw)
-    assert np.array_equal(mnist.train_x[:50000].numpy().reshape(50000, -1).astype(np.float64) / 256,
-                          trx.astype(np.float64))
-    assert np.array_equal(mnist.test_x.numpy().reshape(10000, -1) / 256.0, tex.astype(np.float64))
+def test_pixels_equal_the_pickle_values():
+    raw, _ = hub_pickle_bytes()
+    (trx, _), _, (tex, _) = restricted_unpickle(gzip.decompress(raw))
+    a = mnist_arrays()
+    assert np.array_equal(a["train_x"][:50000].reshape(50000, -1).astype(np.float64) / 256, trx.astype(np.float64))
+    assert np.array_equal(a["test_x"].reshape(10000, -1) / 256.0, tex.astype(np.float64))
 
 
 class _Evil:
@@ -44,18 +47,16 @@ def test_restricted_unpickler_refuses_code():
         restricted_unpickle(pickle.dumps(_Evil()))
     arr = np.arange(6, dtype=np.float32).reshape(2, 3)
     assert np.array_equal(restricted_unpickle(pickle.dumps(arr, protocol=4)), arr)
-
-
-def test_tampered_hub_pickle_is_refused(tmp_path):
-    p = tmp_path / "mnist.pkl.gz"
-    p.write_bytes(gzip.compress(pickle.dumps(_Evil(), protocol=2)))
     with pytest.raises(DfkdError, match="refused global posix.system|refused global os.system|refused global nt"):
-        _from_hub_pickle(p)
+        from_hub_pickle(gzip.compress(pickle.dumps(_Evil(), protocol=2)), "evil.pkl.gz")
 
 
-def test_idx_directory_reads_real_images(idx_dir, mnist):
-    d = load_mnist(idx_dir)
-    assert torch.equal(d.train_x, mnist.train_x[:2000]) and torch.equal(d.test_y, mnist.test_y[:500])
+def test_idx_source_reads_real_images(idx_dir):
+    d = open_data(f"idx:{idx_dir}")
+    a = mnist_arrays()
+    x, y = next(as_batches(d.train, 2000))
+    assert torch.equal(x[:, 0], torch.from_numpy(a["train_x"][:2000]).float() / 255)
+    assert len(d.test) == 500 and d.info.name == f"idx:{idx_dir}"
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -73,21 +74,81 @@ def test_idx_reader_refuses_broken_files(tmp_path, damage, message):
         read_idx(bad)
 
 
-def test_idx_count_mismatch_and_missing(tmp_path, idx_dir):
-    for f in idx_dir.iterdir():
-        (tmp_path / f.name).write_bytes(f.read_bytes())
-    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(499))
-    with pytest.raises(DfkdError, match="500 images but 499 labels"):
-        load_mnist(tmp_path)
-    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
-    with pytest.raises(DfkdError, match="no t10k-labels"):
-        load_mnist(tmp_path)
-
-
-def test_to_input_pads_for_lenet(mnist):
-    x = to_input(mnist.test_x[:4], (1, 32, 32))
-    assert x.shape == (4, 1, 32, 32)
-    assert torch.equal(x[:, 0, 2:30, 2:30], mnist.test_x[:4].float() / 255)
-    assert x[:, :, :2].abs().sum() == 0
+def test_fit_shape_pads_for_lenet():
+    raw = torch.rand(4, 28, 28)
+    x = fit_shape(raw, (1, 32, 32))
+    assert x.shape == (4, 1, 32, 32) and torch.equal(x[:, 0, 2:30, 2:30], raw) and x[:, :, :2].abs().sum() == 0
     with pytest.raises(DfkdError, match="do not fit"):
-        to_input(mnist.test_x[:4], (1, 27, 27))
+        fit_shape(raw, (1, 27, 27))
+
+
+def test_folder_source_reads_colour_images_as_pillow_does(colour_dir):
+    from PIL import Image
+    d = open_data(f"folder:{colour_dir}")
+    assert d.info.shape == (3, 32, 32) and d.info.class_names == tuple(str(i) for i in range(10))
+    assert len(d.train) == 2000 and len(d.test) == 500
+    x, y = next(as_batches(d.train, 5, torch.tensor([0, 1, 2, 1999, 1000])))
+    f = d.train.images.files[1999]
+    oracle = torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1).float() / 255
+    assert torch.equal(x[3], oracle) and int(y[3]) == int(f.parent.name)
+    labels = d.train.labels
+    assert labels.bincount().tolist() == np.bincount(mnist_arrays()["train_y"][:2000]).tolist()
+
+
+def test_normalisation_auto_is_the_channel_moments(colour_dir):
+    d = open_data(f"folder:{colour_dir}", normalize="auto")
+    raw = torch.cat([b[0] for b in as_batches(open_data(f"folder:{colour_dir}").train, 500)]).double()
+    mean, std = raw.mean((0, 2, 3)), raw.std((0, 2, 3), unbiased=False)
+    assert torch.allclose(torch.tensor(d.info.mean, dtype=torch.float64), mean, atol=1e-6)
+    assert torch.allclose(torch.tensor(d.info.std, dtype=torch.float64), std, atol=1e-6)
+    x, _ = next(as_batches(d.train, 2000))
+    assert torch.allclose(x.double().mean((0, 2, 3)), torch.zeros(3, dtype=torch.float64), atol=1e-5)
+    info = d.info
+    assert torch.allclose(info.to_raw(info.to_model(raw[:4].float())), raw[:4].float(), atol=1e-6)
+    clamped = info.clamp(torch.full((2, 3, 32, 32), 100.0))
+    assert torch.allclose(info.to_raw(clamped), torch.ones(2, 3, 32, 32), atol=1e-5)
+    with pytest.raises(DfkdError, match="normalize"):
+        open_data(f"folder:{colour_dir}", normalize="0.5,0.5/0.2,0.2")
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_npz_source_matches_its_arrays(tmp_path, compress):
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (300, 12, 12, 3), dtype=np.uint8), rng.integers(0, 4, 300)
+    xt, yt = rng.integers(0, 256, (50, 12, 12, 3), dtype=np.uint8), rng.integers(0, 4, 50)
+    path = tmp_path / "d.npz"
+    (np.savez_compressed if compress else np.savez)(path, x=x, y=y, x_test=xt, y_test=yt)
+    d = open_data(f"npz:{path}")
+    assert d.info.shape == (3, 12, 12) and d.info.num_classes == 4
+    idx = torch.tensor([5, 299, 0])
+    xb, yb = next(as_batches(d.train, 3, idx))
+    assert torch.equal(xb, torch.from_numpy(x[idx.numpy()]).permute(0, 3, 1, 2).float() / 255)
+    assert torch.equal(yb, torch.from_numpy(y[idx.numpy()]))
+    assert len(d.test) == 50
+    f = tmp_path / "f.npz"
+    np.savez(f, x=rng.normal(size=(40, 7)).astype(np.float32), y=np.arange(40) % 2)
+    v = open_data(f"npz:{f}")
+    assert v.info.shape == (7,) and v.test is None and v.info.low < 0 < v.info.high
+    with pytest.raises(DfkdError, match="needs arrays x and y"):
+        np.savez(tmp_path / "g.npz", images=x)
+        open_data(f"npz:{tmp_path / 'g.npz'}")
+
+
+def test_any_dataset_or_dataloader_streams(mnist):
+    from torch.utils.data import DataLoader, TensorDataset
+    x, y = torch.rand(10, 1, 4, 4), torch.arange(10) % 3
+    for data in (TensorDataset(x, y), DataLoader(TensorDataset(x, y), batch_size=4), (x, y)):
+        got = list(as_batches(data, 4))
+        assert [len(b[1]) for b in got] == [4, 4, 2]
+        assert torch.equal(torch.cat([b[0] for b in got]), x)
+    mean, std = channel_moments((x, y))
+    assert abs(mean[0] - x.double().mean().item()) < 1e-9 and abs(std[0] - x.double().std(unbiased=False).item()) < 1e-9
+
+
+def test_data_info_round_trip_and_checks():
+    info = DataInfo((3, 8, 8), 5, mean=(0.1, 0.2, 0.3), std=(1.0, 2.0, 3.0), class_names=tuple("abcde"))
+    assert DataInfo.from_dict(info.as_dict(), "x") == info
+    with pytest.raises(DfkdError, match="std must be > 0"):
+        DataInfo.from_dict(dict(info.as_dict(), std=[0, 1, 1]), "x")
+    with pytest.raises(DfkdError, match="bad data description"):
+        DataInfo.from_dict({"shape": "nope"}, "x")

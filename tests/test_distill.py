@@ -1,10 +1,14 @@
-"""Distillation: the KD loss against its formula; a student from synthetic data beats noise."""
+"""Distillation: the KD loss against its formula; a student from synthetic data beats noise;
+augmentation in the raw range; the synthetic set streamed from its shards."""
+from dataclasses import replace
+
 import torch
 
 from dfkd.config import DistillConfig, ReconstructConfig
-from dfkd.distill import augment, distill_model, kd_loss
+from dfkd.distillation import augment, distill, kd_loss
 from dfkd.models import build_model
-from dfkd.reconstruct import load_synthetic, reconstruct
+from dfkd.reconstruction import reconstruct
+from dfkd.synthetic import SyntheticSet
 
 
 def test_kd_loss_matches_formula():
@@ -18,28 +22,57 @@ def test_kd_loss_matches_formula():
     assert kd_loss(t, t, T).abs().item() < 1e-6
 
 
-def _student(x, logits, teacher, test, epochs=30):
+def _student(synth, teacher, small, epochs=30):
     torch.manual_seed(0)
-    st = build_model("lenet5-half")
-    hist = distill_model(st, x, logits, DistillConfig(epochs=epochs, progress=False), test, teacher=teacher)
+    st, _ = build_model("lenet5-half", small.info)
+    hist = distill(st, synth, teacher, DistillConfig(epochs=epochs, eval_every=epochs, progress=False), small.test)
     return hist[-1]["test_accuracy"]
 
 
 def test_synthetic_student_beats_noise_baseline(teacher, meta, small, tmp_path):
     cfg = ReconstructConfig(objective="all-layers", n=500, batch_size=250, steps=100, progress=False)
     reconstruct(teacher, meta, tmp_path / "al", cfg)
-    reconstruct(teacher, None, tmp_path / "nz", ReconstructConfig(objective="noise", n=500, batch_size=250,
-                                                                  progress=False))
-    acc = _student(*load_synthetic(tmp_path / "al")[::2], teacher, small)
-    noise = _student(*load_synthetic(tmp_path / "nz")[::2], teacher, small)
+    reconstruct(teacher, None, tmp_path / "nz", replace(cfg, objective="noise"), small.info)
+    acc = _student(SyntheticSet(tmp_path / "al").open(), teacher, small)
+    noise = _student(SyntheticSet(tmp_path / "nz").open(), teacher, small)
     print(f"all-layers student {acc:.3f}, noise student {noise:.3f}")
     assert acc > noise + 0.30
     assert acc > 0.6
 
 
+def test_streamed_shards_equal_the_set_in_memory(teacher, meta, small, tmp_path):
+    """An epoch over the shards sees every input once, and a student distilled from the stream
+    equals one distilled from the same set's tensors in memory in the same order."""
+    reconstruct(teacher, meta, tmp_path / "s", ReconstructConfig(objective="top-layer", n=60, batch_size=20, steps=3,
+                                                                 progress=False))
+    synth = SyntheticSet(tmp_path / "s").open()
+    stream = synth.dataset()
+    order = stream.epoch_order(torch.Generator().manual_seed(0))
+    assert sorted(order.tolist()) == list(range(60))
+    x, _, logits = synth.load()
+    xb, lb = stream.batch(order[:25])
+    assert torch.equal(xb, x[order[:25]]) and torch.equal(lb, logits[order[:25]])
+
+    class InMemory(torch.utils.data.Dataset):
+        def __len__(self):
+            return 60
+
+        def epoch_order(self, g):
+            return stream.epoch_order(g)
+
+        def batch(self, idx):
+            return x[idx], logits[idx]
+
+    cfg = DistillConfig(epochs=2, batch_size=16, augment="none", progress=False)
+    a, b = build_model("lenet5-half", small.info)[0], build_model("lenet5-half", small.info)[0]
+    b.load_state_dict(a.state_dict())
+    distill(a, synth, None, cfg)
+    distill(b, InMemory(), None, cfg)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def test_affine_augment_is_seeded_per_sample_and_keeps_digits(teacher, small):
-    x = small.test_x[:200].float().div(255)
-    x = torch.nn.functional.pad(x, (2, 2, 2, 2)).unsqueeze(1)
+    x = small.test[0][:200]
     a1 = augment(x, "affine", torch.Generator().manual_seed(3))
     a2 = augment(x, "affine", torch.Generator().manual_seed(3))
     assert torch.equal(a1, a2) and a1.shape == x.shape
@@ -48,6 +81,27 @@ def test_affine_augment_is_seeded_per_sample_and_keeps_digits(teacher, small):
     moved = (a1 - x).abs().flatten(1).sum(1)
     assert (moved > 0).float().mean() > 0.95  # every sample gets its own transform
     with torch.no_grad():  # small rotations and shifts keep the digit: the teacher still reads it
-        acc = (teacher(a1).argmax(1) == small.test_y[:200]).float().mean().item()
-        base = (teacher(x).argmax(1) == small.test_y[:200]).float().mean().item()
+        acc = (teacher(a1).argmax(1) == small.test[1][:200]).float().mean().item()
+        base = (teacher(x).argmax(1) == small.test[1][:200]).float().mean().item()
     assert acc > 0.8 and base > 0.9, (acc, base)  # (this small teacher never saw an augmented digit)
+
+
+def test_augmentation_fills_with_black_in_any_normalisation(small):
+    """Views are made in the raw range: with mean/std normalisation the border the teacher sees
+    after a shift is the model-space value of raw 0 (-2 here), not 0."""
+    info = replace(small.info, mean=(0.5,), std=(0.25,))
+    x = info.to_model(torch.ones(8, 1, 32, 32))  # all-white images: 2.0 in the model's space
+    seen = []
+
+    class Teacher(torch.nn.Module):
+        def forward(self, v):
+            seen.append(v)
+            return torch.zeros(len(v), 10)
+
+    st, _ = build_model("lenet5-half", small.info)
+    distill(st, (x, torch.zeros(8, 10)), Teacher(), DistillConfig(epochs=3, batch_size=8, augment="affine",
+                                                                  progress=False), info=info)
+    views = torch.cat(seen)
+    assert views.min() >= -2 - 1e-5 and views.max() <= 2 + 1e-5
+    assert ((views + 2).abs() < 1e-5).any() and ((views - 2).abs() < 1e-5).any()
+    assert not ((views.abs() < 1e-6).float().mean() > 0.01)  # no zero (raw 0.5) fill

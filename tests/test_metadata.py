@@ -7,7 +7,7 @@ import torch
 
 from dfkd.checkpoint import weights_sha256
 from dfkd.errors import DfkdError
-from dfkd.metadata import KINDS, load, save, summary
+from dfkd.metadata import KINDS, contract, load, save, summary
 
 
 @pytest.fixture
@@ -29,23 +29,33 @@ def _rewrite_header(path, fn):
 
 def test_round_trip_is_bit_exact(meta, saved, teacher):
     back = load(saved, weights_sha256(teacher.state_dict()))
-    assert set(back.tensors) == set(meta.tensors)
+    assert set(back.tensors) == set(meta.tensors) == set(contract(back.header))
     for k, v in meta.tensors.items():
         assert torch.equal(back.tensors[k], v), k
     assert back.kinds == list(KINDS) and back.num_classes == 10
     h = back.header
     assert h["recorded_on"]["n_samples"] == 6000 and sum(h["recorded_on"]["per_class"]) == 6000
-    assert h["input_shape"] == [1, 32, 32] and [l["path"] for l in h["layers"]] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
-    # LeNet-5's first conv layer (4,704 units) is stored diagonal by default, the small fc layers full
-    assert back.tensors["all_layers/conv1/std"].shape == (10, 4704)
-    assert back.tensors["all_layers/fc1/chol"].shape == (10, 120, 120)
+    assert back.data.shape == (1, 32, 32) and [l["path"] for l in h["layers"]] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
+    # LeNet-5's first conv layer per unit (4,704) is stored diagonal by default, the small fc layers full
+    assert back.get("all-layers", "std", "conv1").shape == (10, 4704)
+    assert back.get("all-layers", "chol", "fc1").shape == (10, 120, 120)
+    assert set(back.gaussian("all-layers", "fc1")) == {"mean", "chol"}
+
+
+def test_every_kind_alone_stores_exactly_its_contract(teacher, small):
+    from dfkd.config import RecordConfig
+    from dfkd.recording import record
+    for kind in KINDS:
+        m = record(teacher, (small.train[0][:1000], small.train[1][:1000]), RecordConfig(kinds=(kind,), progress=False))
+        assert {k: tuple(v.shape) for k, v in m.tensors.items()} == contract(m.header)
+        assert all(k == "count" or k.startswith(kind + "/") for k in m.tensors)
 
 
 def test_sizes_add_up(meta, saved):
     s = summary(meta)
     assert s["total_bytes"] == sum(t.numel() * t.element_size() for t in meta.tensors.values())
     assert s["total_bytes"] < saved.stat().st_size < s["total_bytes"] + 20000
-    assert s["train_bytes"] == 6000 * 784
+    assert s["train_bytes"] == 6000 * 32 * 32
 
 
 def test_truncated_file_is_refused(saved):
@@ -69,7 +79,7 @@ def test_wrong_version_is_refused(saved):
 
 
 def test_header_that_disagrees_with_tensors_is_refused(saved):
-    _rewrite_header(saved, lambda h: h["layers"][0].update(units=4703))
+    _rewrite_header(saved, lambda h: h["layers"][0].update(dim=4703))
     with pytest.raises(DfkdError, match="shape"):
         load(saved)
 
@@ -88,7 +98,8 @@ def test_other_teacher_is_refused_unless_allowed(saved):
 
 
 def test_missing_kind_names_the_record_command(teacher, small, tmp_path):
-    from dfkd.record import record
-    m = record(teacher, small, kinds=["top_layer"], progress=False)
-    with pytest.raises(DfkdError, match="dfkd record --teacher T --kinds spectral_pairs"):
-        m.require("spectral_pairs", "T")
+    from dfkd.config import RecordConfig
+    from dfkd.recording import record
+    m = record(teacher, small.train, RecordConfig(kinds=("top-layer",), progress=False))
+    with pytest.raises(DfkdError, match="dfkd record --teacher T --kinds spectral-pairs"):
+        m.require("spectral-pairs", "T")

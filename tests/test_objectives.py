@@ -1,30 +1,37 @@
-"""Each objective: small at real data of the target class, large on noise; gradients reach only the inputs."""
+"""Each objective: small at real data of the target class, large on noise; its input gradient
+against autograd on an untouched copy of the teacher; bn-stats and per-channel matching against
+independent float64 computations."""
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from dfkd.config import ReconstructConfig
-from dfkd.data import to_input
+from dfkd.config import ReconstructConfig, RecordConfig
+from dfkd.errors import DfkdError
 from dfkd.objectives import OBJECTIVES, AllLayersDropout, make_objective
-from dfkd.reconstruct import optimise_batch
-from dfkd.taps import tap
+from dfkd.reconstruction import optimise_batch
+from dfkd.recording import record
+from dfkd.taps import input_key, tap
+from tests.conftest import ROOT
 
 STAT_OBJECTIVES = [n for n, c in OBJECTIVES.items() if c.kind is not None]
+CFG = ReconstructConfig(progress=False)
 
 
 def _loss(obj, teacher, x, labels, seed=0):
     g = torch.Generator().manual_seed(seed)
     tg = obj.targets(labels, g)
-    with torch.no_grad(), tap(teacher, obj.layers()) as acts:
+    with torch.no_grad(), tap(teacher, obj.layers(), inputs=obj.inputs()) as acts:
         logits = teacher(x)
-        return obj.loss(logits, acts, tg).mean().item()
+        return obj.loss(logits, acts, tg, labels).item() / len(labels)
 
 
 @pytest.mark.parametrize("whiten", [True, False])
 @pytest.mark.parametrize("name", STAT_OBJECTIVES)
 def test_loss_small_on_real_data_large_on_noise(name, whiten, teacher, meta, small):
-    obj = make_objective(name, meta, teacher, whiten=whiten)
-    x = to_input(small.test_x[:400], (1, 32, 32))
-    labels = small.test_y[:400]
+    obj = make_objective(name, meta, teacher, ReconstructConfig(whiten=whiten))
+    x, labels = small.test[0][:400], small.test[1][:400]
     real = _loss(obj, teacher, x, labels)
     noise = _loss(obj, teacher, 0.15 + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1)), labels)
     shuffled = _loss(obj, teacher, x, labels.roll(1))  # real images, wrong classes' targets
@@ -33,25 +40,34 @@ def test_loss_small_on_real_data_large_on_noise(name, whiten, teacher, meta, sma
 
 
 @pytest.mark.parametrize("name", STAT_OBJECTIVES)
-def test_gradients_reach_only_the_inputs(name, teacher, meta):
-    obj = make_objective(name, meta, teacher)
-    before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    cfg = ReconstructConfig(objective=name, steps=6, batch_size=20, progress=False)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-        p.grad = None
+def test_first_step_follows_the_input_gradient_and_leaves_the_teacher(name, teacher, meta, small):
+    """Adam's first step is ``lr * g / (|g| + eps)``: the gradient ``g`` from autograd on an
+    independent, trainable copy of the teacher predicts the step optimise_batch takes."""
+    frozen = copy.deepcopy(teacher).requires_grad_(False)
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    cfg = ReconstructConfig(objective=name, steps=1, clamp=False, progress=False)
+    obj = make_objective(name, meta, frozen, cfg)
     labels = torch.arange(20) % 10
-    x, losses = optimise_batch(teacher, obj, labels, cfg, torch.Generator().manual_seed(0))
-    assert x.shape == (20, 1, 32, 32) and not x.requires_grad
-    assert losses[-1] < losses[0]
-    for k, v in teacher.state_dict().items():
+    x1, _ = optimise_batch(frozen, obj, labels, cfg, torch.Generator().manual_seed(0), small.info)
+    g = torch.Generator().manual_seed(0)
+    x0 = cfg.init_mean + cfg.init_std * torch.randn((20, *small.info.shape), generator=g)
+    tg = obj.targets(labels, g)
+    masks = obj.masks(small.info.shape, 20, g) if isinstance(obj, AllLayersDropout) else {}
+    live = copy.deepcopy(teacher).requires_grad_(True)
+    alter = (lambda p, o: o * masks[p] if p in masks else o) if masks else None
+    x = x0.clone().requires_grad_(True)
+    with tap(live, obj.layers(), alter=alter) as acts:
+        loss = obj.loss(live(x * masks["input"] if masks else x), acts, tg, labels)
+    grad, = torch.autograd.grad(loss, x)
+    expected = x0 - cfg.lr * grad / (grad.abs() + 1e-8)
+    assert torch.allclose(x1, expected, atol=1e-4), (x1 - expected).abs().max()
+    assert not torch.allclose(x1, x0)
+    for k, v in frozen.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert all(p.grad is None for p in teacher.parameters())
 
 
 def test_dropout_masks_are_fixed_and_at_the_stated_rates(teacher, meta):
     obj = make_objective("all-layers-dropout", meta, teacher)
-    assert isinstance(obj, AllLayersDropout)
     m1 = obj.masks((1, 32, 32), 500, torch.Generator().manual_seed(0))
     m2 = obj.masks((1, 32, 32), 500, torch.Generator().manual_seed(0))
     assert all(torch.equal(m1[k], m2[k]) for k in m1)
@@ -61,28 +77,28 @@ def test_dropout_masks_are_fixed_and_at_the_stated_rates(teacher, meta):
 
 
 def test_unknown_objective_and_missing_kind(teacher, small):
-    from dfkd.errors import DfkdError
-    from dfkd.record import record
     with pytest.raises(DfkdError, match="choose one of top-layer"):
         make_objective("deepinversion", None, teacher)
-    m = record(teacher, small, kinds=["top_layer"], progress=False)
-    with pytest.raises(DfkdError, match="dfkd record --teacher .* --kinds spectral_all"):
+    m = record(teacher, small.train, RecordConfig(kinds=("top-layer",), progress=False))
+    with pytest.raises(DfkdError, match="dfkd record --teacher .* --kinds spectral-all"):
         make_objective("spectral-all", m, teacher)
+    with pytest.raises(DfkdError, match="bn-stats needs BatchNorm layers"):
+        make_objective("bn-stats", None, teacher)
 
 
 @pytest.mark.parametrize("name", ["all-layers", "spectral-pairs"])
 def test_whitened_loss_is_the_standardised_distance(name, teacher, meta, small):
     """Against an independent float64 computation from the file's tensors."""
-    obj = make_objective(name, meta, teacher, whiten=True)
-    x, labels = to_input(small.test_x[:50], (1, 32, 32)), small.test_y[:50]
+    obj = make_objective(name, meta, teacher)
+    x, labels = small.test[0][:50], small.test[1][:50]
     tg = obj.targets(labels, torch.Generator().manual_seed(0))
     with torch.no_grad(), tap(teacher, obj.layers()) as acts:
-        got = obj.loss(teacher(x), acts, tg).double()
+        got = obj.loss(teacher(x), acts, tg, labels).double()
     t = {k: v.double() for k, v in meta.tensors.items()}
     oracle = torch.zeros(50, dtype=torch.float64)
     if name == "all-layers":
         for i in obj.infos:
-            pre = f"all_layers/{i.path}/"
+            pre = f"all-layers/{i.path}/"
             std = t[pre + "std"] if pre + "std" in t else \
                 torch.stack([c.matmul(c.T).diagonal() for c in t[pre + "chol"]]).sqrt()
             sd = std.mean(0)
@@ -90,13 +106,73 @@ def test_whitened_loss_is_the_standardised_distance(name, teacher, meta, small):
             oracle += (z ** 2).mean(1)
     else:
         for g in meta.header["spectral"]["pairs"]:
-            pre = "spectral_pairs/" + g["name"]
+            pre = "spectral-pairs/" + g["name"]
             s = torch.cat([acts[p].double().flatten(2).mean(2) if acts[p].dim() == 4 else acts[p].double()
                            for p in g["layers"]], 1)
             sd = t[pre + "/std"].mean(0)
             z = (s @ t[pre + "/basis"] - tg[pre].double()) / (sd + 1e-3 * sd.mean())
             oracle += (z ** 2).mean(1)
-    assert torch.allclose(got, oracle, rtol=1e-4), (got[:3], oracle[:3])
-    plain = make_objective(name, meta, teacher, whiten=False)
+    assert torch.allclose(got, oracle.sum(), rtol=1e-4), (got, oracle.sum())
+    plain = make_objective(name, meta, teacher, ReconstructConfig(whiten=False))
     with torch.no_grad(), tap(teacher, plain.layers()) as acts:
-        assert not torch.allclose(plain.loss(teacher(x), acts, tg).double(), oracle, rtol=1e-2)
+        assert not torch.allclose(plain.loss(teacher(x), acts, tg, labels).double(), oracle.sum(), rtol=1e-2)
+
+
+def test_per_channel_loss_matches_the_class_moments(teacher, small):
+    """A conv layer recorded per channel: the loss compares each class's pooled channel mean and
+    covariance in the batch with the stored ones (float64 oracle, loop over classes)."""
+    m = record(teacher, small.train, RecordConfig(kinds=("all-layers",), layers=("conv2",), progress=False))
+    obj = make_objective("all-layers", m, teacher, ReconstructConfig(whiten=False))
+    x, labels = small.test[0][:60], small.test[1][:60]
+    with torch.no_grad(), tap(teacher, ["conv2"]) as acts:
+        got = obj.loss(teacher(x), acts, {}, labels).double()
+    a = acts["conv2"].double()
+    oracle = 0.0
+    for c in labels.unique():
+        rows = a[labels == c].permute(0, 2, 3, 1).reshape(-1, 16)
+        chol = m.get("all-layers", "chol", "conv2")[c].double()
+        dm = (rows.mean(0) - m.get("all-layers", "mean", "conv2")[c].double()).pow(2).mean()
+        dc = (torch.cov(rows.T, correction=0) - chol @ chol.T).pow(2).mean()
+        oracle += (labels == c).sum().item() * (dm + dc)
+    assert torch.allclose(got, torch.as_tensor(oracle), rtol=1e-3), (got, oracle)
+    # at the training data itself the loss is far smaller than on noise
+    noise = torch.rand(60, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), tap(teacher, ["conv2"]) as acts:
+        assert obj.loss(teacher(noise), acts, {}, labels) > 5 * got
+
+
+def test_bn_stats_is_deepinversion_loss(small):
+    """The feature-distribution loss against an independent float64 computation, and the
+    combination with a metadata objective is the sum of its parts."""
+    from dfkd.models import build_model
+    torch.manual_seed(0)
+    net, info = build_model(str(ROOT / "examples" / "own_model.py") + ":teacher", small.info, width=4)
+    net.train()
+    with torch.no_grad():
+        net(small.train[0][:500])  # running statistics from real data
+    net.eval()
+    cfg = ReconstructConfig(bn_weight=0.5)
+    obj = make_objective("bn-stats", None, net, cfg)
+    x, labels = torch.rand(16, 1, 32, 32), torch.arange(16) % 10
+    with torch.no_grad(), tap(net, [], inputs=obj.inputs()) as acts:
+        logits = net(x)
+        got = obj.loss(logits, acts, {}, labels).double()
+    oracle = 0.0
+    for p, m in net.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            z = acts[input_key(p)].double()
+            oracle += (z.mean((0, 2, 3)) - m.running_mean.double()).norm() + \
+                (z.var((0, 2, 3), unbiased=False) - m.running_var.double()).norm()
+    oracle = 16 * 0.5 * oracle + F.cross_entropy(logits.double(), labels, reduction="sum")
+    assert len(obj.inputs()) == 6 and torch.allclose(got, oracle, rtol=1e-4)
+    meta = record(net, (small.train[0][:1000], small.train[1][:1000]), RecordConfig(kinds=("all-layers",),
+                                                                                     progress=False), info)
+    both = make_objective("all-layers+bn-stats", meta, net, cfg)
+    al = make_objective("all-layers", meta, net, cfg)
+    tg = both.targets(labels, torch.Generator().manual_seed(0))
+    with torch.no_grad(), tap(net, both.layers(), inputs=both.inputs()) as acts:
+        logits = net(x)
+        total = both.loss(logits, acts, tg, labels)
+        parts = al.loss(logits, acts, al.targets(labels, torch.Generator().manual_seed(0)), labels) + \
+            obj.loss(logits, acts, {}, labels)
+    assert torch.allclose(total, parts, rtol=1e-5)

@@ -1,10 +1,17 @@
-"""Recording on models a user would bring, and bad input refused."""
+"""Recording on models a user would bring, per-channel conv statistics against an oracle,
+streaming a large data set in bounded memory, and bad input refused."""
+import resource
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
+from dfkd.config import RecordConfig
 from dfkd.errors import DfkdError
-from dfkd.record import record
+from dfkd.recording import record
+from tests.conftest import ROOT
 
 
 class Residual(nn.Module):
@@ -25,7 +32,6 @@ class UserNet(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
         self.block = Residual(8)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 10))
-        self.input_shape = (1, 28, 28)
 
     def forward(self, x):
         return self.head(self.block(self.stem(x)))
@@ -33,64 +39,108 @@ class UserNet(nn.Module):
 
 @pytest.fixture(scope="module")
 def user_data(small):
-    return small.train_x[:1500], small.train_y[:1500]
+    return small.train[0][:1500, :, 2:30, 2:30].contiguous(), small.train[1][:1500]
 
 
 def test_records_all_kinds_on_a_user_cnn(user_data):
-    from dfkd.data import to_input
     torch.manual_seed(0)
     net = UserNet().eval()
-    x, y = to_input(user_data[0], (1, 28, 28)), user_data[1]
-    m = record(net, (x, y), progress=False)
-    paths = [l["path"] for l in m.header["layers"]]
-    assert paths == ["stem.0", "block.conv", "head.2", "head.4"]
-    nodes = [l["nodes"] for l in m.header["layers"]]
-    assert nodes == [8, 8, 16, 10]
-    pairs = [g["name"] for g in m.header["spectral"]["pairs"]]
-    assert pairs == ["stem.0+block.conv", "block.conv+head.2", "head.2+head.4"]
-    # the block's conv and head.2 connect through a flatten of 8 channels x 4 positions
-    assert m.tensors["all_layers/stem.0/std"].shape == (10, 8 * 28 * 28)
+    x, y = user_data
+    m = record(net, (x, y), RecordConfig(progress=False))
+    assert [l["path"] for l in m.header["layers"]] == ["stem.0", "block.conv", "head.2", "head.4"]
+    assert [l["nodes"] for l in m.header["layers"]] == [8, 8, 16, 10]
+    assert [g["name"] for g in m.header["spectral"]["pairs"]] == ["stem.0+block.conv", "block.conv+head.2",
+                                                                   "head.2+head.4"]
+    assert m.header["data"]["shape"] == [1, 28, 28] and m.header["data"]["num_classes"] == 10
+    # conv maps per channel, pooled over positions: an oracle from torch.cov over (samples, positions)
+    with torch.no_grad():
+        a = net.stem[0](x)
+    for c in (0, 7):
+        rows = a[y == c].permute(0, 2, 3, 1).reshape(-1, 8).double()
+        chol = m.get("all-layers", "chol", "stem.0")[c].double()
+        assert torch.allclose(m.get("all-layers", "mean", "stem.0")[c].double(), rows.mean(0), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(chol @ chol.T, torch.cov(rows.T), rtol=1e-4, atol=1e-6)
     for c in range(10):
         xc = (net.head[4](torch.relu(net.head[2](net.head[1](net.head[0](net.block(net.stem(x[y == c]))))))) / 8).double()
-        assert torch.allclose(m.tensors["top_layer/mean"][c].double(), xc.mean(0), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(m.get("top-layer", "mean")[c].double(), xc.mean(0), rtol=1e-5, atol=1e-6)
+    unit = record(net, (x, y), RecordConfig(kinds=("all-layers",), conv_stats="unit", progress=False))
+    assert unit.get("all-layers", "std", "stem.0").shape == (10, 8 * 28 * 28)
 
 
 def test_chosen_layers_only(teacher, small):
-    m = record(teacher, small, kinds=["all_layers"], layers=["fc1", "fc2"], progress=False)
+    m = record(teacher, small.train, RecordConfig(kinds=("all-layers",), layers=("fc1", "fc2"), progress=False))
     assert [l["path"] for l in m.header["layers"]] == ["fc1", "fc2"]
-    assert set(m.tensors) == {"count", "all_layers/fc1/mean", "all_layers/fc1/chol", "all_layers/fc2/mean",
-                              "all_layers/fc2/chol"}
+    assert set(m.tensors) == {"count", "all-layers/fc1/mean", "all-layers/fc1/chol", "all-layers/fc2/mean",
+                              "all-layers/fc2/chol"}
 
 
 def test_unknown_layer_lists_nearest(teacher, small):
     with pytest.raises(DfkdError, match="no layer 'fc4' in the model; nearest: fc3, fc2, fc1"):
-        record(teacher, small, layers=["fc4"], progress=False)
+        record(teacher, small.train, RecordConfig(layers=("fc4",), progress=False))
 
 
 def test_shape_that_does_not_fit(teacher, small):
     x = torch.rand(100, 1, 20, 20)
     with pytest.raises(DfkdError, match="do not fit the model"):
-        record(teacher, (x, small.train_y[:100]), progress=False)
+        record(teacher, (x, small.train[1][:100]), RecordConfig(progress=False))
 
 
 def test_nan_activations_refused(teacher, small):
-    from dfkd.data import to_input
-    x = to_input(small.train_x[:200], (1, 32, 32))
+    x = small.train[0][:200].clone()
     x[150, 0, 5, 5] = float("nan")
     with pytest.raises(DfkdError, match="NaN or infinite activations"):
-        record(teacher, (x, small.train_y[:200]), batch_size=100, progress=False)
+        record(teacher, (x, small.train[1][:200]), RecordConfig(batch_size=100, progress=False))
 
 
 def test_class_without_examples_refused(teacher, small):
-    keep = small.train_y[:2000] != 7
-    from dfkd.data import to_input
-    x = to_input(small.train_x[:2000][keep], (1, 32, 32))
+    keep = small.train[1][:2000] != 7
     with pytest.raises(DfkdError, match="class 7 has 0 example"):
-        record(teacher, (x, small.train_y[:2000][keep]), progress=False)
+        record(teacher, (small.train[0][:2000][keep], small.train[1][:2000][keep]), RecordConfig(progress=False))
 
 
 def test_lowrank_and_bad_cov(teacher, small):
-    m = record(teacher, small, kinds=["all_layers"], layers=["fc1"], cov="lowrank:4", progress=False)
-    assert m.tensors["all_layers/fc1/factor"].shape == (10, 120, 4)
-    with pytest.raises(DfkdError, match="--cov"):
-        record(teacher, small, kinds=["all_layers"], cov="banded", progress=False)
+    m = record(teacher, small.train, RecordConfig(kinds=("all-layers",), layers=("fc1",), cov="lowrank:4",
+                                                  progress=False))
+    assert m.get("all-layers", "factor", "fc1").shape == (10, 120, 4)
+    with pytest.raises(DfkdError, match="is not auto, full, diag or lowrank"):
+        record(teacher, small.train, RecordConfig(kinds=("all-layers",), cov="banded", progress=False))
+    with pytest.raises(DfkdError, match="unknown kind"):
+        record(teacher, small.train, RecordConfig(kinds=("top_layer",), progress=False))
+
+
+STREAM = """
+import resource, sys, torch
+from torch.utils.data import Dataset
+sys.path.insert(0, {root!r})
+from dfkd.config import RecordConfig
+from dfkd.recording import record
+torch.set_num_threads(1)
+
+class Generated(Dataset):
+    '''{n} items made on demand: a class-dependent blob plus seeded noise, never held at once.'''
+    def __len__(self):
+        return {n}
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        y = i % 10
+        x = torch.rand(1, 16, 16, generator=g) * 0.2
+        x[0, y:y + 4, y:y + 4] += 1.0
+        return x, y
+
+net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 10))
+meta = record(net, Generated(), RecordConfig(kinds=("top-layer", "all-layers"), batch_size=2000, progress=False))
+print(meta.header["recorded_on"]["n_samples"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_a_large_generated_set_streams_in_bounded_memory(tmp_path):
+    """200,000 items of 1x16x16 are 205 MB as float32; recording them holds one batch at a time."""
+    def run(n):
+        r = subprocess.run([sys.executable, "-c", STREAM.format(root=str(ROOT), n=n)], capture_output=True, text=True,
+                           timeout=900)
+        assert r.returncode == 0, r.stderr
+        count, rss_mb = map(int, r.stdout.split())
+        assert count == n
+        return rss_mb
+    small_rss, big_rss = run(2000), run(200_000)
+    assert big_rss < small_rss + 100, (small_rss, big_rss)  # not 205 MB more

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from dfkd.config import TrainConfig
-from dfkd.evaluate import evaluate_model
+from dfkd.data import open_data
+from dfkd.evaluation import accuracy
 from dfkd.models import build_model
-from dfkd.train import train_model
+from dfkd.training import train
 
 TARGETS = {"lenet5": 0.989, "lenet5-half": 0.986, "hinton-1200": 0.980, "hinton-800": 0.975}
 
@@ -14,6 +15,7 @@ TARGETS = {"lenet5": 0.989, "lenet5-half": 0.986, "hinton-1200": 0.980, "hinton-
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_default_training_meets_target(name, mnist):
     torch.manual_seed(0)
-    model = build_model(name)
-    train_model(model, mnist, TrainConfig(model=name, seed=0, progress=False))
-    assert evaluate_model(model, mnist)["accuracy"] >= TARGETS[name]
+    model, info = build_model(name, mnist.info)
+    data = open_data("mnist", info=info)
+    train(model, data, TrainConfig(seed=0, progress=False))
+    assert accuracy(model, data.test) >= TARGETS[name]

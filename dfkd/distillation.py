@@ -1,0 +1,143 @@
+"""``dfkd distill``: Hinton knowledge distillation of a student on a synthetic set.
+
+``L_KD = T^2 * KL(softmax(t / T) || softmax(s / T))`` averaged over the batch
+(Hinton, Vinyals & Dean 2015), with ``t`` the teacher's logits and ``s`` the
+student's. No true label is used. With a teacher at hand (the default), every epoch's
+inputs are augmented (``affine``: each sample its own small rotation, scale and shift;
+``shift``: one translation of up to 2 pixels per batch; ``shift+mix``: then a convex
+mix with the reversed batch), in the raw range (so that zero fill is black whatever the
+normalisation), and the teacher labels what the student sees, a chunk of the epoch in
+one bulk pass before its steps; without one, the logits stored in the shards
+are the targets and the inputs are used as they are. The student's accuracy on the
+real test set is logged (every ``eval_every`` epochs) but never picks the model: the
+last epoch's student is the one saved.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import save_model
+from .config import DistillConfig, to_dict
+from .data import DataInfo, DataSource, first_batch, open_data
+from .errors import DfkdError
+from .evaluation import accuracy
+from .models import device_of, predict_logits
+from .runtime import pick_device, seed_everything, setup_threads
+from .specs import DataRef, ModelRef, build_student, open_model
+from .synthetic import SyntheticSet
+from .training import fit
+
+
+AUGMENTS = ("shift", "affine", "shift+mix", "none")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's soft-target loss, scaled by ``T^2`` so gradients keep their size across T."""
+    log_p = F.log_softmax(student_logits / temperature, dim=1)
+    q = F.softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(log_p, q, reduction="batchmean") * temperature ** 2
+
+
+def augment(x: torch.Tensor, how: str, g: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Augment a batch of raw images (zero is black): ``shift`` translates the whole batch by up
+    to ``pad`` pixels (zero-filled); ``shift+mix`` then mixes it with its reverse; ``affine``
+    gives every sample its own random rotation (+-15 degrees), scale (0.9 to 1.1) and
+    translation (+-``pad`` pixels), bilinear with zero fill. Vectors are left as they are."""
+    if how == "none" or x.dim() != 4:
+        return x
+    if how == "affine":
+        n, h = len(x), x.shape[2]
+        ang = (torch.rand(n, generator=g) * 2 - 1) * (math.pi / 12)
+        scale = 1 / (0.9 + 0.2 * torch.rand(n, generator=g))
+        shift = (torch.rand(n, 2, generator=g) * 2 - 1) * (2 * pad / h)
+        cos, sin = torch.cos(ang) * scale, torch.sin(ang) * scale
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
+    x = F.pad(x, (pad, pad, pad, pad))[:, :, dy:dy + x.shape[2], dx:dx + x.shape[3]]
+    if how == "shift+mix":
+        lam = torch.rand((len(x), 1, 1, 1), generator=g).to(x.device)
+        x = lam * x + (1 - lam) * x.flip(0)
+    return x
+
+
+def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg: DistillConfig = DistillConfig(),
+            test=None, info: DataInfo | None = None, state_path: Path | None = None) -> list[dict]:
+    """Distill ``student`` on a synthetic set (a ``SyntheticSet``, a folder holding one, or a
+    Dataset / ``(x, teacher_logits)`` tensors): soft targets from ``teacher`` on augmented views
+    (augmented in the raw range given by ``info``, the set's own by default), or the stored
+    logits without a teacher. ``test`` (a DataSource or test set) is measured every ``eval_every``
+    epochs; the last epoch's student is the result."""
+    if cfg.augment not in AUGMENTS:
+        raise DfkdError("augment", f"{cfg.augment!r} is not one of {', '.join(AUGMENTS)}")
+    if isinstance(synthetic, (str, Path)):
+        synthetic = SyntheticSet(synthetic).open()
+    if isinstance(synthetic, SyntheticSet):
+        info = info or synthetic.info
+        synthetic = synthetic.dataset()
+    x0, t0 = first_batch(synthetic)
+    with torch.no_grad():
+        try:
+            probe = student.eval()(x0.to(device_of(student)))
+        except RuntimeError as e:
+            raise DfkdError("synthetic", f"inputs of shape {tuple(x0.shape[1:])} do not fit the student: "
+                            f"{str(e).splitlines()[0]}") from None
+    classes = predict_logits(teacher, x0).shape[1] if teacher is not None else t0.shape[-1]
+    if probe.shape[1] != classes:
+        raise DfkdError("synthetic", f"the teacher has {classes} classes, the student {probe.shape[1]}")
+    if isinstance(test, DataSource):
+        test = test.test
+    on_epoch = (lambda m: {"test_accuracy": accuracy(m, test)}) if test is not None else None  # noqa: E731
+
+    def label(xe, _te, g):  # augment batch by batch (as the steps will see them), label in bulk
+        raw = info.to_raw(xe) if info is not None else xe
+        xa = torch.cat([augment(raw[i:i + cfg.batch_size], cfg.augment, g) for i in range(0, len(xe), cfg.batch_size)])
+        xa = info.to_model(xa) if info is not None else xa
+        return xa, predict_logits(teacher, xa)
+
+    def batch_loss(m, xb, tb, g):
+        return kd_loss(m(xb), tb, cfg.temperature)
+    return fit(student, synthetic, batch_loss, epochs=cfg.epochs,
+               batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, schedule=cfg.schedule, state_path=state_path,
+               on_epoch=on_epoch, eval_every=cfg.eval_every, prepare=label if teacher is not None else None,
+               desc="distill", progress=cfg.progress)
+
+
+def distill_file(synthetic: str | Path, student: ModelRef, out: str | Path, cfg: DistillConfig = DistillConfig(),
+                 teacher: ModelRef | None = None, data: DataRef = DataRef()) -> Path:
+    """``dfkd distill``: a student spec trained on a synthetic set (labelled online by the saved
+    teacher if given), measured on the real test set of ``data``; saved like a teacher."""
+    setup_threads()
+    seed_everything(cfg.seed)
+    synth = SyntheticSet(synthetic).open()
+    info = synth.info
+    dev = pick_device(cfg.device)
+    tmodel = None
+    if teacher is not None:
+        tmodel, tdesc, _ = open_model(teacher)
+        if tdesc.get("sha256") != synth.manifest.get("teacher_sha256"):
+            raise DfkdError(synthetic, "this synthetic set was made from another teacher")
+        tmodel.to(dev)
+    if not student.is_spec:
+        raise DfkdError("student", f"{student.ref} is not a registry name or a code spec (file.py:factory)")
+    net = build_student(student.ref, student.args, info).to(dev)
+    test = None
+    try:  # the set's own data by default (its name is a data spec), when it can still be read
+        test = open_data(data.spec or info.name, data.test, info=info).test
+    except DfkdError:
+        if data.spec is not None:
+            raise
+    out = Path(out)
+    history = distill(net, synth, tmodel, cfg, test, info, state_path=out.with_name(out.name + ".state.pt"))
+    extra = {"test_accuracy": history[-1]["test_accuracy"]} if "test_accuracy" in history[-1] else {}
+    path = save_model(net.cpu(), out, student.ref, student.args, info, history=history, distill_config=to_dict(cfg),
+                      objective=synth.manifest.get("objective"), teacher_sha256=synth.manifest.get("teacher_sha256"),
+                      synthetic=str(synthetic), synthetic_inputs=len(synth), **extra)
+    out.with_name(out.name + ".state.pt").unlink(missing_ok=True)
+    return path

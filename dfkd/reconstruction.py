@@ -1,0 +1,163 @@
+"""``dfkd reconstruct``: a class-balanced synthetic set from a frozen teacher and its metadata.
+
+Each batch starts from i.i.d. ``N(init_mean, init_std)`` raw values mapped into the
+teacher's input space (its normalisation), draws its targets once, and runs Adam on the
+inputs only, clamping them to the data's raw range after each step. Batch ``b`` uses a
+generator seeded from ``(seed, b)`` and becomes one shard of the ``SyntheticSet``: an
+interrupted run resumes at the first unlisted shard and gives bit-identical shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import weights_sha256
+from .config import ReconstructConfig, to_dict
+from .data import DataInfo
+from .errors import DfkdError
+from .fastgrad import input_grad_by_fold
+from .images import save_grid
+from .metadata import Metadata, load
+from .models import device_of, num_outputs
+from .objectives import Noise, Objective, make_objective
+from .runtime import pick_device, setup_threads
+from .specs import ModelRef, open_model
+from .synthetic import SyntheticSet
+from .taps import tap
+
+
+def _batch_seed(seed: int, b: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"dfkd-reconstruct|{seed}|{b}".encode()).digest()[:8], "little") >> 1
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean absolute difference between neighbouring pixels (an image prior)."""
+    dh = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
+    dw = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
+    return dh + dw
+
+
+def prior(x: torch.Tensor, cfg: ReconstructConfig) -> torch.Tensor:
+    """The image priors' batch total: ``tv * TV(x) + l2 * mean(x^2)`` per sample (images only for TV)."""
+    total = x.new_zeros(())
+    if cfg.tv and x.dim() == 4:
+        total = total + cfg.tv * total_variation(x).sum()
+    if cfg.l2:
+        total = total + cfg.l2 * x.pow(2).flatten(1).mean(1).sum()
+    return total
+
+
+def optimise_batch(teacher: nn.Module, objective: Objective, labels: torch.Tensor, cfg: ReconstructConfig,
+                   g: torch.Generator, info: DataInfo, bar: tqdm | None = None) -> tuple[torch.Tensor, list[float]]:
+    """Optimise one batch of inputs for ``objective``; returns the inputs (in the model's input
+    space) and the [first, last] loss per sample."""
+    dev = device_of(teacher)
+    x = info.to_model(cfg.init_mean + cfg.init_std * torch.randn((len(labels), *info.shape), generator=g))
+    if cfg.clamp:
+        info.clamp(x)
+    if isinstance(objective, Noise) or cfg.steps == 0:
+        return x, [float("nan"), float("nan")]
+    tg = {k: v.to(dev) for k, v in objective.targets(labels, g).items()}
+    masks = {k: v.to(dev) for k, v in objective.masks(info.shape, len(labels), g).items()} \
+        if hasattr(objective, "masks") else {}
+    alter = (lambda p, out: out * masks[p] if p in masks else out) if masks else None
+    x = x.to(dev).requires_grad_(True)
+    ydev = labels.to(dev)
+    opt = torch.optim.Adam([x], lr=cfg.lr)
+    losses = []
+    jitter = cfg.jitter if x.dim() == 4 else 0
+    with tap(teacher, objective.layers(), alter=alter, inputs=objective.inputs()) as acts, \
+            input_grad_by_fold(teacher, dev.type == "cpu"):
+        for step in range(cfg.steps):
+            xin = x
+            if jitter:
+                dy, dx = (torch.randint(-jitter, jitter + 1, (2,), generator=g)).tolist()
+                xin = torch.roll(x, (dy, dx), (2, 3))
+            logits = teacher(xin * masks["input"] if masks else xin)
+            loss = objective.loss(logits, acts, tg, ydev) + prior(x, cfg)
+            if not torch.isfinite(loss):
+                raise DfkdError("reconstruct", f"loss became {loss.item()} at step {step}; finished shards are kept "
+                                "(try a lower lr)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if cfg.clamp:
+                with torch.no_grad():
+                    info.clamp(x)
+            if step == 0 or step == cfg.steps - 1:
+                losses.append(loss.item() / len(labels))
+            if bar is not None:
+                bar.update(1)
+                if step % 25 == 0:
+                    bar.set_postfix(loss=f"{loss.item() / len(labels):.4g}", refresh=False)
+    return x.detach().cpu(), losses
+
+
+def _manifest_key(cfg: ReconstructConfig, teacher_sha: str, meta: Metadata | None) -> dict:
+    keep = {k: v for k, v in to_dict(cfg).items() if k not in ("device", "progress")}
+    return {"config": keep, "teacher_sha256": teacher_sha,
+            "stats_sha256": meta.header.get("tensors_sha256") if meta is not None else None}
+
+
+def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
+                cfg: ReconstructConfig = ReconstructConfig(), info: DataInfo | None = None) -> Path:
+    """Write ``cfg.n`` synthetic inputs for ``cfg.objective`` under ``out``; returns the manifest path.
+
+    The inputs live in the teacher's input space: ``info`` (its shape, normalisation and range)
+    comes from the statistics file, or must be given without one (noise, bn-stats). The teacher
+    is frozen (``requires_grad`` off, eval mode) and its weights are untouched.
+    """
+    if cfg.n <= 0 or cfg.batch_size <= 0 or cfg.steps < 0 or cfg.lr <= 0 or min(cfg.jitter, cfg.tv, cfg.l2) < 0:
+        raise DfkdError("reconstruct", "n, batch size and lr must be > 0; steps, jitter, tv and l2 >= 0")
+    info = meta.data if meta is not None else info
+    if info is None:
+        raise DfkdError("reconstruct", "without a statistics file, give the data description (info)")
+    objective = make_objective(cfg.objective, meta, teacher, cfg)
+    c = meta.num_classes if meta is not None else num_outputs(teacher, info)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    teacher_sha = weights_sha256(teacher.state_dict())
+    if meta is not None and meta.header["teacher_sha256"] != teacher_sha:
+        raise DfkdError(meta.path or "stats", "recorded on another teacher (weights sha256 differs)")
+    synth = SyntheticSet(out)
+    done = synth.begin(_manifest_key(cfg, teacher_sha, meta), objective=cfg.objective, data=info.as_dict(),
+                       num_classes=c, n=cfg.n)
+    n_batches = -(-cfg.n // cfg.batch_size)
+    todo = [b for b in range(n_batches) if b not in done]
+    optimising = not isinstance(objective, Noise)
+    bar = tqdm(total=len(todo) * (cfg.steps if optimising else 1), desc=f"reconstruct {cfg.objective}",
+               disable=not cfg.progress, leave=False)
+    for b in todo:
+        t0 = time.perf_counter()
+        size = min(cfg.batch_size, cfg.n - b * cfg.batch_size)
+        labels = (torch.arange(size) + b * cfg.batch_size) % c
+        g = torch.Generator().manual_seed(_batch_seed(cfg.seed, b))
+        x, losses = optimise_batch(teacher, objective, labels, cfg, g, info, bar if optimising else None)
+        with torch.no_grad():
+            logits = teacher(x.to(device_of(teacher))).float().cpu()
+        synth.add(b, {"x": x, "label": labels, "logits": logits}, loss_first=losses[0], loss_last=losses[-1],
+                  seconds=time.perf_counter() - t0, teacher_agrees=float((logits.argmax(1) == labels).float().mean()))
+        if not optimising:
+            bar.update(1)
+    bar.close()
+    synth.finish(image_steps=cfg.n * (cfg.steps if optimising else 0))
+    if len(info.shape) == 3:
+        x, labels, _ = synth.open().load()
+        save_grid(synth.dir / "samples.png", info.to_raw(x), labels, lo=info.low, hi=info.high)
+    return synth.manifest_path
+
+
+def reconstruct_file(teacher: ModelRef, stats: str | None, out: str | Path, cfg: ReconstructConfig,
+                     allow_other_teacher: bool = False) -> Path:
+    """``dfkd reconstruct``: a saved teacher and its statistics file (none for noise or bn-stats)."""
+    setup_threads()
+    model, desc, info = open_model(teacher)
+    model.to(pick_device(cfg.device))
+    meta = load(stats, desc.get("sha256"), allow_other_teacher) if stats else None
+    return reconstruct(model, meta, out, cfg, info)

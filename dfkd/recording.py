@@ -1,0 +1,204 @@
+"""``dfkd record``: one streaming pass over the training set recording, per class, the
+statistics each reconstruction objective needs (see ``metadata.KINDS``).
+
+- ``top-layer``: mean and covariance (as its Cholesky factor) of the logits / T;
+- ``all-layers``: per chosen layer, mean and covariance of the pre-activation (the
+  output of each Linear/Conv2d), full, diagonal (``std``) or low rank
+  (``cov ~ F F^T + diag(r^2)``); ``auto`` is full up to 256 dimensions, else diagonal.
+  A conv map's statistics are per channel by default (every position of a sample is a
+  draw of the channel vector, as BatchNorm pools them: C dimensions, cheap to record),
+  or per unit (``conv_stats="unit"``: C*H*W dimensions, as the paper's LeNet-5);
+- ``spectral-all`` / ``spectral-pairs``: per-class mean and std of the kept
+  graph-Fourier coefficients of the node signal (see ``graph`` and ``stats``) on one
+  graph over all chosen layers, or on one graph per pair of adjacent layers.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import weights_sha256
+from .config import RecordConfig
+from .data import DataInfo, DataSource, as_batches, data_len, first_batch
+from .errors import DfkdError
+from .graph import LayerInfo, chain_basis, layer_infos, layer_signal
+from .metadata import KINDS, Metadata, key, new_header, save
+from .models import device_of
+from .runtime import pick_device, setup_threads
+from .specs import DataRef, ModelRef, open_with_data
+from .stats import SELECT_N, ClassMoments, SpectralMoments, cholesky_psd, low_rank
+from .taps import default_layers, tap
+
+
+def cov_mode(spec: str, dim: int) -> str:
+    if spec == "auto":
+        return "full" if dim <= 256 else "diag"
+    if spec in ("full", "diag"):
+        return spec
+    if spec.startswith("lowrank:") and spec[8:].isdigit() and 0 < int(spec[8:]):
+        return f"lowrank:{min(int(spec[8:]), dim)}"
+    raise DfkdError("cov", f"{spec!r} is not auto, full, diag or lowrank:K")
+
+
+def _graphs(model: nn.Module, infos: list[LayerInfo], kinds, keep: float, c: int) -> dict[str, tuple]:
+    """name -> (layer infos, SpectralMoments, eigenvalues) for each graph the kinds need."""
+    groups = {}
+    if "spectral-all" in kinds:
+        groups["spectral-all"] = infos
+    if "spectral-pairs" in kinds:
+        if len(infos) < 2:
+            raise DfkdError("layers", "spectral-pairs needs at least two layers")
+        for a, b in zip(infos[:-1], infos[1:]):
+            groups[f"spectral-pairs/{a.path}+{b.path}"] = [a, b]
+    out = {}
+    for name, members in groups.items():
+        vals, vecs = chain_basis(model, members)
+        out[name] = (members, SpectralMoments(vecs, c, keep), vals)
+    return out
+
+
+def _check_batch(out: torch.Tensor, where: str, start: int) -> None:
+    if not torch.isfinite(out.sum()):  # one reduction: any NaN or inf (or overflow) makes the sum non-finite
+        raise DfkdError("data", f"NaN or infinite activations in {where} (batch starting at sample {start})")
+
+
+def _pass(model: nn.Module, data, infos: list[LayerInfo], kinds, graphs: dict, c: int, cfg: RecordConfig):
+    """The one streaming pass: class moments of the logits, layers and node signals; per-channel range."""
+    dev = device_of(model)
+    top = ClassMoments(c, c, full=True)
+    per_layer = {i.path: ClassMoments(c, i.dim, full=cov_mode(cfg.cov, i.dim) != "diag") for i in infos} \
+        if "all-layers" in kinds else {}
+    counts, lo, hi, seen = torch.zeros(c, dtype=torch.long), None, None, 0
+    total = data_len(data)
+    with torch.no_grad(), tap(model, [i.path for i in infos]) as acts, \
+            tqdm(total=total, desc="record", disable=not cfg.progress, leave=False, unit="input") as bar:
+        for xb, yb in as_batches(data, cfg.batch_size):
+            yb = torch.as_tensor(yb).long().cpu()
+            if len(yb) and (int(yb.min()) < 0 or int(yb.max()) >= c):
+                raise DfkdError("data", f"labels must lie in [0, {c - 1}] for a model with {c} outputs")
+            flat = xb.transpose(0, 1).reshape(xb.shape[1], -1) if xb.dim() == 4 else xb.reshape(1, -1)
+            lo = flat.amin(1) if lo is None else torch.minimum(lo, flat.amin(1))
+            hi = flat.amax(1) if hi is None else torch.maximum(hi, flat.amax(1))
+            logits = model(xb.to(dev))
+            _check_batch(logits, "the model's output", seen)
+            for i in infos:
+                _check_batch(acts[i.path], i.path, seen)
+            counts += torch.bincount(yb, minlength=c)
+            if "top-layer" in kinds:
+                top.update(logits / cfg.temperature, yb)
+            for i in infos:
+                if i.path in per_layer:
+                    out = acts[i.path]
+                    per_layer[i.path].update(out.flatten(2) if i.stat == "channel" else out.flatten(1), yb)
+            if graphs:  # each layer's node signal once, shared by every graph it belongs to
+                nodes = {i.path: layer_signal(acts[i.path], i).float().cpu() for i in infos}
+                for members, sm, _ in graphs.values():
+                    sm.update(torch.cat([nodes[m.path] for m in members], 1), yb)
+            seen += len(yb)
+            bar.update(len(yb))
+    if seen == 0:
+        raise DfkdError("data", "holds no examples")
+    return top, per_layer, counts, (lo, hi), seen
+
+
+def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: DataInfo | None = None) -> Metadata:
+    """Record the metadata of ``model`` on ``data``: a ``DataSource`` (its training split), a torch
+    ``Dataset`` or ``DataLoader`` yielding ``(input, label)``, or an ``(x, y)`` pair of tensors.
+    ``info`` describes the inputs (a DataSource brings its own); without one the input shape
+    comes from the data, the class count from the model, and the value range is the one seen."""
+    if isinstance(data, DataSource):
+        info, data = info or data.info, data.train
+    kinds = list(dict.fromkeys(cfg.kinds))
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise DfkdError("kinds", f"unknown kind(s) {bad or kinds}; choose from {', '.join(KINDS)}")
+    if not 0 < cfg.spectral_keep <= 1:
+        raise DfkdError("spectral_keep", f"{cfg.spectral_keep} is not in (0, 1]")
+    cov_mode(cfg.cov, 1)  # refuse a bad mode before the pass
+    x0, _ = first_batch(data)
+    dev = device_of(model)
+    model.eval()
+    infos = layer_infos(model, list(cfg.layers) if cfg.layers else default_layers(model), x0.to(dev), cfg.conv_stats)
+    with torch.no_grad():
+        c = model(x0[:1].to(dev)).shape[1]
+    t0 = time.perf_counter()
+    graphs = _graphs(model, infos, kinds, cfg.spectral_keep, c)
+    basis_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    top, per_layer, counts, (lo, hi), n = _pass(model, data, infos, kinds, graphs, c, cfg)
+    pass_s = time.perf_counter() - t1
+    if int(counts.min()) < 2:
+        raise DfkdError("data", f"class {int(counts.argmin())} has {int(counts.min())} example(s); every class needs at least 2")
+    if info is None:
+        info = DataInfo(shape=tuple(x0.shape[1:]), num_classes=c, low=float(lo.min()), high=float(hi.max()))
+    if info.num_classes != c:
+        raise DfkdError("data", f"{info.num_classes} classes, but the model gives {c} outputs")
+    tensors: dict[str, torch.Tensor] = {"count": counts.to(torch.int64)}
+    if "top-layer" in kinds:
+        tensors.update(gaussian_tensors("top-layer", None, top, "full"))
+    for p, m in per_layer.items():
+        tensors.update(gaussian_tensors("all-layers", p, m, cov_mode(cfg.cov, m.mean.shape[1])))
+    spectral = {"keep": cfg.spectral_keep, "operator": "laplacian D-A of |W| (bipartite per layer pair)",
+                "conv_nodes": "per channel, spatial mean", "select_n": SELECT_N, "pairs": []}
+    for gname, (members, sm, vals) in graphs.items():
+        sm.finish()
+        kind, _, part = gname.partition("/")
+        g = {"name": part or "all", "layers": [i.path for i in members], "nodes": int(sm.basis.shape[0]),
+             "kept": int(sm.k)}
+        stats = {"basis": sm.kept_basis, "eigvals": vals[sm.kept], "kept": sm.kept, "mean": sm.moments.mean,
+                 "std": sm.moments.covariance().clamp(min=0).sqrt()}
+        tensors.update({key(kind, s, part or None): v for s, v in stats.items()})
+        if part:
+            spectral["pairs"].append(g)
+        else:
+            spectral["all"] = g
+    tensors = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items()}
+    header = new_header(
+        kinds=kinds, num_classes=c, temperature=cfg.temperature, data=info.as_dict(),
+        teacher_sha256=weights_sha256(model.state_dict()),
+        recorded_on={"dataset": info.name, "n_samples": n, "per_class": counts.tolist(),
+                     "sample_bytes": math.prod(info.shape), "input_min": lo.tolist(), "input_max": hi.tolist()},
+        layers=[dict(i.as_dict(), cov=cov_mode(cfg.cov, i.dim)) for i in infos], top={"path": "output", "dim": c},
+        spectral=spectral)
+    return Metadata(header, tensors, timings={"basis_seconds": basis_s, "pass_seconds": pass_s})
+
+
+def gaussian_tensors(kind: str, part: str | None, m: ClassMoments, mode: str) -> dict[str, torch.Tensor]:
+    """The stored form (``metadata.gaussian_shapes``) of streamed class moments."""
+    t = {"mean": m.mean}
+    cov = m.covariance()
+    if mode == "full":
+        t["chol"] = cholesky_psd(cov)[0]
+    elif mode == "diag":
+        t["std"] = cov.clamp(min=0).sqrt()
+    else:
+        t["factor"], resid = low_rank(cov, int(mode.split(":")[1]))
+        t["resid_std"] = resid.sqrt()
+    return {key(kind, s, part): v for s, v in t.items()}
+
+
+def stats_path(teacher: str | Path) -> Path:
+    base = Path(teacher)
+    if base.suffix in (".safetensors", ".json"):
+        base = base.with_suffix("")
+    return base.with_name(base.name + ".stats.safetensors")
+
+
+def record_file(teacher: ModelRef, data: DataRef, out: str | Path | None = None,
+                cfg: RecordConfig = RecordConfig()) -> tuple[Path, Metadata]:
+    """``dfkd record``: a teacher and its training data by name; the file is written atomically."""
+    if out is None and teacher.is_spec:
+        raise DfkdError("out", "needed when the teacher is a spec, not a saved model")
+    setup_threads()
+    model, desc, source = open_with_data(teacher, data)
+    model.to(pick_device(cfg.device))
+    if source.train is None:
+        raise DfkdError("data", "has no training split to record on")
+    meta = record(model, source, cfg)
+    meta.header["teacher"] = desc["model"]["spec"]
+    return save(meta, Path(out) if out else stats_path(teacher.ref)), meta

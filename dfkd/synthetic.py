@@ -1,0 +1,137 @@
+"""The synthetic set: a folder of shards and the manifest that lists them.
+
+``shard-<b>.safetensors`` holds batch ``b``'s inputs (``x``, in the teacher's input space),
+intended labels and teacher logits; ``manifest.json`` lists the finished shards with their
+losses and timings, the settings that made them (a resumed run must match), and the data
+description. Shards are written before the manifest names them, both atomically, so an
+interrupted run resumes at the first unlisted shard. ``SyntheticSet`` writes it (for
+``reconstruct``) and reads it whole (``load``) or streams it (``dataset``) for ``distill``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_tensors, read_json, save_tensors, write_json
+from .data import DataInfo
+from .errors import DfkdError
+
+WINDOW_BYTES = 512 * 2 ** 20  # shards shuffled together while streaming (all of them when the set is smaller)
+
+
+class SyntheticSet:
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        self.dir = path.parent if path.name == "manifest.json" else path
+        self.manifest_path = self.dir / "manifest.json"
+        self.manifest: dict | None = None
+
+    # writing ---------------------------------------------------------------------------------
+    def begin(self, key: dict, **fields) -> set[int]:
+        """Start a set made with ``key`` (settings, teacher, statistics) or resume one; the indices done."""
+        m = self._read() if self.manifest_path.is_file() else None
+        if m is not None and {k: m.get(k) for k in key} != key:
+            raise DfkdError(self.dir, "holds a synthetic set made with other settings or another teacher; "
+                            "use another output folder or delete it")
+        if m is None:
+            m = dict(key, **fields, shards=[], complete=False)
+        done = {s["index"] for s in m["shards"] if (self.dir / s["file"]).is_file()}
+        m["shards"] = [s for s in m["shards"] if s["index"] in done]
+        self.manifest = m
+        return done
+
+    def add(self, index: int, tensors: dict[str, torch.Tensor], **record) -> None:
+        fname = f"shard-{index:05d}.safetensors"
+        save_tensors(self.dir / fname, tensors)
+        self.manifest["shards"].append(dict(record, index=index, file=fname, n=len(tensors["x"])))
+        self.manifest["shards"].sort(key=lambda s: s["index"])
+        write_json(self.manifest_path, self.manifest)
+
+    def finish(self, **fields) -> None:
+        self.manifest.update(fields, complete=True)
+        write_json(self.manifest_path, self.manifest)
+
+    # reading ---------------------------------------------------------------------------------
+    def _read(self) -> dict:
+        m = read_json(self.manifest_path)
+        shards = m.get("shards")
+        if not isinstance(shards, list) or not all(
+                isinstance(s, dict) and isinstance(s.get("index"), int) and isinstance(s.get("file"), str)
+                and isinstance(s.get("n"), int) and "/" not in s["file"] and "\\" not in s["file"] for s in shards):
+            raise DfkdError(self.manifest_path, "its shards list is missing or malformed")
+        return m
+
+    def open(self) -> "SyntheticSet":
+        """Read a complete set's manifest (the one-line errors name the file)."""
+        if not self.manifest_path.is_file():
+            raise DfkdError(self.manifest_path, "no such file (not a synthetic set folder)")
+        self.manifest = self._read()
+        if not self.manifest.get("complete"):
+            raise DfkdError(self.manifest_path, "the synthetic set is incomplete; run dfkd reconstruct again to finish it")
+        return self
+
+    @property
+    def info(self) -> DataInfo:
+        return DataInfo.from_dict(self.manifest.get("data"), self.manifest_path)
+
+    def __len__(self) -> int:
+        return sum(s["n"] for s in self.manifest["shards"])
+
+    def shard(self, k: int) -> dict[str, torch.Tensor]:
+        s = self.manifest["shards"][k]
+        t, _ = load_tensors(self.dir / s["file"])
+        if set(t) != {"x", "label", "logits"} or any(len(v) != s["n"] for v in t.values()):
+            raise DfkdError(self.dir / s["file"], "does not hold the x, label and logits the manifest lists")
+        return t
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All shards: inputs, intended labels, teacher logits."""
+        parts = [self.shard(k) for k in range(len(self.manifest["shards"]))]
+        try:
+            return tuple(torch.cat([p[k] for p in parts]) for k in ("x", "label", "logits"))
+        except RuntimeError as e:
+            raise DfkdError(self.manifest_path, f"shards are inconsistent ({str(e).splitlines()[0]})") from None
+
+    def dataset(self) -> "ShardStream":
+        return ShardStream(self)
+
+
+class ShardStream(torch.utils.data.Dataset):
+    """The set as a dataset of ``(input, teacher logits)`` that holds only the shards in use. Each
+    epoch's order (``epoch_order``) shuffles the shards, then the samples within windows of
+    shards that fit in ``WINDOW_BYTES`` (the whole set at once when it is that small)."""
+
+    def __init__(self, s: SyntheticSet):
+        self.set = s
+        sizes = [sh["n"] for sh in s.manifest["shards"]]
+        self.starts = torch.tensor([0] + sizes).cumsum(0)
+        per = max(1, int(torch.tensor(s.info.shape).prod()) * 4 + 256)
+        self.window = max(1, WINDOW_BYTES // (per * max(sizes or [1])))
+        self._cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def epoch_order(self, g: torch.Generator) -> torch.Tensor:
+        shards = torch.randperm(len(self.starts) - 1, generator=g)
+        out = []
+        for w in range(0, len(shards), self.window):
+            idx = torch.cat([torch.arange(int(self.starts[k]), int(self.starts[k + 1])) for k in shards[w:w + self.window]])
+            out.append(idx[torch.randperm(len(idx), generator=g)])
+        return torch.cat(out)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shard = torch.searchsorted(self.starts, idx, right=True) - 1
+        need = set(shard.unique().tolist())
+        for k in [k for k in self._cache if k not in need] if len(need) + len(self._cache) > self.window else []:
+            del self._cache[k]
+        for k in need - set(self._cache):
+            self._cache[k] = self.set.shard(k)
+        x = torch.empty((len(idx), *self._cache[next(iter(need))]["x"].shape[1:]))
+        logits = torch.empty((len(idx), self._cache[next(iter(need))]["logits"].shape[1]))
+        for k in need:
+            sel = shard == k
+            local = idx[sel] - self.starts[k]
+            x[sel], logits[sel] = self._cache[k]["x"][local], self._cache[k]["logits"][local]
+        return x, logits
