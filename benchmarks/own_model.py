@@ -2,8 +2,9 @@
 
 ``python -m benchmarks own [--teacher SPEC] [--student SPEC] [--data SPEC] [--images N] [--steps S]``
 trains the teacher and a real-data student (``--teacher-epochs``), records the teacher's
-metadata, then for each objective reconstructs ``N`` inputs x ``S`` Adam steps and distills the
-student on them (``--epochs``, affine views labelled by the teacher). Prints one table (test
+metadata, then for each objective reconstructs ``N`` inputs x ``S`` Adam steps (the same
+priors for all: ``--jitter``, ``--tv``) and distills the student on them (``--epochs``, affine
+views labelled by the teacher). Prints one table (test
 accuracy against the true labels, last epoch; share of the real-data student) and writes it as
 ``<out>/own.{md,json}``. Every stage resumes where it stopped."""
 from __future__ import annotations
@@ -24,13 +25,13 @@ from dfkd.specs import build_student
 OBJECTIVES = ("noise", "top-layer", "all-layers", "spectral-all", "spectral-pairs", "bn-stats", "all-layers+bn-stats")
 
 
-def _trained(spec: str, data, out: Path, epochs: int, seed: int) -> tuple[torch.nn.Module, float]:
+def _trained(spec: str, data, out: Path, epochs: int, lr: float, seed: int) -> tuple[torch.nn.Module, float]:
     if out.with_name(out.name + ".json").is_file():
         model, desc, _ = load_model(out, code=[spec.rpartition(":")[0]])
         return model, desc["test_accuracy"]
     torch.manual_seed(seed)
     model, info = dfkd.build_model(spec, data.info)
-    hist = dfkd.train(model, data, TrainConfig(epochs=epochs, seed=seed, progress=False))
+    hist = dfkd.train(model, data, TrainConfig(epochs=epochs, lr=lr, seed=seed, progress=False))
     save_model(model, out, spec, {}, info, test_accuracy=hist[-1]["test_accuracy"], history=hist)
     return model, hist[-1]["test_accuracy"]
 
@@ -41,10 +42,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--student", default="examples/own_model.py:student")
     p.add_argument("--data", default="mnist")
     p.add_argument("--objectives", default=",".join(OBJECTIVES))
-    p.add_argument("--images", type=int, default=3000)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--epochs", type=int, default=10, help="distillation epochs")
-    p.add_argument("--teacher-epochs", type=int, default=2)
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=0.2, help="Adam on the inputs")
+    p.add_argument("--jitter", type=int, default=2)
+    p.add_argument("--tv", type=float, default=0.05)
+    p.add_argument("--epochs", type=int, default=30, help="distillation epochs")
+    p.add_argument("--student-lr", type=float, default=1e-2, help="Adam, for distillation and the real-data student")
+    p.add_argument("--teacher-epochs", type=int, default=2, help="epochs of the teacher and the real-data student")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/own")
     a = p.parse_args(argv)
@@ -52,8 +57,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     setup_threads()
     out, t0 = Path(a.out), time.perf_counter()
     data = dfkd.open_data(a.data)
-    teacher, t_acc = _trained(a.teacher, data, out / "teacher", a.teacher_epochs, a.seed)
-    _, real_acc = _trained(a.student, data, out / "student-real", a.teacher_epochs, a.seed)
+    teacher, t_acc = _trained(a.teacher, data, out / "teacher", a.teacher_epochs, 1e-3, a.seed)
+    _, real_acc = _trained(a.student, data, out / "student-real", a.teacher_epochs, a.student_lr, a.seed)
     spath = out / "teacher.stats.safetensors"
     if not spath.is_file():
         save(dfkd.record(teacher, data, RecordConfig(progress=False)), spath)
@@ -61,20 +66,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [{"objective": "real data", "accuracy": real_acc, "share": 1.0}]
     for name in a.objectives.split(","):
         s0 = time.perf_counter()
-        rc = ReconstructConfig(objective=name, n=a.images, steps=a.steps, seed=a.seed, progress=False)
+        rc = ReconstructConfig(objective=name, n=a.images, steps=a.steps, lr=a.lr, jitter=a.jitter, tv=a.tv,
+                               seed=a.seed, progress=False)
         dfkd.reconstruct(teacher, meta, out / "synthetic" / name, rc, data.info)
         synth = dfkd.SyntheticSet(out / "synthetic" / name).open()
         torch.manual_seed(a.seed)
         student = build_student(a.student, {}, data.info)
-        hist = dfkd.distill(student, synth, teacher, DistillConfig(epochs=a.epochs, eval_every=a.epochs, seed=a.seed,
-                                                                   progress=False), data)
+        hist = dfkd.distill(student, synth, teacher, DistillConfig(epochs=a.epochs, lr=a.student_lr,
+                                                                   eval_every=a.epochs, seed=a.seed, progress=False),
+                            data)
         agree = sum(s["teacher_agrees"] * s["n"] for s in synth.manifest["shards"]) / len(synth)
         rows.append({"objective": name, "accuracy": hist[-1]["test_accuracy"], "share": hist[-1]["test_accuracy"] / real_acc,
                      "teacher_agrees": agree, "seconds": time.perf_counter() - s0})
         print(f"{name}: {100 * rows[-1]['accuracy']:.2f}% ({100 * rows[-1]['share']:.1f}% of real data), "
               f"{rows[-1]['seconds']:.0f} s", flush=True)
     lines = [f"teacher {a.teacher} ({100 * t_acc:.2f}%) -> student {a.student} on {a.data}; {a.images} inputs x "
-             f"{a.steps} steps per objective, {a.epochs} distillation epochs\n",
+             f"{a.steps} Adam steps (lr {a.lr}, jitter {a.jitter}, tv {a.tv}) per objective, {a.epochs} distillation "
+             f"epochs at lr {a.student_lr}; real-data student: {a.teacher_epochs} epochs at lr {a.student_lr}\n",
              "| objective | student % | share of real-data student % | teacher agrees with the intended label % |",
              "|---|---|---|---|"]
     for r in rows:

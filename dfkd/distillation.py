@@ -28,7 +28,7 @@ from .errors import DfkdError
 from .evaluation import accuracy
 from .models import device_of, predict_logits
 from .runtime import pick_device, seed_everything, setup_threads
-from .specs import DataRef, ModelRef, build_student, open_model
+from .specs import DataRef, ModelRef, build_student, open_model, require_spec
 from .synthetic import SyntheticSet
 from .training import fit
 
@@ -113,6 +113,7 @@ def distill_file(synthetic: str | Path, student: ModelRef, out: str | Path, cfg:
                  teacher: ModelRef | None = None, data: DataRef = DataRef()) -> Path:
     """``dfkd distill``: a student spec trained on a synthetic set (labelled online by the saved
     teacher if given), measured on the real test set of ``data``; saved like a teacher."""
+    require_spec(student, "student")
     setup_threads()
     seed_everything(cfg.seed)
     synth = SyntheticSet(synthetic).open()
@@ -124,8 +125,6 @@ def distill_file(synthetic: str | Path, student: ModelRef, out: str | Path, cfg:
         if tdesc.get("sha256") != synth.manifest.get("teacher_sha256"):
             raise DfkdError(synthetic, "this synthetic set was made from another teacher")
         tmodel.to(dev)
-    if not student.is_spec:
-        raise DfkdError("student", f"{student.ref} is not a registry name or a code spec (file.py:factory)")
     net = build_student(student.ref, student.args, info).to(dev)
     test = None
     try:  # the set's own data by default (its name is a data spec), when it can still be read

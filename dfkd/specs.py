@@ -67,6 +67,13 @@ def open_with_data(m: ModelRef, d: DataRef) -> tuple[nn.Module, dict, DataSource
     return model, desc, open_data(d.spec or info.name, d.test, info=info)
 
 
+def require_spec(m: ModelRef, where: str) -> None:
+    """Refuse a reference that is not a spec where a fresh network is built (train, a student)."""
+    if not m.is_spec:
+        raise DfkdError(where, f"unknown model {m.ref!r}; choose one of {', '.join(MODELS)}, or give code as "
+                        "path/to/file.py:factory or package.module:factory")
+
+
 def build_student(spec: str, args: dict, info: DataInfo) -> nn.Module:
     model, fitted = build_model(spec, info, **args)
     if fitted.shape != info.shape:

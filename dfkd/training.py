@@ -26,7 +26,7 @@ from .errors import DfkdError
 from .evaluation import accuracy
 from .models import device_of
 from .runtime import pick_device, seed_everything, setup_threads
-from .specs import DataRef, ModelRef, open_with_data
+from .specs import DataRef, ModelRef, open_with_data, require_spec
 
 # batch_loss(model, inputs, targets, generator) -> scalar loss; the generator is the epoch's own
 BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
@@ -146,8 +146,7 @@ def train(model: nn.Module, data, cfg: TrainConfig = TrainConfig(), test=None,
 def train_file(model: ModelRef, data: DataRef, out: str | Path, cfg: TrainConfig = TrainConfig()) -> Path:
     """``dfkd train``: a model spec trained on a data spec, saved atomically as ``out`` (a file stem,
     e.g. ``runs/mnist/teacher``); resumes from ``<out>.state.pt`` after an interruption."""
-    if not model.is_spec:
-        raise DfkdError("model", f"{model.ref} is not a registry name or a code spec (file.py:factory)")
+    require_spec(model, "model")
     setup_threads()
     seed_everything(cfg.seed)
     net, desc, source = open_with_data(model, data)

@@ -164,6 +164,8 @@ def test_bad_inputs_are_one_line(run_dir, tmp_path):
                    "--layers", "nearest")
     one_line_error(dfkd("record", "--teacher", run_dir / "teacher", "--kinds", "top_layer", "--out", tmp_path / "x"),
                    "--kinds", "top-layer")
+    one_line_error(dfkd("record", "--teacher", run_dir / "teacher", "--normalize", "auto", "--out", tmp_path / "x"),
+                   "--normalize", "brings the normalisation it was trained with")
     assert not (tmp_path / "x").exists()
     one_line_error(dfkd("reconstruct", "--teacher", run_dir / "teacher", "--objective", "magic"), "--objective")
     one_line_error(dfkd("reconstruct", "--teacher", run_dir / "teacher", "--objective", "bn-stats",

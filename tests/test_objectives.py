@@ -176,3 +176,11 @@ def test_bn_stats_is_deepinversion_loss(small):
         parts = al.loss(logits, acts, al.targets(labels, torch.Generator().manual_seed(0)), labels) + \
             obj.loss(logits, acts, {}, labels)
     assert torch.allclose(total, parts, rtol=1e-5)
+
+
+def test_defaults_spell_kinds_as_objectives(teacher, meta):
+    """The config defaults name things that exist: the default objective builds on a full record."""
+    from dfkd.metadata import KINDS
+    assert RecordConfig().kinds == KINDS and set(KINDS) <= set(OBJECTIVES)
+    assert all(OBJECTIVES[k].kind == k for k in KINDS)
+    assert make_objective(ReconstructConfig().objective, meta, teacher).name == "spectral-pairs"
