@@ -78,12 +78,17 @@ class DataInfo:
             return x
         return x * self._chan(self.std, x) + self._chan(self.mean, x)
 
-    def clamp(self, x: torch.Tensor) -> torch.Tensor:
-        """Model inputs clamped, in place, to the image of the raw range ``[low, high]``."""
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The raw range ``[low, high]`` mapped into the model's space, shaped ``[1, *shape]``."""
+        return (self.to_model(torch.full((1, *self.shape), self.low)),
+                self.to_model(torch.full((1, *self.shape), self.high)))
+
+    def clamp(self, x: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Model inputs clamped, in place, to ``bounds`` (default: ``self.bounds()``; pass them in a loop)."""
         if self.mean == (0.0,) and self.std == (1.0,):
             return x.clamp_(self.low, self.high)
-        lo, hi = self.to_model(torch.full((1, *self.shape), self.low)), self.to_model(torch.full((1, *self.shape), self.high))
-        return torch.max(torch.min(x, hi.to(x)), lo.to(x), out=x)
+        lo, hi = bounds if bounds is not None else self.bounds()
+        return x.clamp_(lo.to(x), hi.to(x))
 
     def fitted(self, shape: tuple[int, ...]) -> "DataInfo":
         return replace(self, shape=tuple(shape))

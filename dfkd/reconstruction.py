@@ -58,8 +58,9 @@ def optimise_batch(teacher: nn.Module, objective: Objective, labels: torch.Tenso
     space) and the [first, last] loss per sample."""
     dev = device_of(teacher)
     x = info.to_model(cfg.init_mean + cfg.init_std * torch.randn((len(labels), *info.shape), generator=g))
+    bounds = tuple(b.to(dev) for b in info.bounds())  # once: the clamp runs every step
     if cfg.clamp:
-        info.clamp(x)
+        info.clamp(x, tuple(b.cpu() for b in bounds))
     if isinstance(objective, Noise) or cfg.steps == 0:
         return x, [float("nan"), float("nan")]
     tg = {k: v.to(dev) for k, v in objective.targets(labels, g).items()}
@@ -88,7 +89,7 @@ def optimise_batch(teacher: nn.Module, objective: Objective, labels: torch.Tenso
             opt.step()
             if cfg.clamp:
                 with torch.no_grad():
-                    info.clamp(x)
+                    info.clamp(x, bounds)
             if step == 0 or step == cfg.steps - 1:
                 losses.append(loss.item() / len(labels))
             if bar is not None:
