@@ -149,11 +149,15 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, t
     return state
 
 
+def _code_target(c: str) -> str:
+    """A ``--code`` entry as a file or module (a full spec's factory dropped)."""
+    return c.rpartition(":")[0] if ":" in c and not Path(c).exists() else c
+
+
 def _trusted(spec: str, code: tuple[str, ...] | list[str]) -> bool:
     """Whether the user named the code a saved spec refers to (a file, or a module or its package)."""
     target = spec.rpartition(":")[0]
-    for c in code:
-        c = c.rpartition(":")[0] if ":" in c and not Path(c).exists() else c
+    for c in map(_code_target, code):
         if target.endswith(".py") and c.endswith(".py"):
             if Path(c).resolve() == Path(target).resolve() or Path(c).name == Path(target).name:
                 return True
@@ -166,8 +170,7 @@ def _named_code(spec: str, code: tuple[str, ...] | list[str]) -> str:
     """The spec with its file taken from the user's ``code`` entry (the file may have moved)."""
     target, _, attr = spec.rpartition(":")
     if target.endswith(".py"):
-        for c in code:
-            c = c.rpartition(":")[0] if ":" in c and not Path(c).exists() else c
+        for c in map(_code_target, code):
             if c.endswith(".py") and Path(c).name == Path(target).name:
                 return f"{c}:{attr}"
     return spec

@@ -137,14 +137,17 @@ class DataSource:
     test: Dataset | None
     info: DataInfo
 
-    def fitted(self, shape: tuple[int, ...]) -> "DataSource":
-        """The same data fitted (padded) to a model's input shape."""
-        info = self.info.fitted(shape)
+    def with_info(self, info: DataInfo) -> "DataSource":
+        """The same data described (normalised, fitted) by ``info``: its splits follow."""
         for split in (self.train, self.test):
-            if isinstance(split, RawImages) or hasattr(split, "info"):
+            if split is not None and hasattr(split, "info"):
                 split.info = info
         self.info = info
         return self
+
+    def fitted(self, shape: tuple[int, ...]) -> "DataSource":
+        """The same data fitted (padded) to a model's input shape."""
+        return self.with_info(self.info.fitted(shape))
 
 
 def as_batches(data, batch_size: int, order: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -214,11 +217,7 @@ def parse_normalize(text: str | None, data: DataSource) -> DataSource:
             raise DfkdError("normalize", f"{text!r} is not none, auto or MEAN/STD (e.g. 0.5/0.25)")
     info = replace(data.info, mean=mean, std=std)
     info.check("normalize")
-    for split in (data.train, data.test):
-        if split is not None and hasattr(split, "info"):
-            split.info = info
-    data.info = info
-    return data
+    return data.with_info(info)
 
 
 def open_data(spec: str = "mnist", test: str | None = None, normalize: str | None = None,
@@ -243,11 +242,6 @@ def open_data(spec: str = "mnist", test: str | None = None, normalize: str | Non
     if info is not None:
         if data.info.num_classes > info.num_classes:
             raise DfkdError("data", f"{data.info.num_classes} classes, but the model was made for {info.num_classes}")
-        base = replace(info, name=data.info.name, low=data.info.low, high=data.info.high,
-                       class_names=info.class_names or data.info.class_names)
-        for split in (data.train, data.test):
-            if split is not None and hasattr(split, "info"):
-                split.info = base
-        data.info = base
-        return data
+        return data.with_info(replace(info, name=data.info.name, low=data.info.low, high=data.info.high,
+                                      class_names=info.class_names or data.info.class_names))
     return parse_normalize(normalize, data)

@@ -124,6 +124,7 @@ class AllLayers(Objective):
     def __init__(self, meta, model, cfg):
         super().__init__(meta, model, cfg)
         self._g, self._w, self._cov = {}, {}, {}
+        self._draw = {i.path: meta.gaussian("all-layers", i.path) for i in self.infos if i.stat == "unit"}
         for i in self.infos:
             gauss = {k: v.to(self.dev) for k, v in meta.gaussian("all-layers", i.path).items()}
             self._g[i.path] = gauss
@@ -141,8 +142,7 @@ class AllLayers(Objective):
         return [i.path for i in self.infos]
 
     def targets(self, labels, g):
-        return {i.path: draw({k: v.cpu() for k, v in self._g[i.path].items()}, labels, g)
-                for i in self.infos if i.stat == "unit"}
+        return {path: draw(gauss, labels, g) for path, gauss in self._draw.items()}
 
     def _channel_loss(self, i: LayerInfo, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cov = self._cov[i.path]
