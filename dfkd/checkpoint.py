@@ -6,14 +6,19 @@ code that a file names: user code runs only when the user names it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import pickle
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -26,12 +31,15 @@ if TYPE_CHECKING:
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``: readers see
+    the old file or the new one, never a part. The temp file is named ``.<name>.<pid>.<rand>.tmp``
+    so that one left by a killed process can be recognised and swept (``sweep_temps``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
@@ -40,24 +48,120 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # unwritable folder, full disk, file-size limit: nothing half-written is left
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise DfkdError(path, f"cannot write ({e.strerror or e})") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+_TEMP = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_temps(folder: str | os.PathLike) -> int:
+    """Delete temp files that ``atomic_write`` left in ``folder`` when its process was killed
+    (their pid no longer runs); returns how many."""
+    n = 0
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    for p in folder.iterdir():
+        m = _TEMP.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+@contextlib.contextmanager
+def exclusive(out: str | os.PathLike, folder: bool = False):
+    """Hold the output ``out`` (a folder if ``folder``, else a file stem) for one run: a second run on
+    it is refused in one line. The lock is an OS file lock (``filelock``), released by the kernel
+    when its process dies, so a killed run's lock never blocks the next one. Temp files a killed
+    run left are swept once the lock is held."""
+    out = Path(out)
+    lock = out / ".dfkd.lock" if folder else out.with_name(f".{out.name}.lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fl = FileLock(str(lock), timeout=0)
+        fl.acquire()
+    except Timeout:
+        raise DfkdError(out, f"another dfkd run is writing here (it holds {lock}); wait for it to finish "
+                        "or stop it") from None
+    except OSError as e:
+        raise DfkdError(out, f"cannot write ({e.strerror or e})") from None
+    try:
+        sweep_temps(lock.parent)
+        yield out
+    finally:
+        fl.release()
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+MAX_JSON_BYTES, MAX_JSON_DEPTH = 64 * 2 ** 20, 64
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def parse_json(text: str | bytes, where: object, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` with bounded size and nesting depth (checked before parsing, so a hostile
+    file cannot exhaust the stack or memory); any problem is one ``DfkdError``."""
+    if len(text) > MAX_JSON_BYTES:
+        raise DfkdError(where, f"JSON of {len(text):,} bytes is larger than the {MAX_JSON_BYTES:,} dfkd reads")
+    try:
+        text = text.decode() if isinstance(text, bytes) else text
+    except UnicodeDecodeError as e:
+        raise DfkdError(where, f"not valid JSON ({e})") from None
+    depth = deepest = 0
+    for ch in _STRING.sub("", text).translate(_BRACKETS):
+        depth += 1 if ch in "[{" else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > max_depth:
+                raise DfkdError(where, f"JSON nested deeper than {max_depth} levels")
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise DfkdError(where, f"not valid JSON ({e})") from None
+
+
+class _KeepBrackets(dict):
+    def __missing__(self, ch: int) -> None:
+        return None
+
+
+_BRACKETS = _KeepBrackets({ord(c): c for c in "[]{}"})
+
+
 def read_json(path: str | os.PathLike) -> dict:
     path = Path(path)
     try:
-        obj = json.loads(path.read_text())
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise DfkdError(path, f"{path.stat().st_size:,} bytes is larger than the {MAX_JSON_BYTES:,} dfkd reads")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise DfkdError(path, "no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DfkdError(path, f"not valid JSON ({e})") from None
+    except IsADirectoryError:
+        raise DfkdError(path, "is a directory, expected a JSON file") from None
+    except OSError as e:
+        raise DfkdError(path, f"cannot read ({e.strerror or e})") from None
+    obj = parse_json(raw, path)
     if not isinstance(obj, dict):
         raise DfkdError(path, "expected a JSON object")
     return obj
@@ -78,13 +182,17 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         raise DfkdError(path, "no such file") from None
     except IsADirectoryError:
         raise DfkdError(path, "is a directory, expected a .safetensors file") from None
-    try:
+    except OSError as e:
+        raise DfkdError(path, f"cannot read ({e.strerror or e})") from None
+    try:  # the library checks the declared offsets against the file's length before allocating
         tensors = st_load(raw)
-        n = int.from_bytes(raw[:8], "little")
-        meta = json.loads(raw[8:8 + n]).get("__metadata__") or {}
-    except (SafetensorError, ValueError, json.JSONDecodeError, OverflowError) as e:
+    except (SafetensorError, ValueError, OverflowError, RuntimeError) as e:
         raise DfkdError(path, f"not a valid safetensors file (truncated or corrupt: {e})") from None
-    return tensors, meta
+    header = parse_json(raw[8:8 + int.from_bytes(raw[:8], "little")], path)
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise DfkdError(path, "its __metadata__ is not a map of strings")
+    return tensors, meta or {}
 
 
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -131,16 +239,24 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, t
         state, _ = load_tensors(path)
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # a damaged file's warnings would break the one-line answer
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise DfkdError(path, "no such file") from None
-        except Exception as e:  # weights_only refuses anything but tensors and plain containers
+        except pickle.UnpicklingError:  # weights_only refuses anything but tensors and plain containers
+            raise DfkdError(path, "not a readable state dict: it holds objects other than tensors (read with "
+                            "weights_only=True, so nothing in it ran)") from None
+        except Exception as e:
             raise DfkdError(path, f"not a readable state dict ({type(e).__name__}: {str(e).splitlines()[0]})") from None
         for key in ("state_dict", "model"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise DfkdError(path, "holds no state dict of tensors")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise DfkdError(path, f"weights hold NaN or infinite values ({', '.join(bad[:3])})")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -210,11 +326,19 @@ def load_model(path: str | os.PathLike, code: tuple[str, ...] | list[str] = ()) 
         target = spec.rpartition(":")[0]
         raise DfkdError(desc_path, f"was made from user code {spec}; dfkd runs code only when you name it: "
                         f"add --code {target}")
-    info = DataInfo.from_dict(desc["data"], desc_path)
+    info = DataInfo.from_dict(desc.get("data"), desc_path)
+    if not isinstance(args, dict):
+        raise DfkdError(desc_path, "model args must be a JSON object")
+    weights = base.with_name(base.name + ".safetensors")
+    if spec in MODELS:  # declared sizes checked before anything is allocated: count on the meta device
+        with torch.device("meta"):
+            n = sum(p.numel() for p in build_model(spec, info, **args)[0].parameters())
+        if weights.is_file() and n * 2 > weights.stat().st_size + 2 ** 20:
+            raise DfkdError(desc_path, f"its arguments declare {n:,} parameters, more than {weights.name} holds")
     model, _ = build_model(_named_code(spec, code), info, **args)
-    state = load_weights(model, base.with_name(base.name + ".safetensors"))
+    state = load_weights(model, weights)
     if desc.get("sha256") and weights_sha256(state) != desc["sha256"]:
-        raise DfkdError(base.with_name(base.name + ".safetensors"),
+        raise DfkdError(weights,
                         "weights do not match the sha256 in the .json (tampered or mixed files)")
     model.eval()
     return model, desc, info

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
 
+from .checkpoint import read_json
 from .config import DistillConfig, ReconstructConfig, RecordConfig, TrainConfig, default
 from .errors import DfkdError
 
@@ -79,7 +81,7 @@ def _cmd_train(a) -> int:
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
                       progress=not a.quiet)
     path = train_file(_model(a, "model", weights=False), _data_ref(a), Path(a.out) / a.name, cfg)
-    desc = json.loads(path.with_name(path.name.replace(".safetensors", ".json")).read_text())
+    desc = read_json(path.with_name(path.name.replace(".safetensors", ".json")))
     acc = f" (test accuracy {100 * desc['test_accuracy']:.2f}%)" if "test_accuracy" in desc else ""
     print(f"saved {path}{acc}")
     return 0
@@ -94,7 +96,16 @@ def _cmd_record(a) -> int:
     t = meta.timings
     print(f"saved {path} ({path.stat().st_size / 1e6:.2f} MB; pass {t['pass_seconds']:.1f}s,"
           f" spectral bases {t['basis_seconds']:.1f}s)")
+    _print_reveals(meta.header)
     return 0
+
+
+def _print_reveals(h: dict) -> None:
+    for r in h.get("closed_form") or []:
+        if isinstance(r, dict) and r.get("class_means") == "exact":
+            print(f"note: its all-layers record of {r['layer']} gives each class's mean training input exactly "
+                  f"({'and its covariance ' if r.get('cov') == 'full' else ''}in closed form; see dfkd leakage). "
+                  f"To ship less: --layers without {r['layer']}, or --kinds without all-layers")
 
 
 def _cmd_inspect(a) -> int:
@@ -117,6 +128,7 @@ def _cmd_inspect(a) -> int:
     ratio = f"; the training inputs are {s['train_bytes']:,} bytes: {s['train_bytes'] / s['total_bytes']:.1f}x larger" \
         if s["train_bytes"] else ""
     print(f"total {s['total_floats']:,} floats, {s['total_bytes']:,} bytes{ratio}")
+    _print_reveals(h)
     return 0
 
 
@@ -142,7 +154,7 @@ def _cmd_distill(a) -> int:
                         device=a.device, progress=not a.quiet)
     teacher = _model(a, weights=False) if a.teacher else None
     path = distill_file(a.synthetic, _model(a, "student", weights=False), a.out, cfg, teacher, _data_ref(a))
-    desc = json.loads(path.with_name(path.name.replace(".safetensors", ".json")).read_text())
+    desc = read_json(path.with_name(path.name.replace(".safetensors", ".json")))
     acc = f" (student test accuracy {100 * desc['test_accuracy']:.2f}%)" if "test_accuracy" in desc else ""
     print(f"saved {path}{acc}")
     return 0
@@ -160,6 +172,26 @@ def _cmd_evaluate(a) -> int:
     print(line)
     if a.json:
         print(json.dumps(res, indent=2))
+    return 0
+
+
+def _cmd_leakage(a) -> int:
+    from .leakage import leakage_file
+    from .recording import stats_path
+    out = a.out or str(stats_path(a.teacher)).replace(".stats.safetensors", ".leakage")
+    path, rep = leakage_file(_model(a), a.stats, _data_ref(a), out, tuple(a.synthetic))
+    print(f"{rep['stats']} ({', '.join(rep['kinds'])}) against the true class means of the training data:")
+    if not rep["inversions"]:
+        print("  no all-layers record is affine in the input: no class mean follows in closed form")
+    for r in rep["inversions"]:
+        how = "exactly" if r["exact"] else f"in a {r['rank']}-dimensional projection"
+        print(f"  {r['layer']} (per {r['stat']}, cov {r['cov']}): class-mean inputs recovered in closed form {how} "
+              f"(rank {r['rank']} of {r['input_dim']}): R^2 {r['r2']:.3f}, RMSE {r['rmse']:.4f}")
+    for name, r in rep["synthetic"].items():
+        near = f"; nearest training / test input {r['nearest']['ratio']:.3f}" if "nearest" in r else ""
+        print(f"  synthetic {name}: class means R^2 {r['r2']:.3f}, RMSE {r['rmse']:.4f}{near}")
+    png = path.with_suffix(".png")
+    print(f"report: {path}" + (f", picture: {png}" if png.is_file() else ""))
     return 0
 
 
@@ -277,6 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", default=None, help="run directory (default: runs/<profile>)")
     u.set_defaults(func=_cmd_run)
 
+    k = sub.add_parser("leakage", parents=[common, data], formatter_class=fmt,
+                       help="what a statistics file reveals: class means recovered from it vs the training data's")
+    _model_flags(k, "teacher", "the teacher")
+    k.add_argument("--weights", default=None, help="weights for a teacher given as a spec")
+    k.add_argument("--normalize", default=None, help="for a teacher given as a spec: none, auto or MEAN/STD")
+    k.add_argument("--stats", default=None, help="statistics file (default: <teacher>.stats.safetensors)")
+    k.add_argument("--synthetic", action="append", default=[], help="a synthetic set made from the file, "
+                   "scored the same way (repeatable)")
+    k.add_argument("--out", default=None, help="report stem: <out>.json and <out>.png (default: <teacher>.leakage)")
+    k.set_defaults(func=_cmd_leakage)
+
     i = sub.add_parser("inspect", formatter_class=fmt, help="describe a statistics file and its size")
     i.add_argument("file")
     i.set_defaults(func=_cmd_inspect)
@@ -307,3 +350,33 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dfkd: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except OSError as e:  # a file the library did not name itself (e.g. read by a user's own code)
+        print(f"dfkd: {e.filename or args.command}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"dfkd: {args.command}: out of memory; try a smaller --batch-size", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug in dfkd (or in the user's model code): one line, the traceback on request
+        if os.environ.get("DFKD_TRACEBACK"):
+            raise
+        if isinstance(e, RuntimeError) and "alloc" in str(e) and "memory" in str(e):
+            print(f"dfkd: {args.command}: out of memory; try a smaller --batch-size", file=sys.stderr)
+            return 2
+        where = _user_frame(e)
+        print(f"dfkd: {where or args.command}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+              f" ({'in your code' if where else 'a dfkd bug; please report it'}; DFKD_TRACEBACK=1 shows the traceback)",
+              file=sys.stderr)
+        return 2 if where else 1
+
+
+def _user_frame(e: BaseException) -> str | None:
+    """``file:line`` of the innermost frame in the user's code (not dfkd, torch or the standard library)."""
+    import traceback
+    pkg = str(Path(__file__).resolve().parent)
+    skip = (pkg, str(Path(json.__file__).resolve().parent.parent), str(Path(sys.prefix).resolve()),
+            str(Path(sys.base_prefix).resolve()))
+    for fr in reversed(traceback.extract_tb(e.__traceback__)):
+        f = str(Path(fr.filename).resolve())
+        if not f.startswith(skip) and not fr.filename.startswith("<"):
+            return f"{fr.filename}:{fr.lineno}"
+    return None

@@ -22,6 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from .errors import DfkdError
 
 
+MAX_INPUT, MAX_CLASSES = 2 ** 28, 2 ** 20  # declared sizes beyond these are refused before anything is allocated
+
+
 @dataclass(frozen=True)
 class DataInfo:
     shape: tuple[int, ...]                    # one model input: (C, H, W), or (D,) for vectors
@@ -39,6 +42,8 @@ class DataInfo:
 
     @classmethod
     def from_dict(cls, d: Any, where: object) -> "DataInfo":
+        if not isinstance(d, dict):
+            raise DfkdError(where, "bad data description (not a JSON object)")
         try:
             names = d.get("class_names")
             info = cls(shape=tuple(int(s) for s in d["shape"]), num_classes=int(d["num_classes"]),
@@ -53,12 +58,14 @@ class DataInfo:
 
     def check(self, where: object = "data") -> None:
         channels = self.shape[0] if len(self.shape) == 3 else 1
-        if not self.shape or any(s <= 0 for s in self.shape) or self.num_classes < 2:
-            raise DfkdError(where, f"bad input shape {self.shape} or class count {self.num_classes}")
+        if not 1 <= len(self.shape) <= 3 or any(s <= 0 for s in self.shape) or math.prod(self.shape) > MAX_INPUT \
+                or not 2 <= self.num_classes <= MAX_CLASSES:
+            raise DfkdError(where, f"bad input shape {self.shape} or class count {self.num_classes} (dfkd takes "
+                            f"[D], [H, W] or [C, H, W] inputs of at most {MAX_INPUT:,} values, 2 to {MAX_CLASSES:,} classes)")
         for what, v in (("mean", self.mean), ("std", self.std)):
             if len(v) not in (1, channels) or not all(math.isfinite(x) for x in v):
                 raise DfkdError(where, f"normalisation {what} {list(v)} does not fit {channels} channel(s)")
-        if min(self.std) <= 0 or not self.low < self.high:
+        if min(self.std) <= 0 or not self.low < self.high or not math.isfinite(self.high - self.low):
             raise DfkdError(where, f"std must be > 0 and low < high (std {list(self.std)}, range {self.low}..{self.high})")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise DfkdError(where, f"{len(self.class_names)} class names for {self.num_classes} classes")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import save_model
+from .checkpoint import exclusive, save_model
 from .config import DistillConfig, to_dict
 from .data import DataInfo, DataSource, first_batch, open_data
 from .errors import DfkdError
@@ -132,11 +132,12 @@ def distill_file(synthetic: str | Path, student: ModelRef, out: str | Path, cfg:
     except DfkdError:
         if data.spec is not None:
             raise
-    out = Path(out)
-    history = distill(net, synth, tmodel, cfg, test, info, state_path=out.with_name(out.name + ".state.pt"))
-    extra = {"test_accuracy": history[-1]["test_accuracy"]} if "test_accuracy" in history[-1] else {}
-    path = save_model(net.cpu(), out, student.ref, student.args, info, history=history, distill_config=to_dict(cfg),
-                      objective=synth.manifest.get("objective"), teacher_sha256=synth.manifest.get("teacher_sha256"),
-                      synthetic=str(synthetic), synthetic_inputs=len(synth), **extra)
-    out.with_name(out.name + ".state.pt").unlink(missing_ok=True)
-    return path
+    with exclusive(Path(out)):
+        out = Path(out)
+        history = distill(net, synth, tmodel, cfg, test, info, state_path=out.with_name(out.name + ".state.pt"))
+        extra = {"test_accuracy": history[-1]["test_accuracy"]} if "test_accuracy" in history[-1] else {}
+        path = save_model(net.cpu(), out, student.ref, student.args, info, history=history, distill_config=to_dict(cfg),
+                          objective=synth.manifest.get("objective"), teacher_sha256=synth.manifest.get("teacher_sha256"),
+                          synthetic=str(synthetic), synthetic_inputs=len(synth), **extra)
+        out.with_name(out.name + ".state.pt").unlink(missing_ok=True)
+        return path

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import load_tensors, save_tensors, weights_sha256
+from .checkpoint import load_tensors, parse_json, save_tensors, weights_sha256
 from .data import DataInfo
 from .errors import DfkdError
 
@@ -123,15 +123,38 @@ def save(meta: Metadata, path: str | Path) -> Path:
     return save_tensors(path, meta.tensors, {"dfkd": json.dumps(header, sort_keys=True)})
 
 
+# the header's fields that readers use, with their types (checked before anything reads them)
+_FIELDS = {"num_classes": int, "kinds": list, "layers": list, "teacher_sha256": str, "recorded_on": dict, "data": dict}
+_LAYER = {"path": str, "shape": list, "stat": str, "cov": str, "dim": int}
+_RECORDED = {"dataset": str, "n_samples": int}
+_NAMES = {int: "an integer", list: "a list", str: "a string", dict: "an object"}
+
+
+def _check_fields(path: Path, h: dict) -> None:
+    def check(where: str, obj, fields: dict) -> None:
+        if not isinstance(obj, dict):
+            raise DfkdError(path, f"header field {where} is not an object")
+        for k, t in fields.items():
+            if not isinstance(obj.get(k), t) or isinstance(obj.get(k), bool):
+                raise DfkdError(path, f"header field {where}.{k} is missing or not {_NAMES[t]}")
+    check("header", h, _FIELDS)
+    check("recorded_on", h["recorded_on"], _RECORDED)
+    for i, layer in enumerate(h["layers"]):
+        check(f"layers[{i}]", layer, _LAYER)
+    if not all(isinstance(k, str) for k in h["kinds"]):
+        raise DfkdError(path, "header field kinds must list names")
+
+
 def _validate(path: Path, h: dict, tensors: dict[str, torch.Tensor]) -> None:
     if h.get("format") != FORMAT:
         raise DfkdError(path, f"not a dfkd statistics file (format {h.get('format')!r})")
     if h.get("version") != VERSION:
         raise DfkdError(path, f"format version {h.get('version')!r} is not supported (this dfkd reads {VERSION}; "
                         "record the statistics again)")
-    unknown = [k for k in h.get("kinds", []) if k not in KINDS]
-    if unknown or not h.get("kinds"):
-        raise DfkdError(path, f"unknown or missing kinds {unknown or h.get('kinds')}")
+    _check_fields(path, h)
+    unknown = [k for k in h["kinds"] if k not in KINDS]
+    if unknown or not h["kinds"]:
+        raise DfkdError(path, f"unknown or missing kinds {unknown or h['kinds']}")
     try:
         want = contract(h)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
@@ -154,10 +177,9 @@ def load(path: str | Path, teacher_sha256: str | None = None, allow_other_teache
     """Read and validate a statistics file; refuse one recorded on another teacher."""
     path = Path(path)
     tensors, raw = load_tensors(path)
-    try:
-        header = json.loads(raw["dfkd"])
-    except (KeyError, json.JSONDecodeError, TypeError):
-        raise DfkdError(path, "no dfkd header: not a dfkd statistics file") from None
+    if "dfkd" not in raw:
+        raise DfkdError(path, "no dfkd header: not a dfkd statistics file")
+    header = parse_json(raw["dfkd"], path)
     if not isinstance(header, dict):
         raise DfkdError(path, "dfkd header is not a JSON object")
     _validate(path, header, tensors)

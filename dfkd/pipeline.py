@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write, load_model, read_json, save_model, write_json
+from .checkpoint import atomic_write, exclusive, load_model, read_json, save_model, write_json
 from .config import DistillConfig, ReconstructConfig, RecordConfig, TrainConfig, to_dict
 from .data import open_data
 from .distillation import distill
@@ -185,39 +185,40 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
         raise DfkdError("teacher", "a given teacher needs exactly one network")
     setup_threads()
     p, dev, out, t0 = PROFILES[cfg.profile], pick_device(cfg.device), Path(cfg.out), time.perf_counter()
-    rows: list[dict] = []
-    for net in cfg.networks:
-        d, student_name = out / net, PAIRS[net]
-        td = Path(cfg.teachers) / net if cfg.teachers else d
-        teacher, desc, data, tsecs = _teacher(cfg, net, td, p, dev)
-        t_acc = accuracy(teacher, data.test)
-        spath = stats_path(td / "teacher") if not cfg.teacher else stats_path(cfg.teacher)
-        rsecs = 0.0
-        if not spath.is_file():
-            rc = RecordConfig(conv_stats=cfg.conv_stats, progress=cfg.progress)
-            meta, rsecs = _timed(record, teacher, data, rc)
-            save_stats(meta, spath)
-        meta = load_stats(spath, desc["sha256"])
-        for name in (("real-data", "real-kd") if cfg.baselines else ()) + tuple(cfg.objectives):
-            spath_student = d / "students" / name
-            paper = PAPER[net].get(name)
-            paper = None if paper is None else paper / 100
-            row = _student_row(spath_student)
-            if row is None:
-                res = _baseline(name, teacher, data, student_name, p, cfg, d, dev) if name.startswith("real") \
-                    else _objective(name, net, teacher, meta, data, student_name, p, cfg, d, dev)
-                row = {"teacher": net, "student": student_name, "objective": name,
-                       "accuracy": res["history"][-1]["test_accuracy"], "teacher_accuracy": t_acc,
-                       "paper_accuracy": paper, "image_steps": res["image_steps"],
-                       "seconds": dict(res["seconds"], teacher_train=tsecs, record=rsecs),
-                       "history": [h["test_accuracy"] for h in res["history"] if "test_accuracy" in h],
-                       "history_epochs": [h["epoch"] for h in res["history"] if "test_accuracy" in h]}
-                save_model(res["model"].cpu(), spath_student, student_name, {}, data.info,
-                           test_accuracy=row["accuracy"], objective=name, teacher_sha256=desc["sha256"], row=row)
-            row = dict(row, paper_accuracy=paper)  # a resumed row gets today's reference figure
-            rows.append(row)
-            _write(out, rows, cfg, t0)
-            if cfg.progress:
-                print(f"{net} -> {student_name} {name}: {100 * row['accuracy']:.2f}%"
-                      + (f" (paper {100 * row['paper_accuracy']:.2f}%)" if row["paper_accuracy"] else ""), flush=True)
-    return out / "results.json"
+    with exclusive(out, folder=True):
+        rows: list[dict] = []
+        for net in cfg.networks:
+            d, student_name = out / net, PAIRS[net]
+            td = Path(cfg.teachers) / net if cfg.teachers else d
+            teacher, desc, data, tsecs = _teacher(cfg, net, td, p, dev)
+            t_acc = accuracy(teacher, data.test)
+            spath = stats_path(td / "teacher") if not cfg.teacher else stats_path(cfg.teacher)
+            rsecs = 0.0
+            if not spath.is_file():
+                rc = RecordConfig(conv_stats=cfg.conv_stats, progress=cfg.progress)
+                meta, rsecs = _timed(record, teacher, data, rc)
+                save_stats(meta, spath)
+            meta = load_stats(spath, desc["sha256"])
+            for name in (("real-data", "real-kd") if cfg.baselines else ()) + tuple(cfg.objectives):
+                spath_student = d / "students" / name
+                paper = PAPER[net].get(name)
+                paper = None if paper is None else paper / 100
+                row = _student_row(spath_student)
+                if row is None:
+                    res = _baseline(name, teacher, data, student_name, p, cfg, d, dev) if name.startswith("real") \
+                        else _objective(name, net, teacher, meta, data, student_name, p, cfg, d, dev)
+                    row = {"teacher": net, "student": student_name, "objective": name,
+                           "accuracy": res["history"][-1]["test_accuracy"], "teacher_accuracy": t_acc,
+                           "paper_accuracy": paper, "image_steps": res["image_steps"],
+                           "seconds": dict(res["seconds"], teacher_train=tsecs, record=rsecs),
+                           "history": [h["test_accuracy"] for h in res["history"] if "test_accuracy" in h],
+                           "history_epochs": [h["epoch"] for h in res["history"] if "test_accuracy" in h]}
+                    save_model(res["model"].cpu(), spath_student, student_name, {}, data.info,
+                               test_accuracy=row["accuracy"], objective=name, teacher_sha256=desc["sha256"], row=row)
+                row = dict(row, paper_accuracy=paper)  # a resumed row gets today's reference figure
+                rows.append(row)
+                _write(out, rows, cfg, t0)
+                if cfg.progress:
+                    print(f"{net} -> {student_name} {name}: {100 * row['accuracy']:.2f}%"
+                          + (f" (paper {100 * row['paper_accuracy']:.2f}%)" if row["paper_accuracy"] else ""), flush=True)
+        return out / "results.json"

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import weights_sha256
+from .checkpoint import exclusive, weights_sha256
 from .config import ReconstructConfig, to_dict
 from .data import DataInfo
 from .errors import DfkdError
@@ -126,31 +126,36 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
     teacher_sha = weights_sha256(teacher.state_dict())
     if meta is not None and meta.header["teacher_sha256"] != teacher_sha:
         raise DfkdError(meta.path or "stats", "recorded on another teacher (weights sha256 differs)")
-    synth = SyntheticSet(out)
-    done = synth.begin(_manifest_key(cfg, teacher_sha, meta), objective=cfg.objective, data=info.as_dict(),
-                       num_classes=c, n=cfg.n)
-    n_batches = -(-cfg.n // cfg.batch_size)
-    todo = [b for b in range(n_batches) if b not in done]
-    optimising = not isinstance(objective, Noise)
-    bar = tqdm(total=len(todo) * (cfg.steps if optimising else 1), desc=f"reconstruct {cfg.objective}",
-               disable=not cfg.progress, leave=False)
-    for b in todo:
-        t0 = time.perf_counter()
-        size = min(cfg.batch_size, cfg.n - b * cfg.batch_size)
-        labels = (torch.arange(size) + b * cfg.batch_size) % c
-        g = torch.Generator().manual_seed(_batch_seed(cfg.seed, b))
-        x, losses = optimise_batch(teacher, objective, labels, cfg, g, info, bar if optimising else None)
-        with torch.no_grad():
-            logits = teacher(x.to(device_of(teacher))).float().cpu()
-        synth.add(b, {"x": x, "label": labels, "logits": logits}, loss_first=losses[0], loss_last=losses[-1],
-                  seconds=time.perf_counter() - t0, teacher_agrees=float((logits.argmax(1) == labels).float().mean()))
-        if not optimising:
-            bar.update(1)
-    bar.close()
-    synth.finish(image_steps=cfg.n * (cfg.steps if optimising else 0))
-    if len(info.shape) == 3:
-        x, labels, _ = synth.open().load()
-        save_grid(synth.dir / "samples.png", info.to_raw(x), labels, lo=info.low, hi=info.high)
+    with exclusive(out, folder=True):  # one run per output folder; a killed one's lock is void
+        synth = SyntheticSet(out)
+        done = synth.begin(_manifest_key(cfg, teacher_sha, meta), objective=cfg.objective, data=info.as_dict(),
+                           num_classes=c, n=cfg.n)
+        n_batches = -(-cfg.n // cfg.batch_size)
+        todo = (b for b in range(n_batches) if b not in done)  # lazy: --n may be huge
+        optimising = not isinstance(objective, Noise)
+        bar = tqdm(total=(n_batches - len(done)) * (cfg.steps if optimising else 1),
+                   desc=f"reconstruct {cfg.objective}", disable=not cfg.progress, leave=False)
+        for b in todo:
+            t0 = time.perf_counter()
+            size = min(cfg.batch_size, cfg.n - b * cfg.batch_size)
+            labels = (torch.arange(size) + b * cfg.batch_size) % c
+            g = torch.Generator().manual_seed(_batch_seed(cfg.seed, b))
+            x, losses = optimise_batch(teacher, objective, labels, cfg, g, info, bar if optimising else None)
+            with torch.no_grad():
+                logits = teacher(x.to(device_of(teacher))).float().cpu()
+            synth.add(b, {"x": x, "label": labels, "logits": logits}, loss_first=losses[0], loss_last=losses[-1],
+                      seconds=time.perf_counter() - t0, teacher_agrees=float((logits.argmax(1) == labels).float().mean()))
+            if not optimising:
+                bar.update(1)
+        bar.close()
+        synth.finish(image_steps=cfg.n * (cfg.steps if optimising else 0))
+        if len(info.shape) == 3:
+            synth.open()
+            parts, k = [], 0  # the first shards, ten inputs a class: never the whole set in memory
+            while k < len(synth.manifest["shards"]) and sum(len(p["x"]) for p in parts) < 10 * c:
+                parts, k = parts + [synth.shard(k)], k + 1
+            x, labels = torch.cat([p["x"] for p in parts]), torch.cat([p["label"] for p in parts])
+            save_grid(synth.dir / "samples.png", info.to_raw(x), labels, lo=info.low, hi=info.high)
     return synth.manifest_path
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import weights_sha256
+from .checkpoint import exclusive, weights_sha256
 from .config import RecordConfig
 from .data import DataInfo, DataSource, as_batches, data_len, first_batch
 from .errors import DfkdError
@@ -165,7 +165,11 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
                      "sample_bytes": math.prod(info.shape), "input_min": lo.tolist(), "input_max": hi.tolist()},
         layers=[dict(i.as_dict(), cov=cov_mode(cfg.cov, i.dim)) for i in infos], top={"path": "output", "dim": c},
         spectral=spectral)
-    return Metadata(header, tensors, timings={"basis_seconds": basis_s, "pass_seconds": pass_s})
+    meta = Metadata(header, tensors, timings={"basis_seconds": basis_s, "pass_seconds": pass_s})
+    if "all-layers" in kinds:  # the file states what follows from it in closed form (dfkd.leakage)
+        from .leakage import reveals
+        header["closed_form"] = reveals(model, meta)
+    return meta
 
 
 def gaussian_tensors(kind: str, part: str | None, m: ClassMoments, mode: str) -> dict[str, torch.Tensor]:
@@ -199,6 +203,8 @@ def record_file(teacher: ModelRef, data: DataRef, out: str | Path | None = None,
     model.to(pick_device(cfg.device))
     if source.train is None:
         raise DfkdError("data", "has no training split to record on")
-    meta = record(model, source, cfg)
-    meta.header["teacher"] = desc["model"]["spec"]
-    return save(meta, Path(out) if out else stats_path(teacher.ref)), meta
+    out = Path(out) if out else stats_path(teacher.ref)
+    with exclusive(out):
+        meta = record(model, source, cfg)
+        meta.header["teacher"] = desc["model"]["spec"]
+        return save(meta, out), meta

@@ -16,10 +16,12 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import io
+import math
 import os
 import pickle
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +56,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 def restricted_unpickle(raw: bytes, where: object = "pickle"):
     try:
         return _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise DfkdError(where, f"unsafe or corrupt pickle ({e})") from None
+    except Exception as e:  # a damaged pickle raises anything (UnpicklingError, OverflowError, KeyError, ...)
+        raise DfkdError(where, f"unsafe or corrupt pickle ({type(e).__name__}: {e})") from None
 
 
 def hub_pickle_bytes() -> tuple[bytes, str]:
@@ -85,35 +87,52 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
 def from_hub_pickle(raw: bytes, where: object) -> dict[str, np.ndarray]:
     try:
         raw = gzip.decompress(raw)
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise DfkdError(where, f"not a readable gzip file ({e})") from None
     obj = restricted_unpickle(raw, where)
     try:
         (trx, try_), (vax, vay), (tex, tey) = obj
     except (TypeError, ValueError):
         raise DfkdError(where, "expected three (images, labels) pairs") from None
-    return {"train_x": _to_uint8(np.concatenate([trx, vax])), "train_y": np.concatenate([try_, vay]).astype(np.int64),
-            "test_x": _to_uint8(tex), "test_y": np.asarray(tey, dtype=np.int64)}
+    try:
+        xs = [np.asarray(a, dtype=np.float64) for a in (trx, vax, tex)]
+        if not all(np.isfinite(a).all() for a in xs):
+            raise DfkdError(where, "holds NaN or infinite pixel values")
+        out = {"train_x": _to_uint8(np.concatenate(xs[:2])), "test_x": _to_uint8(xs[2]),
+               "train_y": np.concatenate([try_, vay]).astype(np.int64), "test_y": np.asarray(tey, dtype=np.int64)}
+    except (TypeError, ValueError) as e:
+        raise DfkdError(where, f"arrays of unexpected shape or type ({e})") from None
+    if len(out["train_x"]) != len(out["train_y"]) or len(out["test_x"]) != len(out["test_y"]):
+        raise DfkdError(where, "image and label counts differ")
+    return out
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read one IDX file (optionally gzipped), checking its magic number and size."""
+    """Read one IDX file (optionally gzipped), checking its magic number, and its declared size
+    against the file before reading the body (a gzipped body is read up to that size only)."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError) as e:
-        raise DfkdError(path, f"cannot read ({e})") from None
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
-        raise DfkdError(path, "bad magic number (not an unsigned-byte IDX file)")
-    ndim = raw[3]
-    if ndim not in (1, 3) or len(raw) < 4 + 4 * ndim:
-        raise DfkdError(path, f"unsupported IDX rank {ndim}")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    body = raw[4 + 4 * ndim:]
-    if len(body) != int(np.prod(dims)):
-        raise DfkdError(path, f"size mismatch: header says {dims} ({int(np.prod(dims))} bytes), file has {len(body)}")
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:2] != b"\0\0" or head[2] != 0x08:
+                raise DfkdError(path, "bad magic number (not an unsigned-byte IDX file)")
+            ndim = head[3]
+            dims_raw = f.read(4 * ndim)
+            if ndim not in (1, 3) or len(dims_raw) < 4 * ndim:
+                raise DfkdError(path, f"unsupported IDX rank {ndim}")
+            dims = [int.from_bytes(dims_raw[4 * i: 4 * i + 4], "big") for i in range(ndim)]
+            want = math.prod(dims)
+            # deflate expands at most ~1032x: a larger declared size cannot be in the file
+            if want > (size * 1032 if gz else size - 4 - 4 * ndim):
+                raise DfkdError(path, f"size mismatch: header says {dims} ({want:,} bytes), more than the file holds")
+            body = f.read(want + 1)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DfkdError(path, f"cannot read ({getattr(e, 'strerror', None) or e})") from None
+    if len(body) != want:
+        raise DfkdError(path, f"size mismatch: header says {dims} ({want:,} bytes), file has {len(body):,}")
     return np.frombuffer(body, dtype=np.uint8).reshape(dims).copy()
 
 
@@ -188,6 +207,12 @@ def idx_source(arg: str) -> DataSource:
     return _uint8_source(mnist_arrays(arg), f"idx:{arg}")
 
 
+def _pil_errors() -> tuple[type[BaseException], ...]:
+    """What Pillow raises for a damaged or hostile file (SyntaxError: its parsers' "broken file")."""
+    from PIL import Image
+    return OSError, ValueError, SyntaxError, EOFError, ArithmeticError, Image.DecompressionBombError
+
+
 class _FolderImages:
     """Image files read (and converted to one mode) with Pillow when indexed by a batch."""
 
@@ -198,14 +223,14 @@ class _FolderImages:
         return len(self.files)
 
     def __getitem__(self, idx) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
         out = []
         for i in np.atleast_1d(idx):
             f = self.files[int(i)]
             try:
                 with Image.open(f) as im:
                     arr = np.asarray(im.convert(self.mode))
-            except (OSError, UnidentifiedImageError, ValueError) as e:
+            except _pil_errors() as e:
                 raise DfkdError(f, f"cannot read this image ({e})") from None
             if arr.shape[:2] != self.size:
                 raise DfkdError(f, f"is {arr.shape[1]}x{arr.shape[0]}, the others {self.size[1]}x{self.size[0]}")
@@ -230,7 +255,7 @@ def _folder_split(d: Path, classes: list[str]) -> tuple[list[Path], torch.Tensor
 
 
 def folder_source(arg: str) -> DataSource:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
     root = Path(arg)
     if not root.is_dir():
         raise DfkdError(root, "not a directory")
@@ -246,7 +271,7 @@ def folder_source(arg: str) -> DataSource:
         with Image.open(files[0]) as im:
             mode = "L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB"
             size = (im.height, im.width)
-    except (OSError, UnidentifiedImageError) as e:
+    except _pil_errors() as e:
         raise DfkdError(files[0], f"cannot read this image ({e})") from None
     info = DataInfo(shape=(1 if mode == "L" else 3, *size), num_classes=len(classes), class_names=tuple(classes),
                     name=f"folder:{arg}")
@@ -264,16 +289,21 @@ class _NpzRows:
 
     def __init__(self, path: Path, member: str):
         self.path, self.member = path, member
-        with zipfile.ZipFile(path) as z:
-            info = z.getinfo(member + ".npy")
-            with z.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                    np.lib.format.read_array_header_2_0
-                shape, fortran, dtype = read(f)
-                offset = f.tell()
-        if fortran or dtype.hasobject:
-            raise DfkdError(path, f"{member}: object or Fortran-ordered arrays are not supported")
+        try:
+            with zipfile.ZipFile(path) as z:
+                info = z.getinfo(member + ".npy")
+                with z.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, fortran, dtype = read(f)
+                    offset = f.tell()
+        except Exception as e:  # numpy parses the header text with ast: a damaged one raises anything
+            raise DfkdError(path, f"{member}: unreadable array header ({type(e).__name__}: {e})") from None
+        if fortran or dtype.hasobject or not shape or min(shape) < 0:
+            raise DfkdError(path, f"{member}: object, 0-d or Fortran-ordered arrays are not supported")
+        if math.prod(shape) * dtype.itemsize > info.file_size:  # checked before anything is allocated
+            raise DfkdError(path, f"{member}: declares shape {shape}, more than the {info.file_size:,} bytes it holds")
         self.shape, self.dtype = shape, dtype
         self._whole = None
         if info.compress_type != zipfile.ZIP_STORED:
@@ -301,7 +331,10 @@ class _NpzRows:
         with open(self.path, "rb") as f:
             for k, i in enumerate(idx):
                 f.seek(self._offset + int(i) * row)
-                out[k] = np.frombuffer(f.read(row), dtype=self.dtype).reshape(self.shape[1:])
+                chunk = f.read(row)
+                if len(chunk) != row:
+                    raise DfkdError(self.path, f"{self.member}: row {int(i)} lies past the end of the file")
+                out[k] = np.frombuffer(chunk, dtype=self.dtype).reshape(self.shape[1:])
         return out
 
 
@@ -323,6 +356,11 @@ def _npz_images(rows: _NpzRows, where: str) -> tuple[object, tuple[int, ...], fl
     raise DfkdError(where, f"x has shape {rows.shape}: expected [N, H, W], [N, C, H, W], [N, H, W, C] or [N, D]")
 
 
+# what zipfile and numpy raise for a damaged archive (NotImplementedError: an unknown zip version or
+# compression; RuntimeError: an encrypted member)
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError, zlib.error)
+
+
 def npz_source(arg: str) -> DataSource:
     path = Path(arg)
     if not path.is_file():
@@ -330,16 +368,20 @@ def npz_source(arg: str) -> DataSource:
     try:
         with zipfile.ZipFile(path) as z:
             names = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
-    except (zipfile.BadZipFile, OSError) as e:
+    except _ZIP_ERRORS as e:
         raise DfkdError(path, f"not an .npz file ({e})") from None
     if not {"x", "y"} <= names:
         raise DfkdError(path, f"needs arrays x and y (has {', '.join(sorted(names)) or 'none'})")
     try:
         xs = {k: _NpzRows(path, k) for k in ("x", "x_test") if k in names}
+        for k in ("y", "y_test"):
+            if k in names:
+                _NpzRows(path, k)  # its declared size checked before np.load allocates it
         with np.load(path, allow_pickle=False) as z:
             ys = {k: z[k] for k in ("y", "y_test") if k in names}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+    except _ZIP_ERRORS as e:
         raise DfkdError(path, f"cannot read its arrays ({e})") from None
+    ys = {k: _labels(v, f"{path}: {k}").numpy() for k, v in ys.items()}
     if not len(ys["y"]):
         raise DfkdError(path, "y holds no labels")
     c = int(max(int(v.max()) for v in ys.values() if len(v))) + 1

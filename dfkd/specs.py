@@ -7,13 +7,12 @@ the data (and ``normalize``).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import load_model, resolve_model
+from .checkpoint import parse_json, resolve_model
 from .data import DataInfo, DataSource, open_data
 from .errors import DfkdError
 from .models import MODELS, build_model, is_code_spec
@@ -41,12 +40,9 @@ class DataRef:
 def parse_args(text: str | None, where: str = "model_args") -> dict:
     if not text:
         return {}
-    try:
-        args = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DfkdError(where, f"not JSON ({e.msg}); e.g. '{{\"width\": 32}}'") from None
+    args = parse_json(text, where)
     if not isinstance(args, dict):
-        raise DfkdError(where, "must be a JSON object of keyword arguments")
+        raise DfkdError(where, "must be a JSON object of keyword arguments, e.g. '{\"width\": 32}'")
     return args
 
 

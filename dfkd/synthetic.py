@@ -12,12 +12,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .checkpoint import load_tensors, read_json, save_tensors, write_json
 from .data import DataInfo
 from .errors import DfkdError
 
 WINDOW_BYTES = 512 * 2 ** 20  # shards shuffled together while streaming (all of them when the set is smaller)
+
+
+def _rows(path: Path) -> int | None:
+    """The row count of a shard's ``x`` from its header alone (None if it has no ``x``)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_slice("x").get_shape()[0] if "x" in f.keys() else None
+    except FileNotFoundError:
+        raise DfkdError(path, "no such file (listed in the manifest)") from None
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise DfkdError(path, f"not a valid safetensors file (truncated or corrupt: {e})") from None
 
 
 class SyntheticSet:
@@ -58,7 +70,8 @@ class SyntheticSet:
         shards = m.get("shards")
         if not isinstance(shards, list) or not all(
                 isinstance(s, dict) and isinstance(s.get("index"), int) and isinstance(s.get("file"), str)
-                and isinstance(s.get("n"), int) and "/" not in s["file"] and "\\" not in s["file"] for s in shards):
+                and isinstance(s.get("n"), int) and s["n"] > 0 and "/" not in s["file"] and "\\" not in s["file"]
+                for s in shards):
             raise DfkdError(self.manifest_path, "its shards list is missing or malformed")
         return m
 
@@ -69,6 +82,11 @@ class SyntheticSet:
         self.manifest = self._read()
         if not self.manifest.get("complete"):
             raise DfkdError(self.manifest_path, "the synthetic set is incomplete; run dfkd reconstruct again to finish it")
+        if not self.manifest["shards"]:
+            raise DfkdError(self.manifest_path, "lists no shards")
+        for s in self.manifest["shards"]:  # declared sizes checked against the files before anything is allocated
+            if _rows(self.dir / s["file"]) != s["n"]:
+                raise DfkdError(self.dir / s["file"], f"does not hold the {s['n']} inputs the manifest lists")
         return self
 
     @property
@@ -83,6 +101,8 @@ class SyntheticSet:
         t, _ = load_tensors(self.dir / s["file"])
         if set(t) != {"x", "label", "logits"} or any(len(v) != s["n"] for v in t.values()):
             raise DfkdError(self.dir / s["file"], "does not hold the x, label and logits the manifest lists")
+        if not (torch.isfinite(t["x"]).all() and torch.isfinite(t["logits"]).all()):
+            raise DfkdError(self.dir / s["file"], "holds NaN or infinite values")
         return t
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import atomic_write, save_model
+from .checkpoint import atomic_write, exclusive, save_model
 from .config import TrainConfig, to_dict
 from .data import DataSource, as_batches, data_len
 from .errors import DfkdError
@@ -42,7 +43,9 @@ def _load_state(path: Path | None, model: nn.Module, opt: torch.optim.Optimizer)
     if path is None or not path.is_file():
         return 0, []
     try:
-        st = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a damaged file's warnings would break the one-line answer
+            warnings.simplefilter("ignore")
+            st = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optim"])
         return int(st["epoch"]), list(st["history"])
@@ -151,10 +154,11 @@ def train_file(model: ModelRef, data: DataRef, out: str | Path, cfg: TrainConfig
     seed_everything(cfg.seed)
     net, desc, source = open_with_data(model, data)
     net.to(pick_device(cfg.device))
-    out = Path(out)
-    history = train(net, source, cfg, state_path=out.with_name(out.name + ".state.pt"))
-    extra = {"test_accuracy": history[-1]["test_accuracy"]} if "test_accuracy" in history[-1] else {}
-    path = save_model(net.cpu(), out, desc["model"]["spec"], desc["model"]["args"], source.info, history=history,
-                      train_config=to_dict(cfg), **extra)
-    out.with_name(out.name + ".state.pt").unlink(missing_ok=True)
-    return path
+    with exclusive(Path(out)):
+        out = Path(out)
+        history = train(net, source, cfg, state_path=out.with_name(out.name + ".state.pt"))
+        extra = {"test_accuracy": history[-1]["test_accuracy"]} if "test_accuracy" in history[-1] else {}
+        path = save_model(net.cpu(), out, desc["model"]["spec"], desc["model"]["args"], source.info, history=history,
+                          train_config=to_dict(cfg), **extra)
+        out.with_name(out.name + ".state.pt").unlink(missing_ok=True)
+        return path

@@ -9,14 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from dfkd.config import RecordConfig, TrainConfig
+from dfkd.checkpoint import save_model
+from dfkd.config import ReconstructConfig, RecordConfig, TrainConfig
 from dfkd.data import as_batches, open_data
 from dfkd.models import build_model
-from dfkd.recording import record
-from dfkd.training import train
+from dfkd.reconstruction import reconstruct_file
+from dfkd.recording import record, record_file
+from dfkd.specs import DataRef, ModelRef
+from dfkd.training import train, train_file
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parent.parent
+OWN = ROOT / "examples" / "own_model.py"
 
 
 @pytest.fixture(scope="session")
@@ -78,3 +82,27 @@ def colour_dir(tmp_path_factory) -> Path:
                         "--test", "500"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return d
+
+
+def make_world(d: Path, idx_dir: Path) -> SimpleNamespace:
+    """A small saved LeNet-5 teacher, its statistics, a synthetic set, and a user-code teacher."""
+    data = f"idx:{idx_dir}"
+    train_file(ModelRef("lenet5"), DataRef(data), d / "teacher", TrainConfig(epochs=1, progress=False))
+    record_file(ModelRef(str(d / "teacher")), DataRef(), None, RecordConfig(progress=False))
+    reconstruct_file(ModelRef(str(d / "teacher")), str(d / "teacher.stats.safetensors"), d / "synthetic",
+                     ReconstructConfig(objective="spectral-pairs", n=20, batch_size=10, steps=2, progress=False))
+    model, info = build_model(f"{OWN}:teacher", build_model("lenet5")[1].fitted((1, 28, 28)), width=4)
+    save_model(model, d / "own", f"{OWN}:teacher", {"width": 4}, info)
+    (d / "boom.py").write_text("raise RuntimeError('nope')\n")
+    (d / "notmodule.py").write_text("def make():\n    return 42\n")
+    (d / "badforward.py").write_text(
+        "import torch\n\nclass Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(784, 10)\n\n    def forward(self, x):\n"
+        "        raise ValueError('shape trouble in my forward')\n\n\ndef make():\n    return Net()\n")
+    return SimpleNamespace(dir=d, data=data, idx=idx_dir, teacher=d / "teacher", stats=d / "teacher.stats.safetensors",
+                           synthetic=d / "synthetic")
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory, idx_dir):
+    return make_world(tmp_path_factory.mktemp("world"), idx_dir)

@@ -44,7 +44,7 @@ def test_same_seed_same_shards_and_balanced(teacher, meta, tmp_path):
 def test_sample_grid_is_the_class_grid(teacher, meta, tmp_path):
     from PIL import Image
     reconstruct(teacher, meta, tmp_path / "a", CFG)
-    x, labels, _ = _load(tmp_path / "a")
+    x, labels, _ = _load(tmp_path / "a")  # 30 inputs: all of them fit in the grid's ten a class
     png = np.array(Image.open(tmp_path / "a" / "samples.png"))
     assert np.array_equal(png, class_grid(x, labels))
     assert png.shape == (10 * 34 * 2 + 4, 10 * 34 * 2 + 4)

@@ -1,6 +1,5 @@
 """Recording on models a user would bring, per-channel conv statistics against an oracle,
 streaming a large data set in bounded memory, and bad input refused."""
-import resource
 import subprocess
 import sys
 

@@ -1,0 +1,540 @@
+"""The bad-input matrix: every file dfkd reads, every argument and the environment, each answered
+with one line ``dfkd: <file or argument>: <problem>``, exit code 2, no traceback, nothing
+half-written. ``docs/robustness.md`` lists the same cases (``python -m tests.test_bad_input``
+prints the table from a real run), and a test keeps the two in step.
+
+Most cases call ``dfkd.cli.main`` in this process (fast); those that need a process of their
+own (a file-size limit, a lock held by another process, the real entry point) run ``python -m dfkd``.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from dfkd.cli import main
+from dfkd.config import RecordConfig
+from dfkd.recording import record_file
+from dfkd.specs import DataRef, ModelRef
+from tests.conftest import OWN, ROOT, make_world, write_idx
+
+# --- helpers that write hostile files -------------------------------------------------------------
+def copy_model(w, tmp, name, desc_edit=None, weights=None) -> Path:
+    desc = json.loads((w.dir / "teacher.json").read_text())
+    if desc_edit:
+        desc_edit(desc)
+    (tmp / f"{name}.json").write_text(desc if isinstance(desc, str) else json.dumps(desc))
+    (tmp / f"{name}.safetensors").write_bytes(weights if weights is not None else (w.dir / "teacher.safetensors").read_bytes())
+    return tmp / name
+
+
+def stats_with_header(w, tmp, header_edit=None, tensors_edit=None, raw_header=None) -> Path:
+    from dfkd.metadata import load
+    meta = load(w.stats)
+    h, t = dict(meta.header), dict(meta.tensors)
+    if tensors_edit:
+        tensors_edit(t)
+    if header_edit:
+        header_edit(h)
+    p = tmp / "x.stats.safetensors"
+    p.write_bytes(st_save(t, metadata={"dfkd": raw_header if raw_header is not None else json.dumps(h)}))
+    return p
+
+
+def synthetic_copy(w, tmp, manifest_edit=None, shard_bytes=None) -> Path:
+    d = tmp / "syn"
+    d.mkdir()
+    for f in w.synthetic.iterdir():
+        if f.suffix in (".json", ".safetensors"):
+            (d / f.name).write_bytes(f.read_bytes())
+    if manifest_edit:
+        m = json.loads((d / "manifest.json").read_text())
+        m = manifest_edit(m) or m
+        (d / "manifest.json").write_text(m if isinstance(m, str) else json.dumps(m))
+    if shard_bytes:
+        (d / "shard-00000.safetensors").write_bytes(shard_bytes((d / "shard-00000.safetensors").read_bytes()))
+    return d
+
+
+def npz(tmp, compressed=False, **arrays) -> str:
+    p = tmp / "d.npz"
+    (np.savez_compressed if compressed else np.savez)(p, **arrays)
+    return f"npz:{p}"
+
+
+def png_bomb(path: Path, w: int = 100_000, h: int = 100_000) -> None:
+    """A tiny PNG whose header declares 10^10 pixels."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def folder(tmp, per_class=3, classes=("a", "b"), size=(8, 8)) -> Path:
+    from PIL import Image
+    root = tmp / "imgs"
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full(size, 40 * i, dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def idx_copy(w, tmp, edit) -> str:
+    d = tmp / "idx"
+    d.mkdir()
+    for f in w.idx.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    edit(d)
+    return f"idx:{d}"
+
+
+def deep(n=100_000) -> str:
+    return "[" * n + "]" * n
+
+
+def pickle_payload(tmp) -> Path:
+    """A .pt whose unpickling would create a file: refused by weights_only, so the file never appears."""
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp / "PWNED"), "w"))
+    p = tmp / "evil.pt"
+    torch.save({"fc.weight": Payload()}, p)
+    return p
+
+
+T = ["--quiet"]
+# id, what is read, how it is bad, argv builder (w, tmp) -> argv, words the one line must hold
+CASES = [
+    # arguments
+    ("arg-model-name", "argument", "unknown registry name",
+     lambda w, t: ["train", "--model", "resnet"], ["--model", "hinton-1200"]),
+    ("arg-nonpositive", "argument", "--epochs 0", lambda w, t: ["train", "--epochs", "0"], ["--epochs", "> 0"]),
+    ("arg-args-json", "argument", "--model-args not JSON",
+     lambda w, t: ["train", "--model-args", "{bad"], ["--model-args", "not valid JSON"]),
+    ("arg-args-type", "argument", "--model-args a list", lambda w, t: ["train", "--model-args", "[1]"],
+     ["--model-args", "JSON object"]),
+    ("arg-args-deep", "argument", "--model-args nested 100,000 deep",
+     lambda w, t: ["train", "--model-args", deep()], ["--model-args", "nested deeper"]),
+    ("arg-args-unknown", "argument", "--model-args with an unknown keyword",
+     lambda w, t: ["train", "--model-args", '{"depth": 3}', "--data", w.data, "--out", t / "o"], ["--model-args", "depth"]),
+    ("arg-data-kind", "argument", "unknown data source", lambda w, t: ["train", "--data", "imagenet:x"],
+     ["--data", "unknown data source"]),
+    ("arg-normalize", "argument", "--normalize with std 0",
+     lambda w, t: ["train", "--data", w.data, "--normalize", "0.5/0", "--out", t / "o"], ["--normalize", "std"]),
+    ("arg-device", "argument", "--device cuda on a machine without CUDA (or a bogus device)",
+     lambda w, t: ["train", "--device", "tpu9", "--data", w.data, "--out", t / "o"] + T, ["--device"]),
+    ("arg-kinds", "argument", "--kinds misspelt", lambda w, t: ["record", "--teacher", w.teacher, "--kinds", "top_layer",
+                                                                 "--out", t / "s"], ["--kinds", "top-layer"]),
+    ("arg-layers", "argument", "--layers naming no layer",
+     lambda w, t: ["record", "--teacher", w.teacher, "--layers", "fc9", "--out", t / "s"], ["--layers", "nearest"]),
+    ("arg-normalize-saved", "argument", "--normalize for a saved teacher (it brings its own)",
+     lambda w, t: ["record", "--teacher", w.teacher, "--normalize", "auto", "--out", t / "s"],
+     ["--normalize", "brings the normalisation it was trained with"]),
+    ("arg-cov", "argument", "--cov lowrank:x", lambda w, t: ["record", "--teacher", w.teacher, "--cov", "lowrank:x",
+                                                              "--out", t / "s"], ["--cov"]),
+    ("arg-objective", "argument", "unknown objective",
+     lambda w, t: ["reconstruct", "--teacher", w.teacher, "--objective", "magic", "--out", t / "r"], ["--objective"]),
+    ("arg-bn-free", "argument", "bn-stats on a teacher without BatchNorm",
+     lambda w, t: ["reconstruct", "--teacher", w.teacher, "--objective", "bn-stats", "--out", t / "r"],
+     ["--objective", "BatchNorm"]),
+    ("arg-augment", "argument", "unknown --augment",
+     lambda w, t: ["distill", "--synthetic", w.synthetic, "--teacher", w.teacher, "--augment", "warp",
+                   "--out", t / "s"] + T, ["--augment"]),
+    ("arg-schedule", "argument", "unknown --schedule",
+     lambda w, t: ["distill", "--synthetic", w.synthetic, "--schedule", "linear", "--out", t / "s"] + T, ["--schedule"]),
+    ("arg-networks", "argument", "dfkd run with an unknown network",
+     lambda w, t: ["run", "--networks", "resnet", "--out", t / "run"], ["--networks"]),
+    ("arg-profile", "argument", "dfkd run with an unknown profile",
+     lambda w, t: ["run", "--profile", "huge", "--out", t / "run"], ["--profile"]),
+    # user model code
+    ("code-missing", "model code", "FILE.py:factory that does not exist",
+     lambda w, t: ["train", "--model", f"{t / 'none.py'}:make"], ["none.py:make", "no such file"]),
+    ("code-raises", "model code", "code that raises while imported",
+     lambda w, t: ["train", "--model", f"{w.dir / 'boom.py'}:make"], ["boom.py:make", "cannot import", "RuntimeError"]),
+    ("code-no-factory", "model code", "a file without the named factory",
+     lambda w, t: ["train", "--model", f"{OWN}:nothere"], ["own_model.py:nothere", "no callable"]),
+    ("code-not-module", "model code", "a factory returning something else than nn.Module",
+     lambda w, t: ["train", "--model", f"{w.dir / 'notmodule.py'}:make"], ["notmodule.py:make", "not a torch.nn.Module"]),
+    ("code-forward-raises", "model code", "a model whose forward raises",
+     lambda w, t: ["train", "--model", f"{w.dir / 'badforward.py'}:make", "--data", w.data, "--out", t / "o"] + T,
+     ["badforward.py:", "ValueError", "in your code"]),
+    ("code-not-named", "model code", "a saved model made from code the user did not name",
+     lambda w, t: ["evaluate", w.dir / "own"], ["own.json", "--code"]),
+    # saved models
+    ("model-missing", "model .json", "no such model", lambda w, t: ["evaluate", t / "nothing"], ["nothing.json", "no such file"]),
+    ("model-not-json", "model .json", "not JSON", lambda w, t: ["evaluate", _write(t / "m.json", "{not json", t / "m")],
+     ["m.json", "not valid JSON"]),
+    ("model-deep-json", "model .json", "JSON nested 100,000 deep",
+     lambda w, t: ["evaluate", _write(t / "m.json", deep(), t / "m")], ["m.json", "nested deeper"]),
+    ("model-format", "model .json", "another format's JSON",
+     lambda w, t: ["evaluate", copy_model(w, t, "m", lambda d: d.update(format="keras"))], ["m.json", "not a dfkd model"]),
+    ("model-version", "model .json", "a future format version",
+     lambda w, t: ["evaluate", copy_model(w, t, "m", lambda d: d.update(version=99))], ["m.json", "version 99"]),
+    ("model-huge-args", "model .json", "arguments declaring 10^12 parameters",
+     lambda w, t: ["evaluate", copy_model(w, t, "m", lambda d: d["model"].update(spec="hinton-800",
+                                                                                  args={"hidden": [10 ** 6, 10 ** 6]}))],
+     ["m.json", "declare"]),
+    ("model-huge-shape", "model .json", "a data description of 10^12 values",
+     lambda w, t: ["evaluate", copy_model(w, t, "m", lambda d: d["data"].update(shape=[1, 10 ** 6, 10 ** 6]))],
+     ["m.json", "bad input shape"]),
+    ("model-truncated", "model .safetensors", "weights cut short",
+     lambda w, t: ["evaluate", copy_model(w, t, "m", weights=(w.dir / "teacher.safetensors").read_bytes()[:1000])],
+     ["m.safetensors", "truncated or corrupt"]),
+    ("model-tampered", "model .safetensors", "weights changed after saving (sha256)",
+     lambda w, t: ["evaluate", copy_model(w, t, "m", weights=_scaled_weights(w, 1.01))], ["m.safetensors", "sha256"]),
+    ("model-nan", "model .safetensors", "NaN in the weights",
+     lambda w, t: ["evaluate", copy_model(w, t, "m", weights=_scaled_weights(w, float("nan")))], ["m.safetensors", "NaN"]),
+    ("weights-pickle", "--weights .pt", "a pickle that would run code",
+     lambda w, t: ["record", "--teacher", "lenet5", "--weights", pickle_payload(t), "--out", t / "s"],
+     ["evil.pt", "not a readable state dict"]),
+    ("weights-mismatch", "--weights .pt", "a state dict for another network",
+     lambda w, t: ["record", "--teacher", "hinton-800", "--weights", _state_dict(w, t), "--out", t / "s"],
+     ["sd.pt", "do not fit the model"]),
+    ("state-corrupt", "resume state .state.pt", "a damaged resume file",
+     lambda w, t: ["train", "--data", w.data, "--out", _write(t / "m.state.pt", b"PK\3\4junk", t), "--name", "m",
+                   "--epochs", "1"] + T,
+     ["m.state.pt", "cannot resume"]),
+    # statistics files
+    ("stats-truncated", "stats file", "cut short", lambda w, t: ["inspect", _write(t / "in.safetensors",
+                                                                                   w.stats.read_bytes()[:-50])],
+     ["in.safetensors", "truncated or corrupt"]),
+    ("stats-not-dfkd", "stats file", "a safetensors file without dfkd's header",
+     lambda w, t: ["inspect", _write(t / "in.safetensors", st_save({"a": torch.zeros(2)}))], ["in.safetensors", "no dfkd header"]),
+    ("stats-deep-header", "stats file", "header JSON nested 100,000 deep",
+     lambda w, t: ["inspect", stats_with_header(w, t, raw_header=deep())], ["x.stats.safetensors", "nested deeper"]),
+    ("stats-deep-reconstruct", "stats file", "the same, given to reconstruct",
+     lambda w, t: ["reconstruct", "--teacher", w.teacher, "--stats", stats_with_header(w, t, raw_header=deep()),
+                   "--out", t / "r"], ["x.stats.safetensors", "nested deeper"]),
+    ("stats-header-types", "stats file", "header fields of the wrong type",
+     lambda w, t: ["inspect", stats_with_header(w, t, lambda h: h.update(num_classes="ten", layers=7))],
+     ["x.stats.safetensors", "header"]),
+    ("stats-no-recorded-on", "stats file", "header without its provenance",
+     lambda w, t: ["inspect", stats_with_header(w, t, lambda h: h.pop("recorded_on"))], ["x.stats.safetensors", "recorded_on"]),
+    ("stats-tampered", "stats file", "tensors altered after recording",
+     lambda w, t: ["inspect", stats_with_header(w, t, tensors_edit=lambda d: d.update({k: v * 1.01 for k, v in d.items()
+                                                                                    if k.endswith("mean")}))],
+     ["x.stats.safetensors", "sha256"]),
+    ("stats-nan", "stats file", "NaN in the statistics",
+     lambda w, t: ["inspect", stats_with_header(w, t, tensors_edit=lambda d: d.update({"top-layer/mean": d["top-layer/mean"]
+                                                                                    * float("nan")}))],
+     ["x.stats.safetensors", "NaN"]),
+    ("stats-huge-declared", "stats file", "header declaring 10^6 classes of 10^6 dimensions",
+     lambda w, t: ["inspect", stats_with_header(w, t, lambda h: h.update(num_classes=10 ** 6))], ["x.stats.safetensors"]),
+    ("stats-other-teacher", "stats file", "recorded on another teacher",
+     lambda w, t: ["reconstruct", "--teacher", copy_model(w, t, "m", weights=_scaled_weights(w, 1.01),
+                                                          desc_edit=lambda d: d.pop("sha256")),
+                   "--stats", w.stats, "--out", t / "r"], ["teacher.stats.safetensors", "another teacher"]),
+    ("stats-missing-kind", "stats file", "without the kind the objective needs",
+     lambda w, t: ["reconstruct", "--teacher", w.teacher, "--stats", _record(w, t, "top-layer"), "--objective",
+                   "all-layers", "--out", t / "r"], ["top.stats.safetensors", "--kinds all-layers"]),
+    # synthetic sets
+    ("syn-no-manifest", "synthetic set", "a folder without manifest.json",
+     lambda w, t: ["distill", "--synthetic", t, "--out", t / "s"], ["manifest.json", "not a synthetic set"]),
+    ("syn-no-shards", "manifest.json", "without its shards list (was a KeyError)",
+     lambda w, t: ["distill", "--synthetic", synthetic_copy(w, t, lambda m: m.pop("shards") and None), "--out", t / "s"],
+     ["manifest.json", "shards"]),
+    ("syn-shards-type", "manifest.json", '"shards": "x" (was a TypeError)',
+     lambda w, t: ["distill", "--synthetic", synthetic_copy(w, t, lambda m: m.update(shards="x")), "--out", t / "s"],
+     ["manifest.json", "shards"]),
+    ("syn-traversal", "manifest.json", "a shard path leaving the folder",
+     lambda w, t: ["distill", "--synthetic", synthetic_copy(w, t, lambda m: m["shards"][0].update(file="../../etc/passwd")),
+                   "--out", t / "s"], ["manifest.json", "shards"]),
+    ("syn-data-type", "manifest.json", "a data description of the wrong type",
+     lambda w, t: ["distill", "--synthetic", synthetic_copy(w, t, lambda m: m.update(data=[1, 2])), "--out", t / "s"],
+     ["manifest.json", "data"]),
+    ("syn-deep", "manifest.json", "nested 100,000 deep",
+     lambda w, t: ["distill", "--synthetic", synthetic_copy(w, t, lambda m: deep()), "--out", t / "s"],
+     ["manifest.json", "nested deeper"]),
+    ("syn-incomplete", "manifest.json", "an unfinished set",
+     lambda w, t: ["distill", "--synthetic", synthetic_copy(w, t, lambda m: m.update(complete=False)), "--out", t / "s"],
+     ["manifest.json", "incomplete"]),
+    ("syn-shard-truncated", "shard", "a shard cut short",
+     lambda w, t: ["distill", "--synthetic", synthetic_copy(w, t, shard_bytes=lambda b: b[:-20]), "--out", t / "s"] + T,
+     ["shard-00000.safetensors", "truncated or corrupt"]),
+    ("syn-shard-content", "shard", "a shard without the inputs",
+     lambda w, t: ["distill", "--synthetic", synthetic_copy(w, t, shard_bytes=lambda b: st_save({"y": torch.zeros(3)})),
+                   "--out", t / "s"] + T, ["shard-00000.safetensors", "does not hold"]),
+    ("syn-shard-nan", "shard", "NaN inputs in a shard",
+     lambda w, t: ["distill", "--synthetic", synthetic_copy(w, t, shard_bytes=_nan_shard), "--out", t / "s"] + T,
+     ["shard-00000.safetensors", "NaN"]),
+    ("syn-student-misfit", "synthetic set", "a set whose inputs do not fit the student",
+     lambda w, t: ["distill", "--synthetic", w.synthetic, "--student", f"{OWN}:student", "--student-args",
+                   '{"in_channels": 3}', "--out", t / "s"] + T, ["--synthetic", "do not fit the student"]),
+    ("syn-other-teacher", "synthetic set", "made from another teacher than --teacher",
+     lambda w, t: ["distill", "--synthetic", w.synthetic, "--teacher", w.dir / "own", "--code", OWN, "--out", t / "s"] + T,
+     ["synthetic", "another teacher"]),
+    # data: IDX
+    ("idx-magic", "IDX", "bad magic number",
+     lambda w, t: ["train", "--data", idx_copy(w, t, lambda d: (d / "t10k-labels-idx1-ubyte").write_bytes(b"\1\2\3\4")),
+                   "--out", t / "o"], ["t10k-labels-idx1-ubyte", "magic"]),
+    ("idx-huge", "IDX", "header declaring 4 x 10^9 images",
+     lambda w, t: ["train", "--data", idx_copy(w, t, lambda d: (d / "t10k-images-idx3-ubyte").write_bytes(
+         b"\0\0\x08\x03" + (4_000_000_000).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + b"\0" * 100)),
+                   "--out", t / "o"], ["t10k-images-idx3-ubyte", "size mismatch"]),
+    ("idx-gzip-bomb", "IDX", "a gzipped file declaring more than it can expand to",
+     lambda w, t: ["train", "--data", idx_copy(w, t, lambda d: (d / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(
+         b"\0\0\x08\x03" + (60_000_000).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + b"\0" * 1000))),
+                   "--out", t / "o"], ["train-images-idx3-ubyte.gz", "size mismatch"]),
+    ("idx-count", "IDX", "more labels than images",
+     lambda w, t: ["train", "--data", idx_copy(w, t, lambda d: write_idx(d / "t10k-labels-idx1-ubyte",
+                                                                         np.zeros(501, np.uint8))), "--out", t / "o"],
+     ["idx", "500 images but 501 labels"]),
+    # data: image folders
+    ("folder-missing", "image folder", "no such folder",
+     lambda w, t: ["train", "--data", f"folder:{t / 'nowhere'}"], ["nowhere", "not a directory"]),
+    ("folder-one-class", "image folder", "a single class folder",
+     lambda w, t: ["train", "--data", f"folder:{folder(t, classes=('a',))}", "--out", t / "o"], ["imgs", "two class"]),
+    ("folder-corrupt", "image folder", "an image file that is not an image",
+     lambda w, t: ["train", "--data", f"folder:{_corrupt_image(folder(t))}", "--out", t / "o"] + T,
+     ["1.png", "cannot read this image"]),
+    ("folder-size", "image folder", "images of different sizes",
+     lambda w, t: ["train", "--data", f"folder:{_odd_size(folder(t))}", "--out", t / "o"] + T, ["2.png", "the others"]),
+    ("folder-bomb", "image folder", "a PNG declaring 10^10 pixels (decompression bomb)",
+     lambda w, t: ["train", "--data", f"folder:{_bomb(folder(t))}", "--out", t / "o"] + T, ["0.png", "cannot read"]),
+    # data: npz
+    ("npz-not-zip", "npz", "not a zip file", lambda w, t: ["train", "--data", f"npz:{_write(t / 'd.npz', b'hello')}",
+                                                            "--out", t / "o"], ["d.npz", "not an .npz"]),
+    ("npz-no-y", "npz", "without labels", lambda w, t: ["train", "--data", npz(t, x=np.zeros((4, 8, 8), np.uint8)),
+                                                         "--out", t / "o"], ["d.npz", "needs arrays x and y"]),
+    ("npz-float-labels", "npz", "labels that are floats (NaN)",
+     lambda w, t: ["train", "--data", npz(t, x=np.zeros((4, 8, 8), np.uint8), y=np.array([0, 1, np.nan, 1])),
+                   "--out", t / "o"], ["d.npz", "integer"]),
+    ("npz-nan-inputs", "npz", "NaN in the inputs",
+     lambda w, t: ["train", "--data", npz(t, x=np.full((4, 8, 8), np.nan, np.float32), y=np.array([0, 1, 0, 1])),
+                   "--out", t / "o"], ["d.npz", "NaN"]),
+    ("npz-object", "npz", "an object array (would need pickle)",
+     lambda w, t: ["train", "--data", npz(t, x=np.array([None, 1], dtype=object), y=np.array([0, 1])), "--out", t / "o"],
+     ["d.npz", "object"]),
+    ("npz-huge", "npz", "a member header declaring 10^12 rows",
+     lambda w, t: ["train", "--data", f"npz:{_huge_npz(t)}", "--out", t / "o"], ["d.npz", "declares shape"]),
+    ("npz-rows", "npz", "x and y of different lengths",
+     lambda w, t: ["train", "--data", npz(t, x=np.zeros((4, 8, 8), np.uint8), y=np.array([0, 1, 1])), "--out", t / "o"],
+     ["d.npz", "4 rows but y has 3"]),
+    # environment
+    ("env-unwritable", "environment", "an output folder that cannot be created",
+     lambda w, t: ["record", "--teacher", w.teacher, "--out", "/proc/dfkd-nowhere/s.safetensors"] + T,
+     ["/proc/dfkd-nowhere", "cannot write"]),
+    ("env-file-in-way", "environment", "a file where the output folder should be",
+     lambda w, t: ["reconstruct", "--teacher", w.teacher, "--out", _write(t / "afile", "x") / "sub", "--n", "10"] + T,
+     ["afile/sub", "cannot write"]),
+    ("env-mnist-broken", "environment", "$DFKD_MNIST naming a damaged file",
+     lambda w, t: ["train", "--out", t / "o"], ["bad.whl", "cannot read MNIST"]),
+]
+ENV = {"env-mnist-broken": lambda t: {"DFKD_MNIST": str(_write(t / "bad.whl", b"PK junk")), "DFKD_CACHE": str(t / "c")}}
+# each in a process of its own (the tests below): the real entry point under a file-size limit (a
+# full disk), and a second run while another holds the output
+SUBPROCESS = [
+    ("env-disk-full", "environment", "the disk fills while writing (file-size limit)", ["record"], ["cannot write"]),
+    ("env-locked", "environment", "a second run on an output folder in use", ["reconstruct"], ["another dfkd run"]),
+]
+
+
+def _write(path: Path, data, ret: Path | None = None) -> Path:
+    path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
+    return ret or path
+
+
+def _scaled_weights(w, factor) -> bytes:
+    from safetensors.torch import load
+    t = load((w.dir / "teacher.safetensors").read_bytes())
+    t["conv1.weight"] = t["conv1.weight"] * factor
+    return st_save(t)
+
+
+def _state_dict(w, t) -> Path:
+    from safetensors.torch import load
+    torch.save(load((w.dir / "teacher.safetensors").read_bytes()), t / "sd.pt")
+    return t / "sd.pt"
+
+
+def _record(w, t, kinds) -> Path:
+    out = t / "top.stats.safetensors"
+    record_file(ModelRef(str(w.teacher)), DataRef(), out, RecordConfig(kinds=(kinds,), progress=False))
+    return out
+
+
+def _nan_shard(raw: bytes) -> bytes:
+    from safetensors.torch import load
+    t = load(raw)
+    t["x"][0, 0, 0, 0] = float("nan")
+    return st_save(t)
+
+
+def _corrupt_image(root: Path) -> Path:
+    (root / "a" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    return root
+
+
+def _odd_size(root: Path) -> Path:
+    from PIL import Image
+    Image.fromarray(np.zeros((9, 9), np.uint8)).save(root / "b" / "2.png")
+    return root
+
+
+def _bomb(root: Path) -> Path:
+    png_bomb(root / "a" / "0.png")
+    return root
+
+
+def _huge_npz(t) -> Path:
+    import zipfile  # the member rewritten with its header's shape changed, the zip itself consistent
+    p = t / "d.npz"
+    np.savez(p, x=np.zeros((4, 8, 8), np.uint8), y=np.array([0, 1, 0, 1]))
+    with zipfile.ZipFile(p) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    members["x.npy"] = members["x.npy"].replace(b"(4, 8, 8), }", b"(999999999999, 8, 8), }")
+    with zipfile.ZipFile(p, "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+    return p
+
+
+def outcome(argv, capsys, monkeypatch=None, env=None) -> tuple[int, str]:
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, v)
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def check_one_line(code: int, err: str, needles) -> str:
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("dfkd: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def no_partial_output(tmp: Path) -> None:
+    """Nothing half-written: no temp file, and no output beside the inputs the case wrote."""
+    assert not [p for p in tmp.rglob("*.tmp")], list(tmp.rglob("*.tmp"))
+    for name in ("o.safetensors", "s.safetensors", "r", "run", "o.json", "s.json", "PWNED"):
+        assert not (tmp / name).exists(), name
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line(case, world, tmp_path, capsys, monkeypatch):
+    cid, _, _, build, needles = case
+    argv = build(world, tmp_path)
+    env = ENV[cid](tmp_path) if cid in ENV else None
+    code, err = outcome(argv, capsys, monkeypatch, env)
+    check_one_line(code, err, needles)
+    no_partial_output(tmp_path)
+
+
+def test_disk_full_in_its_own_process(world, tmp_path):
+    """A full disk: a 64 kB file-size limit makes writes fail with EFBIG (Python ignores SIGXFSZ)."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    out = tmp_path / "s.stats.safetensors"
+    r = subprocess.run([sys.executable, "-m", "dfkd", "record", "--teacher", str(world.teacher), "--out", str(out),
+                        "--quiet"], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                       preexec_fn=limit, timeout=300)
+    check_one_line(r.returncode, r.stderr, [str(out), "cannot write", "too large"])
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_second_run_refused_and_a_killed_runs_lock_void(world, tmp_path):
+    """Two real runs on one output folder: the second is refused in one line while the first writes,
+    and the first finishes a set equal to a run of its own; a run killed with SIGKILL leaves a lock
+    that does not block the next one, which finishes the same set."""
+    from dfkd.synthetic import SyntheticSet
+    from tests.test_crash import held, wait_until_working
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["reconstruct", "--teacher", str(world.teacher), "--objective", "all-layers", "--n", "60",
+            "--batch-size", "10", "--steps", "60", "--quiet"]
+
+    def start(out):
+        return subprocess.Popen([sys.executable, "-m", "dfkd", *args, "--out", str(out)], stderr=subprocess.PIPE,
+                                text=True, env=env)
+
+    first = start(tmp_path / "r")
+    wait_until_working(first, tmp_path / "r")
+    assert held(tmp_path / "r", first.pid)
+    r = subprocess.run([sys.executable, "-m", "dfkd", *args, "--out", str(tmp_path / "r")], capture_output=True,
+                       text=True, env=env, timeout=300)
+    check_one_line(r.returncode, r.stderr, [str(tmp_path / "r"), "another dfkd run"])
+    assert first.wait(timeout=600) == 0, first.stderr.read()
+    x1, _, _ = SyntheticSet(tmp_path / "r").open().load()
+
+    killed = start(tmp_path / "k")
+    wait_until_working(killed, tmp_path / "k")
+    killed.kill()
+    killed.wait()
+    again = start(tmp_path / "k")
+    assert again.wait(timeout=600) == 0, again.stderr.read()
+    x2, _, _ = SyntheticSet(tmp_path / "k").open().load()
+    assert torch.equal(x1, x2)
+
+
+def test_no_payload_ran(world, tmp_path, capsys):
+    """The pickle case again, checking that its payload (creating a file) never ran."""
+    code, _ = outcome(["record", "--teacher", "lenet5", "--weights", pickle_payload(tmp_path), "--out", tmp_path / "s"],
+                      capsys)
+    assert code == 2 and not (tmp_path / "PWNED").exists()
+
+
+def test_matrix_is_documented():
+    doc = (ROOT / "docs" / "robustness.md").read_text()
+    ids = [c[0] for c in CASES] + [c[0] for c in SUBPROCESS]
+    assert len(ids) >= 40 and len(set(ids)) == len(ids)
+    missing = [i for i in ids if f"`{i}`" not in doc]
+    assert not missing, missing
+
+
+def table(tmp: Path, idx_dir: Path) -> str:
+    """The matrix as markdown, from a real run of every in-process case."""
+    w = make_world(tmp / "world", idx_dir)
+    rows = ["| case | what is read | how it is bad | dfkd's answer (stderr, exit 2) |", "|---|---|---|---|"]
+    for cid, what, how, build, _ in CASES:
+        d = tmp / cid
+        d.mkdir()
+        old = dict(os.environ)
+        os.environ.update(ENV[cid](d) if cid in ENV else {})
+        buf = io.StringIO()
+        real, sys.stderr = sys.stderr, buf
+        try:
+            code = main([str(a) for a in build(w, d)])
+        finally:
+            sys.stderr = real
+            os.environ.clear()
+            os.environ.update(old)
+        line = re.sub(re.escape(str(tmp)), "…", buf.getvalue().strip()).replace("|", "\\|")
+        rows.append(f"| `{cid}` | {what} | {how} | `{line}` (exit {code}) |")
+    for cid, what, how, _, needles in SUBPROCESS:
+        rows.append(f"| `{cid}` | {what} | {how} | one line holding {', '.join(repr(n) for n in needles)} (exit 2) |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m tests.test_bad_input: print the matrix for docs/robustness.md
+    import tempfile
+    from dfkd.sources import mnist_arrays
+    with tempfile.TemporaryDirectory() as t:
+        t = Path(t)
+        a = mnist_arrays()
+        idx = t / "idx"
+        idx.mkdir()
+        write_idx(idx / "train-images-idx3-ubyte.gz", a["train_x"][:2000], compress=True)
+        write_idx(idx / "train-labels-idx1-ubyte", a["train_y"][:2000])
+        write_idx(idx / "t10k-images-idx3-ubyte", a["test_x"][:500])
+        write_idx(idx / "t10k-labels-idx1-ubyte", a["test_y"][:500])
+        print(table(t, idx))

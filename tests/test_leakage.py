@@ -1,0 +1,95 @@
+"""What a statistics file reveals: the closed-form class means of ``dfkd.leakage`` against the
+true class means computed independently (float64, straight from the data), on dfkd's MLP and
+LeNet-5 with MNIST and on a user's BatchNorm/residual CNN with 3-channel images from a folder."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dfkd.config import RecordConfig
+from dfkd.data import open_data
+from dfkd.leakage import class_means, invert, recovery
+from dfkd.models import build_model
+from dfkd.recording import record
+from tests.conftest import OWN
+
+
+def true_means(x: np.ndarray, y: np.ndarray, c: int) -> np.ndarray:
+    x = x.reshape(len(x), -1).astype(np.float64)
+    return np.stack([x[y == k].mean(0) for k in range(c)])
+
+
+@pytest.fixture(scope="module")
+def mnist_subset(mnist):
+    """6,000 real MNIST training images (raw values in [0, 1]) and their labels."""
+    x, y = mnist.train.batch(torch.arange(6000))
+    return mnist.info.to_raw(x), y
+
+
+def test_first_linear_layer_gives_exact_class_means(mnist_subset):
+    torch.manual_seed(0)
+    model, info = build_model("hinton-800", open_data("mnist").info)  # 784-800-800-10
+    x, y = mnist_subset
+    meta = record(model, (info.to_model(x), y), RecordConfig(kinds=("all-layers",), progress=False), info)
+    inv = invert(model, meta)
+    assert [i.layer for i in inv] == ["fc1"]  # fc2 and fc3 lie behind a ReLU: not affine in the input
+    assert inv[0].rank == 784 == inv[0].input_dim
+    truth = true_means(x.numpy(), y.numpy(), 10)
+    got = inv[0].means.flatten(1).double().numpy()
+    assert np.abs(got - truth).max() < 2e-3  # float32 statistics, float64 inversion
+    assert recovery(inv[0].means, torch.from_numpy(truth).float())["r2"] > 0.999
+    assert meta.header["closed_form"][0]["class_means"] == "exact"
+
+
+def test_per_channel_conv_record_gives_only_a_projection(mnist_subset, small):
+    x, y = mnist_subset
+    torch.manual_seed(0)
+    model, info = build_model("lenet5", open_data("mnist").info)
+    data = open_data("mnist", info=info)
+    xs, ys = data.train.batch(torch.arange(6000))
+    unit = record(model, (xs, ys), RecordConfig(kinds=("all-layers",), layers=["conv1"], conv_stats="unit",
+                                                progress=False), info)
+    channel = record(model, (xs, ys), RecordConfig(kinds=("all-layers",), layers=["conv1"], progress=False), info)
+    truth = torch.from_numpy(true_means(info.to_raw(xs).numpy(), ys.numpy(), 10)).float()
+    (iu,), (ic,) = invert(model, unit), invert(model, channel)
+    assert iu.rank == 1024 and recovery(iu.means, truth)["r2"] > 0.999  # 6x28x28 units: exact
+    assert ic.rank == 6 and recovery(ic.means, truth)["r2"] < 0.5      # 6 numbers a class: a projection
+    assert channel.header["closed_form"][0]["class_means"] == "projection of rank 6"
+
+
+def test_own_bn_residual_model_on_colour_folder(colour_dir):
+    """A model dfkd did not define, 3-channel images read from a folder: its first conv's per-unit
+    record gives the class means exactly; the true means are read with Pillow here, independently."""
+    from PIL import Image
+    data = open_data(f"folder:{colour_dir}", normalize="auto")
+    torch.manual_seed(0)
+    model, info = build_model(f"{OWN}:teacher", data.info, in_channels=3, width=8)
+    meta = record(model.eval(), data, RecordConfig(kinds=("all-layers",), layers=["stem.0", "head.2"],
+                                                   conv_stats="unit", progress=False))
+    inv = invert(model, meta)
+    assert [i.layer for i in inv] == ["stem.0"] and inv[0].rank == 3 * 32 * 32
+    files = sorted((colour_dir / "train").glob("*/*.png"))
+    classes = sorted(p.name for p in (colour_dir / "train").iterdir())
+    x = np.stack([np.asarray(Image.open(f).convert("RGB"), dtype=np.float64).transpose(2, 0, 1) / 255 for f in files])
+    y = np.array([classes.index(f.parent.name) for f in files])
+    truth = true_means(x, y, 10)
+    assert np.abs(inv[0].means.flatten(1).double().numpy() - truth).max() < 5e-3
+    assert np.abs(class_means(data.train, meta.data, 10).flatten(1).double().numpy() - truth).max() < 1e-5
+
+
+def test_cli_leakage_report(world, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dfkd", "leakage", "--teacher", str(world.teacher), "--synthetic",
+                        str(world.synthetic), "--out", str(tmp_path / "rep")], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=600)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    # the world's statistics are per channel (dfkd's default): conv1 gives a rank-6 projection only
+    assert [(i["layer"], i["rank"], i["exact"]) for i in rep["inversions"]] == [("conv1", 6, False)]
+    assert set(rep["synthetic"]) == {"spectral-pairs"} and 0.5 < rep["synthetic"]["spectral-pairs"]["nearest"]["ratio"] < 2
+    assert (tmp_path / "rep.png").is_file() and "conv1 (per channel" in r.stdout
