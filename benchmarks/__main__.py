@@ -67,6 +67,10 @@ def curve_main(argv: list[str]) -> None:
 def main() -> None:
     if sys.argv[1:2] == ["curve"]:
         return curve_main(sys.argv[2:])
+    if sys.argv[1:2] == ["scale"]:
+        from . import scale
+        scale.main(sys.argv[2:])
+        return None
     if sys.argv[1:2] == ["leakage"]:
         from . import leakage
         leakage.main(sys.argv[2:])

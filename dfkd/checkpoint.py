@@ -88,13 +88,13 @@ def sweep_temps(folder: str | os.PathLike) -> int:
 
 
 @contextlib.contextmanager
-def exclusive(out: str | os.PathLike, folder: bool = False):
+def exclusive(out: str | os.PathLike, folder: bool = False, tag: str = ""):
     """Hold the output ``out`` (a folder if ``folder``, else a file stem) for one run: a second run on
     it is refused in one line. The lock is an OS file lock (``filelock``), released by the kernel
     when its process dies, so a killed run's lock never blocks the next one. Temp files a killed
-    run left are swept once the lock is held."""
+    run left are swept once the lock is held. ``tag`` names a share of the output (a rank's)."""
     out = Path(out)
-    lock = out / ".dfkd.lock" if folder else out.with_name(f".{out.name}.lock")
+    lock = out / f".dfkd{tag}.lock" if folder else out.with_name(f".{out.name}{tag}.lock")
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         fl = FileLock(str(lock), timeout=0)

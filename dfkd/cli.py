@@ -138,13 +138,22 @@ def _cmd_reconstruct(a) -> int:
     cfg = ReconstructConfig(objective=a.objective, n=a.n, batch_size=a.batch_size, steps=a.steps, lr=a.lr,
                             init_mean=a.init_mean, init_std=a.init_std, clamp=not a.no_clamp, jitter=a.jitter,
                             tv=a.tv, l2=a.l2, bn_weight=a.bn_weight, whiten=not a.no_whiten, seed=a.seed,
-                            device=a.device, progress=not a.quiet)
+                            device=a.device, progress=not a.quiet, rank=a.rank, world_size=a.world_size)
     needs_stats = any(o not in ("noise", "bn-stats") for o in a.objective.split("+"))
     stats = a.stats or (str(stats_path(a.teacher)) if needs_stats else None)
     out = a.out or str(Path(a.teacher).with_suffix("").parent / "synthetic" / a.objective)
     path = reconstruct_file(_model(a), stats, out, cfg, a.allow_other_teacher)
-    print(f"wrote {a.n} inputs for {a.objective} to {path.parent} (manifest {path.name})")
+    if read_json(path).get("complete"):
+        _say(f"wrote {a.n} inputs for {a.objective} to {path.parent} (manifest {path.name})")
+    else:
+        print(f"wrote this rank's shards to {path.parent}; the set is complete when every rank has finished")
     return 0
+
+
+def _say(line: str) -> None:
+    """Print once per job: on rank 0 of a torchrun job (or the only process)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line)
 
 
 def _cmd_distill(a) -> int:
@@ -156,7 +165,7 @@ def _cmd_distill(a) -> int:
     path = distill_file(a.synthetic, _model(a, "student", weights=False), a.out, cfg, teacher, _data_ref(a))
     desc = read_json(path.with_name(path.name.replace(".safetensors", ".json")))
     acc = f" (student test accuracy {100 * desc['test_accuracy']:.2f}%)" if "test_accuracy" in desc else ""
-    print(f"saved {path}{acc}")
+    _say(f"saved {path}{acc}")
     return 0
 
 
@@ -203,8 +212,8 @@ def _cmd_run(a) -> int:
                          teacher=a.teacher, teachers=a.teachers, images=a.images, steps=a.steps,
                          baselines=not a.no_baselines, seed=a.seed, data=a.data or "mnist", device=a.device,
                          progress=not a.quiet))
-    print((path.parent / "results.md").read_text())
-    print(f"results: {path} and {path.parent / 'results.md'}")
+    _say((path.parent / "results.md").read_text())
+    _say(f"results: {path} and {path.parent / 'results.md'}")
     return 0
 
 
@@ -249,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--objective", default=default(ReconstructConfig, "objective"),
                    help="top-layer, all-layers, all-layers-dropout, spectral-all, spectral-pairs, bn-stats or noise; "
                    "combine with + (e.g. all-layers+bn-stats)")
-    c.add_argument("--n", type=_positive(int), default=default(ReconstructConfig, "n"), help="inputs to make (class-balanced)")
+    c.add_argument("--images", dest="n", type=_positive(int), default=default(ReconstructConfig, "n"),
+                   help="inputs to make (class-balanced)")
     c.add_argument("--batch-size", type=_positive(int), default=default(ReconstructConfig, "batch_size"))
     c.add_argument("--steps", type=int, default=default(ReconstructConfig, "steps"), help="Adam steps per batch")
     c.add_argument("--lr", type=_positive(float), default=default(ReconstructConfig, "lr"))
@@ -266,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "statistic's error is divided by its std; all-layers and spectral objectives)")
     c.add_argument("--out", default=None, help="output directory (default: <teacher's folder>/synthetic/<objective>)")
     c.add_argument("--allow-other-teacher", action="store_true", help="use statistics recorded on other weights")
+    c.add_argument("--rank", type=int, default=None, help="this process's share of the shards, 0..W-1, with no "
+                   "process group (a job array; default: torchrun's RANK, or all)")
+    c.add_argument("--world-size", type=int, default=None, help="how many shares (default: torchrun's WORLD_SIZE, or 1)")
     c.set_defaults(func=_cmd_reconstruct)
 
     d = sub.add_parser("distill", parents=[common, data], formatter_class=fmt,

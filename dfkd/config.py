@@ -48,6 +48,8 @@ class ReconstructConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    rank: int | None = None        # this process's share of the shards (None: torchrun's RANK, or all of them)
+    world_size: int | None = None  # how many shares (None: torchrun's WORLD_SIZE, or 1)
 
 
 @dataclass(frozen=True)

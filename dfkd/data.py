@@ -166,12 +166,12 @@ def as_batches(data, batch_size: int, order: torch.Tensor | None = None) -> Iter
         return
     if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
         x, y = data
-        for i in range(0, len(x), batch_size):
+        for i in range(0, len(order) if order is not None else len(x), batch_size):
             idx = order[i:i + batch_size] if order is not None else slice(i, i + batch_size)
             yield x[idx], y[idx]
         return
     n = len(data)
-    for i in range(0, n, batch_size):
+    for i in range(0, len(order) if order is not None else n, batch_size):
         idx = order[i:i + batch_size] if order is not None else torch.arange(i, min(n, i + batch_size))
         if hasattr(data, "batch"):
             yield data.batch(idx)

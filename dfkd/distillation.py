@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .checkpoint import exclusive, save_model
 from .config import DistillConfig, to_dict
 from .data import DataInfo, DataSource, first_batch, open_data
@@ -115,6 +116,7 @@ def distill_file(synthetic: str | Path, student: ModelRef, out: str | Path, cfg:
     teacher if given), measured on the real test set of ``data``; saved like a teacher."""
     require_spec(student, "student")
     setup_threads()
+    ranks = distributed.group(cfg.device)  # under torchrun: data-parallel, each rank a slice of every batch
     seed_everything(cfg.seed)
     synth = SyntheticSet(synthetic).open()
     info = synth.info
@@ -132,12 +134,17 @@ def distill_file(synthetic: str | Path, student: ModelRef, out: str | Path, cfg:
     except DfkdError:
         if data.spec is not None:
             raise
-    with exclusive(Path(out)):
+    tag = f"-rank{ranks.rank}-of{ranks.world}" if ranks.world > 1 else ""
+    with exclusive(Path(out), tag=tag):
         out = Path(out)
         history = distill(net, synth, tmodel, cfg, test, info, state_path=out.with_name(out.name + ".state.pt"))
+        if not ranks.main:  # rank 0 writes the student
+            ranks.barrier()
+            return out.with_name(out.name + ".safetensors")
         extra = {"test_accuracy": history[-1]["test_accuracy"]} if "test_accuracy" in history[-1] else {}
         path = save_model(net.cpu(), out, student.ref, student.args, info, history=history, distill_config=to_dict(cfg),
                           objective=synth.manifest.get("objective"), teacher_sha256=synth.manifest.get("teacher_sha256"),
                           synthetic=str(synthetic), synthetic_inputs=len(synth), **extra)
         out.with_name(out.name + ".state.pt").unlink(missing_ok=True)
+        ranks.barrier()
         return path

@@ -10,11 +10,12 @@ atomically after every student.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from . import distributed
 from .checkpoint import atomic_write, exclusive, load_model, read_json, save_model, write_json
 from .config import DistillConfig, ReconstructConfig, RecordConfig, TrainConfig, to_dict
 from .data import open_data
@@ -87,7 +88,8 @@ def recipe(cfg: RunConfig, net: str) -> tuple[int, int, int]:
     return cfg.images or n, steps if cfg.steps is None else cfg.steps, jitter
 
 
-def _teacher(cfg: RunConfig, net: str, d: Path, p: dict, dev) -> tuple[torch.nn.Module, dict, object, float]:
+def _teacher(cfg: RunConfig, net: str, d: Path, p: dict, dev,
+             ranks: distributed.Ranks = distributed.Ranks()) -> tuple[torch.nn.Module, dict, object, float]:
     """The network's teacher (loaded, or trained and saved) and the data fitted to it."""
     path = Path(cfg.teacher) if cfg.teacher else d / "teacher"
     if path.with_suffix(".json").is_file() or cfg.teacher:
@@ -98,8 +100,10 @@ def _teacher(cfg: RunConfig, net: str, d: Path, p: dict, dev) -> tuple[torch.nn.
     data = open_data(cfg.data, info=info)
     tc = TrainConfig(epochs=p["teacher_epochs"], seed=cfg.seed, progress=cfg.progress)
     hist, secs = _timed(train, model.to(dev), data, tc, state_path=d / "state" / "train-teacher.pt")
-    save_model(model.cpu(), d / "teacher", net, {}, info, test_accuracy=hist[-1]["test_accuracy"], history=hist,
-               train_config=to_dict(tc), seconds=secs)
+    if ranks.main:
+        save_model(model.cpu(), d / "teacher", net, {}, info, test_accuracy=hist[-1]["test_accuracy"], history=hist,
+                   train_config=to_dict(tc), seconds=secs)
+    ranks.barrier()
     model, desc, info = load_model(d / "teacher")
     return model.to(dev), desc, data, secs
 
@@ -185,39 +189,47 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
         raise DfkdError("teacher", "a given teacher needs exactly one network")
     setup_threads()
     p, dev, out, t0 = PROFILES[cfg.profile], pick_device(cfg.device), Path(cfg.out), time.perf_counter()
-    with exclusive(out, folder=True):
+    # under torchrun: every training step data-parallel, the shards split over the ranks; rank 0 writes
+    ranks = distributed.group(cfg.device)
+    cfg = replace(cfg, progress=cfg.progress and ranks.main)
+    tag = f"-rank{ranks.rank}-of{ranks.world}" if ranks.world > 1 else ""
+    with exclusive(out, folder=True, tag=tag):
         rows: list[dict] = []
         for net in cfg.networks:
             d, student_name = out / net, PAIRS[net]
             td = Path(cfg.teachers) / net if cfg.teachers else d
-            teacher, desc, data, tsecs = _teacher(cfg, net, td, p, dev)
+            teacher, desc, data, tsecs = _teacher(cfg, net, td, p, dev, ranks)
             t_acc = accuracy(teacher, data.test)
             spath = stats_path(td / "teacher") if not cfg.teacher else stats_path(cfg.teacher)
             rsecs = 0.0
-            if not spath.is_file():
+            if ranks.main and not spath.is_file():
                 rc = RecordConfig(conv_stats=cfg.conv_stats, progress=cfg.progress)
                 meta, rsecs = _timed(record, teacher, data, rc)
                 save_stats(meta, spath)
+            ranks.barrier()
             meta = load_stats(spath, desc["sha256"])
             for name in (("real-data", "real-kd") if cfg.baselines else ()) + tuple(cfg.objectives):
                 spath_student = d / "students" / name
                 paper = PAPER[net].get(name)
                 paper = None if paper is None else paper / 100
-                row = _student_row(spath_student)
-                if row is None:
+                if _student_row(spath_student) is None:
                     res = _baseline(name, teacher, data, student_name, p, cfg, d, dev) if name.startswith("real") \
                         else _objective(name, net, teacher, meta, data, student_name, p, cfg, d, dev)
-                    row = {"teacher": net, "student": student_name, "objective": name,
-                           "accuracy": res["history"][-1]["test_accuracy"], "teacher_accuracy": t_acc,
-                           "paper_accuracy": paper, "image_steps": res["image_steps"],
-                           "seconds": dict(res["seconds"], teacher_train=tsecs, record=rsecs),
-                           "history": [h["test_accuracy"] for h in res["history"] if "test_accuracy" in h],
-                           "history_epochs": [h["epoch"] for h in res["history"] if "test_accuracy" in h]}
-                    save_model(res["model"].cpu(), spath_student, student_name, {}, data.info,
-                               test_accuracy=row["accuracy"], objective=name, teacher_sha256=desc["sha256"], row=row)
-                row = dict(row, paper_accuracy=paper)  # a resumed row gets today's reference figure
+                    if ranks.main:  # the rank that measured the test accuracy
+                        row = {"teacher": net, "student": student_name, "objective": name,
+                               "accuracy": res["history"][-1]["test_accuracy"], "teacher_accuracy": t_acc,
+                               "paper_accuracy": paper, "image_steps": res["image_steps"],
+                               "seconds": dict(res["seconds"], teacher_train=tsecs, record=rsecs),
+                               "history": [h["test_accuracy"] for h in res["history"] if "test_accuracy" in h],
+                               "history_epochs": [h["epoch"] for h in res["history"] if "test_accuracy" in h]}
+                        save_model(res["model"].cpu(), spath_student, student_name, {}, data.info,
+                                   test_accuracy=row["accuracy"], objective=name, teacher_sha256=desc["sha256"],
+                                   row=row)
+                    ranks.barrier()
+                row = dict(_student_row(spath_student), paper_accuracy=paper)  # resumed: today's reference figure
                 rows.append(row)
-                _write(out, rows, cfg, t0)
+                if ranks.main:
+                    _write(out, rows, cfg, t0)
                 if cfg.progress:
                     print(f"{net} -> {student_name} {name}: {100 * row['accuracy']:.2f}%"
                           + (f" (paper {100 * row['paper_accuracy']:.2f}%)" if row["paper_accuracy"] else ""), flush=True)

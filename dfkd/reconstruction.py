@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import exclusive, weights_sha256
 from .config import ReconstructConfig, to_dict
 from .data import DataInfo
@@ -100,7 +101,7 @@ def optimise_batch(teacher: nn.Module, objective: Objective, labels: torch.Tenso
 
 
 def _manifest_key(cfg: ReconstructConfig, teacher_sha: str, meta: Metadata | None) -> dict:
-    keep = {k: v for k, v in to_dict(cfg).items() if k not in ("device", "progress")}
+    keep = {k: v for k, v in to_dict(cfg).items() if k not in ("device", "progress", "rank", "world_size")}
     return {"config": keep, "teacher_sha256": teacher_sha,
             "stats_sha256": meta.header.get("tensors_sha256") if meta is not None else None}
 
@@ -126,16 +127,19 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
     teacher_sha = weights_sha256(teacher.state_dict())
     if meta is not None and meta.header["teacher_sha256"] != teacher_sha:
         raise DfkdError(meta.path or "stats", "recorded on another teacher (weights sha256 differs)")
-    with exclusive(out, folder=True):  # one run per output folder; a killed one's lock is void
+    ranks = distributed.ranks(cfg.rank, cfg.world_size, cfg.device)
+    tag = f"-rank{ranks.rank}-of{ranks.world}" if ranks.world > 1 else ""
+    with exclusive(out, folder=True, tag=tag):  # one run per output folder (and rank); a killed one's lock is void
         synth = SyntheticSet(out)
-        done = synth.begin(_manifest_key(cfg, teacher_sha, meta), objective=cfg.objective, data=info.as_dict(),
-                           num_classes=c, n=cfg.n)
+        done = synth.begin(_manifest_key(cfg, teacher_sha, meta), ranks, objective=cfg.objective,
+                           data=info.as_dict(), num_classes=c, n=cfg.n)
         n_batches = -(-cfg.n // cfg.batch_size)
-        todo = (b for b in range(n_batches) if b not in done)  # lazy: --n may be huge
+        mine = range(ranks.rank, n_batches, ranks.world)  # shard b is rank b % world's, whatever the split
         optimising = not isinstance(objective, Noise)
-        bar = tqdm(total=(n_batches - len(done)) * (cfg.steps if optimising else 1),
-                   desc=f"reconstruct {cfg.objective}", disable=not cfg.progress, leave=False)
-        for b in todo:
+        bar = tqdm(total=(len(mine) - sum(1 for b in done if ranks.mine(b))) * (cfg.steps if optimising else 1),
+                   desc=f"reconstruct {cfg.objective}" + (f" rank {ranks.rank}/{ranks.world}" if tag else ""),
+                   disable=not cfg.progress, leave=False)
+        for b in (b for b in mine if b not in done):  # lazy: n may be huge
             t0 = time.perf_counter()
             size = min(cfg.batch_size, cfg.n - b * cfg.batch_size)
             labels = (torch.arange(size) + b * cfg.batch_size) % c
@@ -148,8 +152,7 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
             if not optimising:
                 bar.update(1)
         bar.close()
-        synth.finish(image_steps=cfg.n * (cfg.steps if optimising else 0))
-        if len(info.shape) == 3:
+        if synth.finish(n_batches, image_steps=cfg.n * (cfg.steps if optimising else 0)) and len(info.shape) == 3:
             synth.open()
             parts, k = [], 0  # the first shards, ten inputs a class: never the whole set in memory
             while k < len(synth.manifest["shards"]) and sum(len(p["x"]) for p in parts) < 10 * c:

@@ -22,8 +22,9 @@ def setup_threads() -> None:
 
 def pick_device(name: str = "cpu") -> torch.device:
     """Resolve ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; refuse what is not here."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":  # the rank's own GPU under torchrun, else any GPU, else the CPU
+        from .distributed import local_device
+        return torch.device(local_device(name))
     try:
         dev = torch.device(name)
     except RuntimeError:

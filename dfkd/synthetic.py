@@ -1,14 +1,17 @@
 """The synthetic set: a folder of shards and the manifest that lists them.
 
 ``shard-<b>.safetensors`` holds batch ``b``'s inputs (``x``, in the teacher's input space),
-intended labels and teacher logits; ``manifest.json`` lists the finished shards with their
-losses and timings, the settings that made them (a resumed run must match), and the data
-description. Shards are written before the manifest names them, both atomically, so an
-interrupted run resumes at the first unlisted shard. ``SyntheticSet`` writes it (for
+intended labels and teacher logits, and in its header its record (losses, timings);
+``manifest.json`` holds the settings that made the set (a resumed run must match), the data
+description, and the finished shards. Every file is written atomically, so a shard that
+exists is whole: an interrupted run, or any rank of a sharded one, resumes at its first
+missing shard, and the set is complete when every shard exists (``finish``). ``SyntheticSet`` writes it (for
 ``reconstruct``) and reads it whole (``load``) or streams it (``dataset``) for ``distill``.
 """
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import torch
@@ -16,8 +19,10 @@ from safetensors import safe_open
 
 from .checkpoint import load_tensors, read_json, save_tensors, write_json
 from .data import DataInfo
+from .distributed import Ranks
 from .errors import DfkdError
 
+_SHARD = re.compile(r"shard-(\d+)\.safetensors")
 WINDOW_BYTES = 512 * 2 ** 20  # shards shuffled together while streaming (all of them when the set is smaller)
 
 
@@ -38,31 +43,64 @@ class SyntheticSet:
         self.dir = path.parent if path.name == "manifest.json" else path
         self.manifest_path = self.dir / "manifest.json"
         self.manifest: dict | None = None
+        self.ranks = Ranks()
 
     # writing ---------------------------------------------------------------------------------
-    def begin(self, key: dict, **fields) -> set[int]:
-        """Start a set made with ``key`` (settings, teacher, statistics) or resume one; the indices done."""
+    def begin(self, key: dict, ranks: Ranks = Ranks(), **fields) -> set[int]:
+        """Start a set made with ``key`` (settings, teacher, statistics) or resume one; the indices
+        done. Every rank may call it: the first manifest's content is the same whoever writes it."""
         m = self._read() if self.manifest_path.is_file() else None
         if m is not None and {k: m.get(k) for k in key} != key:
             raise DfkdError(self.dir, "holds a synthetic set made with other settings or another teacher; "
                             "use another output folder or delete it")
         if m is None:
             m = dict(key, **fields, shards=[], complete=False)
-        done = {s["index"] for s in m["shards"] if (self.dir / s["file"]).is_file()}
+            write_json(self.manifest_path, m)
+        done = {int(hit.group(1)) for p in self.dir.glob("shard-*.safetensors") if (hit := _SHARD.fullmatch(p.name))}
         m["shards"] = [s for s in m["shards"] if s["index"] in done]
-        self.manifest = m
+        self.manifest, self.ranks = m, ranks
         return done
 
-    def add(self, index: int, tensors: dict[str, torch.Tensor], **record) -> None:
+    def add(self, index: int, tensors: dict[str, torch.Tensor], seconds: float, **record) -> None:
+        """Write shard ``index`` with its record (e.g. losses) in its own header, so that the file is
+        the same bytes however the work was split; its time goes to the manifest (one process) or
+        to this rank's ``timings-rank<r>-of<w>.json`` (ranks leave the manifest to ``finish``)."""
         fname = f"shard-{index:05d}.safetensors"
-        save_tensors(self.dir / fname, tensors)
-        self.manifest["shards"].append(dict(record, index=index, file=fname, n=len(tensors["x"])))
-        self.manifest["shards"].sort(key=lambda s: s["index"])
-        write_json(self.manifest_path, self.manifest)
+        save_tensors(self.dir / fname, tensors, {"record": json.dumps(record, sort_keys=True)})
+        if self.ranks.world == 1:
+            self.manifest["shards"].append(dict(record, index=index, file=fname, n=len(tensors["x"]), seconds=seconds))
+            self.manifest["shards"].sort(key=lambda s: s["index"])
+            write_json(self.manifest_path, self.manifest)
+        else:
+            path = self.dir / f"timings-rank{self.ranks.rank}-of{self.ranks.world}.json"
+            timings = read_json(path) if path.is_file() else {}
+            write_json(path, dict(timings, **{str(index): seconds}))
 
-    def finish(self, **fields) -> None:
-        self.manifest.update(fields, complete=True)
+    def finish(self, n_shards: int, **fields) -> bool:
+        """Mark the set complete once all ``n_shards`` shards exist, listing them from their headers:
+        rank 0 between two barriers under a process group (so that every rank then reads the
+        complete manifest), else whichever rank finds the set whole. Whether this process did."""
+        self.ranks.barrier()
+        done = (not self.ranks.group or self.ranks.main) and self._complete(n_shards, fields)
+        self.ranks.barrier()
+        return done
+
+    def _complete(self, n_shards: int, fields: dict) -> bool:
+        files = [self.dir / f"shard-{b:05d}.safetensors" for b in range(n_shards)]
+        if not all(f.is_file() for f in files):
+            return False  # other ranks are still at work
+        seconds = {s["index"]: s.get("seconds", 0.0) for s in self.manifest["shards"]}
+        for t in self.dir.glob("timings-rank*.json"):
+            seconds.update({int(k): float(v) for k, v in read_json(t).items()})
+        shards = []
+        for b, f in enumerate(files):
+            with safe_open(str(f), framework="pt") as h:
+                record = json.loads((h.metadata() or {}).get("record", "{}"))
+                shards.append(dict(record, index=b, file=f.name, n=h.get_slice("x").get_shape()[0],
+                                   seconds=seconds.get(b, 0.0)))
+        self.manifest.update(fields, shards=shards, complete=True)
         write_json(self.manifest_path, self.manifest)
+        return True
 
     # reading ---------------------------------------------------------------------------------
     def _read(self) -> dict:

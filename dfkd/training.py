@@ -17,9 +17,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import atomic_write, exclusive, save_model
 from .config import TrainConfig, to_dict
 from .data import DataSource, as_batches, data_len
@@ -61,13 +63,31 @@ def _save_state(path: Path | None, model: nn.Module, opt: torch.optim.Optimizer,
     atomic_write(path, buf.getvalue())
 
 
-def _epoch_chunks(data, order: torch.Tensor | None, batch_size: int):
-    """An epoch's data in chunks of whole batches (``prepare`` sees a chunk at a time)."""
+def _epoch_chunks(data, order: torch.Tensor | None, batch_size: int, ranks):
+    """An epoch's data in chunks of whole batches (``prepare`` sees a chunk at a time), each with
+    its batches' sizes. Under DDP a rank reads only its own rows of every global batch."""
     if isinstance(data, DataLoader):
-        yield from as_batches(data, batch_size)
+        if ranks.world > 1:
+            raise DfkdError("data", "under torchrun give a Dataset or tensors (dfkd splits every batch over the "
+                            "ranks), not a DataLoader")
+        for xb, yb in as_batches(data, batch_size):
+            yield xb, yb, [len(xb)]
         return
-    chunk = batch_size * max(1, CHUNK // batch_size)
-    yield from as_batches(data, chunk, order)
+    sizes = None
+    if ranks.world > 1:
+        order, sizes = _share(order, batch_size, ranks)
+    else:
+        sizes = [len(b) for b in torch.arange(len(order)).split(batch_size)]
+    i = k = 0
+    while k < len(sizes):
+        group = [sizes[k]]
+        k += 1
+        while k < len(sizes) and sum(group) + sizes[k] <= CHUNK:
+            group.append(sizes[k])
+            k += 1
+        xe, ye = next(as_batches(data, sum(group), order[i:i + sum(group)]))
+        yield xe, ye, group
+        i += sum(group)
 
 
 CHUNK = 8192  # inputs gathered (and prepared, e.g. augmented and labelled) at once
@@ -90,47 +110,75 @@ def fit(model: nn.Module, data, batch_loss: BatchLoss, *, epochs: int, batch_siz
     if schedule not in ("cosine", "constant"):
         raise DfkdError("schedule", f"{schedule!r} is not cosine or constant")
     dev = device_of(model)
+    ranks = distributed.current()
+    net = model if ranks.world == 1 else DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
     # the fused kernel: one pass over all parameters per step (Hinton-1200 steps ~30% faster on CPU)
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
     start, history = _load_state(state_path, model, opt)
     n = data_len(data)
     steps_per_epoch = -(-n // batch_size)
+    progress = progress and ranks.main
     for epoch in range(start, epochs):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        torch.manual_seed(seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # the epoch's order: the same on every rank
+        torch.manual_seed(seed * 1_000_003 + epoch + 7919 * ranks.rank)
+        if ranks.world > 1:  # each rank's own draws for augmentation and dropout
+            g_rank = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7919 * ranks.rank)
         t0, total, j = time.perf_counter(), 0.0, 0
         order = None if isinstance(data, DataLoader) else \
             data.epoch_order(g) if hasattr(data, "epoch_order") else torch.randperm(n, generator=g)
         model.train()
         bar = tqdm(total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", disable=not progress, leave=False)
-        for xe, ye in _epoch_chunks(data, order, batch_size):
+        gb = g if ranks.world == 1 else g_rank
+        for xe, ye, sizes in _epoch_chunks(data, order, batch_size, ranks):
             if prepare is not None:
-                xe, ye = prepare(xe, ye, g)
-            for i in range(0, len(xe), batch_size):
+                xe, ye = prepare(xe, ye, gb)
+            for xb, yb in _batches(xe, ye, sizes):
                 if schedule == "cosine":  # a function of the global step, so resuming keeps it exact
                     t = (epoch * steps_per_epoch + j) / (epochs * steps_per_epoch)
                     for group in opt.param_groups:
                         group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * t))
-                loss = batch_loss(model, xe[i:i + batch_size].to(dev), ye[i:i + batch_size].to(dev), g)
+                loss = batch_loss(net, xb.to(dev), yb.to(dev), gb)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # under DDP the gradients are averaged over the ranks here
                 opt.step()
-                total += loss.item() * len(xe[i:i + batch_size])
+                total += loss.item() * len(xb)
                 j += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         bar.close()
-        rec = {"epoch": epoch + 1, "loss": total / max(n, 1), "seconds": time.perf_counter() - t0}
-        if on_epoch is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
+        rec = {"epoch": epoch + 1, "loss": total / max(n, 1) * ranks.world, "seconds": time.perf_counter() - t0}
+        if on_epoch is not None and ranks.main and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
             rec.update(on_epoch(model))
         history.append(rec)
         if progress:
             tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in rec.items() if k != "epoch"))
-        _save_state(state_path, model, opt, epoch + 1, history)
+        if ranks.main:
+            _save_state(state_path, model, opt, epoch + 1, history)
     model.eval()
     return history
+
+
+def _share(order: torch.Tensor, batch_size: int, ranks) -> tuple[torch.Tensor, list[int]]:
+    """This rank's indices of every global batch in ``order`` (``tensor_split`` of each batch over
+    the ranks) and the sizes of its local batches. A last global batch smaller than the world is
+    dropped, so that every rank takes the same number of steps."""
+    rows, sizes = [], []
+    for i in range(0, len(order), batch_size):
+        batch = order[i:i + batch_size]
+        if len(batch) >= ranks.world:
+            part = torch.tensor_split(batch, ranks.world)[ranks.rank]
+            rows.append(part)
+            sizes.append(len(part))
+    return (torch.cat(rows) if rows else order[:0]), sizes
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, sizes: list[int]):
+    i = 0
+    for k in sizes:
+        yield x[i:i + k], y[i:i + k]
+        i += k
 
 
 def train(model: nn.Module, data, cfg: TrainConfig = TrainConfig(), test=None,

@@ -328,7 +328,7 @@ CASES = [
      lambda w, t: ["record", "--teacher", w.teacher, "--out", "/proc/dfkd-nowhere/s.safetensors"] + T,
      ["/proc/dfkd-nowhere", "cannot write"]),
     ("env-file-in-way", "environment", "a file where the output folder should be",
-     lambda w, t: ["reconstruct", "--teacher", w.teacher, "--out", _write(t / "afile", "x") / "sub", "--n", "10"] + T,
+     lambda w, t: ["reconstruct", "--teacher", w.teacher, "--out", _write(t / "afile", "x") / "sub", "--images", "10"] + T,
      ["afile/sub", "cannot write"]),
     ("env-mnist-broken", "environment", "$DFKD_MNIST naming a damaged file",
      lambda w, t: ["train", "--out", t / "o"], ["bad.whl", "cannot read MNIST"]),
@@ -460,7 +460,7 @@ def test_second_run_refused_and_a_killed_runs_lock_void(world, tmp_path):
     from tests.test_crash import held, wait_until_working
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = ["reconstruct", "--teacher", str(world.teacher), "--objective", "all-layers", "--n", "60",
+    args = ["reconstruct", "--teacher", str(world.teacher), "--objective", "all-layers", "--images", "60",
             "--batch-size", "10", "--steps", "60", "--quiet"]
 
     def start(out):

@@ -27,7 +27,7 @@ def run_dir(tmp_path_factory, idx_dir):
     assert "test accuracy" in r.stdout
     r = dfkd("record", "--teacher", d / "teacher", "--quiet")  # the teacher's own data, from its description
     assert r.returncode == 0, r.stderr
-    r = dfkd("reconstruct", "--teacher", d / "teacher", "--objective", "spectral-pairs", "--n", 40,
+    r = dfkd("reconstruct", "--teacher", d / "teacher", "--objective", "spectral-pairs", "--images", 40,
              "--batch-size", 20, "--steps", 5, "--quiet")
     assert r.returncode == 0, r.stderr
     r = dfkd("distill", "--synthetic", d / "synthetic" / "spectral-pairs", "--teacher", d / "teacher",
@@ -106,7 +106,7 @@ def readme_commands(section: str) -> list[list[str]]:
 
 # appended to the README's commands in CI (argparse keeps the last value): small sizes only
 SMALL = {"colour_digits.py": ["--train", "600", "--test", "200"], "train": ["--epochs", "1"],
-         "reconstruct": ["--n", "40", "--batch-size", "20", "--steps", "3"], "distill": ["--epochs", "1"]}
+         "reconstruct": ["--images", "40", "--batch-size", "20", "--steps", "3"], "distill": ["--epochs", "1"]}
 
 
 def test_readme_own_model_section_runs_as_written(tmp_path):

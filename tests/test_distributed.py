@@ -1,0 +1,149 @@
+"""Many processes on this CPU: two ranks with the gloo backend, started from the test itself with a
+file rendezvous (``DFKD_DIST_INIT=file://...``, the variables torchrun would set), against one
+process. Sharded reconstruction must write the same bytes for every shard; data-parallel
+distillation must reach the single process's weights (the same global batches, the gradient
+averaged over the ranks) up to float summation order."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from dfkd.synthetic import SyntheticSet
+
+
+def launch(args: list[str], world: int, rdzv: Path, extra_env: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """``world`` processes of ``python -m dfkd ARGS`` as torchrun would start them (one thread each)."""
+    procs = []
+    for r in range(world):
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                   DFKD_DIST_INIT=f"file://{rdzv}", **(extra_env or {}))
+        procs.append(subprocess.Popen([sys.executable, "-m", "dfkd", *args, "--quiet"], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+def single(args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, "-m", "dfkd", *args, "--quiet"], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def shard_hashes(d: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.glob("shard-*.safetensors"))}
+
+
+def test_sharded_reconstruction_is_bit_identical(world, tmp_path):
+    args = ["reconstruct", "--teacher", str(world.teacher), "--objective", "all-layers", "--images", "70",
+            "--batch-size", "10", "--steps", "5"]
+    one = single(args + ["--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    ranks = launch(args + ["--out", str(tmp_path / "two")], 2, tmp_path / "rdzv")
+    assert all(r.returncode == 0 for r in ranks), [r.stderr for r in ranks]
+    h1, h2 = shard_hashes(tmp_path / "one"), shard_hashes(tmp_path / "two")
+    assert len(h1) == 7 and h1 == h2
+    m = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert m["complete"] and [s["index"] for s in m["shards"]] == list(range(7))
+    assert all(s["seconds"] > 0 and s["n"] == 10 for s in m["shards"])
+    x1, y1, _ = SyntheticSet(tmp_path / "one").open().load()
+    x2, y2, _ = SyntheticSet(tmp_path / "two").open().load()
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_rank_split_without_a_group_and_resume(world, tmp_path):
+    """--rank/--world-size: separate jobs sharing a folder, no process group; the set completes when
+    the last share is done, and a share re-run after being interrupted does only what is missing."""
+    args = ["reconstruct", "--teacher", str(world.teacher), "--objective", "all-layers", "--images", "50",
+            "--batch-size", "10", "--steps", "5", "--out", str(tmp_path / "split")]
+    ref = single(args[:-1] + [str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr
+    r1 = single(args + ["--rank", "1", "--world-size", "3"])
+    assert r1.returncode == 0 and "every rank" in r1.stdout, r1.stderr
+    assert sorted(shard_hashes(tmp_path / "split")) == ["shard-00001.safetensors", "shard-00004.safetensors"]
+    assert not json.loads((tmp_path / "split" / "manifest.json").read_text())["complete"]
+    (tmp_path / "split" / "shard-00004.safetensors").unlink()  # as if killed before its last shard
+    for r in (0, 2, 1):
+        res = single(args + ["--rank", str(r), "--world-size", "3"])
+        assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "split" / "manifest.json").read_text())["complete"]
+    assert shard_hashes(tmp_path / "split") == shard_hashes(tmp_path / "ref")
+    bad = single(args + ["--rank", "3", "--world-size", "3"])
+    assert bad.returncode == 2 and bad.stderr.startswith("dfkd: --rank: ")
+
+
+def test_ddp_distillation_matches_one_process(world, tmp_path):
+    """One epoch on the stored logits (no augmentation, so the two runs see the same global batches):
+    the two ranks' averaged gradients give the single process's weights up to summation order."""
+    args = ["distill", "--synthetic", str(world.synthetic), "--student", "lenet5-half", "--epochs", "1",
+            "--batch-size", "4", "--augment", "none", "--lr", "1e-3", "--schedule", "constant"]
+    one = single(args + ["--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    ranks = launch(args + ["--out", str(tmp_path / "two")], 2, tmp_path / "rdzv")
+    assert all(r.returncode == 0 for r in ranks), [r.stderr for r in ranks]
+    w1, w2 = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4), (k, (w1[k] - w2[k]).abs().max())
+    start = load_file(tmp_path / "one.safetensors")
+    assert any(not torch.equal(start[k], torch.zeros_like(start[k])) for k in start)
+    assert not (tmp_path / "two.state.pt").exists()  # rank 0 wrote, and removed, the only checkpoint
+
+
+def test_run_under_two_ranks(world, tmp_path):
+    """``dfkd run`` as torchrun would start it: the teacher and statistics of an earlier run, the
+    shards split over two ranks (the same bytes as one process's), every student data-parallel,
+    rank 0 alone writing the results."""
+    base = ["run", "--profile", "tiny", "--networks", "lenet5", "--objectives", "top-layer,all-layers",
+            "--no-baselines", "--images", "60", "--steps", "5", "--data", world.data]
+    first = single(base + ["--out", str(tmp_path / "one")])
+    assert first.returncode == 0, first.stderr
+    ranks = launch(base + ["--teachers", str(tmp_path / "one"), "--out", str(tmp_path / "two")], 2, tmp_path / "rdzv")
+    assert all(r.returncode == 0 for r in ranks), [r.stderr for r in ranks]
+    for obj in ("top-layer", "all-layers"):
+        assert shard_hashes(tmp_path / "two" / "lenet5" / "synthetic" / obj) == \
+            shard_hashes(tmp_path / "one" / "lenet5" / "synthetic" / obj)
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["rows"]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["rows"]
+    assert [r["objective"] for r in two] == ["top-layer", "all-layers"]
+    for a, b in zip(one, two):  # one epoch of the same global batches: the same student within noise
+        assert abs(a["accuracy"] - b["accuracy"]) < 0.05, (a["accuracy"], b["accuracy"])
+
+
+def test_killed_ranks_resume_at_their_first_missing_shard(world, tmp_path):
+    """Both ranks of a job killed (SIGKILL) once some shards exist; the job started again finishes
+    the set, redoing no finished shard, with the same bytes as one process."""
+    import time
+    args = ["reconstruct", "--teacher", str(world.teacher), "--objective", "all-layers", "--images", "120",
+            "--batch-size", "10", "--steps", "40"]
+    ref = single(args + ["--out", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "job"
+    procs = []
+    for r in range(2):
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                   DFKD_DIST_INIT=f"file://{tmp_path / 'rdzv1'}")
+        procs.append(subprocess.Popen([sys.executable, "-m", "dfkd", *args, "--out", str(out), "--quiet"], env=env,
+                                      stderr=subprocess.DEVNULL))
+    deadline = time.time() + 300
+    while len(list(out.glob("shard-*.safetensors"))) < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    for p in procs:
+        p.kill()
+        p.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")}
+    assert 4 <= len(before) < 12
+    ranks = launch(args + ["--out", str(out)], 2, tmp_path / "rdzv2")
+    assert all(r.returncode == 0 for r in ranks), [r.stderr for r in ranks]
+    assert shard_hashes(out) == shard_hashes(tmp_path / "ref")
+    assert all(p.stat().st_mtime_ns == before[p.name] for p in out.glob("shard-*.safetensors") if p.name in before)
