@@ -147,3 +147,37 @@ def test_killed_ranks_resume_at_their_first_missing_shard(world, tmp_path):
     assert all(r.returncode == 0 for r in ranks), [r.stderr for r in ranks]
     assert shard_hashes(out) == shard_hashes(tmp_path / "ref")
     assert all(p.stat().st_mtime_ns == before[p.name] for p in out.glob("shard-*.safetensors") if p.name in before)
+
+
+def test_own_bn_model_on_colour_folder_two_ranks(colour_dir, tmp_path):
+    """A model dfkd did not define (BatchNorm, residual, GELU, global pooling) on 3-channel images
+    from a folder: bn-stats shards the same bytes on two ranks as on one, and the student (BN-free
+    GELU CNN) distilled data-parallel matches one process on stored logits."""
+    from dfkd.checkpoint import save_model
+    from dfkd.data import open_data
+    from dfkd.models import build_model
+    from tests.conftest import OWN
+    data = open_data(f"folder:{colour_dir}", normalize="auto")
+    torch.manual_seed(0)
+    model, info = build_model(f"{OWN}:teacher", data.info, in_channels=3, width=8)
+    model.train()
+    with torch.no_grad():  # BatchNorm running statistics from real images, as training would leave them
+        for i in range(0, 512, 128):
+            model(data.train.batch(torch.arange(i, i + 128))[0])
+    save_model(model.eval(), tmp_path / "own", f"{OWN}:teacher", {"in_channels": 3, "width": 8}, info)
+    rec = ["reconstruct", "--teacher", str(tmp_path / "own"), "--code", str(OWN), "--objective", "bn-stats",
+           "--images", "40", "--batch-size", "10", "--steps", "4", "--jitter", "1"]
+    one = single(rec + ["--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    two = launch(rec + ["--out", str(tmp_path / "two")], 2, tmp_path / "rdzv")
+    assert all(r.returncode == 0 for r in two), [r.stderr for r in two]
+    assert len(shard_hashes(tmp_path / "one")) == 4 and shard_hashes(tmp_path / "one") == shard_hashes(tmp_path / "two")
+    dist = ["distill", "--synthetic", str(tmp_path / "two"), "--student", f"{OWN}:student", "--student-args",
+            '{"in_channels": 3, "width": 8}', "--epochs", "1", "--batch-size", "8", "--augment", "none",
+            "--schedule", "constant", "--data", f"folder:{colour_dir}"]
+    one = single(dist + ["--out", str(tmp_path / "s1")])
+    assert one.returncode == 0, one.stderr
+    two = launch(dist + ["--out", str(tmp_path / "s2")], 2, tmp_path / "rdzv2")
+    assert all(r.returncode == 0 for r in two), [r.stderr for r in two]
+    w1, w2 = load_file(tmp_path / "s1.safetensors"), load_file(tmp_path / "s2.safetensors")
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4) for k in w1)
