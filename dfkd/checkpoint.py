@@ -292,8 +292,13 @@ def _named_code(spec: str, code: tuple[str, ...] | list[str]) -> str:
     return spec
 
 
-def read_model_desc(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    """The JSON of a saved model given as its stem, ``.json`` or ``.safetensors``."""
+def read_model_desc(path: str | os.PathLike) -> tuple[Path, Path, dict[str, Any]]:
+    """A saved model's description, its path and its weights' path: a stem (``.json`` +
+    ``.safetensors``, either given) or a published folder (``config.json`` + ``model.safetensors``,
+    ``publishing``)."""
+    from .publishing import read_config
+    if Path(path).is_dir():
+        return read_config(path)
     base = Path(path)
     if base.suffix in (".safetensors", ".json"):
         base = base.with_suffix("")
@@ -308,9 +313,13 @@ def read_model_desc(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     elif desc.get("version") != MODEL_VERSION:
         raise DfkdError(desc_path, f"model format version {desc.get('version')!r} is not supported "
                         f"(this dfkd reads {MODEL_VERSION})")
+    check_model_desc(desc_path, desc)
+    return desc_path, base.with_name(base.name + ".safetensors"), desc
+
+
+def check_model_desc(desc_path: Path, desc: dict) -> None:
     if not isinstance(desc.get("model"), dict) or not isinstance(desc["model"].get("spec"), str):
         raise DfkdError(desc_path, "no model spec: not a dfkd model description")
-    return base, desc
 
 
 def load_model(path: str | os.PathLike, code: tuple[str, ...] | list[str] = ()) -> tuple[torch.nn.Module, dict, "DataInfo"]:
@@ -319,8 +328,7 @@ def load_model(path: str | os.PathLike, code: tuple[str, ...] | list[str] = ()) 
     from .data import DataInfo
     from .models import MODELS, build_model
 
-    base, desc = read_model_desc(path)
-    desc_path = base.with_name(base.name + ".json")
+    desc_path, weights, desc = read_model_desc(path)
     spec, args = desc["model"]["spec"], desc["model"].get("args") or {}
     if spec not in MODELS and not _trusted(spec, code):
         target = spec.rpartition(":")[0]
@@ -329,7 +337,6 @@ def load_model(path: str | os.PathLike, code: tuple[str, ...] | list[str] = ()) 
     info = DataInfo.from_dict(desc.get("data"), desc_path)
     if not isinstance(args, dict):
         raise DfkdError(desc_path, "model args must be a JSON object")
-    weights = base.with_name(base.name + ".safetensors")
     if spec in MODELS:  # declared sizes checked before anything is allocated: count on the meta device
         with torch.device("meta"):
             n = sum(p.numel() for p in build_model(spec, info, **args)[0].parameters())
@@ -338,8 +345,7 @@ def load_model(path: str | os.PathLike, code: tuple[str, ...] | list[str] = ()) 
     model, _ = build_model(_named_code(spec, code), info, **args)
     state = load_weights(model, weights)
     if desc.get("sha256") and weights_sha256(state) != desc["sha256"]:
-        raise DfkdError(weights,
-                        "weights do not match the sha256 in the .json (tampered or mixed files)")
+        raise DfkdError(weights, f"weights do not match the sha256 in {desc_path.name} (tampered or mixed files)")
     model.eval()
     return model, desc, info
 
@@ -349,7 +355,9 @@ def resolve_model(ref: str, weights: str | None = None, args: dict | None = None
     """A model as the command line names it: a saved dfkd model (stem or file), or a spec (registry
     name or code) built with ``args`` and, if given, ``weights`` loaded into it."""
     from .models import MODELS, build_model, is_code_spec
+    from .publishing import locate
 
+    ref = locate(ref)
     if ref in MODELS or (is_code_spec(ref) and not Path(ref).exists()):
         model, info = build_model(ref, info, **(args or {}))
         desc: dict[str, Any] = {"model": {"spec": ref, "args": args or {}, "code_sha256": _code_sha(ref)}}

@@ -141,12 +141,27 @@ def _cmd_reconstruct(a) -> int:
                             device=a.device, progress=not a.quiet, rank=a.rank, world_size=a.world_size)
     needs_stats = any(o not in ("noise", "bn-stats") for o in a.objective.split("+"))
     stats = a.stats or (str(stats_path(a.teacher)) if needs_stats else None)
-    out = a.out or str(Path(a.teacher).with_suffix("").parent / "synthetic" / a.objective)
+    out = a.out or str(_beside(a.teacher) / "synthetic" / a.objective)
     path = reconstruct_file(_model(a), stats, out, cfg, a.allow_other_teacher)
     if read_json(path).get("complete"):
         _say(f"wrote {a.n} inputs for {a.objective} to {path.parent} (manifest {path.name})")
     else:
         print(f"wrote this rank's shards to {path.parent}; the set is complete when every rank has finished")
+    return 0
+
+
+def _beside(teacher: str) -> Path:
+    """Where outputs made from a teacher go by default: its folder (a published folder's parent);
+    the working folder for a hub reference."""
+    if teacher.startswith("hf:"):
+        return Path(".")
+    return Path(teacher.rstrip("/")).with_suffix("").parent
+
+
+def _cmd_publish(a) -> int:
+    from .publishing import publish
+    path = publish(_model(a), a.stats, a.out, a.student, a.name, a.repo)
+    print(f"published {path}: {', '.join(sorted(p.name for p in path.iterdir()))}")
     return 0
 
 
@@ -186,8 +201,7 @@ def _cmd_evaluate(a) -> int:
 
 def _cmd_leakage(a) -> int:
     from .leakage import leakage_file
-    from .recording import stats_path
-    out = a.out or str(stats_path(a.teacher)).replace(".stats.safetensors", ".leakage")
+    out = a.out or str(_beside(a.teacher) / (Path(a.teacher.rstrip("/")).with_suffix("").name + ".leakage"))
     path, rep = leakage_file(_model(a), a.stats, _data_ref(a), out, tuple(a.synthetic))
     print(f"{rep['stats']} ({', '.join(rep['kinds'])}) against the true class means of the training data:")
     if not rep["inversions"]:
@@ -332,6 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "scored the same way (repeatable)")
     k.add_argument("--out", default=None, help="report stem: <out>.json and <out>.png (default: <teacher>.leakage)")
     k.set_defaults(func=_cmd_leakage)
+
+    b = sub.add_parser("publish", parents=[common], formatter_class=fmt,
+                       help="one folder for a hub or a git repository: weights, config, statistics, model card")
+    _model_flags(b, "teacher", "the teacher")
+    b.add_argument("--weights", default=None, help="weights for a teacher given as a spec")
+    b.add_argument("--stats", default=None, help="statistics file (default: <teacher>.stats.safetensors)")
+    b.add_argument("--student", default=None, help="a student distilled from it: the card states its accuracy "
+                   "and the commands that made it")
+    b.add_argument("--name", default=None, help="the model's name on the card (default: the folder's)")
+    b.add_argument("--repo", default=None, help="ORG/NAME on the hub, for the card's commands (hf:ORG/NAME)")
+    b.add_argument("--out", required=True, help="the folder to write (must not exist)")
+    b.set_defaults(func=_cmd_publish)
 
     i = sub.add_parser("inspect", formatter_class=fmt, help="describe a statistics file and its size")
     i.add_argument("file")

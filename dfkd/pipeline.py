@@ -139,6 +139,7 @@ def _objective(name: str, net: str, teacher, meta, data, student_name: str, p: d
     dc = DistillConfig(seed=cfg.seed, progress=cfg.progress, **p["distill"])
     hist, dsecs = _timed(distill, student, synth, teacher, dc, data, data.info, d / "state" / f"distill-{name}.pt")
     return {"history": hist, "model": student, "image_steps": synth.manifest.get("image_steps", 0),
+            "saved": {"objective": name, "distill_config": to_dict(dc), "synthetic": str(synth.dir)},
             # summed over shards, so that a resumed run still reports the whole reconstruction
             "seconds": {"reconstruct": sum(s["seconds"] for s in synth.manifest["shards"]), "distill": dsecs}}
 
@@ -223,8 +224,8 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                                "history": [h["test_accuracy"] for h in res["history"] if "test_accuracy" in h],
                                "history_epochs": [h["epoch"] for h in res["history"] if "test_accuracy" in h]}
                         save_model(res["model"].cpu(), spath_student, student_name, {}, data.info,
-                                   test_accuracy=row["accuracy"], objective=name, teacher_sha256=desc["sha256"],
-                                   row=row)
+                                   **dict(res.get("saved", {}), test_accuracy=row["accuracy"], objective=name,
+                                          teacher_sha256=desc["sha256"], row=row))
                     ranks.barrier()
                 row = dict(_student_row(spath_student), paper_accuracy=paper)  # resumed: today's reference figure
                 rows.append(row)

@@ -187,6 +187,11 @@ def gaussian_tensors(kind: str, part: str | None, m: ClassMoments, mode: str) ->
 
 
 def stats_path(teacher: str | Path) -> Path:
+    """The statistics beside a saved teacher: ``<stem>.stats.safetensors``, or a published folder's."""
+    from .publishing import is_folder, locate, stats_of
+    teacher = locate(str(teacher))
+    if is_folder(teacher):
+        return stats_of(teacher)
     base = Path(teacher)
     if base.suffix in (".safetensors", ".json"):
         base = base.with_suffix("")

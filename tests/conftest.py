@@ -93,6 +93,8 @@ def make_world(d: Path, idx_dir: Path) -> SimpleNamespace:
                      ReconstructConfig(objective="spectral-pairs", n=20, batch_size=10, steps=2, progress=False))
     model, info = build_model(f"{OWN}:teacher", build_model("lenet5")[1].fitted((1, 28, 28)), width=4)
     save_model(model, d / "own", f"{OWN}:teacher", {"width": 4}, info)
+    from dfkd.publishing import publish
+    publish(ModelRef(str(d / "teacher")), d / "teacher.stats.safetensors", d / "pub")
     (d / "boom.py").write_text("raise RuntimeError('nope')\n")
     (d / "notmodule.py").write_text("def make():\n    return 42\n")
     (d / "badforward.py").write_text(
@@ -100,7 +102,7 @@ def make_world(d: Path, idx_dir: Path) -> SimpleNamespace:
         "        self.fc = torch.nn.Linear(784, 10)\n\n    def forward(self, x):\n"
         "        raise ValueError('shape trouble in my forward')\n\n\ndef make():\n    return Net()\n")
     return SimpleNamespace(dir=d, data=data, idx=idx_dir, teacher=d / "teacher", stats=d / "teacher.stats.safetensors",
-                           synthetic=d / "synthetic")
+                           synthetic=d / "synthetic", folder=d / "pub")
 
 
 @pytest.fixture(scope="session")

@@ -207,6 +207,28 @@ CASES = [
      lambda w, t: ["train", "--data", w.data, "--out", _write(t / "m.state.pt", b"PK\3\4junk", t), "--name", "m",
                    "--epochs", "1"] + T,
      ["m.state.pt", "cannot resume"]),
+    # published folders and hub references
+    ("folder-missing-part", "model folder", "a published folder without its statistics",
+     lambda w, t: ["reconstruct", "--teacher", _folder_copy(w, t, lambda d: (d / "stats.safetensors").unlink()),
+                   "--out", t / "r"], ["pub", "missing stats.safetensors"]),
+    ("folder-newer-format", "model folder", "a folder of a newer format version",
+     lambda w, t: ["reconstruct", "--teacher", _folder_copy(w, t, lambda d: _edit_json(d / "config.json", version=2)),
+                   "--out", t / "r"], ["config.json", "newer"]),
+    ("folder-code-not-named", "model folder", "a folder whose config names code the user did not name",
+     lambda w, t: ["reconstruct", "--teacher", _folder_copy(w, t, lambda d: _edit_json(
+         d / "config.json", model={"spec": "my_models.py:net", "args": {}, "code_sha256": "0" * 64})),
+                   "--out", t / "r"], ["config.json", "--code my_models.py"]),
+    ("folder-other-stats", "model folder", "a folder whose statistics were recorded on other weights",
+     lambda w, t: ["reconstruct", "--teacher", _folder_copy(w, t, lambda d: _other_weights(w, d)), "--out", t / "r"],
+     ["stats.safetensors", "another teacher"]),
+    ("publish-exists", "argument", "dfkd publish onto a folder that exists",
+     lambda w, t: ["publish", "--teacher", w.teacher, "--out", _write(t / "x.txt", "x").parent], ["exists"]),
+    ("publish-other-stats", "stats file", "dfkd publish with statistics of other weights",
+     lambda w, t: ["publish", "--teacher", copy_model(w, t, "m", weights=_scaled_weights(w, 1.01),
+                                                      desc_edit=lambda d: d.pop("sha256")),
+                   "--stats", w.stats, "--out", t / "pubx"], ["teacher.stats.safetensors", "another teacher"]),
+    ("hub-bad-reference", "argument", "a hub reference without ORG/NAME",
+     lambda w, t: ["reconstruct", "--teacher", "hf:justaname", "--out", t / "r"], ["hf:justaname", "ORG/NAME"]),
     # statistics files
     ("stats-truncated", "stats file", "cut short", lambda w, t: ["inspect", _write(t / "in.safetensors",
                                                                                    w.stats.read_bytes()[:-50])],
@@ -352,6 +374,25 @@ def _scaled_weights(w, factor) -> bytes:
     t = load((w.dir / "teacher.safetensors").read_bytes())
     t["conv1.weight"] = t["conv1.weight"] * factor
     return st_save(t)
+
+
+def _folder_copy(w, t, edit) -> Path:
+    import shutil
+    shutil.copytree(w.folder, t / "pub")
+    edit(t / "pub")
+    return t / "pub"
+
+
+def _edit_json(path: Path, **fields) -> None:
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **fields)))
+
+
+def _other_weights(w, d: Path) -> None:
+    """The folder's weights swapped for others, its config's sha256 made to match them."""
+    from safetensors.torch import load_file
+    from dfkd.checkpoint import weights_sha256
+    (d / "model.safetensors").write_bytes(_scaled_weights(w, 1.01))
+    _edit_json(d / "config.json", sha256=weights_sha256(load_file(d / "model.safetensors")))
 
 
 def _state_dict(w, t) -> Path:

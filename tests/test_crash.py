@@ -43,9 +43,9 @@ TIMING = ("seconds", "wall_seconds", "timings")
 
 
 def _strip(obj):
-    """JSON without what differs between two runs by nature: timings and the output folder's name."""
+    """JSON without what differs between two runs by nature: timings and paths inside the output folder."""
     if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k not in TIMING and k != "out"}
+        return {k: _strip(v) for k, v in obj.items() if k not in TIMING and k not in ("out", "synthetic")}
     if isinstance(obj, list):
         return [_strip(v) for v in obj]
     return obj

@@ -1,0 +1,214 @@
+"""The distribution format: one folder that carries a model and what compressing it needs.
+
+``publish`` writes, atomically (built beside it, then renamed into place)::
+
+    <folder>/model.safetensors   the weights
+    <folder>/config.json         how to rebuild the model and what it takes (docs/format.md)
+    <folder>/stats.safetensors   the statistics, bound to the weights by their sha256
+    <folder>/README.md           a model card: kinds, sizes, what they reveal, the recipe
+
+The folder is read as a plain directory, a git checkout or a model-hub snapshot: every verb
+takes it where it takes a teacher, and ``hf:ORG/NAME[@REVISION]`` downloads one with
+``huggingface_hub`` (the ``dfkd[hub]`` extra; ``HF_HUB_OFFLINE=1`` reads the cache only).
+Code is never part of it: a model made from user code records its import spec and sha256.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from . import __version__
+from .checkpoint import check_model_desc, read_json, sweep_temps, weights_sha256, write_json
+from .errors import DfkdError
+
+FORMAT, VERSION = "dfkd-folder", 1
+CONFIG, WEIGHTS, STATS, CARD = "config.json", "model.safetensors", "stats.safetensors", "README.md"
+HUB_PREFIX = "hf:"
+
+
+def locate(ref: str) -> str:
+    """A model reference with a hub reference (``hf:ORG/NAME[@REVISION]``) made a local folder."""
+    if not isinstance(ref, str) or not ref.startswith(HUB_PREFIX):
+        return ref
+    repo, _, revision = ref[len(HUB_PREFIX):].partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise DfkdError(ref, "a hub reference is hf:ORG/NAME or hf:ORG/NAME@REVISION")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise DfkdError(ref, "hub references need huggingface_hub: pip install 'dfkd[hub]'") from None
+    try:
+        return snapshot_download(repo, revision=revision or None, allow_patterns=[CONFIG, WEIGHTS, STATS, CARD])
+    except Exception as e:  # offline and not cached, unknown repo or revision, network: one line
+        what = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        offline = " (HF_HUB_OFFLINE is set: only the local cache is read)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise DfkdError(ref, f"cannot get it from the hub{offline}: {type(e).__name__}: {what}") from None
+
+
+def is_folder(path: str | os.PathLike) -> bool:
+    return Path(path).is_dir() and (Path(path) / CONFIG).is_file()
+
+
+def read_config(folder: str | os.PathLike) -> tuple[Path, Path, dict]:
+    """A published folder's ``config.json`` (checked), its path and the weights' path."""
+    folder = Path(folder)
+    missing = [f for f in (CONFIG, WEIGHTS, STATS) if not (folder / f).is_file()]
+    if missing:
+        raise DfkdError(folder, f"not a complete dfkd model folder (missing {', '.join(missing)})")
+    desc = read_json(folder / CONFIG)
+    if desc.get("format") != FORMAT:
+        raise DfkdError(folder / CONFIG, f"not a dfkd model folder's config (format {desc.get('format')!r})")
+    if not isinstance(desc.get("version"), int) or desc["version"] > VERSION:
+        raise DfkdError(folder / CONFIG, f"folder format version {desc.get('version')!r} is newer than this dfkd reads "
+                        f"({VERSION}); upgrade dfkd")
+    check_model_desc(folder / CONFIG, desc)
+    return folder / CONFIG, folder / WEIGHTS, desc
+
+
+def stats_of(folder: str | os.PathLike) -> Path:
+    return Path(folder) / STATS
+
+
+def publish(teacher, stats: str | os.PathLike | None, out: str | os.PathLike, student: str | None = None,
+            name: str | None = None, repo: str | None = None) -> Path:
+    """``dfkd publish``: a saved teacher (``ModelRef``) and its statistics file as a folder at
+    ``out`` (which must not exist yet). ``student``: a student distilled from it (a saved model
+    stem), whose accuracy and recipe the card states; ``repo``: the hub name the card's commands use."""
+    from safetensors.torch import save as st_save
+
+    from .metadata import load
+    from .recording import stats_path
+    from .specs import open_model
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DfkdError(out, "already exists; publish to a new folder (or delete this one)")
+    model, desc, info = open_model(teacher)
+    sha = weights_sha256(model.state_dict())  # what binds the statistics to these weights
+    meta = load(stats or stats_path(teacher.ref), sha)
+    config = {"format": FORMAT, "version": VERSION, "library": "dfkd", "dfkd_version": __version__,
+              "model": desc["model"], "data": info.as_dict(), "sha256": sha,
+              # the hub conventions (timm, open_clip), derived from the above for other tools
+              "architecture": desc["model"]["spec"], "num_classes": info.num_classes,
+              "label_names": list(info.class_names or []),
+              "pretrained_cfg": {"input_size": list(info.shape), "mean": list(info.mean), "std": list(info.std)}}
+    recipe = _recipe(student) if student else None
+    if recipe:
+        config["recipe"] = recipe
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        (tmp / WEIGHTS).write_bytes(st_save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}))
+        shutil.copyfile(meta.path, tmp / STATS)
+        write_json(tmp / CONFIG, config)
+        (tmp / CARD).write_text(model_card(config, meta, name or out.name, repo, recipe))
+        sweep_temps(tmp)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    except OSError as e:
+        raise DfkdError(out, f"cannot write ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    read_config(out)
+    return out
+
+
+def _recipe(student: str) -> dict:
+    """What made a distilled student: its accuracy, and the reconstruction and distillation settings."""
+    from .checkpoint import read_model_desc
+    desc_path, _, desc = read_model_desc(student)
+    out = {"student": desc["model"], "student_accuracy": desc.get("test_accuracy"),
+           "objective": desc.get("objective"), "distill": desc.get("distill_config")}
+    synthetic = desc.get("synthetic")
+    if synthetic and (Path(synthetic) / "manifest.json").is_file():
+        out["reconstruct"] = read_json(Path(synthetic) / "manifest.json").get("config")
+    if out["distill"] is None or out["objective"] is None:
+        raise DfkdError(desc_path, "not a distilled student (no distillation settings in it)")
+    return out
+
+
+def _command(verb: str, values: dict, fixed: list[str]) -> str:
+    """A ``dfkd VERB`` command line giving ``values`` (library names) that differ from the defaults,
+    spelt with the CLI's own flags."""
+    import argparse
+
+    from .cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[verb]
+    parts = ["dfkd", verb, *fixed]
+    for action in sub._actions:
+        if not action.option_strings or action.dest in ("seed", "device", "quiet", "help"):
+            continue
+        negated = action.dest[3:] if action.dest.startswith("no_") else None
+        if negated in values and values[negated] is False:
+            parts.append(action.option_strings[0])
+        elif action.dest in values and values[action.dest] is not None and values[action.dest] != action.default \
+                and not isinstance(values[action.dest], bool):
+            parts += [action.option_strings[0], str(values[action.dest])]
+    if values.get("seed"):
+        parts += ["--seed", str(values["seed"])]
+    return " ".join(parts)
+
+
+def model_card(config: dict, meta, name: str, repo: str | None, recipe: dict | None) -> str:
+    """The folder's README.md: front matter for the hubs, then what the folder holds, the kinds and
+    their sizes, what they reveal, and the recipe with the commands that reproduce it."""
+    from .metadata import summary
+    data, model = config["data"], config["model"]
+    ref = f"hf:{repo}" if repo else f"path/to/{name}"
+    code = f" --code {Path(model['spec'].rpartition(':')[0]).name}" if model.get("code_sha256") else ""
+    s = summary(meta)
+    rec = meta.header["recorded_on"]
+    lines = ["---", "library_name: dfkd", "tags:", "- dfkd", "- data-free-knowledge-distillation",
+             "- knowledge-distillation", "- image-classification", "---", "", f"# {name}", "",
+             f"A `{model['spec']}` classifier for inputs of shape {tuple(data['shape'])} and {data['num_classes']} "
+             f"classes, published with dfkd {config['dfkd_version']} together with the activation statistics that "
+             "let anyone compress it into a smaller network without its training data (Lopes, Fenu & Starner, "
+             "*Data-Free Knowledge Distillation for Deep Neural Networks*, 2017).", "",
+             "| file | what it holds |", "|---|---|",
+             f"| `{WEIGHTS}` | the weights (sha256 of the tensors `{config['sha256'][:16]}...`) |",
+             f"| `{CONFIG}` | how to rebuild the model (`{model['spec']}`, arguments `{model.get('args') or {}}`), its "
+             f"inputs (shape, normalisation mean {data['mean']} and std {data['std']}, range {data['low']:g}.."
+             f"{data['high']:g}) and class names |",
+             f"| `{STATS}` | statistics recorded on {rec['dataset']} ({rec['n_samples']:,} examples), bound to these "
+             f"weights by their sha256 |", ""]
+    if model.get("code_sha256"):
+        lines += [f"The model is built by user code, `{model['spec']}` (sha256 `{model['code_sha256'][:16]}...`), "
+                  "which this folder does not contain: dfkd imports it only when you name it with `--code`.", ""]
+    lines += ["## Statistics", "", "| kind | floats | bytes |", "|---|---|---|"]
+    lines += [f"| {k} | {v['floats']:,} | {v['bytes']:,} |" for k, v in s["per_kind"].items()]
+    lines += ["", "## What the statistics reveal", ""]
+    reveals = meta.header.get("closed_form")
+    exact = [r for r in reveals or [] if isinstance(r, dict) and r.get("class_means") == "exact"]
+    if exact:
+        lines.append(f"The all-layers record of {', '.join(r['layer'] for r in exact)} gives each class's mean "
+                     "training input exactly (the layer is affine in the input); dfkd leakage shows it.")
+    elif isinstance(reveals, list):
+        lines.append("No class mean of the training inputs follows from these statistics in closed form "
+                     "(dfkd leakage measures it).")
+    else:
+        lines.append("Not measured: run `dfkd leakage` against the training data.")
+    lines += ["The statistics were recorded without differential privacy: they add an exact summary of the "
+              "training data to what the weights themselves reveal.", "", "## Compress it", ""]
+    if recipe:
+        rc, dc = dict(recipe.get("reconstruct") or {}), dict(recipe["distill"])
+        rc.setdefault("objective", recipe["objective"])
+        student = dict(recipe["student"])
+        if student["spec"].rpartition(":")[0].endswith(".py"):  # the user's copy of the code, by its name
+            student["spec"] = f"{Path(student['spec'].rpartition(':')[0]).name}:{student['spec'].rpartition(':')[2]}"
+        sargs = f" --student-args '{__import__('json').dumps(student['args'])}'" if student.get("args") else ""
+        acc = recipe.get("student_accuracy")
+        lines += [f"The recipe below gave a `{student['spec']}` student "
+                  + (f"**{100 * acc:.2f}%** test accuracy against the true labels." if acc is not None else ".")]
+        lines += ["", "```bash", "# dfkd with its hub extra: pip install '.[hub]' in a dfkd checkout",
+                  _command("reconstruct", rc, ["--teacher", ref + code, "--out", "synthetic"]),
+                  _command("distill", dc, ["--synthetic", "synthetic", "--teacher", ref + code, "--student",
+                                           student["spec"] + sargs, "--out", "student"]), "```", ""]
+    else:
+        lines += ["```bash", "# dfkd with its hub extra: pip install '.[hub]' in a dfkd checkout",
+                  f"dfkd reconstruct --teacher {ref}{code} --objective {meta.kinds[-1]} --out synthetic",
+                  f"dfkd distill --synthetic synthetic --teacher {ref}{code} --student YOUR_STUDENT --out student",
+                  "```", ""]
+    return "\n".join(lines)
