@@ -83,7 +83,7 @@ def _cmd_train(a) -> int:
     path = train_file(_model(a, "model", weights=False), _data_ref(a), Path(a.out) / a.name, cfg)
     desc = read_json(path.with_name(path.name.replace(".safetensors", ".json")))
     acc = f" (test accuracy {100 * desc['test_accuracy']:.2f}%)" if "test_accuracy" in desc else ""
-    print(f"saved {path}{acc}")
+    _say(f"saved {path}{acc}")
     return 0
 
 
@@ -94,9 +94,10 @@ def _cmd_record(a) -> int:
                        device=a.device, progress=not a.quiet)
     path, meta = record_file(_model(a), _data_ref(a), a.out, cfg)
     t = meta.timings
-    print(f"saved {path} ({path.stat().st_size / 1e6:.2f} MB; pass {t['pass_seconds']:.1f}s,"
-          f" spectral bases {t['basis_seconds']:.1f}s)")
-    _print_reveals(meta.header)
+    if t:  # the process that recorded (rank 0 under torchrun)
+        print(f"saved {path} ({path.stat().st_size / 1e6:.2f} MB; pass {t['pass_seconds']:.1f}s,"
+              f" spectral bases {t['basis_seconds']:.1f}s)")
+        _print_reveals(meta.header)
     return 0
 
 

@@ -134,8 +134,7 @@ def distill_file(synthetic: str | Path, student: ModelRef, out: str | Path, cfg:
     except DfkdError:
         if data.spec is not None:
             raise
-    tag = f"-rank{ranks.rank}-of{ranks.world}" if ranks.world > 1 else ""
-    with exclusive(Path(out), tag=tag):
+    with exclusive(Path(out), tag=ranks.tag):
         out = Path(out)
         history = distill(net, synth, tmodel, cfg, test, info, state_path=out.with_name(out.name + ".state.pt"))
         if not ranks.main:  # rank 0 writes the student

@@ -30,6 +30,11 @@ class Ranks:
         """The process that writes what all share (manifests, checkpoints, results)."""
         return self.rank == 0
 
+    @property
+    def tag(self) -> str:
+        """The name of this rank's share of an output (its lock), empty for a single process."""
+        return f"-rank{self.rank}-of{self.world}" if self.world > 1 else ""
+
     def mine(self, index: int) -> bool:
         return index % self.world == self.rank
 

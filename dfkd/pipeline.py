@@ -193,8 +193,7 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
     # under torchrun: every training step data-parallel, the shards split over the ranks; rank 0 writes
     ranks = distributed.group(cfg.device)
     cfg = replace(cfg, progress=cfg.progress and ranks.main)
-    tag = f"-rank{ranks.rank}-of{ranks.world}" if ranks.world > 1 else ""
-    with exclusive(out, folder=True, tag=tag):
+    with exclusive(out, folder=True, tag=ranks.tag):
         rows: list[dict] = []
         for net in cfg.networks:
             d, student_name = out / net, PAIRS[net]

@@ -128,8 +128,7 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
     if meta is not None and meta.header["teacher_sha256"] != teacher_sha:
         raise DfkdError(meta.path or "stats", "recorded on another teacher (weights sha256 differs)")
     ranks = distributed.ranks(cfg.rank, cfg.world_size, cfg.device)
-    tag = f"-rank{ranks.rank}-of{ranks.world}" if ranks.world > 1 else ""
-    with exclusive(out, folder=True, tag=tag):  # one run per output folder (and rank); a killed one's lock is void
+    with exclusive(out, folder=True, tag=ranks.tag):  # one run per output folder (and rank); a killed one's lock is void
         synth = SyntheticSet(out)
         done = synth.begin(_manifest_key(cfg, teacher_sha, meta), ranks, objective=cfg.objective,
                            data=info.as_dict(), num_classes=c, n=cfg.n)
@@ -137,7 +136,7 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
         mine = range(ranks.rank, n_batches, ranks.world)  # shard b is rank b % world's, whatever the split
         optimising = not isinstance(objective, Noise)
         bar = tqdm(total=(len(mine) - sum(1 for b in done if ranks.mine(b))) * (cfg.steps if optimising else 1),
-                   desc=f"reconstruct {cfg.objective}" + (f" rank {ranks.rank}/{ranks.world}" if tag else ""),
+                   desc=f"reconstruct {cfg.objective}" + (f" rank {ranks.rank}/{ranks.world}" if ranks.tag else ""),
                    disable=not cfg.progress, leave=False)
         for b in (b for b in mine if b not in done):  # lazy: n may be huge
             t0 = time.perf_counter()

@@ -22,12 +22,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import exclusive, weights_sha256
 from .config import RecordConfig
 from .data import DataInfo, DataSource, as_batches, data_len, first_batch
 from .errors import DfkdError
 from .graph import LayerInfo, chain_basis, layer_infos, layer_signal
-from .metadata import KINDS, Metadata, key, new_header, save
+from .metadata import KINDS, Metadata, key, load, new_header, save
 from .models import device_of
 from .runtime import pick_device, setup_threads
 from .specs import DataRef, ModelRef, open_with_data
@@ -209,7 +210,13 @@ def record_file(teacher: ModelRef, data: DataRef, out: str | Path | None = None,
     if source.train is None:
         raise DfkdError("data", "has no training split to record on")
     out = Path(out) if out else stats_path(teacher.ref)
+    ranks = distributed.group(cfg.device)  # under torchrun rank 0 records (one pass), the others wait
+    if not ranks.main:
+        ranks.barrier()
+        return out, load(out, desc.get("sha256"))
     with exclusive(out):
         meta = record(model, source, cfg)
         meta.header["teacher"] = desc["model"]["spec"]
-        return save(meta, out), meta
+        path = save(meta, out)
+    ranks.barrier()
+    return path, meta

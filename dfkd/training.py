@@ -199,14 +199,17 @@ def train_file(model: ModelRef, data: DataRef, out: str | Path, cfg: TrainConfig
     e.g. ``runs/mnist/teacher``); resumes from ``<out>.state.pt`` after an interruption."""
     require_spec(model, "model")
     setup_threads()
+    ranks = distributed.group(cfg.device)  # under torchrun: data-parallel, rank 0 writes
     seed_everything(cfg.seed)
     net, desc, source = open_with_data(model, data)
     net.to(pick_device(cfg.device))
-    with exclusive(Path(out)):
+    with exclusive(Path(out), tag=ranks.tag):
         out = Path(out)
         history = train(net, source, cfg, state_path=out.with_name(out.name + ".state.pt"))
-        extra = {"test_accuracy": history[-1]["test_accuracy"]} if "test_accuracy" in history[-1] else {}
-        path = save_model(net.cpu(), out, desc["model"]["spec"], desc["model"]["args"], source.info, history=history,
-                          train_config=to_dict(cfg), **extra)
-        out.with_name(out.name + ".state.pt").unlink(missing_ok=True)
-        return path
+        if ranks.main:
+            extra = {"test_accuracy": history[-1]["test_accuracy"]} if "test_accuracy" in history[-1] else {}
+            save_model(net.cpu(), out, desc["model"]["spec"], desc["model"]["args"], source.info, history=history,
+                       train_config=to_dict(cfg), **extra)
+            out.with_name(out.name + ".state.pt").unlink(missing_ok=True)
+        ranks.barrier()
+        return out.with_name(out.name + ".safetensors")

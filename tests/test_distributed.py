@@ -181,3 +181,20 @@ def test_own_bn_model_on_colour_folder_two_ranks(colour_dir, tmp_path):
     assert all(r.returncode == 0 for r in two), [r.stderr for r in two]
     w1, w2 = load_file(tmp_path / "s1.safetensors"), load_file(tmp_path / "s2.safetensors")
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4) for k in w1)
+
+
+def test_train_and_record_under_two_ranks(world, tmp_path):
+    """``dfkd train`` data-parallel and ``dfkd record`` (rank 0 records, the other waits) under two
+    ranks: one teacher and one statistics file, bound to each other."""
+    from dfkd.checkpoint import load_model
+    from dfkd.metadata import load
+    r = launch(["train", "--model", "lenet5", "--data", world.data, "--epochs", "1", "--out", str(tmp_path)], 2,
+               tmp_path / "rdzv")
+    assert all(x.returncode == 0 for x in r), [x.stderr for x in r]
+    assert sum("saved" in x.stdout for x in r) == 1  # said once, by rank 0
+    r = launch(["record", "--teacher", str(tmp_path / "teacher")], 2, tmp_path / "rdzv2")
+    assert all(x.returncode == 0 for x in r), [x.stderr for x in r]
+    _, desc, _ = load_model(tmp_path / "teacher")
+    one = json.loads((world.dir / "teacher.json").read_text())  # the same training in one process
+    assert abs(desc["test_accuracy"] - one["test_accuracy"]) < 0.02, (desc["test_accuracy"], one["test_accuracy"])
+    assert load(tmp_path / "teacher.stats.safetensors", desc["sha256"]).kinds
