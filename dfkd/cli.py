@@ -64,6 +64,16 @@ def _model_flags(p: argparse.ArgumentParser, flag: str, what: str, required: boo
     p.add_argument(f"--{flag}-args", default=None, help="keyword arguments for a spec's factory, as JSON")
 
 
+def _teacher_flags(p: argparse.ArgumentParser, stats: bool = True, normalize: bool = False) -> None:
+    """The teacher, the weights for a teacher given as a spec, and (where read) its statistics file."""
+    _model_flags(p, "teacher", "the teacher")
+    p.add_argument("--weights", default=None, help="weights for a teacher given as a spec (.safetensors or a state dict)")
+    if normalize:
+        p.add_argument("--normalize", default=None, help="for a teacher given as a spec: none, auto or MEAN/STD")
+    if stats:
+        p.add_argument("--stats", default=None, help="statistics file (default: <teacher>.stats.safetensors)")
+
+
 def _model(a, flag: str = "teacher", weights: bool = True):
     from .specs import ModelRef, parse_args
     ref = getattr(a, flag)
@@ -250,9 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     r = sub.add_parser("record", parents=[common, data], formatter_class=fmt, help="record activation metadata")
-    _model_flags(r, "teacher", "the teacher")
-    r.add_argument("--weights", default=None, help="weights for a teacher given as a spec (.safetensors or a state dict)")
-    r.add_argument("--normalize", default=None, help="for a teacher given as a spec: none, auto or MEAN/STD")
+    _teacher_flags(r, stats=False, normalize=True)
     r.add_argument("--out", default=None, help="output file (default: <teacher>.stats.safetensors)")
     r.add_argument("--kinds", default=",".join(default(RecordConfig, "kinds")), help="comma-separated")
     r.add_argument("--layers", default=None, help="comma-separated module paths (default: every Linear/Conv2d)")
@@ -267,9 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("reconstruct", parents=[common], formatter_class=fmt,
                        help="make a synthetic set from a teacher and its statistics")
-    _model_flags(c, "teacher", "the teacher")
-    c.add_argument("--weights", default=None, help="weights for a teacher given as a spec")
-    c.add_argument("--stats", default=None, help="statistics file (default: <teacher>.stats.safetensors)")
+    _teacher_flags(c)
     c.add_argument("--objective", default=default(ReconstructConfig, "objective"),
                    help="top-layer, all-layers, all-layers-dropout, spectral-all, spectral-pairs, bn-stats or noise; "
                    "combine with + (e.g. all-layers+bn-stats)")
@@ -339,10 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("leakage", parents=[common, data], formatter_class=fmt,
                        help="what a statistics file reveals: class means recovered from it vs the training data's")
-    _model_flags(k, "teacher", "the teacher")
-    k.add_argument("--weights", default=None, help="weights for a teacher given as a spec")
-    k.add_argument("--normalize", default=None, help="for a teacher given as a spec: none, auto or MEAN/STD")
-    k.add_argument("--stats", default=None, help="statistics file (default: <teacher>.stats.safetensors)")
+    _teacher_flags(k, normalize=True)
     k.add_argument("--synthetic", action="append", default=[], help="a synthetic set made from the file, "
                    "scored the same way (repeatable)")
     k.add_argument("--out", default=None, help="report stem: <out>.json and <out>.png (default: <teacher>.leakage)")
@@ -350,9 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("publish", parents=[common], formatter_class=fmt,
                        help="one folder for a hub or a git repository: weights, config, statistics, model card")
-    _model_flags(b, "teacher", "the teacher")
-    b.add_argument("--weights", default=None, help="weights for a teacher given as a spec")
-    b.add_argument("--stats", default=None, help="statistics file (default: <teacher>.stats.safetensors)")
+    _teacher_flags(b)
     b.add_argument("--student", default=None, help="a student distilled from it: the card states its accuracy "
                    "and the commands that made it")
     b.add_argument("--name", default=None, help="the model's name on the card (default: the folder's)")
