@@ -1,7 +1,7 @@
 """The synthetic set: a folder of shards and the manifest that lists them.
 
 ``shard-<b>.safetensors`` holds batch ``b``'s inputs (``x``, in the teacher's input space),
-intended labels and teacher logits, and in its header its record (losses, timings);
+intended labels and teacher logits, and in its header its record (losses, agreement);
 ``manifest.json`` holds the settings that made the set (a resumed run must match), the data
 description, and the finished shards. Every file is written atomically, so a shard that
 exists is whole: an interrupted run, or any rank of a sharded one, resumes at its first
@@ -59,6 +59,8 @@ class SyntheticSet:
         done = {int(hit.group(1)) for p in self.dir.glob("shard-*.safetensors") if (hit := _SHARD.fullmatch(p.name))}
         m["shards"] = [s for s in m["shards"] if s["index"] in done]
         self.manifest, self.ranks = m, ranks
+        self._timings_path = self.dir / f"timings-rank{ranks.rank}-of{ranks.world}.json"
+        self._timings = read_json(self._timings_path) if ranks.world > 1 and self._timings_path.is_file() else {}
         return done
 
     def add(self, index: int, tensors: dict[str, torch.Tensor], seconds: float, **record) -> None:
@@ -72,9 +74,8 @@ class SyntheticSet:
             self.manifest["shards"].sort(key=lambda s: s["index"])
             write_json(self.manifest_path, self.manifest)
         else:
-            path = self.dir / f"timings-rank{self.ranks.rank}-of{self.ranks.world}.json"
-            timings = read_json(path) if path.is_file() else {}
-            write_json(path, dict(timings, **{str(index): seconds}))
+            self._timings[str(index)] = seconds
+            write_json(self._timings_path, self._timings)
 
     def finish(self, n_shards: int, **fields) -> bool:
         """Mark the set complete once all ``n_shards`` shards exist, listing them from their headers:
