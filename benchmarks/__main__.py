@@ -75,6 +75,10 @@ def main() -> None:
         from . import leakage
         leakage.main(sys.argv[2:])
         return None
+    if sys.argv[1:2] == ["privacy"]:
+        from . import privacy
+        privacy.main(sys.argv[2:])
+        return
     if sys.argv[1:2] == ["own"]:
         from . import own_model
         own_model.main(sys.argv[2:])

@@ -36,6 +36,17 @@ def _positive(kind):
     return parse
 
 
+def _clip(s: str) -> tuple[str, float]:
+    name, eq, bound = s.rpartition("=")
+    try:
+        v = float(bound)
+    except ValueError:
+        v = float("nan")
+    if not eq or not name or not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"{s!r} is not RECORD=BOUND with a positive bound (e.g. all-layers/fc1=20)")
+    return name, v
+
+
 def _list(s: str | None) -> tuple[str, ...]:
     return tuple(p.strip() for p in s.split(",") if p.strip()) if s else ()
 
@@ -101,17 +112,24 @@ def _cmd_record(a) -> int:
     from .recording import record_file
     cfg = RecordConfig(kinds=_list(a.kinds), layers=_list(a.layers) or None, cov=a.cov, conv_stats=a.conv_stats,
                        spectral_keep=a.spectral_keep, temperature=a.temperature, batch_size=a.batch_size,
-                       device=a.device, progress=not a.quiet)
+                       device=a.device, progress=not a.quiet, privacy=a.privacy, delta=a.delta,
+                       clip=tuple(a.clip), clip_quantile=a.clip_quantile, noise_seed=a.noise_seed)
     path, meta = record_file(_model(a), _data_ref(a), a.out, cfg)
     t = meta.timings
     if t:  # the process that recorded (rank 0 under torchrun)
         print(f"saved {path} ({path.stat().st_size / 1e6:.2f} MB; pass {t['pass_seconds']:.1f}s,"
               f" spectral bases {t['basis_seconds']:.1f}s)")
         _print_reveals(meta.header)
+        p = meta.header.get("privacy")
+        if p:
+            print(f"privacy: ({p['target_epsilon']:g}, {p['delta']:.3g})-differential privacy (the accountant's "
+                  f"epsilon: {p['epsilon']:.6g}); dfkd inspect lists every clip bound and noise scale")
     return 0
 
 
 def _print_reveals(h: dict) -> None:
+    if h.get("privacy"):  # the closed form then gives the class means plus the calibrated noise only
+        return
     for r in h.get("closed_form") or []:
         if isinstance(r, dict) and r.get("class_means") == "exact":
             print(f"note: its all-layers record of {r['layer']} gives each class's mean training input exactly "
@@ -130,6 +148,8 @@ def _cmd_inspect(a) -> int:
           + f"; recorded on {h['recorded_on']['dataset']} ({h['recorded_on']['n_samples']} samples)")
     print(f"inputs: {tuple(d['shape'])}, raw range {d['low']:g}..{d['high']:g}, normalised with mean {d['mean']} std {d['std']}")
     print("layers: " + ", ".join(f"{l['path']} {tuple(l['shape'])} per {l['stat']} cov={l['cov']}" for l in h["layers"]))
+    from .privacy import describe
+    print("\n".join(describe(h)))
     print(f"{'kind':<16}{'record':<36}{'floats':>12}{'bytes':>14}")
     for r in s["rows"]:
         print(f"{r['kind']:<16}{r['record']:<36}{r['floats']:>12,}{r['bytes']:>14,}")
@@ -271,6 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of Fourier coefficients kept")
     r.add_argument("--temperature", type=_positive(float), default=default(RecordConfig, "temperature"))
     r.add_argument("--batch-size", type=_positive(int), default=default(RecordConfig, "batch_size"))
+    r.add_argument("--privacy", type=float, default=None, metavar="EPSILON",
+                   help="(epsilon, delta)-differential privacy for the whole file: clipped contributions, Gaussian "
+                   "noise, calibrated by dp-accounting (the privacy extra)")
+    r.add_argument("--delta", type=float, default=None, help="with --privacy (default: a power of ten at least 10x "
+                   "below 1 / training examples)")
+    r.add_argument("--clip", type=_clip, action="append", default=[], metavar="RECORD=BOUND",
+                   help="with --privacy: a record's clip bound (repeatable; e.g. top-layer=5, all-layers/fc1=60); "
+                   "the others are chosen privately on a share of the budget")
+    r.add_argument("--clip-quantile", type=float, default=default(RecordConfig, "clip_quantile"),
+                   help="with --privacy: the share of examples a privately chosen bound leaves unclipped")
+    r.add_argument("--noise-seed", type=int, default=None, help="with --privacy: reproducible noise (keep the seed "
+                   "secret: it regenerates the noise); default: secret randomness from the operating system")
     r.set_defaults(func=_cmd_record)
 
     c = sub.add_parser("reconstruct", parents=[common], formatter_class=fmt,

@@ -90,8 +90,9 @@ def reveals(model: nn.Module, meta: Metadata) -> list[dict] | str:
     all-layers record its layer, form, and whether the class-mean inputs follow exactly."""
     if math.prod(meta.data.shape) > MAX_INPUT_DIM:
         return f"not measured (inputs of more than {MAX_INPUT_DIM} values)"
+    exact = "exact up to the differential-privacy noise" if meta.header.get("privacy") else "exact"
     return [{"layer": i.layer, "stat": i.stat, "cov": i.cov, "rank": i.rank, "input_dim": i.input_dim,
-             "class_means": "exact" if i.rank == i.input_dim else f"projection of rank {i.rank}"}
+             "class_means": (exact if i.rank == i.input_dim else f"projection of rank {i.rank}")}
             for i in invert(model, meta)]
 
 

@@ -127,6 +127,8 @@ def save(meta: Metadata, path: str | Path) -> Path:
 _FIELDS = {"num_classes": int, "kinds": list, "layers": list, "teacher_sha256": str, "recorded_on": dict, "data": dict}
 _LAYER = {"path": str, "shape": list, "stat": str, "cov": str, "dim": int}
 _RECORDED = {"dataset": str, "n_samples": int}
+_PRIVACY = {"neighbouring": str, "mechanism": str, "accountant": str, "accountant_version": str, "covers": str,
+            "clip_bounds": dict, "events": list}
 _NAMES = {int: "an integer", list: "a list", str: "a string", dict: "an object"}
 
 
@@ -141,6 +143,22 @@ def _check_fields(path: Path, h: dict) -> None:
     check("recorded_on", h["recorded_on"], _RECORDED)
     for i, layer in enumerate(h["layers"]):
         check(f"layers[{i}]", layer, _LAYER)
+    if h.get("privacy") is not None:
+        p = h["privacy"]
+        check("privacy", p, _PRIVACY)
+        for k in ("epsilon", "delta", "target_epsilon"):
+            if k == "target_epsilon" and k not in p:
+                continue
+            if not isinstance(p.get(k), (int, float)) or isinstance(p[k], bool) or not p[k] > 0:
+                raise DfkdError(path, f"header field privacy.{k} is missing or not a positive number")
+        for i, e in enumerate(p["events"]):
+            check(f"privacy.events[{i}]", e, {"release": str})
+            if not all(isinstance(e.get(k), (int, float)) for k in ("share", "sensitivity", "noise_multiplier", "sigma")):
+                raise DfkdError(path, f"header field privacy.events[{i}] lacks its numbers")
+        for r, b in p["clip_bounds"].items():
+            check(f"privacy.clip_bounds.{r}", b, {"by": str})
+            if not isinstance(b.get("bound"), (int, float)):
+                raise DfkdError(path, f"header field privacy.clip_bounds.{r}.bound is not a number")
     if not all(isinstance(k, str) for k in h["kinds"]):
         raise DfkdError(path, "header field kinds must list names")
 

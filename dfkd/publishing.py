@@ -190,8 +190,18 @@ def model_card(config: dict, meta, name: str, repo: str | None, recipe: dict | N
                      "(dfkd leakage measures it).")
     else:
         lines.append("Not measured: run `dfkd leakage` against the training data.")
-    lines += ["The statistics were recorded without differential privacy: they add an exact summary of the "
-              "training data to what the weights themselves reveal.", "", "## Compress it", ""]
+    priv = meta.header.get("privacy")
+    if priv:
+        lines += [f"The statistics are ({priv.get('target_epsilon', priv['epsilon']):g}, {priv['delta']:.3g})-"
+                  "differentially private "
+                  f"({priv['neighbouring']}; {priv['mechanism']} noise on clipped contributions, accounted by "
+                  f"{priv['accountant']} {priv['accountant_version']}): nothing computed from them depends on any one "
+                  "training example beyond that bound. Class means, averages over many examples, still show through. "
+                  "The guarantee covers what the statistics add to the release, not the weights (`dfkd inspect` "
+                  "lists every clip bound and noise scale).", "", "## Compress it", ""]
+    else:
+        lines += ["The statistics were recorded without differential privacy: they add an exact summary of the "
+                  "training data to what the weights themselves reveal.", "", "## Compress it", ""]
     if recipe:
         rc, dc = dict(recipe.get("reconstruct") or {}), dict(recipe["distill"])
         rc.setdefault("objective", recipe["objective"])

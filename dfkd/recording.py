@@ -11,6 +11,9 @@ statistics each reconstruction objective needs (see ``metadata.KINDS``).
 - ``spectral-all`` / ``spectral-pairs``: per-class mean and std of the kept
   graph-Fourier coefficients of the node signal (see ``graph`` and ``stats``) on one
   graph over all chosen layers, or on one graph per pair of adjacent layers.
+
+With ``privacy=EPSILON`` the same statistics come from clipped per-example contributions with
+Gaussian noise (``privacy``): one more pass chooses the clip bounds the user did not give.
 """
 from __future__ import annotations
 
@@ -68,43 +71,110 @@ def _check_batch(out: torch.Tensor, where: str, start: int) -> None:
         raise DfkdError("data", f"NaN or infinite activations in {where} (batch starting at sample {start})")
 
 
-def _pass(model: nn.Module, data, infos: list[LayerInfo], kinds, graphs: dict, c: int, cfg: RecordConfig):
-    """The one streaming pass: class moments of the logits, layers and node signals; per-channel range."""
+def _batches(model: nn.Module, data, infos: list[LayerInfo], c: int, cfg: RecordConfig, desc: str = "record"):
+    """One streaming pass: ``(inputs, labels, logits, activations)`` per batch, labels and values checked."""
     dev = device_of(model)
-    top = ClassMoments(c, c, full=True)
-    per_layer = {i.path: ClassMoments(c, i.dim, full=cov_mode(cfg.cov, i.dim) != "diag") for i in infos} \
-        if "all-layers" in kinds else {}
-    counts, lo, hi, seen = torch.zeros(c, dtype=torch.long), None, None, 0
-    total = data_len(data)
+    seen = 0
     with torch.no_grad(), tap(model, [i.path for i in infos]) as acts, \
-            tqdm(total=total, desc="record", disable=not cfg.progress, leave=False, unit="input") as bar:
+            tqdm(total=data_len(data), desc=desc, disable=not cfg.progress, leave=False, unit="input") as bar:
         for xb, yb in as_batches(data, cfg.batch_size):
             yb = torch.as_tensor(yb).long().cpu()
             if len(yb) and (int(yb.min()) < 0 or int(yb.max()) >= c):
                 raise DfkdError("data", f"labels must lie in [0, {c - 1}] for a model with {c} outputs")
-            flat = xb.transpose(0, 1).reshape(xb.shape[1], -1) if xb.dim() == 4 else xb.reshape(1, -1)
-            lo = flat.amin(1) if lo is None else torch.minimum(lo, flat.amin(1))
-            hi = flat.amax(1) if hi is None else torch.maximum(hi, flat.amax(1))
             logits = model(xb.to(dev))
             _check_batch(logits, "the model's output", seen)
             for i in infos:
                 _check_batch(acts[i.path], i.path, seen)
-            counts += torch.bincount(yb, minlength=c)
-            if "top-layer" in kinds:
-                top.update(logits / cfg.temperature, yb)
-            for i in infos:
-                if i.path in per_layer:
-                    out = acts[i.path]
-                    per_layer[i.path].update(out.flatten(2) if i.stat == "channel" else out.flatten(1), yb)
-            if graphs:  # each layer's node signal once, shared by every graph it belongs to
-                nodes = {i.path: layer_signal(acts[i.path], i).float().cpu() for i in infos}
-                for members, sm, _ in graphs.values():
-                    sm.update(torch.cat([nodes[m.path] for m in members], 1), yb)
+            yield xb, yb, logits, acts
             seen += len(yb)
             bar.update(len(yb))
     if seen == 0:
         raise DfkdError("data", "holds no examples")
-    return top, per_layer, counts, (lo, hi), seen
+
+
+def _layer_rows(out: torch.Tensor, i: LayerInfo) -> torch.Tensor:
+    """A layer's output as its record's rows: ``[N, D]``, or ``[N, C, H*W]`` for a conv map per channel."""
+    return out.flatten(2) if i.stat == "channel" else out.flatten(1)
+
+
+def _pass(model: nn.Module, data, infos: list[LayerInfo], kinds, graphs: dict, c: int, cfg: RecordConfig):
+    """The exact pass: class moments of the logits, layers and node signals; per-channel range."""
+    top = ClassMoments(c, c, full=True)
+    per_layer = {i.path: ClassMoments(c, i.dim, full=cov_mode(cfg.cov, i.dim) != "diag") for i in infos} \
+        if "all-layers" in kinds else {}
+    counts, lo, hi = torch.zeros(c, dtype=torch.long), None, None
+    for xb, yb, logits, acts in _batches(model, data, infos, c, cfg):
+        flat = xb.transpose(0, 1).reshape(xb.shape[1], -1) if xb.dim() == 4 else xb.reshape(1, -1)
+        lo = flat.amin(1) if lo is None else torch.minimum(lo, flat.amin(1))
+        hi = flat.amax(1) if hi is None else torch.maximum(hi, flat.amax(1))
+        counts += torch.bincount(yb, minlength=c)
+        if "top-layer" in kinds:
+            top.update(logits / cfg.temperature, yb)
+        for i in infos:
+            if i.path in per_layer:
+                per_layer[i.path].update(_layer_rows(acts[i.path], i), yb)
+        if graphs:  # each layer's node signal once, shared by every graph it belongs to
+            nodes = {i.path: layer_signal(acts[i.path], i).float().cpu() for i in infos}
+            for members, sm, _ in graphs.values():
+                sm.update(torch.cat([nodes[m.path] for m in members], 1), yb)
+    if int(counts.min()) < 2:
+        raise DfkdError("data", f"class {int(counts.argmin())} has {int(counts.min())} example(s); every class needs at least 2")
+    spectra = {}
+    for gname, (members, sm, vals) in graphs.items():
+        sm.finish()
+        spectra[gname] = (members, sm.basis.shape[0], sm.kept, sm.kept_basis, vals[sm.kept],
+                          sm.moments.mean, sm.moments.covariance())
+    return top, per_layer, spectra, counts, (lo, hi), {}
+
+
+def _private_pass(model: nn.Module, data, infos: list[LayerInfo], kinds, graphs: dict, c: int,
+                  cfg: RecordConfig, info: DataInfo):
+    """The private passes (``privacy``): clip bounds chosen on noisy norm histograms where the user gave
+    none (one pass), then clipped class sums (one pass), released with Gaussian noise."""
+    from . import privacy
+    records: dict = {}  # record name -> (rows of a batch, full covariance?)
+    if "top-layer" in kinds:
+        records["top-layer"] = (lambda lg, acts, nodes: lg / cfg.temperature, True)
+    if "all-layers" in kinds:
+        for i in infos:
+            records[f"all-layers/{i.path}"] = (
+                lambda lg, acts, nodes, i=i: _layer_rows(acts[i.path], i), cov_mode(cfg.cov, i.dim) != "diag")
+    for gname, (members, sm, _) in graphs.items():
+        records[gname] = (lambda lg, acts, nodes, m=members, b=sm.basis.float():
+                          torch.cat([nodes[x.path] for x in m], 1) @ b, False)
+    budget = privacy.Budget.new(cfg.privacy, cfg.delta, data_len(data), list(records), dict(cfg.clip),
+                                cfg.clip_quantile, cfg.noise_seed)
+
+    def rows(acts, logits):
+        nodes = {i.path: layer_signal(acts[i.path], i).float().cpu() for i in infos} if graphs else {}
+        return {r: f(logits, acts, nodes) for r, (f, _) in records.items()}
+
+    if budget.to_choose:
+        hists = {r: torch.zeros(privacy.CELLS, dtype=torch.long) for r in budget.to_choose}
+        for _, yb, logits, acts in _batches(model, data, infos, c, cfg, "record: clip bounds"):
+            out = rows(acts, logits)
+            for r in hists:
+                hists[r] += privacy.histogram(privacy.norms(out[r]))
+        budget.choose_bounds(hists)
+    sums, counts = {}, torch.zeros(c, dtype=torch.long)
+    for _, yb, logits, acts in _batches(model, data, infos, c, cfg):
+        counts += torch.bincount(yb, minlength=c)
+        for r, x in rows(acts, logits).items():
+            if r not in sums:
+                sums[r] = privacy.ClippedMoments(c, x.shape[1], records[r][1], budget.bounds[r])
+            sums[r].update(x, yb)
+    noisy = budget.noisy_counts(counts)
+    rel = {r: budget.release(r, m, noisy) for r, m in sums.items()}
+    spectra = {}
+    for gname, (members, sm, vals) in graphs.items():
+        energy = sums[gname].second.sum(0) / noisy.sum()  # noisy: post-processing of the released sums
+        kept = torch.argsort(energy, descending=True)[: sm.k].sort().values
+        spectra[gname] = (members, sm.basis.shape[0], kept, sm.basis[:, kept], vals[kept],
+                          rel[gname].mean[:, kept], rel[gname].cov[:, kept])
+    per_layer = {i.path: rel[f"all-layers/{i.path}"] for i in infos} if "all-layers" in kinds else {}
+    lo = torch.full((info.shape[0] if len(info.shape) == 3 else 1,), info.low)
+    return rel.get("top-layer"), per_layer, spectra, noisy.long(), (lo, torch.full_like(lo, info.high)), \
+        budget.header()
 
 
 def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: DataInfo | None = None) -> Metadata:
@@ -121,6 +191,11 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
     if not 0 < cfg.spectral_keep <= 1:
         raise DfkdError("spectral_keep", f"{cfg.spectral_keep} is not in (0, 1]")
     cov_mode(cfg.cov, 1)  # refuse a bad mode before the pass
+    if cfg.privacy is not None:
+        from .privacy import check
+        check(cfg.privacy, cfg.delta, cfg.clip_quantile)
+    elif cfg.delta is not None or cfg.clip or cfg.noise_seed is not None:
+        raise DfkdError("--privacy", "delta, clip bounds and a noise seed need --privacy EPSILON")
     x0, _ = first_batch(data)
     dev = device_of(model)
     model.eval()
@@ -131,10 +206,16 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
     graphs = _graphs(model, infos, kinds, cfg.spectral_keep, c)
     basis_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    top, per_layer, counts, (lo, hi), n = _pass(model, data, infos, kinds, graphs, c, cfg)
+    if cfg.privacy is None:
+        top, per_layer, spectra, counts, (lo, hi), private = _pass(model, data, infos, kinds, graphs, c, cfg)
+    else:
+        if info is None:
+            raise DfkdError("info", "with privacy, describe the inputs (a DataInfo with their range): "
+                            "a range read from the data is not private")
+        top, per_layer, spectra, counts, (lo, hi), private = _private_pass(model, data, infos, kinds, graphs, c,
+                                                                           cfg, info)
+    n = int(counts.sum())
     pass_s = time.perf_counter() - t1
-    if int(counts.min()) < 2:
-        raise DfkdError("data", f"class {int(counts.argmin())} has {int(counts.min())} example(s); every class needs at least 2")
     if info is None:
         info = DataInfo(shape=tuple(x0.shape[1:]), num_classes=c, low=float(lo.min()), high=float(hi.max()))
     if info.num_classes != c:
@@ -146,13 +227,12 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
         tensors.update(gaussian_tensors("all-layers", p, m, cov_mode(cfg.cov, m.mean.shape[1])))
     spectral = {"keep": cfg.spectral_keep, "operator": "laplacian D-A of |W| (bipartite per layer pair)",
                 "conv_nodes": "per channel, spatial mean", "select_n": SELECT_N, "pairs": []}
-    for gname, (members, sm, vals) in graphs.items():
-        sm.finish()
+    if private:
+        spectral["kept_by"] = "noisy energy (post-processing of the private sums)"
+    for gname, (members, nodes, kept, basis, vals, mean, var) in spectra.items():
         kind, _, part = gname.partition("/")
-        g = {"name": part or "all", "layers": [i.path for i in members], "nodes": int(sm.basis.shape[0]),
-             "kept": int(sm.k)}
-        stats = {"basis": sm.kept_basis, "eigvals": vals[sm.kept], "kept": sm.kept, "mean": sm.moments.mean,
-                 "std": sm.moments.covariance().clamp(min=0).sqrt()}
+        g = {"name": part or "all", "layers": [i.path for i in members], "nodes": int(nodes), "kept": len(kept)}
+        stats = {"basis": basis, "eigvals": vals, "kept": kept, "mean": mean, "std": var.clamp(min=0).sqrt()}
         tensors.update({key(kind, s, part or None): v for s, v in stats.items()})
         if part:
             spectral["pairs"].append(g)
@@ -165,7 +245,7 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
         recorded_on={"dataset": info.name, "n_samples": n, "per_class": counts.tolist(),
                      "sample_bytes": math.prod(info.shape), "input_min": lo.tolist(), "input_max": hi.tolist()},
         layers=[dict(i.as_dict(), cov=cov_mode(cfg.cov, i.dim)) for i in infos], top={"path": "output", "dim": c},
-        spectral=spectral)
+        spectral=spectral, privacy=private or None)
     meta = Metadata(header, tensors, timings={"basis_seconds": basis_s, "pass_seconds": pass_s})
     if "all-layers" in kinds:  # the file states what follows from it in closed form (dfkd.leakage)
         from .leakage import reveals

@@ -1,0 +1,295 @@
+"""Differentially private statistics: ``dfkd record --privacy EPSILON [--delta D]``.
+
+Neighbouring training sets differ by adding or removing one example (its input and its
+label). A *record* is one Gaussian the file stores: the top layer, one all-layers layer, or
+one spectral graph's Fourier coefficients. Each gives every example a vector ``x [D]`` (a
+conv map per channel: its ``P`` position vectors ``[D, P]``), whose norm
+``r = ||x||`` (pooled: ``sqrt(mean_p ||x_p||^2)``) is clipped to the record's bound ``C``
+by scaling the whole example. Per class the released quantities are then
+
+- the count (L2 sensitivity 1: one example moves one class's count by one);
+- the sum of ``x`` (pooled: of its position mean), sensitivity ``C``;
+- the sum of ``x x^T`` (pooled: its position mean; diagonal records: of ``x^2``),
+  sensitivity ``C^2`` (``||x x^T||_F = ||x||^2``; the pooled bound by Jensen).
+
+Each gets Gaussian noise ``N(0, (z_j * sensitivity_j)^2)`` on every entry (a symmetric
+matrix: on its upper triangle, mirrored). A bound the user does not give is chosen on a
+stated share of the same budget: a noisy histogram of the record's log2 norms (sensitivity
+1), read at a quantile. The multipliers are ``z_j = s / sqrt(w_j)`` for budget shares
+``w_j``, and ``s`` is calibrated with Google's ``dp-accounting`` (privacy loss
+distributions) so that the composition of every event meets ``(epsilon, delta)``; the file's
+header lists every event. Everything after the noise is post-processing and costs no
+privacy: ``mean = S / n``, ``cov = Q / n - mean mean^T`` projected onto the PSD cone
+(eigenvalues clamped at 0), spectral coefficients kept by their noisy energy.
+
+What this covers: what the statistics file adds to a release, not the model's weights
+(a model trained without a private optimiser leaks on its own), and not the data
+description in the header (input shape, declared range, class names), taken as public.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+
+from .errors import DfkdError
+
+SHARES = {"clip": 0.05, "count": 0.05, "moments": 0.90}  # of the budget, in squared Gaussian-DP mu
+LOG2_LOW, LOG2_STEP, CELLS = -10.0, 0.5, 60  # the clip histograms' cells: log2 norms -10 .. 20 by 1/2
+NEIGHBOURS = "add or remove one training example (input and label)"
+
+
+def _accounting():
+    try:
+        import dp_accounting
+        from dp_accounting.pld import pld_privacy_accountant
+    except ImportError:
+        raise DfkdError("--privacy", "needs the dp-accounting package: pip install 'dfkd[privacy]'") from None
+    return dp_accounting, pld_privacy_accountant
+
+
+def default_delta(n: int) -> float:
+    """A power of ten at least 10x below ``1 / n`` (MNIST's 60,000: 1e-6)."""
+    return 10.0 ** -(math.ceil(math.log10(max(n, 1))) + 1)
+
+
+def check(epsilon: float, delta: float | None, quantile: float = 0.95) -> None:
+    """Refuse bad targets, or a missing accountant, before any pass over the data."""
+    if not (epsilon > 0 and math.isfinite(epsilon)):
+        raise DfkdError("--privacy", f"epsilon must be a positive finite number, not {epsilon} "
+                        "(leave --privacy out for exact statistics)")
+    if delta is not None and not 0 < delta < 1:
+        raise DfkdError("--delta", f"must lie in (0, 1), not {delta}")
+    if not 0 < quantile < 1:
+        raise DfkdError("--clip-quantile", f"must lie in (0, 1), not {quantile}")
+    _accounting()
+
+
+def _events(scale: float, groups: tuple[tuple[float, int], ...]):
+    dp, _ = _accounting()
+    return dp.ComposedDpEvent([dp.SelfComposedDpEvent(dp.GaussianDpEvent(scale / math.sqrt(w)), k)
+                               for w, k in groups])
+
+
+@lru_cache(maxsize=256)
+def epsilon_of(scale: float, groups: tuple[tuple[float, int], ...], delta: float, fine: bool = True) -> float:
+    """The PLD accountant's epsilon at ``delta`` for events of shares ``groups`` ((share, count) pairs)."""
+    _, pld = _accounting()
+    acc = pld.PLDAccountant(value_discretization_interval=1e-4 if fine else 1e-3)
+    acc.compose(_events(scale, groups))
+    return float(acc.get_epsilon(delta))
+
+
+@lru_cache(maxsize=64)
+def calibrate(epsilon: float, delta: float, groups: tuple[tuple[float, int], ...]) -> float:
+    """The smallest scale ``s`` (events' multipliers ``s / sqrt(share)``) whose composition meets
+    ``(epsilon, delta)`` by the accountant (bisection on the coarse grid, checked on the fine one)."""
+    lo, hi = 1e-3, 1.0
+    while epsilon_of(hi, groups, delta, fine=False) > epsilon:
+        lo, hi = hi, hi * 2
+    for _ in range(40):
+        mid = math.sqrt(lo * hi)
+        if epsilon_of(mid, groups, delta, fine=False) > epsilon:
+            lo = mid
+        else:
+            hi = mid
+        if hi / lo < 1 + 1e-4:
+            break
+    while epsilon_of(hi, groups, delta) > epsilon:  # the reported (fine) epsilon must meet the target too
+        hi *= 1 + 1e-4
+    return hi
+
+
+def histogram(r: torch.Tensor) -> torch.Tensor:
+    """Counts of norms ``r`` per log2 cell (norms below or above the grid go to its end cells)."""
+    i = ((r.double().clamp(min=1e-300).log2() - LOG2_LOW) / LOG2_STEP).floor().clamp(0, CELLS - 1).long()
+    return torch.bincount(i, minlength=CELLS)
+
+
+def norms(x: torch.Tensor) -> torch.Tensor:
+    """Per-example norm: ``||x_i||`` for ``[N, D]``, ``sqrt(mean_p ||x_ip||^2)`` for ``[N, D, P]``."""
+    x = x.detach().double()
+    return (x * x).flatten(1).sum(1).div(x.shape[2] if x.dim() == 3 else 1).sqrt()
+
+
+class ClippedMoments:
+    """Per-class sums of clipped contributions, in float64: ``S = sum x`` and ``Q = sum x x^T``
+    (or ``sum x^2``), each example scaled to norm at most ``bound`` first."""
+
+    def __init__(self, num_classes: int, dim: int, full: bool, bound: float):
+        self.full, self.bound = full, bound
+        self.sum = torch.zeros(num_classes, dim, dtype=torch.float64)
+        self.second = torch.zeros((num_classes, dim, dim) if full else (num_classes, dim), dtype=torch.float64)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x = x.detach().cpu().double()
+        x = x * (self.bound / norms(x).clamp(min=self.bound)).view(-1, *[1] * (x.dim() - 1))
+        pooled = x.dim() == 3
+        p = x.shape[2] if pooled else 1
+        for c in torch.unique(y).tolist():
+            part = x[y == c]
+            if pooled:
+                self.sum[c] += part.mean(2).sum(0)
+                flat = part.transpose(0, 1).reshape(part.shape[1], -1)  # [D, n * P]
+                self.second[c] += (flat @ flat.T if self.full else (flat * flat).sum(1)) / p
+            else:
+                self.sum[c] += part.sum(0)
+                self.second[c] += part.T @ part if self.full else (part * part).sum(0)
+
+
+def noise_like(t: torch.Tensor, sigma: float, g: torch.Generator, symmetric: bool = False) -> torch.Tensor:
+    """Gaussian noise of std ``sigma`` on every entry (``symmetric``: on the upper triangle of the
+    last two dims, mirrored, so a symmetric matrix stays symmetric and each entry is drawn once)."""
+    e = torch.randn(t.shape, generator=g, dtype=torch.float64) * sigma
+    if symmetric:
+        e = torch.triu(e) + torch.triu(e, 1).transpose(-1, -2)
+    return e
+
+
+def psd(cov: torch.Tensor) -> torch.Tensor:
+    """The nearest PSD matrices (Frobenius): eigenvalues clamped at 0."""
+    vals, vecs = torch.linalg.eigh(0.5 * (cov + cov.transpose(-1, -2)))
+    return (vecs * vals.clamp(min=0).unsqueeze(-2)) @ vecs.transpose(-1, -2)
+
+
+@dataclass
+class Released:
+    """A record's post-processed class Gaussian (the interface of ``stats.ClassMoments``)."""
+    mean: torch.Tensor
+    cov: torch.Tensor
+
+    def covariance(self) -> torch.Tensor:
+        return self.cov
+
+
+def finish(m: ClippedMoments, counts: torch.Tensor) -> Released:
+    """Post-processing of noisy sums: class means and PSD covariances."""
+    n = counts.view(-1, 1)
+    mean = m.sum / n
+    if m.full:
+        return Released(mean, psd(m.second / n.unsqueeze(2) - torch.einsum("ci,cj->cij", mean, mean)))
+    return Released(mean, (m.second / n - mean * mean).clamp(min=0))
+
+
+@dataclass
+class Budget:
+    """The privacy plan of one file: targets, records, bounds, and the calibrated multipliers."""
+    epsilon: float
+    delta: float
+    records: list[str]
+    bounds: dict[str, float] = field(default_factory=dict)  # given by the user, then the chosen ones
+    to_choose: tuple[str, ...] = ()  # the records whose bound is chosen privately (fixed at the start)
+    quantile: float = 0.95
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    seeded: bool = False
+    chosen: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def new(cls, epsilon: float, delta: float | None, n_hint: int, records: list[str],
+            bounds: dict[str, float] | None = None, quantile: float = 0.95,
+            noise_seed: int | None = None) -> "Budget":
+        check(epsilon, delta, quantile)
+        bounds = dict(bounds or {})
+        unknown = sorted(set(bounds) - set(records))
+        if unknown:
+            raise DfkdError("--clip", f"no record {unknown[0]!r} in this file; records: {', '.join(records)}")
+        bad = [k for k, v in bounds.items() if not (v > 0 and math.isfinite(v))]
+        if bad:
+            raise DfkdError("--clip", f"{bad[0]}: a bound must be a positive number")
+        g = torch.Generator().manual_seed(secrets.randbits(63) if noise_seed is None else noise_seed)
+        return cls(epsilon, default_delta(n_hint) if delta is None else delta, list(records), bounds,
+                   tuple(r for r in records if r not in bounds), quantile, g, noise_seed is not None)
+
+    def shares(self) -> dict[str, float]:
+        """Each event's share of the budget (the clip share goes to the moments when every bound is given)."""
+        clip = SHARES["clip"] if self.to_choose else 0.0
+        moments = (SHARES["moments"] + SHARES["clip"] - clip) / (2 * len(self.records))
+        out = {"count": SHARES["count"]}
+        for r in self.to_choose:
+            out[f"{r}: clip histogram"] = clip / len(self.to_choose)
+        for r in self.records:
+            out[f"{r}: sum"] = moments
+            out[f"{r}: second moment"] = moments
+        return out
+
+    def groups(self) -> tuple[tuple[float, int], ...]:
+        counts: dict[float, int] = {}
+        for w in self.shares().values():
+            counts[round(w, 12)] = counts.get(round(w, 12), 0) + 1
+        return tuple(sorted(counts.items()))
+
+    @property
+    def scale(self) -> float:
+        return calibrate(self.epsilon, self.delta, self.groups())
+
+    def multiplier(self, event: str) -> float:
+        return self.scale / math.sqrt(self.shares()[event])
+
+    def noisy_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """Released class counts (at least 2: a post-processing floor)."""
+        z = self.multiplier("count")
+        return (counts.double() + noise_like(counts.double(), z, self.generator)).round().clamp(min=2)
+
+    def choose_bounds(self, hists: dict[str, torch.Tensor]) -> None:
+        """Bounds from noisy log2-norm histograms (``histogram``): cells whose noisy count is below three
+        noise stds are taken as empty (so the noise of many empty cells does not add up), then the bound
+        is the upper edge of the first cell at which the cumulative share reaches ``quantile``."""
+        for r in self.to_choose:
+            h = hists[r].double()
+            z = self.multiplier(f"{r}: clip histogram")
+            noisy = h + noise_like(h, z, self.generator)
+            kept = torch.where(noisy > 3 * z, noisy, torch.zeros_like(noisy))
+            if float(kept.sum()) <= 0:  # nothing stands out of the noise: the fullest cell
+                kept = (noisy == noisy.max()).double()
+            hit = (kept.cumsum(0) >= self.quantile * kept.sum()).nonzero()
+            i = int(hit[0])
+            self.bounds[r] = 2.0 ** (LOG2_LOW + LOG2_STEP * (i + 1))
+            self.chosen[r] = {"bound": self.bounds[r], "by": f"noisy histogram of log2 norms, quantile {self.quantile}"}
+
+    def release(self, name: str, m: ClippedMoments, counts: torch.Tensor) -> Released:
+        """Noise on a record's sums, then post-processing with the released ``counts``."""
+        c = m.bound
+        m.sum += noise_like(m.sum, self.multiplier(f"{name}: sum") * c, self.generator)
+        m.second += noise_like(m.second, self.multiplier(f"{name}: second moment") * c * c, self.generator,
+                               symmetric=m.full)
+        return finish(m, counts)
+
+    def header(self) -> dict:
+        """What the file states: targets, accountant, and every event's sensitivity and multiplier."""
+        from importlib.metadata import version
+        events = []
+        for ev, w in self.shares().items():
+            rec, _, what = ev.partition(": ")
+            sens = 1.0 if what in ("", "clip histogram") else (self.bounds[rec] if what == "sum" else self.bounds[rec] ** 2)
+            z = self.multiplier(ev)
+            events.append({"release": ev, "share": w, "sensitivity": sens, "noise_multiplier": z, "sigma": z * sens})
+        return {"epsilon": epsilon_of(self.scale, self.groups(), self.delta), "target_epsilon": self.epsilon,
+                "delta": self.delta, "neighbouring": NEIGHBOURS, "mechanism": "Gaussian",
+                "accountant": "dp_accounting PLD (privacy loss distributions)",
+                "accountant_version": version("dp-accounting"), "scale": self.scale,
+                "clip_bounds": {r: {"bound": self.bounds[r], "by": "user"} for r in self.records if r not in self.chosen}
+                | self.chosen, "events": events,
+                "noise_seed": "given by the user (keep it secret: it regenerates the noise)" if self.seeded
+                else "secret (operating-system randomness, not stored)",
+                "covers": "the statistics in this file; not the model's weights, not the data description"}
+
+
+def describe(h: dict) -> list[str]:
+    """``dfkd inspect``'s lines on a header's privacy."""
+    p = h.get("privacy")
+    if not p:
+        return ["privacy: none: every statistic is exact on the training set (record with --privacy EPSILON "
+                "for a differential-privacy guarantee)"]
+    target = p.get("target_epsilon", p["epsilon"])
+    lines = [f"privacy: ({target:g}, {p['delta']:.3g})-differential privacy (the accountant's epsilon: "
+             f"{p['epsilon']:.6g}), {p['neighbouring']}; "
+             f"{p['mechanism']} noise, accountant {p['accountant']} {p['accountant_version']}; covers {p['covers']}"]
+    for r, b in p["clip_bounds"].items():
+        lines.append(f"  clip {r}: {b['bound']:.4g} ({b['by']})")
+    for e in p["events"]:
+        lines.append(f"  noise {e['release']}: multiplier {e['noise_multiplier']:.4g} x sensitivity "
+                     f"{e['sensitivity']:.4g} = sigma {e['sigma']:.4g} (share {e['share']:.3f})")
+    return lines
