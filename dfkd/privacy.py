@@ -226,7 +226,7 @@ class Budget:
         return calibrate(self.epsilon, self.delta, self.groups())
 
     def multiplier(self, event: str) -> float:
-        return self.scale / math.sqrt(self.shares()[event])
+        return self.scale / math.sqrt(round(self.shares()[event], 12))  # the share the accountant composed
 
     def noisy_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Released class counts (at least 2: a post-processing floor)."""
