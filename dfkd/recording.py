@@ -145,21 +145,22 @@ def _private_pass(model: nn.Module, data, infos: list[LayerInfo], kinds, graphs:
     budget = privacy.Budget.new(cfg.privacy, cfg.delta, data_len(data), list(records), dict(cfg.clip),
                                 cfg.clip_quantile, cfg.noise_seed)
 
-    def rows(acts, logits):
-        nodes = {i.path: layer_signal(acts[i.path], i).float().cpu() for i in infos} if graphs else {}
-        return {r: f(logits, acts, nodes) for r, (f, _) in records.items()}
+    def rows(acts, logits, names):
+        nodes = {i.path: layer_signal(acts[i.path], i).float().cpu() for i in infos} \
+            if any(n in graphs for n in names) else {}
+        return {r: records[r][0](logits, acts, nodes) for r in names}
 
     if budget.to_choose:
         hists = {r: torch.zeros(privacy.CELLS, dtype=torch.long) for r in budget.to_choose}
         for _, yb, logits, acts in _batches(model, data, infos, c, cfg, "record: clip bounds"):
-            out = rows(acts, logits)
+            out = rows(acts, logits, budget.to_choose)  # only the records whose bound is chosen here
             for r in hists:
                 hists[r] += privacy.histogram(privacy.norms(out[r]))
         budget.choose_bounds(hists)
     sums, counts = {}, torch.zeros(c, dtype=torch.long)
     for _, yb, logits, acts in _batches(model, data, infos, c, cfg):
         counts += torch.bincount(yb, minlength=c)
-        for r, x in rows(acts, logits).items():
+        for r, x in rows(acts, logits, list(records)).items():
             if r not in sums:
                 sums[r] = privacy.ClippedMoments(c, x.shape[1], records[r][1], budget.bounds[r])
             sums[r].update(x, yb)
