@@ -55,13 +55,16 @@ def _print(rows: list[dict], peak: float) -> None:
 def curve_main(argv: list[str]) -> None:
     from . import curve
     p = argparse.ArgumentParser(prog="python -m benchmarks curve", description=curve.__doc__.split("\n\n")[1])
-    p.add_argument("--budgets", default="2500x40,5000x40,10000x40", help="IMAGESxSTEPS,... (default: %(default)s)")
+    p.add_argument("--budgets", default="2500x40,5000x40,10000x40", help="IMAGESxSTEPS[xEPOCHS],... (default: %(default)s)")
+    p.add_argument("--profile", default="quick", help="the recipe the budgets scale (default: %(default)s)")
     p.add_argument("--networks", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     p.add_argument("--out", default="runs/curve", help="(default: %(default)s)")
     p.add_argument("--teachers", default=None, help="an earlier run directory whose teachers to use "
                    "(default: train them once under OUT/teachers)")
+    p.add_argument("--results", nargs="+", default=None, help="draw from these results.json / ablation JSON files "
+                   "instead of running")
     a = p.parse_args(argv)
-    curve.main(a.out, a.budgets, a.networks, a.teachers)
+    curve.main(a.out, a.budgets, a.networks, a.teachers, a.profile, a.results)
 
 
 def main() -> None:
@@ -75,6 +78,10 @@ def main() -> None:
         from . import leakage
         leakage.main(sys.argv[2:])
         return None
+    if sys.argv[1:2] == ["ablation"]:
+        from . import ablation
+        ablation.main(sys.argv[2:])
+        return
     if sys.argv[1:2] == ["privacy"]:
         from . import privacy
         privacy.main(sys.argv[2:])

@@ -38,7 +38,7 @@ def measure(name: str, objective: str, peak: float, steps: int = 20) -> list[dic
     m, x, y, info = network(name, n=10000)
     m.eval()
     shape = info.shape
-    n, _, jitter = PROFILES["quick"]["recipe"][name]
+    jitter = PROFILES["quick"]["recipe"][name].get("jitter", 0)
     batch = PROFILES["quick"]["batch_size"]
     meta = record(m, (x, y), RecordConfig(conv_stats=RunConfig.conv_stats, progress=False), info)
     for p in m.parameters():

@@ -46,7 +46,7 @@ def _work_seconds(folder: Path) -> float:
 
 def measure(run: Path, net: str, out: Path, images: int, steps: int, epochs: int) -> list[dict]:
     teacher = str(run / net / "teacher")
-    _, _, jitter = PROFILES["quick"]["recipe"][net]
+    jitter = PROFILES["quick"]["recipe"][net].get("jitter", 0)
     dfkd = [sys.executable, "-m", "dfkd"]
     rec = ["reconstruct", "--teacher", teacher, "--objective", "all-layers", "--images", str(images), "--steps",
            str(steps), "--jitter", str(jitter), "--batch-size", "250", "--quiet"]

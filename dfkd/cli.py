@@ -167,7 +167,7 @@ def _cmd_reconstruct(a) -> int:
     from .reconstruction import reconstruct_file
     from .recording import stats_path
     cfg = ReconstructConfig(objective=a.objective, n=a.n, batch_size=a.batch_size, steps=a.steps, lr=a.lr,
-                            init_mean=a.init_mean, init_std=a.init_std, clamp=not a.no_clamp, jitter=a.jitter,
+                            init=a.init, init_mean=a.init_mean, init_std=a.init_std, clamp=not a.no_clamp, jitter=a.jitter,
                             tv=a.tv, l2=a.l2, bn_weight=a.bn_weight, whiten=not a.no_whiten, seed=a.seed,
                             device=a.device, progress=not a.quiet, rank=a.rank, world_size=a.world_size)
     needs_stats = any(o not in ("noise", "bn-stats") for o in a.objective.split("+"))
@@ -206,7 +206,7 @@ def _cmd_distill(a) -> int:
     from .distillation import distill_file
     cfg = DistillConfig(temperature=a.temperature, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                         augment=a.augment, schedule=a.schedule, eval_every=a.eval_every, seed=a.seed,
-                        device=a.device, progress=not a.quiet)
+                        adversarial=a.adversarial, device=a.device, progress=not a.quiet)
     teacher = _model(a, weights=False) if a.teacher else None
     path = distill_file(a.synthetic, _model(a, "student", weights=False), a.out, cfg, teacher, _data_ref(a))
     desc = read_json(path.with_name(path.name.replace(".safetensors", ".json")))
@@ -251,11 +251,11 @@ def _cmd_leakage(a) -> int:
 
 def _cmd_run(a) -> int:
     from .pipeline import RunConfig, run
-    objectives = _list(a.objectives) or RunConfig.objectives
+    objectives = _list(a.objectives) or None
     out = a.out or f"runs/{a.profile}"
     path = run(RunConfig(out=out, profile=a.profile, networks=_list(a.networks), objectives=objectives,
-                         teacher=a.teacher, teachers=a.teachers, images=a.images, steps=a.steps,
-                         baselines=not a.no_baselines, seed=a.seed, data=a.data or "mnist", device=a.device,
+                         teacher=a.teacher, teachers=a.teachers, images=a.images, steps=a.steps, epochs=a.epochs,
+                         baselines=not a.no_baselines, seed=a.seed, seeds=a.seeds, data=a.data or "mnist", device=a.device,
                          progress=not a.quiet))
     _say((path.parent / "results.md").read_text())
     _say(f"results: {path} and {path.parent / 'results.md'}")
@@ -316,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=_positive(int), default=default(ReconstructConfig, "batch_size"))
     c.add_argument("--steps", type=int, default=default(ReconstructConfig, "steps"), help="Adam steps per batch")
     c.add_argument("--lr", type=_positive(float), default=default(ReconstructConfig, "lr"))
+    c.add_argument("--init", default=default(ReconstructConfig, "init"),
+                   help="start: noise N(--init-mean, --init-std) (the paper's); class-mean: each class's mean input, "
+                   "which the file reveals in closed form, + N(0, --init-std); auto: class-mean where revealed")
     c.add_argument("--init-mean", type=float, default=default(ReconstructConfig, "init_mean"), help="start: raw mean")
     c.add_argument("--init-std", type=float, default=default(ReconstructConfig, "init_std"), help="start: raw std")
     c.add_argument("--no-clamp", action="store_true", help="do not clamp inputs to the data's range")
@@ -342,12 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--teacher", default=None,
                    help="saved teacher: labels augmented inputs online (else the stored logits are used)")
     d.add_argument("--augment", default=default(DistillConfig, "augment"),
-                   help="affine, shift, shift+mix or none (needs --teacher)")
+                   help="affine, shift or none, optionally +mix (mixup with the reversed batch) or +cutmix "
+                   "(a box pasted from it); the teacher labels every view (needs --teacher)")
     d.add_argument("--temperature", type=_positive(float), default=default(DistillConfig, "temperature"))
     d.add_argument("--epochs", type=_positive(int), default=default(DistillConfig, "epochs"))
     d.add_argument("--batch-size", type=_positive(int), default=default(DistillConfig, "batch_size"))
     d.add_argument("--lr", type=_positive(float), default=default(DistillConfig, "lr"))
     d.add_argument("--schedule", default=default(DistillConfig, "schedule"), help="constant or cosine")
+    d.add_argument("--adversarial", type=float, default=default(DistillConfig, "adversarial"),
+                   help="share of each batch pushed towards student-teacher disagreement before the teacher labels it "
+                   "(needs --teacher)")
     d.add_argument("--eval-every", type=_positive(int), default=default(DistillConfig, "eval_every"),
                    help="log test accuracy every N epochs")
     d.set_defaults(func=_cmd_distill, aliases={"model": "--student", "model_args": "--student-args"})
@@ -361,16 +368,20 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("run", parents=[common, data], formatter_class=fmt,
                        help="the whole pipeline on MNIST, with the paper's numbers beside ours")
     u.add_argument("--profile", default=default(RunConfig, "profile"),
-                   help="quick (CPU, minutes), paper (the paper's sizes; GPU) or tiny")
+                   help="quick (every objective, the whole table in minutes on CPU), best (dfkd's best student per "
+                   "network), paper (the paper's losses as written, at its sizes; GPU) or tiny")
     u.add_argument("--networks", default=",".join(default(RunConfig, "networks")),
                    help="teachers: lenet5 and/or hinton-1200")
-    u.add_argument("--objectives", default=None, help="comma-separated (default: all)")
+    u.add_argument("--objectives", default=None, help="comma-separated (default: the profile's, else all)")
+    u.add_argument("--seeds", type=_positive(int), default=default(RunConfig, "seeds"),
+                   help="students per cell (seeds --seed, --seed + 1, ...); the table gives their mean and spread")
     u.add_argument("--teacher", default=None, help="a saved teacher to use instead of training one")
     u.add_argument("--teachers", default=None,
                    help="an earlier run directory: use (or train once) <dir>/<network>/teacher and its statistics")
     u.add_argument("--images", type=_positive(int), default=None, help="synthetic images per objective "
                    "(default: the profile's)")
     u.add_argument("--steps", type=int, default=None, help="Adam steps per image (default: the profile's)")
+    u.add_argument("--epochs", type=_positive(int), default=None, help="distillation epochs (default: the profile's)")
     u.add_argument("--no-baselines", action="store_true", help="skip the real-data and real-KD students")
     u.add_argument("--out", default=None, help="run directory (default: runs/<profile>)")
     u.set_defaults(func=_cmd_run)

@@ -42,7 +42,8 @@ class ReconstructConfig:
     batch_size: int = 500          # inputs optimised together (the paper: 64)
     steps: int = 1000              # Adam steps per batch (the paper: 1000)
     lr: float = 0.07               # Adam on the inputs (the paper: 0.07)
-    init_mean: float = 0.15        # inputs start i.i.d. N(init_mean, init_std) in the raw range (the paper's values)
+    init: str = "auto"             # noise: i.i.d. N(init_mean, init_std) raw (the paper); class-mean: the class's
+    init_mean: float = 0.15        # mean input the file reveals + N(0, init_std); auto: class-mean where revealed
     init_std: float = 0.1
     clamp: bool = True             # keep inputs in the data's raw range after each step
     tv: float = 0.0                # weight of a total-variation image prior (0 = the paper's pure objective)
@@ -63,8 +64,11 @@ class DistillConfig:
     epochs: int = 30               # the paper: 30
     batch_size: int = 64
     lr: float = 1e-3               # Adam
-    augment: str = "affine"        # affine | shift | shift+mix | none: augment the inputs, the teacher labels them
+    augment: str = "affine+cutmix" # affine | shift | none, +mix | +cutmix: augment the inputs, the teacher labels them
     schedule: str = "constant"     # constant (the paper's plain Adam) | cosine
+    adversarial: float = 0.0       # share of each batch pushed towards student-teacher disagreement (0: none)
+    adversarial_steps: int = 2     # signed-gradient steps per pushed view
+    adversarial_step: float = 0.05  # step size in the data's raw units
     eval_every: int = 1            # log the real test accuracy every this many epochs (and after the last)
     seed: int = 0
     device: str = "cpu"

@@ -4,11 +4,13 @@
 (Hinton, Vinyals & Dean 2015), with ``t`` the teacher's logits and ``s`` the
 student's. No true label is used. With a teacher at hand (the default), every epoch's
 inputs are augmented (``affine``: each sample its own small rotation, scale and shift;
-``shift``: one translation of up to 2 pixels per batch; ``shift+mix``: then a convex
-mix with the reversed batch), in the raw range (so that zero fill is black whatever the
-normalisation), and the teacher labels what the student sees, a chunk of the epoch in
+``shift``: one translation of up to 2 pixels per batch; ``+mix``: then a convex mix with the
+reversed batch; ``+cutmix``: a box pasted from it), in the raw range (so that zero fill is
+black whatever the normalisation), and the teacher labels what the student sees, a chunk of the epoch in
 one bulk pass before its steps; without one, the logits stored in the shards
-are the targets and the inputs are used as they are. The student's accuracy on the
+are the targets and the inputs are used as they are. ``adversarial`` replaces a share of each
+batch by views pushed towards the student's disagreement with the teacher (``disagree``),
+labelled by the teacher. The student's accuracy on the
 real test set is logged (every ``eval_every`` epochs) but never picks the model: the
 last epoch's student is the one saved.
 """
@@ -34,7 +36,7 @@ from .synthetic import SyntheticSet
 from .training import fit
 
 
-AUGMENTS = ("shift", "affine", "shift+mix", "none")
+AUGMENTS = ("shift", "affine", "none", "shift+mix", "affine+mix", "affine+cutmix", "none+mix", "none+cutmix")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -44,14 +46,28 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_p, q, reduction="batchmean") * temperature ** 2
 
 
+def cutmix(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Each sample gets one box from its partner in the reversed batch: side ``sqrt(1 - lam)`` of the
+    image's, ``lam ~ U(0, 1)`` per sample, centred uniformly (clipped at the borders)."""
+    n, h, w = len(x), x.shape[2], x.shape[3]
+    lam = torch.rand(n, generator=g)
+    bh, bw = (h * (1 - lam).sqrt()).round().long(), (w * (1 - lam).sqrt()).round().long()
+    cy, cx = (torch.rand(n, generator=g) * h).long(), (torch.rand(n, generator=g) * w).long()
+    rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+    box = ((rows >= (cy - bh // 2).view(-1, 1, 1)) & (rows < (cy - bh // 2 + bh).view(-1, 1, 1))
+           & (cols >= (cx - bw // 2).view(-1, 1, 1)) & (cols < (cx - bw // 2 + bw).view(-1, 1, 1)))
+    return torch.where(box[:, None].to(x.device), x.flip(0), x)
+
+
 def augment(x: torch.Tensor, how: str, g: torch.Generator, pad: int = 2) -> torch.Tensor:
     """Augment a batch of raw images (zero is black): ``shift`` translates the whole batch by up
-    to ``pad`` pixels (zero-filled); ``shift+mix`` then mixes it with its reverse; ``affine``
-    gives every sample its own random rotation (+-15 degrees), scale (0.9 to 1.1) and
-    translation (+-``pad`` pixels), bilinear with zero fill. Vectors are left as they are."""
-    if how == "none" or x.dim() != 4:
-        return x
-    if how == "affine":
+    to ``pad`` pixels (zero-filled); ``affine`` gives every sample its own random rotation
+    (+-15 degrees), scale (0.9 to 1.1) and translation (+-``pad`` pixels), bilinear with zero fill;
+    then ``+mix`` mixes each sample with its partner in the reversed batch (``lam ~ U(0, 1)`` per
+    sample; vectors too) and ``+cutmix`` pastes a box of the partner into it (``cutmix``). The
+    teacher labels the result, so mixed views need no mixed labels."""
+    base, _, mix = how.partition("+")
+    if x.dim() == 4 and base == "affine":
         n, h = len(x), x.shape[2]
         ang = (torch.rand(n, generator=g) * 2 - 1) * (math.pi / 12)
         scale = 1 / (0.9 + 0.2 * torch.rand(n, generator=g))
@@ -59,13 +75,38 @@ def augment(x: torch.Tensor, how: str, g: torch.Generator, pad: int = 2) -> torc
         cos, sin = torch.cos(ang) * scale, torch.sin(ang) * scale
         theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
         grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
-    x = F.pad(x, (pad, pad, pad, pad))[:, :, dy:dy + x.shape[2], dx:dx + x.shape[3]]
-    if how == "shift+mix":
-        lam = torch.rand((len(x), 1, 1, 1), generator=g).to(x.device)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    elif x.dim() == 4 and base == "shift":
+        dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
+        x = F.pad(x, (pad, pad, pad, pad))[:, :, dy:dy + x.shape[2], dx:dx + x.shape[3]]
+    if mix == "mix":
+        lam = torch.rand((len(x), *[1] * (x.dim() - 1)), generator=g).to(x.device)
         x = lam * x + (1 - lam) * x.flip(0)
+    elif mix == "cutmix" and x.dim() == 4:
+        x = cutmix(x, g)
     return x
+
+
+def disagree(student: nn.Module, teacher: nn.Module, x: torch.Tensor, cfg: DistillConfig,
+             bounds: tuple[torch.Tensor, torch.Tensor] | None, scale) -> torch.Tensor:
+    """Views pushed towards the student's disagreement with the teacher: ``adversarial_steps`` signed
+    gradient steps of ``adversarial_step`` (raw units) up ``kd_loss(student(x), teacher(x))``,
+    clamped to the data's range; the student in eval mode (its BatchNorm statistics untouched)."""
+    was, was_t = student.training, teacher.training
+    student.eval()
+    teacher.eval()
+    x = x.detach()
+    for _ in range(cfg.adversarial_steps):
+        x.requires_grad_(True)
+        loss = kd_loss(student(x), teacher(x), cfg.temperature)
+        (grad,) = torch.autograd.grad(loss, x)
+        with torch.no_grad():
+            x = x + cfg.adversarial_step * grad.sign() / scale
+            if bounds is not None:
+                x = torch.maximum(torch.minimum(x, bounds[1].to(x)), bounds[0].to(x))
+    student.train(was)
+    teacher.train(was_t)
+    return x.detach()
 
 
 def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg: DistillConfig = DistillConfig(),
@@ -77,6 +118,8 @@ def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg
     epochs; the last epoch's student is the result."""
     if cfg.augment not in AUGMENTS:
         raise DfkdError("augment", f"{cfg.augment!r} is not one of {', '.join(AUGMENTS)}")
+    if not 0 <= cfg.adversarial <= 1 or cfg.adversarial_steps < 0 or cfg.adversarial_step < 0:
+        raise DfkdError("adversarial", f"the share must be in [0, 1] (got {cfg.adversarial}), steps and step size >= 0")
     if isinstance(synthetic, (str, Path)):
         synthetic = SyntheticSet(synthetic).open()
     if isinstance(synthetic, SyntheticSet):
@@ -102,7 +145,14 @@ def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg
         xa = info.to_model(xa) if info is not None else xa
         return xa, predict_logits(teacher, xa)
 
+    k = round(cfg.adversarial * cfg.batch_size)
+    bounds = info.bounds() if info is not None else None
+    scale = info._chan(info.std, x0) if info is not None else 1.0
+
     def batch_loss(m, xb, tb, g):
+        if k and teacher is not None:
+            xa = disagree(getattr(m, "module", m), teacher, xb[:k], cfg, bounds, scale)  # not through DDP
+            xb, tb = torch.cat([xa, xb[k:]]), torch.cat([predict_logits(teacher, xa).to(tb), tb[k:]])
         return kd_loss(m(xb), tb, cfg.temperature)
     return fit(student, synthetic, batch_loss, epochs=cfg.epochs,
                batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, schedule=cfg.schedule, state_path=state_path,

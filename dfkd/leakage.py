@@ -51,18 +51,12 @@ def _stat(model: nn.Module, path: str, stat: str, x: torch.Tensor) -> torch.Tens
     return out.flatten(2).mean(2) if stat == "channel" else out.flatten(1)
 
 
-@torch.no_grad()
-def invert(model: nn.Module, meta: Metadata) -> list[Inversion]:
-    """Class-mean inputs recovered from every all-layers record that is affine in the input."""
-    if "all-layers" not in meta.kinds:
-        return []
+def _affine_records(model: nn.Module, meta: Metadata):
+    """``(layer header, J [dim, d], s(0) [1, dim])`` for every all-layers record affine in the input (float64)."""
     info = meta.data
     d = math.prod(info.shape)
-    if d > MAX_INPUT_DIM:
-        return []
     m = _float64(model)
     g = torch.Generator().manual_seed(0)
-    out = []
     for layer in meta.header["layers"]:
         path, stat = layer["path"], layer["stat"]
         x, y = (torch.randn((2, *info.shape), generator=g, dtype=torch.float64) for _ in range(2))
@@ -72,12 +66,36 @@ def invert(model: nn.Module, meta: Metadata) -> list[Inversion]:
         if not torch.allclose(lhs, rhs, rtol=1e-6, atol=1e-8 * float(rhs.abs().max() + 1)):
             continue  # not affine in the input: a nonlinearity lies before this layer
         cols = [s(torch.eye(d, dtype=torch.float64)[i:i + 512].view(-1, *info.shape)) - zero for i in range(0, d, 512)]
-        jac = torch.cat(cols).T  # [dim, d]
-        mean = meta.get("all-layers", "mean", path).double()
+        yield layer, torch.cat(cols).T, zero
+
+
+@torch.no_grad()
+def invert(model: nn.Module, meta: Metadata) -> list[Inversion]:
+    """Class-mean inputs recovered from every all-layers record that is affine in the input."""
+    if "all-layers" not in meta.kinds or math.prod(meta.data.shape) > MAX_INPUT_DIM:
+        return []
+    out = []
+    for layer, jac, zero in _affine_records(model, meta):
+        mean = meta.get("all-layers", "mean", layer["path"]).double()
         sol = torch.linalg.lstsq(jac, (mean - zero).T, driver="gelsd").solution.T  # min-norm least squares
-        raw = info.to_raw(sol.float().view(-1, *info.shape))
-        out.append(Inversion(path, stat, int(torch.linalg.matrix_rank(jac)), d, layer["cov"], raw))
+        raw = meta.data.to_raw(sol.float().view(-1, *meta.data.shape))
+        out.append(Inversion(layer["path"], layer["stat"], int(torch.linalg.matrix_rank(jac)), jac.shape[1],
+                             layer["cov"], raw))
     return out
+
+
+@torch.no_grad()
+def revealed_means(model: nn.Module, meta: Metadata) -> torch.Tensor | None:
+    """Each class's mean input ``[C, *shape]`` (raw units) where the file gives it exactly: from
+    the first all-layers record affine in the input whose ``J`` has full column rank; else None."""
+    if "all-layers" not in meta.kinds or math.prod(meta.data.shape) > MAX_INPUT_DIM:
+        return None
+    for layer, jac, zero in _affine_records(model, meta):
+        if int(torch.linalg.matrix_rank(jac)) == jac.shape[1]:
+            mean = meta.get("all-layers", "mean", layer["path"]).double()
+            sol = torch.linalg.lstsq(jac, (mean - zero).T).solution.T
+            return meta.data.to_raw(sol.float().view(-1, *meta.data.shape))
+    return None
 
 
 def _float64(model: nn.Module) -> nn.Module:

@@ -2,10 +2,13 @@
 
 For each teacher -> student pair: train the teacher (unless given), record its
 metadata, distill a student on real data (``real-kd``) and train one on real labels
-(``real-data``) as baselines, then reconstruct and distill for every objective.
-Every stage skips finished work, so an interrupted run resumes where it stopped.
-``results.json`` (``rows``: one per student) and ``results.md`` are rewritten
-atomically after every student.
+(``real-data``) as baselines, then reconstruct and distill for every objective (the
+profile's, or the ones asked for). With ``seeds`` > 1 every student is made once per seed
+(seeds ``seed``, ``seed + 1``, ...; the teacher and its statistics are shared): reconstruction,
+distillation and the baselines' training all follow the seed. Every stage skips finished work,
+so an interrupted run resumes where it stopped. ``results.json`` (``rows``: one per student;
+``cells``: per teacher and objective the seeds' mean, min and max) and ``results.md`` are
+rewritten atomically after every student.
 """
 from __future__ import annotations
 
@@ -43,18 +46,27 @@ PAPER = {
 # DAFL (Chen et al. 2019) distilled on its own Gaussian noise (N(0, 1) after normalisation, unclamped);
 # ours is the paper's starting distribution N(0.15, 0.1) clamped to [0, 1]: not the same baseline.
 DAFL_NOISE = {"lenet5": 88.01, "hinton-1200": 87.58}
-# Per profile: epochs for the teacher and the real-data baselines, the distillation recipe, the
-# reconstruction batch, and per teacher the synthetic images, Adam steps per image and jitter (see README).
+# Per profile: epochs for the teacher and, per network, the real-data baselines; the reconstruction
+# batch; the distillation recipe; per network the reconstruction recipe (``ReconstructConfig`` fields:
+# synthetic images ``n``, Adam ``steps`` per image, priors, start) and, where a profile picks them,
+# the objectives it runs by default. ``paper``: the paper's losses as written (plain squared
+# distance, no whitening, no priors, noise start, no augmentation) at its sizes; ``quick`` and
+# ``best``: dfkd's recipe (see README) at two budgets; ``tiny``: the tests' smoke run.
 PROFILES = {
-    "quick": dict(teacher_epochs=10, baseline_epochs=2, batch_size=500,
-                  distill=dict(epochs=30, batch_size=64, lr=1e-3, augment="affine", eval_every=5),
-                  recipe={"lenet5": (5000, 40, 0), "hinton-1200": (5000, 40, 2)}),
-    "paper": dict(teacher_epochs=10, baseline_epochs=10, batch_size=1000,
-                  distill=dict(epochs=30, batch_size=64, lr=1e-3, augment="affine"),
-                  recipe={"lenet5": (64000, 1000, 0), "hinton-1200": (64000, 1000, 2)}),
-    "tiny": dict(teacher_epochs=1, baseline_epochs=1, batch_size=20,
-                 distill=dict(epochs=1, batch_size=64, lr=1e-3, augment="affine"),
-                 recipe={"lenet5": (40, 5, 0), "hinton-1200": (40, 5, 2)}),
+    "quick": dict(teacher_epochs=10, baseline_epochs={"lenet5": 10, "hinton-1200": 2}, batch_size=500,
+                  distill=dict(epochs=20, batch_size=64, lr=1e-3, augment="affine+cutmix", eval_every=5),
+                  recipe={"lenet5": dict(n=5000, steps=40), "hinton-1200": dict(n=5000, steps=40, jitter=2)}),
+    "best": dict(teacher_epochs=10, baseline_epochs={"lenet5": 10, "hinton-1200": 10}, batch_size=500,
+                 distill=dict(epochs=60, batch_size=64, lr=1e-3, augment="affine+cutmix", schedule="cosine",
+                              eval_every=10),
+                 recipe={"lenet5": dict(n=24000, steps=40), "hinton-1200": dict(n=24000, steps=20, jitter=2)},
+                 objectives={"lenet5": ("all-layers",), "hinton-1200": ("all-layers",)}),
+    "paper": dict(teacher_epochs=10, baseline_epochs={"lenet5": 10, "hinton-1200": 10}, batch_size=1000,
+                  distill=dict(epochs=30, batch_size=64, lr=1e-3, augment="none"),
+                  recipe={net: dict(n=64000, steps=1000, whiten=False, init="noise") for net in ("lenet5", "hinton-1200")}),
+    "tiny": dict(teacher_epochs=1, baseline_epochs={"lenet5": 1, "hinton-1200": 1}, batch_size=20,
+                 distill=dict(epochs=1, batch_size=64, lr=1e-3, augment="affine+cutmix"),
+                 recipe={"lenet5": dict(n=40, steps=5), "hinton-1200": dict(n=40, steps=5, jitter=2)}),
 }
 
 
@@ -63,13 +75,15 @@ class RunConfig:
     out: str = "runs/quick"
     profile: str = "quick"
     networks: tuple[str, ...] = ("lenet5", "hinton-1200")
-    objectives: tuple[str, ...] = tuple(o for o in OBJECTIVES if o != "bn-stats")  # the paper's nets have no BN
+    objectives: tuple[str, ...] | None = None  # None: the profile's, else every objective but bn-stats (no BN here)
     teacher: str | None = None      # a saved teacher to use instead of training one (one network only)
     teachers: str | None = None     # an earlier run directory whose <network>/teacher* to use (or train there)
     images: int | None = None       # override the profile's synthetic images per objective
     steps: int | None = None        # override the profile's Adam steps per image
+    epochs: int | None = None       # override the profile's distillation epochs
     baselines: bool = True          # also train the real-data and real-KD students
-    seed: int = 0
+    seed: int = 0                   # the teacher's seed, and the first student seed
+    seeds: int = 1                  # students per cell, seeds seed, seed + 1, ...: the table gives mean and spread
     data: str = "mnist"             # a data spec (mnist, idx:DIR, folder:DIR, npz:FILE)
     conv_stats: str = "unit"        # conv maps per unit: the paper's LeNet-5 statistics
     device: str = "cpu"
@@ -82,10 +96,20 @@ def _timed(fn, *args, **kw):
     return out, time.perf_counter() - t0
 
 
-def recipe(cfg: RunConfig, net: str) -> tuple[int, int, int]:
-    """Synthetic images, Adam steps per image and jitter for ``net`` under ``cfg``."""
-    n, steps, jitter = PROFILES[cfg.profile]["recipe"][net]
-    return cfg.images or n, steps if cfg.steps is None else cfg.steps, jitter
+def recipe(cfg: RunConfig, net: str) -> dict:
+    """The ``ReconstructConfig`` fields for ``net`` under ``cfg`` (the profile's, with its overrides)."""
+    r = dict(PROFILES[cfg.profile]["recipe"][net])
+    if cfg.images is not None:
+        r["n"] = cfg.images
+    if cfg.steps is not None:
+        r["steps"] = cfg.steps
+    return r
+
+
+def objectives(cfg: RunConfig, net: str) -> tuple[str, ...]:
+    if cfg.objectives is not None:
+        return tuple(cfg.objectives)
+    return PROFILES[cfg.profile].get("objectives", {}).get(net, tuple(o for o in OBJECTIVES if o != "bn-stats"))
 
 
 def _teacher(cfg: RunConfig, net: str, d: Path, p: dict, dev,
@@ -112,49 +136,73 @@ def _student_row(path: Path) -> dict | None:
     return read_json(path.with_suffix(".json")).get("row") if path.with_suffix(".json").is_file() else None
 
 
-def _baseline(kind: str, teacher, data, student_name: str, p: dict, cfg: RunConfig, d: Path, dev) -> dict:
-    """``real-data``: train the student on the true labels; ``real-kd``: distill it on the real images."""
-    seed_everything(cfg.seed)
+def _baseline(kind: str, teacher, data, student_name: str, epochs: int, seed: int, cfg: RunConfig, d: Path, dev,
+              tag: str) -> dict:
+    """``real-data``: train the student on the true labels; ``real-kd``: distill it on the real images
+    (affine views labelled by the teacher, cosine lr)."""
+    seed_everything(seed)
     student = build_model(student_name, data.info)[0].to(dev)
-    state = d / "state" / f"{kind}.pt"
+    state = d / "state" / f"{kind}{tag}.pt"
     if kind == "real-data":
-        hist, secs = _timed(train, student, data, TrainConfig(epochs=p["baseline_epochs"], seed=cfg.seed,
-                                                              progress=cfg.progress), state_path=state)
+        hist, secs = _timed(train, student, data, TrainConfig(epochs=epochs, seed=seed, progress=cfg.progress),
+                            state_path=state)
     else:
-        dc = DistillConfig(epochs=p["baseline_epochs"], augment="none", seed=cfg.seed, progress=cfg.progress)
+        dc = DistillConfig(epochs=epochs, augment="affine", schedule="cosine", seed=seed, progress=cfg.progress)
         hist, secs = _timed(distill, student, data.train, teacher, dc, data, data.info, state)
     return {"history": hist, "seconds": {"train" if kind == "real-data" else "distill": secs}, "model": student,
-            "image_steps": 0}
+            "image_steps": 0, "student_steps": epochs * -(-len(data.train) // 64)}
 
 
-def _objective(name: str, net: str, teacher, meta, data, student_name: str, p: dict, cfg: RunConfig, d: Path,
-               dev) -> dict:
-    n, steps, jitter = recipe(cfg, net)
-    rc = ReconstructConfig(objective=name, n=n, steps=steps, jitter=jitter, batch_size=p["batch_size"],
-                           seed=cfg.seed, device=cfg.device, progress=cfg.progress)
-    reconstruct(teacher, meta, d / "synthetic" / name, rc, data.info)
-    synth = SyntheticSet(d / "synthetic" / name).open()
-    seed_everything(cfg.seed)
+def _objective(name: str, net: str, teacher, meta, data, student_name: str, p: dict, seed: int, cfg: RunConfig,
+               d: Path, dev, tag: str) -> dict:
+    rc = ReconstructConfig(**dict(recipe(cfg, net), objective=name, batch_size=p["batch_size"], seed=seed,
+                                  device=cfg.device, progress=cfg.progress))
+    reconstruct(teacher, meta, d / "synthetic" / f"{name}{tag}", rc, data.info)
+    synth = SyntheticSet(d / "synthetic" / f"{name}{tag}").open()
+    seed_everything(seed)
     student = build_model(student_name, data.info)[0].to(dev)
-    dc = DistillConfig(seed=cfg.seed, progress=cfg.progress, **p["distill"])
-    hist, dsecs = _timed(distill, student, synth, teacher, dc, data, data.info, d / "state" / f"distill-{name}.pt")
+    dc = DistillConfig(**dict(p["distill"], seed=seed, progress=cfg.progress,
+                              **({"epochs": cfg.epochs} if cfg.epochs else {})))
+    hist, dsecs = _timed(distill, student, synth, teacher, dc, data, data.info, d / "state" / f"distill-{name}{tag}.pt")
     return {"history": hist, "model": student, "image_steps": synth.manifest.get("image_steps", 0),
-            "saved": {"objective": name, "distill_config": to_dict(dc), "synthetic": str(synth.dir)},
+            "student_steps": dc.epochs * -(-len(synth) // dc.batch_size),
+            "saved": {"objective": name, "reconstruct_config": to_dict(rc), "distill_config": to_dict(dc),
+                      "synthetic": str(synth.dir)},
             # summed over shards, so that a resumed run still reports the whole reconstruction
             "seconds": {"reconstruct": sum(s["seconds"] for s in synth.manifest["shards"]), "distill": dsecs}}
 
 
-def _table(rows: list[dict]) -> str:
-    lines = ["| teacher | student | objective | accuracy % | paper % | vs paper | share of teacher % "
-             "| reconstruct s | distill/train s | image-steps |", "|---|---|---|---|---|---|---|---|---|---|"]
+def cells(rows: list[dict]) -> list[dict]:
+    """One entry per (teacher, objective): the seeds and their accuracies, the mean, min and max, and the
+    mean seconds per stage."""
+    groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        s, paper, acc = r["seconds"], r["paper_accuracy"], r["accuracy"]
+        groups.setdefault((r["teacher"], r["objective"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        accs = [r["accuracy"] for r in runs]
+        c = {k: runs[0][k] for k in ("teacher", "student", "objective", "teacher_accuracy", "paper_accuracy",
+                                     "image_steps")}
+        c.update(seeds=[r.get("seed", 0) for r in runs], accuracies=accs, accuracy=sum(accs) / len(accs),
+                 min=min(accs), max=max(accs),
+                 seconds={k: sum(r["seconds"].get(k, 0.0) for r in runs) / len(runs) for k in runs[0]["seconds"]})
+        out.append(c)
+    return out
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| teacher | student | objective | accuracy % | spread (min..max) | seeds | paper % | vs paper "
+             "| share of teacher % | reconstruct s | distill/train s | image-steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in cells(rows):
+        s, paper, acc = c["seconds"], c["paper_accuracy"], c["accuracy"]
         ptxt = "" if paper is None else f"{100 * paper:.2f}"
         dtxt = "" if paper is None else f"{100 * (acc - paper):+.2f}"
+        spread = f"{100 * c['min']:.2f}..{100 * c['max']:.2f}" if len(c["accuracies"]) > 1 else ""
         lines.append(
-            f"| {r['teacher']} | {r['student']} | {r['objective']} | {100 * acc:.2f} | {ptxt} | {dtxt} | "
-            f"{100 * acc / r['teacher_accuracy']:.1f} | {s.get('reconstruct', 0):.0f} | "
-            f"{s.get('distill', s.get('train', 0)):.0f} | {r['image_steps']:,} |")
+            f"| {c['teacher']} | {c['student']} | {c['objective']} | {100 * acc:.2f} | {spread} | {len(c['accuracies'])} "
+            f"| {ptxt} | {dtxt} | {100 * acc / c['teacher_accuracy']:.1f} | {s.get('reconstruct', 0):.0f} | "
+            f"{s.get('distill', s.get('train', 0)):.0f} | {c['image_steps']:,} |")
     stages = {}
     for r in rows:
         s = stages.setdefault(r["teacher"], {"train teacher": 0.0, "record": 0.0})
@@ -169,8 +217,9 @@ def _table(rows: list[dict]) -> str:
 
 def _write(out: Path, rows: list[dict], cfg: RunConfig, t0: float) -> None:
     write_json(out / "results.json", {"config": to_dict(cfg), "profile": PROFILES[cfg.profile], "rows": rows,
-                                      "wall_seconds": time.perf_counter() - t0})
-    atomic_write(out / "results.md", "# dfkd results (test accuracy on the real MNIST test set, last epoch)\n\n"
+                                      "cells": cells(rows), "wall_seconds": time.perf_counter() - t0})
+    seeds = f", mean of {cfg.seeds} seeds" if cfg.seeds > 1 else ""
+    atomic_write(out / "results.md", f"# dfkd results (test accuracy on the real MNIST test set, last epoch{seeds})\n\n"
                  + _table(rows) + f"\nwall time so far: {time.perf_counter() - t0:.0f} s\n")
 
 
@@ -181,11 +230,15 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
     bad = [n for n in cfg.networks if n not in PAIRS]
     if bad or not cfg.networks:
         raise DfkdError("networks", f"unknown network(s) {bad}; choose from {', '.join(PAIRS)}")
-    bad = [o for o in cfg.objectives if o not in OBJECTIVES]
+    bad = [o for o in cfg.objectives or () if o not in OBJECTIVES]
     if bad:
         raise DfkdError("objectives", f"unknown objective(s) {bad}; choose from {', '.join(OBJECTIVES)}")
     if (cfg.images is not None and cfg.images <= 0) or (cfg.steps is not None and cfg.steps < 0):
         raise DfkdError("images", "images must be > 0 and steps >= 0")
+    if cfg.epochs is not None and cfg.epochs <= 0:
+        raise DfkdError("epochs", "must be > 0")
+    if cfg.seeds < 1:
+        raise DfkdError("seeds", "must be >= 1")
     if cfg.teacher and len(cfg.networks) != 1:
         raise DfkdError("teacher", "a given teacher needs exactly one network")
     setup_threads()
@@ -208,17 +261,21 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                 save_stats(meta, spath)
             ranks.barrier()
             meta = load_stats(spath, desc["sha256"])
-            for name in (("real-data", "real-kd") if cfg.baselines else ()) + tuple(cfg.objectives):
-                spath_student = d / "students" / name
+            names = (("real-data", "real-kd") if cfg.baselines else ()) + objectives(cfg, net)
+            for name, seed in ((n, cfg.seed + k) for n in names for k in range(cfg.seeds)):
+                tag = f"-seed{seed}" if seed else ""
+                spath_student = d / "students" / f"{name}{tag}"
                 paper = PAPER[net].get(name)
                 paper = None if paper is None else paper / 100
                 if _student_row(spath_student) is None:
-                    res = _baseline(name, teacher, data, student_name, p, cfg, d, dev) if name.startswith("real") \
-                        else _objective(name, net, teacher, meta, data, student_name, p, cfg, d, dev)
+                    res = _baseline(name, teacher, data, student_name, p["baseline_epochs"][net], seed, cfg, d, dev, tag) \
+                        if name.startswith("real") \
+                        else _objective(name, net, teacher, meta, data, student_name, p, seed, cfg, d, dev, tag)
                     if ranks.main:  # the rank that measured the test accuracy
-                        row = {"teacher": net, "student": student_name, "objective": name,
+                        row = {"teacher": net, "student": student_name, "objective": name, "seed": seed,
                                "accuracy": res["history"][-1]["test_accuracy"], "teacher_accuracy": t_acc,
                                "paper_accuracy": paper, "image_steps": res["image_steps"],
+                               "student_steps": res["student_steps"],
                                "seconds": dict(res["seconds"], teacher_train=tsecs, record=rsecs),
                                "history": [h["test_accuracy"] for h in res["history"] if "test_accuracy" in h],
                                "history_epochs": [h["epoch"] for h in res["history"] if "test_accuracy" in h]}
@@ -231,6 +288,6 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                 if ranks.main:
                     _write(out, rows, cfg, t0)
                 if cfg.progress:
-                    print(f"{net} -> {student_name} {name}: {100 * row['accuracy']:.2f}%"
+                    print(f"{net} -> {student_name} {name} seed {seed}: {100 * row['accuracy']:.2f}%"
                           + (f" (paper {100 * row['paper_accuracy']:.2f}%)" if row["paper_accuracy"] else ""), flush=True)
         return out / "results.json"

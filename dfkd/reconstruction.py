@@ -1,8 +1,10 @@
 """``dfkd reconstruct``: a class-balanced synthetic set from a frozen teacher and its metadata.
 
-Each batch starts from i.i.d. ``N(init_mean, init_std)`` raw values mapped into the
-teacher's input space (its normalisation), draws its targets once, and runs Adam on the
-inputs only, clamping them to the data's raw range after each step. Batch ``b`` uses a
+Each batch starts from i.i.d. ``N(init_mean, init_std)`` raw values (``init="noise"``, the
+paper's start) or from each sample's class mean input plus ``N(0, init_std)`` (``class-mean``:
+the mean the file reveals in closed form, ``leakage.revealed_means``; ``auto``: that where the
+file reveals it, else noise), mapped into the teacher's input space (its normalisation), draws
+its targets once, and runs Adam on the inputs only, clamping them to the data's raw range after each step. Batch ``b`` uses a
 generator seeded from ``(seed, b)`` and becomes one shard of the ``SyntheticSet``: an
 interrupted run resumes at the first unlisted shard and gives bit-identical shards.
 """
@@ -23,6 +25,7 @@ from .data import DataInfo
 from .errors import DfkdError
 from .fastgrad import input_grad_by_fold
 from .images import save_grid
+from .leakage import revealed_means
 from .metadata import Metadata, load
 from .models import device_of, num_outputs
 from .objectives import Noise, Objective, make_objective
@@ -30,6 +33,9 @@ from .runtime import pick_device, setup_threads
 from .specs import ModelRef, open_model
 from .synthetic import SyntheticSet
 from .taps import tap
+
+
+INITS = ("noise", "class-mean", "auto")
 
 
 def _batch_seed(seed: int, b: int) -> int:
@@ -54,11 +60,14 @@ def prior(x: torch.Tensor, cfg: ReconstructConfig) -> torch.Tensor:
 
 
 def optimise_batch(teacher: nn.Module, objective: Objective, labels: torch.Tensor, cfg: ReconstructConfig,
-                   g: torch.Generator, info: DataInfo, bar: tqdm | None = None) -> tuple[torch.Tensor, list[float]]:
-    """Optimise one batch of inputs for ``objective``; returns the inputs (in the model's input
-    space) and the [first, last] loss per sample."""
+                   g: torch.Generator, info: DataInfo, bar: tqdm | None = None,
+                   start: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
+    """Optimise one batch of inputs for ``objective``, starting from ``start[label]`` (raw class
+    means ``[C, *shape]``) or ``init_mean`` plus ``N(0, init_std)`` noise; returns the inputs (in the
+    model's input space) and the [first, last] loss per sample."""
     dev = device_of(teacher)
-    x = info.to_model(cfg.init_mean + cfg.init_std * torch.randn((len(labels), *info.shape), generator=g))
+    centre = start[labels] if start is not None else cfg.init_mean
+    x = info.to_model(centre + cfg.init_std * torch.randn((len(labels), *info.shape), generator=g))
     bounds = tuple(b.to(dev) for b in info.bounds())  # once: the clamp runs every step
     if cfg.clamp:
         info.clamp(x, tuple(b.cpu() for b in bounds))
@@ -119,7 +128,15 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
     info = meta.data if meta is not None else info
     if info is None:
         raise DfkdError("reconstruct", "without a statistics file, give the data description (info)")
+    if cfg.init not in INITS:
+        raise DfkdError("init", f"{cfg.init!r} is not one of {', '.join(INITS)}")
     objective = make_objective(cfg.objective, meta, teacher, cfg)
+    # the noise baseline uses no statistics: it never starts from what the file reveals
+    start = revealed_means(teacher, meta) if meta is not None and cfg.init != "noise" \
+        and not isinstance(objective, Noise) else None
+    if start is None and cfg.init == "class-mean" and not isinstance(objective, Noise):
+        raise DfkdError("init", "the statistics reveal no class mean inputs (that needs an all-layers record of a "
+                        "layer affine in the input, of full column rank); use init noise or auto")
     c = meta.num_classes if meta is not None else num_outputs(teacher, info)
     teacher.eval()
     for p in teacher.parameters():
@@ -143,7 +160,7 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
             size = min(cfg.batch_size, cfg.n - b * cfg.batch_size)
             labels = (torch.arange(size) + b * cfg.batch_size) % c
             g = torch.Generator().manual_seed(_batch_seed(cfg.seed, b))
-            x, losses = optimise_batch(teacher, objective, labels, cfg, g, info, bar if optimising else None)
+            x, losses = optimise_batch(teacher, objective, labels, cfg, g, info, bar if optimising else None, start)
             with torch.no_grad():
                 logits = teacher(x.to(device_of(teacher))).float().cpu()
             synth.add(b, {"x": x, "label": labels, "logits": logits}, loss_first=losses[0], loss_last=losses[-1],

@@ -8,7 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from dfkd.synthetic import SyntheticSet
 from tests.conftest import ROOT
 
 
@@ -82,10 +84,23 @@ def test_run_overrides_share_teachers_and_skip_baselines(tmp_path, idx_dir):
                  "--out", tmp_path / "a", "--data", data, "--quiet", "--no-baselines")
     assert first.returncode == 0, first.stderr
     r = dfkd("run", "--profile", "tiny", "--networks", "lenet5", "--objectives", "top-layer", "--out", tmp_path / "b",
-             "--teachers", tmp_path / "a", "--images", "20", "--steps", "3", "--no-baselines", "--data", data, "--quiet")
+             "--teachers", tmp_path / "a", "--images", "20", "--steps", "3", "--no-baselines", "--data", data, "--quiet",
+             "--seeds", "2")
     assert r.returncode == 0, r.stderr
-    rows = json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
-    assert [row["objective"] for row in rows] == ["top-layer"] and rows[0]["image_steps"] == 20 * 3
+    res = json.loads((tmp_path / "b" / "results.json").read_text())
+    rows = res["rows"]
+    assert [(row["objective"], row["seed"]) for row in rows] == [("top-layer", 0), ("top-layer", 1)]
+    assert rows[0]["image_steps"] == 20 * 3
+    # the seeds change the synthetic set; the cell is their mean and spread
+    x0, x1 = (SyntheticSet(tmp_path / "b" / "lenet5" / "synthetic" / f"top-layer{t}").open().load()[0]
+              for t in ("", "-seed1"))
+    assert not torch.equal(x0, x1)
+    (cell,) = res["cells"]
+    accs = [row["accuracy"] for row in rows]
+    assert cell["accuracies"] == accs and cell["seeds"] == [0, 1]
+    assert cell["accuracy"] == pytest.approx(sum(accs) / 2) and (cell["min"], cell["max"]) == (min(accs), max(accs))
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert "mean of 2 seeds" in md and f"{100 * min(accs):.2f}..{100 * max(accs):.2f} | 2 |" in md
     assert not (tmp_path / "b" / "lenet5" / "teacher.json").exists()  # the first run's teacher was used
     manifest = json.loads((tmp_path / "b" / "lenet5" / "synthetic" / "top-layer" / "manifest.json").read_text())
     assert manifest["n"] == 20 and manifest["config"]["steps"] == 3
