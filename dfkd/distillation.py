@@ -88,10 +88,11 @@ def augment(x: torch.Tensor, how: str, g: torch.Generator, pad: int = 2) -> torc
 
 
 def disagree(student: nn.Module, teacher: nn.Module, x: torch.Tensor, cfg: DistillConfig,
-             bounds: tuple[torch.Tensor, torch.Tensor] | None, scale) -> torch.Tensor:
+             bounds: tuple[torch.Tensor, torch.Tensor] | None, scale) -> tuple[torch.Tensor, torch.Tensor]:
     """Views pushed towards the student's disagreement with the teacher: ``adversarial_steps`` signed
     gradient steps of ``adversarial_step`` (raw units) up ``kd_loss(student(x), teacher(x))``,
-    clamped to the data's range; the student in eval mode (its BatchNorm statistics untouched)."""
+    clamped to the data's range; the student in eval mode (its BatchNorm statistics untouched).
+    Returns the views and the teacher's logits for them."""
     was, was_t = student.training, teacher.training
     student.eval()
     teacher.eval()
@@ -104,9 +105,11 @@ def disagree(student: nn.Module, teacher: nn.Module, x: torch.Tensor, cfg: Disti
             x = x + cfg.adversarial_step * grad.sign() / scale
             if bounds is not None:
                 x = torch.maximum(torch.minimum(x, bounds[1].to(x)), bounds[0].to(x))
+    with torch.no_grad():
+        logits = teacher(x).float()  # the teacher's labels for the pushed views, on their device
     student.train(was)
     teacher.train(was_t)
-    return x.detach()
+    return x.detach(), logits
 
 
 def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg: DistillConfig = DistillConfig(),
@@ -151,8 +154,8 @@ def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg
 
     def batch_loss(m, xb, tb, g):
         if k and teacher is not None:
-            xa = disagree(getattr(m, "module", m), teacher, xb[:k], cfg, bounds, scale)  # not through DDP
-            xb, tb = torch.cat([xa, xb[k:]]), torch.cat([predict_logits(teacher, xa).to(tb), tb[k:]])
+            xa, ta = disagree(getattr(m, "module", m), teacher, xb[:k], cfg, bounds, scale)  # not through DDP
+            xb, tb = torch.cat([xa, xb[k:]]), torch.cat([ta.to(tb), tb[k:]])
         return kd_loss(m(xb), tb, cfg.temperature)
     return fit(student, synthetic, batch_loss, epochs=cfg.epochs,
                batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, schedule=cfg.schedule, state_path=state_path,

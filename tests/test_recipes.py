@@ -124,7 +124,9 @@ def test_disagreement_views_follow_the_sign_of_the_kd_gradient():
     cfg = DistillConfig(adversarial=1.0, adversarial_steps=1, adversarial_step=0.05)
     scale = SMALL._chan(SMALL.std, x)
     bounds = tuple(b.double() for b in SMALL.bounds())
-    got = disagree(student, teacher, x, cfg, bounds, scale)
+    got, labels = disagree(student, teacher, x, cfg, bounds, scale)
+    with torch.no_grad():
+        assert torch.allclose(labels, teacher(got).float())
 
     def loss(v):
         student.eval()
