@@ -4,9 +4,10 @@
 [--out docs/privacy]`` takes the LeNet-5 teacher of a finished ``dfkd run`` and, if given, the
 own-model benchmark's BN/residual teacher (``python -m benchmarks own``). For every epsilon and
 seed it records the teacher's statistics on its training set (``dfkd.record`` with
-``privacy=epsilon``, noise seeded by the seed; ``inf``: exact), reconstructs a synthetic set
-with the model's recipe and distills its student (LeNet-5-half; the own model's GELU student),
-all seeded by the seed; the student's accuracy is on the real test set against the true labels.
+``privacy=epsilon``, secret noise from the operating system, never seeded; ``inf``: exact),
+reconstructs a synthetic set with the model's recipe and distills its student (LeNet-5-half; the
+own model's GELU student), both seeded by the seed; the student's accuracy is on the real test
+set against the true labels.
 Beside it, the leakage: the class means recovered in closed form (``dfkd.leakage``) from an
 unprotected all-layers file per unit and from the same file at epsilon 1, against the true
 class means. Writes ``<out>.json``, ``<out>.md``, ``<out>.png`` (accuracy against epsilon)
@@ -45,8 +46,7 @@ def cell(name: str, folder: Path, eps: float, seed: int, work: Path) -> dict:
     model, desc, data = open_with_data(ModelRef(str(folder / "teacher"), code=r["code"]), DataRef("mnist"))
     t0 = time.perf_counter()
     meta = dfkd.record(model, data, RecordConfig(kinds=r["kinds"], conv_stats="channel", progress=False,
-                                                 privacy=None if math.isinf(eps) else eps,
-                                                 noise_seed=None if math.isinf(eps) else seed))
+                                                 privacy=None if math.isinf(eps) else eps))
     rec_s = time.perf_counter() - t0
     out = work / f"{name}-eps{eps:g}-seed{seed}"
     dfkd.reconstruct(model, meta, out, ReconstructConfig(objective=r["objective"], seed=seed, progress=False,
@@ -70,8 +70,7 @@ def leakage(folder: Path, eps: float, seed: int) -> tuple[dict, dict, object]:
     out, images = {}, {"truth": truth}
     for label, e in (("unprotected", None), (f"epsilon {eps:g}", eps)):
         meta = dfkd.record(model, data, RecordConfig(kinds=("all-layers",), layers=tuple(first), conv_stats="unit",
-                                                     privacy=e, noise_seed=None if e is None else seed,
-                                                     progress=False))
+                                                     privacy=e, progress=False))
         inv = invert(model, meta)[0]
         est = inv.means.view(truth.shape)
         out[label] = recovery(est, truth)

@@ -7,6 +7,7 @@ code that a file names: user code runs only when the user names it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -23,31 +24,40 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from . import __version__
+from . import __version__, faults
 from .errors import DfkdError
 
 if TYPE_CHECKING:
     from .data import DataInfo
 
 
+TEMP_SUFFIX = ".dfkd-tmp"
+_TEMP = re.compile(r"^\..+\.\d+\.[^.]+" + re.escape(TEMP_SUFFIX) + "$")
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``: readers see
-    the old file or the new one, never a part. The temp file is named ``.<name>.<pid>.<rand>.tmp``
-    so that one left by a killed process can be recognised and swept (``sweep_temps``)."""
+    the old file or the new one, never a part. The temp file is named ``.<name>.<pid>.<rand>.dfkd-tmp``
+    and its writer holds an OS lock on it (``flock``) until it is renamed, so that one left by a
+    killed process (whose lock the kernel released) can be told from one being written, and swept
+    (``sweep_temps``)."""
     path = Path(path)
     raw = data.encode() if isinstance(data, str) else data
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
-        with os.fdopen(fd, "wb") as f:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        with os.fdopen(fd, "wb") as f:  # open, and so locked, until the rename is done
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            faults.point(path, replaced=False)
+            os.replace(tmp, path)
+            tmp = None
     except OSError as e:  # unwritable folder, full disk, file-size limit: nothing half-written is left
         if tmp:
             Path(tmp).unlink(missing_ok=True)
@@ -56,32 +66,36 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
         raise
+    faults.point(path, replaced=True)
     return path
 
 
-_TEMP = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
-
-
-def _alive(pid: int) -> bool:
+def _orphaned(p: Path) -> bool:
+    """Whether no process holds the temp file ``p``: its writer died (the kernel released its lock)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # gone (renamed into place meanwhile), a link, or unreadable: not ours to judge
         return False
-    except OSError:  # exists, owned by someone else
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
-    return True
+    except OSError:  # its writer holds it
+        return False
+    finally:
+        os.close(fd)
 
 
-def sweep_temps(folder: str | os.PathLike) -> int:
-    """Delete temp files that ``atomic_write`` left in ``folder`` when its process was killed
-    (their pid no longer runs); returns how many."""
+def sweep_temps(folder: str | os.PathLike, recursive: bool = False) -> int:
+    """Delete the temp files that ``atomic_write`` left in ``folder`` (and, if ``recursive``, in
+    every folder below it) when its process was killed; returns how many. Only files named as
+    ``atomic_write`` names them and held by no process are deleted."""
     n = 0
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    for p in folder.iterdir():
-        m = _TEMP.match(p.name)
-        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+    pattern = ".*" + TEMP_SUFFIX
+    for p in folder.rglob(pattern) if recursive else folder.glob(pattern):
+        if _TEMP.match(p.name) and p.is_file() and not p.is_symlink() and _orphaned(p):
             p.unlink(missing_ok=True)
             n += 1
     return n
@@ -91,8 +105,9 @@ def sweep_temps(folder: str | os.PathLike) -> int:
 def exclusive(out: str | os.PathLike, folder: bool = False, tag: str = ""):
     """Hold the output ``out`` (a folder if ``folder``, else a file stem) for one run: a second run on
     it is refused in one line. The lock is an OS file lock (``filelock``), released by the kernel
-    when its process dies, so a killed run's lock never blocks the next one. Temp files a killed
-    run left are swept once the lock is held. ``tag`` names a share of the output (a rank's)."""
+    when its process dies, so a killed run's lock never blocks the next one. Once the lock is held,
+    temp files a killed run left are swept: beside an output file, and anywhere below an output
+    folder (``run`` writes its stages in sub-folders). ``tag`` names a share of the output (a rank's)."""
     out = Path(out)
     lock = out / f".dfkd{tag}.lock" if folder else out.with_name(f".{out.name}{tag}.lock")
     try:
@@ -105,7 +120,7 @@ def exclusive(out: str | os.PathLike, folder: bool = False, tag: str = ""):
     except OSError as e:
         raise DfkdError(out, f"cannot write ({e.strerror or e})") from None
     try:
-        sweep_temps(lock.parent)
+        sweep_temps(lock.parent, recursive=folder)
         yield out
     finally:
         fl.release()
@@ -209,19 +224,26 @@ MODEL_FORMAT, MODEL_VERSION = "dfkd-model", 2
 
 
 def save_model(model: torch.nn.Module, path: str | os.PathLike, spec: str, args: dict[str, Any], info: "DataInfo",
-               **extra: Any) -> Path:
+               origin: dict | None = None, **extra: Any) -> Path:
     """Save ``model`` as ``<path>.safetensors`` + ``<path>.json``; returns the weights path.
 
     The JSON says how to rebuild the model (its spec and arguments, and for user code the
     sha256 of that code, never the code itself), the data it takes (``DataInfo``), the
-    weights' sha256, and anything JSON-able in ``extra`` (accuracy, history, ...).
+    weights' sha256, and anything JSON-able in ``extra`` (accuracy, history, ...). ``origin`` (a
+    ``DataSource.origin``) adds ``data.normalisation_origin``: ``data`` (``--normalize auto``: computed on
+    the training data), ``user`` (``MEAN/STD``) or ``none``; files without it (older ones) still load.
     """
     base = Path(path).with_suffix("") if Path(path).suffix in (".safetensors", ".json") else Path(path)
     state = {k: v for k, v in model.state_dict().items()}
     desc = dict(extra, format=MODEL_FORMAT, version=MODEL_VERSION, dfkd_version=__version__,
                 model={"spec": spec, "args": args, "code_sha256": _code_sha(spec)}, data=info.as_dict(),
                 sha256=weights_sha256(state))
-    weights = save_tensors(base.with_name(base.name + ".safetensors"), state)
+    if origin is not None:
+        desc["data"]["normalisation_origin"] = origin.get("normalisation") or "none"
+    weights = base.with_name(base.name + ".safetensors")
+    raw = st_save({k: v.detach().contiguous().cpu() for k, v in state.items()})
+    if not (weights.is_file() and weights.stat().st_size == len(raw) and weights.read_bytes() == raw):
+        atomic_write(weights, raw)  # a run killed between the two files left these very weights: kept
     write_json(base.with_name(base.name + ".json"), desc)
     return weights
 
@@ -265,6 +287,35 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, t
     return state
 
 
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def _not_a_saved_model(path: Path) -> str:
+    """What a weights file given where a saved dfkd model belongs holds, and what to pass instead. A
+    PyTorch file is read with ``weights_only=True`` onto the meta device: nothing in it runs, and no
+    tensor's data is read."""
+    if not path.is_file():
+        return "no such file"
+    fix = f"pass the network's code and these weights: --teacher FILE.py:factory --weights {path.name}"
+    if path.suffix == ".safetensors":
+        return f"weights without the dfkd description beside them ({path.with_suffix('.json').name}); {fix}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="meta", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refuses anything but tensors and plain containers
+        return ("a pickled PyTorch object (e.g. a whole model saved with torch.save(model)), not a dfkd model; dfkd "
+                f"does not unpickle objects (that could run code): save model.state_dict() instead, then {fix}")
+    except Exception as e:
+        return f"not a dfkd model, nor a PyTorch file dfkd can read ({type(e).__name__})"
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return f"a PyTorch state dict (weights without the network's code), not a dfkd model; {fix}"
+    return f"a PyTorch file holding a {type(obj).__name__}, not a dfkd model nor a state dict"
+
+
 def _code_target(c: str) -> str:
     """A ``--code`` entry as a file or module (a full spec's factory dropped)."""
     return c.rpartition(":")[0] if ":" in c and not Path(c).exists() else c
@@ -303,6 +354,8 @@ def read_model_desc(path: str | os.PathLike) -> tuple[Path, Path, dict[str, Any]
     if base.suffix in (".safetensors", ".json"):
         base = base.with_suffix("")
     desc_path = base.with_name(base.name + ".json")
+    if Path(path).suffix in TORCH_SUFFIXES + (".safetensors",) and not desc_path.is_file():
+        raise DfkdError(path, _not_a_saved_model(Path(path)))
     desc = read_json(desc_path)
     if desc.get("format") != MODEL_FORMAT:
         raise DfkdError(desc_path, "not a dfkd model description")

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
+import select
 import sys
 from pathlib import Path
 
 from .checkpoint import read_json
 from .config import DistillConfig, ReconstructConfig, RecordConfig, TrainConfig, default
 from .errors import DfkdError
+from .models import user_code
+from .privacy_report import clip_warnings
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,12 +28,27 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _finite(s: str) -> float:
+    """A float flag's value: a finite number (NaN passes every later ``<``/``>`` check, and an infinite
+    weight or rate only turns into NaN deep in the work)."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a float") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
+    return v
+
+
 def _positive(kind):
     def parse(s: str):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not a {kind.__name__}") from None
+        if kind is float:
+            v = _finite(s)
+        else:
+            try:
+                v = kind(s)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{s!r} is not a {kind.__name__}") from None
         if v <= 0:
             raise argparse.ArgumentTypeError(f"{s!r} must be > 0")
         return v
@@ -45,6 +64,20 @@ def _clip(s: str) -> tuple[str, float]:
     if not eq or not name or not (v > 0 and v < float("inf")):
         raise argparse.ArgumentTypeError(f"{s!r} is not RECORD=BOUND with a positive bound (e.g. all-layers/fc1=20)")
     return name, v
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # the statistics are stored in float32
+
+
+def _range(s: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in s.split(","))
+    except ValueError:
+        lo = hi = float("nan")
+    if not (lo < hi and hi - lo < float("inf") and max(abs(lo), abs(hi)) <= FLOAT32_MAX):
+        raise argparse.ArgumentTypeError(f"{s!r} is not LOW,HIGH with LOW < HIGH, both finite in float32 "
+                                         f"(|value| <= {FLOAT32_MAX:.4g}; e.g. 0,1)")
+    return lo, hi
 
 
 def _list(s: str | None) -> tuple[str, ...]:
@@ -69,6 +102,15 @@ def _data() -> argparse.ArgumentParser:
     return p
 
 
+def _resumable() -> argparse.ArgumentParser:
+    """The flag of the verbs that resume (train, reconstruct, distill, run)."""
+    p = _Parser(add_help=False)
+    p.add_argument("--restart", action="store_true", help="where the output holds work made with other settings, or "
+                   "a damaged resume file, shard, manifest or model, discard it and start that over instead of refusing "
+                   "(finished work of the same settings is kept)")
+    return p
+
+
 def _model_flags(p: argparse.ArgumentParser, flag: str, what: str, required: bool = True, default_=None) -> None:
     p.add_argument(f"--{flag}", required=required, default=default_,
                    help=f"{what}: a saved model (stem or file), a registry name, FILE.py:FACTORY or MODULE:FACTORY")
@@ -78,7 +120,8 @@ def _model_flags(p: argparse.ArgumentParser, flag: str, what: str, required: boo
 def _teacher_flags(p: argparse.ArgumentParser, stats: bool = True, normalize: bool = False) -> None:
     """The teacher, the weights for a teacher given as a spec, and (where read) its statistics file."""
     _model_flags(p, "teacher", "the teacher")
-    p.add_argument("--weights", default=None, help="weights for a teacher given as a spec (.safetensors or a state dict)")
+    p.add_argument("--weights", default=None, help="weights for a teacher given as a spec (.safetensors or a state "
+                   "dict); required with a spec, or 'random' for a freshly initialised network on purpose")
     if normalize:
         p.add_argument("--normalize", default=None, help="for a teacher given as a spec: none, auto or MEAN/STD")
     if stats:
@@ -86,10 +129,15 @@ def _teacher_flags(p: argparse.ArgumentParser, stats: bool = True, normalize: bo
 
 
 def _model(a, flag: str = "teacher", weights: bool = True):
-    from .specs import ModelRef, parse_args
+    """The model a flag names; ``weights``: a teacher whose statistics are made or read, which a spec
+    gives only with ``--weights``."""
+    from .specs import ModelRef, parse_args, require_weights
     ref = getattr(a, flag)
-    return ModelRef(ref, getattr(a, "weights", None) if weights else None,
-                    parse_args(getattr(a, f"{flag}_args", None)), tuple(c for x in a.code for c in _list(x)))
+    m = ModelRef(ref, getattr(a, "weights", None) if weights else None,
+                 parse_args(getattr(a, f"{flag}_args", None)), tuple(c for x in a.code for c in _list(x)))
+    if weights:
+        require_weights(m)
+    return m
 
 
 def _data_ref(a):
@@ -101,7 +149,7 @@ def _cmd_train(a) -> int:
     from .training import train_file
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
                       progress=not a.quiet)
-    path = train_file(_model(a, "model", weights=False), _data_ref(a), Path(a.out) / a.name, cfg)
+    path = train_file(_model(a, "model", weights=False), _data_ref(a), Path(a.out) / a.name, cfg, a.restart)
     desc = read_json(path.with_name(path.name.replace(".safetensors", ".json")))
     acc = f" (test accuracy {100 * desc['test_accuracy']:.2f}%)" if "test_accuracy" in desc else ""
     _say(f"saved {path}{acc}")
@@ -113,7 +161,7 @@ def _cmd_record(a) -> int:
     cfg = RecordConfig(kinds=_list(a.kinds), layers=_list(a.layers) or None, cov=a.cov, conv_stats=a.conv_stats,
                        spectral_keep=a.spectral_keep, temperature=a.temperature, batch_size=a.batch_size,
                        device=a.device, progress=not a.quiet, privacy=a.privacy, delta=a.delta,
-                       clip=tuple(a.clip), clip_quantile=a.clip_quantile, noise_seed=a.noise_seed)
+                       clip=tuple(a.clip), clip_quantile=a.clip_quantile, value_range=a.value_range)
     path, meta = record_file(_model(a), _data_ref(a), a.out, cfg)
     t = meta.timings
     if t:  # the process that recorded (rank 0 under torchrun)
@@ -124,6 +172,8 @@ def _cmd_record(a) -> int:
         if p:
             print(f"privacy: ({p['target_epsilon']:g}, {p['delta']:.3g})-differential privacy (the accountant's "
                   f"epsilon: {p['epsilon']:.6g}); dfkd inspect lists every clip bound and noise scale")
+            for w in clip_warnings(p):  # judged on released (noisy) quantities only
+                print(f"dfkd: warning: {w}", file=sys.stderr)
     return 0
 
 
@@ -173,7 +223,7 @@ def _cmd_reconstruct(a) -> int:
     needs_stats = any(o not in ("noise", "bn-stats") for o in a.objective.split("+"))
     stats = a.stats or (str(stats_path(a.teacher)) if needs_stats else None)
     out = a.out or str(_beside(a.teacher) / "synthetic" / a.objective)
-    path = reconstruct_file(_model(a), stats, out, cfg, a.allow_other_teacher)
+    path = reconstruct_file(_model(a), stats, out, cfg, a.allow_other_teacher, a.restart)
     if read_json(path).get("complete"):
         _say(f"wrote {a.n} inputs for {a.objective} to {path.parent} (manifest {path.name})")
     else:
@@ -208,7 +258,8 @@ def _cmd_distill(a) -> int:
                         augment=a.augment, schedule=a.schedule, eval_every=a.eval_every, seed=a.seed,
                         adversarial=a.adversarial, device=a.device, progress=not a.quiet)
     teacher = _model(a, weights=False) if a.teacher else None
-    path = distill_file(a.synthetic, _model(a, "student", weights=False), a.out, cfg, teacher, _data_ref(a))
+    path = distill_file(a.synthetic, _model(a, "student", weights=False), a.out, cfg, teacher, _data_ref(a),
+                        a.restart)
     desc = read_json(path.with_name(path.name.replace(".safetensors", ".json")))
     acc = f" (student test accuracy {100 * desc['test_accuracy']:.2f}%)" if "test_accuracy" in desc else ""
     _say(f"saved {path}{acc}")
@@ -256,7 +307,7 @@ def _cmd_run(a) -> int:
     path = run(RunConfig(out=out, profile=a.profile, networks=_list(a.networks), objectives=objectives,
                          teacher=a.teacher, teachers=a.teachers, images=a.images, steps=a.steps, epochs=a.epochs,
                          baselines=not a.no_baselines, seed=a.seed, seeds=a.seeds, data=a.data or "mnist", device=a.device,
-                         progress=not a.quiet))
+                         progress=not a.quiet, restart=a.restart))
     _say((path.parent / "results.md").read_text())
     _say(f"results: {path} and {path.parent / 'results.md'}")
     return 0
@@ -264,11 +315,11 @@ def _cmd_run(a) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .pipeline import RunConfig
-    common, data, fmt = _common(), _data(), argparse.ArgumentDefaultsHelpFormatter
+    common, data, resumable, fmt = _common(), _data(), _resumable(), argparse.ArgumentDefaultsHelpFormatter
     p = _Parser(prog="dfkd", description="Data-free knowledge distillation (Lopes et al. 2017).", formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", parents=[common, data], formatter_class=fmt, help="train a network on real data")
+    t = sub.add_parser("train", parents=[common, data, resumable], formatter_class=fmt, help="train a network on real data")
     _model_flags(t, "model", "the network to train", required=False, default_="lenet5")
     t.add_argument("--normalize", default=None, help="none, auto (per-channel moments of the training data) or "
                    "MEAN/STD per channel, e.g. 0.5,0.5,0.5/0.25,0.25,0.25")
@@ -291,21 +342,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of Fourier coefficients kept")
     r.add_argument("--temperature", type=_positive(float), default=default(RecordConfig, "temperature"))
     r.add_argument("--batch-size", type=_positive(int), default=default(RecordConfig, "batch_size"))
-    r.add_argument("--privacy", type=float, default=None, metavar="EPSILON",
+    r.add_argument("--privacy", type=_finite, default=None, metavar="EPSILON",
                    help="(epsilon, delta)-differential privacy for the whole file: clipped contributions, Gaussian "
                    "noise, calibrated by dp-accounting (the privacy extra)")
-    r.add_argument("--delta", type=float, default=None, help="with --privacy (default: a power of ten at least 10x "
-                   "below 1 / training examples)")
+    r.add_argument("--delta", type=_finite, default=None, help="with --privacy (default: 1e-6, fixed whatever the "
+                   "data's size; needed above 100,000 training examples)")
     r.add_argument("--clip", type=_clip, action="append", default=[], metavar="RECORD=BOUND",
                    help="with --privacy: a record's clip bound (repeatable; e.g. top-layer=5, all-layers/fc1=60); "
                    "the others are chosen privately on a share of the budget")
-    r.add_argument("--clip-quantile", type=float, default=default(RecordConfig, "clip_quantile"),
+    r.add_argument("--clip-quantile", type=_finite, default=default(RecordConfig, "clip_quantile"),
                    help="with --privacy: the share of examples a privately chosen bound leaves unclipped")
-    r.add_argument("--noise-seed", type=int, default=None, help="with --privacy: reproducible noise (keep the seed "
-                   "secret: it regenerates the noise); default: secret randomness from the operating system")
+    r.add_argument("--range", dest="value_range", type=_range, default=default(RecordConfig, "value_range"),
+                   metavar="LOW,HIGH", help="the inputs' raw value range, declared public (negative: --range=-1,1); "
+                   "needed with --privacy where it would be read off the data (a float npz)")
     r.set_defaults(func=_cmd_record)
 
-    c = sub.add_parser("reconstruct", parents=[common], formatter_class=fmt,
+    c = sub.add_parser("reconstruct", parents=[common, resumable], formatter_class=fmt,
                        help="make a synthetic set from a teacher and its statistics")
     _teacher_flags(c)
     c.add_argument("--objective", default=default(ReconstructConfig, "objective"),
@@ -319,14 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--init", default=default(ReconstructConfig, "init"),
                    help="start: noise N(--init-mean, --init-std) (the paper's); class-mean: each class's mean input, "
                    "which the file reveals in closed form, + N(0, --init-std); auto: class-mean where revealed")
-    c.add_argument("--init-mean", type=float, default=default(ReconstructConfig, "init_mean"), help="start: raw mean")
-    c.add_argument("--init-std", type=float, default=default(ReconstructConfig, "init_std"), help="start: raw std")
+    c.add_argument("--init-mean", type=_finite, default=default(ReconstructConfig, "init_mean"), help="start: raw mean")
+    c.add_argument("--init-std", type=_finite, default=default(ReconstructConfig, "init_std"), help="start: raw std")
     c.add_argument("--no-clamp", action="store_true", help="do not clamp inputs to the data's range")
     c.add_argument("--jitter", type=int, default=default(ReconstructConfig, "jitter"),
                    help="roll inputs by up to this many pixels each step")
-    c.add_argument("--tv", type=float, default=default(ReconstructConfig, "tv"), help="weight of a total-variation prior")
-    c.add_argument("--l2", type=float, default=default(ReconstructConfig, "l2"), help="weight of an l2 prior")
-    c.add_argument("--bn-weight", type=float, default=default(ReconstructConfig, "bn_weight"),
+    c.add_argument("--tv", type=_finite, default=default(ReconstructConfig, "tv"), help="weight of a total-variation prior")
+    c.add_argument("--l2", type=_finite, default=default(ReconstructConfig, "l2"), help="weight of an l2 prior")
+    c.add_argument("--bn-weight", type=_finite, default=default(ReconstructConfig, "bn_weight"),
                    help="weight of the bn-stats term")
     c.add_argument("--no-whiten", action="store_true", help="the paper's plain squared distance (by default each "
                    "statistic's error is divided by its std; all-layers and spectral objectives)")
@@ -337,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--world-size", type=int, default=None, help="how many shares (default: torchrun's WORLD_SIZE, or 1)")
     c.set_defaults(func=_cmd_reconstruct)
 
-    d = sub.add_parser("distill", parents=[common, data], formatter_class=fmt,
+    d = sub.add_parser("distill", parents=[common, data, resumable], formatter_class=fmt,
                        help="distill a student on a synthetic set")
     d.add_argument("--synthetic", required=True, help="synthetic set directory (with manifest.json)")
     _model_flags(d, "student", "the student", required=False, default_="lenet5-half")
@@ -352,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=_positive(int), default=default(DistillConfig, "batch_size"))
     d.add_argument("--lr", type=_positive(float), default=default(DistillConfig, "lr"))
     d.add_argument("--schedule", default=default(DistillConfig, "schedule"), help="constant or cosine")
-    d.add_argument("--adversarial", type=float, default=default(DistillConfig, "adversarial"),
+    d.add_argument("--adversarial", type=_finite, default=default(DistillConfig, "adversarial"),
                    help="share of each batch pushed towards student-teacher disagreement before the teacher labels it "
                    "(needs --teacher)")
     d.add_argument("--eval-every", type=_positive(int), default=default(DistillConfig, "eval_every"),
@@ -365,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="also print the figures as JSON")
     e.set_defaults(func=_cmd_evaluate)
 
-    u = sub.add_parser("run", parents=[common, data], formatter_class=fmt,
+    u = sub.add_parser("run", parents=[common, data, resumable], formatter_class=fmt,
                        help="the whole pipeline on MNIST, with the paper's numbers beside ours")
     u.add_argument("--profile", default=default(RunConfig, "profile"),
                    help="quick (every objective, the whole table in minutes on CPU), best (dfkd's best student per "
@@ -427,14 +479,18 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse already printed "dfkd: <argument>: <problem>" on one line
         return int(e.code or 0)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that has gone (dfkd inspect ... | head) is met here, not at exit
+        return code
     except DfkdError as e:
         print(f"dfkd: {_flag(parser, args, e.where)}: {e.problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("dfkd: interrupted; run the same command again to resume", file=sys.stderr)
+        print(f"dfkd: {args.command}: interrupted; {_AFTER_INTERRUPT.get(args.command, _STARTS_OVER)}", file=sys.stderr)
         return 130
     except OSError as e:  # a file the library did not name itself (e.g. read by a user's own code)
+        if isinstance(e, BrokenPipeError) and _stdout_gone():
+            return 141  # quietly, as a tool killed by SIGPIPE: the shell's 128 + 13
         print(f"dfkd: {e.filename or args.command}: {e.strerror or e}", file=sys.stderr)
         return 2
     except MemoryError:
@@ -453,14 +509,45 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if where else 1
 
 
+_STARTS_OVER = "run the same command again to start over"
+# what running an interrupted command again does: these resume (docs/robustness.md), the others start over
+_AFTER_INTERRUPT = {
+    "train": "run the same command again to resume from its last finished epoch",
+    "distill": "run the same command again to resume from its last finished epoch",
+    "reconstruct": "run the same command again to resume from its last finished shard",
+    "run": "run the same command again to resume where it stopped (finished steps are kept)",
+    "record": "record is one pass and does not resume: run the same command again to start over",
+}
+
+
+def _stdout_gone() -> bool:
+    """Whether the reader of stdout has gone (``dfkd inspect ... | head``); if so stdout is pointed at
+    /dev/null, so that Python's own flush at exit stays quiet too."""
+    try:
+        fd = sys.stdout.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        if not any(ev & select.POLLERR for _, ev in poll.poll(0)):
+            return False
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    except (OSError, ValueError, AttributeError):  # no stdout of our own (captured), or no poll here
+        return False
+    return True
+
+
 def _user_frame(e: BaseException) -> str | None:
-    """``file:line`` of the innermost frame in the user's code (not dfkd, torch or the standard library)."""
+    """``file:line`` of the innermost frame in the user's code: the model code the user named
+    (``models.user_code``, wherever installed), or any file outside dfkd, the standard library and
+    the installed packages (torch, numpy, ...)."""
     import traceback
     pkg = str(Path(__file__).resolve().parent)
     skip = (pkg, str(Path(json.__file__).resolve().parent.parent), str(Path(sys.prefix).resolve()),
             str(Path(sys.base_prefix).resolve()))
+    mine = user_code()
     for fr in reversed(traceback.extract_tb(e.__traceback__)):
         f = str(Path(fr.filename).resolve())
-        if not f.startswith(skip) and not fr.filename.startswith("<"):
+        if fr.filename.startswith("<") or f.startswith(pkg + os.sep):
+            continue
+        if any(f == m or f.startswith(m + os.sep) for m in mine) or not f.startswith(skip):
             return f"{fr.filename}:{fr.lineno}"
     return None

@@ -29,10 +29,10 @@ class RecordConfig:
     device: str = "cpu"
     progress: bool = True
     privacy: float | None = None           # epsilon of (epsilon, delta)-differential privacy; None: exact statistics
-    delta: float | None = None             # None: a power of ten 10x below 1 / (training examples)
+    delta: float | None = None             # None: 1e-6, fixed (needed above 100,000 training examples)
     clip: tuple[tuple[str, float], ...] = ()  # (record, bound) pairs; the others are chosen privately
     clip_quantile: float = 0.95            # the share of examples a privately chosen bound leaves unclipped
-    noise_seed: int | None = None          # None: secret noise from the operating system
+    value_range: tuple[float, float] | None = None  # the inputs' raw range, declared public (None: the source's)
 
 
 @dataclass(frozen=True)

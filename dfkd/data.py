@@ -12,7 +12,7 @@ takes any torch ``Dataset`` or ``DataLoader`` yielding ``(input, label)`` (``as_
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from .errors import DfkdError
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32: the statistics are stored in float32
 MAX_INPUT, MAX_CLASSES = 2 ** 28, 2 ** 20  # declared sizes beyond these are refused before anything is allocated
 
 
@@ -101,6 +102,20 @@ class DataInfo:
         return replace(self, shape=tuple(shape))
 
 
+def declared_range(info: DataInfo, value_range: tuple[float, float]) -> DataInfo:
+    """``info`` with the raw range the user declared (``--range``), which must hold the source's own (its
+    format's, or the one read from the data: a refusal only the data's owner sees)."""
+    lo, hi = (float(v) for v in value_range)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi and math.isfinite(hi - lo)
+            and max(abs(lo), abs(hi)) <= FLOAT32_MAX):
+        raise DfkdError("value_range", f"{lo:g},{hi:g} is not a range: needs LOW < HIGH, both finite in float32 "
+                        f"(|value| <= {FLOAT32_MAX:.4g})")
+    if info.low < lo or info.high > hi:
+        raise DfkdError("value_range", f"{lo:g},{hi:g} does not hold the data's values, which span "
+                        f"{info.low:g}..{info.high:g}")
+    return replace(info, low=lo, high=hi)
+
+
 def fit_shape(raw: torch.Tensor, shape: tuple[int, ...], where: object = "data") -> torch.Tensor:
     """Raw inputs ``[N, ...]`` to ``shape``: a channel axis added to ``[N, H, W]``, and centred zero
     padding (raw 0: black) where the model is larger (MNIST's 28x28 -> LeNet-5's 32x32)."""
@@ -139,10 +154,13 @@ class RawImages(Dataset):
 
 @dataclass
 class DataSource:
-    """A training and a test split (either may be None) and their ``DataInfo``."""
+    """A training and a test split (either may be None) and their ``DataInfo``. ``origin`` says where the
+    info's ``range`` and ``normalisation`` came from where not the format's fixed values: ``data`` (read off
+    the training examples: a float npz's range, ``normalize="auto"``), ``user`` (declared) or ``model``."""
     train: Dataset | None
     test: Dataset | None
     info: DataInfo
+    origin: dict = field(default_factory=dict)
 
     def with_info(self, info: DataInfo) -> "DataSource":
         """The same data described (normalised, fitted) by ``info``: its splits follow."""
@@ -214,6 +232,7 @@ def parse_normalize(text: str | None, data: DataSource) -> DataSource:
         if data.train is None:
             raise DfkdError("normalize", "auto needs a training split")
         mean, std = channel_moments(data.train)
+        data.origin["normalisation"] = "data"
     else:
         m, sep, s = text.partition("/")
         try:
@@ -222,6 +241,7 @@ def parse_normalize(text: str | None, data: DataSource) -> DataSource:
             raise DfkdError("normalize", f"{text!r} is not none, auto or MEAN/STD (e.g. 0.5/0.25)") from None
         if not sep:
             raise DfkdError("normalize", f"{text!r} is not none, auto or MEAN/STD (e.g. 0.5/0.25)")
+        data.origin["normalisation"] = "user"
     info = replace(data.info, mean=mean, std=std)
     info.check("normalize")
     return data.with_info(info)
@@ -249,6 +269,7 @@ def open_data(spec: str = "mnist", test: str | None = None, normalize: str | Non
     if info is not None:
         if data.info.num_classes > info.num_classes:
             raise DfkdError("data", f"{data.info.num_classes} classes, but the model was made for {info.num_classes}")
+        data.origin["normalisation"] = "model"
         return data.with_info(replace(info, name=data.info.name, low=data.info.low, high=data.info.high,
                                       class_names=info.class_names or data.info.class_names))
     return parse_normalize(normalize, data)

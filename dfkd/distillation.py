@@ -24,12 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .checkpoint import exclusive, save_model
+from .checkpoint import exclusive, save_model, weights_sha256
 from .config import DistillConfig, to_dict
 from .data import DataInfo, DataSource, first_batch, open_data
 from .errors import DfkdError
 from .evaluation import accuracy
-from .models import device_of, predict_logits
+from .models import code_sha256, device_of, is_code_spec, predict_logits, train_logits
+from .resume import canonical, check_finished, config_settings, data_sha256
+from .resume import state_path as state_file
 from .runtime import pick_device, seed_everything, setup_threads
 from .specs import DataRef, ModelRef, build_student, open_model, require_spec
 from .synthetic import SyntheticSet
@@ -113,7 +115,8 @@ def disagree(student: nn.Module, teacher: nn.Module, x: torch.Tensor, cfg: Disti
 
 
 def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg: DistillConfig = DistillConfig(),
-            test=None, info: DataInfo | None = None, state_path: Path | None = None) -> list[dict]:
+            test=None, info: DataInfo | None = None, state_path: Path | None = None, settings: dict | None = None,
+            restart: bool = False) -> list[dict]:
     """Distill ``student`` on a synthetic set (a ``SyntheticSet``, a folder holding one, or a
     Dataset / ``(x, teacher_logits)`` tensors): soft targets from ``teacher`` on augmented views
     (augmented in the raw range given by ``info``, the set's own by default), or the stored
@@ -156,17 +159,21 @@ def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg
         if k and teacher is not None:
             xa, ta = disagree(getattr(m, "module", m), teacher, xb[:k], cfg, bounds, scale)  # not through DDP
             xb, tb = torch.cat([xa, xb[k:]]), torch.cat([ta.to(tb), tb[k:]])
-        return kd_loss(m(xb), tb, cfg.temperature)
+        return kd_loss(train_logits(m, xb, tb.shape[1]), tb, cfg.temperature)
     return fit(student, synthetic, batch_loss, epochs=cfg.epochs,
                batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, schedule=cfg.schedule, state_path=state_path,
                on_epoch=on_epoch, eval_every=cfg.eval_every, prepare=label if teacher is not None else None,
-               desc="distill", progress=cfg.progress)
+               desc="distill", progress=cfg.progress, settings=dict(settings or {}, config=config_settings(cfg)),
+               restart=restart)
 
 
 def distill_file(synthetic: str | Path, student: ModelRef, out: str | Path, cfg: DistillConfig = DistillConfig(),
-                 teacher: ModelRef | None = None, data: DataRef = DataRef()) -> Path:
+                 teacher: ModelRef | None = None, data: DataRef = DataRef(), restart: bool = False) -> Path:
     """``dfkd distill``: a student spec trained on a synthetic set (labelled online by the saved
-    teacher if given), measured on the real test set of ``data``; saved like a teacher."""
+    teacher if given), measured on the real test set of ``data``; saved like a teacher. Resumes
+    from ``<out>.state.safetensors``; work made with other settings (the set, the teacher, the
+    student and its starting weights, the test data, hyperparameters) is refused, or with
+    ``restart`` started over; a student made with the same settings is kept (nothing to do)."""
     require_spec(student, "student")
     setup_threads()
     ranks = distributed.group(cfg.device)  # under torchrun: data-parallel, each rank a slice of every batch
@@ -180,23 +187,38 @@ def distill_file(synthetic: str | Path, student: ModelRef, out: str | Path, cfg:
         if tdesc.get("sha256") != synth.manifest.get("teacher_sha256"):
             raise DfkdError(synthetic, "this synthetic set was made from another teacher")
         tmodel.to(dev)
-    net = build_student(student.ref, student.args, info).to(dev)
+    net = build_student(student.ref, student.args, info)
+    code = code_sha256(student.ref) if is_code_spec(student.ref) else None
+    settings = {"verb": "distill", "synthetic": synth.fingerprint(),
+                "teacher_sha256": tdesc.get("sha256") if teacher is not None else None,
+                "student": {"spec": student.ref, "args": student.args, "code_sha256": code},
+                "start_sha256": weights_sha256(net.state_dict())}
+    net.to(dev)
     test = None
     try:  # the set's own data by default (its name is a data spec), when it can still be read
         test = open_data(data.spec or info.name, data.test, info=info).test
     except DfkdError:
         if data.spec is not None:
             raise
+    # the test data by content, not by path (a moved copy is the same, a file changed in place is not)
+    settings["test"] = [data_sha256(data.spec or info.name), data_sha256(data.test)] if test is not None else None
     with exclusive(Path(out), tag=ranks.tag):
         out = Path(out)
-        history = distill(net, synth, tmodel, cfg, test, info, state_path=out.with_name(out.name + ".state.pt"))
+        if check_finished(out, dict(settings, config=config_settings(cfg)), restart):  # made before: kept
+            if ranks.main:
+                state_file(out).unlink(missing_ok=True)
+            ranks.barrier()
+            return out.with_name(out.name + ".safetensors")
+        history = distill(net, synth, tmodel, cfg, test, info, state_path=state_file(out), settings=settings,
+                          restart=restart)
         if not ranks.main:  # rank 0 writes the student
             ranks.barrier()
             return out.with_name(out.name + ".safetensors")
         extra = {"test_accuracy": history[-1]["test_accuracy"]} if "test_accuracy" in history[-1] else {}
         path = save_model(net.cpu(), out, student.ref, student.args, info, history=history, distill_config=to_dict(cfg),
                           objective=synth.manifest.get("objective"), teacher_sha256=synth.manifest.get("teacher_sha256"),
-                          synthetic=str(synthetic), synthetic_inputs=len(synth), **extra)
-        out.with_name(out.name + ".state.pt").unlink(missing_ok=True)
+                          synthetic=str(synthetic), synthetic_inputs=len(synth),
+                          settings=canonical(dict(settings, config=config_settings(cfg))), **extra)
+        state_file(out).unlink(missing_ok=True)
         ranks.barrier()
         return path

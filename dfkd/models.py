@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import math
 import sys
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
@@ -96,6 +97,29 @@ def code_sha256(spec: str) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else None
 
 
+_USER_CODE: set[str] = set()  # where the model code the user named lives (see user_code)
+
+
+def user_code() -> tuple[str, ...]:
+    """The files and package folders of the model code the user named in this process, wherever
+    installed (a package in site-packages too): an error raised there is the user's, not dfkd's."""
+    return tuple(sorted(_USER_CODE))
+
+
+def _remember(target: str) -> None:
+    """Note where a spec's code lives: a file itself, or a module's top-level package (not dfkd's own,
+    nor torch's, which dfkd drives itself)."""
+    if target.endswith(".py"):
+        _USER_CODE.add(str(Path(target).resolve()))
+        return
+    top = target.split(".")[0]
+    if top in ("dfkd", "torch"):
+        return
+    module = sys.modules.get(top)
+    places = list(getattr(module, "__path__", None) or []) or [getattr(module, "__file__", None)]
+    _USER_CODE.update(str(Path(p).resolve()) for p in places if p)
+
+
 def import_factory(spec: str) -> Callable[..., nn.Module]:
     """Import the factory a code spec names; anything that goes wrong is one line naming the spec."""
     target, _, attr = spec.rpartition(":")
@@ -124,6 +148,7 @@ def import_factory(spec: str) -> Callable[..., nn.Module]:
         raise
     except Exception as e:  # the user's code can raise anything while importing
         raise DfkdError(spec, f"cannot import the model code ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    _remember(target)
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise DfkdError(spec, f"{target} defines no callable {attr!r}")
@@ -152,7 +177,56 @@ def build_model(spec: str, info: DataInfo | None = None, **args: Any) -> tuple[n
         raise DfkdError(spec, f"the factory failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(model, nn.Module):
         raise DfkdError(spec, f"the factory returned a {type(model).__name__}, not a torch.nn.Module")
+    check_outputs(model, info, spec)
+    _NAMES[model] = spec
     return model, info
+
+
+def check_outputs(model: nn.Module, info: DataInfo, where: object) -> None:
+    """Run ``model`` once on two zero inputs of ``info.shape`` (eval mode, no gradient, the random
+    state kept) and refuse, in one line naming ``where``, what is not one tensor of logits
+    ``[N, >= classes]``: a tuple, list or dict, a single logit, fewer outputs than classes. Every
+    command builds a user's model here, so none meets such output deep in its work. A forward that
+    fails is left to the command's first real pass, which says which inputs did not fit."""
+    was = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            out = model.eval()(torch.zeros(2, *info.shape, device=device_of(model)))
+    except Exception:
+        return
+    finally:
+        model.train(was)
+    want = f"[N, {info.num_classes}]"
+    if not isinstance(out, torch.Tensor):
+        what = "None" if out is None else f"a {type(out).__name__}"
+        raise DfkdError(where, f"the model returned {what}, expected one tensor of logits {want}")
+    if out.dim() != 2 or out.shape[0] != 2 or out.shape[1] < info.num_classes:
+        raise DfkdError(where, f"the model returned a tensor of shape {tuple(out.shape)} for 2 inputs, expected "
+                        f"logits {want} (one per class)")
+
+
+# the spec each model was built from, for naming it where it misbehaves later (train_logits)
+_NAMES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def train_logits(model: nn.Module, x: torch.Tensor, classes: int | None = None) -> torch.Tensor:
+    """``model(x)`` where a loss is computed in training mode, refused in one line naming the model
+    unless it is one tensor of logits ``[len(x), C]`` (``C == classes`` where given).
+    ``check_outputs`` probes eval mode only, and some models answer otherwise in training mode
+    (torchvision's GoogLeNet and Inception return their auxiliary outputs)."""
+    out = model(x)
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == len(x) \
+            and (classes is None or out.shape[1] == classes):
+        return out
+    inner = getattr(model, "module", model)  # through DDP
+    name = _NAMES.get(inner) or type(inner).__name__
+    want = f"[N, {classes}]" if classes is not None else "[N, classes]"
+    if not isinstance(out, torch.Tensor):
+        what = "None" if out is None else f"a {type(out).__name__}"
+    else:
+        what = f"a tensor of shape {tuple(out.shape)} for {len(x)} inputs"
+    raise DfkdError(name, f"in training mode the model returned {what}, expected one tensor of logits {want} "
+                    "(as in eval mode); make its forward return only the logits when training")
 
 
 def count_parameters(model: nn.Module) -> int:

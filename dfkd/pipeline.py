@@ -6,9 +6,10 @@ metadata, distill a student on real data (``real-kd``) and train one on real lab
 profile's, or the ones asked for). With ``seeds`` > 1 every student is made once per seed
 (seeds ``seed``, ``seed + 1``, ...; the teacher and its statistics are shared): reconstruction,
 distillation and the baselines' training all follow the seed. Every stage skips finished work,
-so an interrupted run resumes where it stopped. ``results.json`` (``rows``: one per student;
-``cells``: per teacher and objective the seeds' mean, min and max) and ``results.md`` are
-rewritten atomically after every student.
+so an interrupted run resumes where it stopped; work made with other settings (the run's own
+teacher, a synthetic set, a student, a resume state) is refused, or with ``restart`` made again.
+``results.json`` (``rows``: one per student; ``cells``: per teacher and objective the seeds' mean,
+min and max) and ``results.md`` are rewritten atomically after every student.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .checkpoint import atomic_write, exclusive, load_model, read_json, save_model, write_json
+from .checkpoint import atomic_write, exclusive, load_model, read_json, save_model, sweep_temps, write_json
 from .config import DistillConfig, ReconstructConfig, RecordConfig, TrainConfig, to_dict
 from .data import open_data
 from .distillation import distill
@@ -31,6 +32,7 @@ from .models import build_model
 from .objectives import OBJECTIVES
 from .reconstruction import reconstruct
 from .recording import record, stats_path
+from .resume import canonical, config_settings, data_sha256, finished
 from .runtime import pick_device, seed_everything, setup_threads
 from .synthetic import SyntheticSet
 from .training import train
@@ -88,6 +90,7 @@ class RunConfig:
     conv_stats: str = "unit"        # conv maps per unit: the paper's LeNet-5 statistics
     device: str = "cpu"
     progress: bool = True
+    restart: bool = False           # redo work made with other settings (or damaged) instead of refusing
 
 
 def _timed(fn, *args, **kw):
@@ -114,56 +117,95 @@ def objectives(cfg: RunConfig, net: str) -> tuple[str, ...]:
 
 def _teacher(cfg: RunConfig, net: str, d: Path, p: dict, dev,
              ranks: distributed.Ranks = distributed.Ranks()) -> tuple[torch.nn.Module, dict, object, float]:
-    """The network's teacher (loaded, or trained and saved) and the data fitted to it."""
+    """The network's teacher (loaded, or trained and saved) and the data fitted to it. The run's own
+    teacher is kept only if made with this run's settings; one in ``teachers`` is used as it is."""
     path = Path(cfg.teacher) if cfg.teacher else d / "teacher"
-    if path.with_suffix(".json").is_file() or cfg.teacher:
+    tc = TrainConfig(epochs=p["teacher_epochs"], seed=cfg.seed, progress=cfg.progress)
+    settings = {"verb": "run-teacher", "net": net, "data": data_sha256(cfg.data), "config": config_settings(tc)}
+    state = d / "state" / "train-teacher.safetensors"
+    if cfg.teacher or (path.with_suffix(".json").is_file()
+                       and (cfg.teachers or finished(path, settings, cfg.restart, state))):
         model, desc, info = load_model(path)
+        if ranks.main and not cfg.teacher:  # left by a run killed after saving the teacher
+            state.unlink(missing_ok=True)
         return model.to(dev), desc, open_data(cfg.data, info=info), 0.0
     seed_everything(cfg.seed)
     model, info = build_model(net, open_data(cfg.data).info)
     data = open_data(cfg.data, info=info)
-    tc = TrainConfig(epochs=p["teacher_epochs"], seed=cfg.seed, progress=cfg.progress)
-    hist, secs = _timed(train, model.to(dev), data, tc, state_path=d / "state" / "train-teacher.pt")
+    hist, secs = _timed(train, model.to(dev), data, tc, state_path=state, settings=settings, restart=cfg.restart)
     if ranks.main:
         save_model(model.cpu(), d / "teacher", net, {}, info, test_accuracy=hist[-1]["test_accuracy"], history=hist,
-                   train_config=to_dict(tc), seconds=secs)
+                   train_config=to_dict(tc), seconds=secs, settings=canonical(settings))
+        state.unlink(missing_ok=True)
     ranks.barrier()
     model, desc, info = load_model(d / "teacher")
     return model.to(dev), desc, data, secs
+
+
+def _stale(spath: Path, teacher_sha: str | None) -> bool:
+    """Whether a statistics file is unreadable or recorded on another teacher."""
+    try:
+        load_stats(spath, teacher_sha)
+    except DfkdError:
+        return True
+    return False
 
 
 def _student_row(path: Path) -> dict | None:
     return read_json(path.with_suffix(".json")).get("row") if path.with_suffix(".json").is_file() else None
 
 
-def _baseline(kind: str, teacher, data, student_name: str, epochs: int, seed: int, cfg: RunConfig, d: Path, dev,
-              tag: str) -> dict:
-    """``real-data``: train the student on the true labels; ``real-kd``: distill it on the real images
-    (affine views labelled by the teacher, cosine lr)."""
-    seed_everything(seed)
-    student = build_model(student_name, data.info)[0].to(dev)
-    state = d / "state" / f"{kind}{tag}.pt"
-    if kind == "real-data":
-        hist, secs = _timed(train, student, data, TrainConfig(epochs=epochs, seed=seed, progress=cfg.progress),
-                            state_path=state)
-    else:
-        dc = DistillConfig(epochs=epochs, augment="affine", schedule="cosine", seed=seed, progress=cfg.progress)
-        hist, secs = _timed(distill, student, data.train, teacher, dc, data, data.info, state)
-    return {"history": hist, "seconds": {"train" if kind == "real-data" else "distill": secs}, "model": student,
-            "image_steps": 0, "student_steps": epochs * -(-len(data.train) // 64)}
-
-
-def _objective(name: str, net: str, teacher, meta, data, student_name: str, p: dict, seed: int, cfg: RunConfig,
-               d: Path, dev, tag: str) -> dict:
+def _configs(name: str, net: str, p: dict, seed: int, cfg: RunConfig) -> tuple:
+    """A student's stage configs: ``real-data``: its ``TrainConfig``; ``real-kd``: its ``DistillConfig``
+    (affine views labelled by the teacher, cosine lr); an objective: its reconstruction's and its
+    distillation's."""
+    if name == "real-data":
+        return (TrainConfig(epochs=p["baseline_epochs"][net], seed=seed, progress=cfg.progress),)
+    if name == "real-kd":
+        return (DistillConfig(epochs=p["baseline_epochs"][net], augment="affine", schedule="cosine", seed=seed,
+                              progress=cfg.progress),)
     rc = ReconstructConfig(**dict(recipe(cfg, net), objective=name, batch_size=p["batch_size"], seed=seed,
                                   device=cfg.device, progress=cfg.progress))
-    reconstruct(teacher, meta, d / "synthetic" / f"{name}{tag}", rc, data.info)
+    return rc, DistillConfig(**dict(p["distill"], seed=seed, progress=cfg.progress,
+                                    **({"epochs": cfg.epochs} if cfg.epochs else {})))
+
+
+def _student_settings(name: str, net: str, p: dict, seed: int, cfg: RunConfig, desc: dict, meta) -> dict:
+    """What makes a student: its network, objective, seed, data, teacher (and statistics) and configs."""
+    confs = [config_settings(c) for c in _configs(name, net, p, seed, cfg)]
+    made = len(confs) > 1  # from a synthetic set: its reconstruction and statistics too
+    return {"verb": "run-student", "student": PAIRS[net], "objective": name, "seed": seed,
+            "data": data_sha256(cfg.data),
+            "teacher_sha256": desc.get("sha256"), "config": confs[-1], "reconstruct": confs[0] if made else None,
+            "stats_sha256": meta.header.get("tensors_sha256") if made else None}
+
+
+def _state(d: Path, name: str, tag: str) -> Path:
+    return d / "state" / f"{name if name.startswith('real') else 'distill-' + name}{tag}.safetensors"
+
+
+def _baseline(kind: str, teacher, data, student_name: str, settings: dict, seed: int, cfg: RunConfig, d: Path, dev,
+              tag: str, conf) -> dict:
+    """``real-data``: train the student on the true labels; ``real-kd``: distill it on the real images."""
+    seed_everything(seed)
+    student = build_model(student_name, data.info)[0].to(dev)
+    resume = {"state_path": _state(d, kind, tag), "settings": settings, "restart": cfg.restart}
+    if kind == "real-data":
+        hist, secs = _timed(train, student, data, conf, **resume)
+    else:
+        hist, secs = _timed(distill, student, data.train, teacher, conf, data, data.info, **resume)
+    return {"history": hist, "seconds": {"train" if kind == "real-data" else "distill": secs}, "model": student,
+            "image_steps": 0, "student_steps": conf.epochs * -(-len(data.train) // 64)}
+
+
+def _objective(name: str, teacher, meta, data, student_name: str, settings: dict, seed: int, cfg: RunConfig,
+               d: Path, dev, tag: str, rc: ReconstructConfig, dc: DistillConfig) -> dict:
+    reconstruct(teacher, meta, d / "synthetic" / f"{name}{tag}", rc, data.info, cfg.restart)
     synth = SyntheticSet(d / "synthetic" / f"{name}{tag}").open()
     seed_everything(seed)
     student = build_model(student_name, data.info)[0].to(dev)
-    dc = DistillConfig(**dict(p["distill"], seed=seed, progress=cfg.progress,
-                              **({"epochs": cfg.epochs} if cfg.epochs else {})))
-    hist, dsecs = _timed(distill, student, synth, teacher, dc, data, data.info, d / "state" / f"distill-{name}{tag}.pt")
+    hist, dsecs = _timed(distill, student, synth, teacher, dc, data, data.info, _state(d, name, tag),
+                         settings=settings, restart=cfg.restart)
     return {"history": hist, "model": student, "image_steps": synth.manifest.get("image_steps", 0),
             "student_steps": dc.epochs * -(-len(synth) // dc.batch_size),
             "saved": {"objective": name, "reconstruct_config": to_dict(rc), "distill_config": to_dict(dc),
@@ -247,6 +289,8 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
     ranks = distributed.group(cfg.device)
     cfg = replace(cfg, progress=cfg.progress and ranks.main)
     with exclusive(out, folder=True, tag=ranks.tag):
+        if cfg.teachers:  # teachers trained in another folder: a killed run's temp files there too
+            sweep_temps(cfg.teachers, recursive=True)
         rows: list[dict] = []
         for net in cfg.networks:
             d, student_name = out / net, PAIRS[net]
@@ -255,7 +299,8 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
             t_acc = accuracy(teacher, data.test)
             spath = stats_path(td / "teacher") if not cfg.teacher else stats_path(cfg.teacher)
             rsecs = 0.0
-            if ranks.main and not spath.is_file():
+            own = not (cfg.teacher or cfg.teachers)  # statistics this run recorded: redone with --restart if stale
+            if ranks.main and (not spath.is_file() or (own and cfg.restart and _stale(spath, desc.get("sha256")))):
                 rc = RecordConfig(conv_stats=cfg.conv_stats, progress=cfg.progress)
                 meta, rsecs = _timed(record, teacher, data, rc)
                 save_stats(meta, spath)
@@ -267,10 +312,16 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                 spath_student = d / "students" / f"{name}{tag}"
                 paper = PAPER[net].get(name)
                 paper = None if paper is None else paper / 100
-                if _student_row(spath_student) is None:
-                    res = _baseline(name, teacher, data, student_name, p["baseline_epochs"][net], seed, cfg, d, dev, tag) \
-                        if name.startswith("real") \
-                        else _objective(name, net, teacher, meta, data, student_name, p, seed, cfg, d, dev, tag)
+                settings = _student_settings(name, net, p, seed, cfg, desc, meta)
+                if finished(spath_student, settings, cfg.restart, _state(d, name, tag)) \
+                        and _student_row(spath_student) is not None:
+                    if ranks.main:  # left by a run killed after saving the student
+                        _state(d, name, tag).unlink(missing_ok=True)
+                else:
+                    confs, at = _configs(name, net, p, seed, cfg), (seed, cfg, d, dev, tag)
+                    res = _baseline(name, teacher, data, student_name, settings, *at, *confs) \
+                        if name.startswith("real") else _objective(name, teacher, meta, data, student_name, settings,
+                                                                   *at, *confs)
                     if ranks.main:  # the rank that measured the test accuracy
                         row = {"teacher": net, "student": student_name, "objective": name, "seed": seed,
                                "accuracy": res["history"][-1]["test_accuracy"], "teacher_accuracy": t_acc,
@@ -281,7 +332,8 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                                "history_epochs": [h["epoch"] for h in res["history"] if "test_accuracy" in h]}
                         save_model(res["model"].cpu(), spath_student, student_name, {}, data.info,
                                    **dict(res.get("saved", {}), test_accuracy=row["accuracy"], objective=name,
-                                          teacher_sha256=desc["sha256"], row=row))
+                                          teacher_sha256=desc["sha256"], row=row, settings=canonical(settings)))
+                        _state(d, name, tag).unlink(missing_ok=True)
                     ranks.barrier()
                 row = dict(_student_row(spath_student), paper_accuracy=paper)  # resumed: today's reference figure
                 rows.append(row)

@@ -22,24 +22,30 @@ header lists every event. Everything after the noise is post-processing and cost
 privacy: ``mean = S / n``, ``cov = Q / n - mean mean^T`` projected onto the PSD cone
 (eigenvalues clamped at 0), spectral coefficients kept by their noisy energy.
 
+The noise is drawn from the operating system's entropy (``noise``: ``os.urandom``), never from a
+seed, which with the public code and the header would regenerate it. Tests alone set
+``noise.INSECURE_TEST_NOISE_SEED`` for reproducible noise; a file made so says it is not private.
+
 What this covers: what the statistics file adds to a release, not the model's weights
-(a model trained without a private optimiser leaks on its own), and not the data
-description in the header (input shape, declared range, class names), taken as public.
+(a model trained without a private optimiser leaks on its own), and not the header's public
+values (``privacy_report.public_values``: each stated with where it comes from).
 """
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
 
 from .errors import DfkdError
+from .noise import NOISE_INSECURE, NOISE_SECURE, NoiseSource
+from .privacy_report import clip_report, describe  # noqa: F401 (describe: dfkd inspect's lines, read from here)
 
 SHARES = {"clip": 0.05, "count": 0.05, "moments": 0.90}  # of the budget, in squared Gaussian-DP mu
 LOG2_LOW, LOG2_STEP, CELLS = -10.0, 0.5, 60  # the clip histograms' cells: log2 norms -10 .. 20 by 1/2
 NEIGHBOURS = "add or remove one training example (input and label)"
+DEFAULT_DELTA, DEFAULT_DELTA_MAX_N = 1e-6, 100_000  # a fixed default: it says nothing about the data set's size
 
 
 def _accounting():
@@ -52,8 +58,13 @@ def _accounting():
 
 
 def default_delta(n: int) -> float:
-    """A power of ten at least 10x below ``1 / n`` (MNIST's 60,000: 1e-6)."""
-    return 10.0 ** -(math.ceil(math.log10(max(n, 1))) + 1)
+    """The fixed default delta, 1e-6: at least 10x below ``1 / n`` up to 100,000 examples. It is not derived
+    from ``n`` (a power of ten of the size would tell neighbouring data sets apart at its edges); above that
+    size the user must choose (a refusal only the data's owner sees, nothing is released)."""
+    if n > DEFAULT_DELTA_MAX_N:
+        raise DfkdError("delta", f"the default {DEFAULT_DELTA:g} suits at most {DEFAULT_DELTA_MAX_N:,} training "
+                        f"examples and this set has {n:,}: give --delta, at most 1 / (10 x examples) = {0.1 / n:.2g}")
+    return DEFAULT_DELTA
 
 
 def check(epsilon: float, delta: float | None, quantile: float = 0.95) -> None:
@@ -140,10 +151,10 @@ class ClippedMoments:
                 self.second[c] += part.T @ part if self.full else (part * part).sum(0)
 
 
-def noise_like(t: torch.Tensor, sigma: float, g: torch.Generator, symmetric: bool = False) -> torch.Tensor:
+def noise_like(t: torch.Tensor, sigma: float, source: NoiseSource, symmetric: bool = False) -> torch.Tensor:
     """Gaussian noise of std ``sigma`` on every entry (``symmetric``: on the upper triangle of the
     last two dims, mirrored, so a symmetric matrix stays symmetric and each entry is drawn once)."""
-    e = torch.randn(t.shape, generator=g, dtype=torch.float64) * sigma
+    e = source.normal(t.shape) * sigma
     if symmetric:
         e = torch.triu(e) + torch.triu(e, 1).transpose(-1, -2)
     return e
@@ -183,14 +194,12 @@ class Budget:
     bounds: dict[str, float] = field(default_factory=dict)  # given by the user, then the chosen ones
     to_choose: tuple[str, ...] = ()  # the records whose bound is chosen privately (fixed at the start)
     quantile: float = 0.95
-    generator: torch.Generator = field(default_factory=torch.Generator)
-    seeded: bool = False
+    noise: NoiseSource = field(default_factory=NoiseSource)  # never seeded by a user
     chosen: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def new(cls, epsilon: float, delta: float | None, n_hint: int, records: list[str],
-            bounds: dict[str, float] | None = None, quantile: float = 0.95,
-            noise_seed: int | None = None) -> "Budget":
+            bounds: dict[str, float] | None = None, quantile: float = 0.95) -> "Budget":
         check(epsilon, delta, quantile)
         bounds = dict(bounds or {})
         unknown = sorted(set(bounds) - set(records))
@@ -199,9 +208,8 @@ class Budget:
         bad = [k for k, v in bounds.items() if not (v > 0 and math.isfinite(v))]
         if bad:
             raise DfkdError("--clip", f"{bad[0]}: a bound must be a positive number")
-        g = torch.Generator().manual_seed(secrets.randbits(63) if noise_seed is None else noise_seed)
         return cls(epsilon, default_delta(n_hint) if delta is None else delta, list(records), bounds,
-                   tuple(r for r in records if r not in bounds), quantile, g, noise_seed is not None)
+                   tuple(r for r in records if r not in bounds), quantile)
 
     def shares(self) -> dict[str, float]:
         """Each event's share of the budget (the clip share goes to the moments when every bound is given)."""
@@ -231,30 +239,38 @@ class Budget:
     def noisy_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Released class counts (at least 2: a post-processing floor)."""
         z = self.multiplier("count")
-        return (counts.double() + noise_like(counts.double(), z, self.generator)).round().clamp(min=2)
+        return (counts.double() + noise_like(counts.double(), z, self.noise)).round().clamp(min=2)
+
+    def noisy_histogram(self, record: str, h: torch.Tensor) -> torch.Tensor:
+        """A record's released log2-norm histogram (``histogram``; sensitivity 1): its counts plus noise of std
+        the clip histogram's multiplier on every cell (any shape: each entry drawn independently)."""
+        h = h.double()
+        return h + noise_like(h, self.multiplier(f"{record}: clip histogram"), self.noise)
 
     def choose_bounds(self, hists: dict[str, torch.Tensor]) -> None:
         """Bounds from noisy log2-norm histograms (``histogram``): cells whose noisy count is below three
         noise stds are taken as empty (so the noise of many empty cells does not add up), then the bound
-        is the upper edge of the first cell at which the cumulative share reaches ``quantile``."""
+        is the upper edge of the first cell at which the cumulative share reaches ``quantile``. Each choice
+        keeps what the released histogram says of it, judged at release (``privacy_report.clip_report``)."""
         for r in self.to_choose:
-            h = hists[r].double()
             z = self.multiplier(f"{r}: clip histogram")
-            noisy = h + noise_like(h, z, self.generator)
-            kept = torch.where(noisy > 3 * z, noisy, torch.zeros_like(noisy))
-            if float(kept.sum()) <= 0:  # nothing stands out of the noise: the fullest cell
-                kept = (noisy == noisy.max()).double()
-            hit = (kept.cumsum(0) >= self.quantile * kept.sum()).nonzero()
-            i = int(hit[0])
+            i, median, stood_out = choose_cells(self.noisy_histogram(r, hists[r]), z, self.quantile)
             self.bounds[r] = 2.0 ** (LOG2_LOW + LOG2_STEP * (i + 1))
-            self.chosen[r] = {"bound": self.bounds[r], "by": f"noisy histogram of log2 norms, quantile {self.quantile}"}
+            self.chosen[r] = {"bound": self.bounds[r], "by": f"noisy histogram of log2 norms, quantile {self.quantile}",
+                              "median_norm": 2.0 ** (LOG2_LOW + LOG2_STEP * (median + 0.5)), "stood_out": stood_out,
+                              "histogram_noise": z}
 
     def release(self, name: str, m: ClippedMoments, counts: torch.Tensor) -> Released:
         """Noise on a record's sums, then post-processing with the released ``counts``."""
         c = m.bound
-        m.sum += noise_like(m.sum, self.multiplier(f"{name}: sum") * c, self.generator)
-        m.second += noise_like(m.second, self.multiplier(f"{name}: second moment") * c * c, self.generator,
+        m.sum += noise_like(m.sum, self.multiplier(f"{name}: sum") * c, self.noise)
+        m.second += noise_like(m.second, self.multiplier(f"{name}: second moment") * c * c, self.noise,
                                symmetric=m.full)
+        b = self.chosen.get(name)
+        if b is not None:  # judged on released quantities only
+            b["released_n"] = float(counts.sum())
+            b |= clip_report(c, b["median_norm"], b["stood_out"], b["histogram_noise"], b["released_n"],
+                             self.multiplier(f"{name}: sum") * c * math.sqrt(m.sum.shape[1]) / float(counts.min()))
         return finish(m, counts)
 
     def header(self) -> dict:
@@ -272,24 +288,17 @@ class Budget:
                 "accountant_version": version("dp-accounting"), "scale": self.scale,
                 "clip_bounds": {r: {"bound": self.bounds[r], "by": "user"} for r in self.records if r not in self.chosen}
                 | self.chosen, "events": events,
-                "noise_seed": "given by the user (keep it secret: it regenerates the noise)" if self.seeded
-                else "secret (operating-system randomness, not stored)",
-                "covers": "the statistics in this file; not the model's weights, not the data description"}
+                "noise": NOISE_INSECURE if self.noise.insecure else NOISE_SECURE,
+                "covers": "the statistics in this file; not the model's weights, not the values listed as public"}
 
 
-def describe(h: dict) -> list[str]:
-    """``dfkd inspect``'s lines on a header's privacy."""
-    p = h.get("privacy")
-    if not p:
-        return ["privacy: none: every statistic is exact on the training set (record with --privacy EPSILON "
-                "for a differential-privacy guarantee)"]
-    target = p.get("target_epsilon", p["epsilon"])
-    lines = [f"privacy: ({target:g}, {p['delta']:.3g})-differential privacy (the accountant's epsilon: "
-             f"{p['epsilon']:.6g}), {p['neighbouring']}; "
-             f"{p['mechanism']} noise, accountant {p['accountant']} {p['accountant_version']}; covers {p['covers']}"]
-    for r, b in p["clip_bounds"].items():
-        lines.append(f"  clip {r}: {b['bound']:.4g} ({b['by']})")
-    for e in p["events"]:
-        lines.append(f"  noise {e['release']}: multiplier {e['noise_multiplier']:.4g} x sensitivity "
-                     f"{e['sensitivity']:.4g} = sigma {e['sigma']:.4g} (share {e['share']:.3f})")
-    return lines
+def choose_cells(noisy: torch.Tensor, z: float, quantile: float) -> tuple[int, int, bool]:
+    """A noisy histogram's cells at ``quantile`` and at the median, and whether any cell stood out of the noise:
+    cells below three noise stds ``z`` count as empty (so many empty cells' noise does not add up); when none
+    is above, the fullest noisy cell alone (a guess)."""
+    kept = torch.where(noisy > 3 * z, noisy, torch.zeros_like(noisy))
+    stood_out = float(kept.sum()) > 0
+    if not stood_out:
+        kept = (noisy == noisy.max()).double()
+    cum = kept.cumsum(0)
+    return int((cum >= quantile * cum[-1]).nonzero()[0]), int((cum >= 0.5 * cum[-1]).nonzero()[0]), stood_out

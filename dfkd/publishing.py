@@ -21,6 +21,7 @@ from pathlib import Path
 from . import __version__
 from .checkpoint import check_model_desc, read_json, sweep_temps, weights_sha256, write_json
 from .errors import DfkdError
+from .privacy_report import clip_warnings, not_private
 
 FORMAT, VERSION = "dfkd-folder", 1
 CONFIG, WEIGHTS, STATS, CARD = "config.json", "model.safetensors", "stats.safetensors", "README.md"
@@ -191,14 +192,23 @@ def model_card(config: dict, meta, name: str, repo: str | None, recipe: dict | N
     else:
         lines.append("Not measured: run `dfkd leakage` against the training data.")
     priv = meta.header.get("privacy")
-    if priv:
-        lines += [f"The statistics are ({priv.get('target_epsilon', priv['epsilon']):g}, {priv['delta']:.3g})-"
-                  "differentially private "
+    if not_private(priv):
+        lines += [f"**The statistics are NOT private**: {not_private(priv)}.", "", "## Compress it", ""]
+    elif priv:
+        lines += [f"The statistics' tensors and counts are ({priv.get('target_epsilon', priv['epsilon']):g}, "
+                  f"{priv['delta']:.3g})-differentially private "
                   f"({priv['neighbouring']}; {priv['mechanism']} noise on clipped contributions, accounted by "
-                  f"{priv['accountant']} {priv['accountant_version']}): nothing computed from them depends on any one "
-                  "training example beyond that bound. Class means, averages over many examples, still show through. "
-                  "The guarantee covers what the statistics add to the release, not the weights (`dfkd inspect` "
-                  "lists every clip bound and noise scale).", "", "## Compress it", ""]
+                  f"{priv['accountant']} {priv['accountant_version']}): adding or removing any one training example "
+                  "changes the odds of anything computed from them by at most that bound. Class means, averages "
+                  "over many examples, still show through. Not covered: the weights, and everything in "
+                  f"`{CONFIG}` (the model's normalisation and range are part of the model, public by the "
+                  "publisher's choice; if they were computed on the training data, e.g. by `dfkd train --normalize "
+                  "auto` or from a float npz set's observed range, they are exact). In the statistics' header these "
+                  "values are public, not protected (`dfkd inspect` lists them, every clip bound and noise scale):",
+                  ""] + [f"- {k}: {v}" for k, v in (priv.get("public") or {}).items()]
+        warned = clip_warnings(priv)
+        lines += ([""] + ["Reported when the statistics were recorded (judged on released values only):", ""]
+                  + [f"- {w}" for w in warned] if warned else []) + ["", "## Compress it", ""]
     else:
         lines += ["The statistics were recorded without differential privacy: they add an exact summary of the "
                   "training data to what the weights themselves reveal.", "", "## Compress it", ""]

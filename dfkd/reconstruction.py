@@ -6,7 +6,8 @@ the mean the file reveals in closed form, ``leakage.revealed_means``; ``auto``: 
 file reveals it, else noise), mapped into the teacher's input space (its normalisation), draws
 its targets once, and runs Adam on the inputs only, clamping them to the data's raw range after each step. Batch ``b`` uses a
 generator seeded from ``(seed, b)`` and becomes one shard of the ``SyntheticSet``: an
-interrupted run resumes at the first unlisted shard and gives bit-identical shards.
+interrupted run resumes at the first unlisted shard and gives bit-identical shards; a set made with
+other settings is refused (``restart``: started over), and no shard holding a non-finite value is written.
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def optimise_batch(teacher: nn.Module, objective: Objective, labels: torch.Tenso
             logits = teacher(xin * masks["input"] if masks else xin)
             loss = objective.loss(logits, acts, tg, ydev) + prior(x, cfg)
             if not torch.isfinite(loss):
-                raise DfkdError("reconstruct", f"loss became {loss.item()} at step {step}; finished shards are kept "
+                raise DfkdError("lr", f"loss became {loss.item()} at step {step}; finished shards are kept "
                                 "(try a lower lr)")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -116,15 +117,19 @@ def _manifest_key(cfg: ReconstructConfig, teacher_sha: str, meta: Metadata | Non
 
 
 def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
-                cfg: ReconstructConfig = ReconstructConfig(), info: DataInfo | None = None) -> Path:
+                cfg: ReconstructConfig = ReconstructConfig(), info: DataInfo | None = None,
+                restart: bool = False) -> Path:
     """Write ``cfg.n`` synthetic inputs for ``cfg.objective`` under ``out``; returns the manifest path.
 
     The inputs live in the teacher's input space: ``info`` (its shape, normalisation and range)
     comes from the statistics file, or must be given without one (noise, bn-stats). The teacher
-    is frozen (``requires_grad`` off, eval mode) and its weights are untouched.
+    is frozen (``requires_grad`` off, eval mode) and its weights are untouched. A set under ``out``
+    made with other settings is refused, or with ``restart`` started over.
     """
     if cfg.n <= 0 or cfg.batch_size <= 0 or cfg.steps < 0 or cfg.lr <= 0 or min(cfg.jitter, cfg.tv, cfg.l2) < 0:
         raise DfkdError("reconstruct", "n, batch size and lr must be > 0; steps, jitter, tv and l2 >= 0")
+    if not cfg.lr * 10 < torch.finfo(torch.float32).max:  # Adam's first step is 10 x lr (its bias correction)
+        raise DfkdError("lr", f"{cfg.lr:g} is too large: Adam's first step (10 x lr) does not fit in float32")
     info = meta.data if meta is not None else info
     if info is None:
         raise DfkdError("reconstruct", "without a statistics file, give the data description (info)")
@@ -147,7 +152,7 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
     ranks = distributed.ranks(cfg.rank, cfg.world_size, cfg.device)
     with exclusive(out, folder=True, tag=ranks.tag):  # one run per output folder (and rank); a killed one's lock is void
         synth = SyntheticSet(out)
-        done = synth.begin(_manifest_key(cfg, teacher_sha, meta), ranks, objective=cfg.objective,
+        done = synth.begin(_manifest_key(cfg, teacher_sha, meta), ranks, restart, objective=cfg.objective,
                            data=info.as_dict(), num_classes=c, n=cfg.n)
         n_batches = -(-cfg.n // cfg.batch_size)
         mine = range(ranks.rank, n_batches, ranks.world)  # shard b is rank b % world's, whatever the split
@@ -163,6 +168,10 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
             x, losses = optimise_batch(teacher, objective, labels, cfg, g, info, bar if optimising else None, start)
             with torch.no_grad():
                 logits = teacher(x.to(device_of(teacher))).float().cpu()
+            if not (torch.isfinite(x).all() and torch.isfinite(logits).all()):  # the start or a last step overflowed
+                why = "lr" if optimising and cfg.steps else "init_std"
+                raise DfkdError(why, f"inputs or their logits became NaN or infinite in batch {b}; finished shards are "
+                                f"kept (try a smaller {why}{'' if cfg.clamp else ', or keep the clamp on'})")
             synth.add(b, {"x": x, "label": labels, "logits": logits}, loss_first=losses[0], loss_last=losses[-1],
                       seconds=time.perf_counter() - t0, teacher_agrees=float((logits.argmax(1) == labels).float().mean()))
             if not optimising:
@@ -179,10 +188,10 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
 
 
 def reconstruct_file(teacher: ModelRef, stats: str | None, out: str | Path, cfg: ReconstructConfig,
-                     allow_other_teacher: bool = False) -> Path:
+                     allow_other_teacher: bool = False, restart: bool = False) -> Path:
     """``dfkd reconstruct``: a saved teacher and its statistics file (none for noise or bn-stats)."""
     setup_threads()
     model, desc, info = open_model(teacher)
     model.to(pick_device(cfg.device))
     meta = load(stats, desc.get("sha256"), allow_other_teacher) if stats else None
-    return reconstruct(model, meta, out, cfg, info)
+    return reconstruct(model, meta, out, cfg, info, restart)

@@ -28,11 +28,12 @@ from tqdm import tqdm
 from . import distributed
 from .checkpoint import exclusive, weights_sha256
 from .config import RecordConfig
-from .data import DataInfo, DataSource, as_batches, data_len, first_batch
+from .data import DataInfo, DataSource, as_batches, data_len, declared_range, first_batch
 from .errors import DfkdError
 from .graph import LayerInfo, chain_basis, layer_infos, layer_signal
 from .metadata import KINDS, Metadata, key, load, new_header, save
 from .models import device_of
+from .privacy_report import PROTECTED, check_inputs, public_values
 from .runtime import pick_device, setup_threads
 from .specs import DataRef, ModelRef, open_with_data
 from .stats import SELECT_N, ClassMoments, SpectralMoments, cholesky_psd, low_rank
@@ -143,7 +144,7 @@ def _private_pass(model: nn.Module, data, infos: list[LayerInfo], kinds, graphs:
         records[gname] = (lambda lg, acts, nodes, m=members, b=sm.basis.float():
                           torch.cat([nodes[x.path] for x in m], 1) @ b, False)
     budget = privacy.Budget.new(cfg.privacy, cfg.delta, data_len(data), list(records), dict(cfg.clip),
-                                cfg.clip_quantile, cfg.noise_seed)
+                                cfg.clip_quantile)
 
     def rows(acts, logits, names):
         nodes = {i.path: layer_signal(acts[i.path], i).float().cpu() for i in infos} \
@@ -182,8 +183,13 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
     """Record the metadata of ``model`` on ``data``: a ``DataSource`` (its training split), a torch
     ``Dataset`` or ``DataLoader`` yielding ``(input, label)``, or an ``(x, y)`` pair of tensors.
     ``info`` describes the inputs (a DataSource brings its own); without one the input shape
-    comes from the data, the class count from the model, and the value range is the one seen."""
+    comes from the data, the class count from the model, and the value range is the one seen
+    (``cfg.value_range`` declares it instead). With privacy no value read off the examples goes into
+    the header (``privacy_report``): the range must be declared where it would be read."""
+    origin = {"range": "caller", "normalisation": "caller"} if info is not None else {}
+    fixed_range = isinstance(data, DataSource) and info is None and "range" not in data.origin  # the format's
     if isinstance(data, DataSource):
+        origin = origin or dict(data.origin)
         info, data = info or data.info, data.train
     kinds = list(dict.fromkeys(cfg.kinds))
     bad = [k for k in kinds if k not in KINDS]
@@ -195,8 +201,16 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
     if cfg.privacy is not None:
         from .privacy import check
         check(cfg.privacy, cfg.delta, cfg.clip_quantile)
-    elif cfg.delta is not None or cfg.clip or cfg.noise_seed is not None:
-        raise DfkdError("--privacy", "delta, clip bounds and a noise seed need --privacy EPSILON")
+        check_inputs(origin, cfg.value_range is not None, info)
+    elif cfg.delta is not None or cfg.clip:
+        raise DfkdError("--privacy", "delta and clip bounds need --privacy EPSILON")
+    if info is not None and cfg.value_range is not None:
+        declared = declared_range(info, cfg.value_range)
+        if fixed_range and (declared.low, declared.high) != (info.low, info.high):  # reconstruction would clamp to it
+            raise DfkdError("value_range", f"{declared.low:g},{declared.high:g} differs from this source's range, "
+                            f"fixed by its format at {info.low:g}..{info.high:g} (8-bit values scaled to 0..1): "
+                            f"give --range {info.low:g},{info.high:g} or leave it out")
+        info = declared
     x0, _ = first_batch(data)
     dev = device_of(model)
     model.eval()
@@ -210,15 +224,20 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
     if cfg.privacy is None:
         top, per_layer, spectra, counts, (lo, hi), private = _pass(model, data, infos, kinds, graphs, c, cfg)
     else:
-        if info is None:
-            raise DfkdError("info", "with privacy, describe the inputs (a DataInfo with their range): "
-                            "a range read from the data is not private")
+        if info is None and cfg.value_range is None:
+            raise DfkdError("info", "with privacy, describe the inputs (a DataInfo with their range, or "
+                            "value_range): a range read from the data is not private")
+        info = info or declared_range(DataInfo(shape=tuple(x0.shape[1:]), num_classes=c, low=math.inf,
+                                               high=-math.inf), cfg.value_range)  # nothing seen: any range holds it
         top, per_layer, spectra, counts, (lo, hi), private = _private_pass(model, data, infos, kinds, graphs, c,
                                                                            cfg, info)
+        private |= {"protected": dict(PROTECTED),
+                    "public": public_values(origin, cfg.value_range is not None, cfg.delta is not None)}
     n = int(counts.sum())
     pass_s = time.perf_counter() - t1
     if info is None:
         info = DataInfo(shape=tuple(x0.shape[1:]), num_classes=c, low=float(lo.min()), high=float(hi.max()))
+        info = declared_range(info, cfg.value_range) if cfg.value_range is not None else info
     if info.num_classes != c:
         raise DfkdError("data", f"{info.num_classes} classes, but the model gives {c} outputs")
     tensors: dict[str, torch.Tensor] = {"count": counts.to(torch.int64)}
@@ -285,6 +304,8 @@ def record_file(teacher: ModelRef, data: DataRef, out: str | Path | None = None,
     """``dfkd record``: a teacher and its training data by name; the file is written atomically."""
     if out is None and teacher.is_spec:
         raise DfkdError("out", "needed when the teacher is a spec, not a saved model")
+    if cfg.privacy is not None and data.normalize == "auto":  # refused before its pass over the data
+        check_inputs({"normalisation": "data"}, cfg.value_range is not None)
     setup_threads()
     model, desc, source = open_with_data(teacher, data)
     model.to(pick_device(cfg.device))

@@ -21,7 +21,9 @@ def setup_threads() -> None:
 
 
 def pick_device(name: str = "cpu") -> torch.device:
-    """Resolve ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; refuse what is not here."""
+    """Resolve ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; refuse what is not here: a device torch
+    knows but this machine lacks (``mps`` off Apple silicon, ``cuda`` without CUDA, ``cuda:3`` on a
+    machine with two GPUs) is one line, before anything is moved to it."""
     if name == "auto":  # the rank's own GPU under torchrun, else any GPU, else the CPU
         from .distributed import local_device
         return torch.device(local_device(name))
@@ -29,6 +31,17 @@ def pick_device(name: str = "cpu") -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise DfkdError("device", f"unknown device {name!r} (use cpu, cuda or auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DfkdError("device", "cuda was asked for but no CUDA device is available")
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DfkdError("device", "cuda was asked for but no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DfkdError("device", f"{name} was asked for but this machine has {torch.cuda.device_count()} CUDA "
+                            f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return dev
+    backend = getattr(torch.backends, dev.type, None) if dev.type == "mps" else getattr(torch, dev.type, None)
+    if not callable(getattr(backend, "is_available", None)) or not backend.is_available():
+        raise DfkdError("device", f"{name} was asked for but this machine has no {dev.type} device (use cpu, cuda "
+                        "or auto)")
     return dev

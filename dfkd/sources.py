@@ -6,7 +6,9 @@
   as ``.npz`` (uint8) under ``$DFKD_CACHE`` (default ``~/.cache/dfkd``).
 - ``idx:DIR``: ``train-images-idx3-ubyte[.gz]`` and friends.
 - ``folder:DIR``: ``DIR/train/<class>/*.png`` and ``DIR/test/<class>/...`` (or class folders
-  directly in DIR, training split only); images are read with Pillow when a batch needs them.
+  directly in DIR, training split only); images are read with Pillow when a batch needs them,
+  scaled to [0, 1] by their bit depth (16-bit greyscale PNGs and TIFFs divided by 65535; float
+  TIFFs, mode ``F``, read as they are and must hold values in 0..1).
 - ``npz:FILE``: arrays ``x``, ``y`` and optionally ``x_test``, ``y_test``; uint8 images are
   scaled to [0, 1], float arrays keep their values. Uncompressed members are read row by
   row from the file (``np.savez``); compressed ones (``np.savez_compressed``) are loaded whole.
@@ -213,6 +215,54 @@ def _pil_errors() -> tuple[type[BaseException], ...]:
     return OSError, ValueError, SyntaxError, EOFError, ArithmeticError, Image.DecompressionBombError
 
 
+# 16-bit greyscale as Pillow opens it (PNG, TIFF; "I": 32-bit integers, as older Pillow opens 16-bit PNGs)
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _unit_floats(im, f: Path) -> np.ndarray:
+    """A float (mode ``F``) image's values, which must be finite and lie in 0..1 (black..white): its
+    raw values as they are (Pillow's own conversion to ``L`` truncates them, reading 0..1 as 0)."""
+    a = np.asarray(im, dtype=np.float32)
+    if a.size and not np.isfinite(a).all():
+        raise DfkdError(f, "float (mode F) pixels include NaN or infinity; the folder's float images must hold "
+                        "values in 0..1")
+    if a.size and (float(a.min()) < 0 or float(a.max()) > 1):
+        raise DfkdError(f, f"float (mode F) pixels range {float(a.min()):g}..{float(a.max()):g}; the folder's float "
+                        "images must hold values in 0..1")
+    return a
+
+
+def _pixels(im, mode: str, f: Path) -> np.ndarray:
+    """An image's pixels in its folder's mode: ``L`` or ``RGB`` (uint8), ``I;16`` (16-bit grey, read
+    as uint16) or ``F`` (float grey in 0..1, read as float32). Bit depths are scaled, never clipped
+    (Pillow's own conversion saturates 16-bit grey at 255 and truncates floats): 8-bit ``v``, 16-bit
+    ``257 v`` and float ``v / 255`` are the same grey, ``v / 255``."""
+    from PIL import Image
+    if im.mode == "F":
+        a = _unit_floats(im, f)
+        if mode == "F":
+            return a
+        if mode == "I;16":
+            return np.rint(a * 65535).astype(np.uint16)
+        im = Image.fromarray(np.rint(a * 255).astype(np.uint8))
+    elif im.mode in SIXTEEN_BIT:
+        a = np.asarray(im)
+        if a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise DfkdError(f, f"{im.mode} pixels outside 0..65535 (dfkd reads 8- and 16-bit images, and float "
+                            "images in 0..1)")
+        a = a.astype(np.uint16)
+        if mode == "I;16":
+            return a
+        if mode == "F":
+            return a.astype(np.float32) / 65535
+        im = Image.fromarray(((a.astype(np.uint32) + 128) // 257).astype(np.uint8))
+    elif mode == "I;16":
+        return np.asarray(im.convert("L")).astype(np.uint16) * np.uint16(257)
+    elif mode == "F":
+        return np.asarray(im.convert("L")).astype(np.float32) / 255
+    return np.asarray(im.convert(mode))
+
+
 class _FolderImages:
     """Image files read (and converted to one mode) with Pillow when indexed by a batch."""
 
@@ -229,7 +279,7 @@ class _FolderImages:
             f = self.files[int(i)]
             try:
                 with Image.open(f) as im:
-                    arr = np.asarray(im.convert(self.mode))
+                    arr = _pixels(im, self.mode, f)
             except _pil_errors() as e:
                 raise DfkdError(f, f"cannot read this image ({e})") from None
             if arr.shape[:2] != self.size:
@@ -269,17 +319,19 @@ def folder_source(arg: str) -> DataSource:
     files, labels = _folder_split(train_dir, classes)
     try:
         with Image.open(files[0]) as im:
-            mode = "L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+            mode = "I;16" if im.mode in SIXTEEN_BIT else "F" if im.mode == "F" else "L" if im.mode in ("1", "L") \
+                else "RGB"
             size = (im.height, im.width)
     except _pil_errors() as e:
         raise DfkdError(files[0], f"cannot read this image ({e})") from None
-    info = DataInfo(shape=(1 if mode == "L" else 3, *size), num_classes=len(classes), class_names=tuple(classes),
+    info = DataInfo(shape=(3 if mode == "RGB" else 1, *size), num_classes=len(classes), class_names=tuple(classes),
                     name=f"folder:{arg}")
-    train = RawImages(_FolderImages(files, mode, size), labels, info, 255.0)
+    top = {"I;16": 65535.0, "F": 1.0}.get(mode, 255.0)  # the folder's white: its first image's bit depth
+    train = RawImages(_FolderImages(files, mode, size), labels, info, top)
     test = None
     if "test" in split_dirs:
         tfiles, tlabels = _folder_split(split_dirs["test"], classes)
-        test = RawImages(_FolderImages(tfiles, mode, size), tlabels, info, 255.0)
+        test = RawImages(_FolderImages(tfiles, mode, size), tlabels, info, top)
     return DataSource(train, test, info)
 
 
@@ -409,7 +461,7 @@ def npz_source(arg: str) -> DataSource:
         low, high = lo, hi if hi > lo else lo + 1.0
     info = DataInfo(shape=shape, num_classes=c, low=low, high=high, name=where)
     made = {k: RawImages(v[0], v[1], info, divide) for k, v in splits.items()}
-    return DataSource(made["x"], made.get("x_test"), info)
+    return DataSource(made["x"], made.get("x_test"), info, {"range": "data"} if xs["x"].dtype != np.uint8 else {})
 
 
 # name -> opener; a literal dict, the one place a data spec's prefix is resolved

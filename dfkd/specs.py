@@ -48,7 +48,8 @@ def parse_args(text: str | None, where: str = "model_args") -> dict:
 
 def open_model(m: ModelRef, info: DataInfo | None = None) -> tuple[nn.Module, dict, DataInfo]:
     """The model, its description (spec, arguments, data, weights sha256) and its data description."""
-    return resolve_model(m.ref, m.weights, m.args, m.code, info)
+    weights = None if m.weights == RANDOM_WEIGHTS and m.is_spec else m.weights
+    return resolve_model(m.ref, weights, m.args, m.code, info)
 
 
 def open_with_data(m: ModelRef, d: DataRef) -> tuple[nn.Module, dict, DataSource]:
@@ -60,7 +61,22 @@ def open_with_data(m: ModelRef, d: DataRef) -> tuple[nn.Module, dict, DataSource
     model, desc, info = open_model(m)
     if d.normalize not in (None, "none"):
         raise DfkdError("normalize", "a saved model brings the normalisation it was trained with")
-    return model, desc, open_data(d.spec or info.name, d.test, info=info)
+    source = open_data(d.spec or info.name, d.test, info=info)
+    source.origin["model_normalisation"] = (desc.get("data") or {}).get("normalisation_origin")  # None: unknown
+    return model, desc, source
+
+
+RANDOM_WEIGHTS = "random"  # --weights random: a spec's freshly initialised network, asked for on purpose
+
+
+def require_weights(m: ModelRef) -> None:
+    """Refuse a teacher spec without weights where its statistics are made or read (record,
+    reconstruct, leakage, publish): a freshly initialised network's are useless, unless the user
+    asks for one with ``weights="random"``."""
+    if m.is_spec and m.weights is None:
+        raise DfkdError("weights", f"the teacher {m.ref} builds an untrained network, whose statistics would be a "
+                        "random network's; give --weights FILE (.safetensors or a state dict), or --weights random "
+                        "to use a freshly initialised network on purpose")
 
 
 def require_spec(m: ModelRef, where: str) -> None:

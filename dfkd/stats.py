@@ -50,7 +50,7 @@ class ClassMoments:
                 r = d.mean(1).double()  # what the float32 centre missed
                 mb[c] = centre.double() + r
                 m = d.shape[1]
-                m2b[c] = ((d @ d.T).double() - m * torch.outer(r, r)) if self.full else \
+                m2b[c] = (_gram64(d) - m * torch.outer(r, r)) if self.full else \
                     ((d * d).sum(1, dtype=torch.float64) - m * r * r)
             else:
                 mb[c] = part.mean(0)
@@ -70,6 +70,19 @@ class ClassMoments:
         """Unbiased covariance per class: ``[C, D, D]`` if full, else variances ``[C, D]``."""
         denom = (self.count - 1).clamp(min=1)
         return self.m2 / (denom.view(-1, 1, 1) if self.full else denom.view(-1, 1))
+
+
+GRAM_CHUNK = 4096
+
+
+def _gram64(d: torch.Tensor) -> torch.Tensor:
+    """``d @ d.T`` of a float32 ``[D, M]``, summed in float64 over chunks of ``GRAM_CHUNK`` columns: a
+    float32 product over 10^5 positions loses about 1e-4 relative (how much depends on the BLAS
+    kernel, so on the machine); a chunk's loses about 1e-6."""
+    out = torch.zeros(d.shape[0], d.shape[0], dtype=torch.float64)
+    for blk in torch.split(d, GRAM_CHUNK, dim=1):
+        out += (blk @ blk.T).double()
+    return out
 
 
 def cholesky_psd(cov: torch.Tensor, rel_jitter: float = 1e-6, tries: int = 12) -> tuple[torch.Tensor, float]:

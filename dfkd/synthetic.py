@@ -1,15 +1,18 @@
 """The synthetic set: a folder of shards and the manifest that lists them.
 
 ``shard-<b>.safetensors`` holds batch ``b``'s inputs (``x``, in the teacher's input space),
-intended labels and teacher logits, and in its header its record (losses, agreement);
-``manifest.json`` holds the settings that made the set (a resumed run must match), the data
-description, and the finished shards. Every file is written atomically, so a shard that
+intended labels and teacher logits, and in its header its record (losses, agreement) and a sha256
+of tensors and record (``resume.content_sha256``), verified whenever a shard is read (a resume
+verifies the shards it finds); ``manifest.json`` holds the settings that made the set (a resumed
+run must match, or with ``restart`` starts the set over), the data description, and the finished
+shards with their sha256. Every file is written atomically, so a shard that
 exists is whole: an interrupted run, or any rank of a sharded one, resumes at its first
 missing shard, and the set is complete when every shard exists (``finish``). ``SyntheticSet`` writes it (for
 ``reconstruct``) and reads it whole (``load``) or streams it (``dataset``) for ``distill``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -17,13 +20,16 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .checkpoint import load_tensors, read_json, save_tensors, write_json
+from .checkpoint import load_tensors, read_json, write_json
 from .data import DataInfo
 from .distributed import Ranks
 from .errors import DfkdError
+from .resume import CHECKED, canonical, differences, save_checked, verify
 
 _SHARD = re.compile(r"shard-(\d+)\.safetensors")
 WINDOW_BYTES = 512 * 2 ** 20  # shards shuffled together while streaming (all of them when the set is smaller)
+REMAKE = "delete it to make it again, or rerun with --restart"  # a damaged shard found by a resume
+REREAD = "delete it, then run the same dfkd reconstruct again to remake it"  # ... found by a reader
 
 
 def _rows(path: Path) -> int | None:
@@ -46,17 +52,47 @@ class SyntheticSet:
         self.ranks = Ranks()
 
     # writing ---------------------------------------------------------------------------------
-    def begin(self, key: dict, ranks: Ranks = Ranks(), **fields) -> set[int]:
+    def begin(self, key: dict, ranks: Ranks = Ranks(), restart: bool = False, **fields) -> set[int]:
         """Start a set made with ``key`` (settings, teacher, statistics) or resume one; the indices
-        done. Every rank may call it: the first manifest's content is the same whoever writes it."""
-        m = self._read() if self.manifest_path.is_file() else None
-        if m is not None and {k: m.get(k) for k in key} != key:
-            raise DfkdError(self.dir, "holds a synthetic set made with other settings or another teacher; "
-                            "use another output folder or delete it")
+        done, each of this rank's shards verified against its sha256. Every rank may call it: the
+        first manifest's content is the same whoever writes it. A set made with other settings, or
+        a damaged shard, is refused; with ``restart`` the set is started over (one process only)
+        or the shard made again."""
+        m = None
+        if self.manifest_path.is_file():
+            try:
+                m = self._read()
+            except DfkdError as e:  # unreadable: like a set of other settings, started over with restart
+                if not restart or ranks.world > 1:
+                    raise DfkdError(e.where, f"{e.problem}; delete the set's folder to make it again, or rerun "
+                                    "with --restart (one process) to start it over") from None
+                self._clear()
+        old = {k: m.get(k) for k in key} if m is not None else None
+        if m is not None and old != canonical(key):
+            if not restart:
+                raise DfkdError(self.dir, f"holds a synthetic set made with other settings ({differences(old, key)}); "
+                                "use another output folder, or rerun with --restart to start it over")
+            if ranks.world > 1:
+                raise DfkdError("restart", "ranks cannot start one set over together; delete the set's files once, "
+                                "then start every rank")
+            self._clear()
+            m = None
         if m is None:
             m = dict(key, **fields, shards=[], complete=False)
             write_json(self.manifest_path, m)
-        done = {int(hit.group(1)) for p in self.dir.glob("shard-*.safetensors") if (hit := _SHARD.fullmatch(p.name))}
+        files = {int(hit.group(1)): p for p in self.dir.glob("shard-*.safetensors")
+                 if (hit := _SHARD.fullmatch(p.name))}
+        listed = {s["index"]: s.get("sha256") for s in m["shards"]}
+        for b, p in sorted(files.items()):
+            if ranks.mine(b):  # each rank verifies its own shards
+                try:
+                    self._verified(p, listed.get(b), REMAKE)
+                except DfkdError:
+                    if not restart:
+                        raise
+                    p.unlink(missing_ok=True)
+                    del files[b]
+        done = set(files)
         m["shards"] = [s for s in m["shards"] if s["index"] in done]
         self.manifest, self.ranks = m, ranks
         self._timings_path = self.dir / f"timings-rank{ranks.rank}-of{ranks.world}.json"
@@ -68,9 +104,10 @@ class SyntheticSet:
         the same bytes however the work was split; its time goes to the manifest (one process) or
         to this rank's ``timings-rank<r>-of<w>.json`` (ranks leave the manifest to ``finish``)."""
         fname = f"shard-{index:05d}.safetensors"
-        save_tensors(self.dir / fname, tensors, {"record": json.dumps(record, sort_keys=True)})
+        sha = save_checked(self.dir / fname, tensors, json.dumps(record, sort_keys=True))
         if self.ranks.world == 1:
-            self.manifest["shards"].append(dict(record, index=index, file=fname, n=len(tensors["x"]), seconds=seconds))
+            self.manifest["shards"].append(dict(record, index=index, file=fname, n=len(tensors["x"]), seconds=seconds,
+                                                sha256=sha))
             self.manifest["shards"].sort(key=lambda s: s["index"])
             write_json(self.manifest_path, self.manifest)
         else:
@@ -95,10 +132,14 @@ class SyntheticSet:
             seconds.update({int(k): float(v) for k, v in read_json(t).items()})
         shards = []
         for b, f in enumerate(files):
-            with safe_open(str(f), framework="pt") as h:
-                record = json.loads((h.metadata() or {}).get("record", "{}"))
-                shards.append(dict(record, index=b, file=f.name, n=h.get_slice("x").get_shape()[0],
-                                   seconds=seconds.get(b, 0.0)))
+            try:  # verified by the rank that made or resumed it; only its header is read here
+                with safe_open(str(f), framework="pt") as h:
+                    entry = json.loads((h.metadata() or {})[CHECKED])
+                    shards.append(dict(json.loads(entry["body"]), index=b, file=f.name,
+                                       n=h.get_slice("x").get_shape()[0], seconds=seconds.get(b, 0.0),
+                                       sha256=entry["sha256"]))
+            except Exception as e:  # safetensors raises its own error types for a damaged header
+                raise DfkdError(f, f"damaged ({type(e).__name__}); {REMAKE}") from None
         self.manifest.update(fields, shards=shards, complete=True)
         write_json(self.manifest_path, self.manifest)
         return True
@@ -136,13 +177,38 @@ class SyntheticSet:
         return sum(s["n"] for s in self.manifest["shards"])
 
     def shard(self, k: int) -> dict[str, torch.Tensor]:
+        """Shard ``k`` of the manifest, its content checked and its sha256 verified."""
         s = self.manifest["shards"][k]
-        t, _ = load_tensors(self.dir / s["file"])
-        if set(t) != {"x", "label", "logits"} or any(len(v) != s["n"] for v in t.values()):
-            raise DfkdError(self.dir / s["file"], "does not hold the x, label and logits the manifest lists")
+        return self._verified(self.dir / s["file"], s.get("sha256"), REREAD, s["n"])
+
+    def _verified(self, path: Path, listed: str | None, remedy: str, n: int | None = None) -> dict[str, torch.Tensor]:
+        """A shard's tensors once they hold what a shard holds (``n`` rows), finite, and match the
+        sha256 in its header and the one the manifest lists (if it does)."""
+        try:
+            t, meta = load_tensors(path)
+        except DfkdError as e:
+            raise DfkdError(e.where, f"damaged ({e.problem}); {remedy}") from None
+        if set(t) != {"x", "label", "logits"} or any(len(v) != (n or len(t["x"])) for v in t.values()):
+            raise DfkdError(path, "does not hold the x, label and logits the manifest lists")
         if not (torch.isfinite(t["x"]).all() and torch.isfinite(t["logits"]).all()):
-            raise DfkdError(self.dir / s["file"], "holds NaN or infinite values")
+            raise DfkdError(path, "holds NaN or infinite values")
+        _, sha = verify(path, t, meta, remedy)
+        if listed is not None and listed != sha:
+            raise DfkdError(path, f"is not the shard {self.manifest_path.name} lists (sha256 differs); {remedy}")
         return t
+
+    def fingerprint(self) -> str:
+        """sha256 of what the set is: the settings that made it and its shards' sha256."""
+        m = self.manifest
+        what = {k: m.get(k) for k in ("config", "teacher_sha256", "stats_sha256", "objective", "data")}
+        what["shards"] = [s.get("sha256") for s in m["shards"]]
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+    def _clear(self) -> None:
+        """Delete the set's own files, the manifest last (so a set killed half-cleared is still refused)."""
+        for p in [*self.dir.glob("shard-*.safetensors"), *self.dir.glob("timings-rank*.json"), self.dir / "samples.png",
+                  self.manifest_path]:
+            p.unlink(missing_ok=True)
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All shards: inputs, intended labels, teacher logits."""

@@ -1,16 +1,15 @@
 """Train a network on real data, and the epoch loop that distillation shares.
 
 The loop is resumable at the grain of an epoch: after each one it writes
-``state`` (model, optimiser, history; tensors and ints only, loaded with
-``weights_only=True``). Each epoch's shuffling and dropout are seeded from
-``(seed, epoch)``, so a resumed run equals an uninterrupted one bit for bit.
+``state`` (model, optimiser, history and the run's settings, safetensors bound to a sha256:
+``resume``); a damaged state or one of other settings is refused. Each epoch's shuffling and
+dropout are seeded from ``(seed, epoch)``, so a resumed run equals an uninterrupted one bit for
+bit. A non-finite loss or weights stop the run before anything of that epoch is saved.
 """
 from __future__ import annotations
 
-import io
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -22,12 +21,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import atomic_write, exclusive, save_model
+from .checkpoint import exclusive, save_model, weights_sha256
 from .config import TrainConfig, to_dict
 from .data import DataSource, as_batches, data_len
 from .errors import DfkdError
 from .evaluation import accuracy
-from .models import device_of
+from .models import device_of, train_logits
+from .resume import canonical, check_finished, config_settings, data_sha256, load_state, save_state
+from .resume import state_path as state_file
 from .runtime import pick_device, seed_everything, setup_threads
 from .specs import DataRef, ModelRef, open_with_data, require_spec
 
@@ -38,29 +39,19 @@ Prepare = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Te
 
 
 def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, _g: torch.Generator) -> torch.Tensor:
-    return F.cross_entropy(model(x), y)
+    return F.cross_entropy(train_logits(model, x), y)
 
 
-def _load_state(path: Path | None, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list]:
-    if path is None or not path.is_file():
-        return 0, []
-    try:
-        with warnings.catch_warnings():  # a damaged file's warnings would break the one-line answer
-            warnings.simplefilter("ignore")
-            st = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optim"])
-        return int(st["epoch"]), list(st["history"])
-    except Exception as e:  # any damage: refuse rather than silently restart
-        raise DfkdError(path, f"cannot resume from this state file ({type(e).__name__}); delete it to start over") from None
+def _diverged(what: str, epoch: int, state_path: Path | None) -> DfkdError:
+    """The one line for a loss or weights gone non-finite in (0-based) ``epoch``: nothing of it is saved."""
+    kept = state_path is not None and epoch > 0
+    return DfkdError("lr", f"{what}; nothing was saved" + (f" after epoch {epoch}, whose resume state is kept" if kept
+                     else "") + f" (try a smaller --lr{', with --restart' if kept else ''})")
 
 
-def _save_state(path: Path | None, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, history: list) -> None:
-    if path is None:
-        return
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "epoch": epoch, "history": history}, buf)
-    atomic_write(path, buf.getvalue())
+def _finite(model: nn.Module) -> bool:
+    flags = [torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _epoch_chunks(data, order: torch.Tensor | None, batch_size: int, ranks):
@@ -90,13 +81,26 @@ def _epoch_chunks(data, order: torch.Tensor | None, batch_size: int, ranks):
         i += sum(group)
 
 
+def nonfinite(loss: torch.Tensor, ranks=None) -> str | None:
+    """``"NaN"`` or ``"infinite"`` if the loss of this step is so on any rank (NaN first), else None.
+    Under a process group every rank takes part (one all-reduce of two flags), so that all ranks stop
+    at the same step with the same words instead of one raising while the others wait."""
+    loss = loss.detach().float().reshape(())
+    flags = torch.stack([torch.isnan(loss), torch.isinf(loss)]).float()
+    if ranks is not None and ranks.group and ranks.world > 1:
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    nan, inf = flags.tolist()
+    return "NaN" if nan else "infinite" if inf else None
+
+
 CHUNK = 8192  # inputs gathered (and prepared, e.g. augmented and labelled) at once
 
 
 def fit(model: nn.Module, data, batch_loss: BatchLoss, *, epochs: int, batch_size: int,
         lr: float, seed: int, schedule: str = "cosine", state_path: Path | None = None,
         on_epoch: Callable[[nn.Module], dict] | None = None, eval_every: int = 1, prepare: Prepare | None = None,
-        desc: str = "train", progress: bool = True) -> list[dict]:
+        desc: str = "train", progress: bool = True, settings: dict | None = None,
+        restart: bool = False) -> list[dict]:
     """Adam over ``data`` (a Dataset, a DataLoader or ``(x, y)`` tensors) for ``epochs``; returns one
     dict per epoch (loss, seconds, and ``on_epoch``'s). Only a chunk of the data is in memory.
 
@@ -106,7 +110,12 @@ def fit(model: nn.Module, data, batch_loss: BatchLoss, *, epochs: int, batch_siz
     the teacher label it in large, efficient batches).
 
     ``schedule="cosine"`` anneals the learning rate from ``lr`` to 0 over the run (per step), which
-    makes the last epoch's model the stable one to keep; ``"constant"`` keeps ``lr``."""
+    makes the last epoch's model the stable one to keep; ``"constant"`` keeps ``lr``.
+
+    ``state_path``: the resume state, written after every epoch with the run's ``settings`` (these
+    arguments, plus the caller's: data, model, ...); one damaged or of other settings is refused,
+    or with ``restart`` ignored. A non-finite loss or weights stop the run (``DfkdError`` on
+    ``lr``) before anything of that epoch is saved."""
     if schedule not in ("cosine", "constant"):
         raise DfkdError("schedule", f"{schedule!r} is not cosine or constant")
     dev = device_of(model)
@@ -115,8 +124,10 @@ def fit(model: nn.Module, data, batch_loss: BatchLoss, *, epochs: int, batch_siz
     # the fused kernel: one pass over all parameters per step (Hinton-1200 steps ~30% faster on CPU)
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
-    start, history = _load_state(state_path, model, opt)
     n = data_len(data)
+    settings = canonical(dict({"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "schedule": schedule,
+                               "eval_every": eval_every, "examples": n}, **(settings or {})))
+    start, history = load_state(state_path, model, opt, settings, restart)
     steps_per_epoch = -(-n // batch_size)
     progress = progress and ranks.main
     for epoch in range(start, epochs):
@@ -142,11 +153,18 @@ def fit(model: nn.Module, data, batch_loss: BatchLoss, *, epochs: int, batch_siz
                 opt.zero_grad(set_to_none=True)
                 loss.backward()  # under DDP the gradients are averaged over the ranks here
                 opt.step()
-                total += loss.item() * len(xb)
+                value = loss.item()
+                bad = nonfinite(loss, ranks)
+                if bad:
+                    bar.close()
+                    raise _diverged(f"the loss became {bad} at epoch {epoch + 1}, step {j + 1}", epoch, state_path)
+                total += value * len(xb)
                 j += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         bar.close()
+        if not _finite(model):  # a last step can overflow the weights with a finite loss
+            raise _diverged(f"the weights became NaN or infinite in epoch {epoch + 1}", epoch, state_path)
         rec = {"epoch": epoch + 1, "loss": total / max(n, 1) * ranks.world, "seconds": time.perf_counter() - t0}
         if on_epoch is not None and ranks.main and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
             rec.update(on_epoch(model))
@@ -154,8 +172,8 @@ def fit(model: nn.Module, data, batch_loss: BatchLoss, *, epochs: int, batch_siz
         if progress:
             tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in rec.items() if k != "epoch"))
-        if ranks.main:
-            _save_state(state_path, model, opt, epoch + 1, history)
+        if ranks.main and state_path is not None:
+            save_state(state_path, model, opt, epoch + 1, history, settings)
     model.eval()
     return history
 
@@ -182,34 +200,53 @@ def _batches(x: torch.Tensor, y: torch.Tensor, sizes: list[int]):
 
 
 def train(model: nn.Module, data, cfg: TrainConfig = TrainConfig(), test=None,
-          state_path: Path | None = None) -> list[dict]:
+          state_path: Path | None = None, settings: dict | None = None, restart: bool = False) -> list[dict]:
     """Train any ``nn.Module`` with cross-entropy on ``data``: a ``DataSource`` (its training split,
     and its test split for the per-epoch test accuracy), or a Dataset, DataLoader or ``(x, y)``
-    tensors with an optional ``test`` set of the same kind."""
+    tensors with an optional ``test`` set of the same kind. ``state_path``, ``settings`` and
+    ``restart``: resume as ``fit`` does."""
     if isinstance(data, DataSource):
         data, test = data.train, test if test is not None else data.test
     on_epoch = (lambda m: {"test_accuracy": accuracy(m, test)}) if test is not None else None
     return fit(model, data, cross_entropy_loss, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                seed=cfg.seed, schedule=cfg.schedule, state_path=state_path, on_epoch=on_epoch,
-               desc="train", progress=cfg.progress)
+               desc="train", progress=cfg.progress, settings=settings, restart=restart)
 
 
-def train_file(model: ModelRef, data: DataRef, out: str | Path, cfg: TrainConfig = TrainConfig()) -> Path:
+def data_settings(source: DataSource, test: str | None = None) -> dict:
+    """A data source as settings: its description (normalisation, shape, classes; not its name,
+    which holds a path), the splits' sizes and the sha256 of the content of the training data and
+    of the ``test`` spec's (every file's bytes: a file changed in place differs, a moved copy does
+    not)."""
+    info = {k: v for k, v in source.info.as_dict().items() if k != "name"}
+    return {"info": info, "content_sha256": data_sha256(source.info.name), "test_sha256": data_sha256(test),
+            "rows": [data_len(s) if s is not None else None for s in (source.train, source.test)]}
+
+
+def train_file(model: ModelRef, data: DataRef, out: str | Path, cfg: TrainConfig = TrainConfig(),
+               restart: bool = False) -> Path:
     """``dfkd train``: a model spec trained on a data spec, saved atomically as ``out`` (a file stem,
-    e.g. ``runs/mnist/teacher``); resumes from ``<out>.state.pt`` after an interruption."""
+    e.g. ``runs/mnist/teacher``); resumes from ``<out>.state.safetensors`` after an interruption.
+    A resume state or a finished model made with other settings (data, model and its starting
+    weights, hyperparameters, seed) is refused, or with ``restart`` started over; a finished model
+    made with the same settings is kept (nothing to do)."""
     require_spec(model, "model")
     setup_threads()
     ranks = distributed.group(cfg.device)  # under torchrun: data-parallel, rank 0 writes
     seed_everything(cfg.seed)
     net, desc, source = open_with_data(model, data)
+    settings = {"verb": "train", "model": desc["model"], "start_sha256": weights_sha256(net.state_dict()),
+                "data": data_settings(source, data.test), "config": config_settings(cfg)}
     net.to(pick_device(cfg.device))
     with exclusive(Path(out), tag=ranks.tag):
         out = Path(out)
-        history = train(net, source, cfg, state_path=out.with_name(out.name + ".state.pt"))
+        if not check_finished(out, settings, restart):  # else made before with these settings: kept
+            history = train(net, source, cfg, state_path=state_file(out), settings=settings, restart=restart)
+            if ranks.main:
+                extra = {"test_accuracy": history[-1]["test_accuracy"]} if "test_accuracy" in history[-1] else {}
+                save_model(net.cpu(), out, desc["model"]["spec"], desc["model"]["args"], source.info,
+                           origin=source.origin, history=history, train_config=to_dict(cfg), settings=canonical(settings), **extra)
         if ranks.main:
-            extra = {"test_accuracy": history[-1]["test_accuracy"]} if "test_accuracy" in history[-1] else {}
-            save_model(net.cpu(), out, desc["model"]["spec"], desc["model"]["args"], source.info, history=history,
-                       train_config=to_dict(cfg), **extra)
-            out.with_name(out.name + ".state.pt").unlink(missing_ok=True)
+            state_file(out).unlink(missing_ok=True)
         ranks.barrier()
         return out.with_name(out.name + ".safetensors")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +20,8 @@ from dfkd.specs import DataRef, ModelRef
 from dfkd.training import train, train_file
 
 torch.set_num_threads(2)
+for _hook in ("DFKD_TEST_CRASH_AT", "DFKD_TEST_WRITE_LOG"):  # the fault hooks: set only by the tests that mean them
+    os.environ.pop(_hook, None)
 ROOT = Path(__file__).resolve().parent.parent
 OWN = ROOT / "examples" / "own_model.py"
 
@@ -108,3 +111,35 @@ def make_world(d: Path, idx_dir: Path) -> SimpleNamespace:
 @pytest.fixture(scope="session")
 def world(tmp_path_factory, idx_dir):
     return make_world(tmp_path_factory.mktemp("world"), idx_dir)
+
+
+# --- counts that float32 rounding may move: dfkd's figures against float64 counts made in the tests ---
+EPS32 = float(torch.finfo(torch.float32).eps)
+
+
+def near_ties(out64: torch.Tensor, out32: torch.Tensor | None = None) -> torch.Tensor:
+    """The samples whose float64 top-2 logit margin is within float32's rounding, whose float32
+    prediction (dfkd's, on any kernel and summation order) may therefore be either class. The
+    tolerance per sample is 4096 float32 roundings at the scale of its largest logit (1 + max |logit|):
+    a LeNet's longest chain of sums is well under 1,000 terms of at most that magnitude per logit,
+    doubled for a margin of two logits, and 4x again to spare; at least 10x what float32 gives here."""
+    tol = 4096 * EPS32 * (1 + out64.abs().amax(1))
+    if out32 is not None:
+        tol = torch.maximum(tol, 10 * (out32.double() - out64).abs().amax(1))
+    top2 = out64.topk(2, 1).values
+    return (top2[:, 0] - top2[:, 1]) < tol
+
+
+def count_bounds(hit: torch.Tensor, near: torch.Tensor) -> tuple[int, int]:
+    """(lowest, highest) number of ``hit`` samples a float32 count may give where the ``near``
+    samples may go either way: the certain hits, plus at most every near one."""
+    certain = int((hit & ~near).sum())
+    return certain, certain + int(near.sum())
+
+
+def assert_count(figure: float, n: int, hit: torch.Tensor, near: torch.Tensor, what: object) -> int:
+    """``figure`` (a share of ``n``) is a whole count within ``count_bounds(hit, near)``; returns it."""
+    count = round(figure * n)
+    lo, hi = count_bounds(hit, near)
+    assert abs(figure * n - count) < 1e-6 * n and lo <= count <= hi, (what, figure, count, lo, hi)
+    return count

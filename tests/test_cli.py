@@ -7,11 +7,13 @@ import shlex
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dfkd.synthetic import SyntheticSet
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_count, near_ties
 
 
 def dfkd(*args, cwd=None):
@@ -38,24 +40,75 @@ def run_dir(tmp_path_factory, idx_dir):
     return d
 
 
-def test_pipeline_files(run_dir, idx_dir):
+def idx_predictions(idx_dir, stems: dict) -> tuple[dict, torch.Tensor, dict]:
+    """Saved LeNet-5 models' predictions on the 500 IDX test images, made here: the IDX files read
+    with numpy, padded to 32x32 and normalised by hand, the weights read with plain safetensors into
+    float64 copies of the registry networks, one pass each. Returns them by name, the labels, and by
+    name the near ties (``conftest.near_ties``), where dfkd's float32 prediction may go either way."""
+    from dfkd.data import DataInfo
+    from dfkd.models import build_model
+    images = np.frombuffer((idx_dir / "t10k-images-idx3-ubyte").read_bytes()[16:], np.uint8).reshape(-1, 28, 28)
+    labels = np.frombuffer((idx_dir / "t10k-labels-idx1-ubyte").read_bytes()[8:], np.uint8)
+    labels = torch.from_numpy(labels.astype(np.int64))
+    raw = torch.zeros(len(images), 1, 32, 32, dtype=torch.float64)
+    raw[:, 0, 2:30, 2:30] = torch.from_numpy(images.copy()).double() / 255
+    preds, near = {}, {}
+    for name, stem in stems.items():
+        desc = json.loads(stem.with_name(stem.name + ".json").read_text())
+        assert desc["data"]["shape"] == [1, 32, 32]
+        model = build_model(desc["model"]["spec"], DataInfo((1, 28, 28), 10))[0]
+        model.load_state_dict(load_file(stem.with_name(stem.name + ".safetensors")))
+        (mean,), (std,) = desc["data"]["mean"], desc["data"]["std"]
+        with torch.no_grad():
+            out32 = model.eval()(((raw - mean) / std).float()).double()
+            out = model.double()((raw - mean) / std)
+        preds[name], near[name] = out.argmax(1), near_ties(out, out32)
+    return preds, labels, near
+
+
+@pytest.fixture(scope="module")
+def oracle(run_dir, idx_dir):
+    return idx_predictions(idx_dir, {"teacher": run_dir / "teacher", "student": run_dir / "student"})
+
+
+def test_pipeline_files(run_dir, idx_dir, oracle):
     for f in ["teacher.safetensors", "teacher.json", "teacher.stats.safetensors", "student.safetensors",
               "student.json", "synthetic/spectral-pairs/manifest.json", "synthetic/spectral-pairs/samples.png"]:
         assert (run_dir / f).is_file(), f
     desc = json.loads((run_dir / "teacher.json").read_text())
     assert desc["model"]["spec"] == "lenet5" and desc["data"]["num_classes"] == 10 and len(desc["sha256"]) == 64
     assert desc["data"]["shape"] == [1, 32, 32] and desc["data"]["name"] == f"idx:{idx_dir}"
-    assert 0.5 < desc["test_accuracy"] <= 1
     student = json.loads((run_dir / "student.json").read_text())
-    assert student["model"]["spec"] == "lenet5-half" and 0 <= student["test_accuracy"] <= 1
-    assert not list(run_dir.rglob("*.tmp")) and not list(run_dir.rglob("*.state.pt"))
+    assert student["model"]["spec"] == "lenet5-half"
+    preds, y, near = oracle  # the saved accuracies are the counts of right answers on the 500 test images
+    for name, saved in (("teacher", desc), ("student", student)):
+        assert_count(saved["test_accuracy"], 500, preds[name] == y, near[name], name)
+    assert desc["test_accuracy"] > 0.5
+    assert not list(run_dir.rglob("*.dfkd-tmp")) and not list(run_dir.rglob("*.state.*"))
 
 
-def test_evaluate_and_inspect(run_dir):
+def test_evaluate_and_inspect(run_dir, oracle):
     r = dfkd("evaluate", run_dir / "student", "--teacher", run_dir / "teacher", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout[r.stdout.index("{"):])
-    assert res["n"] == 500 and 0 <= res["agreement"] <= 1 and len(res["per_class"]) == 10
+    preds, y, near = oracle
+    (ps, pt), (ns, nt) = (preds["student"], preds["teacher"]), (near["student"], near["teacher"])
+    # each figure within the bounds its own pair's near ties leave; one computed from a wrong pair (or
+    # two swapped) fails wherever the right and the wrong pair's bounds do not overlap
+    assert res["n"] == 500
+    counts = {key: assert_count(res[key], 500, hit, nr, key) for key, hit, nr in
+              (("accuracy", ps == y, ns), ("teacher_accuracy", pt == y, nt), ("agreement", ps == pt, ns | nt))}
+    assert 0 < counts["agreement"] < 500, counts
+    for c in range(10):
+        k = y == c
+        assert_count(res["per_class"][str(c)], int(k.sum()), (ps == c)[k], ns[k], c)
+    # the line printed for a person carries the same figures
+    assert f"test accuracy {100 * counts['accuracy'] / 500:.2f}% on 500 inputs" in r.stdout
+    assert f"agreement {100 * counts['agreement'] / 500:.2f}%" in r.stdout
+    # the teacher against itself: the same float32 predictions, so a wrong agreement shows with no luck
+    own = dfkd("evaluate", run_dir / "teacher", "--teacher", run_dir / "teacher", "--json")
+    own = json.loads(own.stdout[own.stdout.index("{"):])
+    assert own["agreement"] == 1.0 and own["accuracy"] == own["teacher_accuracy"] == res["teacher_accuracy"] < 1
     r = dfkd("inspect", run_dir / "teacher.stats.safetensors")
     assert r.returncode == 0, r.stderr
     assert "spectral-pairs" in r.stdout and "larger" in r.stdout and "per channel" in r.stdout
@@ -68,9 +121,14 @@ def test_run_tiny_profile_writes_its_table(tmp_path, idx_dir):
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "results.json").read_text())
     assert [row["objective"] for row in res["rows"]] == ["real-data", "real-kd", "top-layer", "spectral-all"]
-    for row in res["rows"]:
-        assert row["teacher"] == "lenet5" and row["student"] == "lenet5-half" and 0 <= row["accuracy"] <= 1
+    names = ["teacher"] + [row["objective"] for row in res["rows"]]
+    preds, y, near = idx_predictions(idx_dir, {n: tmp_path / "lenet5" / (n if n == "teacher" else f"students/{n}")
+                                               for n in names})
+    for row in res["rows"]:  # each figure: the count of right answers of the model saved beside it
+        assert row["teacher"] == "lenet5" and row["student"] == "lenet5-half"
         assert set(row) >= {"teacher_accuracy", "paper_accuracy", "seconds"}
+        for key, name in (("accuracy", row["objective"]), ("teacher_accuracy", "teacher")):
+            assert_count(row[key], 500, preds[name] == y, near[name], (key, name))
     assert res["rows"][2]["paper_accuracy"] == pytest.approx(0.7730)
     assert "| lenet5 | lenet5-half | top-layer |" in (tmp_path / "results.md").read_text()
     again = dfkd(*args)
@@ -144,3 +202,131 @@ def test_readme_own_model_section_runs_as_written(tmp_path):
     desc = json.loads(next(tmp_path.rglob("teacher.json")).read_text())
     assert desc["data"]["shape"] == [3, 32, 32] and len(desc["data"]["mean"]) == 3
     assert desc["model"]["spec"].endswith("own_model.py:teacher")
+
+
+# --- how a run ends when the user stops it, or stops reading it -----------------------------------
+def dfkd_one_thread(*args, stdout=subprocess.PIPE):
+    return subprocess.run([sys.executable, "-m", "dfkd", *map(str, args)], stdout=stdout, stderr=subprocess.PIPE,
+                          text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600, preexec_fn=_sigint_default)
+
+
+def _sigint_default():
+    """SIGINT as a terminal delivers it, even where this test runs with it ignored (a shell's
+    background job): Python then turns it into KeyboardInterrupt."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+# a user's model that presses Ctrl-C (a real SIGINT to its own process) at its first real batch:
+# deterministic, with no clock in it (dfkd's own probe of the model runs two inputs)
+CTRL_C = """import os
+import signal
+
+from torch import nn
+
+
+class Net(nn.Sequential):
+    def forward(self, x):
+        if len(x) >= 8:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().forward(x)
+
+
+def make():
+    return Net(nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10))
+"""
+
+
+@pytest.mark.parametrize("verb, says", [
+    ("train", "dfkd: train: interrupted; run the same command again to resume from its last finished epoch"),
+    ("record", "dfkd: record: interrupted; record is one pass and does not resume: run the same command again "
+               "to start over"),
+])
+def test_ctrl_c_says_truthfully_whether_the_work_resumes(verb, says, tmp_path, idx_dir):
+    """A real SIGINT in a real ``python -m dfkd`` process: one line saying what running the command
+    again does (train resumes per epoch; record is one pass and starts over), exit 130."""
+    (tmp_path / "ctrlc.py").write_text(CTRL_C)
+    spec, data = f"{tmp_path / 'ctrlc.py'}:make", f"idx:{idx_dir}"
+    argv = {"train": ["train", "--model", spec, "--data", data, "--out", tmp_path, "--name", "m", "--epochs", "1"],
+            "record": ["record", "--teacher", spec, "--weights", "random", "--data", data,
+                       "--out", tmp_path / "m.stats.safetensors"]}[verb]
+    r = dfkd_one_thread(*argv, "--quiet")
+    assert (r.returncode, r.stderr) == (130, says + "\n")
+    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "m.stats.safetensors").exists()
+
+
+@pytest.mark.parametrize("verb", ["train", "record", "reconstruct", "distill", "evaluate", "run", "leakage",
+                                  "publish", "inspect"])
+def test_ctrl_c_line_of_every_verb(verb, monkeypatch, capsys):
+    """Each verb's line after Ctrl-C: those that resume (docs/robustness.md: train, distill per epoch,
+    reconstruct per shard, run per step) say so; the others say that a second run starts over."""
+    from dfkd import cli
+
+    def interrupted(a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, f"_cmd_{verb}", interrupted)
+    argv = {"record": ["--teacher", "t"], "reconstruct": ["--teacher", "t"], "distill": ["--synthetic", "s", "--out", "o"],
+            "evaluate": ["m"], "leakage": ["--teacher", "t"], "publish": ["--teacher", "t", "--out", "o"],
+            "inspect": ["f"]}.get(verb, [])
+    assert cli.main([verb, *argv]) == 130
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"dfkd: {verb}: interrupted; ")
+    if verb in ("train", "distill", "reconstruct", "run"):
+        assert "again to resume" in line
+    else:
+        assert "start over" in line and "to resume" not in line
+
+
+def test_a_reader_that_goes_away_ends_dfkd_quietly(world):
+    """``dfkd inspect FILE | head``: the reader goes away before dfkd has written all it prints; dfkd
+    stops quietly with exit 141 (as a tool killed by SIGPIPE), with no 'Broken pipe' line and no
+    traceback. Here the reader has closed the pipe before dfkd writes a byte: the same, with no timing."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = dfkd_one_thread("inspect", world.stats, stdout=w)
+    finally:
+        os.close(w)
+    assert (p.returncode, p.stderr) == (141, "")
+
+
+def test_error_in_the_code_of_an_installed_package_is_the_users(world, tmp_path, capsys, monkeypatch):
+    """``--model package.module:factory`` whose package is installed (under sys.prefix, where pip puts
+    it, as torch is): an error raised in its forward is the user's code (its file and line, exit 2),
+    not 'a dfkd bug' (exit 1)."""
+    from dfkd.cli import main
+    pkg = tmp_path / "lib" / "site-packages" / "dfkd_test_userpkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text("from torch import nn\n\n\nclass Net(nn.Linear):\n    def forward(self, x):\n"
+                                 "        raise ValueError('my layer is misconfigured')\n\n\n"
+                                 "def make():\n    return Net(784, 10)\n")
+    monkeypatch.syspath_prepend(str(pkg.parent))
+    monkeypatch.setattr(sys, "base_prefix", sys.prefix)  # the environment holding torch stays installed code
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))    # and so is the user's package
+    try:
+        code = main(["train", "--model", "dfkd_test_userpkg.nets:make", "--data", world.data, "--out",
+                     str(tmp_path / "o"), "--epochs", "1", "--quiet"])
+    finally:
+        for name in [n for n in sys.modules if n.startswith("dfkd_test_userpkg")]:
+            del sys.modules[name]
+    (line,) = capsys.readouterr().err.splitlines()
+    assert code == 2 and line.startswith(f"dfkd: {pkg / 'nets.py'}:6: ValueError: my layer is misconfigured"), line
+    assert "in your code" in line
+
+
+def test_devices_this_machine_lacks_are_refused(monkeypatch):
+    """A device torch knows but this machine lacks is one line before anything moves to it: a CUDA
+    index past the machine's GPUs (here a machine made to report two), mps or xpu without them."""
+    from dfkd.errors import DfkdError
+    from dfkd.runtime import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda:1") and pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(DfkdError, match="cuda:3 was asked for but this machine has 2 CUDA device"):
+        pick_device("cuda:3")
+    for name, available in (("mps", torch.backends.mps.is_available()), ("xpu", torch.xpu.is_available())):
+        if not available:
+            with pytest.raises(DfkdError, match=f"no {name} device"):
+                pick_device(name)

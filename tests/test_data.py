@@ -95,6 +95,92 @@ def test_folder_source_reads_colour_images_as_pillow_does(colour_dir):
     assert labels.bincount().tolist() == np.bincount(mnist_arrays()["train_y"][:2000]).tolist()
 
 
+def test_folder_of_16_bit_pngs_reads_as_the_8_bit_folder_scaled(tmp_path):
+    """16-bit greyscale PNGs are scaled by 65535, not saturated at 255 (which made every pixel above
+    255/65535 white): a folder of 257 v reads as the 8-bit folder of v, float for float; so does a
+    folder mixing the two depths, whichever comes first."""
+    from PIL import Image
+    v = np.random.default_rng(0).integers(0, 256, size=(2, 3, 6, 5), dtype=np.uint8)
+
+    def write(name, depth):  # depth(class, image) -> 8 or 16
+        for c in range(2):
+            (tmp_path / name / f"c{c}").mkdir(parents=True)
+            for i in range(3):
+                a = v[c, i] if depth(c, i) == 8 else v[c, i].astype(np.uint16) * 257
+                Image.fromarray(a).save(tmp_path / name / f"c{c}" / f"{i}.png")
+
+    write("eight", lambda c, i: 8)
+    write("sixteen", lambda c, i: 16)
+    write("mixed16", lambda c, i: 16 if i == 0 else 8)
+    write("mixed8", lambda c, i: 8 if i == 0 else 16)
+    assert Image.open(tmp_path / "sixteen" / "c0" / "0.png").mode == "I;16"
+    x8, y8 = next(as_batches(open_data(f"folder:{tmp_path / 'eight'}").train, 6))
+    assert torch.equal(x8[:, 0], torch.from_numpy(v.reshape(6, 6, 5)).float() / 255)
+    for name in ("sixteen", "mixed16", "mixed8"):
+        d = open_data(f"folder:{tmp_path / name}")
+        x, y = next(as_batches(d.train, 6))
+        assert d.info.shape == (1, 6, 5) and torch.equal(x, x8) and torch.equal(y, y8), name
+    # a grey between 8-bit steps keeps its value
+    (tmp_path / "fine" / "a").mkdir(parents=True)
+    (tmp_path / "fine" / "b").mkdir()
+    Image.fromarray(np.full((4, 4), 40000, np.uint16)).save(tmp_path / "fine" / "a" / "0.png")
+    Image.fromarray(np.full((4, 4), 1, np.uint16)).save(tmp_path / "fine" / "b" / "0.png")
+    x, _ = next(as_batches(open_data(f"folder:{tmp_path / 'fine'}").train, 2))
+    assert torch.equal(x[:, 0, 0, 0], torch.tensor([40000.0, 1.0]) / 65535)
+
+
+def test_folder_of_float_tiffs_reads_their_values(tmp_path):
+    """Float (mode F) TIFFs in 0..1 read as they are, not truncated to 0 by Pillow's F -> L conversion:
+    a folder of ``v / 255`` reads as the 8-bit folder of ``v``, also mixed with 8-bit PNGs either way
+    round, and a value between 8-bit steps keeps it. Floats outside 0..1 or not finite, and 32-bit
+    integer (mode I) images above 65535, are refused in one line naming the file."""
+    from PIL import Image
+    v = np.random.default_rng(1).integers(0, 256, size=(2, 3, 6, 5), dtype=np.uint8)
+
+    def write(name, kind):  # kind(class, image) -> "F" (a float TIFF) or "L" (an 8-bit PNG)
+        for c in range(2):
+            (tmp_path / name / f"c{c}").mkdir(parents=True)
+            for i in range(3):
+                if kind(c, i) == "F":
+                    Image.fromarray(v[c, i].astype(np.float32) / np.float32(255)).save(tmp_path / name / f"c{c}" / f"{i}.tif")
+                else:
+                    Image.fromarray(v[c, i]).save(tmp_path / name / f"c{c}" / f"{i}.png")
+
+    write("eight", lambda c, i: "L")
+    write("float", lambda c, i: "F")
+    write("mixedF", lambda c, i: "F" if i == 0 else "L")
+    write("mixed8", lambda c, i: "L" if i == 0 else "F")
+    assert Image.open(tmp_path / "float" / "c0" / "0.tif").mode == "F"
+    x8, y8 = next(as_batches(open_data(f"folder:{tmp_path / 'eight'}").train, 6))
+    assert x8.abs().sum() > 0
+    for name in ("float", "mixedF", "mixed8"):
+        d = open_data(f"folder:{tmp_path / name}")
+        x, y = next(as_batches(d.train, 6))
+        assert d.info.shape == (1, 6, 5) and torch.equal(y, y8), name
+        assert torch.allclose(x, x8, rtol=0, atol=1e-7), (name, (x - x8).abs().max())
+
+    def folder(name, a, b):  # two one-image classes, each a TIFF of Pillow's writing
+        for c, arr in (("a", a), ("b", b)):
+            (tmp_path / name / c).mkdir(parents=True)
+            Image.fromarray(arr).save(tmp_path / name / c / "0.tif")
+        return f"folder:{tmp_path / name}"
+
+    fine = np.full((4, 4), 0.3, np.float32)
+    x, _ = next(as_batches(open_data(folder("fine", fine, np.full((4, 4), 1.0, np.float32))).train, 2))
+    assert torch.equal(x[:, 0, 0, 0], torch.tensor([np.float32(0.3), 1.0]))
+    for name, bad, words in [("big", np.linspace(0, 2, 16, dtype=np.float32).reshape(4, 4), "range 0..2;"),
+                             ("nan", np.full((4, 4), np.nan, np.float32), "NaN"),
+                             ("neg", np.full((4, 4), -0.5, np.float32), "range -0.5..-0.5")]:
+        with pytest.raises(DfkdError, match="must hold values in 0..1") as e:
+            next(as_batches(open_data(folder(name, fine, bad)).train, 2))
+        assert words in str(e.value) and "0.tif" in str(e.value) and "\n" not in str(e.value), name
+    wide = np.full((4, 4), 70000, np.int32)
+    path = folder("wide", np.full((4, 4), 100, np.int32), wide)
+    assert Image.open(tmp_path / "wide" / "b" / "0.tif").mode.startswith("I")
+    with pytest.raises(DfkdError, match="outside 0..65535"):
+        next(as_batches(open_data(path).train, 2))
+
+
 def test_normalisation_auto_is_the_channel_moments(colour_dir):
     d = open_data(f"folder:{colour_dir}", normalize="auto")
     raw = torch.cat([b[0] for b in as_batches(open_data(f"folder:{colour_dir}").train, 500)]).double()

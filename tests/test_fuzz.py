@@ -26,7 +26,7 @@ from dfkd.metadata import load as load_stats
 from dfkd.models import build_model
 from dfkd.sources import folder_source, from_hub_pickle, npz_source, read_idx
 from dfkd.synthetic import SyntheticSet
-from dfkd.training import _load_state
+from dfkd.resume import load_state, save_state
 from tests.conftest import write_idx
 
 ODD = [None, -1, 0, 2 ** 40, 1.5, float("nan"), True, "x", "", [], {}, [[[[[[1]]]]]], ["a"], {"a": {}}]
@@ -136,9 +136,12 @@ def _state_dict(d: Path):
     load_weights(model, d / "sd.pt")
 
 
+STATE_SETTINGS = {"verb": "train", "config": {"lr": 0.001}}
+
+
 def _resume_state(d: Path):
     model, _ = build_model("hinton-800")
-    _load_state(d / "m.state.pt", model, torch.optim.Adam(model.parameters()))
+    load_state(d / "m.state.safetensors", model, torch.optim.Adam(model.parameters()), STATE_SETTINGS)
 
 
 def _mnist_pickle(d: Path):
@@ -164,8 +167,10 @@ def _seed_files(world, d: Path) -> dict[str, tuple[callable, list[tuple[Path, ca
     np.savez(d / "d.npz", x=np.arange(4 * 5 * 5, dtype=np.uint8).reshape(4, 5, 5), y=np.array([0, 1, 1, 0]))
     model, _ = build_model("hinton-800")
     torch.save(model.state_dict(), d / "sd.pt")
-    torch.save({"model": model.state_dict(), "optim": torch.optim.Adam(model.parameters()).state_dict(),
-                "epoch": 1, "history": [{"loss": 1.0}]}, d / "m.state.pt")
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.zeros(2, 1, 28, 28)).sum().backward()
+    opt.step()  # Adam's state tensors exist
+    save_state(d / "m.state.safetensors", model, opt, 1, [{"loss": 1.0}], STATE_SETTINGS)
     arr = np.zeros((3, 784), np.float32)
     lab = np.array([0, 1, 2], np.int64)
     (d / "mnist.pkl.gz").write_bytes(gzip.compress(pickle.dumps(((arr, lab), (arr, lab), (arr, lab)), protocol=4)))
@@ -199,7 +204,7 @@ def _seed_files(world, d: Path) -> dict[str, tuple[callable, list[tuple[Path, ca
         "npz": (_npz, [(d / "d.npz", lambda raw, rng: npz_member(raw, rng) if rng.random() < 0.5
                         else mutate_bytes(raw, rng))]),
         "state-dict": (_state_dict, [(d / "sd.pt", mutate_bytes)]),
-        "resume-state": (_resume_state, [(d / "m.state.pt", mutate_bytes)]),
+        "resume-state": (_resume_state, [(d / "m.state.safetensors", mutate_safetensors)]),
         "mnist-pickle": (_mnist_pickle, [(d / "mnist.pkl.gz", lambda raw, rng: mutate_bytes(raw, rng)
                                           if rng.random() < 0.5 else __import__("gzip").compress(
                                               mutate_bytes(__import__("gzip").decompress(raw), rng)))]),

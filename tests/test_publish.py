@@ -105,8 +105,10 @@ def test_hub_reference_from_the_cache_offline(world, tmp_path):
     r2 = dfkd("reconstruct", "--teacher", world.folder, "--objective", "all-layers", *SMALL["reconstruct"],
               "--out", tmp_path / "b")
     assert r2.returncode == 0, r2.stderr
-    for s in (tmp_path / "a").glob("shard-*.safetensors"):
-        assert s.read_bytes() == (tmp_path / "b" / s.name).read_bytes()
+    names = sorted(s.name for s in (tmp_path / "a").glob("shard-*.safetensors"))
+    assert len(names) == 2 and names == sorted(s.name for s in (tmp_path / "b").glob("shard-*.safetensors"))  # 40 / 20
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     r = dfkd("reconstruct", "--teacher", "hf:someone/lenet5@v9", "--out", tmp_path / "c", env=env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert r.stderr.startswith("dfkd: hf:someone/lenet5@v9: cannot get it from the hub (HF_HUB_OFFLINE is set")

@@ -29,8 +29,10 @@ def _load(d):
 def test_same_seed_same_shards_and_balanced(teacher, meta, tmp_path):
     reconstruct(teacher, meta, tmp_path / "a", CFG)
     reconstruct(teacher, meta, tmp_path / "b", CFG)
-    for sa, sb in zip(_shards(tmp_path / "a"), _shards(tmp_path / "b")):
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    a, b = _shards(tmp_path / "a"), _shards(tmp_path / "b")
+    assert len(a) == len(b) == 3  # 30 inputs in batches of 10
+    for sa, sb in zip(a, b):
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     x, labels, logits = _load(tmp_path / "a")
     assert x.shape == (30, 1, 32, 32) and labels.bincount().tolist() == [3] * 10
     assert 0 <= x.min() and x.max() <= 1
@@ -69,8 +71,10 @@ def test_kill_and_resume_equals_uninterrupted(teacher, meta, tmp_path, monkeypat
         _load(tmp_path / "resumed")
     monkeypatch.setattr(rec, "optimise_batch", real)
     reconstruct(teacher, meta, tmp_path / "resumed", CFG)
-    for sa, sb in zip(_shards(tmp_path / "whole"), _shards(tmp_path / "resumed")):
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    whole, resumed = _shards(tmp_path / "whole"), _shards(tmp_path / "resumed")
+    assert len(whole) == len(resumed) == 3  # the resumed run finished the set, not only its first shard
+    for sa, sb in zip(whole, resumed):
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_shards(teacher, meta, tmp_path, monkeypatch):

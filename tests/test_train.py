@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -7,6 +9,7 @@ from dfkd.data import open_data
 from dfkd.evaluation import evaluate
 from dfkd.models import build_model
 from dfkd.training import cross_entropy_loss, fit, train
+from tests.conftest import assert_count, near_ties
 
 
 def test_trained_teacher_beats_stated_accuracy(teacher, small):
@@ -17,8 +20,38 @@ def test_trained_teacher_beats_stated_accuracy(teacher, small):
 
 
 def test_agreement_and_share(teacher, small):
-    res = evaluate(teacher, small.test, teacher=teacher)
-    assert res["agreement"] == 1.0 and abs(res["share_of_teacher"] - 1.0) < 1e-12
+    """A barely trained student (one epoch on 1,500 images: ~38% right) against the teacher on 1,000
+    real test images: every figure against counts made here in float64 on copies of both models,
+    each within the bounds the near ties (samples whose top-2 margin is within float32's rounding)
+    leave, however they fall on this machine's kernels."""
+    x, y = small.test
+    torch.manual_seed(0)
+    student, _ = build_model("lenet5-half", small.info)
+    train(student, (small.train[0][:1500], small.train[1][:1500]), TrainConfig(epochs=1, lr=3e-3, progress=False))
+    res = evaluate(student, small.test, teacher=teacher)
+    with torch.no_grad():
+        out_s, out_t = (copy.deepcopy(m).double().eval()(x.double()) for m in (student, teacher))
+        near_s, near_t = (near_ties(out, m.eval()(x)) for m, out in ((student, out_s), (teacher, out_t)))
+    ps, pt = out_s.argmax(1), out_t.argmax(1)
+    n = len(y)
+    assert res["n"] == n == 1000
+    # each figure from its own pair: a sample is uncertain where a model it compares is near a tie
+    hits = {"accuracy": (ps == y, near_s), "teacher_accuracy": (pt == y, near_t),
+            "agreement": (ps == pt, near_s | near_t)}
+    counts = {key: assert_count(res[key], n, hit, near, key) for key, (hit, near) in hits.items()}
+    assert 0 < counts["agreement"] < n
+    # a figure computed from a wrong pair (or two swapped) fails above wherever the right and the wrong
+    # pair's bounds do not overlap (here the student's ~38% and the teacher's ~95%); the comparison of
+    # the teacher with itself below catches a wrong agreement without relying on that
+    assert abs(res["share_of_teacher"] - res["accuracy"] / res["teacher_accuracy"]) < 1e-6
+    for c in range(10):
+        k = y == c
+        assert_count(res["per_class"][str(c)], int(k.sum()), (ps == c)[k], near_s[k], c)
+    # the teacher against itself: the same float32 predictions, so agreement is exactly 1 and its
+    # accuracy is the teacher's whatever the near ties do
+    own = evaluate(teacher, small.test, teacher=teacher)
+    assert own["agreement"] == 1.0 and own["accuracy"] == own["teacher_accuracy"] == res["teacher_accuracy"]
+    assert own["accuracy"] != 1.0
 
 
 def test_a_dataloader_trains_like_a_dataset(small):

