@@ -35,7 +35,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .privacy import CELLS, LOG2_LOW, LOG2_STEP, SHARES, Budget, ClippedMoments
+from .privacy import CELLS, LOG2_LOW, LOG2_STEP, SHARES, Budget, ClippedMoments, calibrate, histogram
 
 ALPHA = 1e-6  # the audit's error probability, each way
 FACTORS = (2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 64.0)  # the under-noising (multipliers divided by) thresholds are tuned to
@@ -181,7 +181,6 @@ def release_budget(epsilon: float, delta: float, bound: float) -> Budget:
 def calibrated_mu(budget: Budget) -> dict[str, float]:
     """Each release kind's Gaussian-DP ``mu`` (``1 / multiplier``) from its share and the accountant's scale,
     and ``"composed"``, ``sqrt(sum mu^2)`` over every event of the file."""
-    from .privacy import calibrate
     scale = calibrate(budget.epsilon, budget.delta, budget.groups())
     shares = {ev: round(w, 12) for ev, w in budget.shares().items()}
     out = {k: math.sqrt(shares[ev]) / scale for k, ev in EVENTS.items()}
@@ -218,7 +217,6 @@ def release_draws(budget: Budget, n: int, bound: float = 3.0) -> dict[str, tuple
     canary, through the real release functions (``Budget.noisy_counts``, ``Budget.noisy_histogram``,
     ``Budget.release`` with diagonal and full second moments): the draws are the rows of one batched call (the
     histogram's: ``n / CELLS`` rows of every cell, a canary in each cell, noise independent per cell)."""
-    from .privacy import histogram
     out = {}
     counts = torch.full((n,), 1000, dtype=torch.long)  # far above the floor of 2
     out["count"] = (budget.noisy_counts(counts).double(), budget.noisy_counts(counts + 1).double())

@@ -7,6 +7,7 @@ code that a file names: user code runs only when the user names it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -46,9 +47,8 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent)
-        with os.fdopen(fd, "wb") as f:  # open, and so locked, until the rename is done
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        f, tmp = _locked_temp(path)
+        with f:  # open, and so locked, until the rename is done
             umask = os.umask(0)
             os.umask(umask)
             os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
@@ -70,16 +70,48 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     return path
 
 
-def _orphaned(p: Path) -> bool:
-    """Whether no process holds the temp file ``p``: its writer died (the kernel released its lock)."""
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+def _locked_temp(path: Path, tries: int = 8):
+    """A new temp file beside ``path``, open for writing and locked, and its name. A sweep may take
+    a temp file in the instant between its creation and its lock; then the file is gone by the
+    time the lock is ours (no link left), and another is made. On a file system without locks the
+    file is written unlocked (a sweep keeps what it cannot lock)."""
+    for _ in range(tries):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        f = os.fdopen(fd, "wb")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno in _NO_LOCKS:
+                return f, tmp
+            f.close()
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        try:
+            if os.fstat(fd).st_nlink > 0 and os.path.samestat(os.fstat(fd), os.stat(tmp)):
+                return f, tmp
+        except FileNotFoundError:
+            pass
+        f.close()
+    raise OSError(errno.EAGAIN, "temp files kept vanishing")
+
+
+def _sweep_one(p: Path) -> bool:
+    """Delete the temp file ``p`` if no process holds it (its writer died, and the kernel released
+    its lock); the lock is held while the file is deleted. Whether it was."""
     try:
         fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:  # gone (renamed into place meanwhile), a link, or unreadable: not ours to judge
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not os.path.samestat(os.fstat(fd), os.stat(p, follow_symlinks=False)):
+            return False
+        p.unlink()
         return True
-    except OSError:  # its writer holds it
+    except OSError:  # its writer holds it, or it went meanwhile
         return False
     finally:
         os.close(fd)
@@ -95,8 +127,7 @@ def sweep_temps(folder: str | os.PathLike, recursive: bool = False) -> int:
         return 0
     pattern = ".*" + TEMP_SUFFIX
     for p in folder.rglob(pattern) if recursive else folder.glob(pattern):
-        if _TEMP.match(p.name) and p.is_file() and not p.is_symlink() and _orphaned(p):
-            p.unlink(missing_ok=True)
+        if _TEMP.match(p.name) and p.is_file() and not p.is_symlink() and _sweep_one(p):
             n += 1
     return n
 

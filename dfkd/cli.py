@@ -307,7 +307,7 @@ def _cmd_run(a) -> int:
     path = run(RunConfig(out=out, profile=a.profile, networks=_list(a.networks), objectives=objectives,
                          teacher=a.teacher, teachers=a.teachers, images=a.images, steps=a.steps, epochs=a.epochs,
                          baselines=not a.no_baselines, seed=a.seed, seeds=a.seeds, data=a.data or "mnist", device=a.device,
-                         progress=not a.quiet, restart=a.restart))
+                         conv_stats=a.conv_stats, progress=not a.quiet, restart=a.restart))
     _say((path.parent / "results.md").read_text())
     _say(f"results: {path} and {path.parent / 'results.md'}")
     return 0
@@ -435,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--steps", type=int, default=None, help="Adam steps per image (default: the profile's)")
     u.add_argument("--epochs", type=_positive(int), default=None, help="distillation epochs (default: the profile's)")
     u.add_argument("--no-baselines", action="store_true", help="skip the real-data and real-KD students")
+    u.add_argument("--conv-stats", choices=("unit", "channel"), default=default(RunConfig, "conv_stats"),
+                   help="conv maps' all-layers statistics per unit (the paper's) or per channel")
     u.add_argument("--out", default=None, help="run directory (default: runs/<profile>)")
     u.set_defaults(func=_cmd_run)
 

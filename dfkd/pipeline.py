@@ -142,13 +142,15 @@ def _teacher(cfg: RunConfig, net: str, d: Path, p: dict, dev,
     return model.to(dev), desc, data, secs
 
 
-def _stale(spath: Path, teacher_sha: str | None) -> bool:
-    """Whether a statistics file is unreadable or recorded on another teacher."""
+def _stale(spath: Path, teacher_sha: str | None, conv_stats: str) -> str | None:
+    """Why a statistics file cannot serve this run (unreadable, another teacher's, or its conv maps
+    recorded per another ``conv_stats``), or None."""
     try:
-        load_stats(spath, teacher_sha)
-    except DfkdError:
-        return True
-    return False
+        meta = load_stats(spath, teacher_sha)
+    except DfkdError as e:
+        return str(e)
+    modes = {layer.get("stat", "unit") for layer in meta.header.get("layers", []) if layer.get("type") == "conv"}
+    return f"conv_stats {'/'.join(sorted(modes))} -> {conv_stats}" if modes - {conv_stats} else None
 
 
 def _student_row(path: Path) -> dict | None:
@@ -300,7 +302,12 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
             spath = stats_path(td / "teacher") if not cfg.teacher else stats_path(cfg.teacher)
             rsecs = 0.0
             own = not (cfg.teacher or cfg.teachers)  # statistics this run recorded: redone with --restart if stale
-            if ranks.main and (not spath.is_file() or (own and cfg.restart and _stale(spath, desc.get("sha256")))):
+            why = _stale(spath, desc.get("sha256"), cfg.conv_stats) if ranks.main and spath.is_file() else None
+            if why and why.startswith("conv_stats") and not (own and cfg.restart):
+                raise DfkdError(spath, f"holds statistics recorded with other settings ({why}); "
+                                + ("rerun with --restart to record them again, or " if own else "")
+                                + f"give --conv-stats {why.split()[1]}")
+            if ranks.main and (not spath.is_file() or (own and cfg.restart and why)):
                 rc = RecordConfig(conv_stats=cfg.conv_stats, progress=cfg.progress)
                 meta, rsecs = _timed(record, teacher, data, rc)
                 save_stats(meta, spath)

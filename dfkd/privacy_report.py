@@ -12,6 +12,8 @@ only the file is released, and it holds nothing exact about the examples.
 """
 from __future__ import annotations
 
+import re
+
 from .errors import DfkdError
 
 LOOSE = 10.0  # a chosen bound this many times the released median norm is reported as loose
@@ -131,7 +133,6 @@ def key_paths(h: dict, prefix: str = ""):
 
 def field_status(path: str) -> str | None:
     """The status ``HEADER_FIELDS`` gives a key path (None: not listed)."""
-    import re
     for patterns, status, _ in HEADER_FIELDS:
         for p in patterns:
             if re.fullmatch(re.escape(p).replace(r"\*", ".*"), path):

