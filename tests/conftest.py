@@ -19,7 +19,9 @@ from dfkd.recording import record, record_file
 from dfkd.specs import DataRef, ModelRef
 from dfkd.training import train, train_file
 
-torch.set_num_threads(2)
+# one thread: beside another busy job, two OpenMP threads on two cores spin against each other (a distill
+# test took 89 s with two threads and 39 s with one while a 2-thread job ran); DFKD_TEST_THREADS overrides
+torch.set_num_threads(int(os.environ.get("DFKD_TEST_THREADS", "1")))
 for _hook in ("DFKD_TEST_CRASH_AT", "DFKD_TEST_WRITE_LOG"):  # the fault hooks: set only by the tests that mean them
     os.environ.pop(_hook, None)
 ROOT = Path(__file__).resolve().parent.parent
