@@ -29,7 +29,7 @@ from .data import DataInfo, as_batches
 from .errors import DfkdError
 from .metadata import Metadata
 from .specs import DataRef, ModelRef
-from .taps import tap
+from .taps import resolve, tap
 
 MAX_INPUT_DIM = 16384  # inputs larger than this are not inverted column by column
 
@@ -44,11 +44,33 @@ class Inversion:
     means: torch.Tensor  # [C, *shape], raw units
 
 
+class _Reached(Exception):
+    """Raised by the hook once the tapped layer has run: nothing after it is needed."""
+
+
 def _stat(model: nn.Module, path: str, stat: str, x: torch.Tensor) -> torch.Tensor:
-    with tap(model, [path]) as acts:
+    got: dict[str, torch.Tensor] = {}
+
+    def hook(_m, _inp, out):
+        got["out"] = out
+        raise _Reached
+
+    handle = resolve(model, [path])[path].register_forward_hook(hook)
+    try:
         model(x)
-    out = acts[path]
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    out = got["out"]
     return out.flatten(2).mean(2) if stat == "channel" else out.flatten(1)
+
+
+def _solve(jac: torch.Tensor, rhs: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """``(rank of jac, min-norm least-squares solution of jac @ sol = rhs)`` from one gelsd call (an
+    SVD): its cut-off, σ_max · max(m, n) · eps, is the one ``torch.linalg.matrix_rank`` uses."""
+    res = torch.linalg.lstsq(jac, rhs, driver="gelsd")
+    return int(res.rank), res.solution
 
 
 def _affine_records(model: nn.Module, meta: Metadata):
@@ -77,10 +99,9 @@ def invert(model: nn.Module, meta: Metadata) -> list[Inversion]:
     out = []
     for layer, jac, zero in _affine_records(model, meta):
         mean = meta.get("all-layers", "mean", layer["path"]).double()
-        sol = torch.linalg.lstsq(jac, (mean - zero).T, driver="gelsd").solution.T  # min-norm least squares
-        raw = meta.data.to_raw(sol.float().view(-1, *meta.data.shape))
-        out.append(Inversion(layer["path"], layer["stat"], int(torch.linalg.matrix_rank(jac)), jac.shape[1],
-                             layer["cov"], raw))
+        rank, sol = _solve(jac, (mean - zero).T)  # min-norm least squares
+        raw = meta.data.to_raw(sol.T.float().view(-1, *meta.data.shape))
+        out.append(Inversion(layer["path"], layer["stat"], rank, jac.shape[1], layer["cov"], raw))
     return out
 
 
@@ -91,10 +112,10 @@ def revealed_means(model: nn.Module, meta: Metadata) -> torch.Tensor | None:
     if "all-layers" not in meta.kinds or math.prod(meta.data.shape) > MAX_INPUT_DIM:
         return None
     for layer, jac, zero in _affine_records(model, meta):
-        if int(torch.linalg.matrix_rank(jac)) == jac.shape[1]:
-            mean = meta.get("all-layers", "mean", layer["path"]).double()
-            sol = torch.linalg.lstsq(jac, (mean - zero).T).solution.T
-            return meta.data.to_raw(sol.float().view(-1, *meta.data.shape))
+        mean = meta.get("all-layers", "mean", layer["path"]).double()
+        rank, sol = _solve(jac, (mean - zero).T)
+        if rank == jac.shape[1]:
+            return meta.data.to_raw(sol.T.float().view(-1, *meta.data.shape))
     return None
 
 

@@ -20,8 +20,10 @@ from dfkd.specs import DataRef, ModelRef
 from dfkd.training import train, train_file
 
 # one thread: beside another busy job, two OpenMP threads on two cores spin against each other (a distill
-# test took 89 s with two threads and 39 s with one while a 2-thread job ran); DFKD_TEST_THREADS overrides
-torch.set_num_threads(int(os.environ.get("DFKD_TEST_THREADS", "1")))
+# test took 89 s with two threads and 39 s with one while a 2-thread job ran); DFKD_TEST_THREADS overrides.
+# OMP_NUM_THREADS too, so that dfkd's own setup_threads and every dfkd the tests start keep to it
+os.environ["OMP_NUM_THREADS"] = os.environ.get("DFKD_TEST_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 for _hook in ("DFKD_TEST_CRASH_AT", "DFKD_TEST_WRITE_LOG"):  # the fault hooks: set only by the tests that mean them
     os.environ.pop(_hook, None)
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,13 +80,13 @@ def idx_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def colour_dir(tmp_path_factory) -> Path:
-    """Colourised MNIST digits, 32x32 RGB, as an image folder (2,000 train, 500 test), written by
+    """Colourised MNIST digits, 32x32 RGB, as an image folder (1,200 train, 300 test), written by
     examples/colour_digits.py as a user would."""
     import subprocess
     import sys
     d = tmp_path_factory.mktemp("colour")
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "colour_digits.py"), str(d), "--train", "2000",
-                        "--test", "500"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "colour_digits.py"), str(d), "--train", "1200",
+                        "--test", "300"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return d
 

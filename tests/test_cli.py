@@ -17,7 +17,7 @@ from tests.conftest import ROOT, assert_count, near_ties
 
 
 def dfkd(*args, cwd=None):
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = dict(os.environ)
     return subprocess.run([sys.executable, "-m", "dfkd", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=900)
 
@@ -195,7 +195,7 @@ def test_readme_own_model_section_runs_as_written(tmp_path):
                 if "examples/" in a and ":" in a else a for a in argv]
         r = subprocess.run(argv + SMALL.get(name, []) + (["--quiet"] if cmd[0] == "dfkd" else []), cwd=tmp_path,
                            capture_output=True, text=True, timeout=900,
-                           env=dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT)))
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
         assert r.returncode == 0, (cmd, r.stderr)
         out = r.stdout
     assert "test accuracy" in out and "agreement" in out

@@ -32,9 +32,9 @@ def commands(world, out: Path) -> dict[str, list[str]]:
     return {
         "record": ["record", "--teacher", t, "--out", str(out / "t.stats.safetensors"), "--batch-size", "100"],
         "reconstruct": ["reconstruct", "--teacher", t, "--stats", str(world.stats), "--objective", "all-layers",
-                        "--images", "120", "--batch-size", "20", "--steps", "40", "--out", str(out / "syn")],
+                        "--images", "60", "--batch-size", "20", "--steps", "10", "--out", str(out / "syn")],
         "distill": ["distill", "--synthetic", str(world.synthetic), "--teacher", t, "--out", str(out / "student"),
-                    "--epochs", "12", "--batch-size", "8", "--augment", "shift+mix"],
+                    "--epochs", "6", "--batch-size", "8", "--augment", "shift+mix"],
         "run": ["run", "--profile", "tiny", "--networks", "lenet5", "--objectives", "top-layer", "--no-baselines",
                 "--images", "40", "--steps", "20", "--data", world.data, "--out", str(out / "run")],
     }

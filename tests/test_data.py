@@ -86,13 +86,13 @@ def test_folder_source_reads_colour_images_as_pillow_does(colour_dir):
     from PIL import Image
     d = open_data(f"folder:{colour_dir}")
     assert d.info.shape == (3, 32, 32) and d.info.class_names == tuple(str(i) for i in range(10))
-    assert len(d.train) == 2000 and len(d.test) == 500
-    x, y = next(as_batches(d.train, 5, torch.tensor([0, 1, 2, 1999, 1000])))
-    f = d.train.images.files[1999]
+    assert len(d.train) == 1200 and len(d.test) == 300
+    x, y = next(as_batches(d.train, 5, torch.tensor([0, 1, 2, 1199, 600])))
+    f = d.train.images.files[1199]
     oracle = torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1).float() / 255
     assert torch.equal(x[3], oracle) and int(y[3]) == int(f.parent.name)
     labels = d.train.labels
-    assert labels.bincount().tolist() == np.bincount(mnist_arrays()["train_y"][:2000]).tolist()
+    assert labels.bincount().tolist() == np.bincount(mnist_arrays()["train_y"][:1200]).tolist()
 
 
 def test_folder_of_16_bit_pngs_reads_as_the_8_bit_folder_scaled(tmp_path):
@@ -187,7 +187,7 @@ def test_normalisation_auto_is_the_channel_moments(colour_dir):
     mean, std = raw.mean((0, 2, 3)), raw.std((0, 2, 3), unbiased=False)
     assert torch.allclose(torch.tensor(d.info.mean, dtype=torch.float64), mean, atol=1e-6)
     assert torch.allclose(torch.tensor(d.info.std, dtype=torch.float64), std, atol=1e-6)
-    x, _ = next(as_batches(d.train, 2000))
+    x, _ = next(as_batches(d.train, 1200))
     assert torch.allclose(x.double().mean((0, 2, 3)), torch.zeros(3, dtype=torch.float64), atol=1e-5)
     info = d.info
     assert torch.allclose(info.to_raw(info.to_model(raw[:4].float())), raw[:4].float(), atol=1e-6)

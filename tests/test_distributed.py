@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -61,6 +62,7 @@ def test_sharded_reconstruction_is_bit_identical(world, tmp_path):
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
+@pytest.mark.slow  # 28 s: six processes; the sharding it relies on is checked in CI by the tests beside it
 def test_rank_split_without_a_group_and_resume(world, tmp_path):
     """--rank/--world-size: separate jobs sharing a folder, no process group; the set completes when
     the last share is done, and a share re-run after being interrupted does only what is missing."""
@@ -128,6 +130,7 @@ def test_ddp_distillation_matches_one_process(world, tmp_path):
     assert not (tmp_path / "two.state.safetensors").exists()  # rank 0 wrote, and removed, the only checkpoint
 
 
+@pytest.mark.slow  # 17 s: train and record under two ranks and sharded shards run in CI
 def test_run_under_two_ranks(world, tmp_path):
     """``dfkd run`` as torchrun would start it: the teacher and statistics of an earlier run, the
     shards split over two ranks (the same bytes as one process's), every student data-parallel,
