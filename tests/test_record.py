@@ -132,6 +132,7 @@ print(meta.header["recorded_on"]["n_samples"], resource.getrusage(resource.RUSAG
 """
 
 
+@pytest.mark.slow  # 12 s: 50,000 generated images; the streaming code path runs in CI on every record test
 def test_a_large_generated_set_streams_in_bounded_memory(tmp_path):
     """200,000 items of 1x16x16 are 205 MB as float32; recording them holds one batch at a time."""
     def run(n):
