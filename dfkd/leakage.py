@@ -45,15 +45,19 @@ class Inversion:
 
 
 class _Reached(Exception):
-    """Raised by the hook once the tapped layer has run: nothing after it is needed."""
+    """Raised by the hook once the tapped layer has run its last call: nothing after it is needed."""
 
 
-def _stat(model: nn.Module, path: str, stat: str, x: torch.Tensor) -> torch.Tensor:
+def _stat(model: nn.Module, path: str, stat: str, x: torch.Tensor, calls: int = 0) -> tuple[torch.Tensor, int]:
+    """The record's statistic of ``path`` for ``x`` as ``tap`` sees it (the layer's last call in the
+    forward), and how many times the layer ran. Given ``calls``, the forward stops after that call."""
     got: dict[str, torch.Tensor] = {}
+    ran = [0]
 
     def hook(_m, _inp, out):
-        got["out"] = out
-        raise _Reached
+        got["out"], ran[0] = out, ran[0] + 1
+        if ran[0] == calls:
+            raise _Reached
 
     handle = resolve(model, [path])[path].register_forward_hook(hook)
     try:
@@ -63,7 +67,7 @@ def _stat(model: nn.Module, path: str, stat: str, x: torch.Tensor) -> torch.Tens
     finally:
         handle.remove()
     out = got["out"]
-    return out.flatten(2).mean(2) if stat == "channel" else out.flatten(1)
+    return (out.flatten(2).mean(2) if stat == "channel" else out.flatten(1)), ran[0]
 
 
 def _solve(jac: torch.Tensor, rhs: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -82,8 +86,8 @@ def _affine_records(model: nn.Module, meta: Metadata):
     for layer in meta.header["layers"]:
         path, stat = layer["path"], layer["stat"]
         x, y = (torch.randn((2, *info.shape), generator=g, dtype=torch.float64) for _ in range(2))
-        s = lambda v: _stat(m, path, stat, v)  # noqa: E731
-        zero = s(torch.zeros((1, *info.shape), dtype=torch.float64))
+        zero, calls = _stat(m, path, stat, torch.zeros((1, *info.shape), dtype=torch.float64))
+        s = lambda v: _stat(m, path, stat, v, calls)[0]  # noqa: E731  (a layer called twice: its last call)
         lhs, rhs = s(x + 0.5 * y) - zero, s(x) - zero + 0.5 * (s(y) - zero)
         if not torch.allclose(lhs, rhs, rtol=1e-6, atol=1e-8 * float(rhs.abs().max() + 1)):
             continue  # not affine in the input: a nonlinearity lies before this layer

@@ -63,6 +63,29 @@ def test_per_channel_conv_record_gives_only_a_projection(mnist_subset, small):
     assert channel.header["closed_form"][0]["class_means"] == "projection of rank 6"
 
 
+class TwiceCalled(torch.nn.Module):
+    """One Linear layer applied twice, a ReLU between: its record (the last call, as the tap keeps
+    it) lies behind the ReLU, while its first call alone is affine in the input."""
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = torch.nn.Linear(784, 784), torch.nn.Linear(784, 10)
+
+    def forward(self, x):
+        return self.head(self.lin(torch.relu(self.lin(x.flatten(1)))))
+
+
+def test_a_layer_called_twice_is_judged_by_its_recorded_call(mnist_subset):
+    """Stopping the forward at the layer's first call would judge the wrong call affine and claim
+    exact class means the file does not give."""
+    x, y = mnist_subset
+    info = open_data("mnist").info
+    torch.manual_seed(0)
+    model = TwiceCalled()
+    meta = record(model, (info.to_model(x[:500]), y[:500]),
+                  RecordConfig(kinds=("all-layers",), layers=["lin"], progress=False), info)
+    assert invert(model, meta) == [] and meta.header["closed_form"] == []
+
+
 def test_own_bn_residual_model_on_colour_folder(colour_dir):
     """A model dfkd did not define, 3-channel images read from a folder: its first conv's per-unit
     record gives the class means exactly; the true means are read with Pillow here, independently."""
