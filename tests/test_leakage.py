@@ -92,7 +92,7 @@ def test_own_bn_residual_model_on_colour_folder(colour_dir):
     from PIL import Image
     data = open_data(f"folder:{colour_dir}", normalize="auto")
     torch.manual_seed(0)
-    model, info = build_model(f"{OWN}:teacher", data.info, in_channels=3, width=8)
+    model, info = build_model(f"{OWN}:teacher", data.info, in_channels=3, width=4)
     meta = record(model.eval(), data, RecordConfig(kinds=("all-layers",), layers=["stem.0", "head.2"],
                                                    conv_stats="unit", progress=False))
     inv = invert(model, meta)
