@@ -13,7 +13,7 @@ import time
 import torch
 
 from dfkd.objectives import OBJECTIVES
-from dfkd.pipeline import PAIRS
+from dfkd.profiles import PAIRS
 
 from . import bench_distill, bench_evaluate, bench_reconstruct, bench_record, bench_train
 from .common import dump, in_child, matmul_peak_gflops

@@ -20,14 +20,13 @@ from pathlib import Path
 import torch
 
 import dfkd
-from dfkd.checkpoint import atomic_write, read_json, write_json
 from dfkd.config import DistillConfig, ReconstructConfig
-from dfkd.data import open_data
+from dfkd.files import atomic_write, read_json, write_json
 from dfkd.metadata import load
-from dfkd.pipeline import PAIRS, PAPER, PROFILES
-from dfkd.recording import stats_path
+from dfkd.profiles import PAIRS, PAPER, PROFILES
 from dfkd.runtime import setup_threads
-from dfkd.specs import build_student
+from dfkd.sources import open_data
+from dfkd.specs import build_student, stats_path
 
 # rung name -> (reconstruction fields, distillation augment); each rung keeps the ones before it
 LADDER = (

@@ -11,7 +11,7 @@ import torch
 from dfkd.config import DistillConfig
 from dfkd.distillation import distill
 from dfkd.models import build_model, predict_logits
-from dfkd.pipeline import PAIRS
+from dfkd.profiles import PAIRS
 
 from .bench_train import train_epoch_seconds
 from .common import forward_flops, network, row

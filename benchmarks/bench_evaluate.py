@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from dfkd.evaluation import accuracy
+from dfkd.loop import accuracy
 
 from .common import forward_flops, network, row
 

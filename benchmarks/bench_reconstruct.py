@@ -9,10 +9,10 @@ import time
 
 import torch
 
-from dfkd.config import ReconstructConfig, RecordConfig
+from dfkd.config import ReconstructConfig, RecordConfig, RunConfig
 from dfkd.fastgrad import eligible, input_grad_by_fold
 from dfkd.objectives import make_objective
-from dfkd.pipeline import PROFILES, RunConfig
+from dfkd.profiles import PROFILES
 from dfkd.reconstruction import optimise_batch
 from dfkd.recording import record
 

@@ -19,7 +19,8 @@ OWN = "examples/own_model.py:teacher"
 def measure(name: str, batch_size: int = 1000, n: int | None = None) -> list[dict]:
     """``name``: a registry network, or ``own`` (the BN/GELU/residual CNN of examples/own_model.py)."""
     if name == "own":
-        from dfkd.data import as_batches, open_data
+        from dfkd.data import as_batches
+        from dfkd.sources import open_data
         from dfkd.models import build_model
         torch.manual_seed(0)
         m, info = build_model(OWN, open_data("mnist").info)

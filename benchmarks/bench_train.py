@@ -4,7 +4,8 @@ from __future__ import annotations
 import time
 
 from dfkd.config import TrainConfig
-from dfkd.training import cross_entropy_loss, fit
+from dfkd.loop import fit
+from dfkd.training import cross_entropy_loss
 
 from .common import forward_flops, network, row
 

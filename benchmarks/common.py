@@ -33,7 +33,8 @@ def matmul_peak_gflops(n: int = 2048, repeat: int = 5) -> float:
 
 def network(name: str, split: str = "train", n: int | None = None):
     """A fresh registry network (seeded) and ``n`` MNIST inputs fitted to it, as tensors."""
-    from dfkd.data import as_batches, open_data
+    from dfkd.data import as_batches
+    from dfkd.sources import open_data
     from dfkd.models import build_model
     torch.manual_seed(0)
     model, info = build_model(name, open_data("mnist").info)

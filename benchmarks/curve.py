@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dfkd.checkpoint import atomic_write, read_json
+from dfkd.config import RunConfig
+from dfkd.files import atomic_write, read_json
 from dfkd.objectives import OBJECTIVES
-from dfkd.pipeline import PAIRS, PAPER, RunConfig, cells, run
+from dfkd.pipeline import cells, run
+from dfkd.profiles import PAIRS, PAPER
 
 from .ablation import LADDER
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dfkd.checkpoint import read_json, write_json
 from dfkd.config import RecordConfig
+from dfkd.files import read_json, write_json
 from dfkd.leakage import measure, picture
 from dfkd.metadata import load
 from dfkd.recording import record

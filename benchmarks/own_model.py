@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 import dfkd
-from dfkd.checkpoint import atomic_write, load_model, save_model
+from dfkd.checkpoint import load_model, save_model
 from dfkd.config import DistillConfig, ReconstructConfig, RecordConfig, TrainConfig
+from dfkd.files import atomic_write
 from dfkd.metadata import load, save
 from dfkd.specs import build_student
 

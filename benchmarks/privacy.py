@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 import dfkd
-from dfkd.checkpoint import atomic_write, read_json, write_json
 from dfkd.config import DistillConfig, ReconstructConfig, RecordConfig
-from dfkd.leakage import class_means, invert, recovery, picture
+from dfkd.files import atomic_write, read_json, write_json
+from dfkd.inversion import invert
+from dfkd.leakage import class_means, picture, recovery
 from dfkd.specs import DataRef, ModelRef, build_student, open_with_data
 
 # model -> (student, objective, stats kinds, conv stats, reconstruction, distillation): each model's best

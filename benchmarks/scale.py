@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from dfkd.checkpoint import read_json, write_json
-from dfkd.pipeline import PAIRS, PROFILES
+from dfkd.files import read_json, write_json
+from dfkd.profiles import PAIRS, PROFILES
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 

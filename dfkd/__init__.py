@@ -9,7 +9,8 @@ pipeline on the paper's networks. The modules are named after the steps (``recor
 __version__ = "0.2.0"
 
 from .errors import DfkdError  # noqa: E402
-from .data import DataInfo, DataSource, open_data  # noqa: E402
+from .data import DataInfo, DataSource  # noqa: E402
+from .sources import open_data  # noqa: E402
 from .models import MODELS, build_model  # noqa: E402
 from .checkpoint import load_model, save_model  # noqa: E402
 from .config import DistillConfig, ReconstructConfig, RecordConfig, TrainConfig  # noqa: E402

@@ -35,7 +35,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .privacy import CELLS, LOG2_LOW, LOG2_STEP, SHARES, Budget, ClippedMoments, calibrate, histogram
+from .accountant import calibrate
+from .privacy import Budget, CELLS, ClippedMoments, LOG2_LOW, LOG2_STEP, SHARES, histogram
 
 ALPHA = 1e-6  # the audit's error probability, each way
 FACTORS = (2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 64.0)  # the under-noising (multipliers divided by) thresholds are tuned to

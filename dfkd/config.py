@@ -1,5 +1,5 @@
-"""Frozen configuration per stage, saved as JSON beside what each stage writes. The command
-line's defaults are these fields' defaults (``default``)."""
+"""Frozen configuration per stage and for the whole run (``RunConfig``), saved as JSON beside what
+each stage writes. The command line's defaults are these fields' defaults (``default``)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -73,6 +73,27 @@ class DistillConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out: str = "runs/quick"
+    profile: str = "quick"
+    networks: tuple[str, ...] = ("lenet5", "hinton-1200")
+    objectives: tuple[str, ...] | None = None  # None: the profile's, else every objective but bn-stats (no BN here)
+    teacher: str | None = None      # a saved teacher to use instead of training one (one network only)
+    teachers: str | None = None     # an earlier run directory whose <network>/teacher* to use (or train there)
+    images: int | None = None       # override the profile's synthetic images per objective
+    steps: int | None = None        # override the profile's Adam steps per image
+    epochs: int | None = None       # override the profile's distillation epochs
+    baselines: bool = True          # also train the real-data and real-KD students
+    seed: int = 0                   # the teacher's seed, and the first student seed
+    seeds: int = 1                  # students per cell, seeds seed, seed + 1, ...: the table gives mean and spread
+    data: str = "mnist"             # a data spec (mnist, idx:DIR, folder:DIR, npz:FILE)
+    conv_stats: str = "unit"        # conv maps per unit: the paper's LeNet-5 statistics
+    device: str = "cpu"
+    progress: bool = True
+    restart: bool = False           # redo work made with other settings (or damaged) instead of refusing
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

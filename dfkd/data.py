@@ -1,13 +1,12 @@
-"""What a model's inputs look like, data sources named by spec strings, and streaming batches.
+"""What a model's inputs look like, a source's two splits, and streaming batches.
 
 ``DataInfo`` is the one description of a model's data: the shape of one input, the class
 count and names, the raw value range and the per-channel normalisation
 ``model input = (raw - mean) / std``. It is saved beside every model, in every statistics
 file and every synthetic set, so later steps work in the same input space.
 
-``open_data(spec)`` resolves ``mnist`` (the bundled copy), ``idx:DIR``, ``folder:DIR`` and
-``npz:FILE`` (see ``sources``) into a ``DataSource`` of two streaming datasets. The API also
-takes any torch ``Dataset`` or ``DataLoader`` yielding ``(input, label)`` (``as_batches``).
+``sources.open_data(spec)`` resolves a data spec into a ``DataSource`` of two streaming datasets.
+The API also takes any torch ``Dataset`` or ``DataLoader`` yielding ``(input, label)`` (``as_batches``).
 """
 from __future__ import annotations
 
@@ -15,6 +14,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -71,7 +71,9 @@ class DataInfo:
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise DfkdError(where, f"{len(self.class_names)} class names for {self.num_classes} classes")
 
-    def _chan(self, v: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
+    def per_channel(self, v: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
+        """``v`` (one value, or one per channel) as a tensor on ``x``'s device and dtype that broadcasts
+        over a batch ``x`` ``[N, C, ...]``."""
         t = torch.tensor(v, dtype=x.dtype, device=x.device)
         return t.view(1, -1, *([1] * (x.dim() - 2))) if len(v) > 1 else t
 
@@ -79,12 +81,12 @@ class DataInfo:
         """Raw values ``[N, *shape]`` in the data's range to model inputs."""
         if self.mean == (0.0,) and self.std == (1.0,):
             return raw
-        return (raw - self._chan(self.mean, raw)) / self._chan(self.std, raw)
+        return (raw - self.per_channel(self.mean, raw)) / self.per_channel(self.std, raw)
 
     def to_raw(self, x: torch.Tensor) -> torch.Tensor:
         if self.mean == (0.0,) and self.std == (1.0,):
             return x
-        return x * self._chan(self.std, x) + self._chan(self.mean, x)
+        return x * self.per_channel(self.std, x) + self.per_channel(self.mean, x)
 
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The raw range ``[low, high]`` mapped into the model's space, shaped ``[1, *shape]``."""
@@ -198,6 +200,18 @@ def as_batches(data, batch_size: int, order: torch.Tensor | None = None) -> Iter
             yield torch.stack([torch.as_tensor(a) for a, _ in items]), torch.as_tensor([int(b) for _, b in items])
 
 
+def as_labels(y: np.ndarray, where: object, num_classes: int | None = None) -> torch.Tensor:
+    """Class labels read from a file as a tensor: a 1-d integer array in ``[0, num_classes)`` (where
+    given), else one line naming ``where``."""
+    y = np.asarray(y)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise DfkdError(where, f"labels must be a 1-d integer array (got {y.dtype} of shape {y.shape})")
+    if len(y) and (y.min() < 0 or (num_classes is not None and y.max() >= num_classes)):
+        raise DfkdError(where, f"labels must lie in [0, {(num_classes or 0) - 1}]")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+
 def data_len(data) -> int:
     if isinstance(data, DataLoader):
         return len(data.dataset)
@@ -245,31 +259,3 @@ def parse_normalize(text: str | None, data: DataSource) -> DataSource:
     info = replace(data.info, mean=mean, std=std)
     info.check("normalize")
     return data.with_info(info)
-
-
-def open_data(spec: str = "mnist", test: str | None = None, normalize: str | None = None,
-              info: DataInfo | None = None) -> DataSource:
-    """Resolve a data spec (``mnist``, ``idx:DIR``, ``folder:DIR``, ``npz:FILE``); ``test`` names
-    another source for the test split. ``info`` (a model's saved description) fixes the
-    normalisation and shape the model was trained with; else ``normalize`` sets them."""
-    from .sources import SOURCES
-
-    def resolve(s: str) -> DataSource:
-        kind, _, arg = s.partition(":")
-        if kind not in SOURCES or (kind != "mnist" and not arg):
-            raise DfkdError("data", f"unknown data source {s!r}; use mnist, idx:DIR, folder:DIR or npz:FILE")
-        return SOURCES[kind](arg) if arg else SOURCES[kind]()
-
-    data = resolve(spec)
-    if test is not None:
-        other = resolve(test)
-        if other.info.class_names != data.info.class_names or other.info.num_classes != data.info.num_classes:
-            raise DfkdError("test_data", "its classes differ from the training data's")
-        data.test = other.test if other.test is not None else other.train
-    if info is not None:
-        if data.info.num_classes > info.num_classes:
-            raise DfkdError("data", f"{data.info.num_classes} classes, but the model was made for {info.num_classes}")
-        data.origin["normalisation"] = "model"
-        return data.with_info(replace(info, name=data.info.name, low=data.info.low, high=data.info.high,
-                                      class_names=info.class_names or data.info.class_names))
-    return parse_normalize(normalize, data)

@@ -24,18 +24,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .checkpoint import exclusive, save_model, weights_sha256
+from .checkpoint import save_model
 from .config import DistillConfig, to_dict
-from .data import DataInfo, DataSource, first_batch, open_data
+from .data import DataInfo, DataSource, first_batch
 from .errors import DfkdError
-from .evaluation import accuracy
+from .files import exclusive, weights_sha256
+from .loop import accuracy, fit
 from .models import code_sha256, device_of, is_code_spec, predict_logits, train_logits
-from .resume import canonical, check_finished, config_settings, data_sha256
+from .resume import canonical, check_finished, config_settings
 from .resume import state_path as state_file
 from .runtime import pick_device, seed_everything, setup_threads
+from .sources import data_sha256, open_data
 from .specs import DataRef, ModelRef, build_student, open_model, require_spec
 from .synthetic import SyntheticSet
-from .training import fit
 
 
 AUGMENTS = ("shift", "affine", "none", "shift+mix", "affine+mix", "affine+cutmix", "none+mix", "none+cutmix")
@@ -153,7 +154,7 @@ def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg
 
     k = round(cfg.adversarial * cfg.batch_size)
     bounds = info.bounds() if info is not None else None
-    scale = info._chan(info.std, x0) if info is not None else 1.0
+    scale = info.per_channel(info.std, x0) if info is not None else 1.0
 
     def batch_loss(m, xb, tb, g):
         if k and teacher is not None:

@@ -4,32 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .data import DataSource, as_batches
+from .data import DataSource
 from .errors import DfkdError
-from .models import device_of
+from .loop import predictions
 from .specs import DataRef, ModelRef, open_model, open_with_data
-
-
-@torch.no_grad()
-def predictions(model: nn.Module, data, batch_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted classes and true labels over ``data`` (a Dataset, DataLoader or ``(x, y)``), streamed."""
-    was = model.training
-    model.eval()
-    dev = device_of(model)
-    preds, labels = [], []
-    for xb, yb in as_batches(data, batch_size):
-        preds.append(model(xb.to(dev)).argmax(1).cpu())
-        labels.append(torch.as_tensor(yb).cpu())
-    model.train(was)
-    if not preds:
-        raise DfkdError("data", "the test split holds no examples")
-    return torch.cat(preds), torch.cat(labels)
-
-
-def accuracy(model: nn.Module, data) -> float:
-    """Fraction of ``data`` whose argmax logit equals the true label."""
-    pred, y = predictions(model, data)
-    return (pred == y).float().mean().item()
 
 
 def evaluate(model: nn.Module, data, teacher: nn.Module | None = None, teacher_data=None) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 
 
 def class_grid(x: torch.Tensor, labels: torch.Tensor, per_class: int = 10, scale: int = 2,

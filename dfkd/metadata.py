@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .checkpoint import load_tensors, parse_json, save_tensors, weights_sha256
 from .data import DataInfo
 from .errors import DfkdError
+from .files import load_tensors, parse_json, save_tensors, weights_sha256
+from .stats import ClassMoments, cholesky_psd, low_rank
+from .version import __version__
 
 FORMAT, VERSION = "dfkd-stats", 2
 KINDS = ("top-layer", "all-layers", "spectral-all", "spectral-pairs")
@@ -48,6 +49,30 @@ def gaussian_shapes(mode: str, c: int, d: int) -> dict[str, tuple[int, ...]]:
     else:
         raise ValueError(f"unknown covariance mode {mode!r}")
     return out
+
+
+def cov_mode(spec: str, dim: int) -> str:
+    if spec == "auto":
+        return "full" if dim <= 256 else "diag"
+    if spec in ("full", "diag"):
+        return spec
+    if spec.startswith("lowrank:") and spec[8:].isdigit() and 0 < int(spec[8:]):
+        return f"lowrank:{min(int(spec[8:]), dim)}"
+    raise DfkdError("cov", f"{spec!r} is not auto, full, diag or lowrank:K")
+
+
+def gaussian_tensors(kind: str, part: str | None, m: ClassMoments, mode: str) -> dict[str, torch.Tensor]:
+    """The stored form (``metadata.gaussian_shapes``) of streamed class moments."""
+    t = {"mean": m.mean}
+    cov = m.covariance()
+    if mode == "full":
+        t["chol"] = cholesky_psd(cov)[0]
+    elif mode == "diag":
+        t["std"] = cov.clamp(min=0).sqrt()
+    else:
+        t["factor"], resid = low_rank(cov, int(mode.split(":")[1]))
+        t["resid_std"] = resid.sqrt()
+    return {key(kind, s, part): v for s, v in t.items()}
 
 
 def graphs(h: dict) -> list[tuple[str, str, dict]]:

@@ -84,7 +84,10 @@ def is_code_spec(spec: str) -> bool:
 
 
 def code_sha256(spec: str) -> str | None:
-    """sha256 of the file a code spec names (a module's file for ``package.module:factory``)."""
+    """sha256 of the file a code spec names (a module's file for ``package.module:factory``); None for
+    a registry name (or anything not a code spec)."""
+    if not is_code_spec(spec):
+        return None
     target = spec.rpartition(":")[0]
     if target.endswith(".py"):
         path = Path(target)

@@ -25,8 +25,9 @@ from torch import nn
 from .config import ReconstructConfig
 from .errors import DfkdError
 from .graph import LayerInfo, signal
-from .metadata import Metadata
+from .metadata import Metadata, graphs
 from .models import device_of
+from .stats import class_moments
 from .taps import input_key
 
 Targets = dict[str, torch.Tensor]
@@ -95,21 +96,6 @@ class TopLayer(Objective):
     def loss(self, logits, acts, tg, labels):
         temp = float(self.meta.header["temperature"])
         return (F.relu(tg["top"]) - F.relu(logits / temp)).pow(2).mean(1).sum()
-
-
-def class_moments(out: torch.Tensor, labels: torch.Tensor, k: int, full: bool):
-    """Per-class mean ``[K, C]`` and (co)variance of a map's channels pooled over positions, and the
-    rows each class covers, from per-sample sums (one batched product, no per-class loop)."""
-    z = out.flatten(2)                                  # [B, C, P]
-    onehot = F.one_hot(labels, k).to(z.dtype)           # [B, K]
-    rows = onehot.sum(0) * z.shape[2]                   # [K]
-    denom = rows.clamp(min=1)
-    mean = onehot.T @ z.sum(2) / denom[:, None]
-    if full:
-        second = torch.einsum("bk,bcd->kcd", onehot, z @ z.transpose(1, 2)) / denom[:, None, None]
-        return mean, second - mean[:, :, None] * mean[:, None, :], rows
-    second = onehot.T @ z.pow(2).sum(2) / denom[:, None]
-    return mean, second - mean.pow(2), rows
 
 
 class AllLayers(Objective):
@@ -185,7 +171,6 @@ class _Spectral(Objective):
     def __init__(self, meta, model, cfg):
         super().__init__(meta, model, cfg)
         by_path = {i.path: i for i in self.infos}
-        from .metadata import graphs
         # resolved once: the loss runs every step of every batch
         self._graphs = []
         for kind, part, g in graphs(meta.header):

@@ -14,105 +14,36 @@ min and max) and ``results.md`` are rewritten atomically after every student.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from . import distributed
-from .checkpoint import atomic_write, exclusive, load_model, read_json, save_model, sweep_temps, write_json
-from .config import DistillConfig, ReconstructConfig, RecordConfig, TrainConfig, to_dict
-from .data import open_data
+from .checkpoint import load_model, save_model
+from .config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, TrainConfig, to_dict
 from .distillation import distill
 from .errors import DfkdError
-from .evaluation import accuracy
+from .files import atomic_write, exclusive, read_json, sweep_temps, write_json
+from .loop import accuracy
 from .metadata import load as load_stats
 from .metadata import save as save_stats
 from .models import build_model
 from .objectives import OBJECTIVES
+from .profiles import DAFL_NOISE, PAIRS, PAPER, PROFILES, objectives, recipe
 from .reconstruction import reconstruct
-from .recording import record, stats_path
-from .resume import canonical, config_settings, data_sha256, finished
+from .recording import record
+from .resume import canonical, config_settings, finished
 from .runtime import pick_device, seed_everything, setup_threads
+from .sources import data_sha256, open_data
+from .specs import stats_path
 from .synthetic import SyntheticSet
 from .training import train
-
-PAIRS = {"lenet5": "lenet5-half", "hinton-1200": "hinton-800"}
-# Lopes et al. (2017), Table 1 (MNIST test accuracy, %). The paper has no noise baseline.
-PAPER = {
-    "lenet5": {"teacher": 98.91, "real-data": 98.65, "real-kd": 98.91, "top-layer": 77.30, "all-layers": 85.61,
-               "spectral-all": 90.28, "spectral-pairs": 92.47},
-    "hinton-1200": {"teacher": 96.95, "real-data": 95.70, "real-kd": 95.74, "top-layer": 68.75, "all-layers": 76.38,
-                    "all-layers-dropout": 76.23, "spectral-all": 89.41, "spectral-pairs": 91.24},
-}
-# DAFL (Chen et al. 2019) distilled on its own Gaussian noise (N(0, 1) after normalisation, unclamped);
-# ours is the paper's starting distribution N(0.15, 0.1) clamped to [0, 1]: not the same baseline.
-DAFL_NOISE = {"lenet5": 88.01, "hinton-1200": 87.58}
-# Per profile: epochs for the teacher and, per network, the real-data baselines; the reconstruction
-# batch; the distillation recipe; per network the reconstruction recipe (``ReconstructConfig`` fields:
-# synthetic images ``n``, Adam ``steps`` per image, priors, start) and, where a profile picks them,
-# the objectives it runs by default. ``paper``: the paper's losses as written (plain squared
-# distance, no whitening, no priors, noise start, no augmentation) at its sizes; ``quick`` and
-# ``best``: dfkd's recipe (see README) at two budgets; ``tiny``: the tests' smoke run.
-PROFILES = {
-    "quick": dict(teacher_epochs=10, baseline_epochs={"lenet5": 10, "hinton-1200": 2}, batch_size=500,
-                  distill=dict(epochs=20, batch_size=64, lr=1e-3, augment="affine+cutmix", eval_every=5),
-                  recipe={"lenet5": dict(n=5000, steps=40), "hinton-1200": dict(n=5000, steps=40, jitter=2)}),
-    "best": dict(teacher_epochs=10, baseline_epochs={"lenet5": 10, "hinton-1200": 10}, batch_size=500,
-                 distill=dict(epochs=60, batch_size=64, lr=1e-3, augment="affine+cutmix", schedule="cosine",
-                              eval_every=10),
-                 recipe={"lenet5": dict(n=24000, steps=40), "hinton-1200": dict(n=24000, steps=20, jitter=2)},
-                 objectives={"lenet5": ("all-layers",), "hinton-1200": ("all-layers",)}),
-    "paper": dict(teacher_epochs=10, baseline_epochs={"lenet5": 10, "hinton-1200": 10}, batch_size=1000,
-                  distill=dict(epochs=30, batch_size=64, lr=1e-3, augment="none"),
-                  recipe={net: dict(n=64000, steps=1000, whiten=False, init="noise") for net in ("lenet5", "hinton-1200")}),
-    "tiny": dict(teacher_epochs=1, baseline_epochs={"lenet5": 1, "hinton-1200": 1}, batch_size=20,
-                 distill=dict(epochs=1, batch_size=64, lr=1e-3, augment="affine+cutmix"),
-                 recipe={"lenet5": dict(n=40, steps=5), "hinton-1200": dict(n=40, steps=5, jitter=2)}),
-}
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    out: str = "runs/quick"
-    profile: str = "quick"
-    networks: tuple[str, ...] = ("lenet5", "hinton-1200")
-    objectives: tuple[str, ...] | None = None  # None: the profile's, else every objective but bn-stats (no BN here)
-    teacher: str | None = None      # a saved teacher to use instead of training one (one network only)
-    teachers: str | None = None     # an earlier run directory whose <network>/teacher* to use (or train there)
-    images: int | None = None       # override the profile's synthetic images per objective
-    steps: int | None = None        # override the profile's Adam steps per image
-    epochs: int | None = None       # override the profile's distillation epochs
-    baselines: bool = True          # also train the real-data and real-KD students
-    seed: int = 0                   # the teacher's seed, and the first student seed
-    seeds: int = 1                  # students per cell, seeds seed, seed + 1, ...: the table gives mean and spread
-    data: str = "mnist"             # a data spec (mnist, idx:DIR, folder:DIR, npz:FILE)
-    conv_stats: str = "unit"        # conv maps per unit: the paper's LeNet-5 statistics
-    device: str = "cpu"
-    progress: bool = True
-    restart: bool = False           # redo work made with other settings (or damaged) instead of refusing
-
 
 def _timed(fn, *args, **kw):
     t0 = time.perf_counter()
     out = fn(*args, **kw)
     return out, time.perf_counter() - t0
-
-
-def recipe(cfg: RunConfig, net: str) -> dict:
-    """The ``ReconstructConfig`` fields for ``net`` under ``cfg`` (the profile's, with its overrides)."""
-    r = dict(PROFILES[cfg.profile]["recipe"][net])
-    if cfg.images is not None:
-        r["n"] = cfg.images
-    if cfg.steps is not None:
-        r["steps"] = cfg.steps
-    return r
-
-
-def objectives(cfg: RunConfig, net: str) -> tuple[str, ...]:
-    if cfg.objectives is not None:
-        return tuple(cfg.objectives)
-    return PROFILES[cfg.profile].get("objectives", {}).get(net, tuple(o for o in OBJECTIVES if o != "bn-stats"))
 
 
 def _teacher(cfg: RunConfig, net: str, d: Path, p: dict, dev,

@@ -18,57 +18,16 @@ import os
 import shutil
 from pathlib import Path
 
-from . import __version__
-from .checkpoint import check_model_desc, read_json, sweep_temps, weights_sha256, write_json
+from safetensors.torch import save as st_save
+
+from .checkpoint import CARD, CONFIG, FOLDER_FORMAT, FOLDER_VERSION, STATS, WEIGHTS, read_config, read_model_desc
+from .config import DistillConfig, ReconstructConfig, default
 from .errors import DfkdError
+from .files import read_json, sweep_temps, weights_sha256, write_json
+from .metadata import load, summary
 from .privacy_report import clip_warnings, not_private
-
-FORMAT, VERSION = "dfkd-folder", 1
-CONFIG, WEIGHTS, STATS, CARD = "config.json", "model.safetensors", "stats.safetensors", "README.md"
-HUB_PREFIX = "hf:"
-
-
-def locate(ref: str) -> str:
-    """A model reference with a hub reference (``hf:ORG/NAME[@REVISION]``) made a local folder."""
-    if not isinstance(ref, str) or not ref.startswith(HUB_PREFIX):
-        return ref
-    repo, _, revision = ref[len(HUB_PREFIX):].partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise DfkdError(ref, "a hub reference is hf:ORG/NAME or hf:ORG/NAME@REVISION")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise DfkdError(ref, "hub references need huggingface_hub: pip install 'dfkd[hub]'") from None
-    try:
-        return snapshot_download(repo, revision=revision or None, allow_patterns=[CONFIG, WEIGHTS, STATS, CARD])
-    except Exception as e:  # offline and not cached, unknown repo or revision, network: one line
-        what = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
-        offline = " (HF_HUB_OFFLINE is set: only the local cache is read)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise DfkdError(ref, f"cannot get it from the hub{offline}: {type(e).__name__}: {what}") from None
-
-
-def is_folder(path: str | os.PathLike) -> bool:
-    return Path(path).is_dir() and (Path(path) / CONFIG).is_file()
-
-
-def read_config(folder: str | os.PathLike) -> tuple[Path, Path, dict]:
-    """A published folder's ``config.json`` (checked), its path and the weights' path."""
-    folder = Path(folder)
-    missing = [f for f in (CONFIG, WEIGHTS, STATS) if not (folder / f).is_file()]
-    if missing:
-        raise DfkdError(folder, f"not a complete dfkd model folder (missing {', '.join(missing)})")
-    desc = read_json(folder / CONFIG)
-    if desc.get("format") != FORMAT:
-        raise DfkdError(folder / CONFIG, f"not a dfkd model folder's config (format {desc.get('format')!r})")
-    if not isinstance(desc.get("version"), int) or desc["version"] > VERSION:
-        raise DfkdError(folder / CONFIG, f"folder format version {desc.get('version')!r} is newer than this dfkd reads "
-                        f"({VERSION}); upgrade dfkd")
-    check_model_desc(folder / CONFIG, desc)
-    return folder / CONFIG, folder / WEIGHTS, desc
-
-
-def stats_of(folder: str | os.PathLike) -> Path:
-    return Path(folder) / STATS
+from .specs import open_model, stats_path
+from .version import __version__
 
 
 def publish(teacher, stats: str | os.PathLike | None, out: str | os.PathLike, student: str | None = None,
@@ -76,19 +35,13 @@ def publish(teacher, stats: str | os.PathLike | None, out: str | os.PathLike, st
     """``dfkd publish``: a saved teacher (``ModelRef``) and its statistics file as a folder at
     ``out`` (which must not exist yet). ``student``: a student distilled from it (a saved model
     stem), whose accuracy and recipe the card states; ``repo``: the hub name the card's commands use."""
-    from safetensors.torch import save as st_save
-
-    from .metadata import load
-    from .recording import stats_path
-    from .specs import open_model
-
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DfkdError(out, "already exists; publish to a new folder (or delete this one)")
     model, desc, info = open_model(teacher)
     sha = weights_sha256(model.state_dict())  # what binds the statistics to these weights
     meta = load(stats or stats_path(teacher.ref), sha)
-    config = {"format": FORMAT, "version": VERSION, "library": "dfkd", "dfkd_version": __version__,
+    config = {"format": FOLDER_FORMAT, "version": FOLDER_VERSION, "library": "dfkd", "dfkd_version": __version__,
               "model": desc["model"], "data": info.as_dict(), "sha256": sha,
               # the hub conventions (timm, open_clip), derived from the above for other tools
               "architecture": desc["model"]["spec"], "num_classes": info.num_classes,
@@ -119,7 +72,6 @@ def publish(teacher, stats: str | os.PathLike | None, out: str | os.PathLike, st
 
 def _recipe(student: str) -> dict:
     """What made a distilled student: its accuracy, and the reconstruction and distillation settings."""
-    from .checkpoint import read_model_desc
     desc_path, _, desc = read_model_desc(student)
     out = {"student": desc["model"], "student_accuracy": desc.get("test_accuracy"),
            "objective": desc.get("objective"), "distill": desc.get("distill_config")}
@@ -131,23 +83,32 @@ def _recipe(student: str) -> dict:
     return out
 
 
-def _command(verb: str, values: dict, fixed: list[str]) -> str:
-    """A ``dfkd VERB`` command line giving ``values`` (library names) that differ from the defaults,
-    spelt with the CLI's own flags."""
-    import argparse
+# The flags the card's commands spell, per verb in the command line's order: the library name of a
+# setting -> its flag; ``no_`` flags take no value (``clamp`` False -> ``--no-clamp``). A value equal to
+# the config's default is left out. tests/test_publish.py checks each against the command line's parser.
+CARD_FLAGS = {
+    "reconstruct": (ReconstructConfig, {"objective": "--objective", "n": "--images", "batch_size": "--batch-size",
+                                        "steps": "--steps", "lr": "--lr", "init": "--init", "init_mean": "--init-mean",
+                                        "init_std": "--init-std", "clamp": "--no-clamp", "jitter": "--jitter",
+                                        "tv": "--tv", "l2": "--l2", "bn_weight": "--bn-weight", "whiten": "--no-whiten"}),
+    "distill": (DistillConfig, {"augment": "--augment", "temperature": "--temperature", "epochs": "--epochs",
+                                "batch_size": "--batch-size", "lr": "--lr", "schedule": "--schedule",
+                                "adversarial": "--adversarial", "eval_every": "--eval-every"}),
+}
 
-    from .cli import build_parser
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[verb]
+
+def card_command(verb: str, values: dict, fixed: list[str]) -> str:
+    """A ``dfkd VERB`` command line giving ``values`` (library names) that differ from the defaults,
+    spelt with the command line's flags (``CARD_FLAGS``)."""
+    cls, flags = CARD_FLAGS[verb]
     parts = ["dfkd", verb, *fixed]
-    for action in sub._actions:
-        if not action.option_strings or action.dest in ("seed", "device", "quiet", "help"):
-            continue
-        negated = action.dest[3:] if action.dest.startswith("no_") else None
-        if negated in values and values[negated] is False:
-            parts.append(action.option_strings[0])
-        elif action.dest in values and values[action.dest] is not None and values[action.dest] != action.default \
-                and not isinstance(values[action.dest], bool):
-            parts += [action.option_strings[0], str(values[action.dest])]
+    for name, flag in flags.items():
+        if flag.startswith("--no-"):
+            if name in values and values[name] is False:
+                parts.append(flag)
+        elif name in values and values[name] is not None and values[name] != default(cls, name) \
+                and not isinstance(values[name], bool):
+            parts += [flag, str(values[name])]
     if values.get("seed"):
         parts += ["--seed", str(values["seed"])]
     return " ".join(parts)
@@ -156,7 +117,6 @@ def _command(verb: str, values: dict, fixed: list[str]) -> str:
 def model_card(config: dict, meta, name: str, repo: str | None, recipe: dict | None) -> str:
     """The folder's README.md: front matter for the hubs, then what the folder holds, the kinds and
     their sizes, what they reveal, and the recipe with the commands that reproduce it."""
-    from .metadata import summary
     data, model = config["data"], config["model"]
     ref = f"hf:{repo}" if repo else f"path/to/{name}"
     code = f" --code {Path(model['spec'].rpartition(':')[0]).name}" if model.get("code_sha256") else ""
@@ -223,8 +183,8 @@ def model_card(config: dict, meta, name: str, repo: str | None, recipe: dict | N
         lines += [f"The recipe below gave a `{student['spec']}` student "
                   + (f"**{100 * acc:.2f}%** test accuracy against the true labels." if acc is not None else ".")]
         lines += ["", "```bash", "# dfkd with its hub extra: pip install '.[hub]' in a dfkd checkout",
-                  _command("reconstruct", rc, ["--teacher", ref + code, "--out", "synthetic"]),
-                  _command("distill", dc, ["--synthetic", "synthetic", "--teacher", ref + code, "--student",
+                  card_command("reconstruct", rc, ["--teacher", ref + code, "--out", "synthetic"]),
+                  card_command("distill", dc, ["--synthetic", "synthetic", "--teacher", ref + code, "--student",
                                            student["spec"] + sargs, "--out", "student"]), "```", ""]
     else:
         lines += ["```bash", "# dfkd with its hub extra: pip install '.[hub]' in a dfkd checkout",

@@ -2,7 +2,7 @@
 
 Each batch starts from i.i.d. ``N(init_mean, init_std)`` raw values (``init="noise"``, the
 paper's start) or from each sample's class mean input plus ``N(0, init_std)`` (``class-mean``:
-the mean the file reveals in closed form, ``leakage.revealed_means``; ``auto``: that where the
+the mean the file reveals in closed form, ``inversion.revealed_means``; ``auto``: that where the
 file reveals it, else noise), mapped into the teacher's input space (its normalisation), draws
 its targets once, and runs Adam on the inputs only, clamping them to the data's raw range after each step. Batch ``b`` uses a
 generator seeded from ``(seed, b)`` and becomes one shard of the ``SyntheticSet``: an
@@ -20,13 +20,13 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import exclusive, weights_sha256
 from .config import ReconstructConfig, to_dict
 from .data import DataInfo
 from .errors import DfkdError
 from .fastgrad import input_grad_by_fold
+from .files import exclusive, weights_sha256
 from .images import save_grid
-from .leakage import revealed_means
+from .inversion import revealed_means
 from .metadata import Metadata, load
 from .models import device_of, num_outputs
 from .objectives import Noise, Objective, make_objective

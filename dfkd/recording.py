@@ -25,29 +25,21 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import distributed
-from .checkpoint import exclusive, weights_sha256
+from . import distributed, privacy
+from .accountant import check
 from .config import RecordConfig
 from .data import DataInfo, DataSource, as_batches, data_len, declared_range, first_batch
 from .errors import DfkdError
+from .files import exclusive, weights_sha256
 from .graph import LayerInfo, chain_basis, layer_infos, layer_signal
-from .metadata import KINDS, Metadata, key, load, new_header, save
+from .inversion import reveals
+from .metadata import KINDS, Metadata, cov_mode, gaussian_tensors, key, load, new_header, save
 from .models import device_of
 from .privacy_report import PROTECTED, check_inputs, public_values
 from .runtime import pick_device, setup_threads
-from .specs import DataRef, ModelRef, open_with_data
-from .stats import SELECT_N, ClassMoments, SpectralMoments, cholesky_psd, low_rank
+from .specs import DataRef, ModelRef, open_with_data, stats_path
+from .stats import ClassMoments, SELECT_N, SpectralMoments
 from .taps import default_layers, tap
-
-
-def cov_mode(spec: str, dim: int) -> str:
-    if spec == "auto":
-        return "full" if dim <= 256 else "diag"
-    if spec in ("full", "diag"):
-        return spec
-    if spec.startswith("lowrank:") and spec[8:].isdigit() and 0 < int(spec[8:]):
-        return f"lowrank:{min(int(spec[8:]), dim)}"
-    raise DfkdError("cov", f"{spec!r} is not auto, full, diag or lowrank:K")
 
 
 def _graphs(model: nn.Module, infos: list[LayerInfo], kinds, keep: float, c: int) -> dict[str, tuple]:
@@ -132,7 +124,6 @@ def _private_pass(model: nn.Module, data, infos: list[LayerInfo], kinds, graphs:
                   cfg: RecordConfig, info: DataInfo):
     """The private passes (``privacy``): clip bounds chosen on noisy norm histograms where the user gave
     none (one pass), then clipped class sums (one pass), released with Gaussian noise."""
-    from . import privacy
     records: dict = {}  # record name -> (rows of a batch, full covariance?)
     if "top-layer" in kinds:
         records["top-layer"] = (lambda lg, acts, nodes: lg / cfg.temperature, True)
@@ -199,7 +190,6 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
         raise DfkdError("spectral_keep", f"{cfg.spectral_keep} is not in (0, 1]")
     cov_mode(cfg.cov, 1)  # refuse a bad mode before the pass
     if cfg.privacy is not None:
-        from .privacy import check
         check(cfg.privacy, cfg.delta, cfg.clip_quantile)
         check_inputs(origin, cfg.value_range is not None, info)
     elif cfg.delta is not None or cfg.clip:
@@ -267,36 +257,9 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
         layers=[dict(i.as_dict(), cov=cov_mode(cfg.cov, i.dim)) for i in infos], top={"path": "output", "dim": c},
         spectral=spectral, privacy=private or None)
     meta = Metadata(header, tensors, timings={"basis_seconds": basis_s, "pass_seconds": pass_s})
-    if "all-layers" in kinds:  # the file states what follows from it in closed form (dfkd.leakage)
-        from .leakage import reveals
+    if "all-layers" in kinds:  # the file states what follows from it in closed form (dfkd.inversion)
         header["closed_form"] = reveals(model, meta)
     return meta
-
-
-def gaussian_tensors(kind: str, part: str | None, m: ClassMoments, mode: str) -> dict[str, torch.Tensor]:
-    """The stored form (``metadata.gaussian_shapes``) of streamed class moments."""
-    t = {"mean": m.mean}
-    cov = m.covariance()
-    if mode == "full":
-        t["chol"] = cholesky_psd(cov)[0]
-    elif mode == "diag":
-        t["std"] = cov.clamp(min=0).sqrt()
-    else:
-        t["factor"], resid = low_rank(cov, int(mode.split(":")[1]))
-        t["resid_std"] = resid.sqrt()
-    return {key(kind, s, part): v for s, v in t.items()}
-
-
-def stats_path(teacher: str | Path) -> Path:
-    """The statistics beside a saved teacher: ``<stem>.stats.safetensors``, or a published folder's."""
-    from .publishing import is_folder, locate, stats_of
-    teacher = locate(str(teacher))
-    if is_folder(teacher):
-        return stats_of(teacher)
-    base = Path(teacher)
-    if base.suffix in (".safetensors", ".json"):
-        base = base.with_suffix("")
-    return base.with_name(base.name + ".stats.safetensors")
 
 
 def record_file(teacher: ModelRef, data: DataRef, out: str | Path | None = None,

@@ -15,20 +15,17 @@ made with other settings, is refused in one line that says how to go on: delete 
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
-import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import sources
-from .checkpoint import load_tensors, parse_json, read_json, save_tensors, weights_sha256
 from .config import to_dict
 from .errors import DfkdError
+from .files import load_tensors, parse_json, read_json, save_tensors, weights_sha256
 
 STATE_SUFFIX = ".state.safetensors"
 STATE_FORMAT, STATE_VERSION = "dfkd-resume", 1
@@ -70,64 +67,6 @@ def differences(old: Any, new: Any, limit: int = 3) -> str:
 def _short(v: Any) -> str:
     s = v if isinstance(v, str) else json.dumps(v)
     return s if len(s) <= 40 else f"{s[:12]}...{s[-20:]}"
-
-
-# --- data content -------------------------------------------------------------------------------
-def _file_digest(path: Path) -> tuple[int, bytes]:
-    """The size and sha256 of ``path``'s content, streamed. A gzipped file gives its content's:
-    gzip stamps the time it compressed into its header, and a plain copy is the same data."""
-    content, size = hashlib.sha256(), 0
-    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
-        while chunk := f.read(1 << 20):
-            content.update(chunk)
-            size += len(chunk)
-    return size, content.digest()
-
-
-def _data_files(kind: str, arg: str) -> list[tuple[str, Path]]:
-    """The files a data spec reads, each with its label (its name or place inside the data)."""
-    if kind == "idx":
-        return [(stem, sources.find_file(Path(arg), stem)) for stem in sources.IDX_STEMS]
-    if kind == "folder":
-        root = Path(arg)
-        return [(f.relative_to(root).as_posix(), f) for f in sources.folder_files(root)]
-    if kind == "npz":
-        return [("", Path(arg))]
-    return []
-
-
-_DIGESTS: dict[tuple, str] = {}  # per process: (spec, each file's label, path, size, mtime, inode) -> sha256
-
-
-def data_sha256(spec: str | None) -> str | None:
-    """sha256 of what the data spec ``spec`` reads: its files' content, never their location (a
-    moved copy is the same data, a file changed in place is not). ``idx:DIR``: its four IDX files;
-    ``folder:DIR``: every image of its splits in sorted order, with its path inside ``DIR`` (the
-    class folder is the label); ``npz:FILE``: the file; ``mnist``: the bundled pickle. Streamed,
-    nothing decoded; computed once per process for files that have not changed since."""
-    if spec is None:
-        return None
-    kind, _, arg = spec.partition(":")
-    h = hashlib.sha256(f"{kind}|".encode())
-    try:
-        if kind == "mnist":  # the bundled copy: read once per process
-            if ("mnist",) not in _DIGESTS:
-                h.update(sources.mnist_bytes())
-                _DIGESTS[("mnist",)] = h.hexdigest()
-            return _DIGESTS[("mnist",)]
-        files = _data_files(kind, arg)
-        if not files and kind not in ("idx", "folder", "npz"):
-            h.update(spec.encode())
-            return h.hexdigest()
-        key = (spec, *((label, str(f), (st := f.stat()).st_size, st.st_mtime_ns, st.st_ino) for label, f in files))
-        if key not in _DIGESTS:
-            for label, f in files:
-                size, digest = _file_digest(f)
-                h.update(f"{label}|{size}|".encode() + digest)
-            _DIGESTS[key] = h.hexdigest()
-        return _DIGESTS[key]
-    except (OSError, EOFError, zlib.error) as e:  # a damaged gzip too
-        raise DfkdError(spec, f"cannot read ({getattr(e, 'strerror', None) or e})") from None
 
 
 # --- checksums ----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import os
 
 import torch
 
+from .distributed import local_device
 from .errors import DfkdError
 
 
@@ -25,7 +26,6 @@ def pick_device(name: str = "cpu") -> torch.device:
     knows but this machine lacks (``mps`` off Apple silicon, ``cuda`` without CUDA, ``cuda:3`` on a
     machine with two GPUs) is one line, before anything is moved to it."""
     if name == "auto":  # the rank's own GPU under torchrun, else any GPU, else the CPU
-        from .distributed import local_device
         return torch.device(local_device(name))
     try:
         dev = torch.device(name)

@@ -1,21 +1,30 @@
 """The command line's two nouns, resolved in one place: a model reference and a data spec.
 
-A model reference is a saved dfkd model (its stem, ``.json`` or ``.safetensors``) or a spec
-(``models``) with optional weights; a data spec is resolved by ``data.open_data``. A saved
-model fixes the data's normalisation and shape (as it was trained); a spec takes them from
-the data (and ``normalize``).
+A model reference is a saved dfkd model (its stem, ``.json`` or ``.safetensors``), a published
+folder, a hub reference ``hf:ORG/NAME[@REVISION]`` (downloaded to a local folder with
+``huggingface_hub``, the ``dfkd[hub]`` extra; ``HF_HUB_OFFLINE=1`` reads the cache only) or a spec
+(``models``: a registry name, ``FILE.py:factory`` or ``module:factory``) with optional weights; a
+teacher's statistics file lies beside it (``stats_path``). A data spec is resolved by
+``sources.open_data``. A saved model fixes the data's normalisation and shape (as it was trained);
+a spec takes them from the data (and ``normalize``).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-from .checkpoint import parse_json, resolve_model
-from .data import DataInfo, DataSource, open_data
+from .checkpoint import CARD, CONFIG, STATS, WEIGHTS, is_folder, load_model, load_weights, stats_of
+from .data import DataInfo, DataSource
 from .errors import DfkdError
-from .models import MODELS, build_model, is_code_spec
+from .files import parse_json, weights_sha256
+from .models import MODELS, build_model, code_sha256, is_code_spec
+from .sources import open_data
+
+HUB_PREFIX = "hf:"
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,62 @@ class DataRef:
     spec: str | None = None                # mnist | idx:DIR | folder:DIR | npz:FILE (None: the model's own)
     test: str | None = None                # another source for the test split
     normalize: str | None = None           # none | auto | MEAN/STD, for data a spec model is trained on
+
+
+def locate(ref: str) -> str:
+    """A model reference with a hub reference (``hf:ORG/NAME[@REVISION]``) made a local folder."""
+    if not isinstance(ref, str) or not ref.startswith(HUB_PREFIX):
+        return ref
+    repo, _, revision = ref[len(HUB_PREFIX):].partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise DfkdError(ref, "a hub reference is hf:ORG/NAME or hf:ORG/NAME@REVISION")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise DfkdError(ref, "hub references need huggingface_hub: pip install 'dfkd[hub]'") from None
+    try:
+        return snapshot_download(repo, revision=revision or None, allow_patterns=[CONFIG, WEIGHTS, STATS, CARD])
+    except Exception as e:  # offline and not cached, unknown repo or revision, network: one line
+        what = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        offline = " (HF_HUB_OFFLINE is set: only the local cache is read)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise DfkdError(ref, f"cannot get it from the hub{offline}: {type(e).__name__}: {what}") from None
+
+
+def resolve_model(ref: str, weights: str | None = None, args: dict | None = None, code: tuple[str, ...] = (),
+                  info: DataInfo | None = None) -> tuple[nn.Module, dict, DataInfo]:
+    """A model as the command line names it: a saved dfkd model (stem or file), or a spec (registry
+    name or code) built with ``args`` and, if given, ``weights`` loaded into it."""
+    ref = locate(ref)
+    if ref in MODELS or (is_code_spec(ref) and not Path(ref).exists()):
+        model, info = build_model(ref, info, **(args or {}))
+        desc: dict[str, Any] = {"model": {"spec": ref, "args": args or {}, "code_sha256": code_sha256(ref)}}
+        if weights:
+            state = load_weights(model, weights)
+            desc["sha256"] = weights_sha256(state)
+        desc["data"] = info.as_dict()
+        return model.eval(), desc, info
+    if weights or args:
+        raise DfkdError("weights", f"{ref} is a saved model: it brings its own weights and arguments")
+    return load_model(ref, code)
+
+
+def stats_path(teacher: str | Path) -> Path:
+    """The statistics beside a saved teacher: ``<stem>.stats.safetensors``, or a published folder's."""
+    teacher = locate(str(teacher))
+    if is_folder(teacher):
+        return stats_of(teacher)
+    base = Path(teacher)
+    if base.suffix in (".safetensors", ".json"):
+        base = base.with_suffix("")
+    return base.with_name(base.name + ".stats.safetensors")
+
+
+def beside(ref: str) -> Path:
+    """Where outputs made from a teacher go by default: its folder (a published folder's parent);
+    the working folder for a hub reference."""
+    if ref.startswith(HUB_PREFIX):
+        return Path(".")
+    return Path(ref.rstrip("/")).with_suffix("").parent
 
 
 def parse_args(text: str | None, where: str = "model_args") -> dict:

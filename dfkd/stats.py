@@ -13,6 +13,7 @@ define the graph Fourier transform ``s_hat = V^T s`` and its inverse ``s = V s_h
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class ClassMoments:
@@ -183,3 +184,18 @@ class SpectralMoments:
     def finish(self) -> None:
         if self.kept is None:
             self._select()
+
+
+def class_moments(out: torch.Tensor, labels: torch.Tensor, k: int, full: bool):
+    """Per-class mean ``[K, C]`` and (co)variance of a map's channels pooled over positions, and the
+    rows each class covers, from per-sample sums (one batched product, no per-class loop)."""
+    z = out.flatten(2)                                  # [B, C, P]
+    onehot = F.one_hot(labels, k).to(z.dtype)           # [B, K]
+    rows = onehot.sum(0) * z.shape[2]                   # [K]
+    denom = rows.clamp(min=1)
+    mean = onehot.T @ z.sum(2) / denom[:, None]
+    if full:
+        second = torch.einsum("bk,bcd->kcd", onehot, z @ z.transpose(1, 2)) / denom[:, None, None]
+        return mean, second - mean[:, :, None] * mean[:, None, :], rows
+    second = onehot.T @ z.pow(2).sum(2) / denom[:, None]
+    return mean, second - mean.pow(2), rows

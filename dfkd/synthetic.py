@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .checkpoint import load_tensors, read_json, write_json
 from .data import DataInfo
 from .distributed import Ranks
 from .errors import DfkdError
+from .files import load_tensors, read_json, write_json
 from .resume import CHECKED, canonical, differences, save_checked, verify
 
 _SHARD = re.compile(r"shard-(\d+)\.safetensors")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dfkd.sources import mnist_arrays
+from dfkd.digits import mnist_arrays
 
 
 def colourise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -114,7 +114,7 @@ CASES: list = [
     ("code-train-returns-dict-distill", "model code", "a student returning a dict in training mode only (distill)",
      lambda w, t: ["distill", "--synthetic", w.synthetic, "--student", outputs(t, "train_dict"), "--out", t / "s"] + T,
      ["outputs.py:train_dict", "in training mode", "returned a dict", "[N, 10]"]),
-    # numbers that are not finite: NaN passes every later range check (cli._finite, _positive)
+    # numbers that are not finite: NaN passes every later range check (cli_parser._finite, _positive)
     ("arg-lr-nan", "argument", "--lr nan (train)",
      lambda w, t: ["train", "--lr", "nan", "--data", w.data, "--out", t / "o"] + T, ["--lr", "'nan' is not a finite number"]),
     ("arg-lr-nan-distill", "argument", "--lr nan (distill)",

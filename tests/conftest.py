@@ -12,10 +12,11 @@ import torch
 
 from dfkd.checkpoint import save_model
 from dfkd.config import ReconstructConfig, RecordConfig, TrainConfig
-from dfkd.data import as_batches, open_data
+from dfkd.data import as_batches
 from dfkd.models import build_model
 from dfkd.reconstruction import reconstruct_file
 from dfkd.recording import record, record_file
+from dfkd.sources import open_data
 from dfkd.specs import DataRef, ModelRef
 from dfkd.training import train, train_file
 
@@ -68,7 +69,7 @@ def write_idx(path: Path, arr: np.ndarray, compress: bool = False) -> None:
 @pytest.fixture(scope="session")
 def idx_dir(tmp_path_factory) -> Path:
     """2,000 training and 500 test images of real MNIST as standard IDX files."""
-    from dfkd.sources import mnist_arrays
+    from dfkd.digits import mnist_arrays
     a = mnist_arrays()
     d = tmp_path_factory.mktemp("idx")
     write_idx(d / "train-images-idx3-ubyte.gz", a["train_x"][:2000], compress=True)

@@ -423,7 +423,7 @@ def _edit_json(path: Path, **fields) -> None:
 def _other_weights(w, d: Path) -> None:
     """The folder's weights swapped for others, its config's sha256 made to match them."""
     from safetensors.torch import load_file
-    from dfkd.checkpoint import weights_sha256
+    from dfkd.files import weights_sha256
     (d / "model.safetensors").write_bytes(_scaled_weights(w, 1.01))
     _edit_json(d / "config.json", sha256=weights_sha256(load_file(d / "model.safetensors")))
 
@@ -660,7 +660,7 @@ def table(tmp: Path, idx_dir: Path) -> str:
 
 if __name__ == "__main__":  # python -m tests.test_bad_input: print the matrix for docs/robustness.md
     import tempfile
-    from dfkd.sources import mnist_arrays
+    from dfkd.digits import mnist_arrays
     with tempfile.TemporaryDirectory() as t:
         t = Path(t)
         a = mnist_arrays()

@@ -260,12 +260,12 @@ def test_ctrl_c_says_truthfully_whether_the_work_resumes(verb, says, tmp_path, i
 def test_ctrl_c_line_of_every_verb(verb, monkeypatch, capsys):
     """Each verb's line after Ctrl-C: those that resume (docs/robustness.md: train, distill per epoch,
     reconstruct per shard, run per step) say so; the others say that a second run starts over."""
-    from dfkd import cli
+    from dfkd import cli, cli_commands
 
     def interrupted(a):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, f"_cmd_{verb}", interrupted)
+    monkeypatch.setitem(cli_commands.COMMANDS, verb, interrupted)
     argv = {"record": ["--teacher", "t"], "reconstruct": ["--teacher", "t"], "distill": ["--synthetic", "s", "--out", "o"],
             "evaluate": ["m"], "leakage": ["--teacher", "t"], "publish": ["--teacher", "t", "--out", "o"],
             "inspect": ["f"]}.get(verb, [])

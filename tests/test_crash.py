@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from dfkd.checkpoint import load_tensors, read_json
+from dfkd.files import load_tensors, read_json
 
 
 def commands(world, out: Path) -> dict[str, list[str]]:
@@ -189,7 +189,7 @@ def test_killed_runs_temp_swept_in_sub_folders(tmp_path):
     next run takes the lock; one left beside an output file, in that file's folder. A temp file
     that a live process is writing (it holds its lock) is kept, and so is a user's file that only
     looks like a temp file."""
-    from dfkd.checkpoint import exclusive, sweep_temps
+    from dfkd.files import exclusive, sweep_temps
 
     sub = tmp_path / "run" / "lenet5"
     sub.mkdir(parents=True)
@@ -218,17 +218,17 @@ def test_killed_runs_temp_swept_in_sub_folders(tmp_path):
 
 def test_a_write_holds_its_temp_file_until_the_rename(tmp_path, monkeypatch):
     """While ``atomic_write`` writes, its temp file is locked, so a sweep in that moment keeps it."""
-    from dfkd import checkpoint, faults
+    from dfkd import faults, files
 
     seen = []
 
     def sweep_midway(path, replaced):
         if not replaced:
             temps = list(tmp_path.glob(".*.dfkd-tmp"))
-            seen.append((len(temps), checkpoint.sweep_temps(tmp_path), all(t.exists() for t in temps)))
+            seen.append((len(temps), files.sweep_temps(tmp_path), all(t.exists() for t in temps)))
 
     monkeypatch.setattr(faults, "point", sweep_midway)
-    checkpoint.atomic_write(tmp_path / "a.json", "{}")
+    files.atomic_write(tmp_path / "a.json", "{}")
     assert seen == [(1, 0, True)] and (tmp_path / "a.json").read_text() == "{}"
     assert not list(tmp_path.glob(".*.dfkd-tmp"))
 
@@ -236,17 +236,17 @@ def test_a_write_holds_its_temp_file_until_the_rename(tmp_path, monkeypatch):
 def test_a_sweep_between_creating_and_locking_a_temp_file_costs_nothing(tmp_path, monkeypatch):
     """A sweep may take a temp file in the instant after its creation and before its writer locks
     it; the writer then finds its file gone and makes another, and the write succeeds."""
-    from dfkd import checkpoint
+    from dfkd import files
 
-    real, swept = checkpoint.tempfile.mkstemp, []
+    real, swept = files.tempfile.mkstemp, []
 
     def mkstemp_then_sweep(*args, **kw):
         fd, name = real(*args, **kw)
         if not swept:
-            swept.append(checkpoint.sweep_temps(tmp_path))
+            swept.append(files.sweep_temps(tmp_path))
         return fd, name
 
-    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", mkstemp_then_sweep)
-    checkpoint.atomic_write(tmp_path / "a.json", '{"a": 1}')
+    monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp_then_sweep)
+    files.atomic_write(tmp_path / "a.json", '{"a": 1}')
     assert swept == [1] and (tmp_path / "a.json").read_text() == '{"a": 1}'
     assert not list(tmp_path.glob(".*.dfkd-tmp"))

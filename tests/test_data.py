@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from dfkd.data import DataInfo, as_batches, channel_moments, fit_shape, open_data
+from dfkd.data import DataInfo, as_batches, channel_moments, fit_shape
+from dfkd.digits import from_hub_pickle, hub_pickle_bytes, mnist_arrays, read_idx, restricted_unpickle
 from dfkd.errors import DfkdError
-from dfkd.sources import from_hub_pickle, hub_pickle_bytes, mnist_arrays, read_idx, restricted_unpickle
+from dfkd.sources import open_data
 from tests.conftest import write_idx
 
 

@@ -181,7 +181,7 @@ def test_own_bn_model_on_colour_folder_two_ranks(colour_dir, tmp_path):
     from a folder: bn-stats shards the same bytes on two ranks as on one, and the student (BN-free
     GELU CNN) distilled data-parallel matches one process on stored logits."""
     from dfkd.checkpoint import save_model
-    from dfkd.data import open_data
+    from dfkd.sources import open_data
     from dfkd.models import build_model
     from tests.conftest import OWN
     data = open_data(f"folder:{colour_dir}", normalize="auto")

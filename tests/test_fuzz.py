@@ -21,12 +21,14 @@ import pytest
 import torch
 
 from dfkd.checkpoint import load_model, load_weights
+from dfkd.digits import from_hub_pickle, read_idx
 from dfkd.errors import DfkdError
+from dfkd.folders import folder_source
 from dfkd.metadata import load as load_stats
 from dfkd.models import build_model
-from dfkd.sources import folder_source, from_hub_pickle, npz_source, read_idx
-from dfkd.synthetic import SyntheticSet
+from dfkd.npz import npz_source
 from dfkd.resume import load_state, save_state
+from dfkd.synthetic import SyntheticSet
 from tests.conftest import write_idx
 
 ODD = [None, -1, 0, 2 ** 40, 1.5, float("nan"), True, "x", "", [], {}, [[[[[[1]]]]]], ["a"], {"a": {}}]

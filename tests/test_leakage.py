@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from dfkd.config import RecordConfig
-from dfkd.data import open_data
-from dfkd.leakage import class_means, invert, recovery
+from dfkd.inversion import invert
+from dfkd.leakage import class_means, recovery
 from dfkd.models import build_model
 from dfkd.recording import record
+from dfkd.sources import open_data
 from tests.conftest import OWN
 
 

@@ -5,8 +5,8 @@ import struct
 import pytest
 import torch
 
-from dfkd.checkpoint import weights_sha256
 from dfkd.errors import DfkdError
+from dfkd.files import weights_sha256
 from dfkd.metadata import KINDS, contract, load, save, summary
 
 
@@ -85,7 +85,7 @@ def test_header_that_disagrees_with_tensors_is_refused(saved):
 
 
 def test_not_a_stats_file(tmp_path, teacher):
-    from dfkd.checkpoint import save_tensors
+    from dfkd.files import save_tensors
     p = save_tensors(tmp_path / "w.safetensors", teacher.state_dict())
     with pytest.raises(DfkdError, match="no dfkd header"):
         load(p)

@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from dfkd.checkpoint import load_model, resolve_model, save_model
+from dfkd.checkpoint import load_model, save_model
 from dfkd.data import DataInfo
 from dfkd.errors import DfkdError
 from dfkd.models import MODELS, build_model, count_parameters, is_code_spec
+from dfkd.specs import resolve_model
 from dfkd.taps import default_layers, tap
 from tests.conftest import ROOT
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from dfkd.config import ReconstructConfig, RecordConfig
 from dfkd.errors import DfkdError
-from dfkd.objectives import OBJECTIVES, AllLayersDropout, make_objective
+from dfkd.objectives import AllLayersDropout, OBJECTIVES, make_objective
 from dfkd.reconstruction import optimise_batch
 from dfkd.recording import record
 from dfkd.taps import input_key, tap

@@ -30,6 +30,38 @@ def card_commands(folder: Path) -> list[list[str]]:
     return [shlex.split(line) for line in block.splitlines() if line.startswith("dfkd ")]
 
 
+def test_card_commands_parse_with_the_command_line():
+    """The card spells its commands from data (``publishing.CARD_FLAGS``; the library never imports the
+    command line): every flag there is its verb's own, with the config's default, and a command made of
+    values other than the defaults parses back to those values."""
+    from dfkd.cli_parser import build_parser
+    from dfkd.config import default
+    from dfkd.publishing import CARD_FLAGS, card_command
+
+    parser = build_parser()
+    fixed = {"reconstruct": ["--teacher", "t"], "distill": ["--synthetic", "s", "--out", "o"]}
+    other = {"objective": "all-layers", "init": "noise", "augment": "shift+cutmix", "schedule": "cosine"}
+    for verb, (cls, flags) in CARD_FLAGS.items():
+        sub = parser.parse_args([verb, *fixed[verb]])
+        values = {}
+        for name in flags:
+            d = default(cls, name)
+            if isinstance(d, str):
+                values[name] = other[name]
+            else:
+                values[name] = not d if isinstance(d, bool) else d + 1 if isinstance(d, int) else d * 2 + 0.5
+            dest = f"no_{name}" if isinstance(d, bool) else name
+            assert getattr(sub, dest) == (False if isinstance(d, bool) else d), (verb, name)
+        line = card_command(verb, dict(values, seed=3), fixed[verb])
+        assert line.startswith(f"dfkd {verb} ")
+        args = parser.parse_args(shlex.split(line)[1:])
+        for name, v in values.items():
+            assert getattr(args, f"no_{name}" if isinstance(v, bool) else name) == (True if isinstance(v, bool) else v)
+        assert args.seed == 3
+        assert card_command(verb, {n: default(cls, n) for n in flags}, fixed[verb]) == " ".join(["dfkd", verb,
+                                                                                                 *fixed[verb]])
+
+
 def original_run(tmp: Path, teacher: Path, code: list[str], student: list[str], data: list[str]) -> Path:
     """The publisher's own run, with everything at hand: reconstruct, then distill a student."""
     r = dfkd("reconstruct", "--teacher", teacher, *code, "--objective", "all-layers", *SMALL["reconstruct"],

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from dfkd.config import RecordConfig, ReconstructConfig
+from dfkd.config import ReconstructConfig, RecordConfig
 from dfkd.data import DataInfo
 from dfkd.distillation import augment, cutmix
 from dfkd.errors import DfkdError
-from dfkd.leakage import revealed_means
+from dfkd.inversion import revealed_means
 from dfkd.reconstruction import reconstruct
 from dfkd.recording import record
 from dfkd.synthetic import SyntheticSet
@@ -122,7 +122,7 @@ def test_disagreement_views_follow_the_sign_of_the_kd_gradient():
     raw = _data(8)[0].double()
     x = SMALL.to_model(raw)
     cfg = DistillConfig(adversarial=1.0, adversarial_steps=1, adversarial_step=0.05)
-    scale = SMALL._chan(SMALL.std, x)
+    scale = SMALL.per_channel(SMALL.std, x)
     bounds = tuple(b.double() for b in SMALL.bounds())
     got, labels = disagree(student, teacher, x, cfg, bounds, scale)
     with torch.no_grad():

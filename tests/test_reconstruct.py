@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import dfkd.reconstruction as rec
-from dfkd.checkpoint import load_tensors, read_json, write_json
 from dfkd.config import ReconstructConfig
 from dfkd.data import DataInfo
 from dfkd.errors import DfkdError
+from dfkd.files import load_tensors, read_json, write_json
 from dfkd.images import class_grid
 from dfkd.reconstruction import reconstruct
 from dfkd.synthetic import SyntheticSet

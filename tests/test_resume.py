@@ -303,7 +303,7 @@ def test_data_changed_in_place_is_refused_and_a_moved_copy_is_the_same(world, tm
 
 
 def test_data_sha256_is_the_content_not_the_path(world, tmp_path):
-    from dfkd.resume import data_sha256
+    from dfkd.sources import data_sha256
     copy = shutil.copytree(world.idx, tmp_path / "copy")
     assert data_sha256(f"idx:{copy}") == data_sha256(world.data)
     assert data_sha256(f"idx:{changed_idx(world, tmp_path / 'other')}") != data_sha256(world.data)
@@ -404,7 +404,7 @@ def _nan_on_one_rank(rank: int, rdzv: str, q) -> None:
     import torch.nn.functional as F
 
     from dfkd.errors import DfkdError
-    from dfkd.training import fit
+    from dfkd.loop import fit
     torch.distributed.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=2,
                                          timeout=datetime.timedelta(seconds=30))
     try:
@@ -443,7 +443,7 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_same_line(tmp_path):
 
 
 def test_nonfinite_flag_alone():
-    from dfkd.training import nonfinite
+    from dfkd.loop import nonfinite
     assert nonfinite(torch.tensor(1.0)) is None
     assert nonfinite(torch.tensor(float("nan"))) == "NaN"
     assert nonfinite(torch.tensor(float("-inf"))) == "infinite"

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from dfkd.config import TrainConfig
-from dfkd.data import open_data
-from dfkd.evaluation import accuracy
+from dfkd.loop import accuracy
 from dfkd.models import build_model
+from dfkd.sources import open_data
 from dfkd.training import train
 
 TARGETS = {"lenet5": 0.989, "lenet5-half": 0.986, "hinton-1200": 0.980, "hinton-800": 0.975}

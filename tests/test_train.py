@@ -5,10 +5,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from dfkd.config import TrainConfig
-from dfkd.data import open_data
 from dfkd.evaluation import evaluate
+from dfkd.loop import fit
 from dfkd.models import build_model
-from dfkd.training import cross_entropy_loss, fit, train
+from dfkd.sources import open_data
+from dfkd.training import cross_entropy_loss, train
 from tests.conftest import assert_count, near_ties
 
 

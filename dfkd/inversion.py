@@ -1,0 +1,131 @@
+"""What a statistics file gives in closed form: the class-mean inputs behind an all-layers record.
+
+The all-layers record of a layer that the input reaches through affine maps only (a first
+Linear or Conv2d, after a flatten or the normalisation) stores each class's mean of
+``s(x) = J x + s0``. Since ``E[s | c] = J E[x | c] + s0``, the least-squares solution
+``J^+ (m_c - s0)`` is each class's *mean training input*, exactly when ``J`` has full column
+rank (a 784->1200 Linear; a per-unit conv record), and its projection onto the row space of
+``J`` when not (a per-channel conv record: one number per channel). A full covariance record
+gives the class covariance of the inputs the same way, a diagonal one only its projections.
+
+``invert`` finds such layers (``J`` is read column by column from the model, and affinity is
+checked numerically); ``reveals`` states what follows, as ``record`` writes it into the header;
+``revealed_means`` gives the exact class means where there are (reconstruction's ``class-mean`` start).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .metadata import Metadata
+from .taps import resolve
+
+MAX_INPUT_DIM = 16384  # inputs larger than this are not inverted column by column
+
+
+@dataclass
+class Inversion:
+    layer: str
+    stat: str          # "unit" or "channel"
+    rank: int          # rank of J: equal to the input dimension means the means are exact
+    input_dim: int
+    cov: str           # the layer's stored covariance: full (class covariances follow too), diag, lowrank
+    means: torch.Tensor  # [C, *shape], raw units
+
+
+class _Reached(Exception):
+    """Raised by the hook once the tapped layer has run its last call: nothing after it is needed."""
+
+
+def _stat(model: nn.Module, path: str, stat: str, x: torch.Tensor, calls: int = 0) -> tuple[torch.Tensor, int]:
+    """The record's statistic of ``path`` for ``x`` as ``tap`` sees it (the layer's last call in the
+    forward), and how many times the layer ran. Given ``calls``, the forward stops after that call."""
+    got: dict[str, torch.Tensor] = {}
+    ran = [0]
+
+    def hook(_m, _inp, out):
+        got["out"], ran[0] = out, ran[0] + 1
+        if ran[0] == calls:
+            raise _Reached
+
+    handle = resolve(model, [path])[path].register_forward_hook(hook)
+    try:
+        model(x)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    out = got["out"]
+    return (out.flatten(2).mean(2) if stat == "channel" else out.flatten(1)), ran[0]
+
+
+def _solve(jac: torch.Tensor, rhs: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """``(rank of jac, min-norm least-squares solution of jac @ sol = rhs)`` from one gelsd call (an
+    SVD): its cut-off, σ_max · max(m, n) · eps, is the one ``torch.linalg.matrix_rank`` uses."""
+    res = torch.linalg.lstsq(jac, rhs, driver="gelsd")
+    return int(res.rank), res.solution
+
+
+def _affine_records(model: nn.Module, meta: Metadata):
+    """``(layer header, J [dim, d], s(0) [1, dim])`` for every all-layers record affine in the input (float64)."""
+    info = meta.data
+    d = math.prod(info.shape)
+    m = _float64(model)
+    g = torch.Generator().manual_seed(0)
+    for layer in meta.header["layers"]:
+        path, stat = layer["path"], layer["stat"]
+        x, y = (torch.randn((2, *info.shape), generator=g, dtype=torch.float64) for _ in range(2))
+        zero, calls = _stat(m, path, stat, torch.zeros((1, *info.shape), dtype=torch.float64))
+        s = lambda v: _stat(m, path, stat, v, calls)[0]  # noqa: E731  (a layer called twice: its last call)
+        lhs, rhs = s(x + 0.5 * y) - zero, s(x) - zero + 0.5 * (s(y) - zero)
+        if not torch.allclose(lhs, rhs, rtol=1e-6, atol=1e-8 * float(rhs.abs().max() + 1)):
+            continue  # not affine in the input: a nonlinearity lies before this layer
+        cols = [s(torch.eye(d, dtype=torch.float64)[i:i + 512].view(-1, *info.shape)) - zero for i in range(0, d, 512)]
+        yield layer, torch.cat(cols).T, zero
+
+
+@torch.no_grad()
+def invert(model: nn.Module, meta: Metadata) -> list[Inversion]:
+    """Class-mean inputs recovered from every all-layers record that is affine in the input."""
+    if "all-layers" not in meta.kinds or math.prod(meta.data.shape) > MAX_INPUT_DIM:
+        return []
+    out = []
+    for layer, jac, zero in _affine_records(model, meta):
+        mean = meta.get("all-layers", "mean", layer["path"]).double()
+        rank, sol = _solve(jac, (mean - zero).T)  # min-norm least squares
+        raw = meta.data.to_raw(sol.T.float().view(-1, *meta.data.shape))
+        out.append(Inversion(layer["path"], layer["stat"], rank, jac.shape[1], layer["cov"], raw))
+    return out
+
+
+@torch.no_grad()
+def revealed_means(model: nn.Module, meta: Metadata) -> torch.Tensor | None:
+    """Each class's mean input ``[C, *shape]`` (raw units) where the file gives it exactly: from
+    the first all-layers record affine in the input whose ``J`` has full column rank; else None."""
+    if "all-layers" not in meta.kinds or math.prod(meta.data.shape) > MAX_INPUT_DIM:
+        return None
+    for layer, jac, zero in _affine_records(model, meta):
+        mean = meta.get("all-layers", "mean", layer["path"]).double()
+        rank, sol = _solve(jac, (mean - zero).T)
+        if rank == jac.shape[1]:
+            return meta.data.to_raw(sol.T.float().view(-1, *meta.data.shape))
+    return None
+
+
+def _float64(model: nn.Module) -> nn.Module:
+    import copy
+    return copy.deepcopy(model).cpu().double().eval()
+
+
+def reveals(model: nn.Module, meta: Metadata) -> list[dict] | str:
+    """What follows from ``meta`` in closed form, as ``record`` writes it into the header: per affine
+    all-layers record its layer, form, and whether the class-mean inputs follow exactly."""
+    if math.prod(meta.data.shape) > MAX_INPUT_DIM:
+        return f"not measured (inputs of more than {MAX_INPUT_DIM} values)"
+    exact = "exact up to the differential-privacy noise" if meta.header.get("privacy") else "exact"
+    return [{"layer": i.layer, "stat": i.stat, "cov": i.cov, "rank": i.rank, "input_dim": i.input_dim,
+             "class_means": (exact if i.rank == i.input_dim else f"projection of rank {i.rank}")}
+            for i in invert(model, meta)]
