@@ -39,7 +39,8 @@ from .specs import DataRef, ModelRef, build_student, open_model, require_spec
 from .synthetic import SyntheticSet
 
 
-AUGMENTS = ("shift", "affine", "none", "shift+mix", "affine+mix", "affine+cutmix", "none+mix", "none+cutmix")
+BASES, MIXES = ("shift", "affine", "none"), ("mix", "cutmix")  # the views, then what is mixed into them
+AUGMENTS = BASES + tuple(f"{b}+{m}" for b in BASES for m in MIXES)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -90,14 +90,6 @@ def layer_infos(model: nn.Module, paths: list[str], example: torch.Tensor, conv_
     return infos
 
 
-def stat_rows(out: torch.Tensor, info: LayerInfo) -> torch.Tensor:
-    """A layer's output as rows of its all-layers statistics: ``[N, dim]`` per unit, or
-    ``[N * H * W, C]`` per channel (every position of every sample a row)."""
-    if info.stat == "channel":
-        return out.flatten(2).transpose(1, 2).reshape(-1, out.shape[1])
-    return out.flatten(1)
-
-
 def layer_signal(out: torch.Tensor, info: LayerInfo) -> torch.Tensor:
     """One layer's node signal ``[N, nodes]``."""
     return out.flatten(2).mean(2) if info.type == "conv" else out.flatten(1)
