@@ -27,6 +27,7 @@ from dfkd.profiles import PAIRS, PAPER, PROFILES
 from dfkd.runtime import setup_threads
 from dfkd.sources import open_data
 from dfkd.specs import build_student, stats_path
+from dfkd.synthetic import SyntheticSet
 
 # rung name -> (reconstruction fields, distillation augment); each rung keeps the ones before it
 LADDER = (
@@ -61,7 +62,7 @@ def cell(run: Path, work: Path, net: str, objective: str, rc: dict, aug: str, a)
                             progress=False, **rc)
     t0 = time.perf_counter()
     dfkd.reconstruct(teacher, meta, folder, cfg, info)
-    synth = dfkd.SyntheticSet(folder).open()
+    synth = SyntheticSet(folder).open()
     recon_s = sum(s["seconds"] for s in synth.manifest["shards"])
     torch.manual_seed(a.seed)
     student = build_student(PAIRS[net], {}, info)

@@ -22,6 +22,7 @@ from dfkd.config import DistillConfig, ReconstructConfig, RecordConfig, TrainCon
 from dfkd.files import atomic_write
 from dfkd.metadata import load, save
 from dfkd.specs import build_student
+from dfkd.synthetic import SyntheticSet
 
 OBJECTIVES = ("noise", "top-layer", "all-layers", "spectral-all", "spectral-pairs", "bn-stats", "all-layers+bn-stats")
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rc = ReconstructConfig(objective=name, n=a.images, steps=a.steps, lr=a.lr, jitter=a.jitter, tv=a.tv,
                                seed=a.seed, progress=False)
         dfkd.reconstruct(teacher, meta, out / "synthetic" / name, rc, data.info)
-        synth = dfkd.SyntheticSet(out / "synthetic" / name).open()
+        synth = SyntheticSet(out / "synthetic" / name).open()
         torch.manual_seed(a.seed)
         student = build_student(a.student, {}, data.info)
         hist = dfkd.distill(student, synth, teacher, DistillConfig(epochs=a.epochs, lr=a.student_lr,

@@ -29,6 +29,7 @@ from dfkd.files import atomic_write, read_json, write_json
 from dfkd.inversion import invert
 from dfkd.leakage import class_means, picture, recovery
 from dfkd.specs import DataRef, ModelRef, build_student, open_with_data
+from dfkd.synthetic import SyntheticSet
 
 # model -> (student, objective, stats kinds, conv stats, reconstruction, distillation): each model's best
 # objective at epsilon = inf on its own benchmark (the quick profile; benchmarks.own_model)
@@ -52,7 +53,7 @@ def cell(name: str, folder: Path, eps: float, seed: int, work: Path) -> dict:
     out = work / f"{name}-eps{eps:g}-seed{seed}"
     dfkd.reconstruct(model, meta, out, ReconstructConfig(objective=r["objective"], seed=seed, progress=False,
                                                         **r["rc"]), data.info)
-    synth = dfkd.SyntheticSet(out).open()
+    synth = SyntheticSet(out).open()
     torch.manual_seed(seed)
     student = build_student(r["student"], {}, data.info)
     hist = dfkd.distill(student, synth, model, DistillConfig(seed=seed, progress=False, eval_every=r["dc"]["epochs"],
