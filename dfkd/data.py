@@ -211,7 +211,6 @@ def as_labels(y: np.ndarray, where: object, num_classes: int | None = None) -> t
     return torch.from_numpy(y.astype(np.int64))
 
 
-
 def data_len(data) -> int:
     if isinstance(data, DataLoader):
         return len(data.dataset)

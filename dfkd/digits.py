@@ -183,7 +183,6 @@ def mnist_arrays(data_dir: str | os.PathLike | None = None) -> dict[str, np.ndar
     return arrays
 
 
-
 def _uint8_source(arrays: dict[str, np.ndarray], name: str) -> DataSource:
     ytr, yte = as_labels(arrays["train_y"], name), as_labels(arrays["test_y"], name)
     c = int(max(ytr.max(), yte.max())) + 1

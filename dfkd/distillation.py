@@ -30,7 +30,7 @@ from .data import DataInfo, DataSource, first_batch
 from .errors import DfkdError
 from .files import exclusive, weights_sha256
 from .loop import accuracy, fit
-from .models import code_sha256, device_of, is_code_spec, predict_logits, train_logits
+from .models import code_sha256, device_of, predict_logits, train_logits
 from .resume import canonical, check_finished, config_settings
 from .resume import state_path as state_file
 from .runtime import pick_device, seed_everything, setup_threads
@@ -190,7 +190,7 @@ def distill_file(synthetic: str | Path, student: ModelRef, out: str | Path, cfg:
             raise DfkdError(synthetic, "this synthetic set was made from another teacher")
         tmodel.to(dev)
     net = build_student(student.ref, student.args, info)
-    code = code_sha256(student.ref) if is_code_spec(student.ref) else None
+    code = code_sha256(student.ref)  # None for a registry name
     settings = {"verb": "distill", "synthetic": synth.fingerprint(),
                 "teacher_sha256": tdesc.get("sha256") if teacher is not None else None,
                 "student": {"spec": student.ref, "args": student.args, "code_sha256": code},

@@ -1,7 +1,6 @@
 """Accuracy on the real test set against the true labels, and agreement with a teacher."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .data import DataSource

@@ -8,12 +8,13 @@
     <folder>/README.md           a model card: kinds, sizes, what they reveal, the recipe
 
 The folder is read as a plain directory, a git checkout or a model-hub snapshot: every verb
-takes it where it takes a teacher, and ``hf:ORG/NAME[@REVISION]`` downloads one with
-``huggingface_hub`` (the ``dfkd[hub]`` extra; ``HF_HUB_OFFLINE=1`` reads the cache only).
+takes it where it takes a teacher (``specs`` resolves the reference, ``hf:ORG/NAME[@REVISION]``
+among them: downloaded with ``huggingface_hub``, the ``dfkd[hub]`` extra).
 Code is never part of it: a model made from user code records its import spec and sha256.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -178,7 +179,7 @@ def model_card(config: dict, meta, name: str, repo: str | None, recipe: dict | N
         student = dict(recipe["student"])
         if student["spec"].rpartition(":")[0].endswith(".py"):  # the user's copy of the code, by its name
             student["spec"] = f"{Path(student['spec'].rpartition(':')[0]).name}:{student['spec'].rpartition(':')[2]}"
-        sargs = f" --student-args '{__import__('json').dumps(student['args'])}'" if student.get("args") else ""
+        sargs = f" --student-args '{json.dumps(student['args'])}'" if student.get("args") else ""
         acc = recipe.get("student_accuracy")
         lines += [f"The recipe below gave a `{student['spec']}` student "
                   + (f"**{100 * acc:.2f}%** test accuracy against the true labels." if acc is not None else ".")]

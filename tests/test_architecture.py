@@ -60,13 +60,35 @@ def targets(node: ast.Import | ast.ImportFrom, modules: set[str], package: str =
     return out
 
 
+def dynamic(node: ast.AST, package: str = "dfkd") -> str | None:
+    """The module a call ``__import__("dfkd.x")`` / ``importlib.import_module(".x", ...)`` names, as
+    ``import dfkd.x`` would; None for any other node."""
+    if not isinstance(node, ast.Call) or not node.args or not isinstance(node.args[0], ast.Constant):
+        return None
+    f, arg = node.func, node.args[0].value
+    named = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+    if named not in ("__import__", "import_module") or not isinstance(arg, str):
+        return None
+    if arg.startswith("."):
+        return f"{package}.{arg.lstrip('.')}" if arg.strip(".") else package
+    return arg if arg.split(".")[0] == package else None
+
+
+def import_nodes(tree: ast.AST):
+    """Each import statement, and each dynamic import of a dfkd module as the ``import`` it stands for."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif (name := dynamic(node)) is not None:
+            yield ast.copy_location(ast.Import(names=[ast.alias(name=name)]), node)
+
+
 def imports(trees: dict[str, ast.Module]) -> list[tuple[str, str, str, ast.AST]]:
     """Every import of a dfkd module: ``(importer, imported, name, node)``, wherever it stands."""
     out = []
     for mod, tree in trees.items():
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                out += [(mod, tgt, name, node) for tgt, name in targets(node, set(trees)) if tgt != mod]
+        for node in import_nodes(tree):
+            out += [(mod, tgt, name, node) for tgt, name in targets(node, set(trees)) if tgt != mod]
     return out
 
 
@@ -128,27 +150,46 @@ def local_imports(tree: ast.Module, modules: set[str]) -> list[str]:
     out = []
     for scope in ast.walk(tree):
         if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
-            for node in ast.walk(scope):
-                if isinstance(node, (ast.Import, ast.ImportFrom)) and targets(node, modules):
+            for node in import_nodes(scope):
+                if targets(node, modules):
                     out.append(f"line {node.lineno} in {getattr(scope, 'name', 'lambda')}")
     return sorted(set(out))
 
 
-def private_uses(tree: ast.Module, modules: set[str]) -> list[str]:
-    """``_private`` names taken from another dfkd module: imported (``from .x import _y``) or reached
-    through a module (``x._y`` after ``from . import x``)."""
-    out, aliases = [], set()
+def defined(tree: ast.Module) -> set[str]:
+    """The names a module defines: its functions, classes and assignments, and their members'."""
+    out = set()
     for node in ast.walk(tree):
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            for (tgt, name), a in zip(targets(node, modules), node.names):
-                if name.startswith("_") and not name.startswith("__"):
-                    out.append(f"line {node.lineno}: {name} from {tgt}")
-                if not name:
-                    aliases.add(a.asname or a.name)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            out.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            out.add(node.attr)
+        elif isinstance(node, ast.arg):
+            out.add(node.arg)
+    return out
+
+
+def private_uses(tree: ast.Module, modules: set[str], elsewhere: set[str] = frozenset()) -> list[str]:
+    """``_private`` names taken from another dfkd module: imported (``from .x import _y``), reached
+    through a module (``x._y`` after ``from . import x``, ``dfkd.x._y``), or reached on any object
+    (``info._y``, ``Cls._y``) where ``_y`` is defined in another module (``elsewhere``) and not in this one."""
+    out, own = [], defined(tree)
+    for node in import_nodes(tree):
+        for tgt, name in targets(node, modules):
+            if name.startswith("_") and not name.startswith("__"):
+                out.append(f"line {node.lineno}: {name} from {tgt}")
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
-                and node.attr.startswith("_") and not node.attr.startswith("__"):
-            out.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
+        if not isinstance(node, ast.Attribute) or not node.attr.startswith("_") or node.attr.startswith("__"):
+            continue
+        value = node.value
+        if isinstance(value, ast.Name) and value.id in ("self", "cls"):
+            continue
+        through_module = isinstance(value, ast.Name) and value.id in modules and value.id not in own
+        dotted = isinstance(value, ast.Attribute) and isinstance(value.value, ast.Name) and value.value.id == "dfkd"
+        if through_module or dotted or (node.attr in elsewhere and node.attr not in own):
+            out.append(f"line {node.lineno}: {ast.unparse(value)}.{node.attr}")
     return out
 
 
@@ -182,8 +223,21 @@ def test_the_local_import_check_finds_an_import_in_a_function():
 
 def test_the_private_check_finds_imported_and_reached_private_names():
     tree = ast.parse("from . import a\nfrom .b import _hidden, shown\nfrom .a import __version__\n"
-                     "a._inner(1)\na.outer()\nx._own = 1\n")
+                     "a._inner(1)\na.outer()\nx._own = 1\nx._own + self._mine\n")
     assert private_uses(tree, {"a", "b"}) == ["line 2: _hidden from b", "line 4: a._inner"]
+    # on an object of another module's class (the issue's ``DataInfo._chan``), and through ``dfkd.x``
+    tree = ast.parse("import dfkd.data\nfrom .data import DataInfo\n\ndef f(info):\n"
+                     "    return info._chan(1) + DataInfo._chan(2) + dfkd.data._x\n")
+    assert sorted(private_uses(tree, {"data"}, elsewhere={"_chan"})) == \
+        ["line 5: DataInfo._chan", "line 5: dfkd.data._x", "line 5: info._chan"]
+
+
+def test_the_import_checks_see_dynamic_imports():
+    tree = ast.parse("import importlib\n\ndef f():\n    importlib.import_module('dfkd.recording')\n"
+                     "    __import__('.leakage')\n    __import__('json')\n")
+    assert local_imports(tree, {"recording", "leakage"}) == ["line 4 in f", "line 5 in f"]
+    assert [t for n in import_nodes(tree) for t in targets(n, {"recording", "leakage"})] == \
+        [("recording", ""), ("leakage", "")]
 
 
 def test_the_size_check_finds_a_long_module():
@@ -219,7 +273,9 @@ def test_no_module_over_300_lines():
 
 
 def test_no_private_name_from_another_module(trees):
-    found = {m: v for m, t in trees.items() if (v := private_uses(t, set(trees)))}
+    privates = {m: {n for n in defined(t) if n.startswith("_") and not n.startswith("__")} for m, t in trees.items()}
+    found = {m: v for m, t in trees.items()
+             if (v := private_uses(t, set(trees), set().union(*(privates[o] for o in trees if o != m))))}
     assert found == {}
 
 

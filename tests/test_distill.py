@@ -105,3 +105,23 @@ def test_augmentation_fills_with_black_in_any_normalisation(small):
     assert views.min() >= -2 - 1e-5 and views.max() <= 2 + 1e-5
     assert ((views + 2).abs() < 1e-5).any() and ((views - 2).abs() < 1e-5).any()
     assert not ((views.abs() < 1e-6).float().mean() > 0.01)  # no zero (raw 0.5) fill
+
+
+def test_shift_then_cutmix_pastes_a_box_of_the_shifted_partner():
+    """``shift+cutmix`` (accepted since the accepted values are derived from their parts): every
+    pixel of a view is its own shifted image's or its partner's in the reversed batch, the partner's
+    pixels form one axis-aligned box, and the shift is the whole batch's (zero-filled border)."""
+    x = torch.rand(6, 3, 16, 16) + 0.5  # no zero pixel: the shift's border is the only black
+    v = augment(x, "shift+cutmix", torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    dx, dy = torch.randint(0, 5, (2,), generator=g).tolist()  # the shift's draw, as ``augment`` makes it
+    shifted = torch.nn.functional.pad(x, (2, 2, 2, 2))[:, :, dy:dy + 16, dx:dx + 16]
+    own, partner = (v == shifted).all(1), (v == shifted.flip(0)).all(1)
+    assert (own | partner).all() and (~own).any()
+    for p in partner & ~own:  # the partner's pixels (where the two differ) lie in one box
+        rows, cols = p.any(1).nonzero().flatten(), p.any(0).nonzero().flatten()
+        if len(rows):
+            box = torch.zeros_like(p)
+            box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+            assert not (p & ~box).any()
+    assert dx != 2 or dy != 2  # this seed shifts, so the oracle above saw a real shift
