@@ -1,6 +1,7 @@
-"""Command line: argument parsing (``cli_parser``) and one-line error reporting only; each sub-command
-(``cli_commands``) calls one library function. Defaults are the config dataclasses' own; library
-errors name arguments in library terms (``layers``), which this module maps to the flags (``--layers``)."""
+"""Command line: argument parsing (``cli_parser``), the device picked once for every verb, and
+one-line error reporting only; each sub-command (``cli_commands``) calls one library function.
+Defaults are the config dataclasses' own; library errors name arguments in library terms
+(``layers``), which this module maps to the flags (``--layers``)."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +15,7 @@ from .cli_commands import COMMANDS
 from .cli_parser import build_parser
 from .errors import DfkdError
 from .models import user_code
+from .runtime import pick_device
 
 
 def _flag(parser: argparse.ArgumentParser, args: argparse.Namespace, where: str) -> str:
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse already printed "dfkd: <argument>: <problem>" on one line
         return int(e.code or 0)
     try:
+        if getattr(args, "device", None) is not None:  # picked once, here; every verb runs on it
+            args.device = str(pick_device(args.device))
         code = COMMANDS[args.command](args)
         sys.stdout.flush()  # a reader that has gone (dfkd inspect ... | head) is met here, not at exit
         return code

@@ -1,5 +1,5 @@
-"""What each verb of the command line does with its parsed flags: build the config, call the one
-library function the verb maps to, print what it made. ``COMMANDS`` maps a verb to its function."""
+"""What each verb of the command line does with its parsed flags: build the config from them
+(``cli_fields.config_from``), call the one library function the verb maps to, print what it made. ``COMMANDS`` maps a verb to its function."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_fields import config_from
 from .config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, TrainConfig
 from .distillation import distill_file
 from .evaluation import evaluate_file
@@ -42,8 +43,7 @@ def _data_ref(a):
 
 
 def _cmd_train(a) -> int:
-    cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
-                      progress=not a.quiet)
+    cfg = config_from(a, TrainConfig)
     path = train_file(_model(a, "model", weights=False), _data_ref(a), Path(a.out) / a.name, cfg, a.restart)
     desc = read_json(path.with_name(path.name.replace(".safetensors", ".json")))
     acc = f" (test accuracy {100 * desc['test_accuracy']:.2f}%)" if "test_accuracy" in desc else ""
@@ -52,11 +52,7 @@ def _cmd_train(a) -> int:
 
 
 def _cmd_record(a) -> int:
-    cfg = RecordConfig(kinds=_list(a.kinds), layers=_list(a.layers) or None, cov=a.cov, conv_stats=a.conv_stats,
-                       spectral_keep=a.spectral_keep, temperature=a.temperature, batch_size=a.batch_size,
-                       device=a.device, progress=not a.quiet, privacy=a.privacy, delta=a.delta,
-                       clip=tuple(a.clip), clip_quantile=a.clip_quantile, value_range=a.value_range)
-    path, meta = record_file(_model(a), _data_ref(a), a.out, cfg)
+    path, meta = record_file(_model(a), _data_ref(a), a.out, config_from(a, RecordConfig))
     t = meta.timings
     if t:  # the process that recorded (rank 0 under torchrun)
         print(f"saved {path} ({path.stat().st_size / 1e6:.2f} MB; pass {t['pass_seconds']:.1f}s,"
@@ -106,10 +102,7 @@ def _cmd_inspect(a) -> int:
 
 
 def _cmd_reconstruct(a) -> int:
-    cfg = ReconstructConfig(objective=a.objective, n=a.n, batch_size=a.batch_size, steps=a.steps, lr=a.lr,
-                            init=a.init, init_mean=a.init_mean, init_std=a.init_std, clamp=not a.no_clamp, jitter=a.jitter,
-                            tv=a.tv, l2=a.l2, bn_weight=a.bn_weight, whiten=not a.no_whiten, seed=a.seed,
-                            device=a.device, progress=not a.quiet, rank=a.rank, world_size=a.world_size)
+    cfg = config_from(a, ReconstructConfig)
     needs_stats = any(o not in ("noise", "bn-stats") for o in a.objective.split("+"))
     stats = a.stats or (str(stats_path(a.teacher)) if needs_stats else None)
     out = a.out or str(beside(a.teacher) / "synthetic" / a.objective)
@@ -134,9 +127,7 @@ def _say(line: str) -> None:
 
 
 def _cmd_distill(a) -> int:
-    cfg = DistillConfig(temperature=a.temperature, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                        augment=a.augment, schedule=a.schedule, eval_every=a.eval_every, seed=a.seed,
-                        adversarial=a.adversarial, device=a.device, progress=not a.quiet)
+    cfg = config_from(a, DistillConfig)
     teacher = _model(a, weights=False) if a.teacher else None
     path = distill_file(a.synthetic, _model(a, "student", weights=False), a.out, cfg, teacher, _data_ref(a),
                         a.restart)
@@ -148,7 +139,7 @@ def _cmd_distill(a) -> int:
 
 def _cmd_evaluate(a) -> int:
     teacher = _model(a, weights=False) if a.teacher else None
-    res = evaluate_file(ModelRef(a.model, code=_model(a, weights=False).code), _data_ref(a), teacher)
+    res = evaluate_file(ModelRef(a.model, code=_model(a, weights=False).code), _data_ref(a), teacher, a.device)
     line = f"{a.model}: test accuracy {100 * res['accuracy']:.2f}% on {res['n']} inputs"
     if "agreement" in res:
         line += (f"; teacher {100 * res['teacher_accuracy']:.2f}%, share {100 * res['share_of_teacher']:.1f}%,"
@@ -178,12 +169,7 @@ def _cmd_leakage(a) -> int:
 
 
 def _cmd_run(a) -> int:
-    objectives = _list(a.objectives) or None
-    out = a.out or f"runs/{a.profile}"
-    path = run(RunConfig(out=out, profile=a.profile, networks=_list(a.networks), objectives=objectives,
-                         teacher=a.teacher, teachers=a.teachers, images=a.images, steps=a.steps, epochs=a.epochs,
-                         baselines=not a.no_baselines, seed=a.seed, seeds=a.seeds, data=a.data or "mnist", device=a.device,
-                         conv_stats=a.conv_stats, progress=not a.quiet, restart=a.restart))
+    path = run(config_from(a, RunConfig))
     _say((path.parent / "results.md").read_text())
     _say(f"results: {path} and {path.parent / 'results.md'}")
     return 0

@@ -1,99 +1,149 @@
 """Frozen configuration per stage and for the whole run (``RunConfig``), saved as JSON beside what
-each stage writes. The command line's defaults are these fields' defaults (``default``)."""
+each stage writes. Each field carries its command-line spelling (``opt``): the command line makes
+one flag per field (``cli_fields``), its type, default and help read from the field."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any
+
+
+def opt(default: Any, help: str, **cli: Any) -> Any:
+    """A field with its flag: ``help``, and where needed ``flag`` (default ``--field-name``, for a bool
+    that defaults to True ``--no-field-name``; ``None``: no flag, ``why`` says why), ``parse``
+    (``positive``, ``clip`` or ``range``; default: by the field's type), ``choices``, ``metavar`` and
+    ``repeat`` (the flag is given once per item). Help is argparse's: a literal ``%`` is ``%%``."""
+    return field(default=default, metadata=dict(cli, help=help))
+
+
+def flag(f: Field) -> str | None:
+    """A field's flag: its own spelling, else ``--name`` (``--no-name`` for a bool that defaults to True)."""
+    if "flag" in f.metadata:
+        return f.metadata["flag"]
+    name = f.name.replace("_", "-")
+    return f"--no-{name}" if f.default is True else f"--{name}"
+
+
+def flag_of(cls: type, name: str) -> str | None:
+    return flag(next(f for f in fields(cls) if f.name == name))
+
+
+# run-wide: how a stage runs, not what it makes (resume does not compare them: ``resume.UNCOMPARED``)
+SEED = "random seed"
+def _device() -> Any:
+    return opt("cpu", "cpu, cuda, cuda:N or auto (auto: the rank's own GPU under torchrun, else a GPU if any, else the CPU)")
+
+
+def _progress() -> Any:
+    return opt(True, "no progress bars", flag="--quiet")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10               # the paper's teachers: 10 epochs
-    batch_size: int = 64
-    lr: float = 1e-3               # Adam
-    schedule: str = "cosine"       # cosine (anneal to 0; the last epoch is the stable one) | constant
-    seed: int = 0
-    device: str = "cpu"
-    progress: bool = True
+    epochs: int = opt(10, "epochs (the paper's teachers: 10)", parse="positive")
+    batch_size: int = opt(64, "examples per step", parse="positive")
+    lr: float = opt(1e-3, "Adam's learning rate", parse="positive")
+    schedule: str = opt("cosine", "cosine (anneal to 0; the last epoch is the stable one) or constant")
+    seed: int = opt(0, SEED)
+    device: str = _device()
+    progress: bool = _progress()
 
 
 @dataclass(frozen=True)
 class RecordConfig:
-    kinds: tuple[str, ...] = ("top-layer", "all-layers", "spectral-all", "spectral-pairs")
-    layers: tuple[str, ...] | None = None  # module paths; None = every Linear/Conv2d
-    cov: str = "auto"                      # all-layers covariance: auto | full | diag | lowrank:K
-    conv_stats: str = "channel"            # conv maps: per "channel" (pooled over positions) or per "unit"
-    spectral_keep: float = 0.10            # fraction of graph-Fourier coefficients kept
-    temperature: float = 8.0
-    batch_size: int = 1000
-    device: str = "cpu"
-    progress: bool = True
-    privacy: float | None = None           # epsilon of (epsilon, delta)-differential privacy; None: exact statistics
-    delta: float | None = None             # None: 1e-6, fixed (needed above 100,000 training examples)
-    clip: tuple[tuple[str, float], ...] = ()  # (record, bound) pairs; the others are chosen privately
-    clip_quantile: float = 0.95            # the share of examples a privately chosen bound leaves unclipped
-    value_range: tuple[float, float] | None = None  # the inputs' raw range, declared public (None: the source's)
+    kinds: tuple[str, ...] = opt(("top-layer", "all-layers", "spectral-all", "spectral-pairs"), "comma-separated")
+    layers: tuple[str, ...] | None = opt(None, "comma-separated module paths (default: every Linear/Conv2d)")
+    cov: str = opt("auto", "all-layers covariance: auto, full, diag or lowrank:K")
+    conv_stats: str = opt("channel", "conv maps' all-layers statistics per channel (pooled over positions) or per unit")
+    spectral_keep: float = opt(0.10, "fraction of Fourier coefficients kept", parse="positive")
+    temperature: float = opt(8.0, "softmax temperature of the top-layer record", parse="positive")
+    batch_size: int = opt(1000, "inputs per forward pass", parse="positive")
+    device: str = _device()
+    progress: bool = _progress()
+    privacy: float | None = opt(None, "(epsilon, delta)-differential privacy for the whole file: clipped contributions, "
+                                "Gaussian noise, calibrated by dp-accounting (the privacy extra)", metavar="EPSILON")
+    delta: float | None = opt(None, "with --privacy (default: 1e-6, fixed whatever the data's size; needed above "
+                              "100,000 training examples)")
+    clip: tuple[tuple[str, float], ...] = opt((), "with --privacy: a record's clip bound (repeatable; e.g. top-layer=5, "
+                                              "all-layers/fc1=60); the others are chosen privately on a share of the "
+                                              "budget", parse="clip", repeat=True, metavar="RECORD=BOUND")
+    clip_quantile: float = opt(0.95, "with --privacy: the share of examples a privately chosen bound leaves unclipped")
+    value_range: tuple[float, float] | None = opt(
+        None, "the inputs' raw value range, declared public (negative: --range=-1,1); needed with --privacy where it "
+        "would be read off the data (a float npz)", flag="--range", parse="range", metavar="LOW,HIGH")
 
 
 @dataclass(frozen=True)
 class ReconstructConfig:
-    objective: str = "spectral-pairs"  # an objective, or several joined by "+" (e.g. all-layers+bn-stats)
-    n: int = 2000                  # inputs to make, class-balanced
-    batch_size: int = 500          # inputs optimised together (the paper: 64)
-    steps: int = 1000              # Adam steps per batch (the paper: 1000)
-    lr: float = 0.07               # Adam on the inputs (the paper: 0.07)
-    init: str = "auto"             # noise: i.i.d. N(init_mean, init_std) raw (the paper); class-mean: the class's
-    init_mean: float = 0.15        # mean input the file reveals + N(0, init_std); auto: class-mean where revealed
-    init_std: float = 0.1
-    clamp: bool = True             # keep inputs in the data's raw range after each step
-    tv: float = 0.0                # weight of a total-variation image prior (0 = the paper's pure objective)
-    l2: float = 0.0                # weight of an l2 prior on the inputs (DeepInversion)
-    jitter: int = 0                # roll inputs by up to this many pixels each step (DeepInversion's jitter)
-    bn_weight: float = 1.0         # weight of the bn-stats feature-distribution term
-    whiten: bool = True            # standardise each statistic's error by its std (False: the paper's plain distance)
-    seed: int = 0
-    device: str = "cpu"
-    progress: bool = True
-    rank: int | None = None        # this process's share of the shards (None: torchrun's RANK, or all of them)
-    world_size: int | None = None  # how many shares (None: torchrun's WORLD_SIZE, or 1)
+    objective: str = opt("spectral-pairs", "top-layer, all-layers, all-layers-dropout, spectral-all, spectral-pairs, "
+                         "bn-stats or noise; combine with + (e.g. all-layers+bn-stats)")
+    n: int = opt(2000, "inputs to make (class-balanced)", flag="--images", parse="positive")
+    batch_size: int = opt(500, "inputs optimised together (the paper: 64)", parse="positive")
+    steps: int = opt(1000, "Adam steps per batch (the paper: 1000)")
+    lr: float = opt(0.07, "Adam's learning rate on the inputs (the paper: 0.07)", parse="positive")
+    init: str = opt("auto", "start: noise N(--init-mean, --init-std) (the paper's); class-mean: each class's mean "
+                    "input, which the file reveals in closed form, + N(0, --init-std); auto: class-mean where revealed")
+    init_mean: float = opt(0.15, "start: raw mean")
+    init_std: float = opt(0.1, "start: raw std")
+    clamp: bool = opt(True, "do not clamp inputs to the data's range")
+    tv: float = opt(0.0, "weight of a total-variation prior (0: the paper's pure objective)")
+    l2: float = opt(0.0, "weight of an l2 prior on the inputs (DeepInversion)")
+    jitter: int = opt(0, "roll inputs by up to this many pixels each step (DeepInversion's jitter)")
+    bn_weight: float = opt(1.0, "weight of the bn-stats term")
+    whiten: bool = opt(True, "the paper's plain squared distance (by default each statistic's error is divided by "
+                       "its std; all-layers and spectral objectives)")
+    seed: int = opt(0, SEED)
+    device: str = _device()
+    progress: bool = _progress()
+    rank: int | None = opt(None, "this process's share of the shards, 0..W-1, with no process group (a job array; "
+                           "default: torchrun's RANK, or all)")
+    world_size: int | None = opt(None, "how many shares (default: torchrun's WORLD_SIZE, or 1)")
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    temperature: float = 8.0       # Hinton KD temperature (the paper: 8)
-    epochs: int = 30               # the paper: 30
-    batch_size: int = 64
-    lr: float = 1e-3               # Adam
-    augment: str = "affine+cutmix" # affine | shift | none, +mix | +cutmix: augment the inputs, the teacher labels them
-    schedule: str = "constant"     # constant (the paper's plain Adam) | cosine
-    adversarial: float = 0.0       # share of each batch pushed towards student-teacher disagreement (0: none)
-    adversarial_steps: int = 2     # signed-gradient steps per pushed view
-    adversarial_step: float = 0.05  # step size in the data's raw units
-    eval_every: int = 1            # log the real test accuracy every this many epochs (and after the last)
-    seed: int = 0
-    device: str = "cpu"
-    progress: bool = True
+    temperature: float = opt(8.0, "Hinton KD temperature (the paper: 8)", parse="positive")
+    epochs: int = opt(30, "epochs (the paper: 30)", parse="positive")
+    batch_size: int = opt(64, "examples per step", parse="positive")
+    lr: float = opt(1e-3, "Adam's learning rate", parse="positive")
+    augment: str = opt("affine+cutmix", "affine, shift or none, optionally +mix (mixup with the reversed batch) or "
+                       "+cutmix (a box pasted from it); the teacher labels every view (needs --teacher)")
+    schedule: str = opt("constant", "constant (the paper's plain Adam) or cosine")
+    adversarial: float = opt(0.0, "share of each batch pushed towards student-teacher disagreement before the teacher "
+                             "labels it (needs --teacher)")
+    adversarial_steps: int = opt(2, "signed-gradient steps per pushed view")
+    adversarial_step: float = opt(0.05, "size of each such step, in the data's raw units")
+    eval_every: int = opt(1, "log test accuracy every N epochs (and after the last)", parse="positive")
+    seed: int = opt(0, SEED)
+    device: str = _device()
+    progress: bool = _progress()
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    out: str = "runs/quick"
-    profile: str = "quick"
-    networks: tuple[str, ...] = ("lenet5", "hinton-1200")
-    objectives: tuple[str, ...] | None = None  # None: the profile's, else every objective but bn-stats (no BN here)
-    teacher: str | None = None      # a saved teacher to use instead of training one (one network only)
-    teachers: str | None = None     # an earlier run directory whose <network>/teacher* to use (or train there)
-    images: int | None = None       # override the profile's synthetic images per objective
-    steps: int | None = None        # override the profile's Adam steps per image
-    epochs: int | None = None       # override the profile's distillation epochs
-    baselines: bool = True          # also train the real-data and real-KD students
-    seed: int = 0                   # the teacher's seed, and the first student seed
-    seeds: int = 1                  # students per cell, seeds seed, seed + 1, ...: the table gives mean and spread
-    data: str = "mnist"             # a data spec (mnist, idx:DIR, folder:DIR, npz:FILE)
-    conv_stats: str = "unit"        # conv maps per unit: the paper's LeNet-5 statistics
-    device: str = "cpu"
-    progress: bool = True
-    restart: bool = False           # redo work made with other settings (or damaged) instead of refusing
+    out: str | None = opt(None, "run directory (default: runs/<profile>)")
+    profile: str = opt("quick", "quick (every objective, the whole table in minutes on CPU), best (dfkd's best "
+                       "student per network), paper (the paper's losses as written, at its sizes; GPU) or tiny")
+    networks: tuple[str, ...] = opt(("lenet5", "hinton-1200"), "teachers: lenet5 and/or hinton-1200")
+    objectives: tuple[str, ...] | None = opt(None, "comma-separated (default: the profile's, else every objective but "
+                                             "bn-stats: no BatchNorm here)")
+    teacher: str | None = opt(None, "a saved teacher to use instead of training one (one network only)")
+    teachers: str | None = opt(None, "an earlier run directory: use (or train once) <dir>/<network>/teacher and its "
+                               "statistics")
+    images: int | None = opt(None, "synthetic images per objective (default: the profile's)", parse="positive")
+    steps: int | None = opt(None, "Adam steps per image (default: the profile's)")
+    epochs: int | None = opt(None, "distillation epochs (default: the profile's)", parse="positive")
+    baselines: bool = opt(True, "skip the real-data and real-KD students")
+    seed: int = opt(0, "the teacher's seed, and the first student seed")
+    seeds: int = opt(1, "students per cell (seeds --seed, --seed + 1, ...); the table gives their mean and spread",
+                     parse="positive")
+    data: str = opt("mnist", "a data spec: mnist, idx:DIR, folder:DIR or npz:FILE")
+    conv_stats: str = opt("unit", "conv maps' all-layers statistics per unit (the paper's) or per channel",
+                          choices=("unit", "channel"))
+    device: str = _device()
+    progress: bool = _progress()
+    restart: bool = opt(False, "where the output holds work made with other settings, or a damaged resume file, "
+                        "shard, manifest or model, discard it and start that over instead of refusing (finished "
+                        "work of the same settings is kept)")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from torch import nn
 from .data import DataSource
 from .errors import DfkdError
 from .loop import predictions
+from .runtime import pick_device
 from .specs import DataRef, ModelRef, open_model, open_with_data
 
 
@@ -34,12 +35,16 @@ def evaluate(model: nn.Module, data, teacher: nn.Module | None = None, teacher_d
     return out
 
 
-def evaluate_file(model: ModelRef, data: DataRef, teacher: ModelRef | None = None) -> dict:
-    """``dfkd evaluate``: saved models on the real test set of a data spec (default: their own)."""
+def evaluate_file(model: ModelRef, data: DataRef, teacher: ModelRef | None = None, device: str = "cpu") -> dict:
+    """``dfkd evaluate``: saved models on the real test set of a data spec (default: their own), run
+    on ``device``."""
     net, _, source = open_with_data(model, data)
+    dev = pick_device(device)
+    net.to(dev)
     tnet, tsource = None, None
     if teacher is not None:
         tnet, _, tinfo = open_model(teacher)
+        tnet.to(dev)
         same = (tinfo.shape, tinfo.mean, tinfo.std) == (source.info.shape, source.info.mean, source.info.std)
         tsource = source if same else open_with_data(teacher, data)[2]
     return evaluate(net, source, tnet, tsource)

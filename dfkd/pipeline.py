@@ -217,6 +217,7 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
     if cfg.teacher and len(cfg.networks) != 1:
         raise DfkdError("teacher", "a given teacher needs exactly one network")
     setup_threads()
+    cfg = replace(cfg, out=cfg.out or f"runs/{cfg.profile}")  # results.json states where the run went
     p, dev, out, t0 = PROFILES[cfg.profile], pick_device(cfg.device), Path(cfg.out), time.perf_counter()
     # under torchrun: every training step data-parallel, the shards split over the ranks; rank 0 writes
     ranks = distributed.group(cfg.device)

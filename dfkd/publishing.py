@@ -22,7 +22,7 @@ from pathlib import Path
 from safetensors.torch import save as st_save
 
 from .checkpoint import CARD, CONFIG, FOLDER_FORMAT, FOLDER_VERSION, STATS, WEIGHTS, read_config, read_model_desc
-from .config import DistillConfig, ReconstructConfig, default
+from .config import DistillConfig, ReconstructConfig, default, flag_of
 from .errors import DfkdError
 from .files import read_json, sweep_temps, weights_sha256, write_json
 from .metadata import load, summary
@@ -84,26 +84,25 @@ def _recipe(student: str) -> dict:
     return out
 
 
-# The flags the card's commands spell, per verb in the command line's order: the library name of a
-# setting -> its flag; ``no_`` flags take no value (``clamp`` False -> ``--no-clamp``). A value equal to
-# the config's default is left out. tests/test_publish.py checks each against the command line's parser.
+# The settings the card's commands spell, per verb in the command line's order, by their library
+# names; each field's flag is its own (``config.flag``: ``clamp`` False -> ``--no-clamp``, a flag that
+# takes no value). A value equal to the config's default is left out. tests/test_publish.py checks
+# each against the command line's parser.
 CARD_FLAGS = {
-    "reconstruct": (ReconstructConfig, {"objective": "--objective", "n": "--images", "batch_size": "--batch-size",
-                                        "steps": "--steps", "lr": "--lr", "init": "--init", "init_mean": "--init-mean",
-                                        "init_std": "--init-std", "clamp": "--no-clamp", "jitter": "--jitter",
-                                        "tv": "--tv", "l2": "--l2", "bn_weight": "--bn-weight", "whiten": "--no-whiten"}),
-    "distill": (DistillConfig, {"augment": "--augment", "temperature": "--temperature", "epochs": "--epochs",
-                                "batch_size": "--batch-size", "lr": "--lr", "schedule": "--schedule",
-                                "adversarial": "--adversarial", "eval_every": "--eval-every"}),
+    "reconstruct": (ReconstructConfig, ("objective", "n", "batch_size", "steps", "lr", "init", "init_mean", "init_std",
+                                        "clamp", "jitter", "tv", "l2", "bn_weight", "whiten")),
+    "distill": (DistillConfig, ("augment", "temperature", "epochs", "batch_size", "lr", "schedule", "adversarial",
+                                "adversarial_steps", "adversarial_step", "eval_every")),
 }
 
 
 def card_command(verb: str, values: dict, fixed: list[str]) -> str:
     """A ``dfkd VERB`` command line giving ``values`` (library names) that differ from the defaults,
-    spelt with the command line's flags (``CARD_FLAGS``)."""
-    cls, flags = CARD_FLAGS[verb]
+    spelt with their fields' flags (``CARD_FLAGS``, ``config.flag``)."""
+    cls, names = CARD_FLAGS[verb]
     parts = ["dfkd", verb, *fixed]
-    for name, flag in flags.items():
+    for name in names:
+        flag = flag_of(cls, name)
         if flag.startswith("--no-"):
             if name in values and values[name] is False:
                 parts.append(flag)

@@ -26,7 +26,7 @@ LAYERS = {
     4: ("stages", {"training", "recording", "reconstruction", "distillation", "evaluation", "leakage",
                    "publishing"}),
     5: ("pipeline", {"pipeline"}),
-    6: ("command line", {"cli_parser", "cli_commands", "cli", "__main__"}),
+    6: ("command line", {"cli_fields", "cli_parser", "cli_commands", "cli", "__main__"}),
 }
 PEERS = 4  # the stages' layer: its modules import none of each other (the pipeline composes them)
 FACADE = "__init__"  # the public API: above everything, imported by nothing inside the package
