@@ -29,6 +29,8 @@ def flag_of(cls: type, name: str) -> str | None:
 
 # run-wide: how a stage runs, not what it makes (resume does not compare them: ``resume.UNCOMPARED``)
 SEED = "random seed"
+
+
 def _device() -> Any:
     return opt("cpu", "cpu, cuda, cuda:N or auto (auto: the rank's own GPU under torchrun, else a GPU if any, else the CPU)")
 

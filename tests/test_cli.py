@@ -265,6 +265,7 @@ def test_ctrl_c_line_of_every_verb(verb, monkeypatch, capsys):
     def interrupted(a):
         raise KeyboardInterrupt
 
+    assert verb in cli_commands.COMMANDS  # (setitem would add a missing verb)
     monkeypatch.setitem(cli_commands.COMMANDS, verb, interrupted)
     argv = {"record": ["--teacher", "t"], "reconstruct": ["--teacher", "t"], "distill": ["--synthetic", "s", "--out", "o"],
             "evaluate": ["m"], "leakage": ["--teacher", "t"], "publish": ["--teacher", "t", "--out", "o"],
@@ -276,6 +277,15 @@ def test_ctrl_c_line_of_every_verb(verb, monkeypatch, capsys):
         assert "again to resume" in line
     else:
         assert "start over" in line and "to resume" not in line
+
+
+def test_every_verb_of_the_parser_has_a_command_and_back():
+    """The parser's verbs and ``cli_commands.COMMANDS`` are two tables: they name the same verbs."""
+    import argparse
+    from dfkd import cli_commands
+    from dfkd.cli_parser import build_parser
+    (verbs,) = [a.choices for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(verbs) == set(cli_commands.COMMANDS)
 
 
 def test_a_reader_that_goes_away_ends_dfkd_quietly(world):

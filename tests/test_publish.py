@@ -5,6 +5,7 @@ on IDX digits and for a user's BatchNorm/residual model on a colour image folder
 pre-filled hub cache with ``HF_HUB_OFFLINE=1`` (nothing touches the network)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -60,6 +61,9 @@ def test_card_commands_parse_with_the_command_line():
         assert args.seed == 3
         assert card_command(verb, {n: default(cls, n) for n in flags}, fixed[verb]) == " ".join(["dfkd", verb,
                                                                                                  *fixed[verb]])
+        # and back: every method setting of the verb is on the card (a new field cannot be left off it)
+        run_wide = {"seed", "device", "progress", "rank", "world_size"}
+        assert {f.name for f in dataclasses.fields(cls)} - run_wide == set(flags), verb
 
 
 def original_run(tmp: Path, teacher: Path, code: list[str], student: list[str], data: list[str]) -> Path:
