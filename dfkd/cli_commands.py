@@ -13,6 +13,7 @@ from .distillation import distill_file
 from .evaluation import evaluate_file
 from .files import read_json
 from .leakage import leakage_file
+from .kinds import REGISTRY
 from .metadata import load, summary
 from .pipeline import run
 from .privacy_report import clip_warnings, describe
@@ -88,6 +89,7 @@ def _cmd_inspect(a) -> int:
     print(f"inputs: {tuple(d['shape'])}, raw range {d['low']:g}..{d['high']:g}, normalised with mean {d['mean']} std {d['std']}")
     print("layers: " + ", ".join(f"{l['path']} {tuple(l['shape'])} per {l['stat']} cov={l['cov']}" for l in h["layers"]))
     print("\n".join(describe(h)))
+    print("\n".join(f"{k}: {REGISTRY[k].reveals}" for k in h["kinds"]))  # what each kind holds and reveals
     print(f"{'kind':<16}{'record':<36}{'floats':>12}{'bytes':>14}")
     for r in s["rows"]:
         print(f"{r['kind']:<16}{r['record']:<36}{r['floats']:>12,}{r['bytes']:>14,}")

@@ -52,7 +52,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RecordConfig:
-    kinds: tuple[str, ...] = opt(("top-layer", "all-layers", "spectral-all", "spectral-pairs"), "comma-separated")
+    kinds: tuple[str, ...] = opt(("top-layer", "all-layers", "spectral-all", "spectral-pairs"),
+                                 "comma-separated; also class-diag (per-layer class means and stds)")
     layers: tuple[str, ...] | None = opt(None, "comma-separated module paths (default: every Linear/Conv2d)")
     cov: str = opt("auto", "all-layers covariance: auto, full, diag or lowrank:K")
     conv_stats: str = opt("channel", "conv maps' all-layers statistics per channel (pooled over positions) or per unit")
@@ -77,7 +78,7 @@ class RecordConfig:
 @dataclass(frozen=True)
 class ReconstructConfig:
     objective: str = opt("spectral-pairs", "top-layer, all-layers, all-layers-dropout, spectral-all, spectral-pairs, "
-                         "bn-stats or noise; combine with + (e.g. all-layers+bn-stats)")
+                         "class-diag, bn-stats or noise; combine with + (e.g. all-layers+bn-stats)")
     n: int = opt(2000, "inputs to make (class-balanced)", flag="--images", parse="positive")
     batch_size: int = opt(500, "inputs optimised together (the paper: 64)", parse="positive")
     steps: int = opt(1000, "Adam steps per batch (the paper: 1000)")

@@ -1,4 +1,5 @@
-"""What a statistics file gives in closed form: the class-mean inputs behind an all-layers record.
+"""What a statistics file gives in closed form: the class-mean inputs behind an all-layers record
+(or a class-diag one: any kind whose entry says ``layer_means``).
 
 The all-layers record of a layer that the input reaches through affine maps only (a first
 Linear or Conv2d, after a flatten or the normalisation) stores each class's mean of
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .kinds import REGISTRY, means_kind
 from .metadata import Metadata
 from .taps import resolve
 
@@ -90,14 +92,15 @@ def _affine_records(model: nn.Module, meta: Metadata):
 @torch.no_grad()
 def invert(model: nn.Module, meta: Metadata) -> list[Inversion]:
     """Class-mean inputs recovered from every all-layers record that is affine in the input."""
-    if "all-layers" not in meta.kinds or math.prod(meta.data.shape) > MAX_INPUT_DIM:
+    kind = means_kind(meta.kinds)  # all-layers, else class-diag: a kind that stores the layers' class means
+    if kind is None or math.prod(meta.data.shape) > MAX_INPUT_DIM:
         return []
     out = []
     for layer, jac, zero in _affine_records(model, meta):
-        mean = meta.get("all-layers", "mean", layer["path"]).double()
+        mean = meta.get(kind, "mean", layer["path"]).double()
         rank, sol = _solve(jac, (mean - zero).T)  # min-norm least squares
         raw = meta.data.to_raw(sol.T.float().view(-1, *meta.data.shape))
-        out.append(Inversion(layer["path"], layer["stat"], rank, jac.shape[1], layer["cov"], raw))
+        out.append(Inversion(layer["path"], layer["stat"], rank, jac.shape[1], REGISTRY[kind].form(layer), raw))
     return out
 
 
@@ -105,10 +108,11 @@ def invert(model: nn.Module, meta: Metadata) -> list[Inversion]:
 def revealed_means(model: nn.Module, meta: Metadata) -> torch.Tensor | None:
     """Each class's mean input ``[C, *shape]`` (raw units) where the file gives it exactly: from
     the first all-layers record affine in the input whose ``J`` has full column rank; else None."""
-    if "all-layers" not in meta.kinds or math.prod(meta.data.shape) > MAX_INPUT_DIM:
+    kind = means_kind(meta.kinds)
+    if kind is None or math.prod(meta.data.shape) > MAX_INPUT_DIM:
         return None
     for layer, jac, zero in _affine_records(model, meta):
-        mean = meta.get("all-layers", "mean", layer["path"]).double()
+        mean = meta.get(kind, "mean", layer["path"]).double()
         rank, sol = _solve(jac, (mean - zero).T)
         if rank == jac.shape[1]:
             return meta.data.to_raw(sol.T.float().view(-1, *meta.data.shape))

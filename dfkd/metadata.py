@@ -1,14 +1,16 @@
 """The publishable statistics file, ``<model>.stats.safetensors``: the contract, save, load, validate.
 
-The contract (``contract``) is declared once here and read by ``record`` (which tensors to
-write), ``load`` (which to expect, with their shapes) and the objectives (which to read,
-through ``Metadata.gaussian``). Kinds are spelled as the objectives that use them.
+The contract (``contract``) is the count plus each kind's own, declared by its entry in
+``kinds.REGISTRY``, and read by ``record`` (which tensors to write), ``load`` (which to expect,
+with their shapes) and the objectives (which to read, through the kind's ``read``). Kinds are
+spelled as the objectives that use them.
 
 Tensors are named ``<kind>/<part>/<statistic>``: ``top-layer/mean``,
 ``all-layers/<layer path>/chol``, ``spectral-all/basis``, ``spectral-pairs/<a>+<b>/std``;
 per-class tensors are class-major. A class Gaussian is stored as its ``mean`` and one of
 ``chol`` (full covariance, as its Cholesky factor), ``std`` (diagonal) or ``factor`` +
-``resid_std`` (low rank: ``cov ~ F F^T + diag(r^2)``). The safetensors string metadata holds
+``resid_std`` (low rank: ``cov ~ F F^T + diag(r^2)``), written and read by ``forms``.
+The safetensors string metadata holds
 one key, ``dfkd``, a JSON header: format and version, kinds, layers, class count, the data
 description (input shape, normalisation, range, class names), the teacher's weights sha256,
 the data set and its per-class counts, the dfkd version, and the sha256 of the tensors
@@ -25,79 +27,21 @@ import torch
 from .data import DataInfo
 from .errors import DfkdError
 from .files import load_tensors, parse_json, save_tensors, weights_sha256
-from .stats import ClassMoments, cholesky_psd, low_rank
+from .forms import key
+from .kinds import KINDS, REGISTRY
 from .version import __version__
 
+__all__ = ["KINDS", "Metadata", "contract", "load", "new_header", "save", "summary"]  # KINDS: the default kinds
 FORMAT, VERSION = "dfkd-stats", 2
-KINDS = ("top-layer", "all-layers", "spectral-all", "spectral-pairs")
 RECORD_HINT = "dfkd record --teacher {teacher} --kinds {kind}"
 
 
-def key(kind: str, stat: str, part: str | None = None) -> str:
-    return f"{kind}/{part}/{stat}" if part else f"{kind}/{stat}"
-
-
-def gaussian_shapes(mode: str, c: int, d: int) -> dict[str, tuple[int, ...]]:
-    """The statistics of a per-class Gaussian of dimension ``d`` stored in covariance ``mode``."""
-    out = {"mean": (c, d)}
-    if mode == "full":
-        out["chol"] = (c, d, d)
-    elif mode == "diag":
-        out["std"] = (c, d)
-    elif mode.startswith("lowrank:"):
-        out.update(factor=(c, d, int(mode.split(":")[1])), resid_std=(c, d))
-    else:
-        raise ValueError(f"unknown covariance mode {mode!r}")
-    return out
-
-
-def cov_mode(spec: str, dim: int) -> str:
-    if spec == "auto":
-        return "full" if dim <= 256 else "diag"
-    if spec in ("full", "diag"):
-        return spec
-    if spec.startswith("lowrank:") and spec[8:].isdigit() and 0 < int(spec[8:]):
-        return f"lowrank:{min(int(spec[8:]), dim)}"
-    raise DfkdError("cov", f"{spec!r} is not auto, full, diag or lowrank:K")
-
-
-def gaussian_tensors(kind: str, part: str | None, m: ClassMoments, mode: str) -> dict[str, torch.Tensor]:
-    """The stored form (``metadata.gaussian_shapes``) of streamed class moments."""
-    t = {"mean": m.mean}
-    cov = m.covariance()
-    if mode == "full":
-        t["chol"] = cholesky_psd(cov)[0]
-    elif mode == "diag":
-        t["std"] = cov.clamp(min=0).sqrt()
-    else:
-        t["factor"], resid = low_rank(cov, int(mode.split(":")[1]))
-        t["resid_std"] = resid.sqrt()
-    return {key(kind, s, part): v for s, v in t.items()}
-
-
-def graphs(h: dict) -> list[tuple[str, str, dict]]:
-    """``(kind, part, graph)`` for every spectral graph the header declares (part None: the whole net)."""
-    spec = h.get("spectral", {})
-    out = [("spectral-all", None, spec["all"])] if "spectral-all" in h["kinds"] else []
-    if "spectral-pairs" in h["kinds"]:
-        out += [("spectral-pairs", g["name"], g) for g in spec["pairs"]]
-    return out
-
-
 def contract(h: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor the header promises, with its shape."""
-    c = int(h["num_classes"])
-    out: dict[str, tuple[int, ...]] = {"count": (c,)}
-    if "top-layer" in h["kinds"]:
-        out.update({key("top-layer", s): shape for s, shape in gaussian_shapes("full", c, c).items()})
-    if "all-layers" in h["kinds"]:
-        for layer in h["layers"]:
-            for s, shape in gaussian_shapes(layer["cov"], c, int(layer["dim"])).items():
-                out[key("all-layers", s, layer["path"])] = shape
-    for kind, part, g in graphs(h):
-        d, k = int(g["nodes"]), int(g["kept"])
-        out.update({key(kind, s, part): shape for s, shape in
-                    {"basis": (d, k), "eigvals": (k,), "kept": (k,), "mean": (c, k), "std": (c, k)}.items()})
+    """Every tensor the header promises, with its shape: the count and each kind's own (``kinds``)."""
+    out: dict[str, tuple[int, ...]] = {"count": (int(h["num_classes"]),)}
+    for name, kind in REGISTRY.items():
+        if name in h["kinds"]:
+            out.update(kind.contract(h))
     return out
 
 
@@ -125,8 +69,7 @@ class Metadata:
 
     def gaussian(self, kind: str, part: str | None = None) -> dict[str, torch.Tensor]:
         """A part's class Gaussian: ``mean`` and its ``chol``, ``std`` or ``factor`` + ``resid_std``."""
-        pre = key(kind, "", part)
-        return {k[len(pre):]: v for k, v in self.tensors.items() if k.startswith(pre) and "/" not in k[len(pre):]}
+        return REGISTRY[kind].read(self, part)
 
     def require(self, kind: str, teacher: str = "TEACHER") -> None:
         if kind not in self.kinds:
@@ -138,7 +81,7 @@ class Metadata:
         rows = []
         for name, t in sorted(self.tensors.items()):
             kind, _, rest = name.partition("/")
-            rows.append({"kind": kind if kind in KINDS else "shared", "record": rest or name,
+            rows.append({"kind": kind if kind in REGISTRY else "shared", "record": rest or name,
                          "floats": t.numel(), "bytes": t.numel() * t.element_size()})
         return rows
 
@@ -195,7 +138,7 @@ def _validate(path: Path, h: dict, tensors: dict[str, torch.Tensor]) -> None:
         raise DfkdError(path, f"format version {h.get('version')!r} is not supported (this dfkd reads {VERSION}; "
                         "record the statistics again)")
     _check_fields(path, h)
-    unknown = [k for k in h["kinds"] if k not in KINDS]
+    unknown = [k for k in h["kinds"] if k not in REGISTRY]
     if unknown or not h["kinds"]:
         raise DfkdError(path, f"unknown or missing kinds {unknown or h['kinds']}")
     try:

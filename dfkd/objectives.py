@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import forms
 from .config import ReconstructConfig
 from .errors import DfkdError
 from .graph import LayerInfo, signal
-from .metadata import Metadata, graphs
+from .kinds import REGISTRY
+from .metadata import Metadata
 from .models import device_of
 from .stats import class_moments
 from .taps import input_key
@@ -33,31 +35,24 @@ from .taps import input_key
 Targets = dict[str, torch.Tensor]
 
 
-def draw(gauss: dict[str, torch.Tensor], labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """One target per label from its class Gaussian (``metadata.gaussian_shapes``)."""
-    m = gauss["mean"][labels]
-    z = torch.randn(m.shape, generator=g)
-    if "chol" in gauss:
-        return m + torch.einsum("bij,bj->bi", gauss["chol"][labels], z)
-    if "std" in gauss:
-        return m + gauss["std"][labels] * z
-    zk = torch.randn((len(labels), gauss["factor"].shape[-1]), generator=g)
-    return m + torch.einsum("bij,bj->bi", gauss["factor"][labels], zk) + gauss["resid_std"][labels] * z
-
-
-def gauss_std(gauss: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-class standard deviations ``[C, D]`` of a stored Gaussian."""
-    if "std" in gauss:
-        return gauss["std"]
-    if "chol" in gauss:
-        return gauss["chol"].pow(2).sum(-1).sqrt()
-    return (gauss["factor"].pow(2).sum(-1) + gauss["resid_std"].pow(2)).sqrt()
-
-
 def whitening(std: torch.Tensor) -> torch.Tensor:
     """Per-coordinate weights ``[D]`` from per-class standard deviations ``[C, D]``."""
     s = std.mean(0)
     return 1.0 / (s + 1e-3 * s.mean())
+
+
+def class_match(out: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor,
+                w: torch.Tensor) -> torch.Tensor:
+    """Per class present in the batch, the batch's class mean ``m`` and (co)variance ``S`` of a map's
+    channels pooled over positions (``out [B, C, ...]``) against the stored ``mu`` and ``Sigma``
+    (``cov [K, C, C]``; diagonal: variances ``[K, C]``),
+    ``(1/d) ||w (m - mu)||^2 + (1/d^2) ||w w^T . (S - Sigma)||^2`` (diagonal: ``(1/d) ||w^2 (s - sigma^2)||^2``),
+    weighted by the samples each class covers."""
+    m, second, rows = class_moments(out, labels, len(cov), cov.dim() == 3)
+    dm = ((m - mean) * w).pow(2).mean(1)
+    ww = w[:, None] * w[None, :] if cov.dim() == 3 else w * w
+    dc = ((second - cov) * ww).pow(2).flatten(1).mean(1)
+    return ((dm + dc) * rows / out[0, 0].numel()).sum()
 
 
 class Objective:
@@ -68,6 +63,10 @@ class Objective:
         self.meta, self.model, self.cfg = meta, model, cfg
         self.dev = device_of(model)
         self.infos = [LayerInfo.from_dict(d) for d in meta.header["layers"]] if meta is not None else []
+
+    def stored(self, part: str | None = None) -> dict[str, torch.Tensor]:
+        """A part's tensors of the kind this objective needs, read through the kind (``kinds.REGISTRY``)."""
+        return REGISTRY[self.kind].read(self.meta, part)
 
     def layers(self) -> list[str]:
         """Module paths whose outputs the loss reads."""
@@ -91,7 +90,7 @@ class TopLayer(Objective):
     name, kind = "top-layer", "top-layer"
 
     def targets(self, labels, g):
-        return {"top": draw(self.meta.gaussian("top-layer"), labels, g)}
+        return {"top": forms.draw(self.stored(), labels, g)}
 
     def loss(self, logits, acts, tg, labels):
         temp = float(self.meta.header["temperature"])
@@ -110,40 +109,26 @@ class AllLayers(Objective):
     def __init__(self, meta, model, cfg):
         super().__init__(meta, model, cfg)
         self._g, self._w, self._cov = {}, {}, {}
-        self._draw = {i.path: meta.gaussian("all-layers", i.path) for i in self.infos if i.stat == "unit"}
+        self._draw = {i.path: self.stored(i.path) for i in self.infos if i.stat == "unit"}
         for i in self.infos:
-            gauss = {k: v.to(self.dev) for k, v in meta.gaussian("all-layers", i.path).items()}
+            gauss = {k: v.to(self.dev) for k, v in self.stored(i.path).items()}
             self._g[i.path] = gauss
-            self._w[i.path] = whitening(gauss_std(gauss)) if cfg.whiten else torch.ones(i.dim, device=self.dev)
+            self._w[i.path] = whitening(forms.std(gauss)) if cfg.whiten else torch.ones(i.dim, device=self.dev)
             if i.stat == "channel":
-                if "chol" in gauss:
-                    self._cov[i.path] = gauss["chol"] @ gauss["chol"].transpose(1, 2)
-                elif "std" in gauss:
-                    self._cov[i.path] = gauss["std"].pow(2)
-                else:
-                    f = gauss["factor"]
-                    self._cov[i.path] = f @ f.transpose(1, 2) + torch.diag_embed(gauss["resid_std"].pow(2))
+                self._cov[i.path] = forms.cov(gauss)
 
     def layers(self):
         return [i.path for i in self.infos]
 
     def targets(self, labels, g):
-        return {path: draw(gauss, labels, g) for path, gauss in self._draw.items()}
-
-    def _channel_loss(self, i: LayerInfo, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cov = self._cov[i.path]
-        mean, second, rows = class_moments(out, labels, len(cov), cov.dim() == 3)
-        w = self._w[i.path]
-        dm = ((mean - self._g[i.path]["mean"]) * w).pow(2).mean(1)
-        ww = w[:, None] * w[None, :] if cov.dim() == 3 else w * w
-        dc = ((second - cov) * ww).pow(2).flatten(1).mean(1)
-        return ((dm + dc) * rows / out[0, 0].numel()).sum()  # weighted by the samples each class covers
+        return {path: forms.draw(gauss, labels, g) for path, gauss in self._draw.items()}
 
     def loss(self, logits, acts, tg, labels):
         total = logits.new_zeros(())
         for i in self.infos:
             if i.stat == "channel":
-                total = total + self._channel_loss(i, acts[i.path], labels)
+                total = total + class_match(acts[i.path], labels, self._g[i.path]["mean"], self._cov[i.path],
+                                            self._w[i.path])
             else:
                 total = total + ((acts[i.path].flatten(1) - tg[i.path]) * self._w[i.path]).pow(2).mean(1).sum()
         return total
@@ -173,19 +158,17 @@ class _Spectral(Objective):
         by_path = {i.path: i for i in self.infos}
         # resolved once: the loss runs every step of every batch
         self._graphs = []
-        for kind, part, g in graphs(meta.header):
-            if kind != self.kind:
-                continue
-            gauss = {"mean": meta.get(kind, "mean", part), "std": meta.get(kind, "std", part)}
-            self._graphs.append((f"{kind}/{part}", [by_path[p] for p in g["layers"]],
-                                 meta.get(kind, "basis", part).to(self.dev), gauss,
-                                 whitening(gauss["std"]).to(self.dev) if cfg.whiten else 1.0))
+        for part, g in REGISTRY[self.kind].graphs(meta.header):
+            t = self.stored(part)
+            gauss = {"mean": t["mean"], "std": t["std"]}
+            self._graphs.append((f"{self.kind}/{part}", [by_path[p] for p in g["layers"]], t["basis"].to(self.dev),
+                                 gauss, whitening(gauss["std"]).to(self.dev) if cfg.whiten else 1.0))
 
     def layers(self):
         return [i.path for i in self.infos]
 
     def targets(self, labels, g):
-        return {name: draw(gauss, labels, g) for name, _, _, gauss, _ in self._graphs}
+        return {name: forms.draw(gauss, labels, g) for name, _, _, gauss, _ in self._graphs}
 
     def loss(self, logits, acts, tg, labels):
         total = logits.new_zeros(())
@@ -206,6 +189,31 @@ class SpectralPairs(_Spectral):
     """``L = sum_p (1 / K_p) ||V_p^T s_p(x) - t_p||^2`` over the graphs of adjacent layer pairs
     ``p``, each with its own (smaller, cheaper) Laplacian eigenbasis."""
     name, kind = "spectral-pairs", "spectral-pairs"
+
+
+class ClassDiag(Objective):
+    """Per recorded layer of dimension ``d`` (a conv map per channel pools its positions), per class present
+    in the batch: the batch's class mean ``m`` and variance ``s`` of each coordinate against the stored mean
+    and std, ``(1/d) ||w (m - mu)||^2 + (1/d) ||w^2 (s - sigma^2)||^2``, weighted by the class's samples
+    (the all-layers channel match with a diagonal covariance, on every layer; needs ``class-diag``)."""
+    name, kind = "class-diag", "class-diag"
+
+    def __init__(self, meta, model, cfg):
+        super().__init__(meta, model, cfg)
+        self._g = {i.path: {k: v.to(self.dev) for k, v in self.stored(i.path).items()} for i in self.infos}
+        self._w = {i.path: whitening(g["std"]) if cfg.whiten else torch.ones(i.dim, device=self.dev)
+                   for i, g in zip(self.infos, self._g.values())}
+
+    def layers(self):
+        return [i.path for i in self.infos]
+
+    def loss(self, logits, acts, tg, labels):
+        total = logits.new_zeros(())
+        for i in self.infos:
+            out = acts[i.path] if i.stat == "channel" else acts[i.path].flatten(1).unsqueeze(2)
+            g = self._g[i.path]
+            total = total + class_match(out, labels, g["mean"], g["std"].pow(2), self._w[i.path])
+        return total
 
 
 class BNStats(Objective):
@@ -270,7 +278,7 @@ class Combined(Objective):
 
 
 OBJECTIVES: dict[str, type[Objective]] = {c.name: c for c in (TopLayer, AllLayers, AllLayersDropout, SpectralAll,
-                                                               SpectralPairs, BNStats, Noise)}
+                                                               SpectralPairs, ClassDiag, BNStats, Noise)}
 
 
 def make_objective(name: str, meta: Metadata | None, model: nn.Module, cfg: ReconstructConfig = ReconstructConfig(),

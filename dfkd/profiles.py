@@ -3,6 +3,7 @@ the published numbers its table shows beside its own (``PAPER``, ``DAFL_NOISE``)
 from __future__ import annotations
 
 from .config import RunConfig
+from .kinds import KINDS
 from .objectives import OBJECTIVES
 
 PAIRS = {"lenet5": "lenet5-half", "hinton-1200": "hinton-800"}
@@ -53,4 +54,6 @@ def recipe(cfg: RunConfig, net: str) -> dict:
 def objectives(cfg: RunConfig, net: str) -> tuple[str, ...]:
     if cfg.objectives is not None:
         return tuple(cfg.objectives)
-    return PROFILES[cfg.profile].get("objectives", {}).get(net, tuple(o for o in OBJECTIVES if o != "bn-stats"))
+    # by default every objective on the default kinds (which dfkd run records), and noise; not bn-stats
+    return PROFILES[cfg.profile].get("objectives", {}).get(net, tuple(
+        o for o, cls in OBJECTIVES.items() if o != "bn-stats" and cls.kind in (None, *KINDS)))

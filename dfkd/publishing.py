@@ -25,6 +25,7 @@ from .checkpoint import CARD, CONFIG, FOLDER_FORMAT, FOLDER_VERSION, STATS, WEIG
 from .config import DistillConfig, ReconstructConfig, default, flag_of
 from .errors import DfkdError
 from .files import read_json, sweep_temps, weights_sha256, write_json
+from .kinds import REGISTRY
 from .metadata import load, summary
 from .privacy_report import clip_warnings, not_private
 from .specs import open_model, stats_path
@@ -138,8 +139,9 @@ def model_card(config: dict, meta, name: str, repo: str | None, recipe: dict | N
     if model.get("code_sha256"):
         lines += [f"The model is built by user code, `{model['spec']}` (sha256 `{model['code_sha256'][:16]}...`), "
                   "which this folder does not contain: dfkd imports it only when you name it with `--code`.", ""]
-    lines += ["## Statistics", "", "| kind | floats | bytes |", "|---|---|---|"]
-    lines += [f"| {k} | {v['floats']:,} | {v['bytes']:,} |" for k, v in s["per_kind"].items()]
+    lines += ["## Statistics", "", "| kind | what it holds | floats | bytes |", "|---|---|---|---|"]
+    lines += [f"| {k} | {REGISTRY[k].reveals if k in REGISTRY else 'the class counts'} | {v['floats']:,} | "
+              f"{v['bytes']:,} |" for k, v in s["per_kind"].items()]
     lines += ["", "## What the statistics reveal", ""]
     reveals = meta.header.get("closed_form")
     exact = [r for r in reveals or [] if isinstance(r, dict) and r.get("class_means") == "exact"]

@@ -1,5 +1,6 @@
 """``dfkd record``: one streaming pass over the training set recording, per class, the
-statistics each reconstruction objective needs (see ``metadata.KINDS``).
+statistics each reconstruction objective needs: one loop over the records of the chosen kinds
+(``kinds.REGISTRY``, each kind's own contract), exact or private.
 
 - ``top-layer``: mean and covariance (as its Cholesky factor) of the logits / T;
 - ``all-layers``: per chosen layer, mean and covariance of the pre-activation (the
@@ -10,7 +11,8 @@ statistics each reconstruction objective needs (see ``metadata.KINDS``).
   or per unit (``conv_stats="unit"``: C*H*W dimensions, as the paper's LeNet-5);
 - ``spectral-all`` / ``spectral-pairs``: per-class mean and std of the kept
   graph-Fourier coefficients of the node signal (see ``graph`` and ``stats``) on one
-  graph over all chosen layers, or on one graph per pair of adjacent layers.
+  graph over all chosen layers, or on one graph per pair of adjacent layers;
+- ``class-diag`` (not recorded by default): per chosen layer, mean and per-coordinate std of its output.
 
 With ``privacy=EPSILON`` the same statistics come from clipped per-example contributions with
 Gaussian noise (``privacy``): one more pass chooses the clip bounds the user did not give.
@@ -31,32 +33,28 @@ from .config import RecordConfig
 from .data import DataInfo, DataSource, as_batches, data_len, declared_range, first_batch
 from .errors import DfkdError
 from .files import exclusive, weights_sha256
-from .graph import LayerInfo, chain_basis, layer_infos, layer_signal
+from .forms import cov_mode
+from .graph import LayerInfo, layer_infos
 from .inversion import reveals
-from .metadata import KINDS, Metadata, cov_mode, gaussian_tensors, key, load, new_header, save
+from .kinds import KINDS, REGISTRY, Batch, Private, Record, Setup
+from .metadata import Metadata, load, new_header, save
 from .models import device_of
 from .privacy_report import PROTECTED, check_inputs, public_values
 from .runtime import pick_device, setup_threads
 from .specs import DataRef, ModelRef, open_with_data, stats_path
-from .stats import ClassMoments, SELECT_N, SpectralMoments
+from .stats import SELECT_N
 from .taps import default_layers, tap
 
 
-def _graphs(model: nn.Module, infos: list[LayerInfo], kinds, keep: float, c: int) -> dict[str, tuple]:
-    """name -> (layer infos, SpectralMoments, eigenvalues) for each graph the kinds need."""
-    groups = {}
-    if "spectral-all" in kinds:
-        groups["spectral-all"] = infos
-    if "spectral-pairs" in kinds:
-        if len(infos) < 2:
-            raise DfkdError("layers", "spectral-pairs needs at least two layers")
-        for a, b in zip(infos[:-1], infos[1:]):
-            groups[f"spectral-pairs/{a.path}+{b.path}"] = [a, b]
-    out = {}
-    for name, members in groups.items():
-        vals, vecs = chain_basis(model, members)
-        out[name] = (members, SpectralMoments(vecs, c, keep), vals)
-    return out
+__all__ = ["KINDS", "record", "record_file"]  # KINDS: the default kinds
+
+
+def _records(kinds: list[str], s: Setup) -> list[Record]:
+    """Every record of the chosen kinds, in registry order (each kind checks its settings first)."""
+    chosen = [kind for name, kind in REGISTRY.items() if name in kinds]
+    for kind in chosen:
+        kind.check(s)
+    return [r for kind in chosen for r in kind.records(s)]
 
 
 def _check_batch(out: torch.Tensor, where: str, start: int) -> None:
@@ -85,89 +83,52 @@ def _batches(model: nn.Module, data, infos: list[LayerInfo], c: int, cfg: Record
         raise DfkdError("data", "holds no examples")
 
 
-def _layer_rows(out: torch.Tensor, i: LayerInfo) -> torch.Tensor:
-    """A layer's output as its record's rows: ``[N, D]``, or ``[N, C, H*W]`` for a conv map per channel."""
-    return out.flatten(2) if i.stat == "channel" else out.flatten(1)
-
-
-def _pass(model: nn.Module, data, infos: list[LayerInfo], kinds, graphs: dict, c: int, cfg: RecordConfig):
-    """The exact pass: class moments of the logits, layers and node signals; per-channel range."""
-    top = ClassMoments(c, c, full=True)
-    per_layer = {i.path: ClassMoments(c, i.dim, full=cov_mode(cfg.cov, i.dim) != "diag") for i in infos} \
-        if "all-layers" in kinds else {}
+def _pass(model: nn.Module, data, infos: list[LayerInfo], records: list[Record], c: int, cfg: RecordConfig):
+    """The exact pass: each record's rows streamed into its accumulator; class counts; per-channel range."""
+    acc = {r.name: r.exact() for r in records}
     counts, lo, hi = torch.zeros(c, dtype=torch.long), None, None
     for xb, yb, logits, acts in _batches(model, data, infos, c, cfg):
         flat = xb.transpose(0, 1).reshape(xb.shape[1], -1) if xb.dim() == 4 else xb.reshape(1, -1)
         lo = flat.amin(1) if lo is None else torch.minimum(lo, flat.amin(1))
         hi = flat.amax(1) if hi is None else torch.maximum(hi, flat.amax(1))
         counts += torch.bincount(yb, minlength=c)
-        if "top-layer" in kinds:
-            top.update(logits / cfg.temperature, yb)
-        for i in infos:
-            if i.path in per_layer:
-                per_layer[i.path].update(_layer_rows(acts[i.path], i), yb)
-        if graphs:  # each layer's node signal once, shared by every graph it belongs to
-            nodes = {i.path: layer_signal(acts[i.path], i).float().cpu() for i in infos}
-            for members, sm, _ in graphs.values():
-                sm.update(torch.cat([nodes[m.path] for m in members], 1), yb)
+        b = Batch(logits, acts, infos)
+        for r in records:
+            acc[r.name].update(r.rows(b), yb)
     if int(counts.min()) < 2:
         raise DfkdError("data", f"class {int(counts.argmin())} has {int(counts.min())} example(s); every class needs at least 2")
-    spectra = {}
-    for gname, (members, sm, vals) in graphs.items():
-        sm.finish()
-        spectra[gname] = (members, sm.basis.shape[0], sm.kept, sm.kept_basis, vals[sm.kept],
-                          sm.moments.mean, sm.moments.covariance())
-    return top, per_layer, spectra, counts, (lo, hi), {}
+    return acc, counts, (lo, hi), {}
 
 
-def _private_pass(model: nn.Module, data, infos: list[LayerInfo], kinds, graphs: dict, c: int,
+def _private_pass(model: nn.Module, data, infos: list[LayerInfo], records: list[Record], c: int,
                   cfg: RecordConfig, info: DataInfo):
-    """The private passes (``privacy``): clip bounds chosen on noisy norm histograms where the user gave
-    none (one pass), then clipped class sums (one pass), released with Gaussian noise."""
-    records: dict = {}  # record name -> (rows of a batch, full covariance?)
-    if "top-layer" in kinds:
-        records["top-layer"] = (lambda lg, acts, nodes: lg / cfg.temperature, True)
-    if "all-layers" in kinds:
-        for i in infos:
-            records[f"all-layers/{i.path}"] = (
-                lambda lg, acts, nodes, i=i: _layer_rows(acts[i.path], i), cov_mode(cfg.cov, i.dim) != "diag")
-    for gname, (members, sm, _) in graphs.items():
-        records[gname] = (lambda lg, acts, nodes, m=members, b=sm.basis.float():
-                          torch.cat([nodes[x.path] for x in m], 1) @ b, False)
-    budget = privacy.Budget.new(cfg.privacy, cfg.delta, data_len(data), list(records), dict(cfg.clip),
-                                cfg.clip_quantile)
+    """The private passes (``privacy``) over the same records' rows: clip bounds chosen on noisy norm
+    histograms where the user gave none (one pass), then clipped class sums (one pass), released with
+    Gaussian noise; every record is an event of the budget."""
+    by = {r.name: r for r in records}
+    budget = privacy.Budget.new(cfg.privacy, cfg.delta, data_len(data), list(by), dict(cfg.clip), cfg.clip_quantile)
 
-    def rows(acts, logits, names):
-        nodes = {i.path: layer_signal(acts[i.path], i).float().cpu() for i in infos} \
-            if any(n in graphs for n in names) else {}
-        return {r: records[r][0](logits, acts, nodes) for r in names}
+    def rows(b: Batch, names) -> dict[str, torch.Tensor]:
+        return {r: by[r].clipped(by[r].rows(b)) for r in names}
 
     if budget.to_choose:
         hists = {r: torch.zeros(privacy.CELLS, dtype=torch.long) for r in budget.to_choose}
         for _, yb, logits, acts in _batches(model, data, infos, c, cfg, "record: clip bounds"):
-            out = rows(acts, logits, budget.to_choose)  # only the records whose bound is chosen here
+            out = rows(Batch(logits, acts, infos), budget.to_choose)  # only the records whose bound is chosen here
             for r in hists:
                 hists[r] += privacy.histogram(privacy.norms(out[r]))
         budget.choose_bounds(hists)
     sums, counts = {}, torch.zeros(c, dtype=torch.long)
     for _, yb, logits, acts in _batches(model, data, infos, c, cfg):
         counts += torch.bincount(yb, minlength=c)
-        for r, x in rows(acts, logits, list(records)).items():
+        for r, x in rows(Batch(logits, acts, infos), list(by)).items():
             if r not in sums:
-                sums[r] = privacy.ClippedMoments(c, x.shape[1], records[r][1], budget.bounds[r])
+                sums[r] = privacy.ClippedMoments(c, x.shape[1], by[r].full, budget.bounds[r])
             sums[r].update(x, yb)
     noisy = budget.noisy_counts(counts)
-    rel = {r: budget.release(r, m, noisy) for r, m in sums.items()}
-    spectra = {}
-    for gname, (members, sm, vals) in graphs.items():
-        energy = sums[gname].second.sum(0) / noisy.sum()  # noisy: post-processing of the released sums
-        kept = torch.argsort(energy, descending=True)[: sm.k].sort().values
-        spectra[gname] = (members, sm.basis.shape[0], kept, sm.basis[:, kept], vals[kept],
-                          rel[gname].mean[:, kept], rel[gname].cov[:, kept])
-    per_layer = {i.path: rel[f"all-layers/{i.path}"] for i in infos} if "all-layers" in kinds else {}
+    rel = {r: Private(budget.release(r, m, noisy), m, noisy) for r, m in sums.items()}
     lo = torch.full((info.shape[0] if len(info.shape) == 3 else 1,), info.low)
-    return rel.get("top-layer"), per_layer, spectra, noisy.long(), (lo, torch.full_like(lo, info.high)), \
-        budget.header()
+    return rel, noisy.long(), (lo, torch.full_like(lo, info.high)), budget.header()
 
 
 def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: DataInfo | None = None) -> Metadata:
@@ -183,9 +144,9 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
         origin = origin or dict(data.origin)
         info, data = info or data.info, data.train
     kinds = list(dict.fromkeys(cfg.kinds))
-    bad = [k for k in kinds if k not in KINDS]
+    bad = [k for k in kinds if k not in REGISTRY]
     if bad or not kinds:
-        raise DfkdError("kinds", f"unknown kind(s) {bad or kinds}; choose from {', '.join(KINDS)}")
+        raise DfkdError("kinds", f"unknown kind(s) {bad or kinds}; choose from {', '.join(REGISTRY)}")
     if not 0 < cfg.spectral_keep <= 1:
         raise DfkdError("spectral_keep", f"{cfg.spectral_keep} is not in (0, 1]")
     cov_mode(cfg.cov, 1)  # refuse a bad mode before the pass
@@ -208,19 +169,19 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
     with torch.no_grad():
         c = model(x0[:1].to(dev)).shape[1]
     t0 = time.perf_counter()
-    graphs = _graphs(model, infos, kinds, cfg.spectral_keep, c)
+    layers = [dict(i.as_dict(), cov=cov_mode(cfg.cov, i.dim)) for i in infos]
+    records = _records(kinds, Setup(model, infos, layers, cfg, c))  # the spectral kinds' bases are made here
     basis_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     if cfg.privacy is None:
-        top, per_layer, spectra, counts, (lo, hi), private = _pass(model, data, infos, kinds, graphs, c, cfg)
+        moments, counts, (lo, hi), private = _pass(model, data, infos, records, c, cfg)
     else:
         if info is None and cfg.value_range is None:
             raise DfkdError("info", "with privacy, describe the inputs (a DataInfo with their range, or "
                             "value_range): a range read from the data is not private")
         info = info or declared_range(DataInfo(shape=tuple(x0.shape[1:]), num_classes=c, low=math.inf,
                                                high=-math.inf), cfg.value_range)  # nothing seen: any range holds it
-        top, per_layer, spectra, counts, (lo, hi), private = _private_pass(model, data, infos, kinds, graphs, c,
-                                                                           cfg, info)
+        moments, counts, (lo, hi), private = _private_pass(model, data, infos, records, c, cfg, info)
         private |= {"protected": dict(PROTECTED),
                     "public": public_values(origin, cfg.value_range is not None, cfg.delta is not None)}
     n = int(counts.sum())
@@ -230,34 +191,23 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
         info = declared_range(info, cfg.value_range) if cfg.value_range is not None else info
     if info.num_classes != c:
         raise DfkdError("data", f"{info.num_classes} classes, but the model gives {c} outputs")
-    tensors: dict[str, torch.Tensor] = {"count": counts.to(torch.int64)}
-    if "top-layer" in kinds:
-        tensors.update(gaussian_tensors("top-layer", None, top, "full"))
-    for p, m in per_layer.items():
-        tensors.update(gaussian_tensors("all-layers", p, m, cov_mode(cfg.cov, m.mean.shape[1])))
     spectral = {"keep": cfg.spectral_keep, "operator": "laplacian D-A of |W| (bipartite per layer pair)",
                 "conv_nodes": "per channel, spatial mean", "select_n": SELECT_N, "pairs": []}
     if private:
         spectral["kept_by"] = "noisy energy (post-processing of the private sums)"
-    for gname, (members, nodes, kept, basis, vals, mean, var) in spectra.items():
-        kind, _, part = gname.partition("/")
-        g = {"name": part or "all", "layers": [i.path for i in members], "nodes": int(nodes), "kept": len(kept)}
-        stats = {"basis": basis, "eigvals": vals, "kept": kept, "mean": mean, "std": var.clamp(min=0).sqrt()}
-        tensors.update({key(kind, s, part or None): v for s, v in stats.items()})
-        if part:
-            spectral["pairs"].append(g)
-        else:
-            spectral["all"] = g
+    fields = {"spectral": spectral}  # each kind writes its tensors, and its header fields here
+    tensors: dict[str, torch.Tensor] = {"count": counts.to(torch.int64)}
+    for r in records:
+        tensors.update(REGISTRY[r.kind].write(r, moments[r.name], fields))
     tensors = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items()}
     header = new_header(
         kinds=kinds, num_classes=c, temperature=cfg.temperature, data=info.as_dict(),
         teacher_sha256=weights_sha256(model.state_dict()),
         recorded_on={"dataset": info.name, "n_samples": n, "per_class": counts.tolist(),
                      "sample_bytes": math.prod(info.shape), "input_min": lo.tolist(), "input_max": hi.tolist()},
-        layers=[dict(i.as_dict(), cov=cov_mode(cfg.cov, i.dim)) for i in infos], top={"path": "output", "dim": c},
-        spectral=spectral, privacy=private or None)
+        layers=layers, top={"path": "output", "dim": c}, privacy=private or None, **fields)
     meta = Metadata(header, tensors, timings={"basis_seconds": basis_s, "pass_seconds": pass_s})
-    if "all-layers" in kinds:  # the file states what follows from it in closed form (dfkd.inversion)
+    if any(REGISTRY[k].layer_means for k in kinds):  # the file states what follows in closed form (dfkd.inversion)
         header["closed_form"] = reveals(model, meta)
     return meta
 

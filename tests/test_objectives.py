@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from dfkd.config import ReconstructConfig, RecordConfig
 from dfkd.errors import DfkdError
+from dfkd.kinds import REGISTRY
+from dfkd.metadata import Metadata
 from dfkd.objectives import AllLayersDropout, OBJECTIVES, make_objective
 from dfkd.reconstruction import optimise_batch
 from dfkd.recording import record
@@ -17,6 +19,14 @@ from tests.conftest import ROOT
 
 STAT_OBJECTIVES = [n for n, c in OBJECTIVES.items() if c.kind is not None]
 CFG = ReconstructConfig(progress=False)
+
+
+@pytest.fixture(scope="module")
+def every(teacher, small, meta):
+    """The session's statistics (the default kinds) plus the registry's other kinds, recorded as it is."""
+    extra = tuple(k for k in REGISTRY if k not in meta.kinds)
+    more = record(teacher, small.train, RecordConfig(kinds=extra, conv_stats="unit", progress=False), small.info)
+    return Metadata(dict(meta.header, kinds=meta.kinds + list(extra)), {**meta.tensors, **more.tensors})
 
 
 def _loss(obj, teacher, x, labels, seed=0):
@@ -29,8 +39,8 @@ def _loss(obj, teacher, x, labels, seed=0):
 
 @pytest.mark.parametrize("whiten", [True, False])
 @pytest.mark.parametrize("name", STAT_OBJECTIVES)
-def test_loss_small_on_real_data_large_on_noise(name, whiten, teacher, meta, small):
-    obj = make_objective(name, meta, teacher, ReconstructConfig(whiten=whiten))
+def test_loss_small_on_real_data_large_on_noise(name, whiten, teacher, every, small):
+    obj = make_objective(name, every, teacher, ReconstructConfig(whiten=whiten))
     x, labels = small.test[0][:400], small.test[1][:400]
     real = _loss(obj, teacher, x, labels)
     noise = _loss(obj, teacher, 0.15 + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1)), labels)
@@ -40,13 +50,13 @@ def test_loss_small_on_real_data_large_on_noise(name, whiten, teacher, meta, sma
 
 
 @pytest.mark.parametrize("name", STAT_OBJECTIVES)
-def test_first_step_follows_the_input_gradient_and_leaves_the_teacher(name, teacher, meta, small):
+def test_first_step_follows_the_input_gradient_and_leaves_the_teacher(name, teacher, every, small):
     """Adam's first step is ``lr * g / (|g| + eps)``: the gradient ``g`` from autograd on an
     independent, trainable copy of the teacher predicts the step optimise_batch takes."""
     frozen = copy.deepcopy(teacher).requires_grad_(False)
     before = {k: v.clone() for k, v in frozen.state_dict().items()}
     cfg = ReconstructConfig(objective=name, steps=1, clamp=False, progress=False)
-    obj = make_objective(name, meta, frozen, cfg)
+    obj = make_objective(name, every, frozen, cfg)
     labels = torch.arange(20) % 10
     x1, _ = optimise_batch(frozen, obj, labels, cfg, torch.Generator().manual_seed(0), small.info)
     g = torch.Generator().manual_seed(0)

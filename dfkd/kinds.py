@@ -1,0 +1,269 @@
+"""The statistic kinds ``dfkd record`` stores, one registry entry each (``REGISTRY``): a kind owns its
+contract. Each entry declares
+
+- ``records``: what it records, as *records*: one per stored Gaussian (the top layer, a layer, a graph),
+  each with its rows of a batch ``[N, D]`` (a conv map per channel: ``[N, D, P]``), whether it keeps a
+  full covariance or a diagonal, and its exact accumulator. The exact pass streams the rows into that
+  accumulator; the private pass (``privacy``) clips the same rows per example and sums them with noise
+  (sensitivity: ``C`` for the sum and ``C^2`` for the second moment, full or diagonal, under the
+  record's clip bound ``C``; every record is counted by the accountant). A kind prepares what its
+  records need (the spectral kinds: their graphs' Laplacian bases) when it makes them;
+- ``contract``: the tensors a header promises, with their shapes (``metadata.contract`` is their union);
+- ``write``: its tensors from a record's exact moments or its private release, and its header fields
+  (``header_fields``, each with a status in ``privacy_report.HEADER_FIELDS``);
+- ``read``: its stored tensors, as the objectives read them;
+- ``reveals``: a line on what the kind reveals of the training data (``dfkd inspect``, the model card);
+  ``layer_means``: it stores each chosen layer's class means (``inversion`` solves them for the class-mean
+  inputs where a layer is affine in the input).
+
+``KINDS`` are the kinds recorded by default (the paper's four); ``REGISTRY`` holds every kind.
+A class Gaussian is stored in one of the forms of ``forms``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from . import forms
+from .config import RecordConfig
+from .errors import DfkdError
+from .graph import LayerInfo, chain_basis, layer_signal
+from .privacy import ClippedMoments, Released
+from .stats import ClassMoments, SpectralMoments
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+@dataclass
+class Setup:
+    """What a kind's records are made from: the model, its chosen layers (and their header rows), the
+    command's settings and the class count."""
+    model: nn.Module
+    infos: list[LayerInfo]
+    layers: list[dict]
+    cfg: RecordConfig
+    c: int
+
+
+class Batch:
+    """One batch as the records read it: the logits, the chosen layers' outputs, and each layer's node
+    signal (computed on first use, once, and shared by every graph the layer belongs to)."""
+
+    def __init__(self, logits: torch.Tensor, acts: dict[str, torch.Tensor], infos: list[LayerInfo]):
+        self.logits, self.acts, self._infos, self._nodes = logits, acts, {i.path: i for i in infos}, {}
+
+    def node(self, path: str) -> torch.Tensor:
+        if path not in self._nodes:
+            self._nodes[path] = layer_signal(self.acts[path], self._infos[path]).float().cpu()
+        return self._nodes[path]
+
+
+@dataclass
+class Record:
+    """One stored Gaussian and, under privacy, one clipped and noised release (named ``kind`` or
+    ``kind/part``, as ``--clip`` and the privacy header spell it)."""
+    kind: str
+    part: str | None
+    full: bool                                   # a full covariance (else its diagonal)
+    rows: Callable[[Batch], torch.Tensor]        # the record's rows of a batch
+    exact: Callable[[], Any]                     # the exact pass's accumulator (``update(rows, labels)``)
+    form: str = "diag"                           # the stored form (``forms``)
+    clipped: Callable[[torch.Tensor], torch.Tensor] = lambda x: x  # what the private pass clips and sums
+    own: Any = None                              # the kind's own (a graph's layers, moments, eigenvalues)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}/{self.part}" if self.part else self.kind
+
+
+@dataclass
+class Private:
+    """A record's private release: the post-processed Gaussian, the noisy sums and counts it came from."""
+    released: Released
+    sums: ClippedMoments
+    counts: torch.Tensor
+    mean: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.mean = self.released.mean
+
+    def covariance(self) -> torch.Tensor:
+        return self.released.cov
+
+
+def layer_rows(out: torch.Tensor, i: LayerInfo) -> torch.Tensor:
+    """A layer's output as its record's rows: ``[N, D]``, or ``[N, C, H*W]`` for a conv map per channel."""
+    return out.flatten(2) if i.stat == "channel" else out.flatten(1)
+
+
+class Kind:
+    name: ClassVar[str]
+    reveals: ClassVar[str]
+    header_fields: ClassVar[tuple[str, ...]] = ()
+    layer_means: ClassVar[bool] = False
+    default: ClassVar[bool] = True  # recorded by ``dfkd record`` unless --kinds says otherwise
+
+    def check(self, s: Setup) -> None:
+        """Refuse settings this kind cannot record, before any kind prepares its records."""
+
+    def records(self, s: Setup) -> list[Record]:
+        raise NotImplementedError
+
+    def contract(self, h: dict) -> Shapes:
+        raise NotImplementedError
+
+    def write(self, rec: Record, m, header: dict) -> dict[str, torch.Tensor]:
+        """The record's tensors from its exact moments or its ``Private`` release."""
+        return forms.write(self.name, rec.part, m, rec.form)
+
+    def read(self, meta, part: str | None = None) -> dict[str, torch.Tensor]:
+        """A part's stored tensors by statistic (a class Gaussian: ``mean`` and its form's)."""
+        pre = forms.key(self.name, "", part)
+        return {k[len(pre):]: v for k, v in meta.tensors.items() if k.startswith(pre) and "/" not in k[len(pre):]}
+
+
+class TopLayer(Kind):
+    """Per class, mean and full covariance (its Cholesky factor) of the logits / T."""
+    name = "top-layer"
+    reveals = "each class's mean and covariance of the teacher's logits (its soft outputs on the training data)"
+    header_fields = ("temperature", "top.*")
+
+    def records(self, s):
+        t, c = s.cfg.temperature, s.c
+        return [Record(self.name, None, True, lambda b: b.logits / t, lambda: ClassMoments(c, c, full=True), "full")]
+
+    def contract(self, h):
+        c = int(h["num_classes"])
+        return {forms.key(self.name, st): shape for st, shape in forms.shapes("full", c, c).items()}
+
+
+class _Layers(Kind):
+    """Per chosen layer, a class Gaussian of its output (a conv map per channel pools its positions)."""
+    layer_means = True
+    header_fields = ("layers[].*",)
+
+    def form(self, layer: dict) -> str:
+        raise NotImplementedError
+
+    def records(self, s):
+        out = []
+        for i, layer in zip(s.infos, s.layers):
+            mode = self.form(layer)
+            out.append(Record(self.name, i.path, mode != "diag", lambda b, i=i: layer_rows(b.acts[i.path], i),
+                              lambda i=i, full=mode != "diag": ClassMoments(s.c, i.dim, full=full), mode))
+        return out
+
+    def contract(self, h):
+        c, out = int(h["num_classes"]), {}
+        for layer in h["layers"]:
+            for st, shape in forms.shapes(self.form(layer), c, int(layer["dim"])).items():
+                out[forms.key(self.name, st, layer["path"])] = shape
+        return out
+
+
+class AllLayers(_Layers):
+    """Per chosen layer, mean and covariance of its output: full, diagonal or low rank (``--cov``)."""
+    name = "all-layers"
+    reveals = ("each class's mean (and covariance) of every chosen layer's output; where a layer is affine in "
+               "the input, each class's mean training input in closed form")
+
+    def form(self, layer):
+        return layer["cov"]
+
+
+class ClassDiag(_Layers):
+    """Per chosen layer, mean and per-coordinate std of its output: all-layers without the cross terms
+    (under privacy a diagonal second moment: ``D`` noisy entries per class, not ``D (D + 1) / 2``)."""
+    name = "class-diag"
+    reveals = ("each class's mean and per-coordinate std of every chosen layer's output; where a layer is "
+               "affine in the input, each class's mean training input in closed form")
+    default = False
+
+    def form(self, layer):
+        return "diag"
+
+
+class _Spectral(Kind):
+    """Per graph, per class mean and std of the kept graph-Fourier coefficients of the node signal."""
+    header_fields = ("spectral.*",)
+
+    def graphs(self, h: dict) -> list[tuple[str | None, dict]]:
+        """``(part, graph)`` for every graph of this kind the header declares (part None: the whole net)."""
+        raise NotImplementedError
+
+    def groups(self, infos: list[LayerInfo]) -> list[tuple[str | None, list[LayerInfo]]]:
+        raise NotImplementedError
+
+    def records(self, s):
+        out = []
+        for part, members in self.groups(s.infos):
+            vals, vecs = chain_basis(s.model, members)  # the kind's preparation: its graph's Laplacian basis
+            sm = SpectralMoments(vecs, s.c, s.cfg.spectral_keep)
+            out.append(Record(self.name, part, False, lambda b, m=members: torch.cat([b.node(x.path) for x in m], 1),
+                              lambda sm=sm: sm, "diag", lambda x, b=sm.basis.float(): x @ b, (members, sm, vals)))
+        return out
+
+    def contract(self, h):
+        c, out = int(h["num_classes"]), {}
+        for part, g in self.graphs(h):
+            d, k = int(g["nodes"]), int(g["kept"])
+            out.update({forms.key(self.name, st, part): shape for st, shape in
+                        {"basis": (d, k), "eigvals": (k,), "kept": (k,), "mean": (c, k), "std": (c, k)}.items()})
+        return out
+
+    def write(self, rec, m, header):
+        members, sm, vals = rec.own
+        if isinstance(m, Private):  # kept by their noisy energy: post-processing of the released sums
+            energy = m.sums.second.sum(0) / m.counts.sum()
+            kept = torch.argsort(energy, descending=True)[: sm.k].sort().values
+            basis, mean, var = sm.basis[:, kept], m.mean[:, kept], m.covariance()[:, kept]
+        else:
+            sm.finish()
+            kept, basis, mean, var = sm.kept, sm.kept_basis, sm.moments.mean, sm.moments.covariance()
+        g = {"name": rec.part or "all", "layers": [i.path for i in members], "nodes": int(sm.basis.shape[0]),
+             "kept": len(kept)}
+        if rec.part:
+            header["spectral"]["pairs"].append(g)
+        else:
+            header["spectral"]["all"] = g
+        stats = {"basis": basis, "eigvals": vals[kept], "kept": kept, "mean": mean, "std": var.clamp(min=0).sqrt()}
+        return {forms.key(self.name, st, rec.part): v for st, v in stats.items()}
+
+
+class SpectralAll(_Spectral):
+    name = "spectral-all"
+    reveals = "each class's mean and std of the kept graph-Fourier coefficients of the whole network's node signal"
+
+    def graphs(self, h):
+        return [(None, h.get("spectral", {})["all"])] if self.name in h["kinds"] else []
+
+    def groups(self, infos):
+        return [(None, infos)]
+
+
+class SpectralPairs(_Spectral):
+    name = "spectral-pairs"
+    reveals = "each class's mean and std of the kept graph-Fourier coefficients of each adjacent layer pair's signal"
+
+    def graphs(self, h):
+        return [(g["name"], g) for g in h.get("spectral", {})["pairs"]] if self.name in h["kinds"] else []
+
+    def check(self, s):
+        if len(s.infos) < 2:
+            raise DfkdError("layers", "spectral-pairs needs at least two layers")
+
+    def groups(self, infos):
+        return [(f"{a.path}+{b.path}", [a, b]) for a, b in zip(infos[:-1], infos[1:])]
+
+
+REGISTRY: dict[str, Kind] = {k.name: k for k in (TopLayer(), AllLayers(), SpectralAll(), SpectralPairs(),
+                                                  ClassDiag())}
+KINDS = tuple(k for k, kind in REGISTRY.items() if kind.default)
+
+
+def means_kind(kinds) -> str | None:
+    """The first kind of ``kinds`` (in registry order) that stores each chosen layer's class means."""
+    return next((k for k, kind in REGISTRY.items() if kind.layer_means and k in kinds), None)
