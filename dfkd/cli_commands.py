@@ -13,7 +13,7 @@ from .distillation import distill_file
 from .evaluation import evaluate_file
 from .files import read_json
 from .leakage import leakage_file
-from .kinds import REGISTRY
+from .kinds import REGISTRY, means_kind, means_kinds
 from .metadata import load, summary
 from .pipeline import run
 from .privacy_report import clip_warnings, describe
@@ -71,11 +71,21 @@ def _cmd_record(a) -> int:
 def _print_reveals(h: dict) -> None:
     if h.get("privacy"):  # the closed form then gives the class means plus the calibrated noise only
         return
+    kinds = h.get("kinds") or ()
+    kind, every = means_kind(kinds) or "all-layers", " and ".join(means_kinds(kinds)) or "all-layers"
     for r in h.get("closed_form") or []:
         if isinstance(r, dict) and r.get("class_means") == "exact":
-            print(f"note: its all-layers record of {r['layer']} gives each class's mean training input exactly "
+            print(f"note: its {kind} record of {r['layer']} gives each class's mean training input exactly "
                   f"({'and its covariance ' if r.get('cov') == 'full' else ''}in closed form; see dfkd leakage). "
-                  f"To ship less: --layers without {r['layer']}, or --kinds without all-layers")
+                  f"To ship less: --layers without {r['layer']}, or --kinds without {every}")
+
+
+def _forms(layer: dict, kinds) -> str:
+    """A layer's stored forms: ``cov=`` (the header's ``layers[].cov``: the all-layers record's form) where
+    all-layers (or no kind of the layers' class means) is in the file, and every other such kind's by name."""
+    own = means_kinds(kinds)
+    out = [f"cov={layer['cov']}"] if "all-layers" in kinds or not own else []
+    return " ".join(out + [f"{k}={REGISTRY[k].form(layer)}" for k in own if k != "all-layers"])
 
 
 def _cmd_inspect(a) -> int:
@@ -87,7 +97,8 @@ def _cmd_inspect(a) -> int:
           + (f" ({', '.join(d['class_names'][:10])}{'...' if len(d['class_names']) > 10 else ''})" if d.get("class_names") else "")
           + f"; recorded on {h['recorded_on']['dataset']} ({h['recorded_on']['n_samples']} samples)")
     print(f"inputs: {tuple(d['shape'])}, raw range {d['low']:g}..{d['high']:g}, normalised with mean {d['mean']} std {d['std']}")
-    print("layers: " + ", ".join(f"{l['path']} {tuple(l['shape'])} per {l['stat']} cov={l['cov']}" for l in h["layers"]))
+    print("layers: " + ", ".join(f"{l['path']} {tuple(l['shape'])} per {l['stat']} {_forms(l, h['kinds'])}"
+                                 for l in h["layers"]))
     print("\n".join(describe(h)))
     print("\n".join(f"{k}: {REGISTRY[k].reveals}" for k in h["kinds"]))  # what each kind holds and reveals
     print(f"{'kind':<16}{'record':<36}{'floats':>12}{'bytes':>14}")
@@ -157,7 +168,8 @@ def _cmd_leakage(a) -> int:
     path, rep = leakage_file(_model(a), a.stats, _data_ref(a), out, tuple(a.synthetic))
     print(f"{rep['stats']} ({', '.join(rep['kinds'])}) against the true class means of the training data:")
     if not rep["inversions"]:
-        print("  no all-layers record is affine in the input: no class mean follows in closed form")
+        print(f"  no {means_kind(rep['kinds']) or 'all-layers'} record is affine in the input: no class mean follows "
+              "in closed form")
     for r in rep["inversions"]:
         how = "exactly" if r["exact"] else f"in a {r['rank']}-dimensional projection"
         print(f"  {r['layer']} (per {r['stat']}, cov {r['cov']}): class-mean inputs recovered in closed form {how} "

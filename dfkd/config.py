@@ -127,8 +127,9 @@ class RunConfig:
     profile: str = opt("quick", "quick (every objective, the whole table in minutes on CPU), best (dfkd's best "
                        "student per network), paper (the paper's losses as written, at its sizes; GPU) or tiny")
     networks: tuple[str, ...] = opt(("lenet5", "hinton-1200"), "teachers: lenet5 and/or hinton-1200")
-    objectives: tuple[str, ...] | None = opt(None, "comma-separated (default: the profile's, else every objective but "
-                                             "bn-stats: no BatchNorm here)")
+    objectives: tuple[str, ...] | None = opt(None, "comma-separated, of the default kinds' objectives and "
+                                             "noise (default: the profile's, else all of them: no bn-stats, no "
+                                             "BatchNorm here)")
     teacher: str | None = opt(None, "a saved teacher to use instead of training one (one network only)")
     teachers: str | None = opt(None, "an earlier run directory: use (or train once) <dir>/<network>/teacher and its "
                                "statistics")

@@ -1,7 +1,7 @@
-"""What a statistics file gives in closed form: the class-mean inputs behind an all-layers record
-(or a class-diag one: any kind whose entry says ``layer_means``).
+"""What a statistics file gives in closed form: the class-mean inputs behind a record of the layers'
+class means (``kinds.means_kind``: all-layers, else class-diag; any kind whose entry says ``layer_means``).
 
-The all-layers record of a layer that the input reaches through affine maps only (a first
+Such a record (all-layers or class-diag) of a layer that the input reaches through affine maps only (a first
 Linear or Conv2d, after a flatten or the normalisation) stores each class's mean of
 ``s(x) = J x + s0``. Since ``E[s | c] = J E[x | c] + s0``, the least-squares solution
 ``J^+ (m_c - s0)`` is each class's *mean training input*, exactly when ``J`` has full column
@@ -72,7 +72,7 @@ def _solve(jac: torch.Tensor, rhs: torch.Tensor) -> tuple[int, torch.Tensor]:
 
 
 def _affine_records(model: nn.Module, meta: Metadata):
-    """``(layer header, J [dim, d], s(0) [1, dim])`` for every all-layers record affine in the input (float64)."""
+    """``(layer header, J [dim, d], s(0) [1, dim])`` for every chosen layer affine in the input (float64)."""
     info = meta.data
     d = math.prod(info.shape)
     m = _float64(model)
@@ -91,7 +91,8 @@ def _affine_records(model: nn.Module, meta: Metadata):
 
 @torch.no_grad()
 def invert(model: nn.Module, meta: Metadata) -> list[Inversion]:
-    """Class-mean inputs recovered from every all-layers record that is affine in the input."""
+    """Class-mean inputs recovered from every record of ``means_kind`` (all-layers, else class-diag) of a
+    layer affine in the input."""
     kind = means_kind(meta.kinds)  # all-layers, else class-diag: a kind that stores the layers' class means
     if kind is None or math.prod(meta.data.shape) > MAX_INPUT_DIM:
         return []
@@ -107,7 +108,7 @@ def invert(model: nn.Module, meta: Metadata) -> list[Inversion]:
 @torch.no_grad()
 def revealed_means(model: nn.Module, meta: Metadata) -> torch.Tensor | None:
     """Each class's mean input ``[C, *shape]`` (raw units) where the file gives it exactly: from
-    the first all-layers record affine in the input whose ``J`` has full column rank; else None."""
+    the first ``means_kind`` record (all-layers, else class-diag) affine in the input whose ``J`` has full column rank; else None."""
     kind = means_kind(meta.kinds)
     if kind is None or math.prod(meta.data.shape) > MAX_INPUT_DIM:
         return None
@@ -126,7 +127,7 @@ def _float64(model: nn.Module) -> nn.Module:
 
 def reveals(model: nn.Module, meta: Metadata) -> list[dict] | str:
     """What follows from ``meta`` in closed form, as ``record`` writes it into the header: per affine
-    all-layers record its layer, form, and whether the class-mean inputs follow exactly."""
+    record of ``means_kind`` (all-layers, else class-diag; the entry does not name it) its layer, form, and whether the class-mean inputs follow exactly."""
     if math.prod(meta.data.shape) > MAX_INPUT_DIM:
         return f"not measured (inputs of more than {MAX_INPUT_DIM} values)"
     exact = "exact up to the differential-privacy noise" if meta.header.get("privacy") else "exact"

@@ -14,7 +14,9 @@ contract. Each entry declares
 - ``read``: its stored tensors, as the objectives read them;
 - ``reveals``: a line on what the kind reveals of the training data (``dfkd inspect``, the model card);
   ``layer_means``: it stores each chosen layer's class means (``inversion`` solves them for the class-mean
-  inputs where a layer is affine in the input).
+  inputs where a layer is affine in the input);
+- ``form`` (the layer kinds: a layer's stored form) and ``graphs`` (the spectral kinds: the graphs a header
+  declares), declared on ``Kind`` for the callers that reach them through the registry; another kind raises.
 
 ``KINDS`` are the kinds recorded by default (the paper's four); ``REGISTRY`` holds every kind.
 A class Gaussian is stored in one of the forms of ``forms``.
@@ -67,12 +69,17 @@ class Record:
     ``kind/part``, as ``--clip`` and the privacy header spell it)."""
     kind: str
     part: str | None
-    full: bool                                   # a full covariance (else its diagonal)
+    form: str                                    # the stored form (``forms``): full, diag or lowrank:K
     rows: Callable[[Batch], torch.Tensor]        # the record's rows of a batch
     exact: Callable[[], Any]                     # the exact pass's accumulator (``update(rows, labels)``)
-    form: str = "diag"                           # the stored form (``forms``)
-    clipped: Callable[[torch.Tensor], torch.Tensor] = lambda x: x  # what the private pass clips and sums
+    # the rows as the private pass clips, sums and releases them (the spectral kinds: their Fourier coefficients)
+    released_rows: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
     own: Any = None                              # the kind's own (a graph's layers, moments, eigenvalues)
+
+    @property
+    def full(self) -> bool:
+        """Whether the record accumulates a full covariance (its form full or low rank), else its diagonal."""
+        return self.form != "diag"
 
     @property
     def name(self) -> str:
@@ -115,6 +122,15 @@ class Kind:
     def contract(self, h: dict) -> Shapes:
         raise NotImplementedError
 
+    def form(self, layer: dict) -> str:
+        """The stored form of this kind's record of ``layer`` (a header's ``layers[]`` row): the layer kinds'."""
+        raise NotImplementedError(f"kind {self.name} stores no record per layer")
+
+    def graphs(self, h: dict) -> list[tuple[str | None, dict]]:
+        """``(part, graph)`` for every graph of this kind the header declares (part None: the whole net): the
+        spectral kinds'."""
+        raise NotImplementedError(f"kind {self.name} stores no graph")
+
     def write(self, rec: Record, m, header: dict) -> dict[str, torch.Tensor]:
         """The record's tensors from its exact moments or its ``Private`` release."""
         return forms.write(self.name, rec.part, m, rec.form)
@@ -133,7 +149,7 @@ class TopLayer(Kind):
 
     def records(self, s):
         t, c = s.cfg.temperature, s.c
-        return [Record(self.name, None, True, lambda b: b.logits / t, lambda: ClassMoments(c, c, full=True), "full")]
+        return [Record(self.name, None, "full", lambda b: b.logits / t, lambda: ClassMoments(c, c, full=True))]
 
     def contract(self, h):
         c = int(h["num_classes"])
@@ -145,15 +161,12 @@ class _Layers(Kind):
     layer_means = True
     header_fields = ("layers[].*",)
 
-    def form(self, layer: dict) -> str:
-        raise NotImplementedError
-
     def records(self, s):
         out = []
         for i, layer in zip(s.infos, s.layers):
             mode = self.form(layer)
-            out.append(Record(self.name, i.path, mode != "diag", lambda b, i=i: layer_rows(b.acts[i.path], i),
-                              lambda i=i, full=mode != "diag": ClassMoments(s.c, i.dim, full=full), mode))
+            out.append(Record(self.name, i.path, mode, lambda b, i=i: layer_rows(b.acts[i.path], i),
+                              lambda i=i, full=mode != "diag": ClassMoments(s.c, i.dim, full=full)))
         return out
 
     def contract(self, h):
@@ -190,10 +203,6 @@ class _Spectral(Kind):
     """Per graph, per class mean and std of the kept graph-Fourier coefficients of the node signal."""
     header_fields = ("spectral.*",)
 
-    def graphs(self, h: dict) -> list[tuple[str | None, dict]]:
-        """``(part, graph)`` for every graph of this kind the header declares (part None: the whole net)."""
-        raise NotImplementedError
-
     def groups(self, infos: list[LayerInfo]) -> list[tuple[str | None, list[LayerInfo]]]:
         raise NotImplementedError
 
@@ -202,8 +211,8 @@ class _Spectral(Kind):
         for part, members in self.groups(s.infos):
             vals, vecs = chain_basis(s.model, members)  # the kind's preparation: its graph's Laplacian basis
             sm = SpectralMoments(vecs, s.c, s.cfg.spectral_keep)
-            out.append(Record(self.name, part, False, lambda b, m=members: torch.cat([b.node(x.path) for x in m], 1),
-                              lambda sm=sm: sm, "diag", lambda x, b=sm.basis.float(): x @ b, (members, sm, vals)))
+            out.append(Record(self.name, part, "diag", lambda b, m=members: torch.cat([b.node(x.path) for x in m], 1),
+                              lambda sm=sm: sm, lambda x, b=sm.basis.float(): x @ b, (members, sm, vals)))
         return out
 
     def contract(self, h):
@@ -264,6 +273,12 @@ REGISTRY: dict[str, Kind] = {k.name: k for k in (TopLayer(), AllLayers(), Spectr
 KINDS = tuple(k for k, kind in REGISTRY.items() if kind.default)
 
 
+def means_kinds(kinds) -> list[str]:
+    """The kinds of ``kinds`` (in registry order) that store each chosen layer's class means."""
+    return [k for k, kind in REGISTRY.items() if kind.layer_means and k in kinds]
+
+
 def means_kind(kinds) -> str | None:
-    """The first kind of ``kinds`` (in registry order) that stores each chosen layer's class means."""
-    return next((k for k, kind in REGISTRY.items() if kind.layer_means and k in kinds), None)
+    """The kind of ``kinds`` whose class means ``inversion`` solves (all-layers, else class-diag), or None;
+    the closed-form notes name it (a header's ``closed_form`` entries do not)."""
+    return next(iter(means_kinds(kinds)), None)

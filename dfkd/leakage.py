@@ -1,7 +1,7 @@
 """What a statistics file reveals about the training data, measured before it is published.
 
 The closed-form inversion (``inversion``) recovers each class's mean training input from an
-all-layers record of a layer affine in the input. ``class_means`` computes the true class means from
+all-layers (else class-diag) record of a layer affine in the input. ``class_means`` computes the true class means from
 the data, and ``measure`` compares the two: per class the RMSE (raw units) and the share of the classes'
 own structure recovered, ``R^2 = 1 - |m^ - m|^2 / |m - mbar|^2`` (1: exact; 0: no better than the
 overall mean image; negative: worse). ``measure`` also scores any synthetic set the same way

@@ -28,6 +28,7 @@ from .files import atomic_write, exclusive, read_json, sweep_temps, write_json
 from .loop import accuracy
 from .metadata import load as load_stats
 from .metadata import save as save_stats
+from .kinds import KINDS
 from .models import build_model
 from .objectives import OBJECTIVES
 from .profiles import DAFL_NOISE, PAIRS, PAPER, PROFILES, objectives, recipe
@@ -208,6 +209,12 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
     bad = [o for o in cfg.objectives or () if o not in OBJECTIVES]
     if bad:
         raise DfkdError("objectives", f"unknown objective(s) {bad}; choose from {', '.join(OBJECTIVES)}")
+    # dfkd run records the default kinds only (its statistics are shared by every objective of a network)
+    extra = [o for o in cfg.objectives or () if OBJECTIVES[o].kind not in (None, *KINDS)]
+    if extra:
+        k = OBJECTIVES[extra[0]].kind
+        raise DfkdError("objectives", f"{', '.join(extra)}: dfkd run records only the default kinds "
+                        f"({', '.join(KINDS)}); record {k} with dfkd record --kinds {k} and use dfkd reconstruct")
     if (cfg.images is not None and cfg.images <= 0) or (cfg.steps is not None and cfg.steps < 0):
         raise DfkdError("images", "images must be > 0 and steps >= 0")
     if cfg.epochs is not None and cfg.epochs <= 0:

@@ -1,8 +1,8 @@
 """Differentially private statistics: ``dfkd record --privacy EPSILON [--delta D]``.
 
 Neighbouring training sets differ by adding or removing one example (its input and its
-label). A *record* is one Gaussian the file stores: the top layer, one all-layers layer, or
-one spectral graph's Fourier coefficients. Each gives every example a vector ``x [D]`` (a
+label). A *record* is one Gaussian the file stores (``kinds``): the top layer, one all-layers
+or class-diag layer, or one spectral graph's Fourier coefficients. Each gives every example a vector ``x [D]`` (a
 conv map per channel: its ``P`` position vectors ``[D, P]``), whose norm
 ``r = ||x||`` (pooled: ``sqrt(mean_p ||x_p||^2)``) is clipped to the record's bound ``C``
 by scaling the whole example. Per class the released quantities are then

@@ -25,7 +25,7 @@ from .checkpoint import CARD, CONFIG, FOLDER_FORMAT, FOLDER_VERSION, STATS, WEIG
 from .config import DistillConfig, ReconstructConfig, default, flag_of
 from .errors import DfkdError
 from .files import read_json, sweep_temps, weights_sha256, write_json
-from .kinds import REGISTRY
+from .kinds import REGISTRY, means_kind
 from .metadata import load, summary
 from .privacy_report import clip_warnings, not_private
 from .specs import open_model, stats_path
@@ -146,7 +146,8 @@ def model_card(config: dict, meta, name: str, repo: str | None, recipe: dict | N
     reveals = meta.header.get("closed_form")
     exact = [r for r in reveals or [] if isinstance(r, dict) and r.get("class_means") == "exact"]
     if exact:
-        lines.append(f"The all-layers record of {', '.join(r['layer'] for r in exact)} gives each class's mean "
+        kind = means_kind(meta.kinds) or "all-layers"  # the kind whose class means give them
+        lines.append(f"The {kind} record of {', '.join(r['layer'] for r in exact)} gives each class's mean "
                      "training input exactly (the layer is affine in the input); dfkd leakage shows it.")
     elif isinstance(reveals, list):
         lines.append("No class mean of the training inputs follows from these statistics in closed form "

@@ -27,6 +27,7 @@ from .fastgrad import input_grad_by_fold
 from .files import exclusive, weights_sha256
 from .images import save_grid
 from .inversion import revealed_means
+from .kinds import means_kind
 from .metadata import Metadata, load
 from .models import device_of, num_outputs
 from .objectives import Noise, Objective, make_objective
@@ -140,8 +141,10 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
     start = revealed_means(teacher, meta) if meta is not None and cfg.init != "noise" \
         and not isinstance(objective, Noise) else None
     if start is None and cfg.init == "class-mean" and not isinstance(objective, Noise):
-        raise DfkdError("init", "the statistics reveal no class mean inputs (that needs an all-layers record of a "
-                        "layer affine in the input, of full column rank); use init noise or auto")
+        k = (means_kind(meta.kinds) if meta is not None else None) or "all-layers"  # the kind invert reads
+        a = "an" if k[0] in "aeiou" else "a"
+        raise DfkdError("init", f"the statistics reveal no class mean inputs (that needs {a} "
+                        f"{k} record of a layer affine in the input, of full column rank); use init noise or auto")
     c = meta.num_classes if meta is not None else num_outputs(teacher, info)
     teacher.eval()
     for p in teacher.parameters():

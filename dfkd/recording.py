@@ -109,7 +109,7 @@ def _private_pass(model: nn.Module, data, infos: list[LayerInfo], records: list[
     budget = privacy.Budget.new(cfg.privacy, cfg.delta, data_len(data), list(by), dict(cfg.clip), cfg.clip_quantile)
 
     def rows(b: Batch, names) -> dict[str, torch.Tensor]:
-        return {r: by[r].clipped(by[r].rows(b)) for r in names}
+        return {r: by[r].released_rows(by[r].rows(b)) for r in names}
 
     if budget.to_choose:
         hists = {r: torch.zeros(privacy.CELLS, dtype=torch.long) for r in budget.to_choose}

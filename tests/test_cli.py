@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dfkd.kinds import REGISTRY
 from dfkd.synthetic import SyntheticSet
 from tests.conftest import ROOT, assert_count, near_ties
 
@@ -112,6 +113,7 @@ def test_evaluate_and_inspect(run_dir, oracle):
     r = dfkd("inspect", run_dir / "teacher.stats.safetensors")
     assert r.returncode == 0, r.stderr
     assert "spectral-pairs" in r.stdout and "larger" in r.stdout and "per channel" in r.stdout
+    assert f"\nspectral-pairs: {REGISTRY['spectral-pairs'].reveals}\n" in r.stdout  # what each kind reveals
 
 
 def test_run_tiny_profile_writes_its_table(tmp_path, idx_dir):

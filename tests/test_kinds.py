@@ -10,16 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from dfkd import noise
+from dfkd import cli_commands, noise, privacy
 from dfkd.config import ReconstructConfig, RecordConfig, RunConfig
 from dfkd.data import DataInfo
 from dfkd.errors import DfkdError
 from dfkd.kinds import KINDS, REGISTRY
 from dfkd.metadata import contract, load, save
+from dfkd.pipeline import run
 from dfkd.objectives import OBJECTIVES, make_objective
 from dfkd.privacy import Budget
 from dfkd.privacy_report import HEADER_FIELDS
 from dfkd.profiles import objectives
+from dfkd.publishing import model_card
 from dfkd.recording import record
 from dfkd.taps import tap
 
@@ -95,8 +97,8 @@ def test_class_diag_against_float64(tmp_path):
 def test_class_diag_private_release_is_accounted(monkeypatch):
     """Under privacy every class-diag record is an event of the budget (sum and diagonal second moment, each
     with its clip bound as sensitivity), composed by the accountant: the file's epsilon meets the target and
-    its noise scale is the accountant's calibration for exactly these records; a mean whose bound clips
-    nothing is the exact one plus noise."""
+    its noise scale is the accountant's calibration for exactly these records; where the bound clips nothing
+    the mean and the diagonal second moment are the exact ones plus noise of their calibrated scales."""
     monkeypatch.setattr(noise, "INSECURE_TEST_NOISE_SEED", 3)
     model, (x, y) = net(), data(600)
     cfg = RecordConfig(kinds=("class-diag",), privacy=4.0, progress=False, clip=(("class-diag/5", 4.0),))
@@ -113,9 +115,23 @@ def test_class_diag_private_release_is_accounted(monkeypatch):
         {f"{r}: clip histogram" for r in records[:2]}
     assert p["epsilon"] <= 4.0 and p["scale"] == Budget.new(4.0, 1e-6, 600, records, {"class-diag/5": 4.0}).scale
     assert m.get("class-diag", "std", "0").shape == (3, 3)  # per channel, diagonal
+    rows = rows64(model, x)["5"]
+    assert privacy.norms(rows).max() < 4.0  # the premise: the bound clips nothing, so only noise differs
     exact = record(model, (x, y), RecordConfig(kinds=("class-diag",), progress=False), INFO)
+    n_c = 200  # 600 examples, 3 classes
     err = (m.get("class-diag", "mean", "5") - exact.get("class-diag", "mean", "5")).abs().max()
-    assert 0 < err < 6 * events["class-diag/5: sum"]["sigma"] / 150  # its bound clips nothing: noise alone
+    assert 0 < err < 6 * events["class-diag/5: sum"]["sigma"] / 150  # noise alone (6 sigma over n_c - 50)
+    # the diagonal second moment Q / n released as std^2 + mean^2 (float64 oracle: torch's per class), against
+    # its noise: 6 sigma_second / n_c per coordinate, plus what the count's noise moves Q / n by
+    mean, std = m.get("class-diag", "mean", "5").double(), m.get("class-diag", "std", "5").double()
+    second = torch.stack([rows[y == c].pow(2).mean(0) for c in range(3)])
+    ev, count = events["class-diag/5: second moment"], events["count"]["sigma"]
+    bound = 6 * ev["sigma"] / (n_c - 6 * count) + second * 6 * count / (n_c - 6 * count)
+    kept = std > 0  # a variance the noise made negative is clamped at 0: there Q / n <= mean^2
+    diff = (std ** 2 + mean ** 2 - second).abs()
+    assert kept.sum() >= 3 and (diff[kept] < bound[kept]).all() and diff[kept].max() > 0, (diff, bound)
+    assert (second - bound <= mean ** 2 + 1e-6)[~kept].all()
+    assert ev["sigma"] == pytest.approx(ev["noise_multiplier"] * 16.0)  # sensitivity C^2, C = 4
 
 
 def _objective(model, x, y, whiten=True, dtype=torch.float64):
@@ -185,3 +201,38 @@ def test_class_diag_objective_needs_its_kind():
         make_objective("class-diag", four, model)
     with pytest.raises(DfkdError, match="unknown kind"):
         record(model, (x, y), RecordConfig(kinds=("class-dia",), progress=False), INFO)
+
+
+def test_closed_form_notes_name_the_kind_that_gives_them(tmp_path, capsys):
+    """A file holding only class-diag of a Linear-first model (784->1200-like: full column rank) gives the
+    class-mean inputs exactly; the record note, dfkd inspect and the model card name class-diag, not
+    all-layers, and inspect states each kind's form, never the all-layers ``cov`` it did not store."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(72, 80), nn.ReLU(), nn.Linear(80, 3)).eval()
+    x, y = data(90)
+    meta = record(model, (x, y), RecordConfig(kinds=("class-diag",), cov="full", progress=False), INFO)
+    assert [r["class_means"] for r in meta.header["closed_form"]] == ["exact"]
+    assert meta.header["layers"][0]["cov"] == "full"  # the header's cov: the all-layers record's form
+    path = save(meta, tmp_path / "d.stats.safetensors")
+    cli_commands._cmd_inspect(type("A", (), {"file": str(path)})())
+    out = capsys.readouterr().out
+    assert "note: its class-diag record of 1 gives each class's mean training input exactly (in closed form" in out
+    assert out.rstrip().endswith("--kinds without class-diag") and "all-layers" not in out
+    assert "1 (80,) per unit class-diag=diag" in out and "cov=" not in out
+    assert f"class-diag: {REGISTRY['class-diag'].reveals}" in out
+    config = {"data": {"shape": [2, 6, 6], "num_classes": 3, "mean": [0.0], "std": [1.0], "low": 0.0, "high": 1.0},
+              "model": {"spec": "tiny"}, "dfkd_version": "0", "sha256": "0" * 64}
+    card = model_card(config, meta, "tiny", None, None)
+    assert f"| class-diag | {REGISTRY['class-diag'].reveals} |" in card
+    assert "The class-diag record of 1 gives each class's mean training input exactly" in card
+
+
+def test_run_refuses_objectives_of_kinds_it_does_not_record(tmp_path):
+    """dfkd run records the default kinds only: an objective of another kind is refused in one line before
+    any work (nothing written), naming dfkd record and dfkd reconstruct."""
+    with pytest.raises(DfkdError, match=r"class-diag: dfkd run records only the default kinds \(top-layer, "
+                       r"all-layers, spectral-all, spectral-pairs\); record class-diag with dfkd record --kinds "
+                       r"class-diag and use dfkd reconstruct") as e:
+        run(RunConfig(profile="tiny", networks=("lenet5",), objectives=("top-layer", "class-diag"),
+                      out=str(tmp_path / "r")))
+    assert e.value.where == "objectives" and not (tmp_path / "r").exists()

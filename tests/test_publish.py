@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dfkd.kinds import REGISTRY
 from tests.conftest import OWN
 
 SMALL = {"reconstruct": ["--images", "40", "--batch-size", "20", "--steps", "3"], "distill": ["--epochs", "1"]}
@@ -105,6 +106,7 @@ def test_registry_model_round_trip(world, tmp_path):
     assert cfg["num_classes"] == 10 and cfg["pretrained_cfg"]["input_size"] == [1, 32, 32]
     card = (pub / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: dfkd\n") and "all-layers" in card and "test accuracy" in card
+    assert f"\n| all-layers | {REGISTRY['all-layers'].reveals} | " in card  # what it holds, then its size
 
 
 def test_own_bn_model_round_trip_on_colour_folder(colour_dir, tmp_path):
