@@ -140,8 +140,10 @@ class SyntheticSet:
                                        sha256=entry["sha256"]))
             except Exception as e:  # safetensors raises its own error types for a damaged header
                 raise DfkdError(f, f"damaged ({type(e).__name__}); {REMAKE}") from None
-        self.manifest.update(fields, shards=shards, complete=True)
-        write_json(self.manifest_path, self.manifest)
+        whole = dict(self.manifest, **fields, shards=shards, complete=True)
+        if whole != self.manifest:  # a set found complete as it was left (a rerun, a kill after this write): no write
+            self.manifest = whole
+            write_json(self.manifest_path, whole)
         return True
 
     # reading ---------------------------------------------------------------------------------
