@@ -180,7 +180,9 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
             if not optimising:
                 bar.update(1)
         bar.close()
-        if synth.finish(n_batches, image_steps=cfg.n * (cfg.steps if optimising else 0)) and len(info.shape) == 3:
+        fresh = not synth.manifest.get("complete")  # else found complete: its grid is made only if missing
+        if synth.finish(n_batches, image_steps=cfg.n * (cfg.steps if optimising else 0)) and len(info.shape) == 3 \
+                and (fresh or not (synth.dir / "samples.png").is_file()):
             synth.open()
             parts, k = [], 0  # the first shards, ten inputs a class: never the whole set in memory
             while k < len(synth.manifest["shards"]) and sum(len(p["x"]) for p in parts) < 10 * c:
