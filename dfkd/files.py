@@ -189,19 +189,23 @@ class _KeepBrackets(dict):
 _BRACKETS = _KeepBrackets({ord(c): c for c in "[]{}"})
 
 
-def read_json(path: str | os.PathLike) -> dict:
-    path = Path(path)
+def read_bytes(path: Path, expected: str, limit: int | None = None) -> bytes:
+    """A file's bytes; missing, a directory, over ``limit`` or unreadable is a one-line ``DfkdError``."""
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise DfkdError(path, f"{path.stat().st_size:,} bytes is larger than the {MAX_JSON_BYTES:,} dfkd reads")
-        raw = path.read_bytes()
+        if limit is not None and path.stat().st_size > limit:
+            raise DfkdError(path, f"{path.stat().st_size:,} bytes is larger than the {limit:,} dfkd reads")
+        return path.read_bytes()
     except FileNotFoundError:
         raise DfkdError(path, "no such file") from None
     except IsADirectoryError:
-        raise DfkdError(path, "is a directory, expected a JSON file") from None
+        raise DfkdError(path, f"is a directory, expected {expected}") from None
     except OSError as e:
         raise DfkdError(path, f"cannot read ({e.strerror or e})") from None
-    obj = parse_json(raw, path)
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    obj = parse_json(read_bytes(path, "a JSON file", MAX_JSON_BYTES), path)
     if not isinstance(obj, dict):
         raise DfkdError(path, "expected a JSON object")
     return obj
@@ -216,14 +220,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a safetensors file fully; any damage is a one-line ``DfkdError``."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DfkdError(path, "no such file") from None
-    except IsADirectoryError:
-        raise DfkdError(path, "is a directory, expected a .safetensors file") from None
-    except OSError as e:
-        raise DfkdError(path, f"cannot read ({e.strerror or e})") from None
+    raw = read_bytes(path, "a .safetensors file")
     try:  # the library checks the declared offsets against the file's length before allocating
         tensors = st_load(raw)
     except (SafetensorError, ValueError, OverflowError, RuntimeError) as e:
