@@ -17,7 +17,8 @@ from pathlib import Path
 from dfkd.config import RunConfig
 from dfkd.files import atomic_write, read_json
 from dfkd.objectives import OBJECTIVES
-from dfkd.pipeline import cells, run
+from dfkd.pipeline import run
+from dfkd.results import cells
 from dfkd.profiles import PAIRS, PAPER
 
 from .ablation import LADDER

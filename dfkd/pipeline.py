@@ -8,8 +8,8 @@ profile's, or the ones asked for). With ``seeds`` > 1 every student is made once
 distillation and the baselines' training all follow the seed. Every stage skips finished work,
 so an interrupted run resumes where it stopped; work made with other settings (the run's own
 teacher, a synthetic set, a student, a resume state) is refused, or with ``restart`` made again.
-``results.json`` (``rows``: one per student; ``cells``: per teacher and objective the seeds' mean,
-min and max) and ``results.md`` are rewritten atomically after every student.
+``results.json`` and ``results.md`` (``results``) are written atomically after every student, and left
+as they were when they already hold the same rows.
 """
 from __future__ import annotations
 
@@ -24,16 +24,17 @@ from .checkpoint import load_model, save_model
 from .config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, TrainConfig, to_dict
 from .distillation import distill
 from .errors import DfkdError
-from .files import atomic_write, exclusive, read_json, sweep_temps, write_json
+from .files import exclusive, read_json, sweep_temps
 from .loop import accuracy
 from .metadata import load as load_stats
 from .metadata import save as save_stats
 from .kinds import KINDS
 from .models import build_model
 from .objectives import OBJECTIVES
-from .profiles import DAFL_NOISE, PAIRS, PAPER, PROFILES, objectives, recipe
+from .profiles import PAIRS, PAPER, PROFILES, objectives, recipe
 from .reconstruction import reconstruct
 from .recording import record
+from .results import write_results
 from .resume import canonical, config_settings, finished
 from .runtime import pick_device, seed_everything, setup_threads
 from .sources import data_sha256, open_data
@@ -148,57 +149,6 @@ def _objective(name: str, teacher, meta, data, student_name: str, settings: dict
             "seconds": {"reconstruct": sum(s["seconds"] for s in synth.manifest["shards"]), "distill": dsecs}}
 
 
-def cells(rows: list[dict]) -> list[dict]:
-    """One entry per (teacher, objective): the seeds and their accuracies, the mean, min and max, and the
-    mean seconds per stage."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["teacher"], r["objective"]), []).append(r)
-    out = []
-    for runs in groups.values():
-        accs = [r["accuracy"] for r in runs]
-        c = {k: runs[0][k] for k in ("teacher", "student", "objective", "teacher_accuracy", "paper_accuracy",
-                                     "image_steps")}
-        c.update(seeds=[r.get("seed", 0) for r in runs], accuracies=accs, accuracy=sum(accs) / len(accs),
-                 min=min(accs), max=max(accs),
-                 seconds={k: sum(r["seconds"].get(k, 0.0) for r in runs) / len(runs) for k in runs[0]["seconds"]})
-        out.append(c)
-    return out
-
-
-def _table(rows: list[dict]) -> str:
-    lines = ["| teacher | student | objective | accuracy % | spread (min..max) | seeds | paper % | vs paper "
-             "| share of teacher % | reconstruct s | distill/train s | image-steps |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in cells(rows):
-        s, paper, acc = c["seconds"], c["paper_accuracy"], c["accuracy"]
-        ptxt = "" if paper is None else f"{100 * paper:.2f}"
-        dtxt = "" if paper is None else f"{100 * (acc - paper):+.2f}"
-        spread = f"{100 * c['min']:.2f}..{100 * c['max']:.2f}" if len(c["accuracies"]) > 1 else ""
-        lines.append(
-            f"| {c['teacher']} | {c['student']} | {c['objective']} | {100 * acc:.2f} | {spread} | {len(c['accuracies'])} "
-            f"| {ptxt} | {dtxt} | {100 * acc / c['teacher_accuracy']:.1f} | {s.get('reconstruct', 0):.0f} | "
-            f"{s.get('distill', s.get('train', 0)):.0f} | {c['image_steps']:,} |")
-    stages = {}
-    for r in rows:
-        s = stages.setdefault(r["teacher"], {"train teacher": 0.0, "record": 0.0})
-        s["train teacher"] = max(s["train teacher"], r["seconds"].get("teacher_train", 0.0))
-        s["record"] = max(s["record"], r["seconds"].get("record", 0.0))
-    lines.append("")
-    lines += [f"{t}: " + ", ".join(f"{k} {v:.0f} s" for k, v in s.items()) + "  " for t, s in stages.items()]
-    lines.append("noise: the paper has no noise baseline; DAFL's, with other noise, reports "
-                 + ", ".join(f"{v:.2f}% ({k})" for k, v in DAFL_NOISE.items()) + ".")
-    return "\n".join(lines) + "\n"
-
-
-def _write(out: Path, rows: list[dict], cfg: RunConfig, t0: float) -> None:
-    write_json(out / "results.json", {"config": to_dict(cfg), "profile": PROFILES[cfg.profile], "rows": rows,
-                                      "cells": cells(rows), "wall_seconds": time.perf_counter() - t0})
-    seeds = f", mean of {cfg.seeds} seeds" if cfg.seeds > 1 else ""
-    atomic_write(out / "results.md", f"# dfkd results (test accuracy on the real MNIST test set, last epoch{seeds})\n\n"
-                 + _table(rows) + f"\nwall time so far: {time.perf_counter() - t0:.0f} s\n")
-
-
 def run(cfg: RunConfig = RunConfig()) -> Path:
     """Run the pipeline; returns the path of ``results.json``."""
     if cfg.profile not in PROFILES:
@@ -284,7 +234,7 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                 row = dict(_student_row(spath_student), paper_accuracy=paper)  # resumed: today's reference figure
                 rows.append(row)
                 if ranks.main:
-                    _write(out, rows, cfg, t0)
+                    write_results(out, rows, cfg, t0)
                 if cfg.progress:
                     print(f"{net} -> {student_name} {name} seed {seed}: {100 * row['accuracy']:.2f}%"
                           + (f" (paper {100 * row['paper_accuracy']:.2f}%)" if row["paper_accuracy"] else ""), flush=True)

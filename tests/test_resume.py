@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 import dfkd.training as training
 from dfkd.cli import main
-from dfkd.config import DistillConfig, TrainConfig
+from dfkd.config import DistillConfig, RunConfig, TrainConfig
+from dfkd.results import write_results
 from dfkd.resume import config_settings, differences, load_checked, save_checked
 from tests.bad_cases_resume import changed_idx
 
@@ -447,3 +448,23 @@ def test_nonfinite_flag_alone():
     assert nonfinite(torch.tensor(1.0)) is None
     assert nonfinite(torch.tensor(float("nan"))) == "NaN"
     assert nonfinite(torch.tensor(float("-inf"))) == "infinite"
+
+
+def test_results_holding_the_same_rows_are_left_as_they_were(tmp_path):
+    """A run resumed after its last student finds results.json and results.md holding its rows: both are
+    left byte for byte (and with the wall time of the run that made them); a new row rewrites both, and
+    so does a damaged file."""
+    row = {"teacher": "lenet5", "student": "lenet5-half", "objective": "top-layer", "seed": 0, "accuracy": 0.5,
+           "teacher_accuracy": 0.9, "paper_accuracy": 0.6, "image_steps": 10, "student_steps": 3,
+           "seconds": {"reconstruct": 1.0, "distill": 2.0}, "history": [0.5], "history_epochs": [1]}
+    cfg, files = RunConfig(out=str(tmp_path)), [tmp_path / "results.json", tmp_path / "results.md"]
+    write_results(tmp_path, [row], cfg, t0=0.0)  # a wall time of the machine's uptime: clearly not now's
+    before = [p.read_bytes() for p in files]
+    write_results(tmp_path, [dict(row)], cfg, t0=1e12)
+    assert [p.read_bytes() for p in files] == before
+    files[1].write_text(files[1].read_text()[:-40])  # damaged (a table row cut): written again
+    write_results(tmp_path, [row], cfg, t0=1e12)
+    assert files[0].read_bytes() == before[0] and files[1].read_bytes() != before[1]
+    write_results(tmp_path, [row, dict(row, seed=1, accuracy=0.7)], cfg, t0=1e12)
+    assert json.loads(files[0].read_text())["wall_seconds"] < 0  # now this call's clock, not the first's
+    assert len(json.loads(files[0].read_text())["rows"]) == 2 and "| 60.00 |" in files[1].read_text()

@@ -1,0 +1,77 @@
+"""``dfkd run``'s results: ``results.json`` (``rows``, one per student; ``cells``, per teacher and objective the
+seeds' mean, min and max) and ``results.md``, the table with the paper's numbers beside ours."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from .config import RunConfig, to_dict
+from .errors import DfkdError
+from .files import atomic_write, read_json, write_json
+from .profiles import DAFL_NOISE, PROFILES
+
+
+def cells(rows: list[dict]) -> list[dict]:
+    """One entry per (teacher, objective): the seeds and their accuracies, the mean, min and max, and the
+    mean seconds per stage."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["teacher"], r["objective"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        accs = [r["accuracy"] for r in runs]
+        c = {k: runs[0][k] for k in ("teacher", "student", "objective", "teacher_accuracy", "paper_accuracy",
+                                     "image_steps")}
+        c.update(seeds=[r.get("seed", 0) for r in runs], accuracies=accs, accuracy=sum(accs) / len(accs),
+                 min=min(accs), max=max(accs),
+                 seconds={k: sum(r["seconds"].get(k, 0.0) for r in runs) / len(runs) for k in runs[0]["seconds"]})
+        out.append(c)
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| teacher | student | objective | accuracy % | spread (min..max) | seeds | paper % | vs paper "
+             "| share of teacher % | reconstruct s | distill/train s | image-steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in cells(rows):
+        s, paper, acc = c["seconds"], c["paper_accuracy"], c["accuracy"]
+        ptxt = "" if paper is None else f"{100 * paper:.2f}"
+        dtxt = "" if paper is None else f"{100 * (acc - paper):+.2f}"
+        spread = f"{100 * c['min']:.2f}..{100 * c['max']:.2f}" if len(c["accuracies"]) > 1 else ""
+        lines.append(
+            f"| {c['teacher']} | {c['student']} | {c['objective']} | {100 * acc:.2f} | {spread} | {len(c['accuracies'])} "
+            f"| {ptxt} | {dtxt} | {100 * acc / c['teacher_accuracy']:.1f} | {s.get('reconstruct', 0):.0f} | "
+            f"{s.get('distill', s.get('train', 0)):.0f} | {c['image_steps']:,} |")
+    stages = {}
+    for r in rows:
+        s = stages.setdefault(r["teacher"], {"train teacher": 0.0, "record": 0.0})
+        s["train teacher"] = max(s["train teacher"], r["seconds"].get("teacher_train", 0.0))
+        s["record"] = max(s["record"], r["seconds"].get("record", 0.0))
+    lines.append("")
+    lines += [f"{t}: " + ", ".join(f"{k} {v:.0f} s" for k, v in s.items()) + "  " for t, s in stages.items()]
+    lines.append("noise: the paper has no noise baseline; DAFL's, with other noise, reports "
+                 + ", ".join(f"{v:.2f}% ({k})" for k, v in DAFL_NOISE.items()) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def _unchanged(path: Path, same: Callable[[Path], bool]) -> bool:
+    try:
+        return path.is_file() and same(path)
+    except (DfkdError, UnicodeDecodeError):
+        return False
+
+
+def write_results(out: Path, rows: list[dict], cfg: RunConfig, t0: float) -> None:
+    """Write results.json and results.md; each is left as it was when it already holds these rows under this
+    config (so a run resumed after its last student keeps them, with the wall time of the run that made them)."""
+    doc = json.loads(json.dumps({"config": to_dict(cfg), "profile": PROFILES[cfg.profile], "rows": rows,
+                                 "cells": cells(rows)}))
+    if not _unchanged(out / "results.json",
+                      lambda p: {k: v for k, v in read_json(p).items() if k != "wall_seconds"} == doc):
+        write_json(out / "results.json", dict(doc, wall_seconds=time.perf_counter() - t0))
+    seeds = f", mean of {cfg.seeds} seeds" if cfg.seeds > 1 else ""
+    md = f"# dfkd results (test accuracy on the real MNIST test set, last epoch{seeds})\n\n" + table(rows)
+    if not _unchanged(out / "results.md", lambda p: p.read_text().rsplit("\nwall time so far:", 1)[0] == md):
+        atomic_write(out / "results.md", md + f"\nwall time so far: {time.perf_counter() - t0:.0f} s\n")
