@@ -10,6 +10,7 @@ import torch
 
 from dfkd.config import DistillConfig
 from dfkd.distillation import distill
+from dfkd.data import at_input
 from dfkd.models import build_model, predict_logits
 from dfkd.profiles import PAIRS
 
@@ -26,7 +27,7 @@ def measure(teacher_name: str, n: int = 10000) -> list[dict]:
     for p in teacher.parameters():
         p.requires_grad_(False)
     student = build_model(student_name, info)[0].eval()
-    logits = predict_logits(teacher, x)
+    logits = predict_logits(at_input(teacher, info), x)  # raw inputs, normalised at the network
     fs, ft = forward_flops(student, info.shape), forward_flops(teacher, info.shape)
     rows = []
     for augment in ("none", DistillConfig.augment):

@@ -33,7 +33,7 @@ def teacher_report(folder: Path, code: tuple[str, ...], accuracy: dict[str, floa
         if (d / "manifest.json").is_file():
             s = SyntheticSet(d).open()
             x, y, _ = s.load()
-            sets[d.name] = (s.info.to_raw(x), y)
+            sets[d.name] = (x, y)  # raw, as the data
     report, images = measure(model, meta, source.train, sets, source.test)
     for name, row in report["synthetic"].items():
         row["student_accuracy"] = accuracy.get(name)

@@ -184,8 +184,9 @@ def _cmd_leakage(a) -> int:
 
 def _cmd_run(a) -> int:
     path = run(config_from(a, RunConfig))
-    _say((path.parent / "results.md").read_text())
-    _say(f"results: {path} and {path.parent / 'results.md'}")
+    if os.environ.get("RANK", "0") == "0":  # the rank that wrote them
+        _say((path.parent / "results.md").read_text())
+        _say(f"results: {path} and {path.parent / 'results.md'}")
     return 0
 
 

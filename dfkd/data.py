@@ -3,7 +3,8 @@
 ``DataInfo`` is the one description of a model's data: the shape of one input, the class
 count and names, the raw value range and the per-channel normalisation
 ``model input = (raw - mean) / std``. It is saved beside every model, in every statistics
-file and every synthetic set, so later steps work in the same input space.
+file and every synthetic set. Everything dfkd stores or optimises is raw (in the data's units and range);
+the normalisation is applied once, at the call into the network (``at_input``).
 
 ``sources.open_data(spec)`` resolves a data spec into a ``DataSource`` of two streaming datasets.
 The API also takes any torch ``Dataset`` or ``DataLoader`` yielding ``(input, label)`` (``as_batches``).
@@ -17,6 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import DfkdError
@@ -77,28 +79,28 @@ class DataInfo:
         t = torch.tensor(v, dtype=x.dtype, device=x.device)
         return t.view(1, -1, *([1] * (x.dim() - 2))) if len(v) > 1 else t
 
+    @property
+    def plain(self) -> bool:
+        """No normalisation: the model takes the raw values as they are."""
+        return self.mean == (0.0,) and self.std == (1.0,)
+
     def to_model(self, raw: torch.Tensor) -> torch.Tensor:
-        """Raw values ``[N, *shape]`` in the data's range to model inputs."""
-        if self.mean == (0.0,) and self.std == (1.0,):
+        """Raw values ``[N, *shape]`` in the data's range to model inputs (done only at the call into the
+        network: ``at_input``)."""
+        if self.plain:
             return raw
         return (raw - self.per_channel(self.mean, raw)) / self.per_channel(self.std, raw)
 
     def to_raw(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mean == (0.0,) and self.std == (1.0,):
+        """Model inputs back to raw values (an answer computed in the network's input space, such as the
+        closed-form inversion's)."""
+        if self.plain:
             return x
         return x * self.per_channel(self.std, x) + self.per_channel(self.mean, x)
 
-    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The raw range ``[low, high]`` mapped into the model's space, shaped ``[1, *shape]``."""
-        return (self.to_model(torch.full((1, *self.shape), self.low)),
-                self.to_model(torch.full((1, *self.shape), self.high)))
-
-    def clamp(self, x: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Model inputs clamped, in place, to ``bounds`` (default: ``self.bounds()``; pass them in a loop)."""
-        if self.mean == (0.0,) and self.std == (1.0,):
-            return x.clamp_(self.low, self.high)
-        lo, hi = bounds if bounds is not None else self.bounds()
-        return x.clamp_(lo.to(x), hi.to(x))
+    def clamp(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw inputs clamped, in place, to the data's range ``[low, high]``."""
+        return x.clamp_(self.low, self.high)
 
     def fitted(self, shape: tuple[int, ...]) -> "DataInfo":
         return replace(self, shape=tuple(shape))
@@ -135,7 +137,8 @@ def fit_shape(raw: torch.Tensor, shape: tuple[int, ...], where: object = "data")
 
 class RawImages(Dataset):
     """A split of raw images (any indexable of ``[H, W]``/``[C, H, W]`` arrays in ``[0, 255]`` if
-    uint8, else in the data's raw range) as model inputs, normalised and fitted to ``info.shape``."""
+    uint8, else in the data's raw range) as raw float inputs in the data's range, fitted to ``info.shape``
+    (normalised only at the call into the network: ``at_input``)."""
 
     def __init__(self, images, labels: torch.Tensor, info: DataInfo, divide: float = 1.0):
         self.images, self.labels, self.info, self.divide = images, labels, info, divide
@@ -147,7 +150,7 @@ class RawImages(Dataset):
         idx = torch.as_tensor(idx, dtype=torch.long)
         raw = torch.as_tensor(self.images[idx.numpy()] if not torch.is_tensor(self.images) else self.images[idx])
         raw = raw.float() / self.divide if self.divide != 1.0 else raw.float()
-        return self.info.to_model(fit_shape(raw, self.info.shape)), self.labels[idx]
+        return fit_shape(raw, self.info.shape), self.labels[idx]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.batch([i])
@@ -168,13 +171,63 @@ class DataSource:
         """The same data described (normalised, fitted) by ``info``: its splits follow."""
         for split in (self.train, self.test):
             if split is not None and hasattr(split, "info"):
-                split.info = info
+                split.info, split.origin = info, self.origin  # a split passed alone says where info came from
         self.info = info
         return self
 
     def fitted(self, shape: tuple[int, ...]) -> "DataSource":
         """The same data fitted (padded) to a model's input shape."""
         return self.with_info(self.info.fitted(shape))
+
+
+class Normalised(nn.Module):
+    """A network behind its input normalisation: it takes raw inputs, ``net(info.to_model(raw))``. It holds
+    no parameter of its own, hooks go on ``net``'s modules, and its mode is ``net``'s (a fresh wrapper
+    reports the mode ``net`` is in, so code that saves and restores a mode keeps ``net``'s); dfkd saves and
+    resumes ``net`` itself, never the wrapper (whose ``state_dict`` keys carry a ``net.`` prefix)."""
+
+    def __init__(self, net: nn.Module, info: DataInfo):
+        super().__init__()
+        self.net, self.info = net, info
+
+    @property
+    def training(self) -> bool:  # type: ignore[override]
+        return self.net.training
+
+    @training.setter
+    def training(self, mode: bool) -> None:  # nn.Module sets it; ``train(mode)`` sets it on ``net`` too
+        pass
+
+    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.net(self.info.to_model(raw))
+
+
+def at_input(net: nn.Module, info: "DataInfo | None") -> nn.Module:
+    """``net`` as called on raw inputs: behind its normalisation (``info``'s), or itself where there is none.
+    The one place inputs are normalised; a network already behind it is not normalised twice."""
+    if info is None or info.plain or isinstance(net, Normalised):
+        return net
+    return Normalised(net, info)
+
+
+def described(data):
+    """The object that describes ``data``: ``data`` itself or what it wraps (``DataLoader.dataset``,
+    ``Subset.dataset``) when it carries a ``DataInfo`` as ``info`` (a ``DataSource``, a split of one, a
+    synthetic set's stream), else None."""
+    for _ in range(8):
+        if isinstance(getattr(data, "info", None), DataInfo):
+            return data
+        data = getattr(data, "dataset", None)
+        if data is None:
+            break
+    return None
+
+
+def info_of(data) -> "DataInfo | None":
+    """The ``DataInfo`` that describes ``data`` (``described``), else None: a plain Dataset, DataLoader or
+    tensors are taken as the network's inputs."""
+    d = described(data)
+    return d.info if d is not None else None
 
 
 def as_batches(data, batch_size: int, order: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -220,41 +273,3 @@ def data_len(data) -> int:
 
 def first_batch(data, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     return next(iter(as_batches(data, n)))
-
-
-def channel_moments(data, batch_size: int = 1000) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of a dataset's raw inputs (for ``normalize="auto"``), streamed."""
-    s = s2 = None
-    n = 0
-    for xb, _ in as_batches(data, batch_size):
-        x = xb.double().transpose(0, 1).reshape(xb.shape[1] if xb.dim() == 4 else 1, -1)
-        s = x.sum(1) if s is None else s + x.sum(1)
-        s2 = (x * x).sum(1) if s2 is None else s2 + (x * x).sum(1)
-        n += x.shape[1]
-    mean = s / n
-    std = (s2 / n - mean * mean).clamp(min=1e-12).sqrt()
-    return tuple(mean.tolist()), tuple(std.tolist())
-
-
-def parse_normalize(text: str | None, data: DataSource) -> DataSource:
-    """``none``, ``auto`` (per-channel moments of the training split) or ``MEAN/STD`` with
-    comma-separated per-channel values (in the raw range, e.g. ``0.5,0.5,0.5/0.25,0.25,0.25``)."""
-    if text in (None, "", "none"):
-        return data
-    if text == "auto":
-        if data.train is None:
-            raise DfkdError("normalize", "auto needs a training split")
-        mean, std = channel_moments(data.train)
-        data.origin["normalisation"] = "data"
-    else:
-        m, sep, s = text.partition("/")
-        try:
-            mean, std = tuple(float(v) for v in m.split(",")), tuple(float(v) for v in s.split(","))
-        except ValueError:
-            raise DfkdError("normalize", f"{text!r} is not none, auto or MEAN/STD (e.g. 0.5/0.25)") from None
-        if not sep:
-            raise DfkdError("normalize", f"{text!r} is not none, auto or MEAN/STD (e.g. 0.5/0.25)")
-        data.origin["normalisation"] = "user"
-    info = replace(data.info, mean=mean, std=std)
-    info.check("normalize")
-    return data.with_info(info)

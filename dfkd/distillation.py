@@ -5,7 +5,7 @@
 student's. No true label is used. With a teacher at hand (the default), every epoch's
 inputs are augmented (``affine``: each sample its own small rotation, scale and shift;
 ``shift``: one translation of up to 2 pixels per batch; ``+mix``: then a convex mix with the
-reversed batch; ``+cutmix``: a box pasted from it), in the raw range (so that zero fill is
+reversed batch; ``+cutmix``: a box pasted from it), in the raw range the set is stored in (so that zero fill is
 black whatever the normalisation), and the teacher labels what the student sees, a chunk of the epoch in
 one bulk pass before its steps; without one, the logits stored in the shards
 are the targets and the inputs are used as they are. ``adversarial`` replaces a share of each
@@ -26,7 +26,7 @@ from torch import nn
 from . import distributed
 from .checkpoint import save_model
 from .config import DistillConfig, to_dict
-from .data import DataInfo, DataSource, first_batch
+from .data import DataInfo, DataSource, at_input, first_batch, info_of
 from .errors import DfkdError
 from .files import exclusive, weights_sha256
 from .loop import accuracy, fit
@@ -92,12 +92,14 @@ def augment(x: torch.Tensor, how: str, g: torch.Generator, pad: int = 2) -> torc
 
 
 def disagree(student: nn.Module, teacher: nn.Module, x: torch.Tensor, cfg: DistillConfig,
-             bounds: tuple[torch.Tensor, torch.Tensor] | None, scale) -> tuple[torch.Tensor, torch.Tensor]:
+             info: DataInfo | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Views pushed towards the student's disagreement with the teacher: ``adversarial_steps`` signed
     gradient steps of ``adversarial_step`` (raw units) up ``kd_loss(student(x), teacher(x))``,
-    clamped to the data's range; the student in eval mode (its BatchNorm statistics untouched).
-    Returns the views and the teacher's logits for them."""
+    clamped to the data's range; the student in eval mode (its BatchNorm statistics untouched). ``x``
+    is raw, and both networks see it through ``info``'s normalisation. Returns the views and the
+    teacher's logits for them."""
     was, was_t = student.training, teacher.training
+    student, teacher = at_input(student, info), at_input(teacher, info)
     student.eval()
     teacher.eval()
     x = x.detach()
@@ -106,9 +108,9 @@ def disagree(student: nn.Module, teacher: nn.Module, x: torch.Tensor, cfg: Disti
         loss = kd_loss(student(x), teacher(x), cfg.temperature)
         (grad,) = torch.autograd.grad(loss, x)
         with torch.no_grad():
-            x = x + cfg.adversarial_step * grad.sign() / scale
-            if bounds is not None:
-                x = torch.maximum(torch.minimum(x, bounds[1].to(x)), bounds[0].to(x))
+            x = x + cfg.adversarial_step * grad.sign()
+            if info is not None:
+                x = info.clamp(x)
     with torch.no_grad():
         logits = teacher(x).float()  # the teacher's labels for the pushed views, on their device
     student.train(was)
@@ -120,9 +122,9 @@ def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg
             test=None, info: DataInfo | None = None, state_path: Path | None = None, settings: dict | None = None,
             restart: bool = False) -> list[dict]:
     """Distill ``student`` on a synthetic set (a ``SyntheticSet``, a folder holding one, or a
-    Dataset / ``(x, teacher_logits)`` tensors): soft targets from ``teacher`` on augmented views
-    (augmented in the raw range given by ``info``, the set's own by default), or the stored
-    logits without a teacher. ``test`` (a DataSource or test set) is measured every ``eval_every``
+    Dataset / ``(x, teacher_logits)`` tensors) of raw inputs: soft targets from ``teacher`` on augmented
+    views, or the stored logits without a teacher. Student and teacher see the inputs through ``info``'s
+    normalisation (the set's own by default; none for plain tensors without ``info``). ``test`` (a DataSource or test set) is measured every ``eval_every``
     epochs; the last epoch's student is the result."""
     if cfg.augment not in AUGMENTS:
         raise DfkdError("augment", f"{cfg.augment!r} is not one of {', '.join(AUGMENTS)}")
@@ -133,36 +135,35 @@ def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg
     if isinstance(synthetic, SyntheticSet):
         info = info or synthetic.info
         synthetic = synthetic.dataset()
+    info = info or info_of(synthetic)  # a source's split (real-data distillation) brings its own
     x0, t0 = first_batch(synthetic)
     with torch.no_grad():
         try:
-            probe = student.eval()(x0.to(device_of(student)))
+            probe = at_input(student.eval(), info)(x0.to(device_of(student)))
         except RuntimeError as e:
             raise DfkdError("synthetic", f"inputs of shape {tuple(x0.shape[1:])} do not fit the student: "
                             f"{str(e).splitlines()[0]}") from None
-    classes = predict_logits(teacher, x0).shape[1] if teacher is not None else t0.shape[-1]
+    net_teacher = at_input(teacher, info) if teacher is not None else None  # the teacher on raw inputs
+    classes = predict_logits(net_teacher, x0).shape[1] if teacher is not None else t0.shape[-1]
     if probe.shape[1] != classes:
         raise DfkdError("synthetic", f"the teacher has {classes} classes, the student {probe.shape[1]}")
     if isinstance(test, DataSource):
         test = test.test
-    on_epoch = (lambda m: {"test_accuracy": accuracy(m, test)}) if test is not None else None  # noqa: E731
+    test_info = None if info_of(test) is not None else info  # a test set without its own description: info's
+    on_epoch = (lambda m: {"test_accuracy": accuracy(at_input(m, test_info), test)}) if test is not None else None  # noqa: E731
 
     def label(xe, _te, g):  # augment batch by batch (as the steps will see them), label in bulk
-        raw = info.to_raw(xe) if info is not None else xe
-        xa = torch.cat([augment(raw[i:i + cfg.batch_size], cfg.augment, g) for i in range(0, len(xe), cfg.batch_size)])
-        xa = info.to_model(xa) if info is not None else xa
-        return xa, predict_logits(teacher, xa)
+        xa = torch.cat([augment(xe[i:i + cfg.batch_size], cfg.augment, g) for i in range(0, len(xe), cfg.batch_size)])
+        return xa, predict_logits(net_teacher, xa)
 
     k = round(cfg.adversarial * cfg.batch_size)
-    bounds = info.bounds() if info is not None else None
-    scale = info.per_channel(info.std, x0) if info is not None else 1.0
 
     def batch_loss(m, xb, tb, g):
         if k and teacher is not None:
-            xa, ta = disagree(getattr(m, "module", m), teacher, xb[:k], cfg, bounds, scale)  # not through DDP
+            xa, ta = disagree(getattr(m, "module", m), teacher, xb[:k], cfg, info)  # not through DDP
             xb, tb = torch.cat([xa, xb[k:]]), torch.cat([ta.to(tb), tb[k:]])
         return kd_loss(train_logits(m, xb, tb.shape[1]), tb, cfg.temperature)
-    return fit(student, synthetic, batch_loss, epochs=cfg.epochs,
+    return fit(student, synthetic, batch_loss, info=info, epochs=cfg.epochs,
                batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, schedule=cfg.schedule, state_path=state_path,
                on_epoch=on_epoch, eval_every=cfg.eval_every, prepare=label if teacher is not None else None,
                desc="distill", progress=cfg.progress, settings=dict(settings or {}, config=config_settings(cfg)),

@@ -31,7 +31,7 @@ def class_means(data, info: DataInfo, num_classes: int) -> torch.Tensor:
     total = torch.zeros((num_classes, *info.shape), dtype=torch.float64)
     count = torch.zeros(num_classes, dtype=torch.float64)
     for x, y in as_batches(data, 4096):
-        total.index_add_(0, y, info.to_raw(x).double())
+        total.index_add_(0, y, x.double())
         count += torch.bincount(y, minlength=num_classes).double()
     if (count == 0).any():
         raise DfkdError("data", f"classes {(count == 0).nonzero().flatten().tolist()} have no examples")
@@ -80,8 +80,8 @@ def measure(model: nn.Module, meta: Metadata, data, synthetic: dict[str, tuple[t
         images[f"inverted {inv.layer} per {inv.stat}"] = inv.means
     train_x = test_x = None
     if synthetic and test is not None:
-        train_x = info.to_raw(next(as_batches(data, 10000))[0])
-        test_x = info.to_raw(next(as_batches(test, 10000))[0])
+        train_x = next(as_batches(data, 10000))[0]
+        test_x = next(as_batches(test, 10000))[0]
     for name, (x, y) in (synthetic or {}).items():
         means = torch.stack([x[y == c].mean(0) if (y == c).any() else torch.zeros(info.shape)
                              for c in range(meta.num_classes)])
@@ -116,7 +116,7 @@ def leakage_file(teacher: ModelRef, stats: str | Path | None, data: DataRef, out
     for d in synthetic:
         s = SyntheticSet(d).open()
         x, y, _ = s.load()
-        sets[s.manifest.get("objective") or Path(d).name] = (s.info.to_raw(x), y)
+        sets[s.manifest.get("objective") or Path(d).name] = (x, y)  # raw, as the data
     report, images = measure(model, meta, source.train, sets, source.test)
     report.update(stats=str(meta.path), kinds=meta.kinds, teacher=desc["model"]["spec"])
     out = Path(out)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .data import DataInfo
+from .data import DataInfo, Normalised
 from .errors import DfkdError
 
 
@@ -222,6 +222,7 @@ def train_logits(model: nn.Module, x: torch.Tensor, classes: int | None = None) 
             and (classes is None or out.shape[1] == classes):
         return out
     inner = getattr(model, "module", model)  # through DDP
+    inner = inner.net if isinstance(inner, Normalised) else inner  # and the input normalisation
     name = _NAMES.get(inner) or type(inner).__name__
     want = f"[N, {classes}]" if classes is not None else "[N, classes]"
     if not isinstance(out, torch.Tensor):

@@ -8,8 +8,8 @@ profile's, or the ones asked for). With ``seeds`` > 1 every student is made once
 distillation and the baselines' training all follow the seed. Every stage skips finished work,
 so an interrupted run resumes where it stopped; work made with other settings (the run's own
 teacher, a synthetic set, a student, a resume state) is refused, or with ``restart`` made again.
-``results.json`` and ``results.md`` (``results``) are written atomically after every student, and left
-as they were when they already hold the same rows.
+``results.json`` and ``results.md`` (``results``) are written atomically after every student made and at
+the end, and left as they were when they already hold the same rows.
 """
 from __future__ import annotations
 
@@ -209,8 +209,9 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                 paper = PAPER[net].get(name)
                 paper = None if paper is None else paper / 100
                 settings = _student_settings(name, net, p, seed, cfg, desc, meta)
-                if finished(spath_student, settings, cfg.restart, _state(d, name, tag)) \
-                        and _student_row(spath_student) is not None:
+                fresh = not (finished(spath_student, settings, cfg.restart, _state(d, name, tag))
+                             and _student_row(spath_student) is not None)
+                if not fresh:
                     if ranks.main:  # left by a run killed after saving the student
                         _state(d, name, tag).unlink(missing_ok=True)
                 else:
@@ -233,9 +234,11 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                     ranks.barrier()
                 row = dict(_student_row(spath_student), paper_accuracy=paper)  # resumed: today's reference figure
                 rows.append(row)
-                if ranks.main:
-                    write_results(out, rows, cfg, t0)
+                if ranks.main and fresh:  # a student found finished waits for the next one made, or the end
+                    write_results(out, rows, cfg, t0, final=False)
                 if cfg.progress:
                     print(f"{net} -> {student_name} {name} seed {seed}: {100 * row['accuracy']:.2f}%"
                           + (f" (paper {100 * row['paper_accuracy']:.2f}%)" if row["paper_accuracy"] else ""), flush=True)
+        if ranks.main:
+            write_results(out, rows, cfg, t0)  # all rows (left as they were when they hold them already)
         return out / "results.json"

@@ -3,8 +3,9 @@
 Each batch starts from i.i.d. ``N(init_mean, init_std)`` raw values (``init="noise"``, the
 paper's start) or from each sample's class mean input plus ``N(0, init_std)`` (``class-mean``:
 the mean the file reveals in closed form, ``inversion.revealed_means``; ``auto``: that where the
-file reveals it, else noise), mapped into the teacher's input space (its normalisation), draws
-its targets once, and runs Adam on the inputs only, clamping them to the data's raw range after each step. Batch ``b`` uses a
+file reveals it, else noise), draws its targets once, and runs Adam on the raw inputs only (the
+teacher sees them through its normalisation, ``data.at_input``; ``lr`` is a step in the teacher's input
+units), clamping them to the data's raw range after each step. Batch ``b`` uses a
 generator seeded from ``(seed, b)`` and becomes one shard of the ``SyntheticSet``: an
 interrupted run resumes at the first unlisted shard and gives bit-identical shards; a set made with
 other settings is refused (``restart``: started over), and no shard holding a non-finite value is written.
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .config import ReconstructConfig, to_dict
-from .data import DataInfo
+from .data import DataInfo, at_input
 from .errors import DfkdError
 from .fastgrad import input_grad_by_fold
 from .files import exclusive, weights_sha256
@@ -38,6 +39,7 @@ from .taps import tap
 
 
 INITS = ("noise", "class-mean", "auto")
+ADAM_EPS = 1e-8  # torch.optim.Adam's default
 
 
 def _batch_seed(seed: int, b: int) -> int:
@@ -61,38 +63,53 @@ def prior(x: torch.Tensor, cfg: ReconstructConfig) -> torch.Tensor:
     return total
 
 
+def _leaves(x: torch.Tensor, info: DataInfo, lr: float) -> list[dict]:
+    """Adam's parameter groups for raw inputs ``x``: one per channel where the channels' stds differ, each
+    with ``lr`` and Adam's ``eps`` scaled by its std (a raw gradient is the network's over std), so that the
+    steps are exactly Adam's in the network's input units: a recipe carries across data ranges (0..1 or
+    0..255) and channels normalised apart."""
+    eps = ADAM_EPS
+    if len(info.std) == 1:
+        return [{"params": [x], "lr": lr * info.std[0], "eps": eps / info.std[0]}]
+    return [{"params": [xc.clone()], "lr": lr * s, "eps": eps / s} for xc, s in zip(x.split(1, dim=1), info.std)]
+
+
 def optimise_batch(teacher: nn.Module, objective: Objective, labels: torch.Tensor, cfg: ReconstructConfig,
                    g: torch.Generator, info: DataInfo, bar: tqdm | None = None,
                    start: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
-    """Optimise one batch of inputs for ``objective``, starting from ``start[label]`` (raw class
-    means ``[C, *shape]``) or ``init_mean`` plus ``N(0, init_std)`` noise; returns the inputs (in the
-    model's input space) and the [first, last] loss per sample."""
+    """Optimise one batch of raw inputs for ``objective``, starting from ``start[label]`` (raw class means
+    ``[C, *shape]``) or ``init_mean`` plus ``N(0, init_std)`` noise, clamped to the data's range; the
+    network sees them normalised (and the priors act on that view, as ``lr`` does). Returns the raw inputs
+    and the [first, last] loss per sample."""
     dev = device_of(teacher)
     centre = start[labels] if start is not None else cfg.init_mean
-    x = info.to_model(centre + cfg.init_std * torch.randn((len(labels), *info.shape), generator=g))
-    bounds = tuple(b.to(dev) for b in info.bounds())  # once: the clamp runs every step
+    x = centre + cfg.init_std * torch.randn((len(labels), *info.shape), generator=g)
     if cfg.clamp:
-        info.clamp(x, tuple(b.cpu() for b in bounds))
+        info.clamp(x)
     if isinstance(objective, Noise) or cfg.steps == 0:
         return x, [float("nan"), float("nan")]
     tg = {k: v.to(dev) for k, v in objective.targets(labels, g).items()}
     masks = {k: v.to(dev) for k, v in objective.masks(info.shape, len(labels), g).items()} \
         if hasattr(objective, "masks") else {}
     alter = (lambda p, out: out * masks[p] if p in masks else out) if masks else None
-    x = x.to(dev).requires_grad_(True)
+    groups = _leaves(x.to(dev), info, cfg.lr)
+    leaves = [p for grp in groups for p in grp["params"]]
+    for p in leaves:
+        p.requires_grad_(True)
     ydev = labels.to(dev)
-    opt = torch.optim.Adam([x], lr=cfg.lr)
+    opt = torch.optim.Adam(groups, lr=cfg.lr)
     losses = []
     jitter = cfg.jitter if x.dim() == 4 else 0
     with tap(teacher, objective.layers(), alter=alter, inputs=objective.inputs()) as acts, \
             input_grad_by_fold(teacher, dev.type == "cpu"):
         for step in range(cfg.steps):
-            xin = x
+            xn = info.to_model(torch.cat(leaves, 1) if len(leaves) > 1 else leaves[0])  # at the network's input
+            xin = xn
             if jitter:
                 dy, dx = (torch.randint(-jitter, jitter + 1, (2,), generator=g)).tolist()
-                xin = torch.roll(x, (dy, dx), (2, 3))
+                xin = torch.roll(xn, (dy, dx), (2, 3))
             logits = teacher(xin * masks["input"] if masks else xin)
-            loss = objective.loss(logits, acts, tg, ydev) + prior(x, cfg)
+            loss = objective.loss(logits, acts, tg, ydev) + prior(xn, cfg)
             if not torch.isfinite(loss):
                 raise DfkdError("lr", f"loss became {loss.item()} at step {step}; finished shards are kept "
                                 "(try a lower lr)")
@@ -101,14 +118,15 @@ def optimise_batch(teacher: nn.Module, objective: Objective, labels: torch.Tenso
             opt.step()
             if cfg.clamp:
                 with torch.no_grad():
-                    info.clamp(x, bounds)
+                    for p in leaves:
+                        info.clamp(p)
             if step == 0 or step == cfg.steps - 1:
                 losses.append(loss.item() / len(labels))
             if bar is not None:
                 bar.update(1)
                 if step % 25 == 0:
                     bar.set_postfix(loss=f"{loss.item() / len(labels):.4g}", refresh=False)
-    return x.detach().cpu(), losses
+    return torch.cat(leaves, 1).detach().cpu() if len(leaves) > 1 else leaves[0].detach().cpu(), losses
 
 
 def _manifest_key(cfg: ReconstructConfig, teacher_sha: str, meta: Metadata | None) -> dict:
@@ -122,8 +140,9 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
                 restart: bool = False) -> Path:
     """Write ``cfg.n`` synthetic inputs for ``cfg.objective`` under ``out``; returns the manifest path.
 
-    The inputs live in the teacher's input space: ``info`` (its shape, normalisation and range)
-    comes from the statistics file, or must be given without one (noise, bn-stats). The teacher
+    The inputs are stored in raw data units (the teacher sees them through its normalisation):
+    ``info`` (their shape, normalisation and range) comes from the statistics file, or must be given
+    without one (noise, bn-stats). The teacher
     is frozen (``requires_grad`` off, eval mode) and its weights are untouched. A set under ``out``
     made with other settings is refused, or with ``restart`` started over.
     """
@@ -170,7 +189,7 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
             g = torch.Generator().manual_seed(_batch_seed(cfg.seed, b))
             x, losses = optimise_batch(teacher, objective, labels, cfg, g, info, bar if optimising else None, start)
             with torch.no_grad():
-                logits = teacher(x.to(device_of(teacher))).float().cpu()
+                logits = at_input(teacher, info)(x.to(device_of(teacher))).float().cpu()
             if not (torch.isfinite(x).all() and torch.isfinite(logits).all()):  # the start or a last step overflowed
                 why = "lr" if optimising and cfg.steps else "init_std"
                 raise DfkdError(why, f"inputs or their logits became NaN or infinite in batch {b}; finished shards are "
@@ -188,7 +207,7 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
             while k < len(synth.manifest["shards"]) and sum(len(p["x"]) for p in parts) < 10 * c:
                 parts, k = parts + [synth.shard(k)], k + 1
             x, labels = torch.cat([p["x"] for p in parts]), torch.cat([p["label"] for p in parts])
-            save_grid(synth.dir / "samples.png", info.to_raw(x), labels, lo=info.low, hi=info.high)
+            save_grid(synth.dir / "samples.png", x, labels, lo=info.low, hi=info.high)
     return synth.manifest_path
 
 

@@ -30,7 +30,8 @@ from tqdm import tqdm
 from . import distributed, privacy
 from .accountant import check
 from .config import RecordConfig
-from .data import DataInfo, DataSource, as_batches, data_len, declared_range, first_batch
+from .data import (DataInfo, DataSource, as_batches, at_input, data_len, declared_range, described, first_batch,
+                   info_of)
 from .errors import DfkdError
 from .files import exclusive, weights_sha256
 from .forms import cov_mode
@@ -62,9 +63,11 @@ def _check_batch(out: torch.Tensor, where: str, start: int) -> None:
         raise DfkdError("data", f"NaN or infinite activations in {where} (batch starting at sample {start})")
 
 
-def _batches(model: nn.Module, data, infos: list[LayerInfo], c: int, cfg: RecordConfig, desc: str = "record"):
-    """One streaming pass: ``(inputs, labels, logits, activations)`` per batch, labels and values checked."""
-    dev = device_of(model)
+def _batches(model: nn.Module, data, infos: list[LayerInfo], c: int, cfg: RecordConfig, info: DataInfo | None,
+             desc: str = "record"):
+    """One streaming pass: ``(raw inputs, labels, logits, activations)`` per batch, labels and values checked;
+    the model sees the inputs through ``info``'s normalisation."""
+    dev, net = device_of(model), at_input(model, info)
     seen = 0
     with torch.no_grad(), tap(model, [i.path for i in infos]) as acts, \
             tqdm(total=data_len(data), desc=desc, disable=not cfg.progress, leave=False, unit="input") as bar:
@@ -72,7 +75,7 @@ def _batches(model: nn.Module, data, infos: list[LayerInfo], c: int, cfg: Record
             yb = torch.as_tensor(yb).long().cpu()
             if len(yb) and (int(yb.min()) < 0 or int(yb.max()) >= c):
                 raise DfkdError("data", f"labels must lie in [0, {c - 1}] for a model with {c} outputs")
-            logits = model(xb.to(dev))
+            logits = net(xb.to(dev))
             _check_batch(logits, "the model's output", seen)
             for i in infos:
                 _check_batch(acts[i.path], i.path, seen)
@@ -83,11 +86,12 @@ def _batches(model: nn.Module, data, infos: list[LayerInfo], c: int, cfg: Record
         raise DfkdError("data", "holds no examples")
 
 
-def _pass(model: nn.Module, data, infos: list[LayerInfo], records: list[Record], c: int, cfg: RecordConfig):
+def _pass(model: nn.Module, data, infos: list[LayerInfo], records: list[Record], c: int, cfg: RecordConfig,
+          info: DataInfo | None):
     """The exact pass: each record's rows streamed into its accumulator; class counts; per-channel range."""
     acc = {r.name: r.exact() for r in records}
     counts, lo, hi = torch.zeros(c, dtype=torch.long), None, None
-    for xb, yb, logits, acts in _batches(model, data, infos, c, cfg):
+    for xb, yb, logits, acts in _batches(model, data, infos, c, cfg, info):
         flat = xb.transpose(0, 1).reshape(xb.shape[1], -1) if xb.dim() == 4 else xb.reshape(1, -1)
         lo = flat.amin(1) if lo is None else torch.minimum(lo, flat.amin(1))
         hi = flat.amax(1) if hi is None else torch.maximum(hi, flat.amax(1))
@@ -113,13 +117,13 @@ def _private_pass(model: nn.Module, data, infos: list[LayerInfo], records: list[
 
     if budget.to_choose:
         hists = {r: torch.zeros(privacy.CELLS, dtype=torch.long) for r in budget.to_choose}
-        for _, yb, logits, acts in _batches(model, data, infos, c, cfg, "record: clip bounds"):
+        for _, yb, logits, acts in _batches(model, data, infos, c, cfg, info, "record: clip bounds"):
             out = rows(Batch(logits, acts, infos), budget.to_choose)  # only the records whose bound is chosen here
             for r in hists:
                 hists[r] += privacy.histogram(privacy.norms(out[r]))
         budget.choose_bounds(hists)
     sums, counts = {}, torch.zeros(c, dtype=torch.long)
-    for _, yb, logits, acts in _batches(model, data, infos, c, cfg):
+    for _, yb, logits, acts in _batches(model, data, infos, c, cfg, info):
         counts += torch.bincount(yb, minlength=c)
         for r, x in rows(Batch(logits, acts, infos), list(by)).items():
             if r not in sums:
@@ -134,7 +138,8 @@ def _private_pass(model: nn.Module, data, infos: list[LayerInfo], records: list[
 def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: DataInfo | None = None) -> Metadata:
     """Record the metadata of ``model`` on ``data``: a ``DataSource`` (its training split), a torch
     ``Dataset`` or ``DataLoader`` yielding ``(input, label)``, or an ``(x, y)`` pair of tensors.
-    ``info`` describes the inputs (a DataSource brings its own); without one the input shape
+    The inputs are raw; ``info`` describes them (their range, and the normalisation the model sees them
+    through; a DataSource brings its own); without one they are the model's inputs as they are, the input shape
     comes from the data, the class count from the model, and the value range is the one seen
     (``cfg.value_range`` declares it instead). With privacy no value read off the examples goes into
     the header (``privacy_report``): the range must be declared where it would be read."""
@@ -143,6 +148,10 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
     if isinstance(data, DataSource):
         origin = origin or dict(data.origin)
         info, data = info or data.info, data.train
+    elif info is None and info_of(data) is not None:  # a source's split (or a loader over one): its description
+        d = described(data)  # and where it came from (unknown: as if read off the data, refused under privacy)
+        info = d.info
+        origin = dict(getattr(d, "origin", None) or {"range": "data", **({} if info.plain else {"normalisation": "data"})})
     kinds = list(dict.fromkeys(cfg.kinds))
     bad = [k for k in kinds if k not in REGISTRY]
     if bad or not kinds:
@@ -165,6 +174,7 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
     x0, _ = first_batch(data)
     dev = device_of(model)
     model.eval()
+    x0 = info.to_model(x0) if info is not None else x0  # the network's view, for the layers' shapes
     infos = layer_infos(model, list(cfg.layers) if cfg.layers else default_layers(model), x0.to(dev), cfg.conv_stats)
     with torch.no_grad():
         c = model(x0[:1].to(dev)).shape[1]
@@ -174,7 +184,7 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
     basis_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     if cfg.privacy is None:
-        moments, counts, (lo, hi), private = _pass(model, data, infos, records, c, cfg)
+        moments, counts, (lo, hi), private = _pass(model, data, infos, records, c, cfg, info)
     else:
         if info is None and cfg.value_range is None:
             raise DfkdError("info", "with privacy, describe the inputs (a DataInfo with their range, or "

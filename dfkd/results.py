@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable
 
 from .config import RunConfig, to_dict
 from .errors import DfkdError
-from .files import atomic_write, read_json, write_json
+from .files import atomic_write, read_bytes, read_json, write_json
 from .profiles import DAFL_NOISE, PROFILES
 
 
@@ -56,22 +55,37 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _unchanged(path: Path, same: Callable[[Path], bool]) -> bool:
+def _old(path: Path) -> dict | None:
     try:
-        return path.is_file() and same(path)
-    except (DfkdError, UnicodeDecodeError):
-        return False
+        return read_json(path) if path.is_file() else None
+    except DfkdError:  # damaged: written again
+        return None
 
 
-def write_results(out: Path, rows: list[dict], cfg: RunConfig, t0: float) -> None:
-    """Write results.json and results.md; each is left as it was when it already holds these rows under this
-    config (so a run resumed after its last student keeps them, with the wall time of the run that made them)."""
+def write_results(out: Path, rows: list[dict], cfg: RunConfig, t0: float, final: bool = True) -> None:
+    """Write results.json and results.md. A file that already holds exactly what it would be written with
+    is left as it was (a run resumed after its last student rewrites nothing), and both state one wall time:
+    results.json's, when it is kept. A write on the way (``final`` False) never shrinks the results: results
+    of this config holding more rows than ``rows`` (a resumed run, its later students finished) wait for
+    the final write."""
     doc = json.loads(json.dumps({"config": to_dict(cfg), "profile": PROFILES[cfg.profile], "rows": rows,
                                  "cells": cells(rows)}))
-    if not _unchanged(out / "results.json",
-                      lambda p: {k: v for k, v in read_json(p).items() if k != "wall_seconds"} == doc):
-        write_json(out / "results.json", dict(doc, wall_seconds=time.perf_counter() - t0))
+    old = _old(out / "results.json")
+    if not final and old is not None and old.get("config") == doc["config"] \
+            and isinstance(old.get("rows"), list) and len(old["rows"]) > len(rows):
+        return
+    wall = old.pop("wall_seconds", None) if old is not None else None
+    keep = isinstance(wall, (int, float)) and not isinstance(wall, bool) and old == doc
+    wall = float(wall) if keep else None
+    if wall is None:
+        wall = time.perf_counter() - t0
+        write_json(out / "results.json", dict(doc, wall_seconds=wall))
     seeds = f", mean of {cfg.seeds} seeds" if cfg.seeds > 1 else ""
-    md = f"# dfkd results (test accuracy on the real MNIST test set, last epoch{seeds})\n\n" + table(rows)
-    if not _unchanged(out / "results.md", lambda p: p.read_text().rsplit("\nwall time so far:", 1)[0] == md):
-        atomic_write(out / "results.md", md + f"\nwall time so far: {time.perf_counter() - t0:.0f} s\n")
+    md = (f"# dfkd results (test accuracy on the real MNIST test set, last epoch{seeds})\n\n" + table(rows)
+          + f"\nwall time so far: {wall:.0f} s\n").encode()
+    try:
+        same = (out / "results.md").is_file() and read_bytes(out / "results.md", "results.md") == md
+    except DfkdError:
+        same = False
+    if not same:
+        atomic_write(out / "results.md", md)

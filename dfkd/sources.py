@@ -15,7 +15,7 @@ import zlib
 from dataclasses import replace
 from pathlib import Path
 
-from .data import DataInfo, DataSource, parse_normalize
+from .data import DataInfo, DataSource, as_batches
 from .digits import IDX_STEMS, find_file, idx_source, mnist_bytes, mnist_source
 from .errors import DfkdError
 from .folders import folder_files, folder_source
@@ -107,3 +107,41 @@ def data_sha256(spec: str | None) -> str | None:
         return _DIGESTS[key]
     except (OSError, EOFError, zlib.error) as e:  # a damaged gzip too
         raise DfkdError(spec, f"cannot read ({getattr(e, 'strerror', None) or e})") from None
+
+
+def channel_moments(data, batch_size: int = 1000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of a dataset's raw inputs (for ``normalize="auto"``), streamed."""
+    s = s2 = None
+    n = 0
+    for xb, _ in as_batches(data, batch_size):
+        x = xb.double().transpose(0, 1).reshape(xb.shape[1] if xb.dim() == 4 else 1, -1)
+        s = x.sum(1) if s is None else s + x.sum(1)
+        s2 = (x * x).sum(1) if s2 is None else s2 + (x * x).sum(1)
+        n += x.shape[1]
+    mean = s / n
+    std = (s2 / n - mean * mean).clamp(min=1e-12).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def parse_normalize(text: str | None, data: DataSource) -> DataSource:
+    """``none``, ``auto`` (per-channel moments of the training split) or ``MEAN/STD`` with
+    comma-separated per-channel values (in the raw range, e.g. ``0.5,0.5,0.5/0.25,0.25,0.25``)."""
+    if text in (None, "", "none"):
+        return data
+    if text == "auto":
+        if data.train is None:
+            raise DfkdError("normalize", "auto needs a training split")
+        mean, std = channel_moments(data.train)
+        data.origin["normalisation"] = "data"
+    else:
+        m, sep, s = text.partition("/")
+        try:
+            mean, std = tuple(float(v) for v in m.split(",")), tuple(float(v) for v in s.split(","))
+        except ValueError:
+            raise DfkdError("normalize", f"{text!r} is not none, auto or MEAN/STD (e.g. 0.5/0.25)") from None
+        if not sep:
+            raise DfkdError("normalize", f"{text!r} is not none, auto or MEAN/STD (e.g. 0.5/0.25)")
+        data.origin["normalisation"] = "user"
+    info = replace(data.info, mean=mean, std=std)
+    info.check("normalize")
+    return data.with_info(info)

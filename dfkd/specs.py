@@ -118,7 +118,7 @@ def open_model(m: ModelRef, info: DataInfo | None = None) -> tuple[nn.Module, di
 
 
 def open_with_data(m: ModelRef, d: DataRef) -> tuple[nn.Module, dict, DataSource]:
-    """A model and the data it takes, in its input space."""
+    """A model and the data it takes (raw, described by the model's ``DataInfo``: shape, normalisation)."""
     if m.is_spec:
         data = open_data(d.spec or "mnist", d.test, d.normalize)
         model, desc, info = open_model(m, data.info)

@@ -1,10 +1,12 @@
 """The synthetic set: a folder of shards and the manifest that lists them.
 
-``shard-<b>.safetensors`` holds batch ``b``'s inputs (``x``, in the teacher's input space),
+``shard-<b>.safetensors`` holds batch ``b``'s inputs (``x``, raw: in the data's units and range; the
+teacher sees them through its normalisation),
 intended labels and teacher logits, and in its header its record (losses, agreement) and a sha256
 of tensors and record (``resume.content_sha256``), verified whenever a shard is read (a resume
 verifies the shards it finds); ``manifest.json`` holds the settings that made the set (a resumed
-run must match, or with ``restart`` starts the set over), the data description, and the finished
+run must match, or with ``restart`` starts the set over), the data description, the format (``FORMAT``:
+sets of format 1, before 2, held normalised inputs and are refused in one line), and the finished
 shards with their sha256. Every file is written atomically, so a shard that
 exists is whole: an interrupted run, or any rank of a sharded one, resumes at its first
 missing shard, and the set is complete when every shard exists (``finish``). ``SyntheticSet`` writes it (for
@@ -30,6 +32,7 @@ _SHARD = re.compile(r"shard-(\d+)\.safetensors")
 WINDOW_BYTES = 512 * 2 ** 20  # shards shuffled together while streaming (all of them when the set is smaller)
 REMAKE = "delete it to make it again, or rerun with --restart"  # a damaged shard found by a resume
 REREAD = "delete it, then run the same dfkd reconstruct again to remake it"  # ... found by a reader
+FORMAT = 2  # 2: x in raw data units; 1 (no "format" field): x in the teacher's normalised input units
 
 
 def _rows(path: Path) -> int | None:
@@ -58,7 +61,7 @@ class SyntheticSet:
         first manifest's content is the same whoever writes it. A set made with other settings, or
         a damaged shard, is refused; with ``restart`` the set is started over (one process only)
         or the shard made again."""
-        m = None
+        m, key = None, dict(key, format=FORMAT)  # a set of another format: like one of other settings
         if self.manifest_path.is_file():
             try:
                 m = self._read()
@@ -67,6 +70,8 @@ class SyntheticSet:
                     raise DfkdError(e.where, f"{e.problem}; delete the set's folder to make it again, or rerun "
                                     "with --restart (one process) to start it over") from None
                 self._clear()
+        if m is not None and not restart:
+            self._check_format(m, "use another output folder, or rerun with --restart to make it again")
         old = {k: m.get(k) for k in key} if m is not None else None
         if m is not None and old != canonical(key):
             if not restart:
@@ -162,6 +167,7 @@ class SyntheticSet:
         if not self.manifest_path.is_file():
             raise DfkdError(self.manifest_path, "no such file (not a synthetic set folder)")
         self.manifest = self._read()
+        self._check_format(self.manifest, "make it again with dfkd reconstruct --restart")
         if not self.manifest.get("complete"):
             raise DfkdError(self.manifest_path, "the synthetic set is incomplete; run dfkd reconstruct again to finish it")
         if not self.manifest["shards"]:
@@ -170,6 +176,14 @@ class SyntheticSet:
             if _rows(self.dir / s["file"]) != s["n"]:
                 raise DfkdError(self.dir / s["file"], f"does not hold the {s['n']} inputs the manifest lists")
         return self
+
+    def _check_format(self, m: dict, remedy: str) -> None:
+        f = m.get("format", 1)
+        if f != FORMAT:
+            older = isinstance(f, int) and f < FORMAT
+            raise DfkdError(self.manifest_path, f"a synthetic set of format {f}" + (" (normalised inputs)" if f == 1 else "")
+                            + f"; this dfkd reads format {FORMAT} (raw inputs): "
+                            + (remedy if older else "read it with the newer dfkd that made it"))
 
     @property
     def info(self) -> DataInfo:
@@ -202,7 +216,7 @@ class SyntheticSet:
     def fingerprint(self) -> str:
         """sha256 of what the set is: the settings that made it and its shards' sha256."""
         m = self.manifest
-        what = {k: m.get(k) for k in ("config", "teacher_sha256", "stats_sha256", "objective", "data")}
+        what = {k: m.get(k) for k in ("config", "teacher_sha256", "stats_sha256", "objective", "data", "format")}
         what["shards"] = [s.get("sha256") for s in m["shards"]]
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
@@ -236,6 +250,11 @@ class ShardStream(torch.utils.data.Dataset):
         per = max(1, int(torch.tensor(s.info.shape).prod()) * 4 + 256)
         self.window = max(1, WINDOW_BYTES // (per * max(sizes or [1])))
         self._cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    @property
+    def info(self) -> DataInfo:
+        """The set's data description: the stream passed alone is normalised as the set is."""
+        return self.set.info
 
     def __len__(self) -> int:
         return int(self.starts[-1])

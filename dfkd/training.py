@@ -12,7 +12,7 @@ from torch import nn
 from . import distributed
 from .checkpoint import save_model
 from .config import TrainConfig, to_dict
-from .data import DataSource, data_len
+from .data import DataSource, at_input, data_len, info_of
 from .files import exclusive, weights_sha256
 from .loop import accuracy, fit
 from .models import train_logits
@@ -33,10 +33,12 @@ def train(model: nn.Module, data, cfg: TrainConfig = TrainConfig(), test=None,
     and its test split for the per-epoch test accuracy), or a Dataset, DataLoader or ``(x, y)``
     tensors with an optional ``test`` set of the same kind. ``state_path``, ``settings`` and
     ``restart``: resume as ``fit`` does."""
+    info = data.info if isinstance(data, DataSource) else info_of(data)
     if isinstance(data, DataSource):
         data, test = data.train, test if test is not None else data.test
-    on_epoch = (lambda m: {"test_accuracy": accuracy(m, test)}) if test is not None else None
-    return fit(model, data, cross_entropy_loss, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+    test_info = None if info_of(test) is not None else info  # a test set without its own description: info's
+    on_epoch = (lambda m: {"test_accuracy": accuracy(at_input(m, test_info), test)}) if test is not None else None
+    return fit(model, data, cross_entropy_loss, info=info, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                seed=cfg.seed, schedule=cfg.schedule, state_path=state_path, on_epoch=on_epoch,
                desc="train", progress=cfg.progress, settings=settings, restart=restart)
 

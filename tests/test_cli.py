@@ -133,8 +133,11 @@ def test_run_tiny_profile_writes_its_table(tmp_path, idx_dir):
             assert_count(row[key], 500, preds[name] == y, near[name], (key, name))
     assert res["rows"][2]["paper_accuracy"] == pytest.approx(0.7730)
     assert "| lenet5 | lenet5-half | top-layer |" in (tmp_path / "results.md").read_text()
+    before = [(tmp_path / f).read_bytes() for f in ("results.json", "results.md")]
     again = dfkd(*args)
     assert again.returncode == 0 and json.loads((tmp_path / "results.json").read_text())["rows"] == res["rows"]
+    # every student found finished: neither file is written again (not even with fewer rows on the way)
+    assert [(tmp_path / f).read_bytes() for f in ("results.json", "results.md")] == before
 
 
 def test_run_overrides_share_teachers_and_skip_baselines(tmp_path, idx_dir):

@@ -90,7 +90,7 @@ def test_augmentation_fills_with_black_in_any_normalisation(small):
     """Views are made in the raw range: with mean/std normalisation the border the teacher sees
     after a shift is the model-space value of raw 0 (-2 here), not 0."""
     info = replace(small.info, mean=(0.5,), std=(0.25,))
-    x = info.to_model(torch.ones(8, 1, 32, 32))  # all-white images: 2.0 in the model's space
+    x = torch.ones(8, 1, 32, 32)  # all-white raw images: 2.0 in the model's space
     seen = []
 
     class Teacher(torch.nn.Module):
@@ -125,3 +125,27 @@ def test_shift_then_cutmix_pastes_a_box_of_the_shifted_partner():
             box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
             assert not (p & ~box).any()
     assert dx != 2 or dy != 2  # this seed shifts, so the oracle above saw a real shift
+
+
+def test_a_source_split_is_normalised_by_its_own_description_and_the_teacher_keeps_its_mode(colour_dir):
+    """One input space through the API: a source's split (or a DataLoader over it) carries its DataInfo, so
+    record and distill normalise it as they do the DataSource itself; distill leaves the teacher in the
+    mode it was in."""
+    from torch.utils.data import DataLoader
+
+    from dfkd.config import RecordConfig
+    from dfkd.recording import record
+    from dfkd.sources import open_data
+    data = open_data(f"folder:{colour_dir}", normalize="auto")
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 5), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                                  torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(16, 10)).eval()
+    cfg = RecordConfig(kinds=("top-layer",), progress=False)
+    whole, split = record(teacher, data, cfg), record(teacher, DataLoader(data.train, batch_size=300), cfg)
+    assert torch.allclose(whole.get("top-layer", "mean"), split.get("top-layer", "mean"), atol=1e-5)
+    raw = record(teacher, DataLoader(torch.utils.data.TensorDataset(*data.train.batch(torch.arange(1200))),
+                                     batch_size=300), cfg)  # plain tensors: taken as they are, not normalised
+    assert not torch.allclose(whole.get("top-layer", "mean"), raw.get("top-layer", "mean"), atol=1e-3)
+    st = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    distill(st, data.train, teacher, DistillConfig(epochs=1, batch_size=32, progress=False), test=data.test)
+    assert not teacher.training

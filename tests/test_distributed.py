@@ -190,7 +190,7 @@ def test_own_bn_model_on_colour_folder_two_ranks(colour_dir, tmp_path):
     model.train()
     with torch.no_grad():  # BatchNorm running statistics from real images, as training would leave them
         for i in range(0, 512, 128):
-            model(data.train.batch(torch.arange(i, i + 128))[0])
+            model(data.info.to_model(data.train.batch(torch.arange(i, i + 128))[0]))  # raw batches, normalised
     save_model(model.eval(), tmp_path / "own", f"{OWN}:teacher", {"in_channels": 3, "width": 8}, info)
     rec = ["reconstruct", "--teacher", str(tmp_path / "own"), "--code", str(OWN), "--objective", "bn-stats",
            "--images", "40", "--batch-size", "10", "--steps", "4", "--jitter", "1"]

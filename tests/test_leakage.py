@@ -30,14 +30,14 @@ def true_means(x: np.ndarray, y: np.ndarray, c: int) -> np.ndarray:
 def mnist_subset(mnist):
     """6,000 real MNIST training images (raw values in [0, 1]) and their labels."""
     x, y = mnist.train.batch(torch.arange(6000))
-    return mnist.info.to_raw(x), y
+    return x, y
 
 
 def test_first_linear_layer_gives_exact_class_means(mnist_subset):
     torch.manual_seed(0)
     model, info = build_model("hinton-800", open_data("mnist").info)  # 784-800-800-10
     x, y = mnist_subset
-    meta = record(model, (info.to_model(x), y), RecordConfig(kinds=("all-layers",), progress=False), info)
+    meta = record(model, (x, y), RecordConfig(kinds=("all-layers",), progress=False), info)
     inv = invert(model, meta)
     assert [i.layer for i in inv] == ["fc1"]  # fc2 and fc3 lie behind a ReLU: not affine in the input
     assert inv[0].rank == 784 == inv[0].input_dim
@@ -57,7 +57,7 @@ def test_per_channel_conv_record_gives_only_a_projection(mnist_subset, small):
     unit = record(model, (xs, ys), RecordConfig(kinds=("all-layers",), layers=["conv1"], conv_stats="unit",
                                                 progress=False), info)
     channel = record(model, (xs, ys), RecordConfig(kinds=("all-layers",), layers=["conv1"], progress=False), info)
-    truth = torch.from_numpy(true_means(info.to_raw(xs).numpy(), ys.numpy(), 10)).float()
+    truth = torch.from_numpy(true_means(xs.numpy(), ys.numpy(), 10)).float()
     (iu,), (ic,) = invert(model, unit), invert(model, channel)
     assert iu.rank == 1024 and recovery(iu.means, truth)["r2"] > 0.999  # 6x28x28 units: exact
     assert ic.rank == 6 and recovery(ic.means, truth)["r2"] < 0.5      # 6 numbers a class: a projection
@@ -82,7 +82,7 @@ def test_a_layer_called_twice_is_judged_by_its_recorded_call(mnist_subset):
     info = open_data("mnist").info
     torch.manual_seed(0)
     model = TwiceCalled()
-    meta = record(model, (info.to_model(x[:500]), y[:500]),
+    meta = record(model, (x[:500], y[:500]),
                   RecordConfig(kinds=("all-layers",), layers=["lin"], progress=False), info)
     assert invert(model, meta) == [] and meta.header["closed_form"] == []
 

@@ -44,7 +44,7 @@ def test_revealed_means_equal_the_class_means_of_the_data():
     torch.manual_seed(0)
     model = GeluMLP().eval()
     raw, y = _data()
-    meta = record(model, (SMALL.to_model(raw), y), RecordConfig(kinds=("all-layers",), progress=False), SMALL)
+    meta = record(model, (raw, y), RecordConfig(kinds=("all-layers",), progress=False), SMALL)
     got = revealed_means(model, meta)
     truth = torch.stack([raw[y == c].double().mean(0) for c in range(3)])  # raw units, float64
     assert got.shape == (3, 3, 4, 4)
@@ -55,13 +55,13 @@ def test_class_mean_start_and_its_fallback(tmp_path):
     torch.manual_seed(0)
     model = GeluMLP().eval()
     raw, y = _data()
-    meta = record(model, (SMALL.to_model(raw), y), RecordConfig(kinds=("all-layers",), progress=False), SMALL)
+    meta = record(model, (raw, y), RecordConfig(kinds=("all-layers",), progress=False), SMALL)
     cfg = ReconstructConfig(objective="all-layers", n=30, batch_size=30, steps=0, init="class-mean", init_std=0.0,
                             progress=False)
     reconstruct(model, meta, tmp_path / "cm", cfg)
     x, labels, _ = SyntheticSet(tmp_path / "cm").open().load()
     truth = torch.stack([raw[y == c].mean(0) for c in range(3)])
-    assert torch.allclose(SMALL.to_raw(x), truth[labels].clamp(0, 1), atol=2e-4)  # steps 0: the start itself
+    assert torch.allclose(x, truth[labels].clamp(0, 1), atol=2e-4)  # steps 0: the start itself
     # a per-channel conv record (BN/residual CNN) reveals no full-rank mean: auto starts from noise, class-mean refuses
     tiny = Tiny().eval()
     bx, by = blobs(90)
@@ -119,19 +119,16 @@ def test_disagreement_views_follow_the_sign_of_the_kd_gradient():
     torch.manual_seed(0)
     student, teacher = GeluMLP().double().train(), GeluMLP().double().eval()
     before = [p.clone() for p in student.parameters()]
-    raw = _data(8)[0].double()
-    x = SMALL.to_model(raw)
+    x = _data(8)[0].double()  # raw
     cfg = DistillConfig(adversarial=1.0, adversarial_steps=1, adversarial_step=0.05)
-    scale = SMALL.per_channel(SMALL.std, x)
-    bounds = tuple(b.double() for b in SMALL.bounds())
-    got, labels = disagree(student, teacher, x, cfg, bounds, scale)
+    got, labels = disagree(student, teacher, x, cfg, SMALL)
     with torch.no_grad():
-        assert torch.allclose(labels, teacher(got).float())
+        assert torch.allclose(labels, teacher(SMALL.to_model(got)).float())
 
-    def loss(v):
+    def loss(v):  # the networks see the raw views normalised
         student.eval()
         with torch.no_grad():
-            out = kd_loss(student(v), teacher(v), cfg.temperature)
+            out = kd_loss(student(SMALL.to_model(v)), teacher(SMALL.to_model(v)), cfg.temperature)
         student.train()
         return float(out)
     flat, h = x.flatten(), 1e-6
@@ -140,12 +137,12 @@ def test_disagreement_views_follow_the_sign_of_the_kd_gradient():
         e = torch.zeros_like(flat)
         e[i] = h
         num[i] = (loss((flat + e).view_as(x)) - loss((flat - e).view_as(x))) / (2 * h)
-    want = torch.maximum(torch.minimum(x + 0.05 * num.view_as(x).sign() / scale, bounds[1]), bounds[0])
+    want = (x + 0.05 * num.view_as(x).sign()).clamp(SMALL.low, SMALL.high)  # raw units, the raw range
     assert torch.allclose(got, want, atol=1e-12)
     assert loss(got) > loss(x)
     assert student.training and not teacher.training
     assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
-    raw_got = SMALL.to_raw(got)
+    raw_got = got
     assert float(raw_got.min()) >= -1e-12 and float(raw_got.max()) <= 1 + 1e-12
 
 
@@ -153,11 +150,11 @@ def test_the_noise_baseline_never_starts_from_the_revealed_means(tmp_path):
     torch.manual_seed(0)
     model = GeluMLP().eval()
     raw, y = _data()
-    meta = record(model, (SMALL.to_model(raw), y), RecordConfig(kinds=("all-layers",), progress=False), SMALL)
+    meta = record(model, (raw, y), RecordConfig(kinds=("all-layers",), progress=False), SMALL)
     assert revealed_means(model, meta) is not None
     for init in ("auto", "class-mean", "noise"):
         reconstruct(model, meta, tmp_path / init, ReconstructConfig(objective="noise", n=12, batch_size=12, init=init,
                                                                      progress=False))
     xs = [SyntheticSet(tmp_path / k).open().load()[0] for k in ("auto", "class-mean", "noise")]
     assert torch.equal(xs[0], xs[2]) and torch.equal(xs[1], xs[2])
-    assert abs(float(SMALL.to_raw(xs[2]).mean()) - 0.15) < 0.03  # the paper's N(0.15, 0.1), clamped
+    assert abs(float(xs[2].mean()) - 0.15) < 0.03  # the paper's N(0.15, 0.1), clamped

@@ -108,9 +108,9 @@ def test_noise_baseline_needs_no_stats_nor_attributes(teacher, small, tmp_path):
         reconstruct(teacher, None, tmp_path / "y", ReconstructConfig(objective="noise", progress=False))
 
 
-def test_inputs_live_in_the_teachers_normalised_space(teacher, meta, tmp_path):
-    """With mean/std normalisation the start is N(0.15, 0.1) in raw values and the clamp is the raw
-    range [0, 1], mapped into the model's space."""
+def test_inputs_are_raw_and_the_teacher_sees_them_normalised(teacher, meta, tmp_path):
+    """With mean/std normalisation the start is N(0.15, 0.1) in raw values, the clamp is the raw range
+    [0, 1], and the set stores raw values (the teacher sees them mapped into its space)."""
     info = replace(meta.data, mean=(0.5,), std=(0.25,))
     meta.header["data"] = info.as_dict()
     try:
@@ -119,10 +119,13 @@ def test_inputs_live_in_the_teachers_normalised_space(teacher, meta, tmp_path):
                                                                         progress=False), info)
     finally:
         meta.header["data"] = replace(info, mean=(0.0,), std=(1.0,)).as_dict()
-    x, _, _ = _load(tmp_path / "n")
+    x, _, logits = _load(tmp_path / "n")
+    with torch.no_grad():  # the stored logits are the teacher's on the normalised view of the raw inputs
+        assert torch.allclose(logits, teacher(info.to_model(x)), atol=1e-5)
+    x = info.to_model(x)  # stored raw: the teacher's view of it
     assert x.min() >= -2 - 1e-6 and x.max() <= 2 + 1e-6 and (x <= -2 + 1e-6).any()  # raw 0 is -2 here
     xz, _, _ = _load(z.parent)
-    raw = info.to_raw(xz)
+    raw = xz  # stored raw
     assert abs(raw.mean().item() - 0.15) < 0.01 and abs(raw.std().item() - 0.1) < 0.01
 
 
@@ -151,3 +154,62 @@ def test_vectors_as_inputs(tmp_path):
                                                              jitter=2, tv=0.1, progress=False))
     xs, _, _ = _load(tmp_path / "v")
     assert xs.shape == (30, 7) and xs.min() >= -3 and xs.max() <= 3
+
+
+class _CrossEntropy(rec.Objective):
+    """The teacher's cross-entropy on the intended labels: an objective with no statistics."""
+    name, kind = "ce", None
+
+    def loss(self, logits, acts, tg, labels):
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+
+
+def test_raw_inputs_take_the_steps_adam_takes_in_the_networks_space():
+    """One input space: inputs are optimised raw, with per-channel lr x std, and the network (and the
+    priors) see them normalised, with Adam's eps scaled as the gradient is. The oracle is plain Adam run on the normalised inputs with ``lr``,
+    clamped to the raw range mapped into the network's space: the two must end at the same inputs, for
+    one std and for three different ones."""
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GELU(), torch.nn.Flatten(),
+                                  torch.nn.Linear(4 * 6 * 6, 5)).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    cfg = ReconstructConfig(n=6, batch_size=6, steps=25, lr=0.05, tv=0.3, l2=0.01, jitter=0, progress=False)
+    labels = torch.arange(6) % 5
+    for mean, std in (((0.5,), (0.25,)), ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))):
+        info = DataInfo(shape=(3, 8, 8), num_classes=5, mean=mean, std=std)
+        got, _ = rec.optimise_batch(teacher, _CrossEntropy(None, teacher, cfg), labels, cfg,
+                                    torch.Generator().manual_seed(1), info)
+        start = (0.15 + 0.1 * torch.randn((6, 3, 8, 8), generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+        x = info.to_model(start).requires_grad_(True)
+        lo, hi = info.to_model(torch.zeros(1, 3, 8, 8)), info.to_model(torch.ones(1, 3, 8, 8))
+        opt = torch.optim.Adam([x], lr=cfg.lr)
+        for _ in range(cfg.steps):
+            loss = torch.nn.functional.cross_entropy(teacher(x), labels, reduction="sum") + rec.prior(x, cfg)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+        want = info.to_raw(x.detach())
+        assert got.min() >= 0 and got.max() <= 1 and (got - start).abs().max() > 0.05  # raw, and it moved
+        assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+
+
+def test_a_set_of_the_old_format_is_refused_in_one_line(teacher, meta, tmp_path):
+    """Format 1 sets held normalised inputs: reading one, or resuming into one, is refused naming the format
+    and the remedy, and --restart makes it again; a set of a newer format points to the dfkd that made it."""
+    reconstruct(teacher, meta, tmp_path / "s", CFG)
+    m = read_json(tmp_path / "s" / "manifest.json")
+    assert m["format"] == 2
+    del m["format"]
+    write_json(tmp_path / "s" / "manifest.json", m)
+    with pytest.raises(DfkdError, match=r"format 1 \(normalised inputs\); this dfkd reads format 2 .*--restart"):
+        SyntheticSet(tmp_path / "s").open()
+    with pytest.raises(DfkdError, match=r"format 1 \(normalised inputs\); .*rerun with --restart to make it again"):
+        reconstruct(teacher, meta, tmp_path / "s", CFG)
+    reconstruct(teacher, meta, tmp_path / "s", CFG, restart=True)
+    assert len(SyntheticSet(tmp_path / "s").open().load()[0]) == 30
+    write_json(tmp_path / "s" / "manifest.json", dict(read_json(tmp_path / "s" / "manifest.json"), format=3))
+    with pytest.raises(DfkdError, match="format 3; this dfkd reads format 2 .*newer dfkd"):
+        SyntheticSet(tmp_path / "s").open()

@@ -452,8 +452,8 @@ def test_nonfinite_flag_alone():
 
 def test_results_holding_the_same_rows_are_left_as_they_were(tmp_path):
     """A run resumed after its last student finds results.json and results.md holding its rows: both are
-    left byte for byte (and with the wall time of the run that made them); a new row rewrites both, and
-    so does a damaged file."""
+    left byte for byte (and with the wall time of the run that made them); a damaged results.md is
+    written again with results.json's wall time (the same bytes), and a new row rewrites both."""
     row = {"teacher": "lenet5", "student": "lenet5-half", "objective": "top-layer", "seed": 0, "accuracy": 0.5,
            "teacher_accuracy": 0.9, "paper_accuracy": 0.6, "image_steps": 10, "student_steps": 3,
            "seconds": {"reconstruct": 1.0, "distill": 2.0}, "history": [0.5], "history_epochs": [1]}
@@ -464,7 +464,16 @@ def test_results_holding_the_same_rows_are_left_as_they_were(tmp_path):
     assert [p.read_bytes() for p in files] == before
     files[1].write_text(files[1].read_text()[:-40])  # damaged (a table row cut): written again
     write_results(tmp_path, [row], cfg, t0=1e12)
-    assert files[0].read_bytes() == before[0] and files[1].read_bytes() != before[1]
+    assert [p.read_bytes() for p in files] == before
+    files[1].write_text(files[1].read_text() + "\n")  # damaged after its wall time line
+    write_results(tmp_path, [row], cfg, t0=1e12)
+    assert [p.read_bytes() for p in files] == before
     write_results(tmp_path, [row, dict(row, seed=1, accuracy=0.7)], cfg, t0=1e12)
-    assert json.loads(files[0].read_text())["wall_seconds"] < 0  # now this call's clock, not the first's
+    wall = json.loads(files[0].read_text())["wall_seconds"]
+    assert wall < 0 and f"wall time so far: {wall:.0f} s" in files[1].read_text()  # this call's clock, in both
     assert len(json.loads(files[0].read_text())["rows"]) == 2 and "| 60.00 |" in files[1].read_text()
+    before = [p.read_bytes() for p in files]
+    write_results(tmp_path, [row], cfg, t0=0.0, final=False)  # on the way: a resumed run's later student finished
+    assert [p.read_bytes() for p in files] == before  # never fewer rows on the way
+    write_results(tmp_path, [row, dict(row, seed=1, accuracy=0.7)], cfg, t0=0.0)  # the final write: as they were
+    assert [p.read_bytes() for p in files] == before
