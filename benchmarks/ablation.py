@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import dfkd
-from dfkd.config import DistillConfig, ReconstructConfig
+from dfkd.config import DistillConfig, ReconstructConfig, Runtime
 from dfkd.files import atomic_write, read_json, write_json
 from dfkd.metadata import load
 from dfkd.profiles import PAIRS, PAPER, PROFILES
@@ -28,6 +28,8 @@ from dfkd.runtime import setup_threads
 from dfkd.sources import open_data
 from dfkd.specs import build_student, stats_path
 from dfkd.synthetic import SyntheticSet
+
+QUIET = Runtime(progress=False)  # no bars, no epoch lines in a measurement
 
 # rung name -> (reconstruction fields, distillation augment); each rung keeps the ones before it
 LADDER = (
@@ -58,18 +60,16 @@ def cell(run: Path, work: Path, net: str, objective: str, rc: dict, aug: str, a)
     data = open_data("mnist", info=info)
     key = "-".join(f"{k}{v}" for k, v in sorted(rc.items()))
     folder = work / f"{net}-{objective}-{key}-{a.images}x{a.steps}-seed{a.seed}"
-    cfg = ReconstructConfig(objective=objective, n=a.images, steps=a.steps, batch_size=500, seed=a.seed,
-                            progress=False, **rc)
+    cfg = ReconstructConfig(objective=objective, n=a.images, steps=a.steps, batch_size=500, seed=a.seed, **rc)
     t0 = time.perf_counter()
-    dfkd.reconstruct(teacher, meta, folder, cfg, info)
+    dfkd.reconstruct(teacher, meta, folder, cfg, info, rt=QUIET)
     synth = SyntheticSet(folder).open()
     recon_s = sum(s["seconds"] for s in synth.manifest["shards"])
     torch.manual_seed(a.seed)
     student = build_student(PAIRS[net], {}, info)
-    dc = DistillConfig(epochs=a.epochs, batch_size=64, lr=1e-3, augment=aug, eval_every=a.epochs, seed=a.seed,
-                       progress=False)
+    dc = DistillConfig(epochs=a.epochs, batch_size=64, lr=1e-3, augment=aug, eval_every=a.epochs, seed=a.seed)
     t0 = time.perf_counter()
-    hist = dfkd.distill(student, synth, teacher, dc, data)
+    hist = dfkd.distill(student, synth, teacher, dc, data, rt=QUIET)
     return {"accuracy": hist[-1]["test_accuracy"], "reconstruct_s": recon_s, "distill_s": time.perf_counter() - t0,
             "image_steps": a.images * a.steps, "student_steps": a.epochs * -(-a.images // 64)}
 

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from dfkd.config import DistillConfig
+from dfkd.config import DistillConfig, Runtime
 from dfkd.distillation import distill
 from dfkd.data import at_input
 from dfkd.models import build_model, predict_logits
@@ -16,6 +16,8 @@ from dfkd.profiles import PAIRS
 
 from .bench_train import train_epoch_seconds
 from .common import forward_flops, network, row
+
+QUIET = Runtime(progress=False)  # no bars, no epoch lines in a measurement
 
 TARGET = 1.1  # a distillation epoch costs at most this many real-data training epochs
 
@@ -31,13 +33,13 @@ def measure(teacher_name: str, n: int = 10000) -> list[dict]:
     fs, ft = forward_flops(student, info.shape), forward_flops(teacher, info.shape)
     rows = []
     for augment in ("none", DistillConfig.augment):
-        cfg = DistillConfig(epochs=1, augment=augment, progress=False)
+        cfg = DistillConfig(epochs=1, augment=augment)
         online = teacher if augment != "none" else None  # "none": the logits stored with the set
         distill(build_model(student_name, info)[0], (x[:4 * cfg.batch_size], logits[:4 * cfg.batch_size]), online,
-                cfg, info=info)  # burn-in
+                cfg, info=info, rt=QUIET)  # burn-in
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        distill(build_model(student_name, info)[0], (x, logits), online, cfg, info=info)
+        distill(build_model(student_name, info)[0], (x, logits), online, cfg, info=info, rt=QUIET)
         secs = time.perf_counter() - t0
         what = "epoch, stored logits" if online is None else f"epoch, {augment} + teacher labels"
         rows.append(row(f"{teacher_name}->{student_name}", "distill", what, "images/s", n / secs,

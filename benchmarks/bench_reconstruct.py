@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from dfkd.config import ReconstructConfig, RecordConfig, RunConfig
+from dfkd.config import ReconstructConfig, RecordConfig, RunConfig, Runtime
 from dfkd.fastgrad import eligible, input_grad_by_fold
 from dfkd.objectives import make_objective
 from dfkd.profiles import PROFILES
@@ -17,6 +17,8 @@ from dfkd.reconstruction import optimise_batch
 from dfkd.recording import record
 
 from .common import forward_flops, network, row
+
+QUIET = Runtime(progress=False)  # no bars, no epoch lines in a measurement
 
 TARGET = 0.60   # an objective's step runs at >= this share of the plain step's throughput
 PEAK_TARGET = 0.50  # hinton-1200: achieved GFLOP/s >= this share of the matmul peak
@@ -40,11 +42,11 @@ def measure(name: str, objective: str, peak: float, steps: int = 20) -> list[dic
     shape = info.shape
     jitter = PROFILES["quick"]["recipe"][name].get("jitter", 0)
     batch = PROFILES["quick"]["batch_size"]
-    meta = record(m, (x, y), RecordConfig(conv_stats=RunConfig.conv_stats, progress=False), info)
+    meta = record(m, (x, y), RecordConfig(conv_stats=RunConfig.conv_stats), info, rt=QUIET)
     for p in m.parameters():
         p.requires_grad_(False)
     f = 2 * forward_flops(m, shape)  # forward + backward to the activations and the input
-    cfg = ReconstructConfig(objective=objective, steps=steps, batch_size=batch, jitter=jitter, progress=False)
+    cfg = ReconstructConfig(objective=objective, steps=steps, batch_size=batch, jitter=jitter)
     obj = make_objective(objective, meta, m, cfg)
     labels = torch.arange(batch) % info.num_classes
 

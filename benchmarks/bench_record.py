@@ -5,11 +5,13 @@ import time
 
 import torch
 
-from dfkd.config import RecordConfig
+from dfkd.config import RecordConfig, Runtime
 from dfkd.metadata import KINDS
 from dfkd.recording import record
 
 from .common import forward_flops, network, row
+
+QUIET = Runtime(progress=False)  # no bars, no epoch lines in a measurement
 
 TARGET = 2.0  # recording all kinds costs at most this many inference passes (the paper's networks)
 CONV_TARGET = 3.0  # and on a BatchNorm / residual CNN with per-channel conv statistics
@@ -43,7 +45,7 @@ def measure(name: str, batch_size: int = 1000, n: int | None = None) -> list[dic
     infer, pass_s = float("inf"), float("inf")
     for _ in range(2):  # interleaved, best of two each: this machine's timings move by 10 to 30%
         infer = min(infer, inference())
-        meta = record(m, (x, y), RecordConfig(kinds=KINDS, batch_size=batch_size, progress=False))
+        meta = record(m, (x, y), RecordConfig(kinds=KINDS, batch_size=batch_size), rt=QUIET)
         pass_s, basis_s = min(pass_s, meta.timings["pass_seconds"]), meta.timings["basis_seconds"]
     f = forward_flops(m, info.shape)
     label = "own BN/residual CNN" if name == "own" else name

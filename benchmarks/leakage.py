@@ -16,13 +16,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dfkd.config import RecordConfig
+from dfkd.config import RecordConfig, Runtime
 from dfkd.files import read_json, write_json
 from dfkd.leakage import measure, picture
 from dfkd.metadata import load
 from dfkd.recording import record
 from dfkd.specs import DataRef, ModelRef, open_with_data
 from dfkd.synthetic import SyntheticSet
+
+QUIET = Runtime(progress=False)  # no bars, no epoch lines in a measurement
 
 
 def teacher_report(folder: Path, code: tuple[str, ...], accuracy: dict[str, float]) -> tuple[dict, dict]:
@@ -40,7 +42,7 @@ def teacher_report(folder: Path, code: tuple[str, ...], accuracy: dict[str, floa
     conv = [l["stat"] for l in meta.header["layers"] if l["type"] == "conv"]
     if conv:  # the other form of the conv records too (per channel is dfkd's default, per unit the paper's)
         other = "channel" if conv[0] == "unit" else "unit"
-        alt = record(model, source, RecordConfig(kinds=("all-layers",), conv_stats=other, progress=False))
+        alt = record(model, source, RecordConfig(kinds=("all-layers",), conv_stats=other), rt=QUIET)
         rep_alt, img_alt = measure(model, alt, source.train)
         for inv in rep_alt["inversions"]:
             report["inversions"].append(inv)

@@ -18,11 +18,13 @@ import torch
 
 import dfkd
 from dfkd.checkpoint import load_model, save_model
-from dfkd.config import DistillConfig, ReconstructConfig, RecordConfig, TrainConfig
+from dfkd.config import DistillConfig, ReconstructConfig, RecordConfig, TrainConfig, Runtime
 from dfkd.files import atomic_write
 from dfkd.metadata import load, save
 from dfkd.specs import build_student
 from dfkd.synthetic import SyntheticSet
+
+QUIET = Runtime(progress=False)  # no bars, no epoch lines in a measurement
 
 OBJECTIVES = ("noise", "top-layer", "all-layers", "spectral-all", "spectral-pairs", "bn-stats", "all-layers+bn-stats")
 
@@ -33,7 +35,7 @@ def _trained(spec: str, data, out: Path, epochs: int, lr: float, seed: int) -> t
         return model, desc["test_accuracy"]
     torch.manual_seed(seed)
     model, info = dfkd.build_model(spec, data.info)
-    hist = dfkd.train(model, data, TrainConfig(epochs=epochs, lr=lr, seed=seed, progress=False))
+    hist = dfkd.train(model, data, TrainConfig(epochs=epochs, lr=lr, seed=seed), rt=QUIET)
     save_model(model, out, spec, {}, info, test_accuracy=hist[-1]["test_accuracy"], history=hist)
     return model, hist[-1]["test_accuracy"]
 
@@ -63,20 +65,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     _, real_acc = _trained(a.student, data, out / "student-real", a.teacher_epochs, a.student_lr, a.seed)
     spath = out / "teacher.stats.safetensors"
     if not spath.is_file():
-        save(dfkd.record(teacher, data, RecordConfig(progress=False)), spath)
+        save(dfkd.record(teacher, data, RecordConfig(), rt=QUIET), spath)
     meta = load(spath)
     rows = [{"objective": "real data", "accuracy": real_acc, "share": 1.0}]
     for name in a.objectives.split(","):
         s0 = time.perf_counter()
         rc = ReconstructConfig(objective=name, n=a.images, steps=a.steps, lr=a.lr, jitter=a.jitter, tv=a.tv,
-                               seed=a.seed, progress=False)
-        dfkd.reconstruct(teacher, meta, out / "synthetic" / name, rc, data.info)
+                               seed=a.seed)
+        dfkd.reconstruct(teacher, meta, out / "synthetic" / name, rc, data.info, rt=QUIET)
         synth = SyntheticSet(out / "synthetic" / name).open()
         torch.manual_seed(a.seed)
         student = build_student(a.student, {}, data.info)
         hist = dfkd.distill(student, synth, teacher, DistillConfig(epochs=a.epochs, lr=a.student_lr,
-                                                                   eval_every=a.epochs, seed=a.seed, progress=False),
-                            data)
+                                                                   eval_every=a.epochs, seed=a.seed),
+                            data, rt=QUIET)
         agree = sum(s["teacher_agrees"] * s["n"] for s in synth.manifest["shards"]) / len(synth)
         rows.append({"objective": name, "accuracy": hist[-1]["test_accuracy"], "share": hist[-1]["test_accuracy"] / real_acc,
                      "teacher_agrees": agree, "seconds": time.perf_counter() - s0})

@@ -24,12 +24,14 @@ from pathlib import Path
 import torch
 
 import dfkd
-from dfkd.config import DistillConfig, ReconstructConfig, RecordConfig
+from dfkd.config import DistillConfig, ReconstructConfig, RecordConfig, Runtime
 from dfkd.files import atomic_write, read_json, write_json
 from dfkd.inversion import invert
 from dfkd.leakage import class_means, picture, recovery
 from dfkd.specs import DataRef, ModelRef, build_student, open_with_data
 from dfkd.synthetic import SyntheticSet
+
+QUIET = Runtime(progress=False)  # no bars, no epoch lines in a measurement
 
 # model -> (student, objective, stats kinds, conv stats, reconstruction, distillation): each model's best
 # objective at epsilon = inf on its own benchmark (the quick profile; benchmarks.own_model)
@@ -47,17 +49,17 @@ def cell(name: str, folder: Path, eps: float, seed: int, work: Path) -> dict:
     r = RECIPES[name]
     model, desc, data = open_with_data(ModelRef(str(folder / "teacher"), code=r["code"]), DataRef("mnist"))
     t0 = time.perf_counter()
-    meta = dfkd.record(model, data, RecordConfig(kinds=r["kinds"], conv_stats="channel", progress=False,
-                                                 privacy=None if math.isinf(eps) else eps))
+    meta = dfkd.record(model, data, RecordConfig(kinds=r["kinds"], conv_stats="channel",
+                                                 privacy=None if math.isinf(eps) else eps), rt=QUIET)
     rec_s = time.perf_counter() - t0
     out = work / f"{name}-eps{eps:g}-seed{seed}"
-    dfkd.reconstruct(model, meta, out, ReconstructConfig(objective=r["objective"], seed=seed, progress=False,
-                                                        **r["rc"]), data.info)
+    dfkd.reconstruct(model, meta, out, ReconstructConfig(objective=r["objective"], seed=seed,
+                                                        **r["rc"]), data.info, rt=QUIET)
     synth = SyntheticSet(out).open()
     torch.manual_seed(seed)
     student = build_student(r["student"], {}, data.info)
-    hist = dfkd.distill(student, synth, model, DistillConfig(seed=seed, progress=False, eval_every=r["dc"]["epochs"],
-                                                             **r["dc"]), data)
+    hist = dfkd.distill(student, synth, model, DistillConfig(seed=seed, eval_every=r["dc"]["epochs"],
+                                                             **r["dc"]), data, rt=QUIET)
     p = meta.header.get("privacy") or {}
     return {"model": name, "epsilon": eps, "seed": seed, "accuracy": hist[-1]["test_accuracy"],
             "claimed_epsilon": p.get("epsilon"), "delta": p.get("delta"), "record_seconds": rec_s,
@@ -72,7 +74,7 @@ def leakage(folder: Path, eps: float, seed: int) -> tuple[dict, dict, object]:
     out, images = {}, {"truth": truth}
     for label, e in (("unprotected", None), (f"epsilon {eps:g}", eps)):
         meta = dfkd.record(model, data, RecordConfig(kinds=("all-layers",), layers=tuple(first), conv_stats="unit",
-                                                     privacy=e, progress=False))
+                                                     privacy=e), rt=QUIET)
         inv = invert(model, meta)[0]
         est = inv.means.view(truth.shape)
         out[label] = recovery(est, truth)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .cli_fields import config_from
-from .config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, TrainConfig
+from .config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, Runtime, TrainConfig
 from .distillation import distill_file
 from .evaluation import evaluate_file
 from .files import read_json
@@ -39,13 +39,19 @@ def _model(a, flag: str = "teacher", weights: bool = True):
     return m
 
 
+def runtime_of(a) -> Runtime:
+    """How the verb runs: ``--device`` (picked by ``cli.main``), ``--quiet``, and for reconstruct ``--rank``
+    and ``--world-size``."""
+    return config_from(a, Runtime, **{k: getattr(a, k, None) for k in ("rank", "world_size")})
+
+
 def _data_ref(a):
     return DataRef(a.data, a.test_data, getattr(a, "normalize", None))
 
 
 def _cmd_train(a) -> int:
     cfg = config_from(a, TrainConfig)
-    path = train_file(_model(a, "model", weights=False), _data_ref(a), Path(a.out) / a.name, cfg, a.restart)
+    path = train_file(_model(a, "model", weights=False), _data_ref(a), Path(a.out) / a.name, cfg, a.restart, runtime_of(a))
     desc = read_json(path.with_name(path.name.replace(".safetensors", ".json")))
     acc = f" (test accuracy {100 * desc['test_accuracy']:.2f}%)" if "test_accuracy" in desc else ""
     _say(f"saved {path}{acc}")
@@ -53,7 +59,7 @@ def _cmd_train(a) -> int:
 
 
 def _cmd_record(a) -> int:
-    path, meta = record_file(_model(a), _data_ref(a), a.out, config_from(a, RecordConfig))
+    path, meta = record_file(_model(a), _data_ref(a), a.out, config_from(a, RecordConfig), runtime_of(a))
     t = meta.timings
     if t:  # the process that recorded (rank 0 under torchrun)
         print(f"saved {path} ({path.stat().st_size / 1e6:.2f} MB; pass {t['pass_seconds']:.1f}s,"
@@ -119,7 +125,7 @@ def _cmd_reconstruct(a) -> int:
     needs_stats = any(o not in ("noise", "bn-stats") for o in a.objective.split("+"))
     stats = a.stats or (str(stats_path(a.teacher)) if needs_stats else None)
     out = a.out or str(beside(a.teacher) / "synthetic" / a.objective)
-    path = reconstruct_file(_model(a), stats, out, cfg, a.allow_other_teacher, a.restart)
+    path = reconstruct_file(_model(a), stats, out, cfg, a.allow_other_teacher, a.restart, runtime_of(a))
     if read_json(path).get("complete"):
         _say(f"wrote {a.n} inputs for {a.objective} to {path.parent} (manifest {path.name})")
     else:
@@ -143,7 +149,7 @@ def _cmd_distill(a) -> int:
     cfg = config_from(a, DistillConfig)
     teacher = _model(a, weights=False) if a.teacher else None
     path = distill_file(a.synthetic, _model(a, "student", weights=False), a.out, cfg, teacher, _data_ref(a),
-                        a.restart)
+                        a.restart, runtime_of(a))
     desc = read_json(path.with_name(path.name.replace(".safetensors", ".json")))
     acc = f" (student test accuracy {100 * desc['test_accuracy']:.2f}%)" if "test_accuracy" in desc else ""
     _say(f"saved {path}{acc}")

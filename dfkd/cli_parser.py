@@ -10,7 +10,7 @@ import re
 import sys
 
 from .cli_fields import add_fields
-from .config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, TrainConfig
+from .config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, Runtime, TrainConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,10 +23,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _common() -> argparse.ArgumentParser:
-    """The run-wide flags of every verb but inspect: the seed, the device (``cli.main`` picks it once)
-    and progress bars, spelt by their fields, and the user code dfkd may import."""
+    """The run-wide flags of every verb but inspect: the seed (``TrainConfig``'s), the device (``cli.main``
+    picks it once) and progress bars (``Runtime``'s), spelt by their fields, and the user code dfkd may import."""
     p = _Parser(add_help=False)
-    add_fields(p, TrainConfig, only=("seed", "device", "progress"))
+    add_fields(p, TrainConfig, only=("seed",))
+    add_fields(p, Runtime, only=("device", "progress"))
     p.add_argument("--code", action="append", default=[], metavar="FILE.py|MODULE",
                    help="user model code you allow dfkd to import for saved models made from it (repeatable)")
     return p
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="output directory (default: <teacher's folder>/synthetic/<objective>)")
     c.add_argument("--allow-other-teacher", action="store_true", help="use statistics recorded on other weights")
     add_fields(c, ReconstructConfig)
+    add_fields(c, Runtime, only=("rank", "world_size"))
 
     d = sub.add_parser("distill", parents=[common, data, resumable], formatter_class=fmt,
                        help="distill a student on a synthetic set")

@@ -1,5 +1,6 @@
-"""Frozen configuration per stage and for the whole run (``RunConfig``), saved as JSON beside what
-each stage writes. Each field carries its command-line spelling (``opt``): the command line makes
+"""Frozen configuration per stage (what it makes), for the whole run (``RunConfig``), and how a stage runs
+(``Runtime``: device, progress, rank); the method configs are saved as JSON beside what each stage writes.
+Each field carries its command-line spelling (``opt``): the command line makes
 one flag per field (``cli_fields``), its type, default and help read from the field."""
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ def flag_of(cls: type, name: str) -> str | None:
     return flag(next(f for f in fields(cls) if f.name == name))
 
 
-# run-wide: how a stage runs, not what it makes (resume does not compare them: ``resume.UNCOMPARED``)
 SEED = "random seed"
 
 
@@ -36,7 +36,21 @@ def _device() -> Any:
 
 
 def _progress() -> Any:
-    return opt(True, "no progress bars", flag="--quiet")
+    return opt(True, "no progress bars (shown on a terminal only) nor per-epoch or per-student lines", flag="--quiet")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a stage runs, not what it makes: the device, progress bars, and the process's share of the work.
+    train, record, reconstruct and distill (and their ``*_file`` forms) take one (``rt``) beside their
+    method config; none of it is compared by a resume or saved in the settings of what a stage makes. The
+    ``*_file`` forms move the model they load to ``device``; the object forms run where the model is. Only
+    reconstruct splits its work by ``rank`` / ``world_size`` (the others refuse them)."""
+    device: str = _device()
+    progress: bool = _progress()
+    rank: int | None = opt(None, "this process's share of the shards, 0..W-1, with no process group (a job array; "
+                           "default: torchrun's RANK, or all)")
+    world_size: int | None = opt(None, "how many shares (default: torchrun's WORLD_SIZE, or 1)")
 
 
 @dataclass(frozen=True)
@@ -46,8 +60,6 @@ class TrainConfig:
     lr: float = opt(1e-3, "Adam's learning rate", parse="positive")
     schedule: str = opt("cosine", "cosine (anneal to 0; the last epoch is the stable one) or constant")
     seed: int = opt(0, SEED)
-    device: str = _device()
-    progress: bool = _progress()
 
 
 @dataclass(frozen=True)
@@ -60,8 +72,6 @@ class RecordConfig:
     spectral_keep: float = opt(0.10, "fraction of Fourier coefficients kept", parse="positive")
     temperature: float = opt(8.0, "softmax temperature of the top-layer record", parse="positive")
     batch_size: int = opt(1000, "inputs per forward pass", parse="positive")
-    device: str = _device()
-    progress: bool = _progress()
     privacy: float | None = opt(None, "(epsilon, delta)-differential privacy for the whole file: clipped contributions, "
                                 "Gaussian noise, calibrated by dp-accounting (the privacy extra)", metavar="EPSILON")
     delta: float | None = opt(None, "with --privacy (default: 1e-6, fixed whatever the data's size; needed above "
@@ -95,11 +105,6 @@ class ReconstructConfig:
     whiten: bool = opt(True, "the paper's plain squared distance (by default each statistic's error is divided by "
                        "its std; all-layers and spectral objectives)")
     seed: int = opt(0, SEED)
-    device: str = _device()
-    progress: bool = _progress()
-    rank: int | None = opt(None, "this process's share of the shards, 0..W-1, with no process group (a job array; "
-                           "default: torchrun's RANK, or all)")
-    world_size: int | None = opt(None, "how many shares (default: torchrun's WORLD_SIZE, or 1)")
 
 
 @dataclass(frozen=True)
@@ -117,8 +122,6 @@ class DistillConfig:
     adversarial_step: float = opt(0.05, "size of each such step, in the data's raw units")
     eval_every: int = opt(1, "log test accuracy every N epochs (and after the last)", parse="positive")
     seed: int = opt(0, SEED)
-    device: str = _device()
-    progress: bool = _progress()
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import save_model
-from .config import DistillConfig, to_dict
+from .config import DistillConfig, Runtime, to_dict
 from .data import DataInfo, DataSource, at_input, first_batch, info_of
 from .errors import DfkdError
 from .files import exclusive, weights_sha256
@@ -33,7 +33,7 @@ from .loop import accuracy, fit
 from .models import code_sha256, device_of, predict_logits, train_logits
 from .resume import canonical, check_finished, config_settings
 from .resume import state_path as state_file
-from .runtime import pick_device, seed_everything, setup_threads
+from .runtime import pick_device, seed_everything, setup_threads, whole
 from .sources import data_sha256, open_data
 from .specs import DataRef, ModelRef, build_student, open_model, require_spec
 from .synthetic import SyntheticSet
@@ -120,12 +120,13 @@ def disagree(student: nn.Module, teacher: nn.Module, x: torch.Tensor, cfg: Disti
 
 def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg: DistillConfig = DistillConfig(),
             test=None, info: DataInfo | None = None, state_path: Path | None = None, settings: dict | None = None,
-            restart: bool = False) -> list[dict]:
+            restart: bool = False, rt: Runtime = Runtime()) -> list[dict]:
     """Distill ``student`` on a synthetic set (a ``SyntheticSet``, a folder holding one, or a
     Dataset / ``(x, teacher_logits)`` tensors) of raw inputs: soft targets from ``teacher`` on augmented
     views, or the stored logits without a teacher. Student and teacher see the inputs through ``info``'s
     normalisation (the set's own by default; none for plain tensors without ``info``). ``test`` (a DataSource or test set) is measured every ``eval_every``
     epochs; the last epoch's student is the result."""
+    whole(rt, "distill")
     if cfg.augment not in AUGMENTS:
         raise DfkdError("augment", f"{cfg.augment!r} is not one of {', '.join(AUGMENTS)}")
     if not 0 <= cfg.adversarial <= 1 or cfg.adversarial_steps < 0 or cfg.adversarial_step < 0:
@@ -166,12 +167,13 @@ def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg
     return fit(student, synthetic, batch_loss, info=info, epochs=cfg.epochs,
                batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, schedule=cfg.schedule, state_path=state_path,
                on_epoch=on_epoch, eval_every=cfg.eval_every, prepare=label if teacher is not None else None,
-               desc="distill", progress=cfg.progress, settings=dict(settings or {}, config=config_settings(cfg)),
+               desc="distill", progress=rt.progress, settings=dict(settings or {}, config=config_settings(cfg)),
                restart=restart)
 
 
 def distill_file(synthetic: str | Path, student: ModelRef, out: str | Path, cfg: DistillConfig = DistillConfig(),
-                 teacher: ModelRef | None = None, data: DataRef = DataRef(), restart: bool = False) -> Path:
+                 teacher: ModelRef | None = None, data: DataRef = DataRef(), restart: bool = False,
+                 rt: Runtime = Runtime()) -> Path:
     """``dfkd distill``: a student spec trained on a synthetic set (labelled online by the saved
     teacher if given), measured on the real test set of ``data``; saved like a teacher. Resumes
     from ``<out>.state.safetensors``; work made with other settings (the set, the teacher, the
@@ -179,11 +181,11 @@ def distill_file(synthetic: str | Path, student: ModelRef, out: str | Path, cfg:
     ``restart`` started over; a student made with the same settings is kept (nothing to do)."""
     require_spec(student, "student")
     setup_threads()
-    ranks = distributed.group(cfg.device)  # under torchrun: data-parallel, each rank a slice of every batch
+    ranks = distributed.group(rt.device)  # under torchrun: data-parallel, each rank a slice of every batch
     seed_everything(cfg.seed)
     synth = SyntheticSet(synthetic).open()
     info = synth.info
-    dev = pick_device(cfg.device)
+    dev = pick_device(rt.device)
     tmodel = None
     if teacher is not None:
         tmodel, tdesc, _ = open_model(teacher)
@@ -213,7 +215,7 @@ def distill_file(synthetic: str | Path, student: ModelRef, out: str | Path, cfg:
             ranks.barrier()
             return out.with_name(out.name + ".safetensors")
         history = distill(net, synth, tmodel, cfg, test, info, state_path=state_file(out), settings=settings,
-                          restart=restart)
+                          restart=restart, rt=rt)
         if not ranks.main:  # rank 0 writes the student
             ranks.barrier()
             return out.with_name(out.name + ".safetensors")

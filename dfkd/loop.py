@@ -24,6 +24,7 @@ from .data import DataInfo, as_batches, at_input, data_len, info_of
 from .errors import DfkdError
 from .models import device_of
 from .resume import canonical, load_state, save_state
+from .runtime import bars_off
 
 # batch_loss(model, inputs, targets, generator) -> scalar loss; the generator is the epoch's own
 BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
@@ -131,7 +132,7 @@ def fit(model: nn.Module, data, batch_loss: BatchLoss, *, info: DataInfo | None 
         order = None if isinstance(data, DataLoader) else \
             data.epoch_order(g) if hasattr(data, "epoch_order") else torch.randperm(n, generator=g)
         model.train()
-        bar = tqdm(total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        bar = tqdm(total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", disable=bars_off(progress), leave=False)
         gb = g if ranks.world == 1 else g_rank
         for xe, ye, sizes in _epoch_chunks(data, order, batch_size, ranks):
             if prepare is not None:

@@ -21,7 +21,7 @@ import torch
 
 from . import distributed
 from .checkpoint import load_model, save_model
-from .config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, TrainConfig, to_dict
+from .config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, Runtime, TrainConfig, to_dict
 from .distillation import distill
 from .errors import DfkdError
 from .files import exclusive, read_json, sweep_temps
@@ -53,7 +53,7 @@ def _teacher(cfg: RunConfig, net: str, d: Path, p: dict, dev,
     """The network's teacher (loaded, or trained and saved) and the data fitted to it. The run's own
     teacher is kept only if made with this run's settings; one in ``teachers`` is used as it is."""
     path = Path(cfg.teacher) if cfg.teacher else d / "teacher"
-    tc = TrainConfig(epochs=p["teacher_epochs"], seed=cfg.seed, progress=cfg.progress)
+    tc = TrainConfig(epochs=p["teacher_epochs"], seed=cfg.seed)
     settings = {"verb": "run-teacher", "net": net, "data": data_sha256(cfg.data), "config": config_settings(tc)}
     state = d / "state" / "train-teacher.safetensors"
     if cfg.teacher or (path.with_suffix(".json").is_file()
@@ -65,7 +65,8 @@ def _teacher(cfg: RunConfig, net: str, d: Path, p: dict, dev,
     seed_everything(cfg.seed)
     model, info = build_model(net, open_data(cfg.data).info)
     data = open_data(cfg.data, info=info)
-    hist, secs = _timed(train, model.to(dev), data, tc, state_path=state, settings=settings, restart=cfg.restart)
+    hist, secs = _timed(train, model.to(dev), data, tc, state_path=state, settings=settings, restart=cfg.restart,
+                        rt=_rt(cfg))
     if ranks.main:
         save_model(model.cpu(), d / "teacher", net, {}, info, test_accuracy=hist[-1]["test_accuracy"], history=hist,
                    train_config=to_dict(tc), seconds=secs, settings=canonical(settings))
@@ -95,13 +96,11 @@ def _configs(name: str, net: str, p: dict, seed: int, cfg: RunConfig) -> tuple:
     (affine views labelled by the teacher, cosine lr); an objective: its reconstruction's and its
     distillation's."""
     if name == "real-data":
-        return (TrainConfig(epochs=p["baseline_epochs"][net], seed=seed, progress=cfg.progress),)
+        return (TrainConfig(epochs=p["baseline_epochs"][net], seed=seed),)
     if name == "real-kd":
-        return (DistillConfig(epochs=p["baseline_epochs"][net], augment="affine", schedule="cosine", seed=seed,
-                              progress=cfg.progress),)
-    rc = ReconstructConfig(**dict(recipe(cfg, net), objective=name, batch_size=p["batch_size"], seed=seed,
-                                  device=cfg.device, progress=cfg.progress))
-    return rc, DistillConfig(**dict(p["distill"], seed=seed, progress=cfg.progress,
+        return (DistillConfig(epochs=p["baseline_epochs"][net], augment="affine", schedule="cosine", seed=seed),)
+    rc = ReconstructConfig(**dict(recipe(cfg, net), objective=name, batch_size=p["batch_size"], seed=seed))
+    return rc, DistillConfig(**dict(p["distill"], seed=seed,
                                     **({"epochs": cfg.epochs} if cfg.epochs else {})))
 
 
@@ -115,6 +114,11 @@ def _student_settings(name: str, net: str, p: dict, seed: int, cfg: RunConfig, d
             "stats_sha256": meta.header.get("tensors_sha256") if made else None}
 
 
+def _rt(cfg: RunConfig) -> Runtime:
+    """How the run's stages run: its device and progress (the ranks are torchrun's)."""
+    return Runtime(device=cfg.device, progress=cfg.progress)
+
+
 def _state(d: Path, name: str, tag: str) -> Path:
     return d / "state" / f"{name if name.startswith('real') else 'distill-' + name}{tag}.safetensors"
 
@@ -124,7 +128,7 @@ def _baseline(kind: str, teacher, data, student_name: str, settings: dict, seed:
     """``real-data``: train the student on the true labels; ``real-kd``: distill it on the real images."""
     seed_everything(seed)
     student = build_model(student_name, data.info)[0].to(dev)
-    resume = {"state_path": _state(d, kind, tag), "settings": settings, "restart": cfg.restart}
+    resume = {"state_path": _state(d, kind, tag), "settings": settings, "restart": cfg.restart, "rt": _rt(cfg)}
     if kind == "real-data":
         hist, secs = _timed(train, student, data, conf, **resume)
     else:
@@ -135,12 +139,12 @@ def _baseline(kind: str, teacher, data, student_name: str, settings: dict, seed:
 
 def _objective(name: str, teacher, meta, data, student_name: str, settings: dict, seed: int, cfg: RunConfig,
                d: Path, dev, tag: str, rc: ReconstructConfig, dc: DistillConfig) -> dict:
-    reconstruct(teacher, meta, d / "synthetic" / f"{name}{tag}", rc, data.info, cfg.restart)
+    reconstruct(teacher, meta, d / "synthetic" / f"{name}{tag}", rc, data.info, cfg.restart, _rt(cfg))
     synth = SyntheticSet(d / "synthetic" / f"{name}{tag}").open()
     seed_everything(seed)
     student = build_model(student_name, data.info)[0].to(dev)
     hist, dsecs = _timed(distill, student, synth, teacher, dc, data, data.info, _state(d, name, tag),
-                         settings=settings, restart=cfg.restart)
+                         settings=settings, restart=cfg.restart, rt=_rt(cfg))
     return {"history": hist, "model": student, "image_steps": synth.manifest.get("image_steps", 0),
             "student_steps": dc.epochs * -(-len(synth) // dc.batch_size),
             "saved": {"objective": name, "reconstruct_config": to_dict(rc), "distill_config": to_dict(dc),
@@ -197,8 +201,8 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                                 + ("rerun with --restart to record them again, or " if own else "")
                                 + f"give --conv-stats {why.split()[1]}")
             if ranks.main and (not spath.is_file() or (own and cfg.restart and why)):
-                rc = RecordConfig(conv_stats=cfg.conv_stats, progress=cfg.progress)
-                meta, rsecs = _timed(record, teacher, data, rc)
+                rc = RecordConfig(conv_stats=cfg.conv_stats)
+                meta, rsecs = _timed(record, teacher, data, rc, rt=_rt(cfg))
                 save_stats(meta, spath)
             ranks.barrier()
             meta = load_stats(spath, desc["sha256"])

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed
-from .config import ReconstructConfig, to_dict
+from .config import ReconstructConfig, Runtime, to_dict
 from .data import DataInfo, at_input
 from .errors import DfkdError
 from .fastgrad import input_grad_by_fold
@@ -32,7 +32,7 @@ from .kinds import means_kind
 from .metadata import Metadata, load
 from .models import device_of, num_outputs
 from .objectives import Noise, Objective, make_objective
-from .runtime import pick_device, setup_threads
+from .runtime import bars_off, pick_device, setup_threads
 from .specs import ModelRef, open_model
 from .synthetic import SyntheticSet
 from .taps import tap
@@ -130,21 +130,21 @@ def optimise_batch(teacher: nn.Module, objective: Objective, labels: torch.Tenso
 
 
 def _manifest_key(cfg: ReconstructConfig, teacher_sha: str, meta: Metadata | None) -> dict:
-    keep = {k: v for k, v in to_dict(cfg).items() if k not in ("device", "progress", "rank", "world_size")}
-    return {"config": keep, "teacher_sha256": teacher_sha,
+    return {"config": to_dict(cfg), "teacher_sha256": teacher_sha,
             "stats_sha256": meta.header.get("tensors_sha256") if meta is not None else None}
 
 
 def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
                 cfg: ReconstructConfig = ReconstructConfig(), info: DataInfo | None = None,
-                restart: bool = False) -> Path:
+                restart: bool = False, rt: Runtime = Runtime()) -> Path:
     """Write ``cfg.n`` synthetic inputs for ``cfg.objective`` under ``out``; returns the manifest path.
 
     The inputs are stored in raw data units (the teacher sees them through its normalisation):
     ``info`` (their shape, normalisation and range) comes from the statistics file, or must be given
     without one (noise, bn-stats). The teacher
     is frozen (``requires_grad`` off, eval mode) and its weights are untouched. A set under ``out``
-    made with other settings is refused, or with ``restart`` started over.
+    made with other settings is refused, or with ``restart`` started over. ``rt``: how it runs (progress,
+    and this process's share of the shards: ``rank`` of ``world_size``, or torchrun's).
     """
     if cfg.n <= 0 or cfg.batch_size <= 0 or cfg.steps < 0 or cfg.lr <= 0 or min(cfg.jitter, cfg.tv, cfg.l2) < 0:
         raise DfkdError("reconstruct", "n, batch size and lr must be > 0; steps, jitter, tv and l2 >= 0")
@@ -171,7 +171,7 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
     teacher_sha = weights_sha256(teacher.state_dict())
     if meta is not None and meta.header["teacher_sha256"] != teacher_sha:
         raise DfkdError(meta.path or "stats", "recorded on another teacher (weights sha256 differs)")
-    ranks = distributed.ranks(cfg.rank, cfg.world_size, cfg.device)
+    ranks = distributed.ranks(rt.rank, rt.world_size, rt.device)
     with exclusive(out, folder=True, tag=ranks.tag):  # one run per output folder (and rank); a killed one's lock is void
         synth = SyntheticSet(out)
         done = synth.begin(_manifest_key(cfg, teacher_sha, meta), ranks, restart, objective=cfg.objective,
@@ -181,7 +181,7 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
         optimising = not isinstance(objective, Noise)
         bar = tqdm(total=(len(mine) - sum(1 for b in done if ranks.mine(b))) * (cfg.steps if optimising else 1),
                    desc=f"reconstruct {cfg.objective}" + (f" rank {ranks.rank}/{ranks.world}" if ranks.tag else ""),
-                   disable=not cfg.progress, leave=False)
+                   disable=bars_off(rt.progress), leave=False)
         for b in (b for b in mine if b not in done):  # lazy: n may be huge
             t0 = time.perf_counter()
             size = min(cfg.batch_size, cfg.n - b * cfg.batch_size)
@@ -212,10 +212,10 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
 
 
 def reconstruct_file(teacher: ModelRef, stats: str | None, out: str | Path, cfg: ReconstructConfig,
-                     allow_other_teacher: bool = False, restart: bool = False) -> Path:
+                     allow_other_teacher: bool = False, restart: bool = False, rt: Runtime = Runtime()) -> Path:
     """``dfkd reconstruct``: a saved teacher and its statistics file (none for noise or bn-stats)."""
     setup_threads()
     model, desc, info = open_model(teacher)
-    model.to(pick_device(cfg.device))
+    model.to(pick_device(rt.device))
     meta = load(stats, desc.get("sha256"), allow_other_teacher) if stats else None
-    return reconstruct(model, meta, out, cfg, info, restart)
+    return reconstruct(model, meta, out, cfg, info, restart, rt)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from . import distributed, privacy
 from .accountant import check
-from .config import RecordConfig
+from .config import RecordConfig, Runtime
 from .data import (DataInfo, DataSource, as_batches, at_input, data_len, declared_range, described, first_batch,
                    info_of)
 from .errors import DfkdError
@@ -41,7 +41,7 @@ from .kinds import KINDS, REGISTRY, Batch, Private, Record, Setup
 from .metadata import Metadata, load, new_header, save
 from .models import device_of
 from .privacy_report import PROTECTED, check_inputs, public_values
-from .runtime import pick_device, setup_threads
+from .runtime import bars_off, pick_device, setup_threads, whole
 from .specs import DataRef, ModelRef, open_with_data, stats_path
 from .stats import SELECT_N
 from .taps import default_layers, tap
@@ -64,13 +64,13 @@ def _check_batch(out: torch.Tensor, where: str, start: int) -> None:
 
 
 def _batches(model: nn.Module, data, infos: list[LayerInfo], c: int, cfg: RecordConfig, info: DataInfo | None,
-             desc: str = "record"):
+             rt: Runtime, desc: str = "record"):
     """One streaming pass: ``(raw inputs, labels, logits, activations)`` per batch, labels and values checked;
     the model sees the inputs through ``info``'s normalisation."""
     dev, net = device_of(model), at_input(model, info)
     seen = 0
     with torch.no_grad(), tap(model, [i.path for i in infos]) as acts, \
-            tqdm(total=data_len(data), desc=desc, disable=not cfg.progress, leave=False, unit="input") as bar:
+            tqdm(total=data_len(data), desc=desc, disable=bars_off(rt.progress), leave=False, unit="input") as bar:
         for xb, yb in as_batches(data, cfg.batch_size):
             yb = torch.as_tensor(yb).long().cpu()
             if len(yb) and (int(yb.min()) < 0 or int(yb.max()) >= c):
@@ -87,11 +87,11 @@ def _batches(model: nn.Module, data, infos: list[LayerInfo], c: int, cfg: Record
 
 
 def _pass(model: nn.Module, data, infos: list[LayerInfo], records: list[Record], c: int, cfg: RecordConfig,
-          info: DataInfo | None):
+          info: DataInfo | None, rt: Runtime):
     """The exact pass: each record's rows streamed into its accumulator; class counts; per-channel range."""
     acc = {r.name: r.exact() for r in records}
     counts, lo, hi = torch.zeros(c, dtype=torch.long), None, None
-    for xb, yb, logits, acts in _batches(model, data, infos, c, cfg, info):
+    for xb, yb, logits, acts in _batches(model, data, infos, c, cfg, info, rt):
         flat = xb.transpose(0, 1).reshape(xb.shape[1], -1) if xb.dim() == 4 else xb.reshape(1, -1)
         lo = flat.amin(1) if lo is None else torch.minimum(lo, flat.amin(1))
         hi = flat.amax(1) if hi is None else torch.maximum(hi, flat.amax(1))
@@ -105,7 +105,7 @@ def _pass(model: nn.Module, data, infos: list[LayerInfo], records: list[Record],
 
 
 def _private_pass(model: nn.Module, data, infos: list[LayerInfo], records: list[Record], c: int,
-                  cfg: RecordConfig, info: DataInfo):
+                  cfg: RecordConfig, info: DataInfo, rt: Runtime):
     """The private passes (``privacy``) over the same records' rows: clip bounds chosen on noisy norm
     histograms where the user gave none (one pass), then clipped class sums (one pass), released with
     Gaussian noise; every record is an event of the budget."""
@@ -117,13 +117,13 @@ def _private_pass(model: nn.Module, data, infos: list[LayerInfo], records: list[
 
     if budget.to_choose:
         hists = {r: torch.zeros(privacy.CELLS, dtype=torch.long) for r in budget.to_choose}
-        for _, yb, logits, acts in _batches(model, data, infos, c, cfg, info, "record: clip bounds"):
+        for _, yb, logits, acts in _batches(model, data, infos, c, cfg, info, rt, "record: clip bounds"):
             out = rows(Batch(logits, acts, infos), budget.to_choose)  # only the records whose bound is chosen here
             for r in hists:
                 hists[r] += privacy.histogram(privacy.norms(out[r]))
         budget.choose_bounds(hists)
     sums, counts = {}, torch.zeros(c, dtype=torch.long)
-    for _, yb, logits, acts in _batches(model, data, infos, c, cfg, info):
+    for _, yb, logits, acts in _batches(model, data, infos, c, cfg, info, rt):
         counts += torch.bincount(yb, minlength=c)
         for r, x in rows(Batch(logits, acts, infos), list(by)).items():
             if r not in sums:
@@ -135,7 +135,8 @@ def _private_pass(model: nn.Module, data, infos: list[LayerInfo], records: list[
     return rel, noisy.long(), (lo, torch.full_like(lo, info.high)), budget.header()
 
 
-def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: DataInfo | None = None) -> Metadata:
+def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: DataInfo | None = None,
+           rt: Runtime = Runtime()) -> Metadata:
     """Record the metadata of ``model`` on ``data``: a ``DataSource`` (its training split), a torch
     ``Dataset`` or ``DataLoader`` yielding ``(input, label)``, or an ``(x, y)`` pair of tensors.
     The inputs are raw; ``info`` describes them (their range, and the normalisation the model sees them
@@ -143,6 +144,7 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
     comes from the data, the class count from the model, and the value range is the one seen
     (``cfg.value_range`` declares it instead). With privacy no value read off the examples goes into
     the header (``privacy_report``): the range must be declared where it would be read."""
+    whole(rt, "record")
     origin = {"range": "caller", "normalisation": "caller"} if info is not None else {}
     fixed_range = isinstance(data, DataSource) and info is None and "range" not in data.origin  # the format's
     if isinstance(data, DataSource):
@@ -184,14 +186,14 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
     basis_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     if cfg.privacy is None:
-        moments, counts, (lo, hi), private = _pass(model, data, infos, records, c, cfg, info)
+        moments, counts, (lo, hi), private = _pass(model, data, infos, records, c, cfg, info, rt)
     else:
         if info is None and cfg.value_range is None:
             raise DfkdError("info", "with privacy, describe the inputs (a DataInfo with their range, or "
                             "value_range): a range read from the data is not private")
         info = info or declared_range(DataInfo(shape=tuple(x0.shape[1:]), num_classes=c, low=math.inf,
                                                high=-math.inf), cfg.value_range)  # nothing seen: any range holds it
-        moments, counts, (lo, hi), private = _private_pass(model, data, infos, records, c, cfg, info)
+        moments, counts, (lo, hi), private = _private_pass(model, data, infos, records, c, cfg, info, rt)
         private |= {"protected": dict(PROTECTED),
                     "public": public_values(origin, cfg.value_range is not None, cfg.delta is not None)}
     n = int(counts.sum())
@@ -223,7 +225,7 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
 
 
 def record_file(teacher: ModelRef, data: DataRef, out: str | Path | None = None,
-                cfg: RecordConfig = RecordConfig()) -> tuple[Path, Metadata]:
+                cfg: RecordConfig = RecordConfig(), rt: Runtime = Runtime()) -> tuple[Path, Metadata]:
     """``dfkd record``: a teacher and its training data by name; the file is written atomically."""
     if out is None and teacher.is_spec:
         raise DfkdError("out", "needed when the teacher is a spec, not a saved model")
@@ -231,16 +233,16 @@ def record_file(teacher: ModelRef, data: DataRef, out: str | Path | None = None,
         check_inputs({"normalisation": "data"}, cfg.value_range is not None)
     setup_threads()
     model, desc, source = open_with_data(teacher, data)
-    model.to(pick_device(cfg.device))
+    model.to(pick_device(rt.device))
     if source.train is None:
         raise DfkdError("data", "has no training split to record on")
     out = Path(out) if out else stats_path(teacher.ref)
-    ranks = distributed.group(cfg.device)  # under torchrun rank 0 records (one pass), the others wait
+    ranks = distributed.group(rt.device)  # under torchrun rank 0 records (one pass), the others wait
     if not ranks.main:
         ranks.barrier()
         return out, load(out, desc.get("sha256"))
     with exclusive(out):
-        meta = record(model, source, cfg)
+        meta = record(model, source, cfg, rt=rt)
         meta.header["teacher"] = desc["model"]["spec"]
         path = save(meta, out)
     ranks.barrier()

@@ -30,7 +30,7 @@ from .files import load_tensors, parse_json, read_json, save_tensors, weights_sh
 STATE_SUFFIX = ".state.safetensors"
 STATE_FORMAT, STATE_VERSION = "dfkd-resume", 1
 REMEDY = "delete it to start this stage over, or rerun with --restart"
-UNCOMPARED = ("device", "progress", "rank", "world_size")  # how a run runs, not what it makes
+UNCOMPARED = ("device", "progress")  # RunConfig's how-it-runs fields (the stages' are in config.Runtime)
 
 
 def state_path(out: Path) -> Path:

@@ -21,6 +21,19 @@ def setup_threads() -> None:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
+def whole(rt, verb: str) -> None:
+    """Refuse a share (``rank``, ``world_size``) for a stage that does not split its work by it (only
+    reconstruct does; the others scale out under torchrun)."""
+    if rt.rank is not None or rt.world_size is not None:
+        raise DfkdError("rank", f"{verb} does not split its work by rank and world size (only reconstruct "
+                        "does); run it under torchrun to share it")
+
+
+def bars_off(progress: bool) -> bool | None:
+    """tqdm's ``disable`` for a ``progress`` setting: off when asked, else shown only on a terminal."""
+    return None if progress else True
+
+
 def pick_device(name: str = "cpu") -> torch.device:
     """Resolve ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; refuse what is not here: a device torch
     knows but this machine lacks (``mps`` off Apple silicon, ``cuda`` without CUDA, ``cuda:3`` on a

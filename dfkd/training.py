@@ -11,14 +11,14 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import save_model
-from .config import TrainConfig, to_dict
+from .config import Runtime, TrainConfig, to_dict
 from .data import DataSource, at_input, data_len, info_of
 from .files import exclusive, weights_sha256
 from .loop import accuracy, fit
 from .models import train_logits
 from .resume import canonical, check_finished, config_settings
 from .resume import state_path as state_file
-from .runtime import pick_device, seed_everything, setup_threads
+from .runtime import pick_device, seed_everything, setup_threads, whole
 from .sources import data_sha256
 from .specs import DataRef, ModelRef, open_with_data, require_spec
 
@@ -28,11 +28,13 @@ def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, _g: t
 
 
 def train(model: nn.Module, data, cfg: TrainConfig = TrainConfig(), test=None,
-          state_path: Path | None = None, settings: dict | None = None, restart: bool = False) -> list[dict]:
+          state_path: Path | None = None, settings: dict | None = None, restart: bool = False,
+          rt: Runtime = Runtime()) -> list[dict]:
     """Train any ``nn.Module`` with cross-entropy on ``data``: a ``DataSource`` (its training split,
     and its test split for the per-epoch test accuracy), or a Dataset, DataLoader or ``(x, y)``
     tensors with an optional ``test`` set of the same kind. ``state_path``, ``settings`` and
-    ``restart``: resume as ``fit`` does."""
+    ``restart``: resume as ``fit`` does. ``rt``: how it runs (progress; the model stays on its device)."""
+    whole(rt, "train")
     info = data.info if isinstance(data, DataSource) else info_of(data)
     if isinstance(data, DataSource):
         data, test = data.train, test if test is not None else data.test
@@ -40,7 +42,7 @@ def train(model: nn.Module, data, cfg: TrainConfig = TrainConfig(), test=None,
     on_epoch = (lambda m: {"test_accuracy": accuracy(at_input(m, test_info), test)}) if test is not None else None
     return fit(model, data, cross_entropy_loss, info=info, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                seed=cfg.seed, schedule=cfg.schedule, state_path=state_path, on_epoch=on_epoch,
-               desc="train", progress=cfg.progress, settings=settings, restart=restart)
+               desc="train", progress=rt.progress, settings=settings, restart=restart)
 
 
 def data_settings(source: DataSource, test: str | None = None) -> dict:
@@ -54,7 +56,7 @@ def data_settings(source: DataSource, test: str | None = None) -> dict:
 
 
 def train_file(model: ModelRef, data: DataRef, out: str | Path, cfg: TrainConfig = TrainConfig(),
-               restart: bool = False) -> Path:
+               restart: bool = False, rt: Runtime = Runtime()) -> Path:
     """``dfkd train``: a model spec trained on a data spec, saved atomically as ``out`` (a file stem,
     e.g. ``runs/mnist/teacher``); resumes from ``<out>.state.safetensors`` after an interruption.
     A resume state or a finished model made with other settings (data, model and its starting
@@ -62,16 +64,16 @@ def train_file(model: ModelRef, data: DataRef, out: str | Path, cfg: TrainConfig
     made with the same settings is kept (nothing to do)."""
     require_spec(model, "model")
     setup_threads()
-    ranks = distributed.group(cfg.device)  # under torchrun: data-parallel, rank 0 writes
+    ranks = distributed.group(rt.device)  # under torchrun: data-parallel, rank 0 writes
     seed_everything(cfg.seed)
     net, desc, source = open_with_data(model, data)
     settings = {"verb": "train", "model": desc["model"], "start_sha256": weights_sha256(net.state_dict()),
                 "data": data_settings(source, data.test), "config": config_settings(cfg)}
-    net.to(pick_device(cfg.device))
+    net.to(pick_device(rt.device))
     with exclusive(Path(out), tag=ranks.tag):
         out = Path(out)
         if not check_finished(out, settings, restart):  # else made before with these settings: kept
-            history = train(net, source, cfg, state_path=state_file(out), settings=settings, restart=restart)
+            history = train(net, source, cfg, state_path=state_file(out), settings=settings, restart=restart, rt=rt)
             if ranks.main:
                 extra = {"test_accuracy": history[-1]["test_accuracy"]} if "test_accuracy" in history[-1] else {}
                 save_model(net.cpu(), out, desc["model"]["spec"], desc["model"]["args"], source.info,

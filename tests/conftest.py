@@ -50,14 +50,14 @@ def teacher(small):
     """LeNet-5 trained (seeded) for 3 epochs on 6,000 real images."""
     torch.manual_seed(0)
     model, _ = build_model("lenet5", small.info)
-    train(model, small.train, TrainConfig(epochs=3, lr=3e-3, seed=0, progress=False))
+    train(model, small.train, TrainConfig(epochs=3, lr=3e-3, seed=0))
     return model.eval()
 
 
 @pytest.fixture(scope="session")
 def meta(teacher, small):
     """All four kinds on the small teacher; conv maps per unit (the paper's form)."""
-    return record(teacher, small.train, RecordConfig(conv_stats="unit", progress=False), small.info)
+    return record(teacher, small.train, RecordConfig(conv_stats="unit"), small.info)
 
 
 def write_idx(path: Path, arr: np.ndarray, compress: bool = False) -> None:
@@ -95,10 +95,10 @@ def colour_dir(tmp_path_factory) -> Path:
 def make_world(d: Path, idx_dir: Path) -> SimpleNamespace:
     """A small saved LeNet-5 teacher, its statistics, a synthetic set, and a user-code teacher."""
     data = f"idx:{idx_dir}"
-    train_file(ModelRef("lenet5"), DataRef(data), d / "teacher", TrainConfig(epochs=1, progress=False))
-    record_file(ModelRef(str(d / "teacher")), DataRef(), None, RecordConfig(progress=False))
+    train_file(ModelRef("lenet5"), DataRef(data), d / "teacher", TrainConfig(epochs=1))
+    record_file(ModelRef(str(d / "teacher")), DataRef(), None, RecordConfig())
     reconstruct_file(ModelRef(str(d / "teacher")), str(d / "teacher.stats.safetensors"), d / "synthetic",
-                     ReconstructConfig(objective="spectral-pairs", n=20, batch_size=10, steps=2, progress=False))
+                     ReconstructConfig(objective="spectral-pairs", n=20, batch_size=10, steps=2))
     model, info = build_model(f"{OWN}:teacher", build_model("lenet5")[1].fitted((1, 28, 28)), width=4)
     save_model(model, d / "own", f"{OWN}:teacher", {"width": 4}, info)
     from dfkd.publishing import publish

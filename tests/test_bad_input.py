@@ -436,7 +436,7 @@ def _state_dict(w, t) -> Path:
 
 def _record(w, t, kinds) -> Path:
     out = t / "top.stats.safetensors"
-    record_file(ModelRef(str(w.teacher)), DataRef(), out, RecordConfig(kinds=(kinds,), progress=False))
+    record_file(ModelRef(str(w.teacher)), DataRef(), out, RecordConfig(kinds=(kinds,)))
     return out
 
 

@@ -16,7 +16,7 @@ import torch
 from dfkd import cli, cli_commands
 from dfkd.cli_fields import config_from, dest
 from dfkd.cli_parser import build_parser
-from dfkd.config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, TrainConfig, flag
+from dfkd.config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, Runtime, TrainConfig, flag
 
 CONFIGS = {"train": TrainConfig, "record": RecordConfig, "reconstruct": ReconstructConfig, "distill": DistillConfig,
            "run": RunConfig}
@@ -107,7 +107,8 @@ def test_the_device_is_picked_once_at_the_entry_point(verb, monkeypatch):
 
 
 def test_every_verb_runs_on_the_picked_device(monkeypatch):
-    """train, record, reconstruct, distill and run take it in their config; evaluate as an argument."""
+    """train, record, reconstruct and distill take it in their Runtime (with --quiet), run in its config;
+    evaluate as an argument."""
     got = {}
 
     def stop(name):
@@ -122,7 +123,29 @@ def test_every_verb_runs_on_the_picked_device(monkeypatch):
                                                                                       "--out", "o"],
              "run": ["run"], "evaluate_file": ["evaluate", "m"]}
     for name, argv in argvs.items():
-        assert cli.main([*argv, "--device", "auto"]) == 130
+        assert cli.main([*argv, "--device", "auto", "--quiet"]) == 130
         a = got[name]
+        if name not in ("run", "evaluate_file"):  # the verb's Runtime, made from its flags
+            (rt,) = [x for x in a if isinstance(x, Runtime)]
+            assert rt.progress is False and rt is a[-1]
         device = a[-1] if name == "evaluate_file" else next(x for x in a if hasattr(x, "device")).device
         assert device == str(torch.device("cuda" if torch.cuda.is_available() else "cpu")) or device.startswith("cuda")
+
+
+@pytest.mark.parametrize("verb", ["train", "record", "reconstruct", "distill"])
+def test_how_a_verb_runs_is_its_runtime_from_the_runtime_fields(verb):
+    """``Runtime`` (device, progress, rank) is no method config's: its fields make the run-wide flags
+    (``--device``, ``--quiet``; reconstruct also ``--rank``, ``--world-size``) with the fields' defaults and
+    help, the defaults make ``Runtime()``, and a value given reaches its field."""
+    names = {"device", "progress"} | ({"rank", "world_size"} if verb == "reconstruct" else set())
+    sub, argv = _sub(verb), REQUIRED.get(verb, [])
+    for f in fields(Runtime):
+        assert f.metadata.get("help"), f.name
+        action = sub._option_string_actions.get(flag(f))
+        assert (action is not None) == (f.name in names), (verb, f.name)
+        if action is not None and not isinstance(action, argparse._StoreTrueAction):
+            assert action.default == f.default, (verb, f.name)
+    assert cli_commands.runtime_of(sub.parse_args(argv)) == Runtime()
+    given = ["--quiet", "--device", "meta"] + (["--rank", "1", "--world-size", "3"] if verb == "reconstruct" else [])
+    want = Runtime(device="meta", progress=False, **({"rank": 1, "world_size": 3} if verb == "reconstruct" else {}))
+    assert cli_commands.runtime_of(sub.parse_args(argv + given)) == want

@@ -25,12 +25,12 @@ def test_kd_loss_matches_formula():
 def _student(synth, teacher, small, epochs=30):
     torch.manual_seed(0)
     st, _ = build_model("lenet5-half", small.info)
-    hist = distill(st, synth, teacher, DistillConfig(epochs=epochs, eval_every=epochs, progress=False), small.test)
+    hist = distill(st, synth, teacher, DistillConfig(epochs=epochs, eval_every=epochs), small.test)
     return hist[-1]["test_accuracy"]
 
 
 def test_synthetic_student_beats_noise_baseline(teacher, meta, small, tmp_path):
-    cfg = ReconstructConfig(objective="all-layers", n=500, batch_size=250, steps=100, progress=False)
+    cfg = ReconstructConfig(objective="all-layers", n=500, batch_size=250, steps=100)
     reconstruct(teacher, meta, tmp_path / "al", cfg)
     reconstruct(teacher, None, tmp_path / "nz", replace(cfg, objective="noise"), small.info)
     acc = _student(SyntheticSet(tmp_path / "al").open(), teacher, small)
@@ -43,8 +43,7 @@ def test_synthetic_student_beats_noise_baseline(teacher, meta, small, tmp_path):
 def test_streamed_shards_equal_the_set_in_memory(teacher, meta, small, tmp_path):
     """An epoch over the shards sees every input once, and a student distilled from the stream
     equals one distilled from the same set's tensors in memory in the same order."""
-    reconstruct(teacher, meta, tmp_path / "s", ReconstructConfig(objective="top-layer", n=60, batch_size=20, steps=3,
-                                                                 progress=False))
+    reconstruct(teacher, meta, tmp_path / "s", ReconstructConfig(objective="top-layer", n=60, batch_size=20, steps=3))
     synth = SyntheticSet(tmp_path / "s").open()
     stream = synth.dataset()
     order = stream.epoch_order(torch.Generator().manual_seed(0))
@@ -63,7 +62,7 @@ def test_streamed_shards_equal_the_set_in_memory(teacher, meta, small, tmp_path)
         def batch(self, idx):
             return x[idx], logits[idx]
 
-    cfg = DistillConfig(epochs=2, batch_size=16, augment="none", progress=False)
+    cfg = DistillConfig(epochs=2, batch_size=16, augment="none")
     a, b = build_model("lenet5-half", small.info)[0], build_model("lenet5-half", small.info)[0]
     b.load_state_dict(a.state_dict())
     distill(a, synth, None, cfg)
@@ -99,8 +98,7 @@ def test_augmentation_fills_with_black_in_any_normalisation(small):
             return torch.zeros(len(v), 10)
 
     st, _ = build_model("lenet5-half", small.info)
-    distill(st, (x, torch.zeros(8, 10)), Teacher(), DistillConfig(epochs=3, batch_size=8, augment="affine",
-                                                                  progress=False), info=info)
+    distill(st, (x, torch.zeros(8, 10)), Teacher(), DistillConfig(epochs=3, batch_size=8, augment="affine"), info=info)
     views = torch.cat(seen)
     assert views.min() >= -2 - 1e-5 and views.max() <= 2 + 1e-5
     assert ((views + 2).abs() < 1e-5).any() and ((views - 2).abs() < 1e-5).any()
@@ -140,12 +138,12 @@ def test_a_source_split_is_normalised_by_its_own_description_and_the_teacher_kee
     torch.manual_seed(0)
     teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 5), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
                                   torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(16, 10)).eval()
-    cfg = RecordConfig(kinds=("top-layer",), progress=False)
+    cfg = RecordConfig(kinds=("top-layer",))
     whole, split = record(teacher, data, cfg), record(teacher, DataLoader(data.train, batch_size=300), cfg)
     assert torch.allclose(whole.get("top-layer", "mean"), split.get("top-layer", "mean"), atol=1e-5)
     raw = record(teacher, DataLoader(torch.utils.data.TensorDataset(*data.train.batch(torch.arange(1200))),
                                      batch_size=300), cfg)  # plain tensors: taken as they are, not normalised
     assert not torch.allclose(whole.get("top-layer", "mean"), raw.get("top-layer", "mean"), atol=1e-3)
     st = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
-    distill(st, data.train, teacher, DistillConfig(epochs=1, batch_size=32, progress=False), test=data.test)
+    distill(st, data.train, teacher, DistillConfig(epochs=1, batch_size=32), test=data.test)
     assert not teacher.training

@@ -71,7 +71,7 @@ def test_class_diag_against_float64(tmp_path):
     of each layer's output (a conv layer per channel, over samples and positions); its tensors are exactly
     those of an all-layers record with a diagonal covariance; it loads back and states what it reveals."""
     model, (x, y) = net(), data()
-    cfg = RecordConfig(kinds=("class-diag", "all-layers"), cov="diag", batch_size=16, progress=False)
+    cfg = RecordConfig(kinds=("class-diag", "all-layers"), cov="diag", batch_size=16)
     m = record(model, (x, y), cfg, INFO)
     assert m.kinds == ["class-diag", "all-layers"]
     assert {k: tuple(v.shape) for k, v in m.tensors.items()} == contract(m.header)
@@ -86,7 +86,7 @@ def test_class_diag_against_float64(tmp_path):
             assert torch.allclose(got["std"][c].double(), part.std(0), rtol=1e-4, atol=1e-6), path
         for s in ("mean", "std"):
             assert torch.equal(m.get("class-diag", s, path), m.get("all-layers", s, path))
-    alone = record(model, (x, y), RecordConfig(kinds=("class-diag",), progress=False), INFO)
+    alone = record(model, (x, y), RecordConfig(kinds=("class-diag",)), INFO)
     assert all(k == "count" or k.startswith("class-diag/") for k in alone.tensors)
     assert alone.header["closed_form"][0]["layer"] == "0"  # the first layer is affine in the input
     back = load(save(alone, tmp_path / "d.stats.safetensors"))
@@ -101,7 +101,7 @@ def test_class_diag_private_release_is_accounted(monkeypatch):
     the mean and the diagonal second moment are the exact ones plus noise of their calibrated scales."""
     monkeypatch.setattr(noise, "INSECURE_TEST_NOISE_SEED", 3)
     model, (x, y) = net(), data(600)
-    cfg = RecordConfig(kinds=("class-diag",), privacy=4.0, progress=False, clip=(("class-diag/5", 4.0),))
+    cfg = RecordConfig(kinds=("class-diag",), privacy=4.0, clip=(("class-diag/5", 4.0),))
     m = record(model, (x, y), cfg, INFO)
     p = m.header["privacy"]
     records = ["class-diag/0", "class-diag/3", "class-diag/5"]
@@ -117,7 +117,7 @@ def test_class_diag_private_release_is_accounted(monkeypatch):
     assert m.get("class-diag", "std", "0").shape == (3, 3)  # per channel, diagonal
     rows = rows64(model, x)["5"]
     assert privacy.norms(rows).max() < 4.0  # the premise: the bound clips nothing, so only noise differs
-    exact = record(model, (x, y), RecordConfig(kinds=("class-diag",), progress=False), INFO)
+    exact = record(model, (x, y), RecordConfig(kinds=("class-diag",)), INFO)
     n_c = 200  # 600 examples, 3 classes
     err = (m.get("class-diag", "mean", "5") - exact.get("class-diag", "mean", "5")).abs().max()
     assert 0 < err < 6 * events["class-diag/5: sum"]["sigma"] / 150  # noise alone (6 sigma over n_c - 50)
@@ -135,7 +135,7 @@ def test_class_diag_private_release_is_accounted(monkeypatch):
 
 
 def _objective(model, x, y, whiten=True, dtype=torch.float64):
-    meta = record(model, (x, y), RecordConfig(kinds=("class-diag",), progress=False), INFO)
+    meta = record(model, (x, y), RecordConfig(kinds=("class-diag",)), INFO)
     meta.tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in meta.tensors.items()}
     return meta, make_objective("class-diag", meta, model, ReconstructConfig(whiten=whiten))
 
@@ -196,11 +196,11 @@ def test_class_diag_objective_zero_at_true_moments_and_its_gradient():
 
 def test_class_diag_objective_needs_its_kind():
     model, (x, y) = net(), data(60)
-    four = record(model, (x, y), RecordConfig(kinds=("all-layers",), progress=False), INFO)
+    four = record(model, (x, y), RecordConfig(kinds=("all-layers",)), INFO)
     with pytest.raises(DfkdError, match="holds no class-diag statistics .*--kinds class-diag"):
         make_objective("class-diag", four, model)
     with pytest.raises(DfkdError, match="unknown kind"):
-        record(model, (x, y), RecordConfig(kinds=("class-dia",), progress=False), INFO)
+        record(model, (x, y), RecordConfig(kinds=("class-dia",)), INFO)
 
 
 def test_closed_form_notes_name_the_kind_that_gives_them(tmp_path, capsys):
@@ -210,7 +210,7 @@ def test_closed_form_notes_name_the_kind_that_gives_them(tmp_path, capsys):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(72, 80), nn.ReLU(), nn.Linear(80, 3)).eval()
     x, y = data(90)
-    meta = record(model, (x, y), RecordConfig(kinds=("class-diag",), cov="full", progress=False), INFO)
+    meta = record(model, (x, y), RecordConfig(kinds=("class-diag",), cov="full"), INFO)
     assert [r["class_means"] for r in meta.header["closed_form"]] == ["exact"]
     assert meta.header["layers"][0]["cov"] == "full"  # the header's cov: the all-layers record's form
     path = save(meta, tmp_path / "d.stats.safetensors")

@@ -37,7 +37,7 @@ def test_first_linear_layer_gives_exact_class_means(mnist_subset):
     torch.manual_seed(0)
     model, info = build_model("hinton-800", open_data("mnist").info)  # 784-800-800-10
     x, y = mnist_subset
-    meta = record(model, (x, y), RecordConfig(kinds=("all-layers",), progress=False), info)
+    meta = record(model, (x, y), RecordConfig(kinds=("all-layers",)), info)
     inv = invert(model, meta)
     assert [i.layer for i in inv] == ["fc1"]  # fc2 and fc3 lie behind a ReLU: not affine in the input
     assert inv[0].rank == 784 == inv[0].input_dim
@@ -54,9 +54,8 @@ def test_per_channel_conv_record_gives_only_a_projection(mnist_subset, small):
     model, info = build_model("lenet5", open_data("mnist").info)
     data = open_data("mnist", info=info)
     xs, ys = data.train.batch(torch.arange(6000))
-    unit = record(model, (xs, ys), RecordConfig(kinds=("all-layers",), layers=["conv1"], conv_stats="unit",
-                                                progress=False), info)
-    channel = record(model, (xs, ys), RecordConfig(kinds=("all-layers",), layers=["conv1"], progress=False), info)
+    unit = record(model, (xs, ys), RecordConfig(kinds=("all-layers",), layers=["conv1"], conv_stats="unit"), info)
+    channel = record(model, (xs, ys), RecordConfig(kinds=("all-layers",), layers=["conv1"]), info)
     truth = torch.from_numpy(true_means(xs.numpy(), ys.numpy(), 10)).float()
     (iu,), (ic,) = invert(model, unit), invert(model, channel)
     assert iu.rank == 1024 and recovery(iu.means, truth)["r2"] > 0.999  # 6x28x28 units: exact
@@ -83,7 +82,7 @@ def test_a_layer_called_twice_is_judged_by_its_recorded_call(mnist_subset):
     torch.manual_seed(0)
     model = TwiceCalled()
     meta = record(model, (x[:500], y[:500]),
-                  RecordConfig(kinds=("all-layers",), layers=["lin"], progress=False), info)
+                  RecordConfig(kinds=("all-layers",), layers=["lin"]), info)
     assert invert(model, meta) == [] and meta.header["closed_form"] == []
 
 
@@ -95,7 +94,7 @@ def test_own_bn_residual_model_on_colour_folder(colour_dir):
     torch.manual_seed(0)
     model, info = build_model(f"{OWN}:teacher", data.info, in_channels=3, width=4)
     meta = record(model.eval(), data, RecordConfig(kinds=("all-layers",), layers=["stem.0", "head.2"],
-                                                   conv_stats="unit", progress=False))
+                                                   conv_stats="unit"))
     inv = invert(model, meta)
     assert [i.layer for i in inv] == ["stem.0"] and inv[0].rank == 3 * 32 * 32
     files = sorted((colour_dir / "train").glob("*/*.png"))

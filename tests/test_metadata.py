@@ -46,7 +46,7 @@ def test_every_kind_alone_stores_exactly_its_contract(teacher, small):
     from dfkd.config import RecordConfig
     from dfkd.recording import record
     for kind in KINDS:
-        m = record(teacher, (small.train[0][:1000], small.train[1][:1000]), RecordConfig(kinds=(kind,), progress=False))
+        m = record(teacher, (small.train[0][:1000], small.train[1][:1000]), RecordConfig(kinds=(kind,)))
         assert {k: tuple(v.shape) for k, v in m.tensors.items()} == contract(m.header)
         assert all(k == "count" or k.startswith(kind + "/") for k in m.tensors)
 
@@ -100,6 +100,6 @@ def test_other_teacher_is_refused_unless_allowed(saved):
 def test_missing_kind_names_the_record_command(teacher, small, tmp_path):
     from dfkd.config import RecordConfig
     from dfkd.recording import record
-    m = record(teacher, small.train, RecordConfig(kinds=("top-layer",), progress=False))
+    m = record(teacher, small.train, RecordConfig(kinds=("top-layer",)))
     with pytest.raises(DfkdError, match="dfkd record --teacher T --kinds spectral-pairs"):
         m.require("spectral-pairs", "T")

@@ -18,14 +18,14 @@ from dfkd.taps import input_key, tap
 from tests.conftest import ROOT
 
 STAT_OBJECTIVES = [n for n, c in OBJECTIVES.items() if c.kind is not None]
-CFG = ReconstructConfig(progress=False)
+CFG = ReconstructConfig()
 
 
 @pytest.fixture(scope="module")
 def every(teacher, small, meta):
     """The session's statistics (the default kinds) plus the registry's other kinds, recorded as it is."""
     extra = tuple(k for k in REGISTRY if k not in meta.kinds)
-    more = record(teacher, small.train, RecordConfig(kinds=extra, conv_stats="unit", progress=False), small.info)
+    more = record(teacher, small.train, RecordConfig(kinds=extra, conv_stats="unit"), small.info)
     return Metadata(dict(meta.header, kinds=meta.kinds + list(extra)), {**meta.tensors, **more.tensors})
 
 
@@ -55,7 +55,7 @@ def test_first_step_follows_the_input_gradient_and_leaves_the_teacher(name, teac
     independent, trainable copy of the teacher predicts the step optimise_batch takes."""
     frozen = copy.deepcopy(teacher).requires_grad_(False)
     before = {k: v.clone() for k, v in frozen.state_dict().items()}
-    cfg = ReconstructConfig(objective=name, steps=1, clamp=False, progress=False)
+    cfg = ReconstructConfig(objective=name, steps=1, clamp=False)
     obj = make_objective(name, every, frozen, cfg)
     labels = torch.arange(20) % 10
     x1, _ = optimise_batch(frozen, obj, labels, cfg, torch.Generator().manual_seed(0), small.info)
@@ -89,7 +89,7 @@ def test_dropout_masks_are_fixed_and_at_the_stated_rates(teacher, meta):
 def test_unknown_objective_and_missing_kind(teacher, small):
     with pytest.raises(DfkdError, match="choose one of top-layer"):
         make_objective("deepinversion", None, teacher)
-    m = record(teacher, small.train, RecordConfig(kinds=("top-layer",), progress=False))
+    m = record(teacher, small.train, RecordConfig(kinds=("top-layer",)))
     with pytest.raises(DfkdError, match="dfkd record --teacher .* --kinds spectral-all"):
         make_objective("spectral-all", m, teacher)
     with pytest.raises(DfkdError, match="bn-stats needs BatchNorm layers"):
@@ -131,7 +131,7 @@ def test_whitened_loss_is_the_standardised_distance(name, teacher, meta, small):
 def test_per_channel_loss_matches_the_class_moments(teacher, small):
     """A conv layer recorded per channel: the loss compares each class's pooled channel mean and
     covariance in the batch with the stored ones (float64 oracle, loop over classes)."""
-    m = record(teacher, small.train, RecordConfig(kinds=("all-layers",), layers=("conv2",), progress=False))
+    m = record(teacher, small.train, RecordConfig(kinds=("all-layers",), layers=("conv2",)))
     obj = make_objective("all-layers", m, teacher, ReconstructConfig(whiten=False))
     x, labels = small.test[0][:60], small.test[1][:60]
     with torch.no_grad(), tap(teacher, ["conv2"]) as acts:
@@ -175,8 +175,7 @@ def test_bn_stats_is_deepinversion_loss(small):
                 (z.var((0, 2, 3), unbiased=False) - m.running_var.double()).norm()
     oracle = 16 * 0.5 * oracle + F.cross_entropy(logits.double(), labels, reduction="sum")
     assert len(obj.inputs()) == 6 and torch.allclose(got, oracle, rtol=1e-4)
-    meta = record(net, (small.train[0][:1000], small.train[1][:1000]), RecordConfig(kinds=("all-layers",),
-                                                                                     progress=False), info)
+    meta = record(net, (small.train[0][:1000], small.train[1][:1000]), RecordConfig(kinds=("all-layers",)), info)
     both = make_objective("all-layers+bn-stats", meta, net, cfg)
     al = make_objective("all-layers", meta, net, cfg)
     tg = both.targets(labels, torch.Generator().manual_seed(0))

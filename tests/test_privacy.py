@@ -164,9 +164,9 @@ def test_private_file_on_a_model_dfkd_did_not_define(tiny, tmp_path, monkeypatch
     kinds = ("top-layer", "all-layers", "spectral-all", "spectral-pairs")
     monkeypatch.setattr(noise, "INSECURE_TEST_NOISE_SEED", 1)
     declared = dataclasses.replace(INFO, low=-1.0, high=2.0)
-    a = record(tiny, (x, y), RecordConfig(kinds=kinds, progress=False, privacy=3.0, batch_size=128), declared)
+    a = record(tiny, (x, y), RecordConfig(kinds=kinds, privacy=3.0, batch_size=128), declared)
     monkeypatch.setattr(noise, "INSECURE_TEST_NOISE_SEED", None)
-    exact = record(tiny, (x, y), RecordConfig(kinds=kinds, progress=False), INFO)
+    exact = record(tiny, (x, y), RecordConfig(kinds=kinds), INFO)
     p = a.header["privacy"]
     assert p["epsilon"] <= 3.0 and p["delta"] == 1e-6 and p["accountant_version"]
     records = {"top-layer", "all-layers/stem", "all-layers/conv", "all-layers/head", "spectral-all",
@@ -215,7 +215,7 @@ def test_no_user_noise_seed(tiny, tmp_path, capsys, monkeypatch):
     assert main(["record", "--teacher", "lenet5", "--privacy", "1", "--noise-seed", "3", "--out", "x"]) == 2
     assert "--noise-seed" in capsys.readouterr().err
     x, y = blobs(90)
-    cfg = RecordConfig(kinds=("top-layer",), progress=False, privacy=1.0, clip=(("top-layer", 2.0),))
+    cfg = RecordConfig(kinds=("top-layer",), privacy=1.0, clip=(("top-layer", 2.0),))
     a, b = record(tiny, (x, y), cfg, INFO), record(tiny, (x, y), cfg, INFO)
     assert not torch.equal(a.tensors["top-layer/mean"], b.tensors["top-layer/mean"])
     for m in (a, b):
@@ -266,12 +266,12 @@ def test_private_header_holds_no_exact_data_value(tmp_path, test_noise):
     changes an exact file's data.high, and a private one's header not at all: the range must be declared
     (--range; refused otherwise), --normalize auto is refused, MEAN/STD is stated as the user's."""
     teacher = ModelRef("hinton-1200", args={"hidden": [8]})
-    cfg = RecordConfig(kinds=("top-layer",), progress=False, privacy=1.0, value_range=(-3.0, 3.0))
+    cfg = RecordConfig(kinds=("top-layer",), privacy=1.0, value_range=(-3.0, 3.0))
     exact, heads = [], []
     for i, drop in enumerate((None, 7)):  # the same file name, holding D, then D less its maximum's example
         d = _float_npz(tmp_path / "d.npz", drop)
         exact.append(record_file(teacher, DataRef(d), tmp_path / f"e{i}.stats.safetensors",
-                                 RecordConfig(kinds=("top-layer",), progress=False))[1])
+                                 RecordConfig(kinds=("top-layer",)))[1])
         heads.append(record_file(teacher, DataRef(d, normalize="0/1"), tmp_path / f"p{i}.stats.safetensors",
                                  cfg)[1].header)
     assert exact[0].header["data"]["high"] == pytest.approx(2.75) and exact[1].header["data"]["high"] <= 2.0
@@ -527,7 +527,7 @@ def test_every_private_header_key_is_listed_in_the_readme_table(tmp_path, test_n
     from dfkd.recording import KINDS
     from tests.conftest import ROOT
     x, y = blobs(90)
-    cfg = RecordConfig(kinds=tuple(KINDS), progress=False, privacy=1.0, value_range=(0.0, 1.0),
+    cfg = RecordConfig(kinds=tuple(KINDS), privacy=1.0, value_range=(0.0, 1.0),
                        clip=(("top-layer", 3.0),))
     meta = record(Tiny(), (x, y), cfg, info=INFO)
     meta.header["teacher"] = "tiny"  # as record_file writes it
@@ -576,7 +576,7 @@ def test_declared_range_float32_and_format_fixed(world, tmp_path):
     with pytest.raises(DfkdError, match="finite in float32"):
         declared_range(INFO, (-1e300, 1e300))
     assert declared_range(INFO, (-3e38, 3e38)).high == 3e38
-    cfg = RecordConfig(kinds=("top-layer",), progress=False, value_range=(0.0, 255.0))
+    cfg = RecordConfig(kinds=("top-layer",), value_range=(0.0, 255.0))
     with pytest.raises(DfkdError, match="fixed by its format"):
         record_file(ModelRef(str(world.teacher)), DataRef(), tmp_path / "s.stats.safetensors", cfg)
     record_file(ModelRef(str(world.teacher)), DataRef(), tmp_path / "s.stats.safetensors",

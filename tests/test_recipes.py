@@ -44,7 +44,7 @@ def test_revealed_means_equal_the_class_means_of_the_data():
     torch.manual_seed(0)
     model = GeluMLP().eval()
     raw, y = _data()
-    meta = record(model, (raw, y), RecordConfig(kinds=("all-layers",), progress=False), SMALL)
+    meta = record(model, (raw, y), RecordConfig(kinds=("all-layers",)), SMALL)
     got = revealed_means(model, meta)
     truth = torch.stack([raw[y == c].double().mean(0) for c in range(3)])  # raw units, float64
     assert got.shape == (3, 3, 4, 4)
@@ -55,9 +55,8 @@ def test_class_mean_start_and_its_fallback(tmp_path):
     torch.manual_seed(0)
     model = GeluMLP().eval()
     raw, y = _data()
-    meta = record(model, (raw, y), RecordConfig(kinds=("all-layers",), progress=False), SMALL)
-    cfg = ReconstructConfig(objective="all-layers", n=30, batch_size=30, steps=0, init="class-mean", init_std=0.0,
-                            progress=False)
+    meta = record(model, (raw, y), RecordConfig(kinds=("all-layers",)), SMALL)
+    cfg = ReconstructConfig(objective="all-layers", n=30, batch_size=30, steps=0, init="class-mean", init_std=0.0)
     reconstruct(model, meta, tmp_path / "cm", cfg)
     x, labels, _ = SyntheticSet(tmp_path / "cm").open().load()
     truth = torch.stack([raw[y == c].mean(0) for c in range(3)])
@@ -65,9 +64,9 @@ def test_class_mean_start_and_its_fallback(tmp_path):
     # a per-channel conv record (BN/residual CNN) reveals no full-rank mean: auto starts from noise, class-mean refuses
     tiny = Tiny().eval()
     bx, by = blobs(90)
-    cmeta = record(tiny, (bx, by), RecordConfig(kinds=("all-layers",), progress=False), INFO)
+    cmeta = record(tiny, (bx, by), RecordConfig(kinds=("all-layers",)), INFO)
     assert revealed_means(tiny, cmeta) is None
-    auto = ReconstructConfig(objective="all-layers", n=6, batch_size=6, steps=0, init="auto", progress=False)
+    auto = ReconstructConfig(objective="all-layers", n=6, batch_size=6, steps=0, init="auto")
     reconstruct(tiny, cmeta, tmp_path / "auto", auto)
     reconstruct(tiny, cmeta, tmp_path / "noise", ReconstructConfig(**{**auto.__dict__, "init": "noise"}))
     a, n = (SyntheticSet(tmp_path / k).open().load()[0] for k in ("auto", "noise"))
@@ -150,11 +149,10 @@ def test_the_noise_baseline_never_starts_from_the_revealed_means(tmp_path):
     torch.manual_seed(0)
     model = GeluMLP().eval()
     raw, y = _data()
-    meta = record(model, (raw, y), RecordConfig(kinds=("all-layers",), progress=False), SMALL)
+    meta = record(model, (raw, y), RecordConfig(kinds=("all-layers",)), SMALL)
     assert revealed_means(model, meta) is not None
     for init in ("auto", "class-mean", "noise"):
-        reconstruct(model, meta, tmp_path / init, ReconstructConfig(objective="noise", n=12, batch_size=12, init=init,
-                                                                     progress=False))
+        reconstruct(model, meta, tmp_path / init, ReconstructConfig(objective="noise", n=12, batch_size=12, init=init))
     xs = [SyntheticSet(tmp_path / k).open().load()[0] for k in ("auto", "class-mean", "noise")]
     assert torch.equal(xs[0], xs[2]) and torch.equal(xs[1], xs[2])
     assert abs(float(xs[2].mean()) - 0.15) < 0.03  # the paper's N(0.15, 0.1), clamped

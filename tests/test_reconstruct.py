@@ -15,7 +15,7 @@ from dfkd.images import class_grid
 from dfkd.reconstruction import reconstruct
 from dfkd.synthetic import SyntheticSet
 
-CFG = ReconstructConfig(objective="all-layers", n=30, batch_size=10, steps=8, jitter=1, progress=False)
+CFG = ReconstructConfig(objective="all-layers", n=30, batch_size=10, steps=8, jitter=1)
 
 
 def _shards(d):
@@ -100,12 +100,11 @@ def test_other_settings_in_the_same_directory_are_refused(teacher, meta, tmp_pat
 
 def test_noise_baseline_needs_no_stats_nor_attributes(teacher, small, tmp_path):
     """The class count comes from the model's output, the shape and range from the data description."""
-    reconstruct(teacher, None, tmp_path / "z", ReconstructConfig(objective="noise", n=20, batch_size=20,
-                                                                progress=False), small.info)
+    reconstruct(teacher, None, tmp_path / "z", ReconstructConfig(objective="noise", n=20, batch_size=20), small.info)
     x, labels, _ = _load(tmp_path / "z")
     assert abs(x.mean().item() - 0.15) < 0.01 and labels.tolist() == [i % 10 for i in range(20)]
     with pytest.raises(DfkdError, match="give the data description"):
-        reconstruct(teacher, None, tmp_path / "y", ReconstructConfig(objective="noise", progress=False))
+        reconstruct(teacher, None, tmp_path / "y", ReconstructConfig(objective="noise"))
 
 
 def test_inputs_are_raw_and_the_teacher_sees_them_normalised(teacher, meta, tmp_path):
@@ -115,8 +114,7 @@ def test_inputs_are_raw_and_the_teacher_sees_them_normalised(teacher, meta, tmp_
     meta.header["data"] = info.as_dict()
     try:
         reconstruct(teacher, meta, tmp_path / "n", replace(CFG, lr=0.5))
-        z = reconstruct(teacher, None, tmp_path / "z", ReconstructConfig(objective="noise", n=10, batch_size=10,
-                                                                        progress=False), info)
+        z = reconstruct(teacher, None, tmp_path / "z", ReconstructConfig(objective="noise", n=10, batch_size=10), info)
     finally:
         meta.header["data"] = replace(info, mean=(0.0,), std=(1.0,)).as_dict()
     x, _, logits = _load(tmp_path / "n")
@@ -149,9 +147,9 @@ def test_vectors_as_inputs(tmp_path):
     from dfkd.config import RecordConfig
     from dfkd.recording import record
     x, y = torch.randn(600, 7), torch.arange(600) % 3
-    meta = record(net, (x, y), RecordConfig(progress=False), info)
+    meta = record(net, (x, y), RecordConfig(), info)
     reconstruct(net, meta, tmp_path / "v", ReconstructConfig(objective="all-layers", n=30, batch_size=15, steps=20,
-                                                             jitter=2, tv=0.1, progress=False))
+                                                             jitter=2, tv=0.1))
     xs, _, _ = _load(tmp_path / "v")
     assert xs.shape == (30, 7) and xs.min() >= -3 and xs.max() <= 3
 
@@ -174,7 +172,7 @@ def test_raw_inputs_take_the_steps_adam_takes_in_the_networks_space():
                                   torch.nn.Linear(4 * 6 * 6, 5)).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    cfg = ReconstructConfig(n=6, batch_size=6, steps=25, lr=0.05, tv=0.3, l2=0.01, jitter=0, progress=False)
+    cfg = ReconstructConfig(n=6, batch_size=6, steps=25, lr=0.05, tv=0.3, l2=0.01, jitter=0)
     labels = torch.arange(6) % 5
     for mean, std in (((0.5,), (0.25,)), ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))):
         info = DataInfo(shape=(3, 8, 8), num_classes=5, mean=mean, std=std)

@@ -45,7 +45,7 @@ def test_records_all_kinds_on_a_user_cnn(user_data):
     torch.manual_seed(0)
     net = UserNet().eval()
     x, y = user_data
-    m = record(net, (x, y), RecordConfig(progress=False))
+    m = record(net, (x, y), RecordConfig())
     assert [l["path"] for l in m.header["layers"]] == ["stem.0", "block.conv", "head.2", "head.4"]
     assert [l["nodes"] for l in m.header["layers"]] == [8, 8, 16, 10]
     assert [g["name"] for g in m.header["spectral"]["pairs"]] == ["stem.0+block.conv", "block.conv+head.2",
@@ -62,12 +62,12 @@ def test_records_all_kinds_on_a_user_cnn(user_data):
     for c in range(10):
         xc = (net.head[4](torch.relu(net.head[2](net.head[1](net.head[0](net.block(net.stem(x[y == c]))))))) / 8).double()
         assert torch.allclose(m.get("top-layer", "mean")[c].double(), xc.mean(0), rtol=1e-5, atol=1e-6)
-    unit = record(net, (x, y), RecordConfig(kinds=("all-layers",), conv_stats="unit", progress=False))
+    unit = record(net, (x, y), RecordConfig(kinds=("all-layers",), conv_stats="unit"))
     assert unit.get("all-layers", "std", "stem.0").shape == (10, 8 * 28 * 28)
 
 
 def test_chosen_layers_only(teacher, small):
-    m = record(teacher, small.train, RecordConfig(kinds=("all-layers",), layers=("fc1", "fc2"), progress=False))
+    m = record(teacher, small.train, RecordConfig(kinds=("all-layers",), layers=("fc1", "fc2")))
     assert [l["path"] for l in m.header["layers"]] == ["fc1", "fc2"]
     assert set(m.tensors) == {"count", "all-layers/fc1/mean", "all-layers/fc1/chol", "all-layers/fc2/mean",
                               "all-layers/fc2/chol"}
@@ -75,36 +75,35 @@ def test_chosen_layers_only(teacher, small):
 
 def test_unknown_layer_lists_nearest(teacher, small):
     with pytest.raises(DfkdError, match="no layer 'fc4' in the model; nearest: fc3, fc2, fc1"):
-        record(teacher, small.train, RecordConfig(layers=("fc4",), progress=False))
+        record(teacher, small.train, RecordConfig(layers=("fc4",)))
 
 
 def test_shape_that_does_not_fit(teacher, small):
     x = torch.rand(100, 1, 20, 20)
     with pytest.raises(DfkdError, match="do not fit the model"):
-        record(teacher, (x, small.train[1][:100]), RecordConfig(progress=False))
+        record(teacher, (x, small.train[1][:100]), RecordConfig())
 
 
 def test_nan_activations_refused(teacher, small):
     x = small.train[0][:200].clone()
     x[150, 0, 5, 5] = float("nan")
     with pytest.raises(DfkdError, match="NaN or infinite activations"):
-        record(teacher, (x, small.train[1][:200]), RecordConfig(batch_size=100, progress=False))
+        record(teacher, (x, small.train[1][:200]), RecordConfig(batch_size=100))
 
 
 def test_class_without_examples_refused(teacher, small):
     keep = small.train[1][:2000] != 7
     with pytest.raises(DfkdError, match="class 7 has 0 example"):
-        record(teacher, (small.train[0][:2000][keep], small.train[1][:2000][keep]), RecordConfig(progress=False))
+        record(teacher, (small.train[0][:2000][keep], small.train[1][:2000][keep]), RecordConfig())
 
 
 def test_lowrank_and_bad_cov(teacher, small):
-    m = record(teacher, small.train, RecordConfig(kinds=("all-layers",), layers=("fc1",), cov="lowrank:4",
-                                                  progress=False))
+    m = record(teacher, small.train, RecordConfig(kinds=("all-layers",), layers=("fc1",), cov="lowrank:4"))
     assert m.get("all-layers", "factor", "fc1").shape == (10, 120, 4)
     with pytest.raises(DfkdError, match="is not auto, full, diag or lowrank"):
-        record(teacher, small.train, RecordConfig(kinds=("all-layers",), cov="banded", progress=False))
+        record(teacher, small.train, RecordConfig(kinds=("all-layers",), cov="banded"))
     with pytest.raises(DfkdError, match="unknown kind"):
-        record(teacher, small.train, RecordConfig(kinds=("top_layer",), progress=False))
+        record(teacher, small.train, RecordConfig(kinds=("top_layer",)))
 
 
 STREAM = """
@@ -127,7 +126,7 @@ class Generated(Dataset):
         return x, y
 
 net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 10))
-meta = record(net, Generated(), RecordConfig(kinds=("top-layer", "all-layers"), batch_size=2000, progress=False))
+meta = record(net, Generated(), RecordConfig(kinds=("top-layer", "all-layers"), batch_size=2000))
 print(meta.header["recorded_on"]["n_samples"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """
 

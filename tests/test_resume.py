@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 
 import dfkd.training as training
 from dfkd.cli import main
-from dfkd.config import DistillConfig, RunConfig, TrainConfig
+from dfkd.config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, TrainConfig
 from dfkd.results import write_results
 from dfkd.resume import config_settings, differences, load_checked, save_checked
 from tests.bad_cases_resume import changed_idx
@@ -249,8 +250,12 @@ def test_a_huge_lr_stops_at_the_first_nonfinite_loss_and_saves_nothing(world, tm
 
 
 def test_settings_ignore_how_a_run_runs():
-    a, b = TrainConfig(device="cpu", progress=True), TrainConfig(device="cuda", progress=False)
+    a, b = RunConfig(device="cpu", progress=True), RunConfig(device="cuda", progress=False)
     assert config_settings(a) == config_settings(b) and "device" not in config_settings(a)
+    # the stages' configs hold what they make only: how a stage runs is its Runtime, never in its settings
+    assert not {"device", "progress", "rank", "world_size"} & {f.name for c in (TrainConfig, RecordConfig,
+                                                                             ReconstructConfig, DistillConfig)
+                                                                 for f in fields(c)}
     assert config_settings(DistillConfig(lr=1e-3)) != config_settings(DistillConfig(lr=2e-3))
     assert differences({"config": {"lr": 0.001, "epochs": 2}}, {"config": {"lr": 0.01, "epochs": 2}}) \
         == "lr 0.001 -> 0.01"

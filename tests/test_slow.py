@@ -17,5 +17,5 @@ def test_default_training_meets_target(name, mnist):
     torch.manual_seed(0)
     model, info = build_model(name, mnist.info)
     data = open_data("mnist", info=info)
-    train(model, data, TrainConfig(seed=0, progress=False))
+    train(model, data, TrainConfig(seed=0))
     assert accuracy(model, data.test) >= TARGETS[name]

@@ -28,7 +28,7 @@ def test_agreement_and_share(teacher, small):
     x, y = small.test
     torch.manual_seed(0)
     student, _ = build_model("lenet5-half", small.info)
-    train(student, (small.train[0][:1500], small.train[1][:1500]), TrainConfig(epochs=1, lr=3e-3, progress=False))
+    train(student, (small.train[0][:1500], small.train[1][:1500]), TrainConfig(epochs=1, lr=3e-3))
     res = evaluate(student, small.test, teacher=teacher)
     with torch.no_grad():
         out_s, out_t = (copy.deepcopy(m).double().eval()(x.double()) for m in (student, teacher))
@@ -60,8 +60,7 @@ def test_a_dataloader_trains_like_a_dataset(small):
     x, y = small.train[0][:2000], small.train[1][:2000]
     torch.manual_seed(0)
     m, _ = build_model("lenet5-half", small.info)
-    hist = train(m, DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True), TrainConfig(epochs=2, lr=3e-3,
-                                                                                              progress=False),
+    hist = train(m, DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True), TrainConfig(epochs=2, lr=3e-3),
                  test=small.test)
     assert hist[-1]["test_accuracy"] > 0.5
 
@@ -94,3 +93,20 @@ def test_resumed_training_equals_uninterrupted(small, tmp_path):
     assert len(hist) == 3
     for a, b in zip(whole.state_dict().values(), m.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_share_is_refused_where_a_stage_does_not_split_its_work(small):
+    """Only reconstruct splits its work by rank and world size: train, record and distill refuse a share in one
+    line (before any work) instead of silently doing all of it."""
+    from dfkd.config import DistillConfig, RecordConfig, Runtime
+    from dfkd.distillation import distill
+    from dfkd.errors import DfkdError
+    from dfkd.recording import record
+    model = build_model("hinton-800", small.info)[0]
+    share = Runtime(rank=1, world_size=2)
+    x, y = small.train[0][:64], small.train[1][:64]
+    for call in (lambda: train(model, (x, y), TrainConfig(epochs=1), rt=share),
+                 lambda: record(model, (x, y), RecordConfig(kinds=("top-layer",)), rt=share),
+                 lambda: distill(model, (x, torch.zeros(64, 10)), None, DistillConfig(epochs=1), rt=share)):
+        with pytest.raises(DfkdError, match="only reconstruct"):
+            call()
