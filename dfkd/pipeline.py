@@ -34,7 +34,7 @@ from .objectives import OBJECTIVES
 from .profiles import PAIRS, PAPER, PROFILES, objectives, recipe
 from .reconstruction import reconstruct
 from .recording import record
-from .results import write_results
+from .results import paper_data, write_results
 from .resume import canonical, config_settings, finished
 from .runtime import pick_device, seed_everything, setup_threads
 from .sources import data_sha256, open_data
@@ -210,7 +210,7 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
             for name, seed in ((n, cfg.seed + k) for n in names for k in range(cfg.seeds)):
                 tag = f"-seed{seed}" if seed else ""
                 spath_student = d / "students" / f"{name}{tag}"
-                paper = PAPER[net].get(name)
+                paper = PAPER[net].get(name) if paper_data(cfg) else None  # the paper's figures: on its data only
                 paper = None if paper is None else paper / 100
                 settings = _student_settings(name, net, p, seed, cfg, desc, meta)
                 fresh = not (finished(spath_student, settings, cfg.restart, _state(d, name, tag))
@@ -239,10 +239,11 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                 row = dict(_student_row(spath_student), paper_accuracy=paper)  # resumed: today's reference figure
                 rows.append(row)
                 if ranks.main and fresh:  # a student found finished waits for the next one made, or the end
-                    write_results(out, rows, cfg, t0, final=False)
+                    write_results(out, rows, cfg, t0, final=False, class_names=data.info.class_names)
                 if cfg.progress:
                     print(f"{net} -> {student_name} {name} seed {seed}: {100 * row['accuracy']:.2f}%"
                           + (f" (paper {100 * row['paper_accuracy']:.2f}%)" if row["paper_accuracy"] else ""), flush=True)
         if ranks.main:
-            write_results(out, rows, cfg, t0)  # all rows (left as they were when they hold them already)
+            # all rows (left as they were when they hold them already)
+            write_results(out, rows, cfg, t0, class_names=data.info.class_names)
         return out / "results.json"

@@ -30,18 +30,26 @@ def cells(rows: list[dict]) -> list[dict]:
     return out
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| teacher | student | objective | accuracy % | spread (min..max) | seeds | paper % | vs paper "
-             "| share of teacher % | reconstruct s | distill/train s | image-steps |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def paper_data(cfg: RunConfig) -> bool:
+    """Whether the run is on the data the paper measured on (the bundled MNIST): only then do the paper's
+    figures (and DAFL's noise baseline) stand beside its networks' rows."""
+    return cfg.data == "mnist"
+
+
+def table(rows: list[dict], paper: bool = True) -> str:
+    """The results table; ``paper``: with the paper's figures beside ours (on the paper's data only)."""
+    head = "| teacher | student | objective | accuracy % | spread (min..max) | seeds |" + (
+        " paper % | vs paper |" if paper else "") + " share of teacher % | reconstruct s | distill/train s | image-steps |"
+    lines = [head, "|" + "---|" * head.count(" |")]
     for c in cells(rows):
-        s, paper, acc = c["seconds"], c["paper_accuracy"], c["accuracy"]
-        ptxt = "" if paper is None else f"{100 * paper:.2f}"
-        dtxt = "" if paper is None else f"{100 * (acc - paper):+.2f}"
+        s, fig, acc = c["seconds"], c["paper_accuracy"], c["accuracy"]
+        ptxt = "" if fig is None else f"{100 * fig:.2f}"
+        dtxt = "" if fig is None else f"{100 * (acc - fig):+.2f}"
         spread = f"{100 * c['min']:.2f}..{100 * c['max']:.2f}" if len(c["accuracies"]) > 1 else ""
         lines.append(
             f"| {c['teacher']} | {c['student']} | {c['objective']} | {100 * acc:.2f} | {spread} | {len(c['accuracies'])} "
-            f"| {ptxt} | {dtxt} | {100 * acc / c['teacher_accuracy']:.1f} | {s.get('reconstruct', 0):.0f} | "
+            + (f"| {ptxt} | {dtxt} " if paper else "")
+            + f"| {100 * acc / c['teacher_accuracy']:.1f} | {s.get('reconstruct', 0):.0f} | "
             f"{s.get('distill', s.get('train', 0)):.0f} | {c['image_steps']:,} |")
     stages = {}
     for r in rows:
@@ -50,8 +58,9 @@ def table(rows: list[dict]) -> str:
         s["record"] = max(s["record"], r["seconds"].get("record", 0.0))
     lines.append("")
     lines += [f"{t}: " + ", ".join(f"{k} {v:.0f} s" for k, v in s.items()) + "  " for t, s in stages.items()]
-    lines.append("noise: the paper has no noise baseline; DAFL's, with other noise, reports "
-                 + ", ".join(f"{v:.2f}% ({k})" for k, v in DAFL_NOISE.items()) + ".")
+    if paper:
+        lines.append("noise: the paper has no noise baseline; DAFL's, with other noise, reports "
+                     + ", ".join(f"{v:.2f}% ({k})" for k, v in DAFL_NOISE.items()) + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -62,27 +71,34 @@ def _old(path: Path) -> dict | None:
         return None
 
 
-def write_results(out: Path, rows: list[dict], cfg: RunConfig, t0: float, final: bool = True) -> None:
+def write_results(out: Path, rows: list[dict], cfg: RunConfig, t0: float, final: bool = True,
+                  class_names: tuple[str, ...] | None = None) -> None:
     """Write results.json and results.md. A file that already holds exactly what it would be written with
     is left as it was (a run resumed after its last student rewrites nothing), and both state one wall time:
     results.json's, when it is kept. A write on the way (``final`` False) never shrinks the results: results
     of this config holding more rows than ``rows`` (a resumed run, its later students finished) wait for
-    the final write."""
-    doc = json.loads(json.dumps({"config": to_dict(cfg), "profile": PROFILES[cfg.profile], "rows": rows,
-                                 "cells": cells(rows)}))
+    the final write. Both name the data (its spec and class names); the paper's figures stand beside the
+    rows on the paper's data only (``paper_data``)."""
+    data = {"spec": cfg.data, "class_names": list(class_names) if class_names else None}
+    doc = json.loads(json.dumps({"config": to_dict(cfg), "profile": PROFILES[cfg.profile], "data": data,
+                                 "rows": rows, "cells": cells(rows)}))
     old = _old(out / "results.json")
     if not final and old is not None and old.get("config") == doc["config"] \
             and isinstance(old.get("rows"), list) and len(old["rows"]) > len(rows):
         return
     wall = old.pop("wall_seconds", None) if old is not None else None
-    keep = isinstance(wall, (int, float)) and not isinstance(wall, bool) and old == doc
-    wall = float(wall) if keep else None
-    if wall is None:
-        wall = time.perf_counter() - t0
+    rows_kept = old is not None and {k: v for k, v in old.items() if k != "data"} == \
+        {k: v for k, v in doc.items() if k != "data"}  # the same results (a file from before "data" included)
+    wall = float(wall) if rows_kept and isinstance(wall, (int, float)) and not isinstance(wall, bool) else None
+    if wall is None or old != doc:
+        wall = time.perf_counter() - t0 if wall is None else wall
         write_json(out / "results.json", dict(doc, wall_seconds=wall))
     seeds = f", mean of {cfg.seeds} seeds" if cfg.seeds > 1 else ""
-    md = (f"# dfkd results (test accuracy on the real MNIST test set, last epoch{seeds})\n\n" + table(rows)
-          + f"\nwall time so far: {wall:.0f} s\n").encode()
+    names = f" ({len(class_names)} classes: {', '.join(class_names)})" if class_names else ""
+    what = "MNIST, test accuracy on its 10,000 real test images" if paper_data(cfg) else \
+        f"`{cfg.data}`{names}, test accuracy on its real test split"
+    md = (f"# dfkd results: {what} against the true labels, last epoch{seeds}\n\n"
+          + table(rows, paper_data(cfg)) + f"\nwall time so far: {wall:.0f} s\n").encode()
     try:
         same = (out / "results.md").is_file() and read_bytes(out / "results.md", "results.md") == md
     except DfkdError:

@@ -2,7 +2,8 @@
 
 - ``mnist``: the bundled MNIST; ``idx:DIR``: IDX files (``digits``);
 - ``folder:DIR``: class folders of images (``folders``);
-- ``npz:FILE``: arrays ``x``, ``y`` and optionally ``x_test``, ``y_test`` (``npz``).
+- ``npz:FILE``: arrays ``x``, ``y`` and optionally ``x_test``, ``y_test`` (``npz``);
+- ``cifar10:DIR``: CIFAR-10's python batches, read with the numpy-only unpickler (``cifar``).
 
 ``open_data`` opens a spec as a ``DataSource``; ``data_sha256`` hashes what a spec reads (its files'
 content, never their location), which is how settings name data.
@@ -15,6 +16,7 @@ import zlib
 from dataclasses import replace
 from pathlib import Path
 
+from .cifar import cifar_files, cifar_source
 from .data import DataInfo, DataSource, as_batches
 from .digits import IDX_STEMS, find_file, idx_source, mnist_bytes, mnist_source
 from .errors import DfkdError
@@ -22,18 +24,19 @@ from .folders import folder_files, folder_source
 from .npz import npz_source
 
 # name -> opener; a literal dict, the one place a data spec's prefix is resolved
-SOURCES = {"mnist": mnist_source, "idx": idx_source, "folder": folder_source, "npz": npz_source}
+SOURCES = {"mnist": mnist_source, "idx": idx_source, "folder": folder_source, "npz": npz_source,
+           "cifar10": cifar_source}
 
 
 def open_data(spec: str = "mnist", test: str | None = None, normalize: str | None = None,
               info: DataInfo | None = None) -> DataSource:
-    """Resolve a data spec (``mnist``, ``idx:DIR``, ``folder:DIR``, ``npz:FILE``); ``test`` names
+    """Resolve a data spec (``mnist``, ``idx:DIR``, ``folder:DIR``, ``npz:FILE``, ``cifar10:DIR``); ``test`` names
     another source for the test split. ``info`` (a model's saved description) fixes the
     normalisation and shape the model was trained with; else ``normalize`` sets them."""
     def resolve(s: str) -> DataSource:
         kind, _, arg = s.partition(":")
         if kind not in SOURCES or (kind != "mnist" and not arg):
-            raise DfkdError("data", f"unknown data source {s!r}; use mnist, idx:DIR, folder:DIR or npz:FILE")
+            raise DfkdError("data", f"unknown data source {s!r}; use mnist, idx:DIR, folder:DIR, npz:FILE or cifar10:DIR")
         return SOURCES[kind](arg) if arg else SOURCES[kind]()
 
     data = resolve(spec)
@@ -72,6 +75,8 @@ def _data_files(kind: str, arg: str) -> list[tuple[str, Path]]:
         return [(f.relative_to(root).as_posix(), f) for f in folder_files(root)]
     if kind == "npz":
         return [("", Path(arg))]
+    if kind == "cifar10":
+        return cifar_files(arg)
     return []
 
 
@@ -82,7 +87,8 @@ def data_sha256(spec: str | None) -> str | None:
     """sha256 of what the data spec ``spec`` reads: its files' content, never their location (a
     moved copy is the same data, a file changed in place is not). ``idx:DIR``: its four IDX files;
     ``folder:DIR``: every image of its splits in sorted order, with its path inside ``DIR`` (the
-    class folder is the label); ``npz:FILE``: the file; ``mnist``: the bundled pickle. Streamed,
+    class folder is the label); ``npz:FILE``: the file; ``cifar10:DIR``: its six batches and batches.meta by name;
+    ``mnist``: the bundled pickle. Streamed,
     nothing decoded; computed once per process for files that have not changed since."""
     if spec is None:
         return None
@@ -95,7 +101,7 @@ def data_sha256(spec: str | None) -> str | None:
                 _DIGESTS[("mnist",)] = h.hexdigest()
             return _DIGESTS[("mnist",)]
         files = _data_files(kind, arg)
-        if not files and kind not in ("idx", "folder", "npz"):
+        if not files and kind not in ("idx", "folder", "npz", "cifar10"):
             h.update(spec.encode())
             return h.hexdigest()
         key = (spec, *((label, str(f), (st := f.stat()).st_size, st.st_mtime_ns, st.st_ino) for label, f in files))

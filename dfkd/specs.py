@@ -41,7 +41,7 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class DataRef:
-    spec: str | None = None                # mnist | idx:DIR | folder:DIR | npz:FILE (None: the model's own)
+    spec: str | None = None                # mnist | idx:DIR | folder:DIR | npz:FILE | cifar10:DIR (None: the model's own)
     test: str | None = None                # another source for the test split
     normalize: str | None = None           # none | auto | MEAN/STD, for data a spec model is trained on
 

@@ -23,20 +23,29 @@ def colourise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.rint(255 * (a * fg + (1 - a) * bg)).astype(np.uint8)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The flags of a script that writes MNIST's first N digits, made over, as an image folder."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("out")
     p.add_argument("--train", type=int, default=10000, help="training images (the first N of MNIST's)")
     p.add_argument("--test", type=int, default=2000, help="test images (the first N)")
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args()
+    return p
+
+
+def save_split(out: str, split: str, imgs: np.ndarray, labels: np.ndarray) -> None:
+    """``OUT/<split>/<digit>/<k>.png`` for each image ``k``."""
+    for k, (img, y) in enumerate(zip(imgs, labels)):
+        d = Path(out) / split / str(int(y))
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"{k:05d}.png")
+
+
+def main() -> None:
+    a = parser(__doc__).parse_args()
     arrays, rng = mnist_arrays(), np.random.default_rng(a.seed)
     for split, n in (("train", a.train), ("test", a.test)):
-        imgs, labels = colourise(arrays[f"{split}_x"][:n], rng), arrays[f"{split}_y"][:n]
-        for k, (img, y) in enumerate(zip(imgs, labels)):
-            d = Path(a.out) / split / str(int(y))
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(d / f"{k:05d}.png")
+        save_split(a.out, split, colourise(arrays[f"{split}_x"][:n], rng), arrays[f"{split}_y"][:n])
     print(f"wrote {a.train} training and {a.test} test images to {a.out}")
 
 

@@ -19,7 +19,7 @@ LAYERS = {
     0: ("foundation", {"errors", "version", "faults", "noise", "config", "stats", "fastgrad", "taps", "distributed",
                        "runtime"}),
     1: ("files, data, networks", {"files", "data", "models", "graph", "images", "digits", "folders", "npz",
-                                  "sources"}),
+                                  "cifar", "pickles", "sources"}),
     2: ("formats and mechanisms", {"checkpoint", "metadata", "forms", "kinds", "resume", "synthetic", "privacy_report",
                                    "accountant", "privacy", "audit"}),
     3: ("shared method", {"specs", "objectives", "inversion", "loop", "profiles"}),

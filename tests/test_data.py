@@ -1,18 +1,26 @@
 """Data sources (bundled MNIST, IDX, image folders, npz arrays), normalisation and streaming."""
 import gzip
+import io
+import json
 import os
 import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dfkd.data import DataInfo, as_batches, fit_shape
 from dfkd.sources import channel_moments
 from dfkd.digits import from_hub_pickle, hub_pickle_bytes, mnist_arrays, read_idx, restricted_unpickle
 from dfkd.errors import DfkdError
-from dfkd.sources import open_data
-from tests.conftest import write_idx
+from dfkd.sources import data_sha256, open_data
+from dfkd.cli import main
+from tests.conftest import ROOT, write_idx
 
 
 def test_mnist_shapes_labels_and_checksums(mnist):
@@ -241,3 +249,181 @@ def test_data_info_round_trip_and_checks():
         DataInfo.from_dict(dict(info.as_dict(), std=[0, 1, 1]), "x")
     with pytest.raises(DfkdError, match="bad data description"):
         DataInfo.from_dict({"shape": "nope"}, "x")
+
+
+def _cifar_dir(root: Path, n: int = 20, keys=str, inner: bool = True) -> tuple[Path, dict]:
+    """A CIFAR-10 python folder in the archive's format, written here: five training batches and a test
+    batch of ``n`` random images each (dicts pickled at protocol 2, keys ``str`` as Python 2 wrote them, or
+    ``bytes``) and ``batches.meta``; returns the folder given to ``cifar10:`` and the arrays written."""
+    folder = root / "cifar-10-batches-py" if inner else root
+    folder.mkdir(parents=True)
+    g, k = np.random.default_rng(0), (lambda s: s if keys is str else s.encode())
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        x, y = g.integers(0, 256, (n, 3072), dtype=np.uint8), [int(v) for v in g.integers(0, 10, n)]
+        written[name] = (x, y)
+        with open(folder / name, "wb") as f:
+            pickle.dump({k("batch_label"): name, k("labels"): y, k("data"): x,
+                         k("filenames"): [f"{name}_{i}.png" for i in range(n)]}, f, protocol=2)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({k("num_cases_per_batch"): n, k("label_names"): names, k("num_vis"): 3072}, f, protocol=2)
+    return root, written
+
+
+@pytest.mark.parametrize("keys", [str, bytes])
+def test_cifar10_source_reads_the_python_batches(tmp_path, keys):
+    """Each image is its row of the batch file: the red, green and blue 32x32 planes in that order, over 255;
+    the labels and class names are the files'; the content hash covers every batch."""
+    root, written = _cifar_dir(tmp_path / "c", keys=keys)
+    d = open_data(f"cifar10:{root}")
+    assert d.info.shape == (3, 32, 32) and d.info.class_names[0] == "airplane" and d.info.class_names[9] == "truck"
+    assert len(d.train) == 100 and len(d.test) == 20
+    x, y = d.train.batch(torch.arange(100))
+    want = np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)])
+    assert torch.equal(x, torch.from_numpy(want.astype(np.float32) / 255).view(100, 3, 32, 32))
+    assert float(x[21, 1, 0, 0]) * 255 == pytest.approx(float(want[21, 1024]))  # batch 2 image 1, green, pixel 0
+    assert y.tolist() == sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+    xt, yt = d.test.batch(torch.arange(20))
+    assert torch.equal(xt * 255, torch.from_numpy(written["test_batch"][0].astype(np.float32)).view(20, 3, 32, 32))
+    h = data_sha256(f"cifar10:{root}")
+    (root / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"")  # any batch changed: another sha256
+    assert data_sha256(f"cifar10:{root}") != h
+
+
+def test_cifar10_source_refuses_tampered_or_malformed_batches(tmp_path, capsys):
+    """A pickle that would run code, a missing batch, and a batch of the wrong shape or labels: each one line
+    naming the file, and nothing is run."""
+    root, written = _cifar_dir(tmp_path / "c", inner=False)
+    ran = tmp_path / "ran"
+    (root / "data_batch_2").write_bytes(pickle.dumps(_Touch(str(ran)), protocol=2))
+    with pytest.raises(DfkdError, match="unsafe or corrupt pickle") as e:
+        open_data(f"cifar10:{root}")
+    assert str(e.value.where) == str(root / "data_batch_2") and not ran.exists()
+    (root / "data_batch_2").unlink()
+    with pytest.raises(DfkdError, match="data_batch_2 missing"):
+        open_data(f"cifar10:{root}")
+    for bad, why in (({"data": written["test_batch"][0][:, :100], "labels": written["test_batch"][1]}, "uint8 array"),
+                     ({"data": written["test_batch"][0], "labels": [11] * 20}, r"labels must lie in \[0, 9\]"),
+                     ({"data": written["test_batch"][0], "labels": [1] * 19}, "20 images but 19 labels"),
+                     ({"labels": [1] * 20}, "holds no 'data'")):
+        (root / "data_batch_2").write_bytes(pickle.dumps(bad, protocol=2))
+        with pytest.raises(DfkdError, match=why):
+            open_data(f"cifar10:{root}")
+    assert main(["train", "--data", f"cifar10:{tmp_path / 'nowhere'}", "--epochs", "1", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0  # one line
+
+
+class _Touch:
+    """Unpickling it would create a file: the proof that a refused pickle ran nothing."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_natural_digits_are_mnist_digits_blended_on_crops_of_the_wheels_photographs(tmp_path):
+    """examples/natural_digits.py as a user runs it: every image is |crop - digit| for the crop crops.json names,
+    recomputed here from the wheel's photograph and MNIST's digit; the test split's backgrounds come only from
+    photographs the training split never uses; dfkd reads the folder as 10 classes of 32x32 RGB."""
+    wheels = sorted((Path(sys.prefix) / "share" / "dfkd").glob("scikit_image-*.whl"))
+    assert wheels, "make setup fetches the scikit-image wheel into .venv/share/dfkd"
+    out = tmp_path / "natural"
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "natural_digits.py"), str(out), "--train", "60",
+                        "--test", "100"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    crops, a = json.loads((out / "crops.json").read_text()), mnist_arrays()
+    z = zipfile.ZipFile(wheels[-1])
+    photo = {}
+    for split, n in (("train", 60), ("test", 100)):
+        for k in range(n):
+            name, top, left = crops[split][k]
+            if name not in photo:
+                photo[name] = np.asarray(Image.open(io.BytesIO(z.read(f"skimage/data/{name}"))).convert("RGB"))
+            bg = photo[name][top:top + 32, left:left + 32].astype(int)
+            digit = np.pad(a[f"{split}_x"][k], 2).astype(int)[..., None]
+            y = int(a[f"{split}_y"][k])
+            got = np.asarray(Image.open(out / split / str(y) / f"{k:05d}.png"))
+            assert got.shape == (32, 32, 3) and np.array_equal(got, np.abs(bg - digit)), (split, k)
+    assert not {c[0] for c in crops["train"]} & {c[0] for c in crops["test"]}
+    d = open_data(f"folder:{out}")
+    assert d.info.shape == (3, 32, 32) and d.info.num_classes == 10 and len(d.train) == 60 and len(d.test) == 100
+
+
+# --- pickles as Python 2 wrote CIFAR-10's, and crafted ones, opcode by opcode ---------------------------
+def _op_str(s: str | bytes) -> bytes:  # Python 2's str: SHORT_BINSTRING / BINSTRING
+    b = s.encode("latin-1") if isinstance(s, str) else s
+    return (b"U" + bytes([len(b)]) if len(b) < 256 else b"T" + len(b).to_bytes(4, "little")) + b
+
+
+def _op_int(n: int) -> bytes:
+    return b"J" + n.to_bytes(4, "little", signed=True)
+
+
+def _op_global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _op_dtype(name: str, state: bytes = b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb") -> bytes:
+    return _op_global("numpy", "dtype") + _op_str(name) + b"K\x00K\x01\x87R" + state
+
+
+def _op_array(shape: tuple[int, ...], raw: bytes, dtype: bytes | None = None, build: bool = True) -> bytes:
+    p = _op_global("numpy.core.multiarray", "_reconstruct") + _op_global("numpy", "ndarray") + b"K\x00\x85" \
+        + _op_str("b") + b"\x87R"
+    if build:
+        p += b"(K\x01(" + b"".join(_op_int(d) for d in shape) + b"t" + (dtype or _op_dtype("u1")) + b"\x89" \
+            + _op_str(raw) + b"tb"
+    return p
+
+
+def _py2_batch(x: np.ndarray, labels: list[int] | bytes) -> bytes:
+    """A batch dict pickled at protocol 2 as Python 2's cPickle wrote CIFAR-10: str keys, the data a str."""
+    lab = labels if isinstance(labels, bytes) else b"](" + b"".join(_op_int(v) for v in labels) + b"e"
+    return (b"\x80\x02}(" + _op_str("batch_label") + _op_str("training batch 1 of 5") + _op_str("labels") + lab
+            + _op_str("data") + _op_array(x.shape, x.tobytes()) + b"u.")
+
+
+def test_a_python2_batch_reads_as_cifar10s_own_files_do(tmp_path):
+    """The real files' format (Python 2 str keys, the pixels one str): keys come out as str, the data a uint8
+    array equal to the bytes written, through the whole source."""
+    root, written = _cifar_dir(tmp_path / "c", inner=False)
+    x, y = written["data_batch_4"]
+    (root / "data_batch_4").write_bytes(_py2_batch(x, y))
+    d = restricted_unpickle((root / "data_batch_4").read_bytes())
+    assert set(d) == {"batch_label", "labels", "data"} and d["data"].dtype == np.uint8
+    assert np.array_equal(d["data"], x) and d["labels"] == y
+    src = open_data(f"cifar10:{root}")
+    assert torch.equal(src.train.batch(torch.arange(60, 80))[0] * 255,
+                       torch.from_numpy(x.astype(np.float32)).view(20, 3, 32, 32))
+
+
+def test_crafted_pickles_are_refused_before_any_array_or_memory_exists(tmp_path):
+    """What numpy's own callables would accept and a file must not get: a dtype holding object pointers (or
+    fields), an array with no data behind its shape, a direct ndarray call claiming 3 GB, a codec other than
+    latin-1, labels that are not a list of ints (floats, strings, a list of lists sharing themselves)."""
+    x = np.zeros((2, 3072), np.uint8)
+    pointers = b"(K\x03U\x01|N(U\x01aNtq\x00}q\x01U\x01a(" + _op_dtype("O", b"") + b"K\x00tsJ\x08\x00\x00\x00J\x01\x00\x00\x00K\x00tb"
+    bombs = {
+        "object dtype": b"\x80\x02" + _op_array((2,), b"A" * 16, _op_dtype("O")) + b".",
+        "fields": b"\x80\x02" + _op_array((2,), b"A" * 16, _op_dtype("V8", pointers)) + b".",
+        "no data": b"\x80\x02" + _op_array((10 ** 6, 3072), b"", build=False) + b".",
+        "short data": b"\x80\x02" + _op_array((10 ** 6, 3072), b"\x07") + b".",
+        "ndarray call": b"\x80\x02" + _op_global("numpy", "ndarray") + b"(J\x40\x42\x0f\x00M\x00\x0ct" + _op_str("B")
+                        + b"\x86R.",
+        "codec": b"\x80\x02" + _op_global("_codecs", "encode") + b"X\x02\x00\x00\x00eJX\x04\x00\x00\x00zlib\x86R.",
+    }
+    for what, raw in bombs.items():
+        with pytest.raises(DfkdError, match="unsafe or corrupt pickle"):
+            restricted_unpickle(raw, what)
+    root, _ = _cifar_dir(tmp_path / "c", inner=False)
+    shared = b"K\x00q\x000" + b"".join(b"](h" + bytes([i]) + b"h" + bytes([i]) + b"eq" + bytes([i + 1]) + b"0"
+                                      for i in range(40)) + b"h" + bytes([40])
+    for labels, why in (([1.5, 2.0], "list of integers"), (b"](" + _op_str("3") + _op_str("4") + b"e", "list of integers"),
+                        (shared, "list of integers")):
+        raw = _py2_batch(x, labels) if isinstance(labels, bytes) else pickle.dumps({"data": x, "labels": labels}, 2)
+        (root / "data_batch_1").write_bytes(raw)
+        with pytest.raises(DfkdError, match=why):
+            open_data(f"cifar10:{root}")

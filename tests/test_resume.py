@@ -482,3 +482,43 @@ def test_results_holding_the_same_rows_are_left_as_they_were(tmp_path):
     assert [p.read_bytes() for p in files] == before  # never fewer rows on the way
     write_results(tmp_path, [row, dict(row, seed=1, accuracy=0.7)], cfg, t0=0.0)  # the final write: as they were
     assert [p.read_bytes() for p in files] == before
+
+
+def test_the_report_names_its_data_and_sets_the_paper_beside_mnist_only(tmp_path):
+    """results.md on the bundled MNIST carries the paper's figures and DAFL's noise line; on any other data
+    it names the data and its classes and has neither."""
+    row = {"teacher": "lenet5", "student": "lenet5-half", "objective": "top-layer", "seed": 0, "accuracy": 0.5,
+           "teacher_accuracy": 0.9, "paper_accuracy": 0.773, "image_steps": 10, "student_steps": 3,
+           "seconds": {}, "history": [0.5], "history_epochs": [1]}
+    noise = dict(row, objective="noise", paper_accuracy=None)  # an MNIST row without a paper figure, last
+    write_results(tmp_path, [row, noise], RunConfig(out=str(tmp_path)), t0=0.0, class_names=tuple("0123456789"))
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("# dfkd results: MNIST, test accuracy on its 10,000 real test images")
+    assert "| paper % | vs paper |" in md and "| 77.30 | -27.30 |" in md and "DAFL" in md
+    lines = md.splitlines()
+    assert lines[2].count("|") == lines[4].count("|") == lines[5].count("|") == 13  # 12 columns in every row
+    other = tmp_path / "o"
+    other.mkdir()
+    write_results(other, [dict(row, paper_accuracy=None)], RunConfig(out=str(other), data="folder:/x/shoes"), t0=0.0,
+                  class_names=("boot", "sandal"))
+    md = (other / "results.md").read_text()
+    assert md.startswith("# dfkd results: `folder:/x/shoes` (2 classes: boot, sandal), test accuracy on its real test")
+    assert "MNIST" not in md and "paper" not in md and "DAFL" not in md
+    assert md.splitlines()[4].count("|") == md.splitlines()[2].count("|") == 11  # 10 columns, as the head
+
+
+def test_a_results_file_from_before_the_data_field_keeps_its_wall_time(tmp_path):
+    """A finished run's results.json written before reports named their data: a resume adds the data field
+    and keeps the wall time of the run that made the rows."""
+    row = {"teacher": "lenet5", "student": "lenet5-half", "objective": "top-layer", "seed": 0, "accuracy": 0.5,
+           "teacher_accuracy": 0.9, "paper_accuracy": 0.773, "image_steps": 10, "student_steps": 3,
+           "seconds": {}, "history": [0.5], "history_epochs": [1]}
+    cfg = RunConfig(out=str(tmp_path))
+    write_results(tmp_path, [row], cfg, t0=0.0, class_names=tuple("0123456789"))
+    doc = json.loads((tmp_path / "results.json").read_text())
+    old = {k: v for k, v in doc.items() if k != "data"}
+    (tmp_path / "results.json").write_text(json.dumps(dict(old, wall_seconds=3600.0)))
+    write_results(tmp_path, [row], cfg, t0=1e12, class_names=tuple("0123456789"))
+    new = json.loads((tmp_path / "results.json").read_text())
+    assert new["wall_seconds"] == 3600.0 and new["data"]["spec"] == "mnist"
+    assert "wall time so far: 3600 s" in (tmp_path / "results.md").read_text()
