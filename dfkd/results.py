@@ -64,6 +64,15 @@ def table(rows: list[dict], paper: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
+HOW = ("device", "progress", "restart")  # how a run runs, not what it made
+
+
+def _made(doc: dict) -> dict:
+    """A results document without the config fields of how its run ran."""
+    config = doc.get("config")
+    return dict(doc, config={k: v for k, v in config.items() if k not in HOW} if isinstance(config, dict) else config)
+
+
 def _old(path: Path) -> dict | None:
     try:
         return read_json(path) if path.is_file() else None
@@ -76,21 +85,22 @@ def write_results(out: Path, rows: list[dict], cfg: RunConfig, t0: float, final:
     """Write results.json and results.md. A file that already holds exactly what it would be written with
     is left as it was (a run resumed after its last student rewrites nothing), and both state one wall time:
     results.json's, when it is kept. A write on the way (``final`` False) never shrinks the results: results
-    of this config holding more rows than ``rows`` (a resumed run, its later students finished) wait for
+    of this config (but for how it runs) holding more rows than ``rows`` (a resumed run, its later students finished) wait for
     the final write. Both name the data (its spec and class names); the paper's figures stand beside the
     rows on the paper's data only (``paper_data``)."""
     data = {"spec": cfg.data, "class_names": list(class_names) if class_names else None}
     doc = json.loads(json.dumps({"config": to_dict(cfg), "profile": PROFILES[cfg.profile], "data": data,
                                  "rows": rows, "cells": cells(rows)}))
     old = _old(out / "results.json")
-    if not final and old is not None and old.get("config") == doc["config"] \
+    if not final and old is not None and _made(old)["config"] == _made(doc)["config"] \
             and isinstance(old.get("rows"), list) and len(old["rows"]) > len(rows):
         return
     wall = old.pop("wall_seconds", None) if old is not None else None
-    rows_kept = old is not None and {k: v for k, v in old.items() if k != "data"} == \
-        {k: v for k, v in doc.items() if k != "data"}  # the same results (a file from before "data" included)
+    # the same results, however this run runs (device, progress bars, restart), and a file from before "data"
+    rows_kept = old is not None and {k: v for k, v in _made(old).items() if k != "data"} == \
+        {k: v for k, v in _made(doc).items() if k != "data"}
     wall = float(wall) if rows_kept and isinstance(wall, (int, float)) and not isinstance(wall, bool) else None
-    if wall is None or old != doc:
+    if wall is None or _made(old) != _made(doc):
         wall = time.perf_counter() - t0 if wall is None else wall
         write_json(out / "results.json", dict(doc, wall_seconds=wall))
     seeds = f", mean of {cfg.seeds} seeds" if cfg.seeds > 1 else ""

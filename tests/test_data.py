@@ -329,7 +329,7 @@ def test_natural_digits_are_mnist_digits_blended_on_crops_of_the_wheels_photogra
     recomputed here from the wheel's photograph and MNIST's digit; the test split's backgrounds come only from
     photographs the training split never uses; dfkd reads the folder as 10 classes of 32x32 RGB."""
     wheels = sorted((Path(sys.prefix) / "share" / "dfkd").glob("scikit_image-*.whl"))
-    assert wheels, "make setup fetches the scikit-image wheel into .venv/share/dfkd"
+    assert wheels, "make setup (and make test) fetch the scikit-image wheel into .venv/share/dfkd"
     out = tmp_path / "natural"
     r = subprocess.run([sys.executable, str(ROOT / "examples" / "natural_digits.py"), str(out), "--train", "60",
                         "--test", "100"], capture_output=True, text=True)
@@ -409,15 +409,21 @@ def test_crafted_pickles_are_refused_before_any_array_or_memory_exists(tmp_path)
     bombs = {
         "object dtype": b"\x80\x02" + _op_array((2,), b"A" * 16, _op_dtype("O")) + b".",
         "fields": b"\x80\x02" + _op_array((2,), b"A" * 16, _op_dtype("V8", pointers)) + b".",
+        "fields state": b"\x80\x02" + _op_array((2,), b"A" * 16, _op_dtype(
+            "u1", pointers.replace(_op_dtype("O", b""), _op_dtype("u1", b"")))) + b".",  # fields of plain bytes
         "no data": b"\x80\x02" + _op_array((10 ** 6, 3072), b"", build=False) + b".",
         "short data": b"\x80\x02" + _op_array((10 ** 6, 3072), b"\x07") + b".",
         "ndarray call": b"\x80\x02" + _op_global("numpy", "ndarray") + b"(J\x40\x42\x0f\x00M\x00\x0ct" + _op_str("B")
                         + b"\x86R.",
         "codec": b"\x80\x02" + _op_global("_codecs", "encode") + b"X\x02\x00\x00\x00eJX\x04\x00\x00\x00zlib\x86R.",
     }
+    why = {"object dtype": "refused dtype 'O'", "fields": "refused dtype 'V8'", "fields state": "fields, sub-arrays",
+           "no data": "without its data", "short data": "whose data is not", "ndarray call": "direct numpy.ndarray",
+           "codec": "_codecs.encode with 'zlib'"}
     for what, raw in bombs.items():
-        with pytest.raises(DfkdError, match="unsafe or corrupt pickle"):
+        with pytest.raises(DfkdError, match="unsafe or corrupt pickle") as e:
             restricted_unpickle(raw, what)
+        assert why[what] in str(e.value), (what, str(e.value))
     root, _ = _cifar_dir(tmp_path / "c", inner=False)
     shared = b"K\x00q\x000" + b"".join(b"](h" + bytes([i]) + b"h" + bytes([i]) + b"eq" + bytes([i + 1]) + b"0"
                                       for i in range(40)) + b"h" + bytes([40])

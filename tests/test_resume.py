@@ -522,3 +522,21 @@ def test_a_results_file_from_before_the_data_field_keeps_its_wall_time(tmp_path)
     new = json.loads((tmp_path / "results.json").read_text())
     assert new["wall_seconds"] == 3600.0 and new["data"]["spec"] == "mnist"
     assert "wall time so far: 3600 s" in (tmp_path / "results.md").read_text()
+
+
+def test_results_ignore_how_the_run_ran(tmp_path):
+    """A rerun that differs only in how it runs (--quiet, --device, --restart) finds its results made: it
+    neither rewrites them nor, on the way, shrinks them."""
+    row = {"teacher": "lenet5", "student": "lenet5-half", "objective": "top-layer", "seed": 0, "accuracy": 0.5,
+           "teacher_accuracy": 0.9, "paper_accuracy": 0.773, "image_steps": 10, "student_steps": 3,
+           "seconds": {}, "history": [0.5], "history_epochs": [1]}
+    two = [row, dict(row, seed=1)]
+    write_results(tmp_path, two, RunConfig(out=str(tmp_path)), t0=0.0)
+    files = [tmp_path / "results.json", tmp_path / "results.md"]
+    before = [p.read_bytes() for p in files]
+    other = RunConfig(out=str(tmp_path), progress=False, device="cuda", restart=True)
+    write_results(tmp_path, [row], other, t0=1e12, final=False)
+    write_results(tmp_path, two, other, t0=1e12)
+    assert [p.read_bytes() for p in files] == before
+    write_results(tmp_path, two, RunConfig(out=str(tmp_path), seeds=2), t0=1e12)  # what it makes: rewritten
+    assert [p.read_bytes() for p in files] != before
