@@ -17,6 +17,7 @@ from .kinds import REGISTRY, means_kind, means_kinds
 from .metadata import load, summary
 from .pipeline import run
 from .privacy_report import clip_warnings, describe
+from .objectives import known, needs
 from .publishing import publish
 from .reconstruction import reconstruct_file
 from .recording import record_file
@@ -28,12 +29,17 @@ def _list(s: str | None) -> tuple[str, ...]:
     return tuple(p.strip() for p in s.split(",") if p.strip()) if s else ()
 
 
+def _code(a) -> tuple[str, ...]:
+    """The user code the user allows dfkd to import (``--code``, repeatable, comma-separated)."""
+    return tuple(c for x in a.code for c in _list(x))
+
+
 def _model(a, flag: str = "teacher", weights: bool = True):
     """The model a flag names; ``weights``: a teacher whose statistics are made or read, which a spec
     gives only with ``--weights``."""
     ref = getattr(a, flag)
     m = ModelRef(ref, getattr(a, "weights", None) if weights else None,
-                 parse_args(getattr(a, f"{flag}_args", None)), tuple(c for x in a.code for c in _list(x)))
+                 parse_args(getattr(a, f"{flag}_args", None)), _code(a))
     if weights:
         require_weights(m)
     return m
@@ -122,7 +128,7 @@ def _cmd_inspect(a) -> int:
 
 def _cmd_reconstruct(a) -> int:
     cfg = config_from(a, ReconstructConfig)
-    needs_stats = any(o not in ("noise", "bn-stats") for o in a.objective.split("+"))
+    needs_stats = not known(a.objective) or bool(needs(a.objective))  # an unknown name: make_objective says so
     stats = a.stats or (str(stats_path(a.teacher)) if needs_stats else None)
     out = a.out or str(beside(a.teacher) / "synthetic" / a.objective)
     path = reconstruct_file(_model(a), stats, out, cfg, a.allow_other_teacher, a.restart, runtime_of(a))
@@ -189,7 +195,7 @@ def _cmd_leakage(a) -> int:
 
 
 def _cmd_run(a) -> int:
-    path = run(config_from(a, RunConfig))
+    path = run(config_from(a, RunConfig, code=_code(a)))
     if os.environ.get("RANK", "0") == "0":  # the rank that wrote them
         _say((path.parent / "results.md").read_text())
         _say(f"results: {path} and {path.parent / 'results.md'}")

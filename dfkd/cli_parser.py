@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="also print the figures as JSON")
 
     u = sub.add_parser("run", parents=[common, resumable], formatter_class=fmt,
-                       help="the whole pipeline on MNIST, with the paper's numbers beside ours")
+                       help="the whole pipeline: the paper's networks with its numbers beside ours, or your own "
+                       "teacher and student")
     add_fields(u, RunConfig)
 
     k = sub.add_parser("leakage", parents=[common, data], formatter_class=fmt,

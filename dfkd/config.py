@@ -132,8 +132,25 @@ class RunConfig:
     networks: tuple[str, ...] = opt(("lenet5", "hinton-1200"), "teachers: lenet5 and/or hinton-1200")
     objectives: tuple[str, ...] | None = opt(None, "comma-separated, of the default kinds' objectives and "
                                              "noise (default: the profile's, else all of them: no bn-stats, no "
-                                             "BatchNorm here)")
-    teacher: str | None = opt(None, "a saved teacher to use instead of training one (one network only)")
+                                             "BatchNorm here); for your own pair any objective or +-combination "
+                                             "(default: from what its teacher offers)")
+    teacher: str | None = opt(None, "a trained teacher instead of training one (one network only): a saved model, a "
+                              "published folder, hf:ORG/NAME, or code (FILE.py:factory) with --weights; with --student, "
+                              "your own teacher (code without --weights: trained here first)")
+    weights: str | None = opt(None, "weights for a teacher given as code: .safetensors, or a state dict (read with "
+                              "weights_only=True)")
+    teacher_args: str | None = opt(None, "keyword arguments for the teacher's factory, as JSON")
+    student: str | None = opt(None, "your own student (FILE.py:factory, module:factory or a registry name): with "
+                              "--teacher, one pair of your own instead of --networks, its objective from what the "
+                              "teacher offers (BatchNorm and statistics: all-layers+bn-stats; BatchNorm alone: "
+                              "bn-stats; statistics alone: all-layers)")
+    student_args: str | None = opt(None, "keyword arguments for the student's factory, as JSON")
+    stats: str | None = opt(None, "your teacher's statistics file (default: the one beside --teacher, or --weights: "
+                            "<stem>.stats.safetensors); dfkd run never records it for a teacher it is given")
+    normalize: str | None = opt(None, "for a teacher given as code: the normalisation of its inputs, none, auto (the "
+                                "training split's per-channel mean and std) or MEAN/STD (default: none)")
+    code: tuple[str, ...] = opt((), "user code dfkd may import for a saved model made from it",
+                                flag=None, why="--code, the flag every verb shares")
     teachers: str | None = opt(None, "an earlier run directory: use (or train once) <dir>/<network>/teacher and its "
                                "statistics")
     images: int | None = opt(None, "synthetic images per objective (default: the profile's)", parse="positive")

@@ -237,6 +237,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def batchnorms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's BatchNorm layers that keep running statistics, with their paths."""
+    return [(p, m) for p, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+
+
 def device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")

@@ -28,7 +28,7 @@ from .errors import DfkdError
 from .graph import LayerInfo, signal
 from .kinds import REGISTRY
 from .metadata import Metadata
-from .models import device_of
+from .models import batchnorms, device_of
 from .stats import class_moments
 from .taps import input_key
 
@@ -68,12 +68,10 @@ class Objective:
         """A part's tensors of the kind this objective needs, read through the kind (``kinds.REGISTRY``)."""
         return REGISTRY[self.kind].read(self.meta, part)
 
-    def layers(self) -> list[str]:
-        """Module paths whose outputs the loss reads."""
-        return []
+    def layers(self) -> list[str]:  # module paths whose outputs the loss reads: every recorded layer's
+        return [i.path for i in self.infos]
 
-    def inputs(self) -> list[str]:
-        """Module paths whose inputs the loss reads."""
+    def inputs(self) -> list[str]:  # module paths whose inputs the loss reads
         return []
 
     def targets(self, labels: torch.Tensor, g: torch.Generator) -> Targets:
@@ -88,6 +86,9 @@ class TopLayer(Objective):
     """``L = mean_k (ReLU(t_k) - ReLU(f(x)_k / T))^2`` with ``t = mu_c + L_c z`` from the
     per-class mean and Cholesky factor of the logits / T."""
     name, kind = "top-layer", "top-layer"
+
+    def layers(self):  # the logits alone
+        return []
 
     def targets(self, labels, g):
         return {"top": forms.draw(self.stored(), labels, g)}
@@ -116,9 +117,6 @@ class AllLayers(Objective):
             self._w[i.path] = whitening(forms.std(gauss)) if cfg.whiten else torch.ones(i.dim, device=self.dev)
             if i.stat == "channel":
                 self._cov[i.path] = forms.cov(gauss)
-
-    def layers(self):
-        return [i.path for i in self.infos]
 
     def targets(self, labels, g):
         return {path: forms.draw(gauss, labels, g) for path, gauss in self._draw.items()}
@@ -164,9 +162,6 @@ class _Spectral(Objective):
             self._graphs.append((f"{self.kind}/{part}", [by_path[p] for p in g["layers"]], t["basis"].to(self.dev),
                                  gauss, whitening(gauss["std"]).to(self.dev) if cfg.whiten else 1.0))
 
-    def layers(self):
-        return [i.path for i in self.infos]
-
     def targets(self, labels, g):
         return {name: forms.draw(gauss, labels, g) for name, _, _, gauss, _ in self._graphs}
 
@@ -204,9 +199,6 @@ class ClassDiag(Objective):
         self._w = {i.path: whitening(g["std"]) if cfg.whiten else torch.ones(i.dim, device=self.dev)
                    for i, g in zip(self.infos, self._g.values())}
 
-    def layers(self):
-        return [i.path for i in self.infos]
-
     def loss(self, logits, acts, tg, labels):
         total = logits.new_zeros(())
         for i in self.infos:
@@ -226,8 +218,7 @@ class BNStats(Objective):
 
     def __init__(self, meta, model, cfg):
         super().__init__(None, model, cfg)
-        self._bn = [(p, m) for p, m in model.named_modules()
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+        self._bn = batchnorms(model)
         if not self._bn:
             raise DfkdError("objective", f"bn-stats needs BatchNorm layers with running statistics, and "
                             f"{type(model).__name__} has none; use a metadata objective (e.g. all-layers)")
@@ -281,16 +272,25 @@ OBJECTIVES: dict[str, type[Objective]] = {c.name: c for c in (TopLayer, AllLayer
                                                                SpectralPairs, ClassDiag, BNStats, Noise)}
 
 
+def known(name: str) -> bool:
+    """Whether ``name`` is an objective or a ``+``-joined combination of them (noise joins none)."""
+    names = name.split("+")
+    return all(n in OBJECTIVES for n in names) and not ("noise" in names and len(names) > 1)
+
+
+def needs(name: str) -> list[str]:
+    """The metadata kinds a known objective (or combination) needs: none for bn-stats and noise."""
+    return [OBJECTIVES[n].kind for n in name.split("+") if OBJECTIVES[n].kind]
+
+
 def make_objective(name: str, meta: Metadata | None, model: nn.Module, cfg: ReconstructConfig = ReconstructConfig(),
                    teacher_ref: str = "TEACHER") -> Objective:
     """Build an objective (or a ``+``-joined combination), checking that ``meta`` holds what it needs."""
-    names = name.split("+")
-    bad = [n for n in names if n not in OBJECTIVES]
-    if bad or ("noise" in names and len(names) > 1):
+    if not known(name):
         raise DfkdError("objective", f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)} "
                         "(metadata and bn-stats objectives combine with +)")
     parts = []
-    for n in names:
+    for n in name.split("+"):
         cls = OBJECTIVES[n]
         if cls.kind is not None:
             if meta is None:

@@ -1,9 +1,10 @@
 """``dfkd run``: the whole pipeline per network pair, with the paper's table beside ours.
 
-For each teacher -> student pair: train the teacher (unless given), record its
-metadata, distill a student on real data (``real-kd``) and train one on real labels
+For each teacher -> student pair (``profiles.pairs``: the paper's networks, or with ``student`` the user's
+own): train the teacher (unless given), record its metadata (unless given a teacher: then its statistics
+file is read where there is one), distill a student on real data (``real-kd``) and train one on real labels
 (``real-data``) as baselines, then reconstruct and distill for every objective (the
-profile's, or the ones asked for). With ``seeds`` > 1 every student is made once per seed
+profile's, the ones asked for, or for the user's own pair the one its teacher's offer calls for). With ``seeds`` > 1 every student is made once per seed
 (seeds ``seed``, ``seed + 1``, ...; the teacher and its statistics are shared): reconstruction,
 distillation and the baselines' training all follow the seed. Every stage skips finished work,
 so an interrupted run resumes where it stopped; work made with other settings (the run's own
@@ -28,17 +29,17 @@ from .files import exclusive, read_json, sweep_temps
 from .loop import accuracy
 from .metadata import load as load_stats
 from .metadata import save as save_stats
-from .kinds import KINDS
-from .models import build_model
-from .objectives import OBJECTIVES
-from .profiles import PAIRS, PAPER, PROFILES, objectives, recipe
+from .models import build_model, code_sha256
+from .objectives import make_objective, needs
+from .own import given_statistics, offered, own_settings
+from .profiles import PAPER, Pair, given_teacher, objectives, pairs
 from .reconstruction import reconstruct
 from .recording import record
 from .results import paper_data, write_results
 from .resume import canonical, config_settings, finished
 from .runtime import pick_device, seed_everything, setup_threads
 from .sources import data_sha256, open_data
-from .specs import stats_path
+from .specs import DataRef, build_student, open_with_data, stats_path
 from .synthetic import SyntheticSet
 from .training import train
 
@@ -48,31 +49,39 @@ def _timed(fn, *args, **kw):
     return out, time.perf_counter() - t0
 
 
-def _teacher(cfg: RunConfig, net: str, d: Path, p: dict, dev,
+def _teacher(cfg: RunConfig, pair: Pair, d: Path, dev,
              ranks: distributed.Ranks = distributed.Ranks()) -> tuple[torch.nn.Module, dict, object, float]:
-    """The network's teacher (loaded, or trained and saved) and the data fitted to it. The run's own
-    teacher is kept only if made with this run's settings; one in ``teachers`` is used as it is."""
-    path = Path(cfg.teacher) if cfg.teacher else d / "teacher"
-    tc = TrainConfig(epochs=p["teacher_epochs"], seed=cfg.seed)
-    settings = {"verb": "run-teacher", "net": net, "data": data_sha256(cfg.data), "config": config_settings(tc)}
+    """The pair's teacher (given, or trained and saved) and the data fitted to it. The run's own teacher is
+    kept only if made with this run's settings; one in ``teachers`` is used as it is."""
+    m = given_teacher(cfg)
+    if m is not None:
+        model, desc, data = open_with_data(replace(m, args=pair.teacher_args or {}),
+                                           DataRef(cfg.data, None, cfg.normalize))
+        return model.to(dev), desc, data, 0.0
+    path, tc = d / "teacher", TrainConfig(epochs=pair.teacher_epochs, seed=cfg.seed)
+    settings = {"verb": "run-teacher", "net": pair.teacher, "data": data_sha256(cfg.data), "config": config_settings(tc)}
+    if pair.own:
+        settings.update(args=pair.teacher_args, normalize=cfg.normalize, code_sha256=code_sha256(pair.teacher))
+    code = ((pair.teacher.rpartition(":")[0],) if pair.own else ()) + cfg.code  # the code the user named, its own first
     state = d / "state" / "train-teacher.safetensors"
-    if cfg.teacher or (path.with_suffix(".json").is_file()
-                       and (cfg.teachers or finished(path, settings, cfg.restart, state))):
-        model, desc, info = load_model(path)
-        if ranks.main and not cfg.teacher:  # left by a run killed after saving the teacher
+    if path.with_suffix(".json").is_file() and (cfg.teachers or finished(path, settings, cfg.restart, state)):
+        model, desc, info = load_model(path, code)
+        if ranks.main:  # left by a run killed after saving the teacher
             state.unlink(missing_ok=True)
         return model.to(dev), desc, open_data(cfg.data, info=info), 0.0
     seed_everything(cfg.seed)
-    model, info = build_model(net, open_data(cfg.data).info)
+    model, info = build_model(pair.teacher, open_data(cfg.data, normalize=cfg.normalize).info,
+                              **(pair.teacher_args or {}))
     data = open_data(cfg.data, info=info)
     hist, secs = _timed(train, model.to(dev), data, tc, state_path=state, settings=settings, restart=cfg.restart,
                         rt=_rt(cfg))
     if ranks.main:
-        save_model(model.cpu(), d / "teacher", net, {}, info, test_accuracy=hist[-1]["test_accuracy"], history=hist,
-                   train_config=to_dict(tc), seconds=secs, settings=canonical(settings))
+        save_model(model.cpu(), path, pair.teacher, pair.teacher_args or {}, info,
+                   test_accuracy=hist[-1]["test_accuracy"], history=hist, train_config=to_dict(tc), seconds=secs,
+                   settings=canonical(settings))
         state.unlink(missing_ok=True)
     ranks.barrier()
-    model, desc, info = load_model(d / "teacher")
+    model, desc, info = load_model(path, code)
     return model.to(dev), desc, data, secs
 
 
@@ -87,31 +96,56 @@ def _stale(spath: Path, teacher_sha: str | None, conv_stats: str) -> str | None:
     return f"conv_stats {'/'.join(sorted(modes))} -> {conv_stats}" if modes - {conv_stats} else None
 
 
+def _statistics(cfg: RunConfig, td: Path, teacher, desc: dict, data, ranks: distributed.Ranks):
+    """The teacher's statistics, the seconds spent recording them, and their path. A teacher the run trained
+    (or found in ``teachers``, or a registry network's given teacher) has them recorded where missing; a user's
+    own given teacher's are read from ``stats`` or beside it, never recorded (``own.given_statistics``)."""
+    if cfg.student is not None and given_teacher(cfg) is not None:
+        meta, spath = given_statistics(cfg, desc, data.info)
+        return meta, 0.0, spath
+    given = given_teacher(cfg) is not None  # else the run's own teacher (trained here, or in ``teachers``)
+    spath = stats_path(cfg.teacher) if given else stats_path(td / "teacher")
+    rsecs = 0.0
+    own = not (given or cfg.teachers)  # statistics this run recorded: redone with --restart if stale
+    why = _stale(spath, desc.get("sha256"), cfg.conv_stats) if ranks.main and spath.is_file() else None
+    if why and why.startswith("conv_stats") and not (own and cfg.restart):
+        raise DfkdError(spath, f"holds statistics recorded with other settings ({why}); "
+                        + ("rerun with --restart to record them again, or " if own else "")
+                        + f"give --conv-stats {why.split()[1]}")
+    if ranks.main and (not spath.is_file() or (own and cfg.restart and why)):
+        rc = RecordConfig(conv_stats=cfg.conv_stats)
+        meta, rsecs = _timed(record, teacher, data, rc, rt=_rt(cfg))
+        save_stats(meta, spath)
+    ranks.barrier()
+    return load_stats(spath, desc["sha256"]), rsecs, spath
+
+
 def _student_row(path: Path) -> dict | None:
     return read_json(path.with_suffix(".json")).get("row") if path.with_suffix(".json").is_file() else None
 
 
-def _configs(name: str, net: str, p: dict, seed: int, cfg: RunConfig) -> tuple:
+def _configs(name: str, pair: Pair, seed: int, cfg: RunConfig) -> tuple:
     """A student's stage configs: ``real-data``: its ``TrainConfig``; ``real-kd``: its ``DistillConfig``
     (affine views labelled by the teacher, cosine lr); an objective: its reconstruction's and its
     distillation's."""
     if name == "real-data":
-        return (TrainConfig(epochs=p["baseline_epochs"][net], seed=seed),)
+        return (TrainConfig(epochs=pair.student_epochs, lr=pair.student_lr, seed=seed),)
     if name == "real-kd":
-        return (DistillConfig(epochs=p["baseline_epochs"][net], augment="affine", schedule="cosine", seed=seed),)
-    rc = ReconstructConfig(**dict(recipe(cfg, net), objective=name, batch_size=p["batch_size"], seed=seed))
-    return rc, DistillConfig(**dict(p["distill"], seed=seed,
-                                    **({"epochs": cfg.epochs} if cfg.epochs else {})))
+        return (DistillConfig(epochs=pair.student_epochs, lr=pair.student_lr, augment="affine", schedule="cosine",
+                              seed=seed),)
+    return ReconstructConfig(**dict(pair.recipe, objective=name, seed=seed)), DistillConfig(**dict(pair.distill,
+                                                                                                    seed=seed))
 
 
-def _student_settings(name: str, net: str, p: dict, seed: int, cfg: RunConfig, desc: dict, meta) -> dict:
+def _student_settings(name: str, pair: Pair, seed: int, cfg: RunConfig, desc: dict, meta) -> dict:
     """What makes a student: its network, objective, seed, data, teacher (and statistics) and configs."""
-    confs = [config_settings(c) for c in _configs(name, net, p, seed, cfg)]
+    confs = [config_settings(c) for c in _configs(name, pair, seed, cfg)]
     made = len(confs) > 1  # from a synthetic set: its reconstruction and statistics too
-    return {"verb": "run-student", "student": PAIRS[net], "objective": name, "seed": seed,
-            "data": data_sha256(cfg.data),
-            "teacher_sha256": desc.get("sha256"), "config": confs[-1], "reconstruct": confs[0] if made else None,
-            "stats_sha256": meta.header.get("tensors_sha256") if made else None}
+    s = {"verb": "run-student", "student": pair.student, "objective": name, "seed": seed,
+         "data": data_sha256(cfg.data),
+         "teacher_sha256": desc.get("sha256"), "config": confs[-1], "reconstruct": confs[0] if made else None,
+         "stats_sha256": meta.header.get("tensors_sha256") if made and meta is not None else None}
+    return own_settings(s, pair, cfg, desc)
 
 
 def _rt(cfg: RunConfig) -> Runtime:
@@ -123,26 +157,26 @@ def _state(d: Path, name: str, tag: str) -> Path:
     return d / "state" / f"{name if name.startswith('real') else 'distill-' + name}{tag}.safetensors"
 
 
-def _baseline(kind: str, teacher, data, student_name: str, settings: dict, seed: int, cfg: RunConfig, d: Path, dev,
+def _baseline(kind: str, teacher, data, pair: Pair, settings: dict, seed: int, cfg: RunConfig, d: Path, dev,
               tag: str, conf) -> dict:
     """``real-data``: train the student on the true labels; ``real-kd``: distill it on the real images."""
     seed_everything(seed)
-    student = build_model(student_name, data.info)[0].to(dev)
+    student = build_student(pair.student, pair.student_args or {}, data.info).to(dev)
     resume = {"state_path": _state(d, kind, tag), "settings": settings, "restart": cfg.restart, "rt": _rt(cfg)}
     if kind == "real-data":
         hist, secs = _timed(train, student, data, conf, **resume)
     else:
         hist, secs = _timed(distill, student, data.train, teacher, conf, data, data.info, **resume)
     return {"history": hist, "seconds": {"train" if kind == "real-data" else "distill": secs}, "model": student,
-            "image_steps": 0, "student_steps": conf.epochs * -(-len(data.train) // 64)}
+            "image_steps": 0, "student_steps": conf.epochs * -(-len(data.train) // conf.batch_size)}
 
 
-def _objective(name: str, teacher, meta, data, student_name: str, settings: dict, seed: int, cfg: RunConfig,
+def _objective(name: str, teacher, meta, data, pair: Pair, settings: dict, seed: int, cfg: RunConfig,
                d: Path, dev, tag: str, rc: ReconstructConfig, dc: DistillConfig) -> dict:
     reconstruct(teacher, meta, d / "synthetic" / f"{name}{tag}", rc, data.info, cfg.restart, _rt(cfg))
     synth = SyntheticSet(d / "synthetic" / f"{name}{tag}").open()
     seed_everything(seed)
-    student = build_model(student_name, data.info)[0].to(dev)
+    student = build_student(pair.student, pair.student_args or {}, data.info).to(dev)
     hist, dsecs = _timed(distill, student, synth, teacher, dc, data, data.info, _state(d, name, tag),
                          settings=settings, restart=cfg.restart, rt=_rt(cfg))
     return {"history": hist, "model": student, "image_steps": synth.manifest.get("image_steps", 0),
@@ -153,33 +187,40 @@ def _objective(name: str, teacher, meta, data, student_name: str, settings: dict
             "seconds": {"reconstruct": sum(s["seconds"] for s in synth.manifest["shards"]), "distill": dsecs}}
 
 
+def _preflight(cfg: RunConfig, pair: Pair) -> RunConfig:
+    """An own pair checked before anything is written (the lock, the folder, minutes of training): the teacher's
+    offer and the objectives it serves, and the student built on the data. Returns ``cfg`` with what decided the
+    run pinned (its objectives, a given teacher's statistics file), so that the report's command makes it again."""
+    given = given_teacher(cfg) is not None
+    if given:
+        teacher, desc, data, _ = _teacher(cfg, pair, Path("."), "cpu")
+        meta, spath = given_statistics(cfg, desc, data.info)
+    else:  # trained here, its statistics then recorded (the default kinds)
+        data = open_data(cfg.data, normalize=cfg.normalize)
+        teacher, info = build_model(pair.teacher, data.info, **(pair.teacher_args or {}))
+        data, meta, spath = open_data(cfg.data, info=info), None, None
+    names = offered(cfg, teacher, meta is not None or not given, spath)
+    student = build_student(pair.student, pair.student_args or {}, data.info)
+    try:
+        with torch.no_grad():
+            student.eval()(torch.zeros(2, *data.info.shape))
+    except Exception as e:  # the user's code can raise anything
+        raise DfkdError("student", f"{pair.student} does not take the data's inputs of shape {data.info.shape} "
+                        f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+    for o in names:
+        if meta is not None or not needs(o):
+            make_objective(o, meta, teacher, ReconstructConfig(**dict(pair.recipe, objective=o)))
+    return replace(cfg, objectives=names, **({"stats": str(spath)} if meta is not None and not cfg.stats else {}))
+
+
 def run(cfg: RunConfig = RunConfig()) -> Path:
     """Run the pipeline; returns the path of ``results.json``."""
-    if cfg.profile not in PROFILES:
-        raise DfkdError("profile", f"unknown profile {cfg.profile!r}; choose one of {', '.join(PROFILES)}")
-    bad = [n for n in cfg.networks if n not in PAIRS]
-    if bad or not cfg.networks:
-        raise DfkdError("networks", f"unknown network(s) {bad}; choose from {', '.join(PAIRS)}")
-    bad = [o for o in cfg.objectives or () if o not in OBJECTIVES]
-    if bad:
-        raise DfkdError("objectives", f"unknown objective(s) {bad}; choose from {', '.join(OBJECTIVES)}")
-    # dfkd run records the default kinds only (its statistics are shared by every objective of a network)
-    extra = [o for o in cfg.objectives or () if OBJECTIVES[o].kind not in (None, *KINDS)]
-    if extra:
-        k = OBJECTIVES[extra[0]].kind
-        raise DfkdError("objectives", f"{', '.join(extra)}: dfkd run records only the default kinds "
-                        f"({', '.join(KINDS)}); record {k} with dfkd record --kinds {k} and use dfkd reconstruct")
-    if (cfg.images is not None and cfg.images <= 0) or (cfg.steps is not None and cfg.steps < 0):
-        raise DfkdError("images", "images must be > 0 and steps >= 0")
-    if cfg.epochs is not None and cfg.epochs <= 0:
-        raise DfkdError("epochs", "must be > 0")
-    if cfg.seeds < 1:
-        raise DfkdError("seeds", "must be >= 1")
-    if cfg.teacher and len(cfg.networks) != 1:
-        raise DfkdError("teacher", "a given teacher needs exactly one network")
+    todo = pairs(cfg)  # or refused, in one line
+    if todo[0].own:
+        cfg = _preflight(cfg, todo[0])
     setup_threads()
     cfg = replace(cfg, out=cfg.out or f"runs/{cfg.profile}")  # results.json states where the run went
-    p, dev, out, t0 = PROFILES[cfg.profile], pick_device(cfg.device), Path(cfg.out), time.perf_counter()
+    dev, out, t0 = pick_device(cfg.device), Path(cfg.out), time.perf_counter()
     # under torchrun: every training step data-parallel, the shards split over the ranks; rank 0 writes
     ranks = distributed.group(cfg.device)
     cfg = replace(cfg, progress=cfg.progress and ranks.main)
@@ -187,51 +228,41 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
         if cfg.teachers:  # teachers trained in another folder: a killed run's temp files there too
             sweep_temps(cfg.teachers, recursive=True)
         rows: list[dict] = []
-        for net in cfg.networks:
-            d, student_name = out / net, PAIRS[net]
-            td = Path(cfg.teachers) / net if cfg.teachers else d
-            teacher, desc, data, tsecs = _teacher(cfg, net, td, p, dev, ranks)
+        for pair in todo:
+            d = out / pair.name
+            td = Path(cfg.teachers) / pair.name if cfg.teachers else d
+            teacher, desc, data, tsecs = _teacher(cfg, pair, td, dev, ranks)
             t_acc = accuracy(teacher, data.test)
-            spath = stats_path(td / "teacher") if not cfg.teacher else stats_path(cfg.teacher)
-            rsecs = 0.0
-            own = not (cfg.teacher or cfg.teachers)  # statistics this run recorded: redone with --restart if stale
-            why = _stale(spath, desc.get("sha256"), cfg.conv_stats) if ranks.main and spath.is_file() else None
-            if why and why.startswith("conv_stats") and not (own and cfg.restart):
-                raise DfkdError(spath, f"holds statistics recorded with other settings ({why}); "
-                                + ("rerun with --restart to record them again, or " if own else "")
-                                + f"give --conv-stats {why.split()[1]}")
-            if ranks.main and (not spath.is_file() or (own and cfg.restart and why)):
-                rc = RecordConfig(conv_stats=cfg.conv_stats)
-                meta, rsecs = _timed(record, teacher, data, rc, rt=_rt(cfg))
-                save_stats(meta, spath)
-            ranks.barrier()
-            meta = load_stats(spath, desc["sha256"])
-            names = (("real-data", "real-kd") if cfg.baselines else ()) + objectives(cfg, net)
+            meta, rsecs, spath = _statistics(cfg, td, teacher, desc, data, ranks)
+            names = (("real-data", "real-kd") if cfg.baselines else ()) + \
+                (cfg.objectives if pair.own else objectives(cfg, pair.name))  # own: pinned by the preflight
             for name, seed in ((n, cfg.seed + k) for n in names for k in range(cfg.seeds)):
                 tag = f"-seed{seed}" if seed else ""
                 spath_student = d / "students" / f"{name}{tag}"
-                paper = PAPER[net].get(name) if paper_data(cfg) else None  # the paper's figures: on its data only
+                paper = PAPER[pair.name].get(name) if paper_data(cfg) and not pair.own else None  # on its data only
                 paper = None if paper is None else paper / 100
-                settings = _student_settings(name, net, p, seed, cfg, desc, meta)
+                settings = _student_settings(name, pair, seed, cfg, desc, meta)
                 fresh = not (finished(spath_student, settings, cfg.restart, _state(d, name, tag))
                              and _student_row(spath_student) is not None)
                 if not fresh:
                     if ranks.main:  # left by a run killed after saving the student
                         _state(d, name, tag).unlink(missing_ok=True)
                 else:
-                    confs, at = _configs(name, net, p, seed, cfg), (seed, cfg, d, dev, tag)
-                    res = _baseline(name, teacher, data, student_name, settings, *at, *confs) \
-                        if name.startswith("real") else _objective(name, teacher, meta, data, student_name, settings,
+                    confs, at = _configs(name, pair, seed, cfg), (seed, cfg, d, dev, tag)
+                    res = _baseline(name, teacher, data, pair, settings, *at, *confs) \
+                        if name.startswith("real") else _objective(name, teacher, meta, data, pair, settings,
                                                                    *at, *confs)
                     if ranks.main:  # the rank that measured the test accuracy
-                        row = {"teacher": net, "student": student_name, "objective": name, "seed": seed,
+                        row = {"teacher": pair.teacher, "student": pair.student, "objective": name, "seed": seed,
                                "accuracy": res["history"][-1]["test_accuracy"], "teacher_accuracy": t_acc,
                                "paper_accuracy": paper, "image_steps": res["image_steps"],
                                "student_steps": res["student_steps"],
                                "seconds": dict(res["seconds"], teacher_train=tsecs, record=rsecs),
                                "history": [h["test_accuracy"] for h in res["history"] if "test_accuracy" in h],
                                "history_epochs": [h["epoch"] for h in res["history"] if "test_accuracy" in h]}
-                        save_model(res["model"].cpu(), spath_student, student_name, {}, data.info,
+                        if "saved" in res:  # its synthetic set's grid, for the report
+                            row["samples"] = f"{pair.name}/synthetic/{name}{tag}/samples.png"
+                        save_model(res["model"].cpu(), spath_student, pair.student, pair.student_args or {}, data.info,
                                    **dict(res.get("saved", {}), test_accuracy=row["accuracy"], objective=name,
                                           teacher_sha256=desc["sha256"], row=row, settings=canonical(settings)))
                         _state(d, name, tag).unlink(missing_ok=True)
@@ -241,7 +272,7 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                 if ranks.main and fresh:  # a student found finished waits for the next one made, or the end
                     write_results(out, rows, cfg, t0, final=False, class_names=data.info.class_names)
                 if cfg.progress:
-                    print(f"{net} -> {student_name} {name} seed {seed}: {100 * row['accuracy']:.2f}%"
+                    print(f"{pair.teacher} -> {pair.student} {name} seed {seed}: {100 * row['accuracy']:.2f}%"
                           + (f" (paper {100 * row['paper_accuracy']:.2f}%)" if row["paper_accuracy"] else ""), flush=True)
         if ranks.main:
             # all rows (left as they were when they hold them already)

@@ -1,10 +1,15 @@
-"""What ``dfkd run`` makes: the network pairs and each profile's recipe (``PAIRS``, ``PROFILES``), and
-the published numbers its table shows beside its own (``PAPER``, ``DAFL_NOISE``)."""
+"""What ``dfkd run`` makes: the network pairs and each profile's recipe (``PAIRS``, ``PROFILES``; a user's
+own pair, ``OWN``; both as ``Pair``), and the published numbers its table shows beside its own (``PAPER``,
+``DAFL_NOISE``)."""
 from __future__ import annotations
 
-from .config import RunConfig
+from dataclasses import dataclass
+
+from .config import RunConfig, default
+from .errors import DfkdError
 from .kinds import KINDS
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVES, known, needs
+from .specs import RANDOM_WEIGHTS, ModelRef, parse_args, require_weights
 
 PAIRS = {"lenet5": "lenet5-half", "hinton-1200": "hinton-800"}
 # Lopes et al. (2017), Table 1 (MNIST test accuracy, %). The paper has no noise baseline.
@@ -40,20 +45,130 @@ PROFILES = {
                  recipe={"lenet5": dict(n=40, steps=5), "hinton-1200": dict(n=40, steps=5, jitter=2)}),
 }
 
+# A user's own pair (``dfkd run --teacher ... --student ...``), per profile: the teacher's epochs (where the run
+# trains it), the reconstruction recipe (``ReconstructConfig`` fields) and the distillation's; the real-data
+# students train for the distillation's epochs. The objective follows from what the teacher offers (``pipeline``).
+OWN = {
+    "quick": dict(teacher_epochs=3, recipe=dict(n=2000, steps=200, batch_size=500, lr=0.2, jitter=2, tv=0.05),
+                  distill=dict(epochs=30, batch_size=64, lr=0.01, augment="affine+cutmix")),
+    "tiny": dict(teacher_epochs=1, recipe=dict(n=40, steps=5, batch_size=20, lr=0.2, jitter=2, tv=0.05),
+                 distill=dict(epochs=1, batch_size=64, lr=0.01, augment="affine+cutmix")),
+}
 
-def recipe(cfg: RunConfig, net: str) -> dict:
-    """The ``ReconstructConfig`` fields for ``net`` under ``cfg`` (the profile's, with its overrides)."""
-    r = dict(PROFILES[cfg.profile]["recipe"][net])
-    if cfg.images is not None:
-        r["n"] = cfg.images
-    if cfg.steps is not None:
-        r["steps"] = cfg.steps
-    return r
+
+@dataclass(frozen=True)
+class Pair:
+    """One teacher -> student pair of a run: a registry network and its registry student, or a user's own."""
+    name: str               # its sub-folder of the run directory
+    teacher: str            # the table's teacher; the spec the run builds and trains when given no trained teacher
+    student: str            # a registry name or code (FILE.py:factory, module:factory)
+    teacher_epochs: int
+    student_epochs: int     # the real-data student's (and real-KD's) epochs
+    student_lr: float       # and their learning rate
+    recipe: dict            # ReconstructConfig fields but the objective and the seed
+    distill: dict           # DistillConfig fields but the seed
+    teacher_args: dict | None = None
+    student_args: dict | None = None
+    own: bool = False       # a user's: no paper figures, its objective from what the teacher offers
+
+
+def _sized(r: dict, cfg: RunConfig) -> dict:
+    """A recipe with the run's overrides (``images``, ``steps``)."""
+    return dict(r, **({"n": cfg.images} if cfg.images is not None else {}),
+                **({"steps": cfg.steps} if cfg.steps is not None else {}))
+
+
+def given_teacher(cfg: RunConfig) -> ModelRef | None:
+    """The trained teacher the run is given, or None: it trains one (a registry network, or the user's own
+    teacher given as code without weights)."""
+    if not cfg.teacher:
+        return None
+    m = ModelRef(cfg.teacher, cfg.weights, {}, cfg.code)
+    if cfg.student is not None and m.is_spec and cfg.weights is None:
+        return None
+    require_weights(m)
+    return m
+
+
+OWN_FLAGS = ("weights", "teacher_args", "student_args", "stats", "normalize")  # for an own pair only
+
+
+def _check_own(cfg: RunConfig) -> None:
+    """Refuse what a run of the user's own pair cannot take (or would ignore), in one line each."""
+    if not cfg.teacher:
+        raise DfkdError("student", "your own student needs your teacher: give --teacher too")
+    if cfg.profile not in OWN:
+        raise DfkdError("profile", f"profile {cfg.profile} is for the paper's networks; your own pair runs under "
+                        f"{' or '.join(OWN)}")
+    if cfg.teachers or cfg.networks != default(RunConfig, "networks"):
+        raise DfkdError("teachers" if cfg.teachers else "networks", "is for the paper's networks; your own pair is "
+                        "--teacher and --student")
+    spec = ModelRef(cfg.teacher).is_spec
+    if cfg.weights == RANDOM_WEIGHTS:
+        raise DfkdError("weights", "dfkd run distils a trained teacher: a freshly initialised one teaches nothing")
+    if not spec and (cfg.weights or cfg.teacher_args):
+        raise DfkdError("teacher_args" if cfg.teacher_args else "weights", f"{cfg.teacher} is a saved model: it "
+                        "brings its own weights and arguments")
+    if spec and not cfg.weights and cfg.stats:
+        raise DfkdError("stats", "the run trains this teacher (no --weights) and records its statistics itself; "
+                        "give --weights for a trained one")
+
+
+def check(cfg: RunConfig) -> None:
+    """Refuse, in one line each, a run config that cannot run."""
+    if cfg.profile not in PROFILES:
+        raise DfkdError("profile", f"unknown profile {cfg.profile!r}; choose one of {', '.join(PROFILES)}")
+    if cfg.student is not None:
+        _check_own(cfg)
+    bad = [n for n in cfg.networks if n not in PAIRS]
+    if cfg.student is None and (bad or not cfg.networks):
+        raise DfkdError("networks", f"unknown network(s) {bad}; choose from {', '.join(PAIRS)}")
+    bad = [o for o in cfg.objectives or () if not (known(o) if cfg.student else o in OBJECTIVES)]
+    if bad:
+        raise DfkdError("objectives", f"unknown objective(s) {bad}; choose from {', '.join(OBJECTIVES)}"
+                        + (" (a metadata objective and bn-stats combine with +)" if cfg.student else ""))
+    # dfkd run records the default kinds only (its statistics are shared by every objective of a network)
+    extra = [(o, k) for o in cfg.objectives or () for k in needs(o) if k not in KINDS]
+    if extra and (cfg.student is None or given_teacher(cfg) is None):
+        k = extra[0][1]
+        raise DfkdError("objectives", f"{', '.join(dict.fromkeys(o for o, _ in extra))}: dfkd run records only the "
+                        f"default kinds ({', '.join(KINDS)}); record {k} with dfkd record --kinds {k} and use dfkd "
+                        "reconstruct")
+    if (cfg.images is not None and cfg.images <= 0) or (cfg.steps is not None and cfg.steps < 0):
+        raise DfkdError("images", "images must be > 0 and steps >= 0")
+    if cfg.epochs is not None and cfg.epochs <= 0:
+        raise DfkdError("epochs", "must be > 0")
+    if cfg.seeds < 1:
+        raise DfkdError("seeds", "must be >= 1")
+    if cfg.student is None and cfg.teacher and (ModelRef(cfg.teacher).is_spec or len(cfg.networks) != 1):
+        raise DfkdError("teacher", "a given teacher needs exactly one network (or your own student: --student)"
+                        if len(cfg.networks) != 1 else f"for the paper's networks dfkd run takes a saved teacher; "
+                        f"{cfg.teacher} builds a new network (your own teacher and student: --student)")
+    if cfg.student is None and any(getattr(cfg, f) is not None for f in OWN_FLAGS):
+        raise DfkdError("student", "--weights, --teacher-args, --student-args, --stats and --normalize are for "
+                        "your own pair: give --teacher and --student")
+
+
+def pairs(cfg: RunConfig) -> list[Pair]:
+    """The run's pairs: with ``student``, the user's own (teacher ``teacher``); else one per registry network.
+    A config that cannot run is refused in one line (``check``)."""
+    check(cfg)
+    p = PROFILES[cfg.profile]
+    if cfg.student is None:
+        return [Pair(net, net, PAIRS[net], p["teacher_epochs"], p["baseline_epochs"][net], 1e-3,
+                     _sized(dict(p["recipe"][net], batch_size=p["batch_size"]), cfg),
+                     dict(p["distill"], **({"epochs": cfg.epochs} if cfg.epochs else {}))) for net in cfg.networks]
+    o = OWN[cfg.profile]
+    epochs = cfg.epochs or o["distill"]["epochs"]
+    return [Pair("own", cfg.teacher, cfg.student, o["teacher_epochs"], epochs, o["distill"]["lr"], _sized(o["recipe"], cfg),
+                 dict(o["distill"], epochs=epochs), parse_args(cfg.teacher_args, "teacher_args"),
+                 parse_args(cfg.student_args, "student_args"), own=True)]
 
 
 def objectives(cfg: RunConfig, net: str) -> tuple[str, ...]:
+    """A registry network's objectives: the run's, else the profile's, else every objective on the default
+    kinds (which dfkd run records) and noise; not bn-stats."""
     if cfg.objectives is not None:
         return tuple(cfg.objectives)
-    # by default every objective on the default kinds (which dfkd run records), and noise; not bn-stats
     return PROFILES[cfg.profile].get("objectives", {}).get(net, tuple(
         o for o, cls in OBJECTIVES.items() if o != "bn-stats" and cls.kind in (None, *KINDS)))

@@ -1,15 +1,19 @@
 """``dfkd run``'s results: ``results.json`` (``rows``, one per student; ``cells``, per teacher and objective the
-seeds' mean, min and max) and ``results.md``, the table with the paper's numbers beside ours."""
+seeds' mean, min and max) and ``results.md``, the report: the table with the paper's numbers beside ours (on
+its data), the command that makes it again, the students' accuracy curve (``curve.svg``) and a grid of each
+synthetic set's images."""
 from __future__ import annotations
 
 import json
+import shlex
 import time
+from dataclasses import fields
 from pathlib import Path
 
-from .config import RunConfig, to_dict
+from .config import RunConfig, flag, to_dict
 from .errors import DfkdError
 from .files import atomic_write, read_bytes, read_json, write_json
-from .profiles import DAFL_NOISE, PROFILES
+from .profiles import DAFL_NOISE, OWN, PROFILES
 
 
 def cells(rows: list[dict]) -> list[dict]:
@@ -32,8 +36,8 @@ def cells(rows: list[dict]) -> list[dict]:
 
 def paper_data(cfg: RunConfig) -> bool:
     """Whether the run is on the data the paper measured on (the bundled MNIST): only then do the paper's
-    figures (and DAFL's noise baseline) stand beside its networks' rows."""
-    return cfg.data == "mnist"
+    figures (and DAFL's noise baseline) stand beside its networks' rows, never beside a user's own pair."""
+    return cfg.data == "mnist" and cfg.student is None
 
 
 def table(rows: list[dict], paper: bool = True) -> str:
@@ -47,7 +51,7 @@ def table(rows: list[dict], paper: bool = True) -> str:
         dtxt = "" if fig is None else f"{100 * (acc - fig):+.2f}"
         spread = f"{100 * c['min']:.2f}..{100 * c['max']:.2f}" if len(c["accuracies"]) > 1 else ""
         lines.append(
-            f"| {c['teacher']} | {c['student']} | {c['objective']} | {100 * acc:.2f} | {spread} | {len(c['accuracies'])} "
+            f"| {_md(c['teacher'])} | {_md(c['student'])} | {c['objective']} | {100 * acc:.2f} | {spread} | {len(c['accuracies'])} "
             + (f"| {ptxt} | {dtxt} " if paper else "")
             + f"| {100 * acc / c['teacher_accuracy']:.1f} | {s.get('reconstruct', 0):.0f} | "
             f"{s.get('distill', s.get('train', 0)):.0f} | {c['image_steps']:,} |")
@@ -57,14 +61,88 @@ def table(rows: list[dict], paper: bool = True) -> str:
         s["train teacher"] = max(s["train teacher"], r["seconds"].get("teacher_train", 0.0))
         s["record"] = max(s["record"], r["seconds"].get("record", 0.0))
     lines.append("")
-    lines += [f"{t}: " + ", ".join(f"{k} {v:.0f} s" for k, v in s.items()) + "  " for t, s in stages.items()]
+    lines += [f"{_md(t)}: " + ", ".join(f"{k} {v:.0f} s" for k, v in s.items()) + "  " for t, s in stages.items()]
     if paper:
         lines.append("noise: the paper has no noise baseline; DAFL's, with other noise, reports "
                      + ", ".join(f"{v:.2f}% ({k})" for k, v in DAFL_NOISE.items()) + ".")
     return "\n".join(lines) + "\n"
 
 
-HOW = ("device", "progress", "restart")  # how a run runs, not what it made
+RUNS = ("device", "progress", "restart")  # how a run runs
+HOW = RUNS + ("code",)  # and the code it may import: not what it made
+# the fields of a user's own pair: a results document leaves them out where unset, as one written before them did
+OWN_FIELDS = ("weights", "teacher_args", "student", "student_args", "stats", "normalize", "code")
+
+
+def _config(cfg: RunConfig) -> dict:
+    return {k: v for k, v in to_dict(cfg).items() if not (k in OWN_FIELDS and v in (None, [], ()))}
+
+
+def command(cfg: RunConfig) -> str:
+    """The ``dfkd run`` command that makes these results again: every field that is not its default (but for
+    how the run ran), spelt by its flag."""
+    words = ["dfkd", "run"]
+    for f in fields(RunConfig):
+        v = getattr(cfg, f.name)
+        if f.name in RUNS or v == f.default:
+            continue
+        spelt = flag(f) or "--" + f.name  # code: the --code flag every verb shares, once per file
+        if isinstance(v, bool):
+            words.append(spelt)
+        elif f.name == "code":
+            words += [w for c in v for w in ("--code", c)]
+        else:
+            words += [spelt, ",".join(v) if isinstance(v, tuple) else str(v)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _label(r: dict, rows: list[dict]) -> str:
+    """A student's name in the report: its objective and seed, and its teacher where the run has several."""
+    many = len({x["teacher"] for x in rows}) > 1
+    return (f"{r['teacher']} " if many else "") + f"{r['objective']} seed {r.get('seed', 0)}"
+
+
+def _md(text: str) -> str:
+    """Text set in a Markdown table or line: no cell break, code span or HTML from the data's names."""
+    return " ".join(str(text).split()).replace("|", "\\|").replace("`", "'").replace("<", "&lt;")
+
+
+def _xml(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def curve(rows: list[dict], width: int = 720) -> bytes:
+    """The students' test accuracy per epoch as an SVG line chart, one line (and legend entry) per student,
+    from its first measured epoch; 0..100 %."""
+    runs = [r for r in rows if r.get("history") and r.get("history_epochs")]
+    last = max([e for r in runs for e in r["history_epochs"]] or [1])
+    height = max(320, 48 + 16 * len(runs))
+    left, bottom, top, right = 48, height - 32, 16, width - 260
+    def x(e): return left + (right - left) * e / max(last, 1)  # noqa: E704
+    def y(a): return bottom - (bottom - top) * a  # noqa: E704
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           'font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>']
+    for a in range(0, 101, 20):
+        out.append(f'<line x1="{left}" x2="{right}" y1="{y(a / 100):.1f}" y2="{y(a / 100):.1f}" stroke="#ddd"/>'
+                   f'<text x="{left - 6}" y="{y(a / 100) + 4:.1f}" text-anchor="end">{a}%</text>')
+    out.append(f'<text x="{(left + right) / 2:.0f}" y="{height - 6}" text-anchor="middle">epoch (of {last})</text>')
+    for i, r in enumerate(runs):
+        c = f"hsl({round(360 * i / len(runs))},70%,40%)"  # as many hues as students
+        pts = " ".join(f"{x(e):.1f},{y(a):.1f}" for e, a in zip(r["history_epochs"], r["history"]))
+        label = f"{_label(r, runs)}: {100 * r['history'][-1]:.2f}%"
+        out.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="1.5"/>'
+                   f'<text x="{right + 8}" y="{top + 16 * i + 4}" fill="{c}">{_xml(label)}</text>')
+    return ("\n".join(out) + "\n</svg>\n").encode()
+
+
+def _keep_or_write(path: Path, content: bytes) -> None:
+    """Write ``content`` atomically unless ``path`` holds it already (a resumed run rewrites nothing)."""
+    try:
+        same = path.is_file() and read_bytes(path, path.name) == content
+    except DfkdError:
+        same = False
+    if not same:
+        atomic_write(path, content)
 
 
 def _made(doc: dict) -> dict:
@@ -89,7 +167,8 @@ def write_results(out: Path, rows: list[dict], cfg: RunConfig, t0: float, final:
     the final write. Both name the data (its spec and class names); the paper's figures stand beside the
     rows on the paper's data only (``paper_data``)."""
     data = {"spec": cfg.data, "class_names": list(class_names) if class_names else None}
-    doc = json.loads(json.dumps({"config": to_dict(cfg), "profile": PROFILES[cfg.profile], "data": data,
+    recipe = OWN[cfg.profile] if cfg.student is not None else PROFILES[cfg.profile]
+    doc = json.loads(json.dumps({"config": _config(cfg), "profile": recipe, "data": data,
                                  "rows": rows, "cells": cells(rows)}))
     old = _old(out / "results.json")
     if not final and old is not None and _made(old)["config"] == _made(doc)["config"] \
@@ -104,14 +183,15 @@ def write_results(out: Path, rows: list[dict], cfg: RunConfig, t0: float, final:
         wall = time.perf_counter() - t0 if wall is None else wall
         write_json(out / "results.json", dict(doc, wall_seconds=wall))
     seeds = f", mean of {cfg.seeds} seeds" if cfg.seeds > 1 else ""
-    names = f" ({len(class_names)} classes: {', '.join(class_names)})" if class_names else ""
-    what = "MNIST, test accuracy on its 10,000 real test images" if paper_data(cfg) else \
-        f"`{cfg.data}`{names}, test accuracy on its real test split"
+    names = f" ({len(class_names)} classes: {', '.join(map(_md, class_names))})" if class_names else ""
+    what = "MNIST, test accuracy on its 10,000 real test images" if cfg.data == "mnist" else \
+        f"`{cfg.data.replace('`', chr(39))}`{names}, test accuracy on its real test split"
+    _keep_or_write(out / "curve.svg", curve(rows))
+    grids = [f"![{_md(_label(r, rows))}]({r['samples']})" for r in rows
+             if isinstance(r.get("samples"), str) and (out / r["samples"]).is_file()]
     md = (f"# dfkd results: {what} against the true labels, last epoch{seeds}\n\n"
-          + table(rows, paper_data(cfg)) + f"\nwall time so far: {wall:.0f} s\n").encode()
-    try:
-        same = (out / "results.md").is_file() and read_bytes(out / "results.md", "results.md") == md
-    except DfkdError:
-        same = False
-    if not same:
-        atomic_write(out / "results.md", md)
+          + table(rows, paper_data(cfg)) + f"\nwall time so far: {wall:.0f} s\n\n"
+          + f"Made by (from the folder the run was started in):\n\n```\n{command(cfg)}\n```\n\n"
+          + "Test accuracy per epoch:\n\n![accuracy per epoch](curve.svg)\n"
+          + ("\nSynthetic images, one row per class:\n\n" + "\n\n".join(grids) + "\n" if grids else "")).encode()
+    _keep_or_write(out / "results.md", md)

@@ -189,16 +189,17 @@ def readme_commands(section: str) -> list[list[str]]:
 
 
 # appended to the README's commands in CI (argparse keeps the last value): small sizes only
-SMALL = {"colour_digits.py": ["--train", "600", "--test", "200"], "train": ["--epochs", "1"],
-         "reconstruct": ["--images", "40", "--batch-size", "20", "--steps", "3"], "distill": ["--epochs", "1"]}
+SMALL = {"colour_digits.py": ["--train", "600", "--test", "200"], "run": ["--profile", "tiny"]}
 
 
 def test_readme_own_model_section_runs_as_written(tmp_path):
-    """A user's own BN/residual teacher and GELU student on a colour image folder, from the README."""
+    """A user's own BN/residual teacher and GELU student on a colour image folder, from the README: one
+    command. Its teacher has BatchNorm and the run records its statistics, so both objectives run; the
+    report names the data, sets no paper figure beside it, and gives the command that makes it again,
+    which, run again, finds every student finished and rewrites nothing."""
     cmds = readme_commands("## Your own model and data")
-    assert [c[1] if c[0] == "dfkd" else c[1].split("/")[-1] for c in cmds] == \
-        ["colour_digits.py", "train", "record", "reconstruct", "distill", "evaluate"]
-    out = ""
+    assert [c[1] if c[0] == "dfkd" else c[1].split("/")[-1] for c in cmds] == ["colour_digits.py", "run"]
+    examples = sorted(p.name for p in (ROOT / "examples").iterdir())
     for cmd in cmds:
         name = cmd[1] if cmd[0] == "dfkd" else cmd[1].split("/")[-1]
         argv = [sys.executable] + (["-m", "dfkd"] + cmd[1:] if cmd[0] == "dfkd" else cmd[1:])
@@ -208,11 +209,37 @@ def test_readme_own_model_section_runs_as_written(tmp_path):
                            capture_output=True, text=True, timeout=900,
                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
         assert r.returncode == 0, (cmd, r.stderr)
-        out = r.stdout
-    assert "test accuracy" in out and "agreement" in out
-    desc = json.loads(next(tmp_path.rglob("teacher.json")).read_text())
+    out = tmp_path / "runs" / "colour"
+    # the teacher it trained and the statistics it recorded lie in the run's folder, nowhere beside the code
+    assert (out / "own" / "teacher.stats.safetensors").is_file()
+    assert sorted(p.name for p in (ROOT / "examples").iterdir()) == examples
+    desc = json.loads((out / "own" / "teacher.json").read_text())
     assert desc["data"]["shape"] == [3, 32, 32] and len(desc["data"]["mean"]) == 3
-    assert desc["model"]["spec"].endswith("own_model.py:teacher")
+    assert desc["model"]["spec"].endswith("own_model.py:teacher") and desc["model"]["args"] == {"in_channels": 3}
+    res = json.loads((out / "results.json").read_text())
+    assert [row["objective"] for row in res["rows"]] == ["real-data", "real-kd", "all-layers+bn-stats"]
+    assert {row["student"] for row in res["rows"]} == {f"{ROOT}/examples/own_model.py:student"}
+    # the student saved is the one in the table: its accuracy measured again by dfkd evaluate
+    r = dfkd("evaluate", out / "own" / "students" / "all-layers+bn-stats", "--code", ROOT / "examples" / "own_model.py",
+             "--json", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout[r.stdout.index("{"):])["accuracy"] == pytest.approx(res["rows"][-1]["accuracy"], abs=1e-12)
+    md = (out / "results.md").read_text()
+    assert md.startswith("# dfkd results: `folder:data/colour-digits` (10 classes: 0, 1, 2,")
+    assert "MNIST" not in md and "paper" not in md
+    grid = "own/synthetic/all-layers+bn-stats/samples.png"
+    assert f"]({grid})" in md and (out / grid).read_bytes().startswith(b"\x89PNG")
+    assert "](curve.svg)" in md
+    svg = (out / "curve.svg").read_text()
+    assert svg.startswith("<svg") and svg.count("<polyline") == 3
+    made = re.search(r"```\n(dfkd run .*)\n```", md).group(1)
+    assert "--profile tiny" in made and "--normalize auto" in made and "--quiet" not in made
+    files = [out / "results.json", out / "results.md", out / "curve.svg"] + sorted((out / "own").rglob("*.json"))
+    before = [f.read_bytes() for f in files]
+    again = subprocess.run([sys.executable, "-m", "dfkd"] + shlex.split(made)[1:] + ["--quiet"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert again.returncode == 0, again.stderr
+    assert [f.read_bytes() for f in files] == before
 
 
 # --- how a run ends when the user stops it, or stops reading it -----------------------------------

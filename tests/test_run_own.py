@@ -1,0 +1,133 @@
+"""``dfkd run`` on a user's own teacher and student: the recipe follows from what the teacher offers
+(BatchNorm and a statistics file, BatchNorm alone, a statistics file alone), a given teacher is used as it
+is (its statistics read, never recorded), and its accuracy in the table is the one it was trained to.
+(The README's one command, where the run trains the teacher: tests/test_cli.py; refusals:
+tests/test_bad_input.py.)"""
+import json
+from types import SimpleNamespace
+
+import pytest
+from safetensors import safe_open
+
+from dfkd.cli import main
+from dfkd.config import RecordConfig, TrainConfig
+from dfkd.profiles import OWN as OWN_RECIPES
+from dfkd.recording import record_file
+from dfkd.sources import data_sha256
+from dfkd.specs import DataRef, ModelRef
+from dfkd.training import train_file
+from tests.conftest import OWN
+
+ARGS = '{"in_channels": 3, "width": 4}'
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory, colour_dir):
+    """The user's BN teacher and a plain (no BatchNorm) one, trained 1 epoch on the colour folder with
+    --normalize auto; only the plain one has its statistics recorded."""
+    d = tmp_path_factory.mktemp("own")
+    data = DataRef(f"folder:{colour_dir}", normalize="auto")
+    for name in ("teacher", "student"):
+        train_file(ModelRef(f"{OWN}:{name}", args=json.loads(ARGS)), data, d / name, TrainConfig(epochs=1))
+    record_file(ModelRef(str(d / "student"), code=(str(OWN),)), DataRef(), None, RecordConfig())
+    return d, f"folder:{colour_dir}"
+
+
+def run(tmp, *args, baselines=False, student_args=ARGS, code=0):
+    got = main(["run", "--profile", "tiny", "--student", f"{OWN}:student", "--student-args", student_args, "--quiet",
+                "--out", str(tmp), *map(str, args)] + ([] if baselines else ["--no-baselines"]))
+    assert got == code
+    return json.loads((tmp / "results.json").read_text())["rows"] if code == 0 else None
+
+
+def test_given_weights_without_statistics_run_bn_stats_and_record_nothing(own, tmp_path):
+    """A BN teacher given as code and weights, no statistics file beside them: bn-stats alone, and no
+    statistics file written. The table's teacher accuracy is the one it was trained to: the same weights
+    behind the same normalisation (recomputed by --normalize auto), on the same test split."""
+    d, data = own
+    rows = run(tmp_path, "--teacher", f"{OWN}:teacher", "--teacher-args", ARGS, "--weights", d / "teacher.safetensors",
+               "--normalize", "auto", "--data", data)
+    assert [r["objective"] for r in rows] == ["bn-stats"]
+    assert not (d / "teacher.stats.safetensors").exists() and not list(tmp_path.rglob("*.stats.safetensors"))
+    trained = json.loads((d / "teacher.json").read_text())["test_accuracy"]
+    assert rows[0]["teacher_accuracy"] == pytest.approx(trained, abs=1e-12)
+    assert rows[0]["seconds"]["teacher_train"] == 0.0  # used as it is, not trained again
+
+
+@pytest.mark.parametrize("change", [("--normalize", "none"), ("--student-args", '{"in_channels": 3, "width": 5}'),
+                                    ("--teacher-args", '{"in_channels": 3, "width": 4, "num_classes": 10}')])
+def test_a_resumed_own_run_with_other_settings_is_refused(own, tmp_path, capsys, change):
+    """The same output folder, one flag changed (the normalisation, the student's or the teacher's arguments):
+    the finished student is not taken for this run's; the run is refused in one line, and its files are kept."""
+    d, data = own
+    given = ["--teacher", f"{OWN}:teacher", "--weights", d / "teacher.safetensors", "--data", data]
+    args = dict(zip(("--normalize", "--student-args", "--teacher-args"), ("auto", ARGS, ARGS)))
+    run(tmp_path, *given, "--normalize", args["--normalize"], "--teacher-args", args["--teacher-args"])
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and ".lock" not in p.name}
+    capsys.readouterr()
+    args[change[0]] = change[1]
+    run(tmp_path, *given, "--normalize", args["--normalize"], "--teacher-args", args["--teacher-args"],
+        student_args=args["--student-args"], code=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dfkd: ") and "other settings" in err[0] and "--restart" in err[0], err
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_a_statistics_file_beside_a_bn_teacher_adds_the_metadata_objective(own, tmp_path):
+    """The same teacher, its statistics recorded beside it (the publisher's file): both objectives, the
+    synthetic set made from that very file, which the run leaves as it was."""
+    d, data = own
+    stats = d / "teacher.stats.safetensors"
+    record_file(ModelRef(str(d / "teacher"), code=(str(OWN),)), DataRef(), None, RecordConfig())
+    before = stats.read_bytes()
+    try:
+        rows = run(tmp_path, "--teacher", d / "teacher", "--code", OWN, "--data", data)
+        assert [r["objective"] for r in rows] == ["all-layers+bn-stats"]
+        manifest = json.loads((tmp_path / "own" / "synthetic" / "all-layers+bn-stats" / "manifest.json").read_text())
+        with safe_open(str(stats), "pt") as f:  # read here with safetensors itself
+            assert manifest["stats_sha256"] == json.loads(f.metadata()["dfkd"])["tensors_sha256"]
+        assert stats.read_bytes() == before
+    finally:
+        stats.unlink()  # the other tests' teacher has none
+
+
+def test_a_teacher_without_batchnorm_runs_on_its_statistics(own, tmp_path):
+    """A teacher with no BatchNorm layer and its statistics file (given with --stats): all-layers alone."""
+    d, data = own
+    stats = d / "student.stats.safetensors"
+    rows = run(tmp_path, "--teacher", d / "student", "--code", OWN, "--stats", stats, "--data", data, baselines=True)
+    assert [r["objective"] for r in rows] == ["real-data", "real-kd", "all-layers"]
+    assert rows[0]["teacher_accuracy"] == pytest.approx(json.loads((d / "student.json").read_text())["test_accuracy"],
+                                                        abs=1e-12)
+    manifest = json.loads((tmp_path / "own" / "synthetic" / "all-layers" / "manifest.json").read_text())
+    with safe_open(str(stats), "pt") as f:
+        assert manifest["stats_sha256"] == json.loads(f.metadata()["dfkd"])["tensors_sha256"]
+    # the baselines: the same student on the real images, for the distillation's epochs at its lr
+    for name in ("real-data", "real-kd"):
+        config = json.loads((tmp_path / "own" / "students" / f"{name}.json").read_text())["settings"]["config"]
+        assert (config["epochs"], config["lr"]) == (OWN_RECIPES["tiny"]["distill"]["epochs"], 0.01)
+
+
+def test_the_paper_networks_settings_are_those_runs_made_before(tmp_path):
+    """A registry pair's resume settings (what an earlier run's students and teacher were saved with) are
+    spelt as the run spelt them before own pairs: the same configs, keys and values, so its runs resume."""
+    from dfkd.config import DistillConfig, ReconstructConfig, RunConfig
+    from dfkd.pipeline import _student_settings
+    from dfkd.profiles import PROFILES, pairs
+    from dfkd.resume import config_settings
+    cfg = RunConfig(out=str(tmp_path))
+    p = PROFILES["quick"]
+    for pair in pairs(cfg):
+        net = pair.name
+        desc, meta = {"sha256": "t" * 64}, SimpleNamespace(header={"tensors_sha256": "s" * 64})
+        rc = ReconstructConfig(**dict(p["recipe"][net], objective="all-layers", batch_size=p["batch_size"], seed=1))
+        dc = DistillConfig(**dict(p["distill"], seed=1))
+        assert _student_settings("all-layers", pair, 1, cfg, desc, meta) == {
+            "verb": "run-student", "student": {"lenet5": "lenet5-half", "hinton-1200": "hinton-800"}[net],
+            "objective": "all-layers", "seed": 1, "data": data_sha256("mnist"), "teacher_sha256": "t" * 64,
+            "config": config_settings(dc), "reconstruct": config_settings(rc), "stats_sha256": "s" * 64}
+        base = _student_settings("real-data", pair, 0, cfg, desc, meta)
+        assert base["config"] == config_settings(TrainConfig(epochs=p["baseline_epochs"][net], seed=0))
+        kd = _student_settings("real-kd", pair, 0, cfg, desc, meta)
+        assert kd["config"] == config_settings(DistillConfig(epochs=p["baseline_epochs"][net], augment="affine",
+                                                             schedule="cosine", seed=0))
