@@ -114,7 +114,8 @@ class DistillConfig:
     batch_size: int = opt(64, "examples per step", parse="positive")
     lr: float = opt(1e-3, "Adam's learning rate", parse="positive")
     augment: str = opt("affine+cutmix", "affine, shift or none, optionally +mix (mixup with the reversed batch) or "
-                       "+cutmix (a box pasted from it); the teacher labels every view (needs --teacher)")
+                       "+cutmix (a box pasted from it), then optionally +colour (each image's channels reordered, scaled "
+                       "and shifted at random); the teacher labels every view (needs --teacher)")
     schedule: str = opt("constant", "constant (the paper's plain Adam) or cosine")
     adversarial: float = opt(0.0, "share of each batch pushed towards student-teacher disagreement before the teacher "
                              "labels it (needs --teacher)")

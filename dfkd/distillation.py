@@ -40,7 +40,7 @@ from .synthetic import SyntheticSet
 
 
 BASES, MIXES = ("shift", "affine", "none"), ("mix", "cutmix")  # the views, then what is mixed into them
-AUGMENTS = BASES + tuple(f"{b}+{m}" for b in BASES for m in MIXES)
+AUGMENTS = tuple(b + m + c for b in BASES for m in ("", *(f"+{m}" for m in MIXES)) for c in ("", "+colour"))
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -63,14 +63,29 @@ def cutmix(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.where(box[:, None].to(x.device), x.flip(0), x)
 
 
-def augment(x: torch.Tensor, how: str, g: torch.Generator, pad: int = 2) -> torch.Tensor:
+def recolour(x: torch.Tensor, g: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    """Each sample's channels in a random order, each with a random gain (0.6 to 1.4) and offset (+-10 % of
+    the range ``[lo, hi]``), clamped to that range: per-sample colour jitter (a grey image becomes a tinted
+    one; one channel: brightness and contrast)."""
+    n, c = x.shape[:2]
+    order = torch.argsort(torch.rand(n, c, generator=g), 1).to(x.device)
+    x = torch.gather(x, 1, order.view(n, c, *[1] * (x.dim() - 2)).expand_as(x))
+    gain = (0.6 + 0.8 * torch.rand(n, c, *[1] * (x.dim() - 2), generator=g)).to(x)
+    offset = ((torch.rand(n, c, *[1] * (x.dim() - 2), generator=g) * 2 - 1) * 0.1 * (hi - lo)).to(x)
+    return (x * gain + offset).clamp(lo, hi)
+
+
+def augment(x: torch.Tensor, how: str, g: torch.Generator, pad: int = 2, lo: float = 0.0,
+            hi: float = 1.0) -> torch.Tensor:
     """Augment a batch of raw images (zero is black): ``shift`` translates the whole batch by up
     to ``pad`` pixels (zero-filled); ``affine`` gives every sample its own random rotation
     (+-15 degrees), scale (0.9 to 1.1) and translation (+-``pad`` pixels), bilinear with zero fill;
     then ``+mix`` mixes each sample with its partner in the reversed batch (``lam ~ U(0, 1)`` per
-    sample; vectors too) and ``+cutmix`` pastes a box of the partner into it (``cutmix``). The
+    sample; vectors too) and ``+cutmix`` pastes a box of the partner into it (``cutmix``); last,
+    ``+colour`` jitters each image's colours within the raw range ``[lo, hi]`` (``recolour``). The
     teacher labels the result, so mixed views need no mixed labels."""
-    base, _, mix = how.partition("+")
+    base, *rest = how.split("+")
+    mix = next((m for m in rest if m in MIXES), "")
     if x.dim() == 4 and base == "affine":
         n, h = len(x), x.shape[2]
         ang = (torch.rand(n, generator=g) * 2 - 1) * (math.pi / 12)
@@ -88,6 +103,8 @@ def augment(x: torch.Tensor, how: str, g: torch.Generator, pad: int = 2) -> torc
         x = lam * x + (1 - lam) * x.flip(0)
     elif mix == "cutmix" and x.dim() == 4:
         x = cutmix(x, g)
+    if "colour" in rest and x.dim() == 4:
+        x = recolour(x, g, lo, hi)
     return x
 
 
@@ -154,7 +171,9 @@ def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg
     on_epoch = (lambda m: {"test_accuracy": accuracy(at_input(m, test_info), test)}) if test is not None else None  # noqa: E731
 
     def label(xe, _te, g):  # augment batch by batch (as the steps will see them), label in bulk
-        xa = torch.cat([augment(xe[i:i + cfg.batch_size], cfg.augment, g) for i in range(0, len(xe), cfg.batch_size)])
+        lo, hi = (info.low, info.high) if info is not None else (0.0, 1.0)
+        xa = torch.cat([augment(xe[i:i + cfg.batch_size], cfg.augment, g, lo=lo, hi=hi)
+                        for i in range(0, len(xe), cfg.batch_size)])
         return xa, predict_logits(net_teacher, xa)
 
     k = round(cfg.adversarial * cfg.batch_size)

@@ -46,13 +46,14 @@ PROFILES = {
 }
 
 # A user's own pair (``dfkd run --teacher ... --student ...``), per profile: the teacher's epochs (where the run
-# trains it), the reconstruction recipe (``ReconstructConfig`` fields) and the distillation's; the real-data
-# students train for the distillation's epochs. The objective follows from what the teacher offers (``pipeline``).
+# trains it), the reconstruction recipe (``ReconstructConfig`` fields) and the distillation's (its views
+# recoloured too: colour digits 71.20 % -> 87.70 %, README); the real-data students train for its epochs.
+# The objective follows from what the teacher offers (``own.offered``).
 OWN = {
     "quick": dict(teacher_epochs=3, recipe=dict(n=2000, steps=200, batch_size=500, lr=0.2, jitter=2, tv=0.05),
-                  distill=dict(epochs=30, batch_size=64, lr=0.01, augment="affine+cutmix")),
+                  distill=dict(epochs=30, batch_size=64, lr=0.01, augment="affine+cutmix+colour")),
     "tiny": dict(teacher_epochs=1, recipe=dict(n=40, steps=5, batch_size=20, lr=0.2, jitter=2, tv=0.05),
-                 distill=dict(epochs=1, batch_size=64, lr=0.01, augment="affine+cutmix")),
+                 distill=dict(epochs=1, batch_size=64, lr=0.01, augment="affine+cutmix+colour")),
 }
 
 

@@ -147,3 +147,42 @@ def test_a_source_split_is_normalised_by_its_own_description_and_the_teacher_kee
     st = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
     distill(st, data.train, teacher, DistillConfig(epochs=1, batch_size=32), test=data.test)
     assert not teacher.training
+
+
+def _affine_fit(src: torch.Tensor, dst: torch.Tensor) -> tuple[float, float, float]:
+    """Least squares ``dst ~ a * src + b`` in float64 (``torch.linalg.lstsq``): ``a``, ``b`` and the largest
+    residual."""
+    A = torch.stack([src.flatten().double(), torch.ones(src.numel(), dtype=torch.float64)], 1)
+    sol = torch.linalg.lstsq(A, dst.flatten().double()[:, None]).solution.flatten()
+    return sol[0].item(), sol[1].item(), (A @ sol - dst.flatten().double()).abs().max().item()
+
+
+def test_colour_views_reorder_scale_and_shift_each_images_channels():
+    """``+colour``: each output channel of an image is one of its input channels under its own gain
+    (0.6..1.4) and offset (+-10 % of the range), the channels in some order; fitted per channel by least
+    squares on images whose three channels differ and stay unclamped (raw range [0, 4]: values 1.2..2.4)."""
+    g = torch.Generator().manual_seed(0)
+    n, ramp = 300, torch.linspace(0, 1, 16 * 16).view(16, 16)
+    x = torch.stack([1.2 + 0.4 * ramp, 1.2 + 0.4 * ramp.T, 1.2 + 0.4 * ramp.flip(0)]).expand(n, 3, 16, 16).clone()
+    v = augment(x, "none+colour", g, lo=0.0, hi=4.0)
+    assert torch.equal(v, augment(x, "none+colour", torch.Generator().manual_seed(0), lo=0.0, hi=4.0))
+    orders = set()
+    for k in range(n):
+        order = []
+        for c in range(3):
+            fits = [_affine_fit(x[k, s], v[k, c]) for s in range(3)]
+            s = min(range(3), key=lambda i: fits[i][2])
+            a, b, res = fits[s]
+            assert res < 1e-5 and 0.6 - 1e-5 <= a <= 1.4 + 1e-5 and abs(b) <= 0.4 + 1e-5, (k, c, fits)
+            order.append(s)
+        assert sorted(order) == [0, 1, 2]
+        orders.add(tuple(order))
+    assert len(orders) == 6  # every order of three channels turns up among 300 images
+
+
+def test_colour_views_stay_in_the_raw_range_and_tint_grey_images():
+    """Clamped to ``[lo, hi]``; a grey image (three equal channels) comes out tinted: its channels differ."""
+    x = torch.rand(64, 1, 8, 8).expand(64, 3, 8, 8).clone()
+    v = augment(x, "affine+cutmix+colour", torch.Generator().manual_seed(1))
+    assert v.min() >= 0 and v.max() <= 1
+    assert ((v[:, 0] - v[:, 1]).abs().amax((1, 2)) > 0.05).float().mean() > 0.9
