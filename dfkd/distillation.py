@@ -64,12 +64,13 @@ def cutmix(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def recolour(x: torch.Tensor, g: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
-    """Each sample's channels in a random order, each with a random gain (0.6 to 1.4) and offset (+-10 % of
-    the range ``[lo, hi]``), clamped to that range: per-sample colour jitter (a grey image becomes a tinted
-    one; one channel: brightness and contrast)."""
+    """Per-sample colour jitter: an RGB image's three channels in a random order, then each channel with a
+    random gain (0.6 to 1.4) and offset (+-10 % of the range ``[lo, hi]``), clamped to that range (a grey
+    image becomes a tinted one; other channel counts keep their order: brightness and contrast per channel)."""
     n, c = x.shape[:2]
     order = torch.argsort(torch.rand(n, c, generator=g), 1).to(x.device)
-    x = torch.gather(x, 1, order.view(n, c, *[1] * (x.dim() - 2)).expand_as(x))
+    if c == 3:
+        x = torch.gather(x, 1, order.view(n, c, *[1] * (x.dim() - 2)).expand_as(x))
     gain = (0.6 + 0.8 * torch.rand(n, c, *[1] * (x.dim() - 2), generator=g)).to(x)
     offset = ((torch.rand(n, c, *[1] * (x.dim() - 2), generator=g) * 2 - 1) * 0.1 * (hi - lo)).to(x)
     return (x * gain + offset).clamp(lo, hi)
@@ -171,7 +172,7 @@ def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg
     on_epoch = (lambda m: {"test_accuracy": accuracy(at_input(m, test_info), test)}) if test is not None else None  # noqa: E731
 
     def label(xe, _te, g):  # augment batch by batch (as the steps will see them), label in bulk
-        lo, hi = (info.low, info.high) if info is not None else (0.0, 1.0)
+        lo, hi = (info.low, info.high) if info is not None else (float(xe.min()), float(xe.max()))  # else the chunk's
         xa = torch.cat([augment(xe[i:i + cfg.batch_size], cfg.augment, g, lo=lo, hi=hi)
                         for i in range(0, len(xe), cfg.batch_size)])
         return xa, predict_logits(net_teacher, xa)

@@ -13,7 +13,7 @@ from .errors import DfkdError
 from .metadata import Metadata
 from .metadata import load as load_stats
 from .models import batchnorms, code_sha256
-from .objectives import needs
+from .objectives import OBJECTIVES, needs
 from .profiles import Pair
 from .specs import stats_path
 
@@ -45,10 +45,12 @@ def given_statistics(cfg: RunConfig, desc: dict, info: DataInfo) -> tuple[Metada
     return meta, spath
 
 
-def offered(cfg: RunConfig, teacher: nn.Module, has_stats: bool, spath: Path | None) -> tuple[str, ...]:
+def offered(cfg: RunConfig, teacher: nn.Module, meta: Metadata | None, has_stats: bool,
+            spath: Path | None) -> tuple[str, ...]:
     """An own pair's objectives: the ones asked for, else what the teacher offers: BatchNorm and statistics,
     ``all-layers+bn-stats``; BatchNorm alone, ``bn-stats``; statistics alone, ``all-layers``; neither, refused.
-    ``has_stats``: a statistics file is given, or the run records one."""
+    A given file without an all-layers record serves the first objective its kinds do. ``has_stats``: a
+    statistics file is given (``meta``), or the run records one (the default kinds)."""
     if cfg.objectives is not None:
         need = [o for o in cfg.objectives if needs(o)]
         if need and not has_stats:
@@ -58,7 +60,12 @@ def offered(cfg: RunConfig, teacher: nn.Module, has_stats: bool, spath: Path | N
     if not (bn or has_stats):
         raise DfkdError("stats", f"the teacher has no BatchNorm layer, so its statistics file is needed and there "
                         f"is none at {spath}: record one with dfkd record, or give --stats FILE")
-    return ("all-layers+bn-stats",) if bn and has_stats else ("bn-stats",) if bn else ("all-layers",)
+    # the file's all-layers record, else the first objective its kinds serve (one the run records: all-layers)
+    held = meta.kinds if meta is not None else ["all-layers"] if has_stats else []
+    stats = "all-layers" if "all-layers" in held else next((o for o, c in OBJECTIVES.items() if c.kind in held), None)
+    if not bn and stats is None:
+        raise DfkdError(spath, f"holds no statistic a metadata objective reads ({', '.join(held)})")
+    return ((f"{stats}+bn-stats",) if stats else ("bn-stats",)) if bn else (stats,)
 
 
 def own_settings(settings: dict, pair: Pair, cfg: RunConfig, desc: dict) -> dict:

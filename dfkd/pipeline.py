@@ -26,6 +26,7 @@ from .config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, R
 from .distillation import distill
 from .errors import DfkdError
 from .files import exclusive, read_json, sweep_temps
+from .data import at_input
 from .loop import accuracy
 from .metadata import load as load_stats
 from .metadata import save as save_stats
@@ -199,14 +200,18 @@ def _preflight(cfg: RunConfig, pair: Pair) -> RunConfig:
         data = open_data(cfg.data, normalize=cfg.normalize)
         teacher, info = build_model(pair.teacher, data.info, **(pair.teacher_args or {}))
         data, meta, spath = open_data(cfg.data, info=info), None, None
-    names = offered(cfg, teacher, meta is not None or not given, spath)
+    names = offered(cfg, teacher, meta, meta is not None or not given, spath)
     student = build_student(pair.student, pair.student_args or {}, data.info)
-    try:
-        with torch.no_grad():
-            student.eval()(torch.zeros(2, *data.info.shape))
-    except Exception as e:  # the user's code can raise anything
-        raise DfkdError("student", f"{pair.student} does not take the data's inputs of shape {data.info.shape} "
-                        f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+    outs = []
+    for what, net in (("teacher", at_input(teacher, data.info)), ("student", student)):
+        try:
+            with torch.no_grad():
+                outs.append(net.eval()(torch.zeros(2, *data.info.shape)).shape[-1])
+        except Exception as e:  # the user's code can raise anything
+            raise DfkdError(what, f"{getattr(pair, what)} does not take the data's inputs of shape "
+                            f"{data.info.shape} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+    if outs[0] != outs[1]:
+        raise DfkdError("student", f"{pair.student} gives {outs[1]} outputs, the teacher {outs[0]}")
     for o in names:
         if meta is not None or not needs(o):
             make_objective(o, meta, teacher, ReconstructConfig(**dict(pair.recipe, objective=o)))

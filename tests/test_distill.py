@@ -5,7 +5,7 @@ from dataclasses import replace
 import torch
 
 from dfkd.config import DistillConfig, ReconstructConfig
-from dfkd.distillation import augment, distill, kd_loss
+from dfkd.distillation import augment, distill, kd_loss, recolour
 from dfkd.models import build_model
 from dfkd.reconstruction import reconstruct
 from dfkd.synthetic import SyntheticSet
@@ -159,25 +159,38 @@ def _affine_fit(src: torch.Tensor, dst: torch.Tensor) -> tuple[float, float, flo
 
 def test_colour_views_reorder_scale_and_shift_each_images_channels():
     """``+colour``: each output channel of an image is one of its input channels under its own gain
-    (0.6..1.4) and offset (+-10 % of the range), the channels in some order; fitted per channel by least
-    squares on images whose three channels differ and stay unclamped (raw range [0, 4]: values 1.2..2.4)."""
+    (0.6..1.4) and offset (+-10 % of the range: +-0.6 for the raw range [-2, 4]), the channels in some order;
+    fitted per channel by least squares on images whose three channels differ and stay unclamped (inputs
+    1.2..1.6, outputs 0.12..2.84). The gains and offsets fill their intervals and differ image to image."""
     g = torch.Generator().manual_seed(0)
     n, ramp = 300, torch.linspace(0, 1, 16 * 16).view(16, 16)
     x = torch.stack([1.2 + 0.4 * ramp, 1.2 + 0.4 * ramp.T, 1.2 + 0.4 * ramp.flip(0)]).expand(n, 3, 16, 16).clone()
-    v = augment(x, "none+colour", g, lo=0.0, hi=4.0)
-    assert torch.equal(v, augment(x, "none+colour", torch.Generator().manual_seed(0), lo=0.0, hi=4.0))
-    orders = set()
+    v = augment(x, "none+colour", g, lo=-2.0, hi=4.0)
+    assert torch.equal(v, augment(x, "none+colour", torch.Generator().manual_seed(0), lo=-2.0, hi=4.0))
+    orders, gains, offsets = set(), [], []
     for k in range(n):
         order = []
         for c in range(3):
             fits = [_affine_fit(x[k, s], v[k, c]) for s in range(3)]
             s = min(range(3), key=lambda i: fits[i][2])
             a, b, res = fits[s]
-            assert res < 1e-5 and 0.6 - 1e-5 <= a <= 1.4 + 1e-5 and abs(b) <= 0.4 + 1e-5, (k, c, fits)
+            assert res < 1e-5 and 0.6 - 1e-5 <= a <= 1.4 + 1e-5 and abs(b) <= 0.6 + 1e-5, (k, c, fits)
             order.append(s)
+            gains.append(a)
+            offsets.append(b)
         assert sorted(order) == [0, 1, 2]
         orders.add(tuple(order))
     assert len(orders) == 6  # every order of three channels turns up among 300 images
+    assert min(gains) < 0.65 and max(gains) > 1.35 and max(map(abs, offsets)) > 0.55  # scaled by the range
+    assert len({round(a, 4) for a in gains[0::3]}) > 250  # drawn per image
+
+
+def test_colour_comes_after_the_views_and_the_mix():
+    """``affine+cutmix+colour`` is ``affine+cutmix`` then ``recolour``, with the same generator carried on."""
+    x = torch.rand(16, 3, 16, 16)
+    got = augment(x, "affine+cutmix+colour", torch.Generator().manual_seed(5), lo=0.0, hi=1.0)
+    g = torch.Generator().manual_seed(5)
+    assert torch.equal(got, recolour(augment(x, "affine+cutmix", g), g, 0.0, 1.0))
 
 
 def test_colour_views_stay_in_the_raw_range_and_tint_grey_images():

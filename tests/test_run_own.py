@@ -108,6 +108,15 @@ def test_a_teacher_without_batchnorm_runs_on_its_statistics(own, tmp_path):
         assert (config["epochs"], config["lr"]) == (OWN_RECIPES["tiny"]["distill"]["epochs"], 0.01)
 
 
+def test_a_file_without_all_layers_serves_the_objective_its_kinds_do(own, tmp_path):
+    """The same no-BatchNorm teacher with a file holding the top-layer record alone: top-layer, not a refusal."""
+    d, data = own
+    stats = tmp_path / "top.stats.safetensors"
+    record_file(ModelRef(str(d / "student"), code=(str(OWN),)), DataRef(), stats, RecordConfig(kinds=("top-layer",)))
+    rows = run(tmp_path / "run", "--teacher", d / "student", "--code", OWN, "--stats", stats, "--data", data)
+    assert [r["objective"] for r in rows] == ["top-layer"]
+
+
 def test_the_paper_networks_settings_are_those_runs_made_before(tmp_path):
     """A registry pair's resume settings (what an earlier run's students and teacher were saved with) are
     spelt as the run spelt them before own pairs: the same configs, keys and values, so its runs resume."""
