@@ -2,17 +2,19 @@
 
 The API speaks in objects: ``train``, ``record``, ``reconstruct``, ``distill`` and ``evaluate``
 take a ``torch.nn.Module``, data (a ``DataSource`` from ``open_data``, any ``Dataset`` or
-``DataLoader`` yielding ``(input, label)``, or tensors) and a config; ``run`` is the whole
-pipeline on the paper's networks. The modules are named after the steps (``recording``,
+``DataLoader`` yielding ``(input, label)``, or tensors) and a config; ``generate`` trains a generator
+against a teacher and distils a student on its batches (``load_generator`` reads one back); ``run`` is the
+whole pipeline on the paper's networks or a user's own pair. The modules are named after the steps (``recording``,
 ``reconstruction``, ...), so no function shadows its module; everything else (``Metadata`` in
 ``metadata``, ``SyntheticSet`` in ``synthetic``, ``DataInfo`` in ``data``, ...) is imported from its
 module. docs/architecture.md shows the layers.
 """
 from .checkpoint import load_model
-from .config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, TrainConfig
+from .config import DistillConfig, GeneratorConfig, ReconstructConfig, RecordConfig, RunConfig, TrainConfig
 from .distillation import distill
 from .errors import DfkdError
 from .evaluation import evaluate
+from .generation import generate, load_generator
 from .models import build_model
 from .pipeline import run
 from .reconstruction import reconstruct
@@ -21,6 +23,6 @@ from .sources import open_data
 from .training import train
 from .version import __version__
 
-__all__ = ["train", "record", "reconstruct", "distill", "evaluate", "run", "TrainConfig", "RecordConfig",
-           "ReconstructConfig", "DistillConfig", "RunConfig", "open_data", "build_model", "load_model", "DfkdError",
-           "__version__"]
+__all__ = ["train", "record", "reconstruct", "distill", "generate", "load_generator", "evaluate", "run", "TrainConfig",
+           "RecordConfig", "ReconstructConfig", "DistillConfig", "GeneratorConfig", "RunConfig", "open_data",
+           "build_model", "load_model", "DfkdError", "__version__"]

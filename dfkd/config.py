@@ -126,6 +126,32 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class GeneratorConfig:
+    """``--synthesis generator``: a conditional generator trained against the frozen teacher, the student
+    distilled online on its batches. The objective and the priors are the reconstruction's
+    (``ReconstructConfig``: objective, init, tv, l2, jitter, bn_weight, whiten; ``init`` auto or class-mean
+    anchors the generator on the class-mean inputs the statistics reveal), the student's steps the
+    distillation's (``DistillConfig``: temperature, batch_size, lr, augment; its lr annealed by
+    ``student_schedule``)."""
+    iterations: int = opt(800, "generator steps, each followed by --student-steps student steps", parse="positive")
+    batch_size: int = opt(128, "inputs the generator makes per step (even: two latents per intended label)",
+                          parse="positive")
+    latent: int = opt(64, "the generator's latent dimension", parse="positive")
+    width: int = opt(32, "the generator's width (channels of its last hidden map)", parse="positive")
+    lr: float = opt(1e-3, "the generator's Adam learning rate", parse="positive")
+    student_steps: int = opt(5, "student steps per generator step, each on a batch drawn from the memory bank")
+    student_schedule: str = opt("cosine", "the student's lr over the generator steps: cosine (anneal to 0) or constant")
+    bank: int = opt(4096, "memory bank: the last N generated inputs, from which the student's batches are drawn",
+                    parse="positive")
+    ce: float = opt(1.0, "weight of the cross-entropy of the intended labels")
+    disagreement: float = opt(1.0, "weight of the student-teacher disagreement the generator seeks")
+    diversity: float = opt(0.5, "weight of the mode-seeking diversity term")
+    eval_every: int = opt(100, "log test accuracy (and save the resume state) every N generator steps",
+                          parse="positive")
+    seed: int = opt(0, SEED)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     out: str | None = opt(None, "run directory (default: runs/<profile>)")
     profile: str = opt("quick", "quick (every objective, the whole table in minutes on CPU), best (dfkd's best "
@@ -157,6 +183,12 @@ class RunConfig:
     images: int | None = opt(None, "synthetic images per objective (default: the profile's)", parse="positive")
     steps: int | None = opt(None, "Adam steps per image (default: the profile's)")
     epochs: int | None = opt(None, "distillation epochs (default: the profile's)", parse="positive")
+    synthesis: str = opt("optimise", "optimise: a synthetic set, each input optimised for the objective, then the "
+                         "student distilled on it; generator: a conditional generator trained against the teacher "
+                         "with the same objective, the student distilled online on its batches",
+                         choices=("optimise", "generator"))
+    iterations: int | None = opt(None, "with --synthesis generator: generator steps (default: the profile's)",
+                                 parse="positive")
     baselines: bool = opt(True, "skip the real-data and real-KD students")
     seed: int = opt(0, "the teacher's seed, and the first student seed")
     seeds: int = opt(1, "students per cell (seeds --seed, --seed + 1, ...); the table gives their mean and spread",

@@ -22,8 +22,7 @@ import torch
 
 from . import distributed
 from .checkpoint import load_model, save_model
-from .config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, Runtime, TrainConfig, to_dict
-from .distillation import distill
+from .config import ReconstructConfig, RecordConfig, RunConfig, TrainConfig, to_dict
 from .errors import DfkdError
 from .files import exclusive, read_json, sweep_temps
 from .data import at_input
@@ -32,23 +31,16 @@ from .metadata import load as load_stats
 from .metadata import save as save_stats
 from .models import build_model, code_sha256
 from .objectives import make_objective, needs
-from .own import given_statistics, offered, own_settings
+from .own import given_statistics, offered
 from .profiles import PAPER, Pair, given_teacher, objectives, pairs
-from .reconstruction import reconstruct
 from .recording import record
 from .results import paper_data, write_results
+from .students import baseline, configs, runtime_of, state_path, student_settings, synthetic_student, timed
 from .resume import canonical, config_settings, finished
 from .runtime import pick_device, seed_everything, setup_threads
 from .sources import data_sha256, open_data
 from .specs import DataRef, build_student, open_with_data, stats_path
-from .synthetic import SyntheticSet
 from .training import train
-
-def _timed(fn, *args, **kw):
-    t0 = time.perf_counter()
-    out = fn(*args, **kw)
-    return out, time.perf_counter() - t0
-
 
 def _teacher(cfg: RunConfig, pair: Pair, d: Path, dev,
              ranks: distributed.Ranks = distributed.Ranks()) -> tuple[torch.nn.Module, dict, object, float]:
@@ -74,8 +66,8 @@ def _teacher(cfg: RunConfig, pair: Pair, d: Path, dev,
     model, info = build_model(pair.teacher, open_data(cfg.data, normalize=cfg.normalize).info,
                               **(pair.teacher_args or {}))
     data = open_data(cfg.data, info=info)
-    hist, secs = _timed(train, model.to(dev), data, tc, state_path=state, settings=settings, restart=cfg.restart,
-                        rt=_rt(cfg))
+    hist, secs = timed(train, model.to(dev), data, tc, state_path=state, settings=settings, restart=cfg.restart,
+                        rt=runtime_of(cfg))
     if ranks.main:
         save_model(model.cpu(), path, pair.teacher, pair.teacher_args or {}, info,
                    test_accuracy=hist[-1]["test_accuracy"], history=hist, train_config=to_dict(tc), seconds=secs,
@@ -115,7 +107,7 @@ def _statistics(cfg: RunConfig, td: Path, teacher, desc: dict, data, ranks: dist
                         + f"give --conv-stats {why.split()[1]}")
     if ranks.main and (not spath.is_file() or (own and cfg.restart and why)):
         rc = RecordConfig(conv_stats=cfg.conv_stats)
-        meta, rsecs = _timed(record, teacher, data, rc, rt=_rt(cfg))
+        meta, rsecs = timed(record, teacher, data, rc, rt=runtime_of(cfg))
         save_stats(meta, spath)
     ranks.barrier()
     return load_stats(spath, desc["sha256"]), rsecs, spath
@@ -123,69 +115,6 @@ def _statistics(cfg: RunConfig, td: Path, teacher, desc: dict, data, ranks: dist
 
 def _student_row(path: Path) -> dict | None:
     return read_json(path.with_suffix(".json")).get("row") if path.with_suffix(".json").is_file() else None
-
-
-def _configs(name: str, pair: Pair, seed: int, cfg: RunConfig) -> tuple:
-    """A student's stage configs: ``real-data``: its ``TrainConfig``; ``real-kd``: its ``DistillConfig``
-    (affine views labelled by the teacher, cosine lr); an objective: its reconstruction's and its
-    distillation's."""
-    if name == "real-data":
-        return (TrainConfig(epochs=pair.student_epochs, lr=pair.student_lr, seed=seed),)
-    if name == "real-kd":
-        return (DistillConfig(epochs=pair.student_epochs, lr=pair.student_lr, augment="affine", schedule="cosine",
-                              seed=seed),)
-    return ReconstructConfig(**dict(pair.recipe, objective=name, seed=seed)), DistillConfig(**dict(pair.distill,
-                                                                                                    seed=seed))
-
-
-def _student_settings(name: str, pair: Pair, seed: int, cfg: RunConfig, desc: dict, meta) -> dict:
-    """What makes a student: its network, objective, seed, data, teacher (and statistics) and configs."""
-    confs = [config_settings(c) for c in _configs(name, pair, seed, cfg)]
-    made = len(confs) > 1  # from a synthetic set: its reconstruction and statistics too
-    s = {"verb": "run-student", "student": pair.student, "objective": name, "seed": seed,
-         "data": data_sha256(cfg.data),
-         "teacher_sha256": desc.get("sha256"), "config": confs[-1], "reconstruct": confs[0] if made else None,
-         "stats_sha256": meta.header.get("tensors_sha256") if made and meta is not None else None}
-    return own_settings(s, pair, cfg, desc)
-
-
-def _rt(cfg: RunConfig) -> Runtime:
-    """How the run's stages run: its device and progress (the ranks are torchrun's)."""
-    return Runtime(device=cfg.device, progress=cfg.progress)
-
-
-def _state(d: Path, name: str, tag: str) -> Path:
-    return d / "state" / f"{name if name.startswith('real') else 'distill-' + name}{tag}.safetensors"
-
-
-def _baseline(kind: str, teacher, data, pair: Pair, settings: dict, seed: int, cfg: RunConfig, d: Path, dev,
-              tag: str, conf) -> dict:
-    """``real-data``: train the student on the true labels; ``real-kd``: distill it on the real images."""
-    seed_everything(seed)
-    student = build_student(pair.student, pair.student_args or {}, data.info).to(dev)
-    resume = {"state_path": _state(d, kind, tag), "settings": settings, "restart": cfg.restart, "rt": _rt(cfg)}
-    if kind == "real-data":
-        hist, secs = _timed(train, student, data, conf, **resume)
-    else:
-        hist, secs = _timed(distill, student, data.train, teacher, conf, data, data.info, **resume)
-    return {"history": hist, "seconds": {"train" if kind == "real-data" else "distill": secs}, "model": student,
-            "image_steps": 0, "student_steps": conf.epochs * -(-len(data.train) // conf.batch_size)}
-
-
-def _objective(name: str, teacher, meta, data, pair: Pair, settings: dict, seed: int, cfg: RunConfig,
-               d: Path, dev, tag: str, rc: ReconstructConfig, dc: DistillConfig) -> dict:
-    reconstruct(teacher, meta, d / "synthetic" / f"{name}{tag}", rc, data.info, cfg.restart, _rt(cfg))
-    synth = SyntheticSet(d / "synthetic" / f"{name}{tag}").open()
-    seed_everything(seed)
-    student = build_student(pair.student, pair.student_args or {}, data.info).to(dev)
-    hist, dsecs = _timed(distill, student, synth, teacher, dc, data, data.info, _state(d, name, tag),
-                         settings=settings, restart=cfg.restart, rt=_rt(cfg))
-    return {"history": hist, "model": student, "image_steps": synth.manifest.get("image_steps", 0),
-            "student_steps": dc.epochs * -(-len(synth) // dc.batch_size),
-            "saved": {"objective": name, "reconstruct_config": to_dict(rc), "distill_config": to_dict(dc),
-                      "synthetic": str(synth.dir)},
-            # summed over shards, so that a resumed run still reports the whole reconstruction
-            "seconds": {"reconstruct": sum(s["seconds"] for s in synth.manifest["shards"]), "distill": dsecs}}
 
 
 def _preflight(cfg: RunConfig, pair: Pair) -> RunConfig:
@@ -246,16 +175,16 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                 spath_student = d / "students" / f"{name}{tag}"
                 paper = PAPER[pair.name].get(name) if paper_data(cfg) and not pair.own else None  # on its data only
                 paper = None if paper is None else paper / 100
-                settings = _student_settings(name, pair, seed, cfg, desc, meta)
-                fresh = not (finished(spath_student, settings, cfg.restart, _state(d, name, tag))
+                settings = student_settings(name, pair, seed, cfg, desc, meta)
+                fresh = not (finished(spath_student, settings, cfg.restart, state_path(d, name, tag))
                              and _student_row(spath_student) is not None)
                 if not fresh:
                     if ranks.main:  # left by a run killed after saving the student
-                        _state(d, name, tag).unlink(missing_ok=True)
+                        state_path(d, name, tag).unlink(missing_ok=True)
                 else:
-                    confs, at = _configs(name, pair, seed, cfg), (seed, cfg, d, dev, tag)
-                    res = _baseline(name, teacher, data, pair, settings, *at, *confs) \
-                        if name.startswith("real") else _objective(name, teacher, meta, data, pair, settings,
+                    confs, at = configs(name, pair, seed, cfg), (seed, cfg, d, dev, tag)
+                    res = baseline(name, teacher, data, pair, settings, *at, *confs) \
+                        if name.startswith("real") else synthetic_student(name, teacher, meta, data, pair, settings,
                                                                    *at, *confs)
                     if ranks.main:  # the rank that measured the test accuracy
                         row = {"teacher": pair.teacher, "student": pair.student, "objective": name, "seed": seed,
@@ -265,12 +194,15 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                                "seconds": dict(res["seconds"], teacher_train=tsecs, record=rsecs),
                                "history": [h["test_accuracy"] for h in res["history"] if "test_accuracy" in h],
                                "history_epochs": [h["epoch"] for h in res["history"] if "test_accuracy" in h]}
-                        if "saved" in res:  # its synthetic set's grid, for the report
-                            row["samples"] = f"{pair.name}/synthetic/{name}{tag}/samples.png"
+                        if "saved" in res:  # its synthetic set's (or generator's) grid, for the report
+                            row["samples"] = f"{pair.name}/synthetic/{name}{tag}/samples.png" if "samples" not in res \
+                                else res["samples"] and str(res["samples"].relative_to(out))
+                        if cfg.synthesis != "optimise" and not name.startswith("real"):  # not the baselines
+                            row["synthesis"] = cfg.synthesis
                         save_model(res["model"].cpu(), spath_student, pair.student, pair.student_args or {}, data.info,
                                    **dict(res.get("saved", {}), test_accuracy=row["accuracy"], objective=name,
                                           teacher_sha256=desc["sha256"], row=row, settings=canonical(settings)))
-                        _state(d, name, tag).unlink(missing_ok=True)
+                        state_path(d, name, tag).unlink(missing_ok=True)
                     ranks.barrier()
                 row = dict(_student_row(spath_student), paper_accuracy=paper)  # resumed: today's reference figure
                 rows.append(row)

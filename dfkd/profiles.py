@@ -11,6 +11,7 @@ from .kinds import KINDS
 from .objectives import OBJECTIVES, known, needs
 from .specs import RANDOM_WEIGHTS, ModelRef, parse_args, require_weights
 
+SYNTHESES = ("optimise", "generator")
 PAIRS = {"lenet5": "lenet5-half", "hinton-1200": "hinton-800"}
 # Lopes et al. (2017), Table 1 (MNIST test accuracy, %). The paper has no noise baseline.
 PAPER = {
@@ -45,13 +46,23 @@ PROFILES = {
                  recipe={"lenet5": dict(n=40, steps=5), "hinton-1200": dict(n=40, steps=5, jitter=2)}),
 }
 
+# --synthesis generator, per profile (``GeneratorConfig`` fields): the generator's steps and sizes; the student's
+# steps take the profile's distillation recipe (its lr, batch, views, temperature)
+GENERATOR = {
+    "quick": dict(iterations=400),
+    "best": dict(iterations=1600),
+    "paper": dict(iterations=1600),
+    "tiny": dict(iterations=4, batch_size=16, latent=8, width=8, bank=64, student_steps=1, eval_every=2),
+}
+
 # A user's own pair (``dfkd run --teacher ... --student ...``), per profile: the teacher's epochs (where the run
 # trains it), the reconstruction recipe (``ReconstructConfig`` fields) and the distillation's (its views
 # recoloured too: colour digits 71.20 % -> 87.70 %, README); the real-data students train for its epochs.
 # The objective follows from what the teacher offers (``own.offered``).
 OWN = {
     "quick": dict(teacher_epochs=3, recipe=dict(n=2000, steps=200, batch_size=500, lr=0.2, jitter=2, tv=0.05),
-                  distill=dict(epochs=30, batch_size=64, lr=0.01, augment="affine+cutmix+colour")),
+                  distill=dict(epochs=30, batch_size=64, lr=0.01, augment="affine+cutmix+colour"),
+                  generator=dict(iterations=800, eval_every=100)),
     "tiny": dict(teacher_epochs=1, recipe=dict(n=40, steps=5, batch_size=20, lr=0.2, jitter=2, tv=0.05),
                  distill=dict(epochs=1, batch_size=64, lr=0.01, augment="affine+cutmix+colour")),
 }
@@ -71,6 +82,17 @@ class Pair:
     teacher_args: dict | None = None
     student_args: dict | None = None
     own: bool = False       # a user's: no paper figures, its objective from what the teacher offers
+    generator: dict | None = None  # GeneratorConfig fields but the seed (--synthesis generator)
+
+
+def trains_generator(objective: str) -> bool:
+    """Whether an objective can train a generator: not noise (nothing to optimise) nor dropout (per-input masks)."""
+    return not {"noise", "all-layers-dropout"} & set(objective.split("+"))
+
+
+def _generator(recipe: dict, cfg: RunConfig) -> dict:
+    """A generator recipe with the run's ``iterations``."""
+    return dict(recipe, **({"iterations": cfg.iterations} if cfg.iterations is not None else {}))
 
 
 def _sized(r: dict, cfg: RunConfig) -> dict:
@@ -139,6 +161,19 @@ def check(cfg: RunConfig) -> None:
         raise DfkdError("images", "images must be > 0 and steps >= 0")
     if cfg.epochs is not None and cfg.epochs <= 0:
         raise DfkdError("epochs", "must be > 0")
+    if cfg.synthesis not in SYNTHESES:
+        raise DfkdError("synthesis", f"{cfg.synthesis!r} is not one of {', '.join(SYNTHESES)}")
+    unused = ("iterations",) if cfg.synthesis == "optimise" else ("images", "steps", "epochs")
+    for f in (f for f in unused if getattr(cfg, f) is not None):
+        raise DfkdError(f, "counts a generator's steps: give --synthesis generator too" if f == "iterations" else
+                        f"sizes {'a set of optimised inputs' if f != 'epochs' else 'epochs on a synthetic set'}, which "
+                        "--synthesis generator does not make (its budget: --iterations)")
+    bad = [o for o in cfg.objectives or () if cfg.synthesis == "generator" and not trains_generator(o)]
+    if bad:
+        raise DfkdError("objectives", f"{', '.join(bad)} cannot train a generator (noise optimises nothing, dropout "
+                        "masks are per optimised input); use another objective, or --synthesis optimise")
+    if cfg.iterations is not None and cfg.iterations <= 0:
+        raise DfkdError("iterations", "must be > 0")
     if cfg.seeds < 1:
         raise DfkdError("seeds", "must be >= 1")
     if cfg.student is None and cfg.teacher and (ModelRef(cfg.teacher).is_spec or len(cfg.networks) != 1):
@@ -158,18 +193,22 @@ def pairs(cfg: RunConfig) -> list[Pair]:
     if cfg.student is None:
         return [Pair(net, net, PAIRS[net], p["teacher_epochs"], p["baseline_epochs"][net], 1e-3,
                      _sized(dict(p["recipe"][net], batch_size=p["batch_size"]), cfg),
-                     dict(p["distill"], **({"epochs": cfg.epochs} if cfg.epochs else {}))) for net in cfg.networks]
+                     dict(p["distill"], **({"epochs": cfg.epochs} if cfg.epochs else {})),
+                     generator=_generator(GENERATOR[cfg.profile], cfg)) for net in cfg.networks]
     o = OWN[cfg.profile]
     epochs = cfg.epochs or o["distill"]["epochs"]
     return [Pair("own", cfg.teacher, cfg.student, o["teacher_epochs"], epochs, o["distill"]["lr"], _sized(o["recipe"], cfg),
                  dict(o["distill"], epochs=epochs), parse_args(cfg.teacher_args, "teacher_args"),
-                 parse_args(cfg.student_args, "student_args"), own=True)]
+                 parse_args(cfg.student_args, "student_args"), own=True,
+                 generator=_generator(o.get("generator", GENERATOR[cfg.profile]), cfg))]
 
 
 def objectives(cfg: RunConfig, net: str) -> tuple[str, ...]:
     """A registry network's objectives: the run's, else the profile's, else every objective on the default
-    kinds (which dfkd run records) and noise; not bn-stats."""
+    kinds (which dfkd run records) and noise; not bn-stats (with ``--synthesis generator``, those that can train
+    one: ``trains_generator``)."""
     if cfg.objectives is not None:
         return tuple(cfg.objectives)
-    return PROFILES[cfg.profile].get("objectives", {}).get(net, tuple(
+    names = PROFILES[cfg.profile].get("objectives", {}).get(net, tuple(
         o for o, cls in OBJECTIVES.items() if o != "bn-stats" and cls.kind in (None, *KINDS)))
+    return names if cfg.synthesis != "generator" else tuple(o for o in names if trains_generator(o))

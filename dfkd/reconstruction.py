@@ -29,6 +29,7 @@ from .files import exclusive, weights_sha256
 from .images import save_grid
 from .inversion import revealed_means
 from .kinds import means_kind
+from .losses import prior
 from .metadata import Metadata, load
 from .models import device_of, num_outputs
 from .objectives import Noise, Objective, make_objective
@@ -44,23 +45,6 @@ ADAM_EPS = 1e-8  # torch.optim.Adam's default
 
 def _batch_seed(seed: int, b: int) -> int:
     return int.from_bytes(hashlib.sha256(f"dfkd-reconstruct|{seed}|{b}".encode()).digest()[:8], "little") >> 1
-
-
-def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean absolute difference between neighbouring pixels (an image prior)."""
-    dh = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
-    dw = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
-    return dh + dw
-
-
-def prior(x: torch.Tensor, cfg: ReconstructConfig) -> torch.Tensor:
-    """The image priors' batch total: ``tv * TV(x) + l2 * mean(x^2)`` per sample (images only for TV)."""
-    total = x.new_zeros(())
-    if cfg.tv and x.dim() == 4:
-        total = total + cfg.tv * total_variation(x).sum()
-    if cfg.l2:
-        total = total + cfg.l2 * x.pow(2).flatten(1).mean(1).sum()
-    return total
 
 
 def _leaves(x: torch.Tensor, info: DataInfo, lr: float) -> list[dict]:
@@ -109,7 +93,7 @@ def optimise_batch(teacher: nn.Module, objective: Objective, labels: torch.Tenso
                 dy, dx = (torch.randint(-jitter, jitter + 1, (2,), generator=g)).tolist()
                 xin = torch.roll(xn, (dy, dx), (2, 3))
             logits = teacher(xin * masks["input"] if masks else xin)
-            loss = objective.loss(logits, acts, tg, ydev) + prior(xn, cfg)
+            loss = objective.loss(logits, acts, tg, ydev) + prior(xn, cfg.tv, cfg.l2)
             if not torch.isfinite(loss):
                 raise DfkdError("lr", f"loss became {loss.item()} at step {step}; finished shards are kept "
                                 "(try a lower lr)")

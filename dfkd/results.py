@@ -10,10 +10,10 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from .config import RunConfig, flag, to_dict
+from .config import RunConfig, default, flag, to_dict
 from .errors import DfkdError
 from .files import atomic_write, read_bytes, read_json, write_json
-from .profiles import DAFL_NOISE, OWN, PROFILES
+from .profiles import DAFL_NOISE, GENERATOR, OWN, PROFILES
 
 
 def cells(rows: list[dict]) -> list[dict]:
@@ -30,6 +30,8 @@ def cells(rows: list[dict]) -> list[dict]:
         c.update(seeds=[r.get("seed", 0) for r in runs], accuracies=accs, accuracy=sum(accs) / len(accs),
                  min=min(accs), max=max(accs),
                  seconds={k: sum(r["seconds"].get(k, 0.0) for r in runs) / len(runs) for k in runs[0]["seconds"]})
+        if "synthesis" in runs[0]:  # a generator's rows (a cell written before the mode has no such key)
+            c["synthesis"] = runs[0]["synthesis"]
         out.append(c)
     return out
 
@@ -42,8 +44,10 @@ def paper_data(cfg: RunConfig) -> bool:
 
 def table(rows: list[dict], paper: bool = True) -> str:
     """The results table; ``paper``: with the paper's figures beside ours (on the paper's data only)."""
+    gen = any(r.get("synthesis") == "generator" for r in rows)
     head = "| teacher | student | objective | accuracy % | spread (min..max) | seeds |" + (
-        " paper % | vs paper |" if paper else "") + " share of teacher % | reconstruct s | distill/train s | image-steps |"
+        " paper % | vs paper |" if paper else "") + " share of teacher % | " + \
+        ("generate s | distill s |" if gen else "reconstruct s | distill/train s |") + " image-steps |"
     lines = [head, "|" + "---|" * head.count(" |")]
     for c in cells(rows):
         s, fig, acc = c["seconds"], c["paper_accuracy"], c["accuracy"]
@@ -51,9 +55,11 @@ def table(rows: list[dict], paper: bool = True) -> str:
         dtxt = "" if fig is None else f"{100 * (acc - fig):+.2f}"
         spread = f"{100 * c['min']:.2f}..{100 * c['max']:.2f}" if len(c["accuracies"]) > 1 else ""
         lines.append(
-            f"| {_md(c['teacher'])} | {_md(c['student'])} | {c['objective']} | {100 * acc:.2f} | {spread} | {len(c['accuracies'])} "
+            f"| {_md(c['teacher'])} | {_md(c['student'])} | {c['objective']}"
+            + (" (generator)" if c.get("synthesis") == "generator" else "")
+            + f" | {100 * acc:.2f} | {spread} | {len(c['accuracies'])} "
             + (f"| {ptxt} | {dtxt} " if paper else "")
-            + f"| {100 * acc / c['teacher_accuracy']:.1f} | {s.get('reconstruct', 0):.0f} | "
+            + f"| {100 * acc / c['teacher_accuracy']:.1f} | {s.get('reconstruct', s.get('generate', 0)):.0f} | "
             f"{s.get('distill', s.get('train', 0)):.0f} | {c['image_steps']:,} |")
     stages = {}
     for r in rows:
@@ -74,8 +80,12 @@ HOW = RUNS + ("code",)  # and the code it may import: not what it made
 OWN_FIELDS = ("weights", "teacher_args", "student", "student_args", "stats", "normalize", "code")
 
 
+LATER_FIELDS = ("synthesis", "iterations")  # and these where they hold their default
+
+
 def _config(cfg: RunConfig) -> dict:
-    return {k: v for k, v in to_dict(cfg).items() if not (k in OWN_FIELDS and v in (None, [], ()))}
+    return {k: v for k, v in to_dict(cfg).items() if not (k in OWN_FIELDS and v in (None, [], ()))
+            and not (k in LATER_FIELDS and v == default(RunConfig, k))}
 
 
 def command(cfg: RunConfig) -> str:
@@ -113,7 +123,8 @@ def _xml(text: str) -> str:
 
 def curve(rows: list[dict], width: int = 720) -> bytes:
     """The students' test accuracy per epoch as an SVG line chart, one line (and legend entry) per student,
-    from its first measured epoch; 0..100 %."""
+    from its first measured epoch; 0..100 %. Beside a generator's student (measured every so many generator
+    steps), each line spans its own budget."""
     runs = [r for r in rows if r.get("history") and r.get("history_epochs")]
     last = max([e for r in runs for e in r["history_epochs"]] or [1])
     height = max(320, 48 + 16 * len(runs))
@@ -125,10 +136,13 @@ def curve(rows: list[dict], width: int = 720) -> bytes:
     for a in range(0, 101, 20):
         out.append(f'<line x1="{left}" x2="{right}" y1="{y(a / 100):.1f}" y2="{y(a / 100):.1f}" stroke="#ddd"/>'
                    f'<text x="{left - 6}" y="{y(a / 100) + 4:.1f}" text-anchor="end">{a}%</text>')
-    out.append(f'<text x="{(left + right) / 2:.0f}" y="{height - 6}" text-anchor="middle">epoch (of {last})</text>')
+    mixed = any(r.get("synthesis") == "generator" for r in runs)  # epochs and generator steps: each its own share
+    axis = "share of each student's budget (its epochs, or its generator steps)" if mixed else f"epoch (of {last})"
+    out.append(f'<text x="{(left + right) / 2:.0f}" y="{height - 6}" text-anchor="middle">{axis}</text>')
     for i, r in enumerate(runs):
         c = f"hsl({round(360 * i / len(runs))},70%,40%)"  # as many hues as students
-        pts = " ".join(f"{x(e):.1f},{y(a):.1f}" for e, a in zip(r["history_epochs"], r["history"]))
+        scale = last / max(r["history_epochs"]) if mixed else 1
+        pts = " ".join(f"{x(e * scale):.1f},{y(a):.1f}" for e, a in zip(r["history_epochs"], r["history"]))
         label = f"{_label(r, runs)}: {100 * r['history'][-1]:.2f}%"
         out.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="1.5"/>'
                    f'<text x="{right + 8}" y="{top + 16 * i + 4}" fill="{c}">{_xml(label)}</text>')
@@ -168,6 +182,10 @@ def write_results(out: Path, rows: list[dict], cfg: RunConfig, t0: float, final:
     rows on the paper's data only (``paper_data``)."""
     data = {"spec": cfg.data, "class_names": list(class_names) if class_names else None}
     recipe = OWN[cfg.profile] if cfg.student is not None else PROFILES[cfg.profile]
+    recipe = {k: v for k, v in recipe.items() if k != "generator"}  # a run's recipe as written before the mode
+    if cfg.synthesis == "generator":
+        recipe["generator"] = OWN[cfg.profile].get("generator", GENERATOR[cfg.profile]) if cfg.student is not None \
+            else GENERATOR[cfg.profile]
     doc = json.loads(json.dumps({"config": _config(cfg), "profile": recipe, "data": data,
                                  "rows": rows, "cells": cells(rows)}))
     old = _old(out / "results.json")

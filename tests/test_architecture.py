@@ -17,15 +17,15 @@ MAX_LINES = 300
 # layer -> (name, modules); a module imports modules of its own layer or lower ones, never higher
 LAYERS = {
     0: ("foundation", {"errors", "version", "faults", "noise", "config", "stats", "fastgrad", "taps", "distributed",
-                       "runtime"}),
+                       "runtime", "losses", "views"}),
     1: ("files, data, networks", {"files", "data", "models", "graph", "images", "digits", "folders", "npz",
-                                  "cifar", "pickles", "sources"}),
+                                  "cifar", "pickles", "sources", "generators"}),
     2: ("formats and mechanisms", {"checkpoint", "metadata", "forms", "kinds", "resume", "synthetic", "privacy_report",
                                    "accountant", "privacy", "audit"}),
     3: ("shared method", {"specs", "objectives", "inversion", "loop", "profiles"}),
     4: ("stages", {"training", "recording", "reconstruction", "distillation", "evaluation", "leakage",
-                   "publishing"}),
-    5: ("pipeline", {"pipeline", "own", "results"}),
+                   "publishing", "generation"}),
+    5: ("pipeline", {"pipeline", "own", "results", "students"}),
     6: ("command line", {"cli_fields", "cli_parser", "cli_commands", "cli", "__main__"}),
 }
 PEERS = 4  # the stages' layer: its modules import none of each other (the pipeline composes them)

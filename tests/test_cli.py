@@ -189,7 +189,8 @@ def readme_commands(section: str) -> list[list[str]]:
 
 
 # appended to the README's commands in CI (argparse keeps the last value): small sizes only
-SMALL = {"colour_digits.py": ["--train", "600", "--test", "200"], "run": ["--profile", "tiny"]}
+SMALL = {"colour_digits.py": ["--train", "300", "--test", "100"], "run": ["--profile", "tiny"],
+         "reconstruct": ["--images", "20", "--batch-size", "10", "--steps", "2"]}
 
 
 def test_readme_own_model_section_runs_as_written(tmp_path):
@@ -227,13 +228,16 @@ def test_readme_own_model_section_runs_as_written(tmp_path):
     md = (out / "results.md").read_text()
     assert md.startswith("# dfkd results: `folder:data/colour-digits` (10 classes: 0, 1, 2,")
     assert "MNIST" not in md and "paper" not in md
-    grid = "own/synthetic/all-layers+bn-stats/samples.png"
+    grid = "own/students/all-layers+bn-stats.samples.png"  # what its generator makes
     assert f"]({grid})" in md and (out / grid).read_bytes().startswith(b"\x89PNG")
+    assert (out / "own" / "students" / "all-layers+bn-stats.generator.safetensors").is_file()
+    assert "| all-layers+bn-stats (generator) |" in md
     assert "](curve.svg)" in md
     svg = (out / "curve.svg").read_text()
     assert svg.startswith("<svg") and svg.count("<polyline") == 3
     made = re.search(r"```\n(dfkd run .*)\n```", md).group(1)
     assert "--profile tiny" in made and "--normalize auto" in made and "--quiet" not in made
+    assert "--synthesis generator" in made
     files = [out / "results.json", out / "results.md", out / "curve.svg"] + sorted((out / "own").rglob("*.json"))
     before = [f.read_bytes() for f in files]
     again = subprocess.run([sys.executable, "-m", "dfkd"] + shlex.split(made)[1:] + ["--quiet"], cwd=tmp_path,

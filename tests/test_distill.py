@@ -5,7 +5,9 @@ from dataclasses import replace
 import torch
 
 from dfkd.config import DistillConfig, ReconstructConfig
-from dfkd.distillation import augment, distill, kd_loss, recolour
+from dfkd.distillation import distill
+from dfkd.losses import kd_loss
+from dfkd.views import augment, recolour
 from dfkd.models import build_model
 from dfkd.reconstruction import reconstruct
 from dfkd.synthetic import SyntheticSet

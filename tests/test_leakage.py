@@ -116,3 +116,26 @@ def test_cli_leakage_report(world, tmp_path):
     assert [(i["layer"], i["rank"], i["exact"]) for i in rep["inversions"]] == [("conv1", 6, False)]
     assert set(rep["synthetic"]) == {"spectral-pairs"} and 0.5 < rep["synthetic"]["spectral-pairs"]["nearest"]["ratio"] < 2
     assert (tmp_path / "rep.png").is_file() and "conv1 (per channel" in r.stdout
+
+
+def test_a_repeated_solve_is_answered_from_its_inputs_bytes_without_a_second_svd(monkeypatch):
+    """``inversion._solve`` keeps its last answers by a sha256 of both operands: the same operands give the
+    same rank and solution with one SVD; operands differing in one value are solved afresh."""
+    import dfkd.inversion as inv
+    calls = []
+    real = torch.linalg.lstsq
+    monkeypatch.setattr(torch.linalg, "lstsq", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(inv, "_SOLVED", {})
+    g = torch.Generator().manual_seed(0)
+    jac, rhs = torch.randn(30, 8, generator=g, dtype=torch.float64), torch.randn(30, 3, generator=g, dtype=torch.float64)
+    first = inv._solve(jac, rhs)
+    again = inv._solve(jac.clone(), rhs.clone())
+    assert len(calls) == 1 and first[0] == again[0] == 8 and torch.equal(first[1], again[1])
+    want = torch.linalg.pinv(jac) @ rhs  # an independent min-norm least-squares solution
+    assert torch.allclose(again[1], want, atol=1e-12)
+    again[1].zero_()  # the caller's copy: the kept answer is untouched
+    assert torch.equal(inv._solve(jac, rhs)[1], first[1])
+    other = jac.clone()
+    other[3, 2] += 1e-9
+    inv._solve(other, rhs)
+    assert len(calls) == 2  # one fresh solve for the changed operand

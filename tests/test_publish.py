@@ -22,7 +22,7 @@ SMALL = {"reconstruct": ["--images", "40", "--batch-size", "20", "--steps", "3"]
 
 
 def dfkd(*args, cwd=None, env=None):
-    e = dict(os.environ, OMP_NUM_THREADS="2", **(env or {}))
+    e = dict(os.environ, **(env or {}))  # the tests' thread count (conftest): the same on both sides of a comparison
     return subprocess.run([sys.executable, "-m", "dfkd", *map(str, args), "--quiet"], capture_output=True, text=True,
                           cwd=cwd, env=e, timeout=600)
 

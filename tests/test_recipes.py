@@ -10,7 +10,7 @@ from torch import nn
 
 from dfkd.config import ReconstructConfig, RecordConfig
 from dfkd.data import DataInfo
-from dfkd.distillation import augment, cutmix
+from dfkd.views import augment, cutmix
 from dfkd.errors import DfkdError
 from dfkd.inversion import revealed_means
 from dfkd.reconstruction import reconstruct
@@ -114,7 +114,8 @@ def test_disagreement_views_follow_the_sign_of_the_kd_gradient():
     """One step of ``disagree`` against central finite differences of the KD loss in float64; it
     raises the loss, stays in the data's range, and leaves both models' modes and weights alone."""
     from dfkd.config import DistillConfig
-    from dfkd.distillation import disagree, kd_loss
+    from dfkd.distillation import disagree
+    from dfkd.losses import kd_loss
     torch.manual_seed(0)
     student, teacher = GeluMLP().double().train(), GeluMLP().double().eval()
     before = [p.clone() for p in student.parameters()]

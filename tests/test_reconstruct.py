@@ -11,6 +11,7 @@ from dfkd.config import ReconstructConfig
 from dfkd.data import DataInfo
 from dfkd.errors import DfkdError
 from dfkd.files import load_tensors, read_json, write_json
+from dfkd.losses import prior
 from dfkd.images import class_grid
 from dfkd.reconstruction import reconstruct
 from dfkd.synthetic import SyntheticSet
@@ -183,7 +184,7 @@ def test_raw_inputs_take_the_steps_adam_takes_in_the_networks_space():
         lo, hi = info.to_model(torch.zeros(1, 3, 8, 8)), info.to_model(torch.ones(1, 3, 8, 8))
         opt = torch.optim.Adam([x], lr=cfg.lr)
         for _ in range(cfg.steps):
-            loss = torch.nn.functional.cross_entropy(teacher(x), labels, reduction="sum") + rec.prior(x, cfg)
+            loss = torch.nn.functional.cross_entropy(teacher(x), labels, reduction="sum") + prior(x, cfg.tv, cfg.l2)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -4,6 +4,7 @@ is (its statistics read, never recorded), and its accuracy in the table is the o
 (The README's one command, where the run trains the teacher: tests/test_cli.py; refusals:
 tests/test_bad_input.py.)"""
 import json
+import shlex
 from types import SimpleNamespace
 
 import pytest
@@ -121,7 +122,7 @@ def test_the_paper_networks_settings_are_those_runs_made_before(tmp_path):
     """A registry pair's resume settings (what an earlier run's students and teacher were saved with) are
     spelt as the run spelt them before own pairs: the same configs, keys and values, so its runs resume."""
     from dfkd.config import DistillConfig, ReconstructConfig, RunConfig
-    from dfkd.pipeline import _student_settings
+    from dfkd.students import student_settings
     from dfkd.profiles import PROFILES, pairs
     from dfkd.resume import config_settings
     cfg = RunConfig(out=str(tmp_path))
@@ -131,12 +132,41 @@ def test_the_paper_networks_settings_are_those_runs_made_before(tmp_path):
         desc, meta = {"sha256": "t" * 64}, SimpleNamespace(header={"tensors_sha256": "s" * 64})
         rc = ReconstructConfig(**dict(p["recipe"][net], objective="all-layers", batch_size=p["batch_size"], seed=1))
         dc = DistillConfig(**dict(p["distill"], seed=1))
-        assert _student_settings("all-layers", pair, 1, cfg, desc, meta) == {
+        assert student_settings("all-layers", pair, 1, cfg, desc, meta) == {
             "verb": "run-student", "student": {"lenet5": "lenet5-half", "hinton-1200": "hinton-800"}[net],
             "objective": "all-layers", "seed": 1, "data": data_sha256("mnist"), "teacher_sha256": "t" * 64,
             "config": config_settings(dc), "reconstruct": config_settings(rc), "stats_sha256": "s" * 64}
-        base = _student_settings("real-data", pair, 0, cfg, desc, meta)
+        base = student_settings("real-data", pair, 0, cfg, desc, meta)
         assert base["config"] == config_settings(TrainConfig(epochs=p["baseline_epochs"][net], seed=0))
-        kd = _student_settings("real-kd", pair, 0, cfg, desc, meta)
+        kd = student_settings("real-kd", pair, 0, cfg, desc, meta)
         assert kd["config"] == config_settings(DistillConfig(epochs=p["baseline_epochs"][net], augment="affine",
                                                              schedule="cosine", seed=0))
+
+
+def test_generator_synthesis_runs_the_same_objective_and_saves_its_generator(own, tmp_path, capsys):
+    """--synthesis generator on a given BN teacher (bn-stats: no statistics file): the student is distilled on a
+    generator's batches, the generator saved beside it (loadable, of the data's shape and range, its grid in the
+    report), the table names the mode, the report's command makes the run again (rewriting nothing), and the same
+    folder with the other mode is refused as other settings."""
+    from dfkd.generation import load_generator
+    d, data = own
+    given = ["--teacher", f"{OWN}:teacher", "--teacher-args", ARGS, "--weights", d / "teacher.safetensors",
+             "--normalize", "auto", "--data", data]
+    rows = run(tmp_path, *given, "--synthesis", "generator", "--iterations", "3")
+    assert [(r["objective"], r["synthesis"]) for r in rows] == [("bn-stats", "generator")]
+    assert rows[0]["image_steps"] == 3 * 16 and rows[0]["student_steps"] == 3 and rows[0]["seconds"]["generate"] > 0
+    assert rows[0]["history_epochs"] == [2, 3]  # every eval_every steps (tiny: 2) and the last
+    gen, doc = load_generator(tmp_path / "own" / "students" / "bn-stats.generator.safetensors")
+    assert gen.shape == (3, 32, 32) and doc["objective"] == "bn-stats" and not gen.anchored
+    md = (tmp_path / "results.md").read_text()
+    assert "| bn-stats (generator) |" in md and "](own/students/bn-stats.samples.png)" in md
+    assert (tmp_path / "own" / "students" / "bn-stats.samples.png").read_bytes().startswith(b"\x89PNG")
+    made = md.split("```\n")[1].split("\n")[0]
+    assert "--synthesis generator" in made and "--iterations 3" in made
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".json", ".md", ".svg")}
+    assert main(shlex.split(made)[1:] + ["--quiet"]) == 0
+    assert {p: p.read_bytes() for p in before} == before
+    capsys.readouterr()
+    assert main(["run", "--profile", "tiny", "--student", f"{OWN}:student", "--student-args", ARGS, "--quiet",
+                 "--out", str(tmp_path), "--no-baselines", *map(str, given)]) == 2
+    assert "other settings" in capsys.readouterr().err

@@ -1,0 +1,71 @@
+"""The views a student is distilled on: a batch of raw images (zero is black) transformed at random, per
+sample where it can be; the teacher labels the result, so a mixed view needs no mixed label. Distillation
+(on a synthetic set) and generation (on a generator's stream) use the same views."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+BASES, MIXES = ("shift", "affine", "none"), ("mix", "cutmix")  # the views, then what is mixed into them
+AUGMENTS = tuple(b + m + c for b in BASES for m in ("", *(f"+{m}" for m in MIXES)) for c in ("", "+colour"))
+
+
+def cutmix(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Each sample gets one box from its partner in the reversed batch: side ``sqrt(1 - lam)`` of the
+    image's, ``lam ~ U(0, 1)`` per sample, centred uniformly (clipped at the borders)."""
+    n, h, w = len(x), x.shape[2], x.shape[3]
+    lam = torch.rand(n, generator=g)
+    bh, bw = (h * (1 - lam).sqrt()).round().long(), (w * (1 - lam).sqrt()).round().long()
+    cy, cx = (torch.rand(n, generator=g) * h).long(), (torch.rand(n, generator=g) * w).long()
+    rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+    box = ((rows >= (cy - bh // 2).view(-1, 1, 1)) & (rows < (cy - bh // 2 + bh).view(-1, 1, 1))
+           & (cols >= (cx - bw // 2).view(-1, 1, 1)) & (cols < (cx - bw // 2 + bw).view(-1, 1, 1)))
+    return torch.where(box[:, None].to(x.device), x.flip(0), x)
+
+
+def recolour(x: torch.Tensor, g: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    """Per-sample colour jitter: an RGB image's three channels in a random order, then each channel with a
+    random gain (0.6 to 1.4) and offset (+-10 % of the range ``[lo, hi]``), clamped to that range (a grey
+    image becomes a tinted one; other channel counts keep their order: brightness and contrast per channel)."""
+    n, c = x.shape[:2]
+    order = torch.argsort(torch.rand(n, c, generator=g), 1).to(x.device)
+    if c == 3:
+        x = torch.gather(x, 1, order.view(n, c, *[1] * (x.dim() - 2)).expand_as(x))
+    gain = (0.6 + 0.8 * torch.rand(n, c, *[1] * (x.dim() - 2), generator=g)).to(x)
+    offset = ((torch.rand(n, c, *[1] * (x.dim() - 2), generator=g) * 2 - 1) * 0.1 * (hi - lo)).to(x)
+    return (x * gain + offset).clamp(lo, hi)
+
+
+def augment(x: torch.Tensor, how: str, g: torch.Generator, pad: int = 2, lo: float = 0.0,
+            hi: float = 1.0) -> torch.Tensor:
+    """Augment a batch of raw images (zero is black): ``shift`` translates the whole batch by up
+    to ``pad`` pixels (zero-filled); ``affine`` gives every sample its own random rotation
+    (+-15 degrees), scale (0.9 to 1.1) and translation (+-``pad`` pixels), bilinear with zero fill;
+    then ``+mix`` mixes each sample with its partner in the reversed batch (``lam ~ U(0, 1)`` per
+    sample; vectors too) and ``+cutmix`` pastes a box of the partner into it (``cutmix``); last,
+    ``+colour`` jitters each image's colours within the raw range ``[lo, hi]`` (``recolour``). The
+    teacher labels the result, so mixed views need no mixed labels."""
+    base, *rest = how.split("+")
+    mix = next((m for m in rest if m in MIXES), "")
+    if x.dim() == 4 and base == "affine":
+        n, h = len(x), x.shape[2]
+        ang = (torch.rand(n, generator=g) * 2 - 1) * (math.pi / 12)
+        scale = 1 / (0.9 + 0.2 * torch.rand(n, generator=g))
+        shift = (torch.rand(n, 2, generator=g) * 2 - 1) * (2 * pad / h)
+        cos, sin = torch.cos(ang) * scale, torch.sin(ang) * scale
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    elif x.dim() == 4 and base == "shift":
+        dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
+        x = F.pad(x, (pad, pad, pad, pad))[:, :, dy:dy + x.shape[2], dx:dx + x.shape[3]]
+    if mix == "mix":
+        lam = torch.rand((len(x), *[1] * (x.dim() - 1)), generator=g).to(x.device)
+        x = lam * x + (1 - lam) * x.flip(0)
+    elif mix == "cutmix" and x.dim() == 4:
+        x = cutmix(x, g)
+    if "colour" in rest and x.dim() == 4:
+        x = recolour(x, g, lo, hi)
+    return x
