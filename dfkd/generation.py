@@ -81,8 +81,10 @@ def _check(rc: ReconstructConfig, dc: DistillConfig, gc: GeneratorConfig) -> Non
         raise DfkdError("generator", "iterations, bank and eval_every must be > 0 and student steps >= 0")
     if gc.batch_size < 2 or gc.batch_size % 2:
         raise DfkdError("generator", f"its batch must be even and >= 2 (two latents per label), not {gc.batch_size}")
-    if min(gc.ce, gc.disagreement, gc.diversity, gc.lr, rc.tv, rc.l2, rc.jitter) < 0 or gc.lr == 0 or dc.lr <= 0:
-        raise DfkdError("generator", "the lrs must be > 0, and the ce, disagreement, diversity, tv, l2 and jitter >= 0")
+    if not all(math.isfinite(v) and v >= 0 for v in (gc.ce, gc.disagreement, gc.diversity, rc.tv, rc.l2, rc.jitter)):
+        raise DfkdError("generator", "the ce, disagreement, diversity, tv, l2 and jitter weights must be finite and >= 0")
+    if not (gc.lr > 0 and dc.lr > 0):
+        raise DfkdError("generator", "the generator's and the student's lr must be > 0")
     if not max(gc.lr, dc.lr) * 10 < torch.finfo(torch.float32).max:  # Adam's first step is 10 x lr
         raise DfkdError("generator", "an lr that large does not fit Adam's first step in float32")
     if dc.augment not in AUGMENTS:
@@ -237,9 +239,11 @@ def load_generator(path: str | Path) -> tuple[Generator, dict]:
     if not (isinstance(doc, dict) and doc.get("format") == "dfkd-generator" and doc.get("version") == 1
             and isinstance(doc.get("generator"), dict)):
         raise DfkdError(path, "not a dfkd generator file (of version 1)")
+    with torch.device("meta"):  # the description's shapes, nothing allocated: compared with the file's first
+        shell = build(doc["generator"], path)
+    want = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
+    if want != {k: tuple(v.shape) for k, v in tensors.items()}:
+        raise DfkdError(path, "its weights do not fit its description (other names or shapes)")
     gen = build(doc["generator"], path)
-    try:
-        gen.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise DfkdError(path, f"its weights do not fit its description ({str(e).splitlines()[0]})") from None
+    gen.load_state_dict(tensors, strict=True)
     return gen.eval(), doc

@@ -65,7 +65,21 @@ class Generator(nn.Module):
                 "low": self.low, "high": self.high, "anchored": self.anchored}
 
 
-LIMITS = {"classes": 100_000, "latent": 4096, "width": 4096, "side": 4096, "values": 2 ** 24}
+LIMITS = {"classes": 100_000, "latent": 4096, "width": 4096, "side": 4096, "values": 2 ** 24, "parameters": 2 ** 26}
+
+
+def parameters(shape: list[int], classes: int, latent: int, width: int) -> int:
+    """How many parameters ``Generator(shape, classes, latent, width)`` holds, from its description alone."""
+    if len(shape) == 3 and shape[1] % 4 == 0 and shape[2] % 4 == 0:
+        c, h, w = shape
+        fc = 2 * latent * 2 * width * (h // 4) * (w // 4) + 2 * width * (h // 4) * (w // 4)
+        body = 2 * (2 * width) + 9 * (2 * width) ** 2 + 2 * (2 * width) + 9 * 2 * width * width + 2 * width \
+            + 9 * width * c + c  # BatchNorm: a weight and a bias per channel
+    else:
+        hidden = 4 * width
+        fc = 2 * latent * hidden + hidden
+        body = 2 * hidden + hidden * hidden + hidden + 2 * hidden + hidden * math.prod(shape) + math.prod(shape)
+    return classes * latent + fc + body
 
 
 def _count(desc: dict, key: str, limit: int) -> int:
@@ -90,12 +104,16 @@ def build(desc: dict, where: object = "generator") -> Generator:
         classes, latent, width = (_count(desc, k, LIMITS[k]) for k in ("classes", "latent", "width"))
         if classes * math.prod(shape) > LIMITS["values"] * 16:
             raise ValueError(f"{classes:,} classes of {math.prod(shape):,} values is more than a generator holds")
+        if parameters(shape, classes, latent, width) > LIMITS["parameters"]:
+            raise ValueError(f"it describes {parameters(shape, classes, latent, width):,} parameters, more than the "
+                             f"{LIMITS['parameters']:,} a generator may hold")
         low, high = desc.get("low"), desc.get("high")
-        if not all(type(v) in (int, float) and math.isfinite(v) for v in (low, high)) or not low < high:
+        if not all(type(v) in (int, float) and math.isfinite(float(v) if abs(v) < 1e308 else math.inf)
+                   for v in (low, high)) or not low < high:
             raise ValueError(f"low and high must be finite numbers, low < high, not {low!r} and {high!r}")
         if not isinstance(desc.get("anchored", False), bool):
             raise ValueError(f"anchored must be true or false, not {desc['anchored']!r}")
-    except ValueError as e:
+    except (ValueError, OverflowError) as e:
         raise DfkdError(where, f"not a generator description ({e})") from None
     base = torch.full((classes, *shape), (low + high) / 2) if desc.get("anchored") else None
     return Generator(tuple(shape), classes, latent, width, float(low), float(high), base)

@@ -3,6 +3,7 @@ own pair, ``OWN``; both as ``Pair``), and the published numbers its table shows 
 ``DAFL_NOISE``)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .config import RunConfig, default
@@ -90,7 +91,7 @@ def trains_generator(objective: str) -> bool:
     return not {"noise", "all-layers-dropout"} & set(objective.split("+"))
 
 
-def _generator(recipe: dict, cfg: RunConfig) -> dict:
+def generator_recipe(recipe: dict, cfg: RunConfig) -> dict:
     """A generator recipe with the run's ``iterations``."""
     return dict(recipe, **({"iterations": cfg.iterations} if cfg.iterations is not None else {}))
 
@@ -168,6 +169,9 @@ def check(cfg: RunConfig) -> None:
         raise DfkdError(f, "counts a generator's steps: give --synthesis generator too" if f == "iterations" else
                         f"sizes {'a set of optimised inputs' if f != 'epochs' else 'epochs on a synthetic set'}, which "
                         "--synthesis generator does not make (its budget: --iterations)")
+    if cfg.synthesis == "generator" and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        raise DfkdError("synthesis", "a generator is trained in one process; run --synthesis generator without "
+                        "torchrun")
     bad = [o for o in cfg.objectives or () if cfg.synthesis == "generator" and not trains_generator(o)]
     if bad:
         raise DfkdError("objectives", f"{', '.join(bad)} cannot train a generator (noise optimises nothing, dropout "
@@ -194,13 +198,13 @@ def pairs(cfg: RunConfig) -> list[Pair]:
         return [Pair(net, net, PAIRS[net], p["teacher_epochs"], p["baseline_epochs"][net], 1e-3,
                      _sized(dict(p["recipe"][net], batch_size=p["batch_size"]), cfg),
                      dict(p["distill"], **({"epochs": cfg.epochs} if cfg.epochs else {})),
-                     generator=_generator(GENERATOR[cfg.profile], cfg)) for net in cfg.networks]
+                     generator=generator_recipe(GENERATOR[cfg.profile], cfg)) for net in cfg.networks]
     o = OWN[cfg.profile]
     epochs = cfg.epochs or o["distill"]["epochs"]
     return [Pair("own", cfg.teacher, cfg.student, o["teacher_epochs"], epochs, o["distill"]["lr"], _sized(o["recipe"], cfg),
                  dict(o["distill"], epochs=epochs), parse_args(cfg.teacher_args, "teacher_args"),
                  parse_args(cfg.student_args, "student_args"), own=True,
-                 generator=_generator(o.get("generator", GENERATOR[cfg.profile]), cfg))]
+                 generator=generator_recipe(o.get("generator", GENERATOR[cfg.profile]), cfg))]
 
 
 def objectives(cfg: RunConfig, net: str) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from .config import RunConfig, default, flag, to_dict
 from .errors import DfkdError
 from .files import atomic_write, read_bytes, read_json, write_json
-from .profiles import DAFL_NOISE, GENERATOR, OWN, PROFILES
+from .profiles import DAFL_NOISE, GENERATOR, OWN, PROFILES, generator_recipe
 
 
 def cells(rows: list[dict]) -> list[dict]:
@@ -47,7 +47,7 @@ def table(rows: list[dict], paper: bool = True) -> str:
     gen = any(r.get("synthesis") == "generator" for r in rows)
     head = "| teacher | student | objective | accuracy % | spread (min..max) | seeds |" + (
         " paper % | vs paper |" if paper else "") + " share of teacher % | " + \
-        ("generate s | distill s |" if gen else "reconstruct s | distill/train s |") + " image-steps |"
+        ("generate s |" if gen else "reconstruct s |") + " distill/train s | image-steps |"
     lines = [head, "|" + "---|" * head.count(" |")]
     for c in cells(rows):
         s, fig, acc = c["seconds"], c["paper_accuracy"], c["accuracy"]
@@ -183,9 +183,9 @@ def write_results(out: Path, rows: list[dict], cfg: RunConfig, t0: float, final:
     data = {"spec": cfg.data, "class_names": list(class_names) if class_names else None}
     recipe = OWN[cfg.profile] if cfg.student is not None else PROFILES[cfg.profile]
     recipe = {k: v for k, v in recipe.items() if k != "generator"}  # a run's recipe as written before the mode
-    if cfg.synthesis == "generator":
-        recipe["generator"] = OWN[cfg.profile].get("generator", GENERATOR[cfg.profile]) if cfg.student is not None \
-            else GENERATOR[cfg.profile]
+    if cfg.synthesis == "generator":  # as the run took it: with its --iterations
+        recipe["generator"] = generator_recipe(OWN[cfg.profile].get("generator", GENERATOR[cfg.profile])
+                                               if cfg.student is not None else GENERATOR[cfg.profile], cfg)
     doc = json.loads(json.dumps({"config": _config(cfg), "profile": recipe, "data": data,
                                  "rows": rows, "cells": cells(rows)}))
     old = _old(out / "results.json")

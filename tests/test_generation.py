@@ -187,8 +187,8 @@ def test_generator_is_saved_and_loaded_with_its_checksum(tmp_path):
 
 
 @pytest.mark.parametrize("bad, match", [(dict(iterations=0), "iterations"), (dict(batch_size=1), "batch"),
-                                         (dict(batch_size=7), "even"), (dict(diversity=-1.0), "diversity"),
-                                         (dict(lr=1e38), "float32")])
+                                         (dict(batch_size=7), "even"), (dict(diversity=-1.0), "finite and >= 0"),
+                                         (dict(ce=float("nan")), "finite and >= 0"), (dict(lr=1e38), "float32")])
 def test_generate_refuses_bad_settings(tmp_path, bad, match):
     with pytest.raises(DfkdError, match=match):
         _run(tmp_path, **bad)
@@ -276,7 +276,9 @@ def test_an_anchored_generator_starts_at_each_class_mean_input(monkeypatch):
 @pytest.mark.parametrize("change, match", [
     (dict(classes=10 ** 9), "classes"), (dict(shape=[3, -1, 8]), "shape"), (dict(shape="388"), "shape"),
     (dict(width=True), "width"), (dict(latent=2.9), "latent"), (dict(high=float("inf")), "finite"),
-    (dict(anchored=1), "anchored"), (dict(shape=[3, 4096, 4096]), "shape")])
+    (dict(anchored=1), "anchored"), (dict(shape=[3, 4096, 4096]), "shape"), (dict(low=10 ** 400), "finite"),
+    (dict(shape=[1, 4096, 4096], latent=4096, width=4096), "parameters"),
+    (dict(shape=[1, 4096, 4096], latent=1, width=1), "do not fit its description")])
 def test_a_malformed_generator_description_is_one_line_before_anything_is_built(tmp_path, change, match):
     """A generator file someone sent: its description is checked field by field, within bounds, before a
     network is built from it (no allocation a file asks for), and refused in one line naming the file."""
@@ -291,7 +293,7 @@ def test_a_malformed_generator_description_is_one_line_before_anything_is_built(
     assert str(path) in str(e.value.where) and "\n" not in str(e.value)
 
 
-def test_run_under_the_generator_keeps_to_objectives_that_can_train_one():
+def test_run_under_the_generator_keeps_to_objectives_that_can_train_one(monkeypatch):
     """dfkd run --synthesis generator: a profile's objectives less noise and dropout (refused when asked for by
     name, in one line, before anything runs), and the optimise mode's sizes refused."""
     from dfkd.config import RunConfig
@@ -307,6 +309,12 @@ def test_run_under_the_generator_keeps_to_objectives_that_can_train_one():
         with pytest.raises(DfkdError) as e:
             check(cfg)
         assert e.value.where == where
+    check(RunConfig(synthesis="generator"))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: refused before anything is trained
+    with pytest.raises(DfkdError, match="one process") as e:
+        check(RunConfig(synthesis="generator"))
+    assert e.value.where == "synthesis"
+    check(RunConfig())  # the optimise mode scales out
 
 
 def test_the_curve_gives_a_generators_student_and_an_epoch_student_each_its_own_budget():
@@ -324,3 +332,12 @@ def test_the_curve_gives_a_generators_student_and_an_epoch_student_each_its_own_
     assert last_x(mixed)[0] == last_x(mixed)[1] and "share of each student's budget" in mixed
     alone = curve([epochs]).decode()
     assert "epoch (of 30)" in alone and last_x(alone) == last_x(mixed)[:1]
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28), (20,), (2, 6, 5)])
+def test_a_descriptions_parameter_count_is_the_networks(shape):
+    """generators.parameters, which bounds what a file may describe, counts what the network holds."""
+    from dfkd.generators import parameters
+    for classes, latent, width in ((10, 64, 32), (4, 4, 4), (7, 3, 5)):
+        net = Generator(shape, classes, latent, width)
+        assert parameters(list(shape), classes, latent, width) == sum(p.numel() for p in net.parameters())
