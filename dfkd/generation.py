@@ -45,7 +45,7 @@ from .objectives import Noise, make_objective
 from .resume import canonical, config_settings, load_checked, load_state, save_checked, save_state
 from .runtime import bars_off, whole
 from .taps import tap
-from .views import AUGMENTS, augment
+from .views import AUGMENTS, augment, jitter
 
 REMEDY = "delete it to make it again, or rerun with --restart"
 
@@ -101,10 +101,7 @@ def generator_loss(x: torch.Tensor, z: torch.Tensor, y: torch.Tensor, teacher: n
     teacher's layers are read through ``acts`` (a ``tap`` on the objective's layers); both networks see
     ``x`` normalised and, with ``jitter``, rolled (one shift per batch, drawn from ``g``)."""
     xn = info.to_model(x)
-    xin = xn
-    if rc.jitter and x.dim() == 4:
-        dy, dx = torch.randint(-rc.jitter, rc.jitter + 1, (2,), generator=g).tolist()
-        xin = torch.roll(xn, (dy, dx), (2, 3))
+    xin = jitter(xn, rc.jitter, g)
     logits = teacher(xin)
     tg = {k: v.to(x.device) for k, v in objective.targets(y.cpu(), g).items()}
     loss = (objective.loss(logits, acts, tg, y) + prior(xn, rc.tv, rc.l2)) / len(y) + gc.ce * F.cross_entropy(logits, y)

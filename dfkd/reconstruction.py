@@ -37,6 +37,7 @@ from .runtime import bars_off, pick_device, setup_threads
 from .specs import ModelRef, open_model
 from .synthetic import SyntheticSet
 from .taps import tap
+from .views import jitter as roll
 
 
 INITS = ("noise", "class-mean", "auto")
@@ -83,15 +84,11 @@ def optimise_batch(teacher: nn.Module, objective: Objective, labels: torch.Tenso
     ydev = labels.to(dev)
     opt = torch.optim.Adam(groups, lr=cfg.lr)
     losses = []
-    jitter = cfg.jitter if x.dim() == 4 else 0
     with tap(teacher, objective.layers(), alter=alter, inputs=objective.inputs()) as acts, \
             input_grad_by_fold(teacher, dev.type == "cpu"):
         for step in range(cfg.steps):
             xn = info.to_model(torch.cat(leaves, 1) if len(leaves) > 1 else leaves[0])  # at the network's input
-            xin = xn
-            if jitter:
-                dy, dx = (torch.randint(-jitter, jitter + 1, (2,), generator=g)).tolist()
-                xin = torch.roll(xn, (dy, dx), (2, 3))
+            xin = roll(xn, cfg.jitter, g)
             logits = teacher(xin * masks["input"] if masks else xin)
             loss = objective.loss(logits, acts, tg, ydev) + prior(xn, cfg.tv, cfg.l2)
             if not torch.isfinite(loss):

@@ -13,7 +13,7 @@ from pathlib import Path
 from .config import RunConfig, default, flag, to_dict
 from .errors import DfkdError
 from .files import atomic_write, read_bytes, read_json, write_json
-from .profiles import DAFL_NOISE, GENERATOR, OWN, PROFILES, generator_recipe
+from .profiles import DAFL_NOISE, GENERATOR, OWN, OWN_FLAGS, PROFILES, generator_recipe
 
 
 def cells(rows: list[dict]) -> list[dict]:
@@ -77,7 +77,7 @@ def table(rows: list[dict], paper: bool = True) -> str:
 RUNS = ("device", "progress", "restart")  # how a run runs
 HOW = RUNS + ("code",)  # and the code it may import: not what it made
 # the fields of a user's own pair: a results document leaves them out where unset, as one written before them did
-OWN_FIELDS = ("weights", "teacher_args", "student", "student_args", "stats", "normalize", "code")
+OWN_FIELDS = OWN_FLAGS + ("student", "code")
 
 
 LATER_FIELDS = ("synthesis", "iterations")  # and these where they hold their default

@@ -69,3 +69,12 @@ def augment(x: torch.Tensor, how: str, g: torch.Generator, pad: int = 2, lo: flo
     if "colour" in rest and x.dim() == 4:
         x = recolour(x, g, lo, hi)
     return x
+
+
+def jitter(x: torch.Tensor, pixels: int, g: torch.Generator) -> torch.Tensor:
+    """DeepInversion's jitter: a batch of images rolled by one random shift of up to ``pixels`` each way (drawn
+    from ``g``); anything else, or ``pixels`` 0, as it is (and nothing drawn)."""
+    if not pixels or x.dim() != 4:
+        return x
+    dy, dx = torch.randint(-pixels, pixels + 1, (2,), generator=g).tolist()
+    return torch.roll(x, (dy, dx), (2, 3))
