@@ -112,6 +112,9 @@ def _cmd_inspect(a) -> int:
     print("layers: " + ", ".join(f"{l['path']} {tuple(l['shape'])} per {l['stat']} {_forms(l, h['kinds'])}"
                                  for l in h["layers"]))
     print("\n".join(describe(h)))
+    if h.get("norms"):
+        print("norm layers (norm-stats: their inputs per feature): " +
+              ", ".join(f"{n['path']} ({n['type']}, {n['features']} features)" for n in h["norms"]))
     print("\n".join(f"{k}: {REGISTRY[k].reveals}" for k in h["kinds"]))  # what each kind holds and reveals
     print(f"{'kind':<16}{'record':<36}{'floats':>12}{'bytes':>14}")
     for r in s["rows"]:

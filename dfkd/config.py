@@ -64,11 +64,22 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RecordConfig:
-    kinds: tuple[str, ...] = opt(("top-layer", "all-layers", "spectral-all", "spectral-pairs"),
-                                 "comma-separated; also class-diag (per-layer class means and stds)")
-    layers: tuple[str, ...] | None = opt(None, "comma-separated module paths (default: every Linear/Conv2d)")
+    kinds: tuple[str, ...] | None = opt(None, "comma-separated (default: the paper's four, top-layer, all-layers, "
+                                        "spectral-all and spectral-pairs, with norm-stats, the LayerNorm/GroupNorm "
+                                        "layers' inputs, for a teacher that has such layers); also class-diag "
+                                        "(per-layer class means and stds)")
+    layers: tuple[str, ...] | None = opt(None, "comma-separated module paths, any module (default: every Linear/Conv2d, "
+                                         "an nn.MultiheadAttention for its out_proj)")
     cov: str = opt("auto", "all-layers covariance: auto, full, diag or lowrank:K")
     conv_stats: str = opt("channel", "conv maps' all-layers statistics per channel (pooled over positions) or per unit")
+    first_layer: str = opt("pooled", "the first recorded layer's all-layers statistics: pooled like the others, or per "
+                           "unit (a conv map's or a token sequence's every value; where the layer is affine in the "
+                           "input with full column rank, as a patch embedding with at least as many features as a "
+                           "patch has values, its class means give each class's mean input in closed form, which "
+                           "reconstruction and the generator start from, and which the file then reveals)",
+                           choices=("pooled", "unit"))
+    token_stats: str = opt("feature", "token sequences' ([N, T, D]: a transformer's layers) all-layers statistics per "
+                           "feature (pooled over tokens) or per unit (every token's own)", choices=("feature", "unit"))
     spectral_keep: float = opt(0.10, "fraction of Fourier coefficients kept", parse="positive")
     temperature: float = opt(8.0, "softmax temperature of the top-layer record", parse="positive")
     batch_size: int = opt(1000, "inputs per forward pass", parse="positive")

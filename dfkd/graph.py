@@ -28,19 +28,34 @@ from .stats import block_adjacency, fourier_basis
 from .taps import resolve, tap
 
 
+# modules whose output keeps its features on the last axis (tokens ``[T, D]``, a channels-last map ``[H, W, C]``),
+# and those that keep them on the first (a conv map ``[C, H, W]``, a sequence ``[C, L]``); any other module's
+# output is tokens when it has two dimensions per example, a map (channels first) when it has more
+FEATURES_LAST = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention)
+CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.modules.pooling._MaxPoolNd,
+                  nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+                  nn.modules.pooling._AdaptiveMaxPoolNd)
+
+
 @dataclass(frozen=True)
 class LayerInfo:
     path: str
-    type: str               # "linear" or "conv"
+    type: str               # "linear" (a vector), "conv" (a map, channels first) or "token" (features last)
     shape: tuple[int, ...]  # one sample's output shape
-    nodes: int              # graph nodes: units (linear) or channels (conv)
-    stat: str = "unit"      # all-layers statistics per "unit" (every output value) or per "channel"
-                            # (a conv map's channels, pooled over positions, as BatchNorm keeps them)
+    nodes: int              # graph nodes: units (linear), channels (conv) or features (token)
+    stat: str = "unit"      # all-layers statistics per "unit" (every output value), per "channel" (a conv map's
+                            # channels pooled over positions, as BatchNorm keeps them) or per "feature" (a token
+                            # sequence's features pooled over tokens, as LayerNorm sees them)
+
+    @property
+    def pooled(self) -> bool:
+        """Whether every position (token) of a sample is a draw of the layer's statistics."""
+        return self.stat != "unit"
 
     @property
     def dim(self) -> int:
         """The dimension of the layer's all-layers statistics."""
-        return self.shape[0] if self.stat == "channel" else math.prod(self.shape)
+        return {"channel": self.shape[0], "feature": self.shape[-1]}.get(self.stat, math.prod(self.shape))
 
     def as_dict(self) -> dict:
         return {**asdict(self), "shape": list(self.shape), "dim": self.dim}
@@ -50,22 +65,39 @@ class LayerInfo:
         return cls(d["path"], d["type"], tuple(d["shape"]), int(d["nodes"]), d.get("stat", "unit"))
 
 
-def layer_infos(model: nn.Module, paths: list[str], example: torch.Tensor, conv_stat: str = "channel") -> list[LayerInfo]:
-    """Describe ``paths`` in execution order from one forward pass of ``example``; conv layers keep
-    their all-layers statistics per ``conv_stat`` ("channel" or "unit")."""
+def _type(m: nn.Module, shape: tuple[int, ...]) -> str:
+    if len(shape) == 1:
+        return "linear"
+    if isinstance(m, FEATURES_LAST) or (len(shape) == 2 and not isinstance(m, CHANNELS_FIRST)):
+        return "token"
+    return "conv"
+
+
+def layer_infos(model: nn.Module, paths: list[str], example: torch.Tensor, conv_stat: str = "channel",
+                token_stat: str = "feature", first: str = "pooled", named: bool = True) -> list[LayerInfo]:
+    """Describe ``paths`` in execution order from one forward pass of ``example``: conv maps keep their
+    all-layers statistics per ``conv_stat`` ("channel" or "unit"), token sequences per ``token_stat``
+    ("feature" or "unit"), except the first layer where ``first`` is "unit" (per unit: the layer the input
+    reaches first, whose class means follow the inputs'). Any module whose output is a tensor (or a tuple
+    led by one) can be recorded. A path that never runs is refused where ``named`` (the user named it), else
+    left out (a default layer of an auxiliary head)."""
     if conv_stat not in ("channel", "unit"):
         raise DfkdError("conv_stats", f"{conv_stat!r} is not channel or unit")
+    if token_stat not in ("feature", "unit"):
+        raise DfkdError("token_stats", f"{token_stat!r} is not feature or unit")
     mods = resolve(model, paths)
-    bad = [p for p, m in mods.items() if not isinstance(m, (nn.Linear, nn.Conv2d))]
-    if bad:
-        raise DfkdError("layers", f"{', '.join(bad)}: only Linear and Conv2d layers can be recorded")
     order: list[str] = []
     shapes: dict[str, tuple[int, ...]] = {}
+    bad: list[str] = []
 
     def seen(p, out):
         if p not in shapes:
             order.append(p)
-            shapes[p] = tuple(out.shape[1:])
+            ok = isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() >= 2 and \
+                len(out) == len(example)
+            shapes[p] = tuple(out.shape[1:]) if ok else ()
+            if not ok:
+                bad.append(p)
         return out
 
     was = model.training
@@ -79,20 +111,44 @@ def layer_infos(model: nn.Module, paths: list[str], example: torch.Tensor, conv_
     finally:
         model.train(was)
     missing = [p for p in paths if p not in shapes]
+    if missing and not named:
+        paths, missing = [p for p in paths if p in shapes], []
     if missing:
-        raise DfkdError("layers", f"{', '.join(missing)} never ran in a forward pass")
+        why = [f" ({p.rpartition('.')[0]} is an nn.MultiheadAttention, which applies {p}'s weights without "
+               f"calling it: record {p.rpartition('.')[0]} instead)" for p in missing
+               if isinstance(dict(model.named_modules()).get(p.rpartition(".")[0]), nn.MultiheadAttention)]
+        raise DfkdError("layers", f"{', '.join(missing)} never ran in a forward pass{''.join(why[:1])}")
+    if bad:
+        mha = any(isinstance(mods[p], nn.MultiheadAttention) for p in bad)
+        raise DfkdError("layers", f"{', '.join(bad)}: the output is not a float tensor with one row per input"
+                        + (" (an nn.MultiheadAttention needs batch_first=True)" if mha else ""))
     infos = []
     for p in order:
         shape = shapes[p]
-        conv = isinstance(mods[p], nn.Conv2d) and len(shape) == 3
-        infos.append(LayerInfo(p, "conv" if conv else "linear", shape, shape[0] if conv else math.prod(shape),
-                               conv_stat if conv else "unit"))
+        kind = _type(mods[p], shape)
+        nodes = {"conv": shape[0], "token": shape[-1]}.get(kind, math.prod(shape))
+        stat = "unit" if first == "unit" and not infos else {"conv": conv_stat, "token": token_stat}.get(kind, "unit")
+        infos.append(LayerInfo(p, kind, shape, nodes, stat))
     return infos
 
 
+TYPE_STATS = {"linear": ("unit",), "conv": ("unit", "channel"), "token": ("unit", "feature")}  # what each type allows
+
+
+def positions(out: torch.Tensor, info: LayerInfo) -> torch.Tensor:
+    """A map's or a sequence's values per node and position, ``[N, nodes, P]``: a conv map's channels over
+    its positions, a token sequence's features over its tokens."""
+    return out.flatten(2) if info.type == "conv" else out.flatten(1, -2).transpose(1, 2)
+
+
+def layer_rows(out: torch.Tensor, info: LayerInfo) -> torch.Tensor:
+    """A layer's output as its record's rows: ``[N, D]``, or ``[N, D, P]`` where the statistics pool positions."""
+    return positions(out, info) if info.pooled else out.flatten(1)
+
+
 def layer_signal(out: torch.Tensor, info: LayerInfo) -> torch.Tensor:
-    """One layer's node signal ``[N, nodes]``."""
-    return out.flatten(2).mean(2) if info.type == "conv" else out.flatten(1)
+    """One layer's node signal ``[N, nodes]``: a map's or a sequence's nodes averaged over their positions."""
+    return out.flatten(1) if info.type == "linear" else positions(out, info).mean(2)
 
 
 def signal(acts: dict[str, torch.Tensor], infos: list[LayerInfo]) -> torch.Tensor:
@@ -103,6 +159,8 @@ def signal(acts: dict[str, torch.Tensor], infos: list[LayerInfo]) -> torch.Tenso
 def pair_edges(model: nn.Module, a: LayerInfo, b: LayerInfo) -> torch.Tensor | None:
     """Edge weights ``[a.nodes, b.nodes]`` from ``b``'s weights, or None if they do not connect."""
     m = dict(model.named_modules())[b.path]
+    if not isinstance(m, (nn.Linear, nn.Conv2d)):
+        return None  # no weight matrix between the two: separate components
     w = m.weight.detach().abs().to(torch.float64).cpu()
     if isinstance(m, nn.Conv2d):
         if m.groups != 1 or m.in_channels != a.nodes:

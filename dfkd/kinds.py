@@ -2,7 +2,7 @@
 contract. Each entry declares
 
 - ``records``: what it records, as *records*: one per stored Gaussian (the top layer, a layer, a graph),
-  each with its rows of a batch ``[N, D]`` (a conv map per channel: ``[N, D, P]``), whether it keeps a
+  each with its rows of a batch ``[N, D]`` (a conv map per channel, a token sequence per feature: ``[N, D, P]``), whether it keeps a
   full covariance or a diagonal, and its exact accumulator. The exact pass streams the rows into that
   accumulator; the private pass (``privacy``) clips the same rows per example and sums them with noise
   (sensitivity: ``C`` for the sum and ``C^2`` for the second moment, full or diagonal, under the
@@ -23,123 +23,17 @@ A class Gaussian is stored in one of the forms of ``forms``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
-
 import torch
-from torch import nn
 
 from . import forms
-from .config import RecordConfig
 from .errors import DfkdError
-from .graph import LayerInfo, chain_basis, layer_signal
-from .privacy import ClippedMoments, Released
+from .graph import LayerInfo, chain_basis, layer_rows
+from .normstats import features, norm_layers, norm_rows
+from .records import Batch, Kind, Private, Record, Setup, Shapes
 from .stats import ClassMoments, SpectralMoments
+from .taps import input_key
 
-Shapes = dict[str, tuple[int, ...]]
-
-
-@dataclass
-class Setup:
-    """What a kind's records are made from: the model, its chosen layers (and their header rows), the
-    command's settings and the class count."""
-    model: nn.Module
-    infos: list[LayerInfo]
-    layers: list[dict]
-    cfg: RecordConfig
-    c: int
-
-
-class Batch:
-    """One batch as the records read it: the logits, the chosen layers' outputs, and each layer's node
-    signal (computed on first use, once, and shared by every graph the layer belongs to)."""
-
-    def __init__(self, logits: torch.Tensor, acts: dict[str, torch.Tensor], infos: list[LayerInfo]):
-        self.logits, self.acts, self._infos, self._nodes = logits, acts, {i.path: i for i in infos}, {}
-
-    def node(self, path: str) -> torch.Tensor:
-        if path not in self._nodes:
-            self._nodes[path] = layer_signal(self.acts[path], self._infos[path]).float().cpu()
-        return self._nodes[path]
-
-
-@dataclass
-class Record:
-    """One stored Gaussian and, under privacy, one clipped and noised release (named ``kind`` or
-    ``kind/part``, as ``--clip`` and the privacy header spell it)."""
-    kind: str
-    part: str | None
-    form: str                                    # the stored form (``forms``): full, diag or lowrank:K
-    rows: Callable[[Batch], torch.Tensor]        # the record's rows of a batch
-    exact: Callable[[], Any]                     # the exact pass's accumulator (``update(rows, labels)``)
-    # the rows as the private pass clips, sums and releases them (the spectral kinds: their Fourier coefficients)
-    released_rows: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
-    own: Any = None                              # the kind's own (a graph's layers, moments, eigenvalues)
-
-    @property
-    def full(self) -> bool:
-        """Whether the record accumulates a full covariance (its form full or low rank), else its diagonal."""
-        return self.form != "diag"
-
-    @property
-    def name(self) -> str:
-        return f"{self.kind}/{self.part}" if self.part else self.kind
-
-
-@dataclass
-class Private:
-    """A record's private release: the post-processed Gaussian, the noisy sums and counts it came from."""
-    released: Released
-    sums: ClippedMoments
-    counts: torch.Tensor
-    mean: torch.Tensor = field(init=False)
-
-    def __post_init__(self):
-        self.mean = self.released.mean
-
-    def covariance(self) -> torch.Tensor:
-        return self.released.cov
-
-
-def layer_rows(out: torch.Tensor, i: LayerInfo) -> torch.Tensor:
-    """A layer's output as its record's rows: ``[N, D]``, or ``[N, C, H*W]`` for a conv map per channel."""
-    return out.flatten(2) if i.stat == "channel" else out.flatten(1)
-
-
-class Kind:
-    name: ClassVar[str]
-    reveals: ClassVar[str]
-    header_fields: ClassVar[tuple[str, ...]] = ()
-    layer_means: ClassVar[bool] = False
-    default: ClassVar[bool] = True  # recorded by ``dfkd record`` unless --kinds says otherwise
-
-    def check(self, s: Setup) -> None:
-        """Refuse settings this kind cannot record, before any kind prepares its records."""
-
-    def records(self, s: Setup) -> list[Record]:
-        raise NotImplementedError
-
-    def contract(self, h: dict) -> Shapes:
-        raise NotImplementedError
-
-    def form(self, layer: dict) -> str:
-        """The stored form of this kind's record of ``layer`` (a header's ``layers[]`` row): the layer kinds'."""
-        raise NotImplementedError(f"kind {self.name} stores no record per layer")
-
-    def graphs(self, h: dict) -> list[tuple[str | None, dict]]:
-        """``(part, graph)`` for every graph of this kind the header declares (part None: the whole net): the
-        spectral kinds'."""
-        raise NotImplementedError(f"kind {self.name} stores no graph")
-
-    def write(self, rec: Record, m, header: dict) -> dict[str, torch.Tensor]:
-        """The record's tensors from its exact moments or its ``Private`` release."""
-        return forms.write(self.name, rec.part, m, rec.form)
-
-    def read(self, meta, part: str | None = None) -> dict[str, torch.Tensor]:
-        """A part's stored tensors by statistic (a class Gaussian: ``mean`` and its form's)."""
-        pre = forms.key(self.name, "", part)
-        return {k[len(pre):]: v for k, v in meta.tensors.items() if k.startswith(pre) and "/" not in k[len(pre):]}
-
+__all__ = ["KINDS", "REGISTRY", "default_kinds", "Batch", "Kind", "Private", "Record", "Setup", "Shapes", "means_kind", "means_kinds"]
 
 class TopLayer(Kind):
     """Per class, mean and full covariance (its Cholesky factor) of the logits / T."""
@@ -268,9 +162,45 @@ class SpectralPairs(_Spectral):
         return [(f"{a.path}+{b.path}", [a, b]) for a, b in zip(infos[:-1], infos[1:])]
 
 
+class NormStats(Kind):
+    """Per LayerNorm / GroupNorm of the teacher (``normstats``), per class, each feature's mean and std of the
+    layer's input pooled over its positions (tokens): what BatchNorm's running statistics keep, recorded. Not
+    among the paper's four; ``dfkd record`` adds it by default for a teacher that has such layers (``default_kinds``)."""
+    name = "norm-stats"
+    reveals = "each class's per-feature mean and std of every LayerNorm and GroupNorm layer's input"
+    header_fields = ("norms[].*",)
+    default = False
+
+    def check(self, s):
+        if not s.norms:
+            raise DfkdError("kinds", f"norm-stats needs LayerNorm or GroupNorm layers that run on batch-first inputs, "
+                            f"and {type(s.model).__name__} has none")
+
+    def records(self, s):
+        return [Record(self.name, p, "diag", lambda b, p=p, m=m: norm_rows(b.acts[input_key(p)], m),
+                       lambda f=features(m): ClassMoments(s.c, f, full=False),
+                       own={"path": p, "type": type(m).__name__, "features": features(m)}, inputs=(p,))
+                for p, m in s.norms]
+
+    def write(self, rec, m, header):
+        header.setdefault("norms", []).append(dict(rec.own))
+        return super().write(rec, m, header)
+
+    def contract(self, h):
+        c = int(h["num_classes"])
+        return {forms.key(self.name, st, n["path"]): shape for n in h.get("norms", [])
+                for st, shape in forms.shapes("diag", c, int(n["features"])).items()}
+
+
 REGISTRY: dict[str, Kind] = {k.name: k for k in (TopLayer(), AllLayers(), SpectralAll(), SpectralPairs(),
-                                                  ClassDiag())}
+                                                  ClassDiag(), NormStats())}
 KINDS = tuple(k for k, kind in REGISTRY.items() if kind.default)
+
+
+def default_kinds(model, example=None) -> tuple[str, ...]:
+    """The kinds ``dfkd record`` records when none are named: the paper's four, and norm-stats for a teacher
+    with LayerNorm or GroupNorm layers (given an ``example`` batch: layers its forward pass runs)."""
+    return KINDS + (("norm-stats",) if norm_layers(model, example) else ())
 
 
 def means_kinds(kinds) -> list[str]:

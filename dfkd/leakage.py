@@ -68,7 +68,7 @@ def measure(model: nn.Module, meta: Metadata, data, synthetic: dict[str, tuple[t
     """The leakage report of ``meta`` for ``model`` and the class images behind it. Analytic
     inversions are scored against ``data``'s true class means; so is each named synthetic set
     ``(raw inputs, labels)``, with its distance to training vs test inputs when ``test`` is given.
-    The images: ``truth``, one per inverted layer (``inverted <layer> per <unit|channel>``), one per
+    The images: ``truth``, one per inverted layer (``inverted <layer> per <unit|channel|feature>``), one per
     synthetic set (``[C, *shape]``, raw)."""
     info = meta.data
     truth = class_means(data, info, meta.num_classes)

@@ -28,6 +28,7 @@ from .data import DataInfo
 from .errors import DfkdError
 from .files import load_tensors, parse_json, save_tensors, weights_sha256
 from .forms import key
+from .graph import TYPE_STATS, LayerInfo
 from .kinds import KINDS, REGISTRY
 from .version import __version__
 
@@ -93,7 +94,8 @@ def save(meta: Metadata, path: str | Path) -> Path:
 
 # the header's fields that readers use, with their types (checked before anything reads them)
 _FIELDS = {"num_classes": int, "kinds": list, "layers": list, "teacher_sha256": str, "recorded_on": dict, "data": dict}
-_LAYER = {"path": str, "shape": list, "stat": str, "cov": str, "dim": int}
+_LAYER = {"path": str, "type": str, "shape": list, "nodes": int, "stat": str, "cov": str, "dim": int}
+_NORM = {"path": str, "type": str, "features": int}
 _RECORDED = {"dataset": str, "n_samples": int}
 _PRIVACY = {"neighbouring": str, "mechanism": str, "accountant": str, "accountant_version": str, "covers": str,
             "clip_bounds": dict, "events": list}
@@ -111,6 +113,23 @@ def _check_fields(path: Path, h: dict) -> None:
     check("recorded_on", h["recorded_on"], _RECORDED)
     for i, layer in enumerate(h["layers"]):
         check(f"layers[{i}]", layer, _LAYER)
+        allowed = TYPE_STATS.get(layer["type"], ())
+        if layer["stat"] not in allowed:
+            raise DfkdError(path, f"header field layers[{i}] is a {layer['type']!r} layer with stat {layer['stat']!r} "
+                            f"(a linear layer's is unit, a conv map's unit or channel, a token sequence's unit or feature)")
+        if len(layer["shape"]) == 0 or not all(isinstance(v, int) and v > 0 for v in layer["shape"]) or \
+                layer["dim"] != LayerInfo.from_dict(layer).dim:
+            raise DfkdError(path, f"header field layers[{i}].dim {layer['dim']} does not follow from its shape "
+                            f"{layer['shape']} and stat {layer['stat']!r}")
+    norms = h.get("norms", [])
+    if not isinstance(norms, list) or ("norm-stats" in h["kinds"]) != bool(norms):
+        raise DfkdError(path, "header field norms must list the norm layers exactly when kinds has norm-stats")
+    for i, n in enumerate(norms):
+        check(f"norms[{i}]", n, _NORM)
+        if n["type"] not in ("LayerNorm", "GroupNorm") or n["features"] <= 0:
+            raise DfkdError(path, f"header field norms[{i}] is not a LayerNorm or GroupNorm of a positive size")
+    if len({n["path"] for n in norms}) != len(norms):
+        raise DfkdError(path, "header field norms names a layer twice")
     if h.get("privacy") is not None:
         p = h["privacy"]
         check("privacy", p, _PRIVACY)

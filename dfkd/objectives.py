@@ -1,12 +1,7 @@
-"""The reconstruction objectives, one small class each: Lopes, Fenu & Starner (2017) from
-metadata, DeepInversion's BatchNorm matching (Yin et al. 2020) from the teacher alone, and noise.
-
-Every objective names the metadata kind it needs (``kind``; spelled as in the file), the
-layers whose outputs (``layers``) or inputs (``inputs``) it reads, draws its targets once
-per batch (``targets``), and gives the batch's total loss (``loss``): per-sample terms are
-summed over the batch and batch-level terms weighted by the samples they cover, so batch
-size does not change the dynamics. ``z ~ N(0, I)`` below, drawn from the batch's own generator.
-Objectives combine with ``+`` (``all-layers+bn-stats``): their losses add.
+"""The reconstruction objectives, one small class each (the contract: ``objective.Objective``): Lopes, Fenu &
+Starner (2017) from metadata, DeepInversion's BatchNorm matching (Yin et al. 2020) from the teacher alone,
+its recorded analogue for LayerNorm / GroupNorm (``norm-stats``), and noise. ``z ~ N(0, I)`` below, drawn
+from the batch's own generator. Objectives combine with ``+`` (``all-layers+bn-stats``): their losses add.
 
 ``whiten`` (all-layers and spectral objectives) divides each coordinate's error by its
 standard deviation pooled over classes, ``w_k = 1 / (sigma_k + 1e-3 mean(sigma))``: the
@@ -25,62 +20,14 @@ from torch import nn
 from . import forms
 from .config import ReconstructConfig
 from .errors import DfkdError
-from .graph import LayerInfo, signal
+from .graph import layer_rows, signal
 from .kinds import REGISTRY
 from .metadata import Metadata
-from .models import batchnorms, device_of
-from .stats import class_moments
+from .models import batchnorms
+from .objective import Objective
+from .normstats import NORMS, batch_moments, features, mixture, norm_rows
+from .stats import class_match, whitening
 from .taps import input_key
-
-Targets = dict[str, torch.Tensor]
-
-
-def whitening(std: torch.Tensor) -> torch.Tensor:
-    """Per-coordinate weights ``[D]`` from per-class standard deviations ``[C, D]``."""
-    s = std.mean(0)
-    return 1.0 / (s + 1e-3 * s.mean())
-
-
-def class_match(out: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor,
-                w: torch.Tensor) -> torch.Tensor:
-    """Per class present in the batch, the batch's class mean ``m`` and (co)variance ``S`` of a map's
-    channels pooled over positions (``out [B, C, ...]``) against the stored ``mu`` and ``Sigma``
-    (``cov [K, C, C]``; diagonal: variances ``[K, C]``),
-    ``(1/d) ||w (m - mu)||^2 + (1/d^2) ||w w^T . (S - Sigma)||^2`` (diagonal: ``(1/d) ||w^2 (s - sigma^2)||^2``),
-    weighted by the samples each class covers."""
-    m, second, rows = class_moments(out, labels, len(cov), cov.dim() == 3)
-    dm = ((m - mean) * w).pow(2).mean(1)
-    ww = w[:, None] * w[None, :] if cov.dim() == 3 else w * w
-    dc = ((second - cov) * ww).pow(2).flatten(1).mean(1)
-    return ((dm + dc) * rows / out[0, 0].numel()).sum()
-
-
-class Objective:
-    name: ClassVar[str]
-    kind: ClassVar[str | None]  # the metadata kind it needs (None: the teacher alone)
-
-    def __init__(self, meta: Metadata | None, model: nn.Module, cfg: ReconstructConfig):
-        self.meta, self.model, self.cfg = meta, model, cfg
-        self.dev = device_of(model)
-        self.infos = [LayerInfo.from_dict(d) for d in meta.header["layers"]] if meta is not None else []
-
-    def stored(self, part: str | None = None) -> dict[str, torch.Tensor]:
-        """A part's tensors of the kind this objective needs, read through the kind (``kinds.REGISTRY``)."""
-        return REGISTRY[self.kind].read(self.meta, part)
-
-    def layers(self) -> list[str]:  # module paths whose outputs the loss reads: every recorded layer's
-        return [i.path for i in self.infos]
-
-    def inputs(self) -> list[str]:  # module paths whose inputs the loss reads
-        return []
-
-    def targets(self, labels: torch.Tensor, g: torch.Generator) -> Targets:
-        return {}
-
-    def loss(self, logits: torch.Tensor, acts: dict[str, torch.Tensor], tg: Targets,
-             labels: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
 
 class TopLayer(Objective):
     """``L = mean_k (ReLU(t_k) - ReLU(f(x)_k / T))^2`` with ``t = mu_c + L_c z`` from the
@@ -101,7 +48,7 @@ class TopLayer(Objective):
 class AllLayers(Objective):
     """Per recorded layer ``l`` of dimension ``d_l``: a per-unit layer adds
     ``(1 / d_l) ||w (a_l(x) - t_l)||^2`` per sample, ``t_l`` drawn from its class Gaussian; a
-    per-channel conv layer (``stat="channel"``) matches, per class present in the batch, the
+    pooled layer (a conv map per channel, a token sequence per feature) matches, per class present in the batch, the
     pooled channel mean and covariance (variance when diagonal) of the batch's samples of that
     class against the stored ones, ``(1/d) ||w (m - mu)||^2 + (1/d^2) ||w w^T . (S - Sigma)||^2``,
     weighted by the class's samples (DeepInversion's batch-level matching, per class)."""
@@ -115,7 +62,7 @@ class AllLayers(Objective):
             gauss = {k: v.to(self.dev) for k, v in self.stored(i.path).items()}
             self._g[i.path] = gauss
             self._w[i.path] = whitening(forms.std(gauss)) if cfg.whiten else torch.ones(i.dim, device=self.dev)
-            if i.stat == "channel":
+            if i.pooled:
                 self._cov[i.path] = forms.cov(gauss)
 
     def targets(self, labels, g):
@@ -124,8 +71,8 @@ class AllLayers(Objective):
     def loss(self, logits, acts, tg, labels):
         total = logits.new_zeros(())
         for i in self.infos:
-            if i.stat == "channel":
-                total = total + class_match(acts[i.path], labels, self._g[i.path]["mean"], self._cov[i.path],
+            if i.pooled:
+                total = total + class_match(layer_rows(acts[i.path], i), labels, self._g[i.path]["mean"], self._cov[i.path],
                                             self._w[i.path])
             else:
                 total = total + ((acts[i.path].flatten(1) - tg[i.path]) * self._w[i.path]).pow(2).mean(1).sum()
@@ -202,7 +149,7 @@ class ClassDiag(Objective):
     def loss(self, logits, acts, tg, labels):
         total = logits.new_zeros(())
         for i in self.infos:
-            out = acts[i.path] if i.stat == "channel" else acts[i.path].flatten(1).unsqueeze(2)
+            out = layer_rows(acts[i.path], i) if i.pooled else acts[i.path].flatten(1).unsqueeze(2)
             g = self._g[i.path]
             total = total + class_match(out, labels, g["mean"], g["std"].pow(2), self._w[i.path])
         return total
@@ -238,6 +185,42 @@ class BNStats(Objective):
                                                                           reduction="sum")
 
 
+class NormStats(Objective):
+    """``bn-stats`` with recorded targets, for LayerNorm / GroupNorm (``normstats``; needs ``norm-stats``): for
+    every recorded norm layer ``l``, the batch's per-feature mean ``m_l`` and biased variance ``s2_l`` of its
+    input over samples and positions against the mixture of the stored class Gaussians in the batch's label
+    proportions, ``B * bn_weight * sum_l (||m_l - mu_l||_2 + ||s2_l - var_l||_2)``, plus the intended labels'
+    cross-entropy."""
+    name, kind = "norm-stats", "norm-stats"
+
+    def __init__(self, meta, model, cfg):
+        super().__init__(meta, model, cfg)
+        mods, self._norms = dict(model.named_modules()), []
+        for n in meta.header.get("norms", []):
+            m = mods.get(n["path"])
+            if not isinstance(m, NORMS) or features(m) != n["features"] or type(m).__name__ != n["type"]:
+                raise DfkdError("stats", f"its norm layer {n['path']} (a {n['type']} of {n['features']} features) is not "
+                                "one in the teacher")
+            g = self.stored(n["path"])
+            self._norms.append((n["path"], m, g["mean"].to(self.dev), g["std"].to(self.dev).pow(2)))
+
+    def layers(self):
+        return []
+
+    def inputs(self):
+        return [p for p, *_ in self._norms]
+
+    def loss(self, logits, acts, tg, labels):
+        labels = labels.to(logits.device)
+        share = torch.bincount(labels, minlength=logits.shape[1]).to(logits.dtype) / len(labels)
+        total = logits.new_zeros(())
+        for p, m, mean, var in self._norms:
+            bm, bv = batch_moments(norm_rows(acts[input_key(p)], m))
+            tm, tv = mixture(share, mean, var)
+            total = total + torch.linalg.vector_norm(bm - tm) + torch.linalg.vector_norm(bv - tv)
+        return len(labels) * self.cfg.bn_weight * total + F.cross_entropy(logits, labels, reduction="sum")
+
+
 class Noise(Objective):
     """The random-noise baseline: no optimisation, inputs stay at their N(mean, std) start."""
     name, kind = "noise", None
@@ -269,7 +252,7 @@ class Combined(Objective):
 
 
 OBJECTIVES: dict[str, type[Objective]] = {c.name: c for c in (TopLayer, AllLayers, AllLayersDropout, SpectralAll,
-                                                               SpectralPairs, ClassDiag, BNStats, Noise)}
+                                                               SpectralPairs, ClassDiag, BNStats, NormStats, Noise)}
 
 
 def known(name: str) -> bool:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .config import RunConfig
 from .data import DataInfo
 from .errors import DfkdError
+from .kinds import default_kinds
 from .metadata import Metadata
 from .metadata import load as load_stats
 from .models import batchnorms, code_sha256
@@ -46,26 +48,34 @@ def given_statistics(cfg: RunConfig, desc: dict, info: DataInfo) -> tuple[Metada
 
 
 def offered(cfg: RunConfig, teacher: nn.Module, meta: Metadata | None, has_stats: bool,
-            spath: Path | None) -> tuple[str, ...]:
+            spath: Path | None, example: torch.Tensor | None = None) -> tuple[str, ...]:
     """An own pair's objectives: the ones asked for, else what the teacher offers: BatchNorm and statistics,
-    ``all-layers+bn-stats``; BatchNorm alone, ``bn-stats``; statistics alone, ``all-layers``; neither, refused.
+    ``all-layers+bn-stats``; BatchNorm alone, ``bn-stats``; statistics alone, ``all-layers``, with ``+norm-stats``
+    where they hold LayerNorm / GroupNorm inputs (a teacher without BatchNorm that has such layers); neither, refused.
     A given file without an all-layers record serves the first objective its kinds do. ``has_stats``: a
-    statistics file is given (``meta``), or the run records one (the default kinds)."""
+    statistics file is given (``meta``), or the run records one (the default kinds, norm-stats where a forward pass
+    of ``example``, a batch of the teacher's inputs, runs a LayerNorm or GroupNorm batch first)."""
     if cfg.objectives is not None:
         need = [o for o in cfg.objectives if needs(o)]
         if need and not has_stats:
             raise DfkdError("stats", f"{need[0]} needs the teacher's statistics file, and there is none at {spath}")
+        norm = [o for o in cfg.objectives if "norm-stats" in needs(o)]
+        if norm and meta is None and "norm-stats" not in default_kinds(teacher, example):
+            raise DfkdError("objectives", f"{norm[0]}: norm-stats needs LayerNorm or GroupNorm layers that run on "
+                            f"batch-first inputs, and {type(teacher).__name__} has none")
         return tuple(cfg.objectives)
     bn = bool(batchnorms(teacher))
     if not (bn or has_stats):
         raise DfkdError("stats", f"the teacher has no BatchNorm layer, so its statistics file is needed and there "
                         f"is none at {spath}: record one with dfkd record, or give --stats FILE")
     # the file's all-layers record, else the first objective its kinds serve (one the run records: all-layers)
-    held = meta.kinds if meta is not None else ["all-layers"] if has_stats else []
+    held = meta.kinds if meta is not None else list(default_kinds(teacher, example)) if has_stats else []
     stats = "all-layers" if "all-layers" in held else next((o for o, c in OBJECTIVES.items() if c.kind in held), None)
     if not bn and stats is None:
         raise DfkdError(spath, f"holds no statistic a metadata objective reads ({', '.join(held)})")
-    return ((f"{stats}+bn-stats",) if stats else ("bn-stats",)) if bn else (stats,)
+    if bn:
+        return (f"{stats}+bn-stats",) if stats else ("bn-stats",)
+    return (f"{stats}+norm-stats",) if "norm-stats" in held and stats != "norm-stats" else (stats,)
 
 
 def own_settings(settings: dict, pair: Pair, cfg: RunConfig, desc: dict) -> dict:

@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import distributed
 from .checkpoint import load_model, save_model
@@ -29,7 +30,8 @@ from .data import at_input
 from .loop import accuracy
 from .metadata import load as load_stats
 from .metadata import save as save_stats
-from .models import build_model, code_sha256
+from .models import build_model, code_sha256, device_of
+from .kinds import default_kinds
 from .objectives import make_objective, needs
 from .own import given_statistics, offered
 from .profiles import PAPER, Pair, given_teacher, objectives, pairs
@@ -78,15 +80,25 @@ def _teacher(cfg: RunConfig, pair: Pair, d: Path, dev,
     return model.to(dev), desc, data, secs
 
 
-def _stale(spath: Path, teacher_sha: str | None, conv_stats: str) -> str | None:
-    """Why a statistics file cannot serve this run (unreadable, another teacher's, or its conv maps
-    recorded per another ``conv_stats``), or None."""
+def _stale(spath: Path, teacher_sha: str | None, conv_stats: str, teacher: nn.Module, example: torch.Tensor,
+           pair: bool) -> str | None:
+    """Why a statistics file cannot serve this run (unreadable, another teacher's, its conv maps recorded per
+    another ``conv_stats`` (a first layer per unit aside), or, for a user's pair, without the norm-stats its
+    teacher offers (``example``: a batch of its inputs) or with its first layer pooled), or None."""
     try:
         meta = load_stats(spath, teacher_sha)
     except DfkdError as e:
         return str(e)
-    modes = {layer.get("stat", "unit") for layer in meta.header.get("layers", []) if layer.get("type") == "conv"}
-    return f"conv_stats {'/'.join(sorted(modes))} -> {conv_stats}" if modes - {conv_stats} else None
+    layers = meta.header.get("layers", [])
+    modes = {layer.get("stat", "unit") for k, layer in enumerate(layers)
+             if layer.get("type") == "conv" and not (k == 0 and layer.get("stat") == "unit")}
+    if modes - {conv_stats}:
+        return f"conv_stats {'/'.join(sorted(modes))} -> {conv_stats}"
+    if pair and "norm-stats" in default_kinds(teacher, example) and "norm-stats" not in meta.kinds:
+        return "kinds without norm-stats"
+    if pair and layers and layers[0].get("stat") != "unit":
+        return "first_layer pooled -> unit"
+    return None
 
 
 def _statistics(cfg: RunConfig, td: Path, teacher, desc: dict, data, ranks: distributed.Ranks):
@@ -100,13 +112,17 @@ def _statistics(cfg: RunConfig, td: Path, teacher, desc: dict, data, ranks: dist
     spath = stats_path(cfg.teacher) if given else stats_path(td / "teacher")
     rsecs = 0.0
     own = not (given or cfg.teachers)  # statistics this run recorded: redone with --restart if stale
-    why = _stale(spath, desc.get("sha256"), cfg.conv_stats) if ranks.main and spath.is_file() else None
-    if why and why.startswith("conv_stats") and not (own and cfg.restart):
+    pair = cfg.student is not None
+    example = torch.zeros(7, *data.info.shape, device=device_of(teacher))
+    why = _stale(spath, desc.get("sha256"), cfg.conv_stats, teacher, example, pair) \
+        if ranks.main and spath.is_file() else None
+    if why and why.split()[0] in ("conv_stats", "kinds", "first_layer") and not (own and cfg.restart):
         raise DfkdError(spath, f"holds statistics recorded with other settings ({why}); "
-                        + ("rerun with --restart to record them again, or " if own else "")
-                        + f"give --conv-stats {why.split()[1]}")
+                        + ("rerun with --restart to record them again" if own else "record them again")
+                        + (f", or give --conv-stats {why.split()[1]}" if why.startswith("conv_stats") else ""))
     if ranks.main and (not spath.is_file() or (own and cfg.restart and why)):
-        rc = RecordConfig(conv_stats=cfg.conv_stats)
+        # a user's pair: the first layer per unit, whose class means give the class-mean inputs (the start)
+        rc = RecordConfig(conv_stats=cfg.conv_stats, first_layer="unit" if pair else "pooled")
         meta, rsecs = timed(record, teacher, data, rc, rt=runtime_of(cfg))
         save_stats(meta, spath)
     ranks.barrier()
@@ -129,7 +145,7 @@ def _preflight(cfg: RunConfig, pair: Pair) -> RunConfig:
         data = open_data(cfg.data, normalize=cfg.normalize)
         teacher, info = build_model(pair.teacher, data.info, **(pair.teacher_args or {}))
         data, meta, spath = open_data(cfg.data, info=info), None, None
-    names = offered(cfg, teacher, meta, meta is not None or not given, spath)
+    names = offered(cfg, teacher, meta, meta is not None or not given, spath, torch.zeros(7, *data.info.shape))
     student = build_student(pair.student, pair.student_args or {}, data.info)
     outs = []
     for what, net in (("teacher", at_input(teacher, data.info)), ("student", student)):

@@ -88,8 +88,9 @@ PROTECTED = {  # what the accountant covers: released with noise, or computed fr
 HEADER_FIELDS = [  # every key path a private file's header holds ("*": any text, "[]": a list's items), its status
     # and where it comes from: the README's table lists each pattern (a test records a file and checks both ways)
     (("format", "version", "dfkd_version"), "public", "the file format, its version and the dfkd that wrote it"),
-    (("data.shape", "data.num_classes", "num_classes", "top.*", "layers[].*", "teacher_sha256", "teacher"), "public",
-     "the model: input shape, outputs, recorded layers (path, type, shape, stat, dim, nodes, cov mode), weights hash, spec"),
+    (("data.shape", "data.num_classes", "num_classes", "top.*", "layers[].*", "norms[].*", "teacher_sha256", "teacher"),
+     "public", "the model: input shape, outputs, recorded layers (path, type, shape, stat, dim, nodes, cov mode), "
+     "norm layers (path, type, features), weights hash, spec"),
     (("recorded_on.sample_bytes",), "public", "values per example: the model's input shape"),
     (("data.mean", "data.std"), "public", "normalisation: the teacher's own (its model file says it was given as "
      "MEAN/STD or none; computed by --normalize auto, or unknown and not mean 0 / std 1, is refused), or "

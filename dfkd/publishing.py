@@ -191,7 +191,12 @@ def model_card(config: dict, meta, name: str, repo: str | None, recipe: dict | N
                                            student["spec"] + sargs, "--out", "student"]), "```", ""]
     else:
         lines += ["```bash", "# dfkd with its hub extra: pip install '.[hub]' in a dfkd checkout",
-                  f"dfkd reconstruct --teacher {ref}{code} --objective {meta.kinds[-1]} --out synthetic",
+                  f"dfkd reconstruct --teacher {ref}{code} --objective {_suggested(meta.kinds)} --out synthetic",
                   f"dfkd distill --synthetic synthetic --teacher {ref}{code} --student YOUR_STUDENT --out student",
                   "```", ""]
     return "\n".join(lines)
+
+
+def _suggested(kinds: list[str]) -> str:
+    """The objective a card suggests for a file of ``kinds``: its last kind's, norm-stats joined to all-layers."""
+    return "all-layers+norm-stats" if kinds[-1] == "norm-stats" and "all-layers" in kinds else kinds[-1]

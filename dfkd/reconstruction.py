@@ -32,7 +32,8 @@ from .kinds import means_kind
 from .losses import prior
 from .metadata import Metadata, load
 from .models import device_of, num_outputs
-from .objectives import Noise, Objective, make_objective
+from .objective import Objective
+from .objectives import Noise, make_objective
 from .runtime import bars_off, pick_device, setup_threads
 from .specs import ModelRef, open_model
 from .synthetic import SyntheticSet

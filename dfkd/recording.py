@@ -38,13 +38,14 @@ from .forms import cov_mode
 from .graph import LayerInfo, layer_infos
 from .inversion import reveals
 from .kinds import KINDS, REGISTRY, Batch, Private, Record, Setup
+from .normstats import norm_layers
 from .metadata import Metadata, load, new_header, save
 from .models import device_of
 from .privacy_report import PROTECTED, check_inputs, public_values
 from .runtime import bars_off, pick_device, setup_threads, whole
 from .specs import DataRef, ModelRef, open_with_data, stats_path
 from .stats import SELECT_N
-from .taps import default_layers, tap
+from .taps import default_layers, input_key, tap
 
 
 __all__ = ["KINDS", "record", "record_file"]  # KINDS: the default kinds
@@ -63,13 +64,13 @@ def _check_batch(out: torch.Tensor, where: str, start: int) -> None:
         raise DfkdError("data", f"NaN or infinite activations in {where} (batch starting at sample {start})")
 
 
-def _batches(model: nn.Module, data, infos: list[LayerInfo], c: int, cfg: RecordConfig, info: DataInfo | None,
-             rt: Runtime, desc: str = "record"):
+def _batches(model: nn.Module, data, infos: list[LayerInfo], records: list[Record], c: int, cfg: RecordConfig,
+             info: DataInfo | None, rt: Runtime, desc: str = "record"):
     """One streaming pass: ``(raw inputs, labels, logits, activations)`` per batch, labels and values checked;
-    the model sees the inputs through ``info``'s normalisation."""
+    the model sees the inputs through ``info``'s normalisation; the records' ``inputs`` are tapped too."""
     dev, net = device_of(model), at_input(model, info)
-    seen = 0
-    with torch.no_grad(), tap(model, [i.path for i in infos]) as acts, \
+    seen, inputs = 0, list(dict.fromkeys(p for r in records for p in r.inputs))
+    with torch.no_grad(), tap(model, [i.path for i in infos], inputs=inputs) as acts, \
             tqdm(total=data_len(data), desc=desc, disable=bars_off(rt.progress), leave=False, unit="input") as bar:
         for xb, yb in as_batches(data, cfg.batch_size):
             yb = torch.as_tensor(yb).long().cpu()
@@ -79,6 +80,11 @@ def _batches(model: nn.Module, data, infos: list[LayerInfo], c: int, cfg: Record
             _check_batch(logits, "the model's output", seen)
             for i in infos:
                 _check_batch(acts[i.path], i.path, seen)
+            for p in inputs:
+                if input_key(p) not in acts or len(acts[input_key(p)]) != len(yb):
+                    raise DfkdError("kinds", f"{p}'s input is not one row per input in this batch (it did not run, "
+                                    "or it runs sequence-first): record without norm-stats (--kinds)")
+                _check_batch(acts[input_key(p)], f"{p}'s input", seen)
             yield xb, yb, logits, acts
             seen += len(yb)
             bar.update(len(yb))
@@ -91,7 +97,7 @@ def _pass(model: nn.Module, data, infos: list[LayerInfo], records: list[Record],
     """The exact pass: each record's rows streamed into its accumulator; class counts; per-channel range."""
     acc = {r.name: r.exact() for r in records}
     counts, lo, hi = torch.zeros(c, dtype=torch.long), None, None
-    for xb, yb, logits, acts in _batches(model, data, infos, c, cfg, info, rt):
+    for xb, yb, logits, acts in _batches(model, data, infos, records, c, cfg, info, rt):
         flat = xb.transpose(0, 1).reshape(xb.shape[1], -1) if xb.dim() == 4 else xb.reshape(1, -1)
         lo = flat.amin(1) if lo is None else torch.minimum(lo, flat.amin(1))
         hi = flat.amax(1) if hi is None else torch.maximum(hi, flat.amax(1))
@@ -117,13 +123,14 @@ def _private_pass(model: nn.Module, data, infos: list[LayerInfo], records: list[
 
     if budget.to_choose:
         hists = {r: torch.zeros(privacy.CELLS, dtype=torch.long) for r in budget.to_choose}
-        for _, yb, logits, acts in _batches(model, data, infos, c, cfg, info, rt, "record: clip bounds"):
+        for _, yb, logits, acts in _batches(model, data, infos, records, c, cfg, info, rt,
+                                                  "record: clip bounds"):
             out = rows(Batch(logits, acts, infos), budget.to_choose)  # only the records whose bound is chosen here
             for r in hists:
                 hists[r] += privacy.histogram(privacy.norms(out[r]))
         budget.choose_bounds(hists)
     sums, counts = {}, torch.zeros(c, dtype=torch.long)
-    for _, yb, logits, acts in _batches(model, data, infos, c, cfg, info, rt):
+    for _, yb, logits, acts in _batches(model, data, infos, records, c, cfg, info, rt):
         counts += torch.bincount(yb, minlength=c)
         for r, x in rows(Batch(logits, acts, infos), list(by)).items():
             if r not in sums:
@@ -154,10 +161,9 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
         d = described(data)  # and where it came from (unknown: as if read off the data, refused under privacy)
         info = d.info
         origin = dict(getattr(d, "origin", None) or {"range": "data", **({} if info.plain else {"normalisation": "data"})})
-    kinds = list(dict.fromkeys(cfg.kinds))
-    bad = [k for k in kinds if k not in REGISTRY]
-    if bad or not kinds:
-        raise DfkdError("kinds", f"unknown kind(s) {bad or kinds}; choose from {', '.join(REGISTRY)}")
+    bad = [k for k in cfg.kinds or () if k not in REGISTRY]
+    if bad or cfg.kinds == ():
+        raise DfkdError("kinds", f"unknown kind(s) {bad or list(cfg.kinds)}; choose from {', '.join(REGISTRY)}")
     if not 0 < cfg.spectral_keep <= 1:
         raise DfkdError("spectral_keep", f"{cfg.spectral_keep} is not in (0, 1]")
     cov_mode(cfg.cov, 1)  # refuse a bad mode before the pass
@@ -177,12 +183,15 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
     dev = device_of(model)
     model.eval()
     x0 = info.to_model(x0) if info is not None else x0  # the network's view, for the layers' shapes
-    infos = layer_infos(model, list(cfg.layers) if cfg.layers else default_layers(model), x0.to(dev), cfg.conv_stats)
+    infos = layer_infos(model, list(cfg.layers) if cfg.layers else default_layers(model), x0.to(dev), cfg.conv_stats,
+                        cfg.token_stats, cfg.first_layer, named=bool(cfg.layers))
     with torch.no_grad():
         c = model(x0[:1].to(dev)).shape[1]
+    norms = norm_layers(model, x0[:7].to(dev))  # the LayerNorm / GroupNorm layers that run, batch first
+    kinds = list(dict.fromkeys(cfg.kinds if cfg.kinds is not None else KINDS + (("norm-stats",) if norms else ())))
     t0 = time.perf_counter()
     layers = [dict(i.as_dict(), cov=cov_mode(cfg.cov, i.dim)) for i in infos]
-    records = _records(kinds, Setup(model, infos, layers, cfg, c))  # the spectral kinds' bases are made here
+    records = _records(kinds, Setup(model, infos, layers, cfg, c, norms))  # the spectral kinds' bases are made here
     basis_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     if cfg.privacy is None:
@@ -204,7 +213,7 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
     if info.num_classes != c:
         raise DfkdError("data", f"{info.num_classes} classes, but the model gives {c} outputs")
     spectral = {"keep": cfg.spectral_keep, "operator": "laplacian D-A of |W| (bipartite per layer pair)",
-                "conv_nodes": "per channel, spatial mean", "select_n": SELECT_N, "pairs": []}
+                "conv_nodes": "per channel (a token sequence's: per feature), mean over positions", "select_n": SELECT_N, "pairs": []}
     if private:
         spectral["kept_by"] = "noisy energy (post-processing of the private sums)"
     fields = {"spectral": spectral}  # each kind writes its tensors, and its header fields here

@@ -199,3 +199,23 @@ def class_moments(out: torch.Tensor, labels: torch.Tensor, k: int, full: bool):
         return mean, second - mean[:, :, None] * mean[:, None, :], rows
     second = onehot.T @ z.pow(2).sum(2) / denom[:, None]
     return mean, second - mean.pow(2), rows
+
+
+def whitening(std: torch.Tensor) -> torch.Tensor:
+    """Per-coordinate weights ``[D]`` from per-class standard deviations ``[C, D]``."""
+    s = std.mean(0)
+    return 1.0 / (s + 1e-3 * s.mean())
+
+
+def class_match(out: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor,
+                w: torch.Tensor) -> torch.Tensor:
+    """Per class present in the batch, the batch's class mean ``m`` and (co)variance ``S`` of a map's
+    channels pooled over positions (``out [B, C, ...]``) against the stored ``mu`` and ``Sigma``
+    (``cov [K, C, C]``; diagonal: variances ``[K, C]``),
+    ``(1/d) ||w (m - mu)||^2 + (1/d^2) ||w w^T . (S - Sigma)||^2`` (diagonal: ``(1/d) ||w^2 (s - sigma^2)||^2``),
+    weighted by the samples each class covers."""
+    m, second, rows = class_moments(out, labels, len(cov), cov.dim() == 3)
+    dm = ((m - mean) * w).pow(2).mean(1)
+    ww = w[:, None] * w[None, :] if cov.dim() == 3 else w * w
+    dc = ((second - cov) * ww).pow(2).flatten(1).mean(1)
+    return ((dm + dc) * rows / out[0, 0].numel()).sum()

@@ -18,8 +18,16 @@ TAPPABLE = (nn.Linear, nn.Conv2d)
 
 
 def default_layers(model: nn.Module) -> list[str]:
-    """Every Linear and Conv2d path, in registration order."""
-    return [name for name, m in model.named_modules() if isinstance(m, TAPPABLE)]
+    """Every Linear and Conv2d path, in registration order; an ``nn.MultiheadAttention`` stands for its
+    ``out_proj``, whose weights it applies without calling it (its output is what ``out_proj`` would give)."""
+    attention = {name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    return [name for name, m in model.named_modules()
+            if name in attention or (isinstance(m, TAPPABLE) and name.rpartition(".")[0] not in attention)]
+
+
+def output_of(out):
+    """A module's output as a tensor: a tuple's first (``nn.MultiheadAttention``: the attended values)."""
+    return out[0] if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) else out
 
 
 def resolve(model: nn.Module, paths: list[str] | tuple[str, ...]) -> dict[str, nn.Module]:
@@ -43,7 +51,7 @@ def input_key(path: str) -> str:
 def tap(model: nn.Module, paths: list[str] | tuple[str, ...],
         alter: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
         inputs: list[str] | tuple[str, ...] = ()) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the outputs of ``paths`` (and the first input of ``inputs``, under ``input_key``);
+    """Record the outputs of ``paths`` (a tuple's first tensor: ``output_of``; and the first input of ``inputs``, under ``input_key``);
     ``alter(path, out)`` may replace what flows on."""
     acts: dict[str, torch.Tensor] = {}
     handles = []
@@ -53,8 +61,13 @@ def tap(model: nn.Module, paths: list[str] | tuple[str, ...],
             if keep_in:
                 acts[input_key(path)] = inp[0]
             if keep_out:
-                acts[path] = out
-                return alter(path, out) if alter is not None else None
+                t = acts[path] = output_of(out)
+                if alter is None:
+                    return None
+                new = alter(path, t)
+                if t is out:
+                    return new
+                return out._replace(**{out._fields[0]: new}) if hasattr(out, "_fields") else (new, *out[1:])
             return None
         return hook
 

@@ -189,8 +189,48 @@ def readme_commands(section: str) -> list[list[str]]:
 
 
 # appended to the README's commands in CI (argparse keeps the last value): small sizes only
-SMALL = {"colour_digits.py": ["--train", "300", "--test", "100"], "run": ["--profile", "tiny"],
+SMALL = {"colour_digits.py": ["--train", "300", "--test", "100"], "run": ["--profile", "tiny"], "train": ["--epochs", "1"],
          "reconstruct": ["--images", "20", "--batch-size", "10", "--steps", "2"]}
+
+
+def run_readme(cmds, tmp_path):
+    """Run README commands as written, at ``SMALL`` sizes, in ``tmp_path`` (the examples named by their path)."""
+    for cmd in cmds:
+        name = cmd[1] if cmd[0] == "dfkd" else cmd[1].split("/")[-1]
+        argv = [sys.executable] + (["-m", "dfkd"] + cmd[1:] if cmd[0] == "dfkd" else cmd[1:])
+        argv = [str(ROOT / a) if a.startswith("examples/") else a.replace("examples/", f"{ROOT}/examples/")
+                if "examples/" in a and ":" in a else a for a in argv]
+        r = subprocess.run(argv + SMALL.get(name, []) + (["--quiet"] if cmd[0] == "dfkd" else []), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=900,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert r.returncode == 0, (cmd, r.stderr)
+
+
+def test_readme_teachers_without_batchnorm_run_as_written(tmp_path):
+    """The README's ViT and GroupNorm commands, at tiny sizes: the publisher's records hold norm-stats, token
+    layers per feature and the first layer per unit; each run picks all-layers+norm-stats, its report has
+    the generator's row and grid, and its student is the student named."""
+    from dfkd.metadata import load
+    cmds = readme_commands("## Teachers without BatchNorm")
+    assert [c[1] if c[0] == "dfkd" else c[1].split("/")[-1] for c in cmds] == \
+        ["colour_digits.py", "train", "record", "run", "run", "train", "record", "run"]
+    run_readme(cmds, tmp_path)
+    runs = tmp_path / "runs"
+    vit = load(runs / "vit" / "teacher.stats.safetensors")
+    stats = {row["path"]: row["stat"] for row in vit.header["layers"]}
+    assert stats["embed"] == "unit" and stats["blocks.0.att"] == "feature" and stats["head"] == "unit"
+    assert vit.kinds[-1] == "norm-stats" and [n["path"] for n in vit.header["norms"]][:2] == \
+        ["blocks.0.norm1", "blocks.0.norm2"]
+    gn = load(runs / "gn" / "teacher.stats.safetensors")
+    assert gn.kinds[-1] == "norm-stats" and {n["type"] for n in gn.header["norms"]} == {"GroupNorm"}
+    for out, student in (("vit-cnn", "own_model.py:student"), ("vit-vit", "vit.py:student"),
+                         ("gn-cnn", "own_model.py:student")):
+        res = json.loads((runs / out / "results.json").read_text())
+        assert [row["objective"] for row in res["rows"]] == ["real-data", "real-kd", "all-layers+norm-stats"]
+        assert {row["student"] for row in res["rows"]} == {f"{ROOT}/examples/{student}"}
+        md = (runs / out / "results.md").read_text()
+        assert "| all-layers+norm-stats (generator) |" in md and "MNIST" not in md
+        assert (runs / out / "own" / "students" / "all-layers+norm-stats.samples.png").is_file()
 
 
 def test_readme_own_model_section_runs_as_written(tmp_path):
@@ -201,15 +241,7 @@ def test_readme_own_model_section_runs_as_written(tmp_path):
     cmds = readme_commands("## Your own model and data")
     assert [c[1] if c[0] == "dfkd" else c[1].split("/")[-1] for c in cmds] == ["colour_digits.py", "run"]
     examples = sorted(p.name for p in (ROOT / "examples").iterdir())
-    for cmd in cmds:
-        name = cmd[1] if cmd[0] == "dfkd" else cmd[1].split("/")[-1]
-        argv = [sys.executable] + (["-m", "dfkd"] + cmd[1:] if cmd[0] == "dfkd" else cmd[1:])
-        argv = [str(ROOT / a) if a.startswith("examples/") else a.replace("examples/", f"{ROOT}/examples/")
-                if "examples/" in a and ":" in a else a for a in argv]
-        r = subprocess.run(argv + SMALL.get(name, []) + (["--quiet"] if cmd[0] == "dfkd" else []), cwd=tmp_path,
-                           capture_output=True, text=True, timeout=900,
-                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        assert r.returncode == 0, (cmd, r.stderr)
+    run_readme(cmds, tmp_path)
     out = tmp_path / "runs" / "colour"
     # the teacher it trained and the statistics it recorded lie in the run's folder, nowhere beside the code
     assert (out / "own" / "teacher.stats.safetensors").is_file()

@@ -159,6 +159,7 @@ def test_killed_ranks_resume_at_their_first_missing_shard(world, tmp_path):
     assert all(p.stat().st_mtime_ns == before[p.name] for p in out.glob("shard-*.safetensors") if p.name in before)
 
 
+@pytest.mark.slow  # slow (36 s): two ranks on a user model; the two-rank train/record/DDP tests stay in the default run
 def test_own_bn_model_on_colour_folder_two_ranks(colour_dir, tmp_path):
     """A model dfkd did not define (BatchNorm, residual, GELU, global pooling) on 3-channel images
     from a folder: bn-stats shards the same bytes on two ranks as on one, and the student (BN-free

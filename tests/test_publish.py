@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from dfkd.kinds import REGISTRY
 from tests.conftest import OWN
 
@@ -99,6 +101,7 @@ def round_trip(tmp: Path, teacher: Path, code: list[str], student: list[str], da
     return tmp / "pub"
 
 
+@pytest.mark.slow  # slow (36 s): the own BN model round trip stays in the default run
 def test_registry_model_round_trip(world, tmp_path):
     pub = round_trip(tmp_path, world.teacher, [], ["--student", "lenet5-half"], [], None)
     cfg = json.loads((pub / "config.json").read_text())

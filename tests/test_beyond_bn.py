@@ -1,0 +1,394 @@
+"""Teachers without BatchNorm: a vision transformer (``nn.MultiheadAttention`` or hand-written attention,
+LayerNorm, a class token or mean pooling) and GroupNorm / channel-LayerNorm CNNs, from ``examples/``.
+Oracles: float64 per-class moments of the layers' outputs and of the norm layers' inputs, taken by hooks of
+the test's own; torch.cov; the attention module's own output; the closed-form mixture of class Gaussians
+checked against the moments of the pooled samples; the norm-stats loss recomputed independently."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+from dfkd import noise as dfkd_noise
+from dfkd.config import ReconstructConfig, RecordConfig, RunConfig
+from dfkd.data import DataInfo
+from dfkd.errors import DfkdError
+from dfkd.graph import layer_infos
+from dfkd.metadata import load, save
+from dfkd.normstats import mixture, norm_layers
+from dfkd.objectives import make_objective
+from dfkd.own import offered
+from dfkd.privacy_report import field_status
+from dfkd.reconstruction import optimise_batch
+from dfkd.recording import record
+from dfkd.taps import default_layers, tap
+
+from tests.conftest import ROOT
+
+
+def example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+VIT, GN = example("vit"), example("groupnorm")
+INFO = DataInfo(shape=(3, 8, 8), num_classes=3, low=0.0, high=1.0, name="blobs")
+
+
+def vit(attention: str = "torch", pool: str = "cls") -> nn.Module:
+    torch.manual_seed(0)
+    return VIT.ViT(3, 3, image=8, patch=4, dim=8, depth=2, heads=2, mlp=16, pool=pool, attention=attention).eval()
+
+
+def data(n: int = 60, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    return (torch.rand(n, 3, 8, 8, generator=g) * 0.6 + 0.2 * y.view(-1, 1, 1, 1)).clamp(0, 1), y
+
+
+def outputs64(model: nn.Module, x: torch.Tensor, paths: list[str], inputs: bool = False) -> dict[str, torch.Tensor]:
+    """Each path's float64 output (a tuple's first) or input, by hooks of the test's own."""
+    m, got = copy.deepcopy(model).double(), {}
+    mods = dict(m.named_modules())
+
+    def hook(p):
+        return lambda _m, i, o: got.__setitem__(p, i[0] if inputs else (o[0] if isinstance(o, tuple) else o))
+    hs = [mods[p].register_forward_hook(hook(p)) for p in paths]
+    with torch.no_grad():
+        m(x.double())
+    for h in hs:
+        h.remove()
+    return got
+
+
+def per_class(rows: torch.Tensor, y: torch.Tensor, k: int):
+    """Per class: mean [F] and torch.cov [F, F] of rows [N, P, F] pooled over samples and positions."""
+    out = []
+    for c in range(k):
+        r = rows[y == c].reshape(-1, rows.shape[-1])
+        out.append((r.mean(0), torch.cov(r.T)))
+    return out
+
+
+@pytest.mark.parametrize("attention", ["torch", "hand"])
+def test_vit_records_token_layers_per_feature(attention):
+    """Every default layer of a ViT records (an nn.MultiheadAttention standing for its out_proj), token layers
+    per feature pooled over tokens: the file's class means and covariances equal float64 torch.cov of the
+    [samples x tokens, features] rows the test takes itself."""
+    model, (x, y) = vit(attention), data()
+    layers = default_layers(model)
+    if attention == "torch":
+        assert "blocks.0.att" in layers and not any(p.endswith("out_proj") for p in layers)
+    meta = record(model, (x, y), RecordConfig(kinds=("all-layers",), cov="full"), info=INFO)
+    by = {row["path"]: row for row in meta.header["layers"]}
+    token = [p for p, row in by.items() if row["stat"] == "feature"]
+    assert "embed" in by and by["embed"]["stat"] == "channel" and by["head"]["stat"] == "unit"
+    per_block = 4 if attention == "hand" else 3  # qkv, proj (or the attention module), the MLP's two Linears
+    assert len(token) == 2 * per_block and all(by[p]["shape"][0] == 5 for p in token)
+    got = outputs64(model, x, token)
+    for p in token:
+        assert by[p]["dim"] == got[p].shape[-1]
+        for c, (mean, cov) in enumerate(per_class(got[p], y, 3)):
+            assert torch.allclose(meta.get("all-layers", "mean", p)[c].double(), mean, atol=1e-5)
+            chol = meta.get("all-layers", "chol", p)[c].double()
+            assert torch.allclose(chol @ chol.T, cov, atol=1e-4, rtol=1e-4)
+
+
+def test_token_stats_unit_keeps_every_token():
+    """``--token-stats unit``: a token layer's statistics are per (token, feature), T*D dimensions, its class
+    means those of the flattened outputs."""
+    model, (x, y) = vit(), data()
+    meta = record(model, (x, y), RecordConfig(kinds=("all-layers",), cov="diag", token_stats="unit"), info=INFO)
+    row = next(r for r in meta.header["layers"] if r["path"] == "blocks.1.mlp.2")
+    assert row["stat"] == "unit" and row["dim"] == 5 * 8
+    out = outputs64(model, x, ["blocks.1.mlp.2"])["blocks.1.mlp.2"].flatten(1)
+    want = torch.stack([out[y == c].mean(0) for c in range(3)])
+    assert torch.allclose(meta.get("all-layers", "mean", "blocks.1.mlp.2").double(), want, atol=1e-5)
+
+
+def test_attention_tap_is_the_modules_own_output():
+    """Tapping an nn.MultiheadAttention gives its attended values (the tuple's first), and an alter replaces
+    them in what flows on while the tuple's rest is kept."""
+    model, (x, _) = vit(), data(6)
+    att = model.blocks[0].att
+    h = torch.randn(6, 5, 8)
+    with torch.no_grad():
+        want, weights = att(h, h, h)
+    wrapper = nn.ModuleDict({"a": att})
+    with torch.no_grad(), tap(wrapper, ["a"], alter=lambda p, t: t * 0) as acts:
+        got, w2 = wrapper["a"](h, h, h)
+    assert torch.equal(acts["a"], want) and torch.equal(got, torch.zeros_like(want)) and torch.equal(w2, weights)
+    assert layer_infos(model, ["blocks.0.att"], x)[0].type == "token"
+
+
+def test_out_proj_of_attention_names_the_module_to_record_instead():
+    model, (x, _) = vit(), data(4)
+    with pytest.raises(DfkdError) as e:
+        layer_infos(model, ["blocks.0.att.out_proj"], x)
+    assert "never ran" in str(e.value) and "record blocks.0.att instead" in str(e.value)
+
+
+@pytest.mark.parametrize("norm", ["group", "layer", "vit"])
+def test_norm_stats_records_each_norm_inputs_per_feature(norm, tmp_path):
+    """norm-stats is recorded by default for a teacher with LayerNorm / GroupNorm layers (GroupNorm: per
+    channel; channels-last LayerNorm: per channel; a ViT's LayerNorm: per feature, pooled over tokens), and
+    its class means and stds equal float64 moments of the inputs the test's own hooks see; the file reloads."""
+    torch.manual_seed(0)
+    model = vit() if norm == "vit" else GN.teacher(3, 3, width=4, norm=norm).eval()
+    x, y = data()
+    meta = record(model, (x, y), RecordConfig(), info=INFO)
+    assert meta.kinds[-1] == "norm-stats" and len(meta.header["norms"]) == len(norm_layers(model))
+    paths = [n["path"] for n in meta.header["norms"]]
+    assert paths == [p for p, m in model.named_modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm))]
+    got = outputs64(model, x, paths, inputs=True)
+    mods = dict(model.named_modules())
+    for n in meta.header["norms"]:
+        v = got[n["path"]]
+        # a GroupNorm's features are its channels (dim 1); a LayerNorm's its last dim, whatever came before it
+        rows = v.transpose(1, -1) if isinstance(mods[n["path"]], nn.GroupNorm) else v
+        for c in range(3):
+            r = rows[y == c].reshape(-1, rows.shape[-1])
+            assert r.shape[1] == n["features"]
+            assert torch.allclose(meta.get("norm-stats", "mean", n["path"])[c].double(), r.mean(0), atol=1e-5)
+            assert torch.allclose(meta.get("norm-stats", "std", n["path"])[c].double(), r.std(0), atol=1e-4, rtol=1e-4)
+    back = load(save(meta, tmp_path / "s.safetensors"))
+    assert back.header["norms"] == meta.header["norms"]
+
+
+def test_norm_stats_refused_without_norm_layers():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    assert "norm-stats" not in record(model, data(), RecordConfig(), info=INFO).kinds  # the default: not added
+    with pytest.raises(DfkdError, match="norm-stats needs LayerNorm or GroupNorm layers"):
+        record(model, data(), RecordConfig(kinds=("norm-stats",)), info=INFO)
+
+
+def test_mixture_is_the_pooled_samples_moments():
+    """Classes with exactly known sample means and (biased) variances, mixed in a batch's proportions: the
+    closed form equals the mean and biased variance of the concatenated samples."""
+    g = torch.Generator().manual_seed(3)
+    parts, counts = [], [5, 1, 4]
+    for n in counts:
+        parts.append(torch.randn(n, 6, generator=g, dtype=torch.float64) * torch.rand(6, generator=g) + torch.randn(6, generator=g))
+    share = torch.tensor(counts, dtype=torch.float64) / sum(counts)
+    mean = torch.stack([p.mean(0) for p in parts])
+    var = torch.stack([p.var(0, unbiased=False) for p in parts])
+    mu, v = mixture(share, mean, var)
+    allx = torch.cat(parts)
+    assert torch.allclose(mu, allx.mean(0)) and torch.allclose(v, allx.var(0, unbiased=False))
+
+
+def test_norm_stats_loss_against_an_independent_computation():
+    """The objective's loss equals B * bn_weight * sum over norm layers of the L2 distances between the batch's
+    per-feature input moments and the label-mixed stored ones, plus the cross-entropy, recomputed here; and
+    its gradient reaches the input."""
+    model, (x, y) = vit(), data()
+    meta = record(model, (x, y), RecordConfig(kinds=("norm-stats",)), info=INFO)
+    cfg = ReconstructConfig(bn_weight=0.3)
+    obj = make_objective("norm-stats", meta, model, cfg)
+    assert obj.layers() == [] and obj.inputs() == [p for p, _ in norm_layers(model)]
+    xb = torch.rand(7, 3, 8, 8, requires_grad=True)
+    lb = torch.tensor([0, 0, 1, 2, 2, 2, 1])
+    with tap(model, [], inputs=obj.inputs()) as acts:
+        logits = model(xb)
+        loss = obj.loss(logits, acts, {}, lb)
+    share = torch.bincount(lb, minlength=3).double() / 7
+    want = 0.0
+    ins = outputs64(model, xb.detach(), obj.inputs(), inputs=True)
+    for p in obj.inputs():
+        r = ins[p].reshape(7, -1, 8)
+        m_c = meta.get("norm-stats", "mean", p).double()
+        v_c = meta.get("norm-stats", "std", p).double() ** 2
+        mu = (share[:, None] * m_c).sum(0)
+        var = (share[:, None] * (v_c + m_c ** 2)).sum(0) - mu ** 2
+        want += (r.mean((0, 1)) - mu).norm() + (r.var((0, 1), unbiased=False) - var).norm()
+    want = 7 * 0.3 * want + nn.functional.cross_entropy(logits.detach().double(), lb, reduction="sum")
+    assert abs(float(loss.detach()) - float(want)) < 1e-4 * max(1.0, float(want))
+    loss.backward()
+    assert xb.grad is not None and float(xb.grad.abs().sum()) > 0
+
+
+def test_norm_stats_composes_and_a_reconstruction_lowers_it():
+    """``all-layers+norm-stats`` builds; 30 Adam steps on noise lower the norm-stats loss of a ViT teacher."""
+    model, (x, y) = vit(), data()
+    meta = record(model, (x, y), RecordConfig(kinds=("all-layers", "norm-stats")), info=INFO)
+    make_objective("all-layers+norm-stats", meta, model, ReconstructConfig())
+    obj = make_objective("norm-stats", meta, model, ReconstructConfig())
+    g = torch.Generator().manual_seed(0)
+    lb = torch.arange(12) % 3
+    z = torch.rand(12, 3, 8, 8, generator=g).requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=0.05)
+
+    def loss_of():
+        with tap(model, [], inputs=obj.inputs()) as acts:
+            logits = model(z)
+            return obj.loss(logits, acts, {}, lb), nn.functional.cross_entropy(logits, lb, reduction="sum")
+
+    def moments():  # the moment term alone: the loss less its cross-entropy
+        total, ce = loss_of()
+        return float((total - ce).detach())
+    first = moments()
+    for _ in range(30):
+        opt.zero_grad()
+        loss_of()[0].backward()
+        opt.step()
+    assert moments() < 0.8 * first
+
+
+@pytest.mark.parametrize("name", ["norm-stats", "all-layers", "all-layers+norm-stats"])
+def test_first_step_follows_the_input_gradient(name):
+    """On a ViT teacher, Adam's first reconstruction step is ``lr * g / (|g| + eps)`` with ``g`` from autograd
+    on an independent copy of the teacher, through token layers and norm-layer inputs alike."""
+    model, (x, y) = vit(), data()
+    meta = record(model, (x, y), RecordConfig(kinds=("all-layers", "norm-stats")), info=INFO)
+    cfg = ReconstructConfig(objective=name, steps=1, clamp=False)
+    obj = make_objective(name, meta, model, cfg)
+    labels = torch.arange(9) % 3
+    x1, _ = optimise_batch(model, obj, labels, cfg, torch.Generator().manual_seed(0), INFO)
+    g = torch.Generator().manual_seed(0)
+    x0 = cfg.init_mean + cfg.init_std * torch.randn((9, *INFO.shape), generator=g)
+    tg = obj.targets(labels, g)
+    live = copy.deepcopy(model).requires_grad_(True)
+    z = x0.clone().requires_grad_(True)
+    with tap(live, obj.layers(), inputs=obj.inputs()) as acts:
+        loss = obj.loss(live(z), acts, tg, labels)
+    grad, = torch.autograd.grad(loss, z)
+    assert torch.allclose(x1, x0 - cfg.lr * grad / (grad.abs() + 1e-8), atol=1e-4)
+
+
+def test_own_recipe_for_teachers_without_batchnorm(tmp_path):
+    """The recipe follows from the teacher: no BatchNorm but LayerNorm / GroupNorm layers, all-layers+norm-stats;
+    a file without norm-stats, all-layers; a plain net, all-layers."""
+    cfg = RunConfig(teacher="t.py:t", student="s.py:s")
+    assert offered(cfg, vit(), None, True, None) == ("all-layers+norm-stats",)
+    assert offered(cfg, GN.teacher(3, 3, width=4), None, True, None) == ("all-layers+norm-stats",)
+    assert offered(cfg, nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), None, True, None) == ("all-layers",)
+    meta = record(vit(), data(), RecordConfig(kinds=("top-layer", "all-layers")), info=INFO)
+    assert offered(cfg, vit(), meta, True, None) == ("all-layers",)
+
+
+def test_vit_private_record_accounts_every_record(monkeypatch, tmp_path):
+    """``--privacy`` on a ViT: every record (token layers per feature, the norm layers' inputs) is an event of
+    the budget, the file's epsilon meets the target, the norm layers' description is a public header field,
+    and the released file serves the norm-stats objective."""
+    monkeypatch.setattr(dfkd_noise, "INSECURE_TEST_NOISE_SEED", 3)
+    model, (x, y) = vit(), data(300)
+    cfg = RecordConfig(kinds=("all-layers", "norm-stats"), privacy=4.0, value_range=(0.0, 1.0))
+    m = record(model, (x, y), cfg)
+    p = m.header["privacy"]
+    records = [f"all-layers/{r['path']}" for r in m.header["layers"]] + \
+        [f"norm-stats/{n['path']}" for n in m.header["norms"]]
+    releases = {e["release"] for e in p["events"]}
+    assert all(f"{r}: sum" in releases and f"{r}: second moment" in releases for r in records)
+    assert p["epsilon"] <= 4.0 and field_status("norms[].features") == "public"
+    back = load(save(m, tmp_path / "p.safetensors"))
+    make_objective("all-layers+norm-stats", back, model, ReconstructConfig())
+
+
+@pytest.mark.parametrize("first", ["unit", "pooled"])
+def test_first_layer_per_unit_gives_the_class_mean_inputs(first):
+    """With ``first_layer="unit"`` the first recorded layer keeps per-unit statistics while the others pool (a ViT's patch
+    embedding: 8 channels x 2 x 2 positions): its class means are the per-position means of the test's own
+    float64 outputs, and they give each class's mean input exactly (the embedding, 4x4 patches of 3 channels
+    into 8 features, has full column rank only per position), which the pooled record does not."""
+    from dfkd.inversion import revealed_means
+    torch.manual_seed(0)
+    model = VIT.ViT(3, 3, image=8, patch=4, dim=64, depth=1, heads=2, mlp=16).eval()
+    x, y = data(90)
+    meta = record(model, (x, y), RecordConfig(kinds=("all-layers",), first_layer=first), info=INFO)
+    row = meta.header["layers"][0]
+    assert row["path"] == "embed" and row["stat"] == ("unit" if first == "unit" else "channel")
+    assert all(r["stat"] != "unit" for r in meta.header["layers"][1:-1])
+    means = revealed_means(model, meta)
+    if first == "pooled":
+        assert means is None
+        return
+    out = outputs64(model, x, ["embed"])["embed"].flatten(1)
+    for c in range(3):
+        assert torch.allclose(meta.get("all-layers", "mean", "embed")[c].double(), out[y == c].mean(0), atol=1e-5)
+        assert torch.allclose(means[c].double(), x[y == c].double().mean(0), atol=1e-4)
+
+
+def test_layernorm_over_several_dimensions_and_unused_norms():
+    """A LayerNorm over ``[H, W]`` of a ``[N, C, H, W]`` map keeps H*W features, pooled over channels (an
+    oracle from the test's own reshape); a norm layer that never runs (an auxiliary head's) is left out of
+    norm-stats instead of failing the record."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(3, 4, 3, padding=1), nn.LayerNorm([8, 8])
+            self.aux = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 3))  # never called
+            self.head = nn.Linear(4 * 64, 3)
+
+        def forward(self, x):
+            return self.head(self.norm(self.conv(x)).flatten(1))
+    torch.manual_seed(0)
+    model, (x, y) = Net().eval(), data()
+    meta = record(model, (x, y), RecordConfig(kinds=("norm-stats",)), info=INFO)
+    assert meta.header["norms"] == [{"path": "norm", "type": "LayerNorm", "features": 64}]
+    v = outputs64(model, x, ["norm"], inputs=True)["norm"]          # [N, 4, 8, 8]
+    for c in range(3):
+        r = v[y == c].reshape(-1, 4, 64).reshape(-1, 64)             # every (sample, channel) a draw of H*W values
+        assert torch.allclose(meta.get("norm-stats", "mean", "norm")[c].double(), r.mean(0), atol=1e-5)
+
+
+def test_sequence_first_attention_and_channels_first_sequences():
+    """An nn.MultiheadAttention without batch_first gives [T, N, D]: recording it is refused in one line
+    naming the fix; a Conv1d's and a GroupNorm's [N, C, L] outputs are maps, pooled per channel."""
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(8, 2)                   # batch_first=False
+            self.conv, self.gn = nn.Conv1d(8, 6, 1), nn.GroupNorm(2, 6)
+
+        def forward(self, x):                                         # x: [N, 5, 8]
+            h = self.att(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1))[0].transpose(0, 1)
+            return self.gn(self.conv(h.transpose(1, 2))).mean(2)
+    model, x = Seq().eval(), torch.randn(4, 5, 8)
+    with pytest.raises(DfkdError, match="att: the output is not a float tensor with one row per input .an "
+                       "nn.MultiheadAttention needs batch_first=True"):
+        layer_infos(model, ["att"], x)
+    infos = layer_infos(model, ["conv", "gn"], x)
+    assert [(i.type, i.stat, i.dim) for i in infos] == [("conv", "channel", 6), ("conv", "channel", 6)]
+
+
+def test_a_run_refuses_its_statistics_without_the_kinds_its_teacher_offers(tmp_path):
+    """For a user's pair, a statistics file without the norm-stats its teacher offers (recorded before the kind
+    existed) is stale, and so is one with its first layer pooled; a registry-style run (not a pair) takes
+    either, and a first layer per unit never counts as another --conv-stats."""
+    from dfkd.pipeline import _stale
+    from dfkd.files import weights_sha256
+    torch.manual_seed(0)
+    model, ex = GN.teacher(3, 3, width=4).eval(), torch.zeros(7, 3, 8, 8)
+    sha = weights_sha256(model.state_dict())
+    path = save(record(model, data(), RecordConfig(kinds=("top-layer", "all-layers")), info=INFO), tmp_path / "s")
+    assert _stale(path, sha, "channel", model, ex, True) == "kinds without norm-stats"
+    assert _stale(path, sha, "channel", model, ex, False) is None
+    path = save(record(model, data(), RecordConfig(), info=INFO), tmp_path / "s")
+    assert _stale(path, sha, "channel", model, ex, True) == "first_layer pooled -> unit"
+    path = save(record(model, data(), RecordConfig(first_layer="unit"), info=INFO), tmp_path / "s")
+    assert _stale(path, sha, "channel", model, ex, True) is None and _stale(path, sha, "channel", model, ex, False) is None
+    assert _stale(path, sha, "unit", model, ex, False) == "conv_stats channel -> unit"
+
+
+def test_a_norm_layer_that_never_runs_offers_no_norm_stats():
+    """The recipe asks for norm-stats only where a forward pass runs a norm layer batch first: a plain net with an
+    unused LayerNorm gets all-layers (which its record then holds), and asking for norm-stats is refused."""
+    class Aux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.unused = nn.Sequential(nn.Flatten(), nn.Linear(192, 6), nn.ReLU(), nn.Linear(6, 3)), \
+                nn.LayerNorm(6)
+
+        def forward(self, x):
+            return self.body(x)
+    model, ex = Aux().eval(), torch.zeros(7, 3, 8, 8)
+    assert offered(RunConfig(teacher="t.py:t", student="s.py:s"), model, None, True, None, ex) == ("all-layers",)
+    assert "norm-stats" not in record(model, data(), RecordConfig(), info=INFO).kinds
+    with pytest.raises(DfkdError, match="norm-stats needs LayerNorm or GroupNorm layers"):
+        offered(RunConfig(teacher="t.py:t", student="s.py:s", objectives=("all-layers+norm-stats",)), model, None,
+                True, None, ex)
