@@ -87,6 +87,10 @@ def main() -> None:
         from . import privacy
         privacy.main(sys.argv[2:])
         return
+    if sys.argv[1:2] == ["deploy"]:
+        from . import deploy
+        deploy.main(sys.argv[2:])
+        return None
     if sys.argv[1:2] == ["own"]:
         from . import own_model
         own_model.main(sys.argv[2:])

@@ -10,7 +10,8 @@ whole pipeline on the paper's networks or a user's own pair. The modules are nam
 module. docs/architecture.md shows the layers.
 """
 from .checkpoint import load_model
-from .config import DistillConfig, GeneratorConfig, ReconstructConfig, RecordConfig, RunConfig, TrainConfig
+from .config import DistillConfig, ExportConfig, GeneratorConfig, ReconstructConfig, RecordConfig, RunConfig, TrainConfig
+from .deployment import export_model
 from .distillation import distill
 from .errors import DfkdError
 from .evaluation import evaluate
@@ -24,5 +25,5 @@ from .training import train
 from .version import __version__
 
 __all__ = ["train", "record", "reconstruct", "distill", "generate", "load_generator", "evaluate", "run", "TrainConfig",
-           "RecordConfig", "ReconstructConfig", "DistillConfig", "GeneratorConfig", "RunConfig", "open_data",
-           "build_model", "load_model", "DfkdError", "__version__"]
+           "RecordConfig", "ReconstructConfig", "DistillConfig", "GeneratorConfig", "ExportConfig", "RunConfig", "open_data",
+           "build_model", "load_model", "export_model", "DfkdError", "__version__"]

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from .cli_fields import config_from
-from .config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, Runtime, TrainConfig
+from .config import DistillConfig, ExportConfig, ReconstructConfig, RecordConfig, RunConfig, Runtime, TrainConfig
+from .deployment import export_file
 from .distillation import distill_file
 from .evaluation import evaluate_file
 from .files import read_json
@@ -197,6 +198,23 @@ def _cmd_leakage(a) -> int:
     return 0
 
 
+def _cmd_export(a) -> int:
+    model = ModelRef(a.model, a.weights, parse_args(a.model_args), _code(a))
+    path, r = export_file(model, a.out, config_from(a, ExportConfig), a.calibration, a.calibration_npz, _data_ref(a))
+    kb = f"{r['bytes'] / 1e3:,.1f} kB"
+    if r["quantize"] == "int8":
+        c = r["check"]
+        print(f"wrote {path} (int8, {kb}; float32 {r['fp32_bytes'] / 1e3:,.1f} kB: {r['fp32_bytes'] / r['bytes']:.2f}x "
+              f"smaller), calibrated on {r['calibration_inputs']} inputs of {a.calibration} ({r['method']})")
+        print(f"check on {c['n']} synthetic inputs ({c['inputs']}): agreement with the teacher's labels int8 "
+              f"{100 * c['int8']:.2f}%, float32 {100 * c['fp32']:.2f}%; int8 agrees with float32 on {100 * c['int8_vs_fp32']:.2f}%")
+    else:
+        print(f"wrote {path} (float32, {kb}); ONNX Runtime matches PyTorch within {r['onnx_vs_pytorch']:.2g}")
+    if a.calibration_npz:
+        print(f"wrote {a.calibration_npz} ({r['npz_inputs']} calibration inputs)")
+    return 0
+
+
 def _cmd_run(a) -> int:
     path = run(config_from(a, RunConfig, code=_code(a)))
     if os.environ.get("RANK", "0") == "0":  # the rank that wrote them
@@ -208,4 +226,4 @@ def _cmd_run(a) -> int:
 # verb -> what it does (``cli_parser`` makes one sub-parser per verb)
 COMMANDS = {"train": _cmd_train, "record": _cmd_record, "reconstruct": _cmd_reconstruct, "distill": _cmd_distill,
             "evaluate": _cmd_evaluate, "run": _cmd_run, "leakage": _cmd_leakage, "publish": _cmd_publish,
-            "inspect": _cmd_inspect}
+            "inspect": _cmd_inspect, "export": _cmd_export}

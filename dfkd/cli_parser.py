@@ -10,7 +10,7 @@ import re
 import sys
 
 from .cli_fields import add_fields
-from .config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, Runtime, TrainConfig
+from .config import DistillConfig, ExportConfig, ReconstructConfig, RecordConfig, RunConfig, Runtime, TrainConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,6 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--name", default=None, help="the model's name on the card (default: the folder's)")
     b.add_argument("--repo", default=None, help="ORG/NAME on the hub, for the card's commands (hf:ORG/NAME)")
     b.add_argument("--out", required=True, help="the folder to write (must not exist)")
+
+    x = sub.add_parser("export", parents=[common, data], formatter_class=fmt,
+                       help="an ONNX file of a saved model (raw inputs in), int8 on a synthetic set where asked")
+    x.add_argument("model", help="a saved model (stem or file), a published folder or hf:ORG/NAME; or a spec with --weights")
+    x.add_argument("--weights", default=None, help="weights for a model given as a spec")
+    x.add_argument("--model-args", default=None, help="keyword arguments for a spec's factory, as JSON")
+    x.add_argument("--normalize", default=None, help="for a model given as a spec: the normalisation it was trained "
+                   "with (none, auto or MEAN/STD; with --data, its input shape's source)")
+    x.add_argument("--out", required=True, help="the ONNX file to write (FILE.onnx)")
+    x.add_argument("--calibration", default=None, help="a dfkd synthetic set (dfkd reconstruct's folder): the "
+                   "calibration inputs of --quantize int8")
+    x.add_argument("--calibration-npz", default=None, help="also write the calibration inputs (raw, as the file takes "
+                   "them) and their teacher labels to this .npz, for another runtime's quantizer")
+    add_fields(x, ExportConfig)
 
     i = sub.add_parser("inspect", formatter_class=fmt, help="describe a statistics file and its size")
     i.add_argument("file")

@@ -163,6 +163,25 @@ class GeneratorConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    """``dfkd export``: the ONNX file (raw inputs in, logits out, any batch size) and, with ``quantize="int8"``,
+    its post-training static quantization calibrated on a dfkd synthetic set (``quantization``)."""
+    quantize: str = opt("none", "none (float32) or int8 (static: int8 weights, uint8 activations, calibrated on "
+                        "--calibration)", choices=("none", "int8"))
+    calibration_inputs: int = opt(1024, "calibration inputs: the first N of the synthetic set, read shard by shard",
+                                  parse="positive")
+    calibration_method: str = opt("minmax", "how activation ranges are set from them: minmax, entropy or percentile "
+                                  "(ONNX Runtime's calibrators)", choices=("minmax", "entropy", "percentile"))
+    per_channel: bool = opt(True, "one int8 scale per weight tensor instead of one per output channel")
+    check_inputs: int = opt(1024, "synthetic inputs after the calibration ones on which int8 is checked against the "
+                            "teacher's labels", parse="positive")
+    max_drop: float = opt(1.0, "warn when int8 agrees with the teacher's labels on the checked inputs this many "
+                          "points less than float32 does")
+    opset: int = opt(20, "ONNX opset, 18 or newer (20: GELU as one node, for ONNX Runtime 1.17 and newer; 18 for "
+                     "older runtimes)")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     out: str | None = opt(None, "run directory (default: runs/<profile>)")
     profile: str = opt("quick", "quick (every objective, the whole table in minutes on CPU), best (dfkd's best "
@@ -200,6 +219,9 @@ class RunConfig:
                          choices=("optimise", "generator"))
     iterations: int | None = opt(None, "with --synthesis generator: generator steps (default: the profile's)",
                                  parse="positive")
+    export: str = opt("none", "end with each data-free student as an ONNX file beside it: fp32, or int8 calibrated "
+                      "on the inputs it was distilled from (its synthetic set, or a batch of its generator's); the "
+                      "report gives the file's accuracy, size and latency", choices=("none", "fp32", "int8"))
     baselines: bool = opt(True, "skip the real-data and real-KD students")
     seed: int = opt(0, "the teacher's seed, and the first student seed")
     seeds: int = opt(1, "students per cell (seeds --seed, --seed + 1, ...); the table gives their mean and spread",

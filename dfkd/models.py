@@ -158,6 +158,12 @@ def import_factory(spec: str) -> Callable[..., nn.Module]:
     return factory
 
 
+def spec_name(spec: str) -> str:
+    """A spec as a shipped file names it: a code spec by its file's name (``own_model.py:student``), no path."""
+    file, colon, factory = spec.rpartition(":")
+    return f"{Path(file).name}:{factory}" if colon and file.endswith(".py") else spec
+
+
 def build_model(spec: str, info: DataInfo | None = None, **args: Any) -> tuple[nn.Module, DataInfo]:
     """Build a registry network or a user's model; returns it and the data description it takes
     (a registry network fits the data's shape and class count, e.g. LeNet-5 pads to 32x32)."""

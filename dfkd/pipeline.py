@@ -25,6 +25,7 @@ from . import distributed
 from .checkpoint import load_model, save_model
 from .config import ReconstructConfig, RecordConfig, RunConfig, TrainConfig, to_dict
 from .errors import DfkdError
+from .exporting import deploy_module, to_onnx
 from .files import exclusive, read_json, sweep_temps
 from .data import at_input
 from .loop import accuracy
@@ -40,9 +41,15 @@ from .results import paper_data, write_results
 from .students import baseline, configs, runtime_of, state_path, student_settings, synthetic_student, timed
 from .resume import canonical, config_settings, finished
 from .runtime import pick_device, seed_everything, setup_threads
+from .shipping import ship
 from .sources import data_sha256, open_data
 from .specs import DataRef, build_student, open_with_data, stats_path
 from .training import train
+
+def _code(spec: str, pair: Pair, cfg: RunConfig) -> tuple[str, ...]:
+    """The code a saved network of the pair may import: its own file (a user's pair), then what the user named."""
+    return tuple(c for c in (spec.rpartition(":")[0],) if c and pair.own) + cfg.code
+
 
 def _teacher(cfg: RunConfig, pair: Pair, d: Path, dev,
              ranks: distributed.Ranks = distributed.Ranks()) -> tuple[torch.nn.Module, dict, object, float]:
@@ -57,7 +64,7 @@ def _teacher(cfg: RunConfig, pair: Pair, d: Path, dev,
     settings = {"verb": "run-teacher", "net": pair.teacher, "data": data_sha256(cfg.data), "config": config_settings(tc)}
     if pair.own:
         settings.update(args=pair.teacher_args, normalize=cfg.normalize, code_sha256=code_sha256(pair.teacher))
-    code = ((pair.teacher.rpartition(":")[0],) if pair.own else ()) + cfg.code  # the code the user named, its own first
+    code = _code(pair.teacher, pair, cfg)
     state = d / "state" / "train-teacher.safetensors"
     if path.with_suffix(".json").is_file() and (cfg.teachers or finished(path, settings, cfg.restart, state)):
         model, desc, info = load_model(path, code)
@@ -157,6 +164,11 @@ def _preflight(cfg: RunConfig, pair: Pair) -> RunConfig:
                             f"{data.info.shape} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
     if outs[0] != outs[1]:
         raise DfkdError("student", f"{pair.student} gives {outs[1]} outputs, the teacher {outs[0]}")
+    if cfg.export != "none":  # a student ONNX cannot express is found now, not after its training
+        try:
+            to_onnx(student, data.info)
+        except DfkdError as e:
+            raise DfkdError("student", f"{pair.student} {e.problem} (--export {cfg.export})") from None
     for o in names:
         if meta is not None or not needs(o):
             make_objective(o, meta, teacher, ReconstructConfig(**dict(pair.recipe, objective=o)))
@@ -166,6 +178,9 @@ def _preflight(cfg: RunConfig, pair: Pair) -> RunConfig:
 def run(cfg: RunConfig = RunConfig()) -> Path:
     """Run the pipeline; returns the path of ``results.json``."""
     todo = pairs(cfg)  # or refused, in one line
+    if cfg.export != "none":  # the deploy extra, before anything is trained
+        for name in ("onnx", "onnxscript", "onnxruntime.quantization"):
+            deploy_module(name)
     if todo[0].own:
         cfg = _preflight(cfg, todo[0])
     setup_threads()
@@ -221,6 +236,9 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                         state_path(d, name, tag).unlink(missing_ok=True)
                     ranks.barrier()
                 row = dict(_student_row(spath_student), paper_accuracy=paper)  # resumed: today's reference figure
+                if cfg.export != "none" and not name.startswith("real") and ranks.main:
+                    net = load_model(spath_student, _code(pair.student, pair, cfg))[0]
+                    row["deploy"] = ship(spath_student, net, teacher, data, cfg, d / "synthetic" / f"{name}{tag}", seed)
                 rows.append(row)
                 if ranks.main and fresh:  # a student found finished waits for the next one made, or the end
                     write_results(out, rows, cfg, t0, final=False, class_names=data.info.class_names)

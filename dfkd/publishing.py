@@ -24,9 +24,11 @@ from safetensors.torch import save as st_save
 from .checkpoint import CARD, CONFIG, FOLDER_FORMAT, FOLDER_VERSION, STATS, WEIGHTS, read_config, read_model_desc
 from .config import DistillConfig, ReconstructConfig, default, flag_of
 from .errors import DfkdError
+from .exporting import DEPLOY
 from .files import read_json, sweep_temps, weights_sha256, write_json
 from .kinds import REGISTRY, means_kind
 from .metadata import load, summary
+from .models import spec_name
 from .privacy_report import clip_warnings, not_private
 from .specs import open_model, stats_path
 from .version import __version__
@@ -82,6 +84,9 @@ def _recipe(student: str) -> dict:
         out["reconstruct"] = read_json(Path(synthetic) / "manifest.json").get("config")
     if out["distill"] is None or out["objective"] is None:
         raise DfkdError(desc_path, "not a distilled student (no distillation settings in it)")
+    shipped = desc_path.with_name(desc_path.stem + DEPLOY)  # dfkd run --export's file, measured where it was made
+    if shipped.is_file() and read_json(shipped).get("student_sha256") == desc.get("sha256"):  # of these very weights
+        out["deploy"] = read_json(shipped)
     return out
 
 
@@ -179,12 +184,19 @@ def model_card(config: dict, meta, name: str, repo: str | None, recipe: dict | N
         rc, dc = dict(recipe.get("reconstruct") or {}), dict(recipe["distill"])
         rc.setdefault("objective", recipe["objective"])
         student = dict(recipe["student"])
-        if student["spec"].rpartition(":")[0].endswith(".py"):  # the user's copy of the code, by its name
-            student["spec"] = f"{Path(student['spec'].rpartition(':')[0]).name}:{student['spec'].rpartition(':')[2]}"
+        student["spec"] = spec_name(student["spec"])  # the user's copy of the code, by its name
         sargs = f" --student-args '{json.dumps(student['args'])}'" if student.get("args") else ""
         acc = recipe.get("student_accuracy")
         lines += [f"The recipe below gave a `{student['spec']}` student "
                   + (f"**{100 * acc:.2f}%** test accuracy against the true labels." if acc is not None else ".")]
+        e = recipe.get("deploy")
+        if isinstance(e, dict) and {"file", "quantize", "accuracy", "bytes", "fp32_bytes", "b1_ms"} <= set(e):
+            lines += ["", f"Exported by `dfkd run --export {'int8' if e['quantize'] == 'int8' else 'fp32'}` as "
+                      f"`{e['file']}` ({'int8' if e['quantize'] == 'int8' else 'float32'} ONNX, takes raw inputs): "
+                      f"**{100 * e['accuracy']:.2f}%** test accuracy through ONNX Runtime, {e['bytes'] / 1e3:,.1f} kB"
+                      + (f" ({e['fp32_bytes'] / e['bytes']:.2f}x smaller than float32)" if e["quantize"] == "int8" else "")
+                      + f", {e['b1_ms']:.3f} ms per input at batch 1 on the CPU that made it"
+                      + (f" ({e['threads']} thread(s))." if e.get("threads") else ".")]
         lines += ["", "```bash", "# dfkd with its hub extra: pip install '.[hub]' in a dfkd checkout",
                   card_command("reconstruct", rc, ["--teacher", ref + code, "--out", "synthetic"]),
                   card_command("distill", dc, ["--synthetic", "synthetic", "--teacher", ref + code, "--student",

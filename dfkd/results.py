@@ -80,7 +80,7 @@ HOW = RUNS + ("code",)  # and the code it may import: not what it made
 OWN_FIELDS = OWN_FLAGS + ("student", "code")
 
 
-LATER_FIELDS = ("synthesis", "iterations")  # and these where they hold their default
+LATER_FIELDS = ("synthesis", "iterations", "export")  # and these where they hold their default
 
 
 def _config(cfg: RunConfig) -> dict:
@@ -149,6 +149,24 @@ def curve(rows: list[dict], width: int = 720) -> bytes:
     return ("\n".join(out) + "\n</svg>\n").encode()
 
 
+def deployed(rows: list[dict]) -> str:
+    """The report's section on the exported students (``dfkd run --export``), or nothing."""
+    done = [r for r in rows if isinstance(r.get("deploy"), dict)]
+    if not done:
+        return ""
+    threads = sorted({r["deploy"].get("threads") for r in done} - {None})
+    lines = [f"Exported students (ONNX Runtime on this machine's CPU, {'/'.join(map(str, threads)) or '?'} thread(s); "
+             "latency: median per batch):\n",
+             "| student | file | PyTorch % | ONNX file % | size kB | vs float32 file | ms, batch 1 | inputs/s, batch 64 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in done:
+        e = r["deploy"]
+        lines.append(f"| {_md(_label(r, rows))} | `{_md(e['file'])}` | {100 * r['accuracy']:.2f} | {100 * e['accuracy']:.2f}"
+                     f" | {e['bytes'] / 1e3:,.1f} | " + (f"{e['fp32_bytes'] / e['bytes']:.2f}x smaller" if e["quantize"] == "int8"
+                                                         else "(float32)") + f" | {e['b1_ms']:.3f} | {e['b64_per_s']:,.0f} |")
+    return "\n".join(lines) + "\n\n"
+
+
 def _keep_or_write(path: Path, content: bytes) -> None:
     """Write ``content`` atomically unless ``path`` holds it already (a resumed run rewrites nothing)."""
     try:
@@ -210,6 +228,6 @@ def write_results(out: Path, rows: list[dict], cfg: RunConfig, t0: float, final:
     md = (f"# dfkd results: {what} against the true labels, last epoch{seeds}\n\n"
           + table(rows, paper_data(cfg)) + f"\nwall time so far: {wall:.0f} s\n\n"
           + f"Made by (from the folder the run was started in):\n\n```\n{command(cfg)}\n```\n\n"
-          + "Test accuracy per epoch:\n\n![accuracy per epoch](curve.svg)\n"
+          + deployed(rows) + "Test accuracy per epoch:\n\n![accuracy per epoch](curve.svg)\n"
           + ("\nSynthetic images, one row per class:\n\n" + "\n\n".join(grids) + "\n" if grids else "")).encode()
     _keep_or_write(out / "results.md", md)

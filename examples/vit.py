@@ -56,7 +56,7 @@ class ViT(nn.Module):
     def forward(self, x):
         x = self.embed(x).flatten(2).transpose(1, 2)             # [B, T, dim]
         if self.cls is not None:
-            x = torch.cat([self.cls.expand(len(x), -1, -1), x], 1)
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)  # not len(x): the batch stays free in export
         x = self.norm(self.blocks(x + self.pos))
         return self.head(x[:, 0] if self.cls is not None else x.mean(1))
 

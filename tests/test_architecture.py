@@ -21,11 +21,11 @@ LAYERS = {
     1: ("files, data, networks", {"files", "data", "models", "graph", "images", "digits", "folders", "npz",
                                   "cifar", "pickles", "sources", "generators", "normstats"}),
     2: ("formats and mechanisms", {"checkpoint", "metadata", "forms", "records", "kinds", "resume", "synthetic", "privacy_report",
-                                   "accountant", "privacy", "audit"}),
+                                   "accountant", "privacy", "audit", "exporting", "quantization"}),
     3: ("shared method", {"specs", "objective", "objectives", "inversion", "loop", "profiles"}),
     4: ("stages", {"training", "recording", "reconstruction", "distillation", "evaluation", "leakage",
-                   "publishing", "generation"}),
-    5: ("pipeline", {"pipeline", "own", "results", "students"}),
+                   "publishing", "generation", "deployment"}),
+    5: ("pipeline", {"pipeline", "own", "results", "students", "shipping"}),
     6: ("command line", {"cli_fields", "cli_parser", "cli_commands", "cli", "__main__"}),
 }
 PEERS = 4  # the stages' layer: its modules import none of each other (the pipeline composes them)

@@ -438,11 +438,11 @@ CASES = [
      lambda w, t: ["train", "--out", t / "o"], ["bad.whl", "cannot read MNIST"]),
 ]
 # cases added by area, each module a CASES list of the same shape (and optionally ENV)
-from tests import bad_cases_privacy, bad_cases_resume, bad_cases_user  # noqa: E402
-CASES += bad_cases_privacy.CASES + bad_cases_resume.CASES + bad_cases_user.CASES
+from tests import bad_cases_deploy, bad_cases_privacy, bad_cases_resume, bad_cases_user  # noqa: E402
+CASES += bad_cases_privacy.CASES + bad_cases_resume.CASES + bad_cases_user.CASES + bad_cases_deploy.CASES
 # cases this machine cannot pose: id -> why (skipped by the matrix, and where the answers are compared)
 SKIP = {"arg-device": "this machine has CUDA"} if torch.cuda.is_available() else {}
-for _area in (bad_cases_privacy, bad_cases_resume, bad_cases_user):
+for _area in (bad_cases_privacy, bad_cases_resume, bad_cases_user, bad_cases_deploy):
     SKIP.update(getattr(_area, "SKIP", {}))
 ENV = {"env-mnist-broken": lambda t: {"DFKD_MNIST": str(_write(t / "bad.whl", b"PK junk")), "DFKD_CACHE": str(t / "c")}}
 # each in a process of its own (the tests below): the real entry point under a file-size limit (a
@@ -553,7 +553,7 @@ def check_one_line(code: int, err: str, needles) -> str:
 def no_partial_output(tmp: Path) -> None:
     """Nothing half-written: no temp file, and no output beside the inputs the case wrote."""
     assert not [p for p in tmp.rglob("*.dfkd-tmp")], list(tmp.rglob("*.dfkd-tmp"))
-    for name in ("o.safetensors", "s.safetensors", "r", "run", "o.json", "s.json", "PWNED"):
+    for name in ("o.safetensors", "s.safetensors", "r", "run", "o.json", "s.json", "PWNED", "o.onnx", "c.npz"):
         assert not (tmp / name).exists(), name
 
 

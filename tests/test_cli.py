@@ -233,6 +233,32 @@ def test_readme_teachers_without_batchnorm_run_as_written(tmp_path):
         assert (runs / out / "own" / "students" / "all-layers+norm-stats.samples.png").is_file()
 
 
+def test_readme_deploy_section_runs_as_written(tmp_path):
+    """The README's deploy commands at tiny sizes: the run ends with its data-free student as an int8 ONNX file,
+    measured in the report; dfkd export writes the float32 and int8 files and the calibration inputs, which are
+    the synthetic set's first inputs exactly."""
+    import numpy as np
+
+    from dfkd.exporting import read_metadata, run_onnx, session
+    from dfkd.synthetic import SyntheticSet
+    cmds = readme_commands("## Deploy the student")
+    assert [c[1] if c[0] == "dfkd" else c[1].split("/")[-1] for c in cmds] == \
+        ["colour_digits.py", "run", "export", "export"]
+    run_readme(cmds, tmp_path)
+    res = json.loads((tmp_path / "runs" / "deploy" / "results.json").read_text())
+    row = [r for r in res["rows"] if r["objective"] == "all-layers+bn-stats"][0]
+    assert row["deploy"]["file"] == "all-layers+bn-stats.int8.onnx" and row["deploy"]["bytes"] > 0
+    assert "| `all-layers+bn-stats.int8.onnx` |" in (tmp_path / "runs" / "deploy" / "results.md").read_text()
+    students = tmp_path / "runs" / "deploy" / "own" / "students"
+    assert (students / "all-layers+bn-stats.int8.onnx").is_file()
+    x, _, logits = SyntheticSet(tmp_path / "runs" / "deploy" / "own" / "synthetic" / "all-layers+bn-stats").open().load()
+    with np.load(tmp_path / "calibration.npz") as z:
+        assert np.array_equal(z["x"], x[:1024].numpy()) and np.array_equal(z["teacher_label"], logits[:1024].argmax(1).numpy())
+    for f in ("student.onnx", "student.int8.onnx"):
+        assert run_onnx(session(tmp_path / f), x[:5]).shape == (5, 10)
+    assert json.loads(read_metadata(tmp_path / "student.int8.onnx")["quantization"])["calibration"]["inputs"] == min(1024, len(x))
+
+
 def test_readme_own_model_section_runs_as_written(tmp_path):
     """A user's own BN/residual teacher and GELU student on a colour image folder, from the README: one
     command. Its teacher has BatchNorm and the run records its statistics, so both objectives run; the
@@ -330,7 +356,7 @@ def test_ctrl_c_says_truthfully_whether_the_work_resumes(verb, says, tmp_path, i
 
 
 @pytest.mark.parametrize("verb", ["train", "record", "reconstruct", "distill", "evaluate", "run", "leakage",
-                                  "publish", "inspect"])
+                                  "publish", "inspect", "export"])
 def test_ctrl_c_line_of_every_verb(verb, monkeypatch, capsys):
     """Each verb's line after Ctrl-C: those that resume (docs/robustness.md: train, distill per epoch,
     reconstruct per shard, run per step) say so; the others say that a second run starts over."""
@@ -343,7 +369,7 @@ def test_ctrl_c_line_of_every_verb(verb, monkeypatch, capsys):
     monkeypatch.setitem(cli_commands.COMMANDS, verb, interrupted)
     argv = {"record": ["--teacher", "t"], "reconstruct": ["--teacher", "t"], "distill": ["--synthetic", "s", "--out", "o"],
             "evaluate": ["m"], "leakage": ["--teacher", "t"], "publish": ["--teacher", "t", "--out", "o"],
-            "inspect": ["f"]}.get(verb, [])
+            "inspect": ["f"], "export": ["m", "--out", "o.onnx"]}.get(verb, [])
     assert cli.main([verb, *argv]) == 130
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"dfkd: {verb}: interrupted; ")
