@@ -4,6 +4,7 @@ calibration inputs themselves written for a user's own runtime (``--calibration-
 from __future__ import annotations
 
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import torch
 from .config import ExportConfig
 from .data import DataInfo
 from .errors import DfkdError
-from .exporting import MIN_OPSET, as_json, deploy_module, set_metadata, to_onnx, write
+from .exporting import MIN_OPSET, as_json, set_metadata, to_onnx, write
+from .inference import deploy_module
 from .files import atomic_write
 from .models import spec_name
 from .quantization import SetInputs, TensorInputs, agreement, quantize
@@ -26,6 +28,8 @@ Calibration = SetInputs | TensorInputs
 
 def open_calibration(path: str | Path, info: DataInfo) -> SetInputs:
     """The inputs of a complete synthetic set whose raw inputs fit the model's (shape and range)."""
+    if Path(path).is_file():
+        raise DfkdError(path, "is a file: give the synthetic set's folder (the one holding manifest.json)")
     s = SyntheticSet(path).open()
     si = s.info
     if tuple(si.shape) != tuple(info.shape):
@@ -35,6 +39,13 @@ def open_calibration(path: str | Path, info: DataInfo) -> SetInputs:
     if (si.low, si.high) != (info.low, info.high):
         raise DfkdError(path, f"holds inputs in {si.low:g}..{si.high:g}; the model takes {info.low:g}..{info.high:g}")
     return SetInputs(s)
+
+
+def _writable(folder: Path) -> bool:
+    """Whether files can be made in ``folder``, or in the nearest folder above it that exists (made on write)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
 
 
 def source_of(desc: dict) -> dict:
@@ -107,8 +118,16 @@ def export_file(model: ModelRef, out: str | Path, cfg: ExportConfig = ExportConf
     if not model.is_spec and (data.spec or data.normalize not in (None, "none")):
         raise DfkdError("data" if data.spec else "normalize", "a saved model brings the input shape and normalisation "
                         "it was trained with (--data and --normalize are for a model given as a spec)")
-    if calibration_npz and Path(calibration_npz).resolve() == out.resolve():
-        raise DfkdError("calibration_npz", "is the --out file: give another name")
+    if calibration_npz:
+        npz_path = Path(calibration_npz).resolve()
+        if npz_path.suffix != ".npz":
+            raise DfkdError("calibration_npz", f"{calibration_npz} must end in .npz")
+        if npz_path.is_relative_to(Path(calibration).resolve()):
+            raise DfkdError("calibration_npz", "lies inside the synthetic set it reads: give a path outside it")
+    for flag, dest in (("out", out), ("calibration_npz", calibration_npz)):  # refused now, not after the work
+        if dest and (Path(dest).is_dir() or not _writable(Path(dest).resolve().parent)):
+            raise DfkdError(flag, f"{dest}: cannot write " + ("(a folder stands there)" if Path(dest).is_dir()
+                                                              else "(its folder is not writable)"))
     net, desc, info = open_model(model, open_data(data.spec or "mnist", None, data.normalize).info) if model.is_spec \
         else open_model(model)
     cal = open_calibration(calibration, info) if calibration else None

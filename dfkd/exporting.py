@@ -7,95 +7,27 @@ dfkd itself runs without it.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import re
-import statistics
-import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from .config import ExportConfig, default
-from .data import DataInfo, as_batches, at_input
+from .data import DataInfo, at_input
 from .errors import DfkdError
 from .files import atomic_write
+from .inference import INPUT, OUTPUT, deploy_module, example_inputs, run_onnx, session
 from .version import __version__
 
 OPSET = default(ExportConfig, "opset")  # 20: GELU one node (opset 18 spells it in five, each quantized apart)
 MIN_OPSET = 18  # the exporter's lowest
 FORMAT = "dfkd-onnx"
-INPUT, OUTPUT = "input", "logits"
 DEPLOY = ".deploy.json"  # beside a student dfkd run exported: what its file scored (``shipping``)
 MATCH = 1e-4  # the largest |logit difference| between ONNX Runtime and PyTorch an export may show
-
-
-def deploy_module(name: str):
-    """``onnx``, ``onnxruntime``, ``onnxruntime.quantization`` or ``onnxscript``: the deploy extra's, or
-    one line that says how to install it."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise DfkdError("export", f"needs {name.split('.')[0]}: pip install 'dfkd[deploy]' (onnx, onnxscript, "
-                        "onnxruntime; CPU only)") from None
-
-
-def session(model: bytes | str | Path, threads: int = 0):
-    """An ONNX Runtime CPU session on a file or its bytes (``threads`` 0: the runtime's default)."""
-    ort = deploy_module("onnxruntime")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    src = str(model) if isinstance(model, Path) else model
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-
-
-def run_onnx(sess, raw: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Logits of ``raw`` inputs from an ONNX Runtime session, batch by batch."""
-    out = [sess.run(None, {INPUT: raw[i:i + batch_size].float().numpy()})[0] for i in range(0, len(raw), batch_size)]
-    return torch.from_numpy(np.concatenate(out))
-
-
-def accuracy(sess, split, batch_size: int = 1024) -> float:
-    """True-label accuracy of an ONNX Runtime session on a split of raw inputs, batch by batch."""
-    right = total = 0
-    for x, y in as_batches(split, batch_size):
-        right += int((run_onnx(sess, x, batch_size).argmax(1) == y).sum())
-        total += len(y)
-    return right / max(total, 1)
-
-
-def latency(fn, x: torch.Tensor, seconds: float = 1.0) -> float:
-    """Median seconds of ``fn(x)``, called for about ``seconds`` (at least 10 times) after 3 untimed calls."""
-    for _ in range(3):
-        fn(x)
-    times, end = [], time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < 10:
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def speeds(fn, info: DataInfo, batches: tuple[int, ...] = (1, 64), seconds: float = 1.0) -> dict:
-    """``fn``'s latency (``b<N>_ms``: median ms per batch) and throughput (``b<N>_per_s``: inputs/s) at each
-    batch size, on inputs spread over the data's range."""
-    out = {}
-    for b in batches:
-        s = latency(fn, example_inputs(info, b), seconds)
-        out[f"b{b}_ms"], out[f"b{b}_per_s"] = 1e3 * s, b / s
-    return out
-
-
-def example_inputs(info: DataInfo, n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` raw inputs spread over the data's range (uniform), for tracing and checks."""
-    g = torch.Generator().manual_seed(seed)
-    return info.low + (info.high - info.low) * torch.rand((n, *info.shape), generator=g)
 
 
 def _exported(net: nn.Module, info: DataInfo, opset: int):
@@ -143,10 +75,10 @@ def _culprit(net: nn.Module, x: torch.Tensor, opset: int) -> str | None:
     seen: dict[str, tuple] = {}
 
     def keep(path: str):
-        def hook(mod, args, out) -> None:  # a hook that returned a value would replace the output
-            seen.setdefault(path, args)
+        def hook(mod, args, kwargs, out) -> None:  # a hook that returned a value would replace the output
+            seen.setdefault(path, (args, kwargs))
         return hook
-    hooks = [m.register_forward_hook(keep(p)) for p, m in net.named_modules() if p]
+    hooks = [m.register_forward_hook(keep(p), with_kwargs=True) for p, m in net.named_modules() if p]
     try:
         with torch.no_grad():
             net(x)
@@ -158,12 +90,15 @@ def _culprit(net: nn.Module, x: torch.Tensor, opset: int) -> str | None:
         kids = [p for p in seen if p.startswith(f"{path}." if path else "") and "." not in p[len(path) + bool(path):]]
         bad = None
         for p in kids:
-            args = seen[p]
+            args, kwargs = seen[p]
             if not args or not all(torch.is_tensor(a) for a in args):
                 continue
             try:
                 with _quiet():
-                    torch.onnx.export(mods[p], tuple(args), dynamo=True, opset_version=opset, verbose=False)
+                    torch.onnx.export(mods[p], tuple(args), kwargs=dict(kwargs), dynamo=True, opset_version=opset,
+                                      verbose=False)
+            except TypeError:  # called in a way the exporter does not take on its own: not judged
+                continue
             except Exception:
                 bad = p
                 break
@@ -244,16 +179,31 @@ def describe_input(info: DataInfo, outputs: int | None = None) -> dict[str, str]
             "class_names": as_json(names)}
 
 
+def _strip(nodes) -> bool:
+    """Node names, doc strings and the exporter's metadata cleared, in subgraphs too; whether there were any."""
+    nested = False
+    for n in nodes:
+        n.name = n.doc_string = ""
+        del n.metadata_props[:]
+        for a in n.attribute:
+            for g in ([a.g] if a.type == a.GRAPH else list(a.graphs) if a.type == a.GRAPHS else []):
+                nested = True
+                g.doc_string = ""
+                _strip(g.node)
+    return nested
+
+
 def compact(proto):
     """``proto`` without what a runtime does not read: intermediate shapes, node names, doc strings and the
     exporter's per-node metadata (its stack traces name this machine's files), every value but the graph's
     input and output renamed to a short name. Returns it."""
     del proto.graph.value_info[:]
     proto.doc_string = proto.graph.doc_string = ""
-    for n in proto.graph.node:
-        n.name = n.doc_string = ""
-        del n.metadata_props[:]
-    if any(a.type in (a.GRAPH, a.GRAPHS) for n in proto.graph.node for a in n.attribute) or len(proto.functions):
+    nested = _strip(proto.graph.node)
+    for f in proto.functions:
+        f.doc_string = ""
+        nested |= _strip(f.node) or True
+    if nested:
         return proto  # subgraphs (If, Loop) or functions refer to outer names: those are kept as they are
     keep, names = {v.name for v in (*proto.graph.input, *proto.graph.output)}, {}
 

@@ -85,8 +85,12 @@ def _recipe(student: str) -> dict:
     if out["distill"] is None or out["objective"] is None:
         raise DfkdError(desc_path, "not a distilled student (no distillation settings in it)")
     shipped = desc_path.with_name(desc_path.stem + DEPLOY)  # dfkd run --export's file, measured where it was made
-    if shipped.is_file() and read_json(shipped).get("student_sha256") == desc.get("sha256"):  # of these very weights
-        out["deploy"] = read_json(shipped)
+    try:
+        figures = read_json(shipped) if shipped.is_file() else {}
+    except DfkdError:  # damaged: the card goes without it
+        figures = {}
+    if figures.get("student_sha256") == desc.get("sha256"):  # of these very weights
+        out["deploy"] = figures
     return out
 
 
@@ -191,8 +195,9 @@ def model_card(config: dict, meta, name: str, repo: str | None, recipe: dict | N
                   + (f"**{100 * acc:.2f}%** test accuracy against the true labels." if acc is not None else ".")]
         e = recipe.get("deploy")
         if isinstance(e, dict) and {"file", "quantize", "accuracy", "bytes", "fp32_bytes", "b1_ms"} <= set(e):
-            lines += ["", f"Exported by `dfkd run --export {'int8' if e['quantize'] == 'int8' else 'fp32'}` as "
-                      f"`{e['file']}` ({'int8' if e['quantize'] == 'int8' else 'float32'} ONNX, takes raw inputs): "
+            lines += ["", f"Exported by `dfkd run --export {'int8' if e['quantize'] == 'int8' else 'fp32'}` beside the "
+                      f"student as `{e['file']}` ({'int8' if e['quantize'] == 'int8' else 'float32'} ONNX, takes raw "
+                      "inputs; not in this folder: `dfkd export` makes it from the student): "
                       f"**{100 * e['accuracy']:.2f}%** test accuracy through ONNX Runtime, {e['bytes'] / 1e3:,.1f} kB"
                       + (f" ({e['fp32_bytes'] / e['bytes']:.2f}x smaller than float32)" if e["quantize"] == "int8" else "")
                       + f", {e['b1_ms']:.3f} ms per input at batch 1 on the CPU that made it"

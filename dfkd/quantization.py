@@ -1,6 +1,6 @@
 """Post-training static int8 quantization of an exported ONNX file, without data: ONNX Runtime's quantizer
 (QDQ format: standard ONNX operators only; int8 weights per output channel, float32 biases, uint8 activations,
-which ran as fast and as accurately as int8 ones on this project's CPU, docs/deploy.md) calibrated on raw inputs read from a
+as accurate as int8 ones and as fast or faster on this project's CPU, docs/deploy.md) calibrated on raw inputs read from a
 dfkd synthetic set shard by shard (``set_inputs``), or on any raw inputs; and the data-free check of what it
 cost: agreement with the teacher's labels on synthetic inputs held apart from the calibration (``agreement``).
 ONNX Runtime's calibrators keep every calibration batch's activations until the end (its option to fold them
@@ -19,7 +19,8 @@ import torch
 
 from .data import as_batches
 from .errors import DfkdError
-from .exporting import INPUT, compact, deploy_module, run_onnx, session, set_metadata
+from .exporting import compact, set_metadata
+from .inference import INPUT, deploy_module, run_onnx, session
 from .synthetic import SyntheticSet
 
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}  # ONNX Runtime's calibrators
@@ -122,8 +123,6 @@ def quantize(fp32: bytes, batches: Iterable[torch.Tensor], method: str = "minmax
                                                  # net its 3.5x
                                                  "QuantizeBias": False})
         except Exception as e:
-            if reader.count == 0:
-                raise DfkdError("calibration", "gave no input to calibrate on") from None
             raise DfkdError("quantize", f"ONNX Runtime's quantizer failed ({type(e).__name__}: "
                             f"{(str(e).strip().splitlines() or [''])[0][:200]})") from None
         finally:
@@ -146,6 +145,10 @@ def _notes_dropped(proto):
 def agreement(fp32: bytes, int8: bytes, x: torch.Tensor, labels: torch.Tensor) -> dict:
     """Both files on inputs ``x``: each one's agreement with ``labels`` (the teacher's, on synthetic inputs)
     and with each other."""
-    a, b = run_onnx(session(fp32), x).argmax(1), run_onnx(session(int8), x).argmax(1)
+    try:
+        a, b = run_onnx(session(fp32), x).argmax(1), run_onnx(session(int8), x).argmax(1)
+    except Exception as e:  # ONNX Runtime refused the quantized file: one line, not a traceback
+        raise DfkdError("quantize", f"the int8 file does not run in ONNX Runtime ({type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0][:200]})") from None
     return {"n": len(x), "fp32": round((a == labels).float().mean().item(), 6),
             "int8": round((b == labels).float().mean().item(), 6), "int8_vs_fp32": round((a == b).float().mean().item(), 6)}

@@ -16,10 +16,12 @@ from .config import ExportConfig, RunConfig
 from .data import at_input
 from .deployment import export_model, open_calibration, source_of
 from .errors import DfkdError
-from .exporting import DEPLOY, INPUT, accuracy, session, speeds, write
+from .exporting import DEPLOY, write
+from .inference import INPUT, accuracy, session, speeds
 from .files import read_json, write_json
 from .generation import load_generator
 from .quantization import TensorInputs
+
 
 def _generated(stem: Path, teacher: nn.Module, info, n: int, seed: int) -> TensorInputs:
     """``n`` inputs of the student's saved generator (classes in turn, latents from ``seed``) and the teacher's
@@ -35,34 +37,40 @@ def _generated(stem: Path, teacher: nn.Module, info, n: int, seed: int) -> Tenso
     return TensorInputs(x, labels, {"generator": path.name, "seed": seed})
 
 
-def _finished(figures: Path, path: Path, source: dict, export: str) -> dict | None:
+FIGURES = ("file", "quantize", "bytes", "fp32_bytes", "sha256", "student_sha256", "accuracy", "b1_ms", "b64_per_s")
+
+
+def _finished(figures: Path, path: Path, source: dict, quantize: str) -> dict | None:
     """The figures of a file an earlier run exported from these very weights in this mode, where the file is
     still the one measured (its sha256); else None (export it again)."""
     try:
         done = read_json(figures)
-        same = done.get("student_sha256") == source["weights_sha256"] and done.get("quantize") == \
-            ("int8" if export == "int8" else "none") and path.is_file() and \
-            hashlib.sha256(path.read_bytes()).hexdigest() == done.get("sha256")
+        same = set(FIGURES) <= set(done) and done["file"] == path.name and done["quantize"] == quantize and \
+            done["student_sha256"] == source["weights_sha256"] and path.is_file() and \
+            hashlib.sha256(path.read_bytes()).hexdigest() == done["sha256"]
     except (DfkdError, OSError):
         return None
     return done if same else None
 
 
 def ship(stem: Path, student: nn.Module, teacher: nn.Module, data, cfg: RunConfig, synthetic: Path, seed: int) -> dict:
-    """Export a saved student as ``cfg.export`` says, measure the file, and write what it scored beside it; a
-    file an earlier run made from the same weights in the same mode is kept with its figures."""
+    """Export a saved student as ``cfg.export`` says, measure the file, and write what it scored beside it
+    (the other mode's file, if an earlier run made one, removed); a file an earlier run made from the same
+    weights in the same mode is kept with its figures, unless ``cfg.restart``."""
     ec = ExportConfig(quantize="int8" if cfg.export == "int8" else "none")
+    source = source_of(read_json(stem.with_suffix(".json")))
+    path, other = (stem.with_name(stem.name + s) for s in ((".int8.onnx", ".onnx") if ec.quantize == "int8"
+                                                            else (".onnx", ".int8.onnx")))
+    done = None if cfg.restart else _finished(stem.with_name(stem.name + DEPLOY), path, source, ec.quantize)
+    if done is not None:  # this student's file, exported and measured by an earlier run of the same settings
+        return done
     cal = None
     if ec.quantize == "int8":
         cal = open_calibration(synthetic, data.info) if cfg.synthesis == "optimise" else \
             _generated(stem, teacher, data.info, ec.calibration_inputs + ec.check_inputs, seed)
-    source = source_of(read_json(stem.with_suffix(".json")))
-    path = stem.with_name(stem.name + (".int8.onnx" if ec.quantize == "int8" else ".onnx"))
-    done = _finished(stem.with_name(stem.name + DEPLOY), path, source, cfg.export)
-    if done is not None:  # this student's file, exported and measured by an earlier run of the same settings
-        return done
     raw, rep = export_model(student.cpu().eval(), data.info, ec, cal, source)
     write(path, raw)
+    other.unlink(missing_ok=True)
     threads = torch.get_num_threads()
     sess = session(raw, threads)
     out = {"file": path.name, "quantize": ec.quantize, "bytes": len(raw), "fp32_bytes": rep["fp32_bytes"],

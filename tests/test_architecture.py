@@ -21,7 +21,7 @@ LAYERS = {
     1: ("files, data, networks", {"files", "data", "models", "graph", "images", "digits", "folders", "npz",
                                   "cifar", "pickles", "sources", "generators", "normstats"}),
     2: ("formats and mechanisms", {"checkpoint", "metadata", "forms", "records", "kinds", "resume", "synthetic", "privacy_report",
-                                   "accountant", "privacy", "audit", "exporting", "quantization"}),
+                                   "accountant", "privacy", "audit", "inference", "exporting", "quantization"}),
     3: ("shared method", {"specs", "objective", "objectives", "inversion", "loop", "profiles"}),
     4: ("stages", {"training", "recording", "reconstruction", "distillation", "evaluation", "leakage",
                    "publishing", "generation", "deployment"}),

@@ -13,17 +13,22 @@ import torch
 from torch import nn
 
 from dfkd import noise as dfkd_noise
-from dfkd.config import ReconstructConfig, RecordConfig, RunConfig
+from dfkd.checkpoint import load_model, save_model, stats_of
+from dfkd.config import ReconstructConfig, RecordConfig, RunConfig, Runtime
 from dfkd.data import DataInfo
 from dfkd.errors import DfkdError
 from dfkd.graph import layer_infos
 from dfkd.metadata import load, save
+from dfkd.models import build_model
 from dfkd.normstats import mixture, norm_layers
 from dfkd.objectives import make_objective
 from dfkd.own import offered
 from dfkd.privacy_report import field_status
-from dfkd.reconstruction import optimise_batch
+from dfkd.publishing import publish
+from dfkd.reconstruction import optimise_batch, reconstruct_file
 from dfkd.recording import record
+from dfkd.specs import ModelRef
+from dfkd.synthetic import SyntheticSet
 from dfkd.taps import default_layers, tap
 
 from tests.conftest import ROOT
@@ -392,3 +397,28 @@ def test_a_norm_layer_that_never_runs_offers_no_norm_stats():
     with pytest.raises(DfkdError, match="norm-stats needs LayerNorm or GroupNorm layers"):
         offered(RunConfig(teacher="t.py:t", student="s.py:s", objectives=("all-layers+norm-stats",)), model, None,
                 True, None, ex)
+
+
+def test_vit_is_published_and_reconstructed_by_two_shares_as_by_one(tmp_path):
+    """A ViT teacher saved from the user's code, its statistics recorded (token layers per feature, norm-stats),
+    goes through dfkd publish (the folder loads back only with its code named); dfkd reconstruct from the folder,
+    split over two shares (--rank / --world-size, as a job array or torchrun runs it), makes the very inputs one
+    process makes."""
+    code = str(ROOT / "examples" / "vit.py")
+    torch.manual_seed(0)
+    net, info = build_model(f"{code}:teacher", INFO, num_classes=3, image=8)
+    save_model(net.eval(), tmp_path / "vit", f"{code}:teacher", {"num_classes": 3, "image": 8}, info)
+    save(record(net, data(120), RecordConfig(kinds=("all-layers", "norm-stats"))), tmp_path / "vit.stats.safetensors")
+    folder = publish(ModelRef(str(tmp_path / "vit"), code=(code,)), tmp_path / "vit.stats.safetensors", tmp_path / "pub")
+    with pytest.raises(DfkdError, match="--code"):
+        load_model(folder)
+    ref, stats = ModelRef(str(folder), code=(code,)), str(stats_of(folder))
+    assert load(stats).kinds == ["all-layers", "norm-stats"]
+    rc = ReconstructConfig(objective="all-layers+norm-stats", n=16, batch_size=4, steps=3)
+    reconstruct_file(ref, stats, tmp_path / "one", rc)
+    for rank in (0, 1):
+        reconstruct_file(ref, stats, tmp_path / "two", rc, rt=Runtime(rank=rank, world_size=2))
+    one, two = SyntheticSet(tmp_path / "one").open(), SyntheticSet(tmp_path / "two").open()
+    assert len(one) == len(two) == 16
+    for a, b in zip(one.load(), two.load()):
+        assert torch.equal(a, b)

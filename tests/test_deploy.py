@@ -3,6 +3,7 @@ real test images (MNIST digits from IDX files, colour digits from an image folde
 shards read whole, the float32 network's own predictions on inputs held apart from the calibration."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -16,9 +17,10 @@ from dfkd.config import ExportConfig, ReconstructConfig
 from dfkd.data import DataInfo, as_batches
 from dfkd.deployment import export_file, export_model
 from dfkd.errors import DfkdError
-from dfkd.exporting import example_inputs, read_metadata, run_onnx, session, to_onnx
+from dfkd.exporting import read_metadata, to_onnx
+from dfkd.inference import example_inputs, run_onnx, session
 from dfkd.models import build_model
-from dfkd.quantization import SetInputs, quantize, set_inputs
+from dfkd.quantization import SetInputs, TensorInputs, set_inputs
 from dfkd.reconstruction import reconstruct_file
 from dfkd.sources import open_data
 from dfkd.specs import DataRef, ModelRef, open_with_data
@@ -156,13 +158,15 @@ def test_int8_keeps_agreement_on_held_apart_inputs_and_says_where_it_came_from(w
 
 
 def test_int8_file_is_at_least_3_5_times_smaller_for_a_registry_student():
+    """The shipped files, metadata included (export_model's): Hinton-800's int8 file against its float32 one."""
     info = DataInfo((1, 28, 28), 10)
     torch.manual_seed(0)
     net, info = build_model("hinton-800", info)
-    fp32, _ = to_onnx(net.eval(), info)
-    x = example_inputs(info, 256)
-    int8, seen = quantize(fp32, (x[i:i + 64] for i in range(0, 256, 64)))
-    assert seen == 256
+    x, source = example_inputs(info, 256), {"spec": "hinton-800", "weights_sha256": "0" * 64}
+    fp32, _ = export_model(net.eval(), info, ExportConfig(), None, source)
+    cal = TensorInputs(x, torch.zeros(256, dtype=torch.long), {"noise": "uniform"})
+    int8, r = export_model(net, info, ExportConfig(quantize="int8", calibration_inputs=256, check_inputs=1), cal, source)
+    assert r["calibration_inputs"] == 256 and json.loads(read_metadata(int8)["source"]) == source
     assert len(fp32) / len(int8) >= 3.5, (len(fp32), len(int8))
     n = sum(p.numel() for p in net.parameters())
     assert len(fp32) >= 4 * n and len(int8) < 4 * n / 3.5
@@ -249,10 +253,14 @@ def test_run_export_with_a_generator_calibrates_on_its_samples_and_the_card_says
     made, report = f.stat().st_mtime_ns, (out / "results.md").read_bytes()
     assert main(argv) == 0  # run again: the student and its file are finished work, kept with their figures
     assert f.stat().st_mtime_ns == made and (out / "results.md").read_bytes() == report
+    f.write_bytes(f.read_bytes() + b"\0")  # a file that is not the one measured is made and measured again
+    assert main(argv) == 0
+    again = json.loads((stem.parent / (stem.name + ".deploy.json")).read_text())
+    assert hashlib.sha256(f.read_bytes()).hexdigest() == again["sha256"] and again["bytes"] == f.stat().st_size
     assert main(["publish", "--teacher", str(out / "own" / "teacher"), "--code", str(OWN), "--student", str(stem),
                  "--out", str(tmp_path / "pub")]) == 0
     card = (tmp_path / "pub" / "README.md").read_text()
-    assert f"Exported by `dfkd run --export int8` as `{f.name}`" in card and f"**{100 * acc:.2f}%**" in card
+    assert f"Exported by `dfkd run --export int8` beside the student as `{f.name}`" in card and f"**{100 * acc:.2f}%**" in card
 
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
@@ -268,3 +276,17 @@ def test_other_calibrators_are_quiet_and_keep_agreement(world, cal, method, capf
     with torch.no_grad():
         fp32 = net(source.info.to_model(x[128:])).argmax(1)
     assert (run_onnx(session(raw), x[128:]).argmax(1) == fp32).float().mean().item() >= 0.9
+
+
+def test_run_export_refuses_a_student_onnx_cannot_express_before_training(colour_dir, tmp_path, capsys):
+    (tmp_path / "cum.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass S(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = nn.Linear(3 * 32 * 32, 10)\n\n    def forward(self, x):\n"
+        "        return torch.cummax(self.fc(x.flatten(1)), 1)[0]\n\n\ndef make():\n    return S()\n")
+    out = tmp_path / "r"
+    code = main(["run", "--teacher", f"{OWN}:teacher", "--teacher-args", '{"in_channels": 3, "width": 4}', "--student",
+                 f"{tmp_path / 'cum.py'}:make", "--data", f"folder:{colour_dir}", "--profile", "tiny", "--export", "int8",
+                 "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("dfkd: --student: ") and "aten.cummax" in err[0]
+    assert not out.exists()  # refused before anything was trained or written
