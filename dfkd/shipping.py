@@ -40,7 +40,7 @@ def _generated(stem: Path, teacher: nn.Module, info, n: int, seed: int) -> Tenso
 FIGURES = ("file", "quantize", "bytes", "fp32_bytes", "sha256", "student_sha256", "accuracy", "b1_ms", "b64_per_s")
 
 
-def _finished(figures: Path, path: Path, source: dict, quantize: str) -> dict | None:
+def kept_figures(figures: Path, path: Path, source: dict, quantize: str) -> dict | None:
     """The figures of a file an earlier run exported from these very weights in this mode, where the file is
     still the one measured (its sha256); else None (export it again)."""
     try:
@@ -61,7 +61,7 @@ def ship(stem: Path, student: nn.Module, teacher: nn.Module, data, cfg: RunConfi
     source = source_of(read_json(stem.with_suffix(".json")))
     path, other = (stem.with_name(stem.name + s) for s in ((".int8.onnx", ".onnx") if ec.quantize == "int8"
                                                             else (".onnx", ".int8.onnx")))
-    done = None if cfg.restart else _finished(stem.with_name(stem.name + DEPLOY), path, source, ec.quantize)
+    done = None if cfg.restart else kept_figures(stem.with_name(stem.name + DEPLOY), path, source, ec.quantize)
     if done is not None:  # this student's file, exported and measured by an earlier run of the same settings
         return done
     cal = None

@@ -3,7 +3,6 @@ real test images (MNIST digits from IDX files, colour digits from an image folde
 shards read whole, the float32 network's own predictions on inputs held apart from the calibration."""
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
@@ -22,6 +21,7 @@ from dfkd.inference import example_inputs, run_onnx, session
 from dfkd.models import build_model
 from dfkd.quantization import SetInputs, TensorInputs, set_inputs
 from dfkd.reconstruction import reconstruct_file
+from dfkd.shipping import kept_figures
 from dfkd.sources import open_data
 from dfkd.specs import DataRef, ModelRef, open_with_data
 from dfkd.synthetic import SyntheticSet
@@ -253,13 +253,17 @@ def test_run_export_with_a_generator_calibrates_on_its_samples_and_the_card_says
     made, report = f.stat().st_mtime_ns, (out / "results.md").read_bytes()
     assert main(argv) == 0  # run again: the student and its file are finished work, kept with their figures
     assert f.stat().st_mtime_ns == made and (out / "results.md").read_bytes() == report
-    f.write_bytes(f.read_bytes() + b"\0")  # a file that is not the one measured is made and measured again
-    assert main(argv) == 0
-    again = json.loads((stem.parent / (stem.name + ".deploy.json")).read_text())
-    assert hashlib.sha256(f.read_bytes()).hexdigest() == again["sha256"] and again["bytes"] == f.stat().st_size
+    figures, source = stem.parent / (stem.name + ".deploy.json"), {"weights_sha256": row["deploy"]["student_sha256"]}
+    assert kept_figures(figures, f, source, "int8") == row["deploy"]
+    assert kept_figures(figures, f, {"weights_sha256": "0" * 64}, "int8") is None  # other weights: made again
+    assert kept_figures(figures, f, source, "none") is None  # the other mode: made again
+    f.write_bytes(f.read_bytes() + b"\0")  # a file that is not the one measured: made again
+    assert kept_figures(figures, f, source, "int8") is None
     assert main(["publish", "--teacher", str(out / "own" / "teacher"), "--code", str(OWN), "--student", str(stem),
                  "--out", str(tmp_path / "pub")]) == 0
     card = (tmp_path / "pub" / "README.md").read_text()
+    config = json.loads((tmp_path / "pub" / "config.json").read_text())  # the user's code by spec and sha256, never copied
+    assert config["model"]["code_sha256"] and not list((tmp_path / "pub").glob("*.py")) and "--code own_model.py" in card
     assert f"Exported by `dfkd run --export int8` beside the student as `{f.name}`" in card and f"**{100 * acc:.2f}%**" in card
 
 

@@ -101,7 +101,8 @@ def round_trip(tmp: Path, teacher: Path, code: list[str], student: list[str], da
     return tmp / "pub"
 
 
-@pytest.mark.slow  # slow (36 s): the own BN model round trip stays in the default run
+@pytest.mark.slow  # slow (36 s): publishing from user code (test_deploy's generator run) and reconstructing from a
+# folder (test_beyond_bn's ViT, the hub test below) stay in the default run
 def test_registry_model_round_trip(world, tmp_path):
     pub = round_trip(tmp_path, world.teacher, [], ["--student", "lenet5-half"], [], None)
     cfg = json.loads((pub / "config.json").read_text())
@@ -112,6 +113,7 @@ def test_registry_model_round_trip(world, tmp_path):
     assert f"\n| all-layers | {REGISTRY['all-layers'].reveals} | " in card  # what it holds, then its size
 
 
+@pytest.mark.slow  # slow (40 s on a busy machine): as above
 def test_own_bn_model_round_trip_on_colour_folder(colour_dir, tmp_path):
     """A user's model: the folder records its import spec and sha256, never the code; the user names
     the code with --code, as the card says."""
