@@ -11,8 +11,9 @@ from typing import Any
 def opt(default: Any, help: str, **cli: Any) -> Any:
     """A field with its flag: ``help``, and where needed ``flag`` (default ``--field-name``, for a bool
     that defaults to True ``--no-field-name``; ``None``: no flag, ``why`` says why), ``parse``
-    (``positive``, ``clip`` or ``range``; default: by the field's type), ``choices``, ``metavar`` and
-    ``repeat`` (the flag is given once per item). Help is argparse's: a literal ``%`` is ``%%``."""
+    (``positive``, ``clip`` or ``range``; default: by the field's type), ``choices``, ``metavar``,
+    ``repeat`` (the flag is given once per item) and ``later`` (added after work was saved: ``to_dict``
+    leaves it out at its default). Help is argparse's: a literal ``%`` is ``%%``."""
     return field(default=default, metadata=dict(cli, help=help))
 
 
@@ -112,6 +113,9 @@ class ReconstructConfig:
     tv: float = opt(0.0, "weight of a total-variation prior (0: the paper's pure objective)")
     l2: float = opt(0.0, "weight of an l2 prior on the inputs (DeepInversion)")
     jitter: int = opt(0, "roll inputs by up to this many pixels each step (DeepInversion's jitter)")
+    views: str = opt("none", "what the teacher sees of the inputs each step: none, or a view drawn anew per input as "
+                     "the student's are (affine or shift, optionally +colour), so the inputs made keep their class "
+                     "under those views", flag="--seen-views", later=True)
     bn_weight: float = opt(1.0, "weight of the bn-stats term")
     whiten: bool = opt(True, "the paper's plain squared distance (by default each statistic's error is divided by "
                        "its std; all-layers and spectral objectives)")
@@ -126,7 +130,8 @@ class DistillConfig:
     lr: float = opt(1e-3, "Adam's learning rate", parse="positive")
     augment: str = opt("affine+cutmix", "affine, shift or none, optionally +mix (mixup with the reversed batch) or "
                        "+cutmix (a box pasted from it), then optionally +colour (each image's channels reordered, scaled "
-                       "and shifted at random); the teacher labels every view (needs --teacher)")
+                       "and shifted at random), then optionally +backdrop (half the images composited onto procedural "
+                       "scenes made from no data); the teacher labels every view (needs --teacher)")
     schedule: str = opt("constant", "constant (the paper's plain Adam) or cosine")
     adversarial: float = opt(0.0, "share of each batch pushed towards student-teacher disagreement before the teacher "
                              "labels it (needs --teacher)")
@@ -237,7 +242,11 @@ class RunConfig:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+    """A config as JSON-ready settings; a field added after work was first saved (``later=True``) is left out
+    at its default, so that a set, state or model saved before it existed still matches its settings."""
+    later = {f.name: f.default for f in fields(cfg) if f.metadata.get("later")}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()
+            if not (k in later and v == later[k])}
 
 
 def default(cls: type, name: str) -> Any:

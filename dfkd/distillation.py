@@ -36,7 +36,7 @@ from .runtime import pick_device, seed_everything, setup_threads, whole
 from .sources import data_sha256, open_data
 from .specs import DataRef, ModelRef, build_student, open_model, require_spec
 from .synthetic import SyntheticSet
-from .views import AUGMENTS, augment
+from .views import AUGMENTS, AUGMENT_FORM, augment
 
 
 def disagree(student: nn.Module, teacher: nn.Module, x: torch.Tensor, cfg: DistillConfig,
@@ -76,7 +76,7 @@ def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg
     epochs; the last epoch's student is the result."""
     whole(rt, "distill")
     if cfg.augment not in AUGMENTS:
-        raise DfkdError("augment", f"{cfg.augment!r} is not one of {', '.join(AUGMENTS)}")
+        raise DfkdError("augment", f"{cfg.augment!r} is not {AUGMENT_FORM}")
     if not 0 <= cfg.adversarial <= 1 or cfg.adversarial_steps < 0 or cfg.adversarial_step < 0:
         raise DfkdError("adversarial", f"the share must be in [0, 1] (got {cfg.adversarial}), steps and step size >= 0")
     if isinstance(synthetic, (str, Path)):

@@ -45,7 +45,7 @@ from .objectives import Noise, make_objective
 from .resume import canonical, config_settings, load_checked, load_state, save_checked, save_state
 from .runtime import bars_off, whole
 from .taps import tap
-from .views import AUGMENTS, augment, jitter
+from .views import AUGMENTS, AUGMENT_FORM, SEEN, SEEN_FORM, augment, jitter, seen
 
 REMEDY = "delete it to make it again, or rerun with --restart"
 
@@ -88,7 +88,9 @@ def _check(rc: ReconstructConfig, dc: DistillConfig, gc: GeneratorConfig) -> Non
     if not max(gc.lr, dc.lr) * 10 < torch.finfo(torch.float32).max:  # Adam's first step is 10 x lr
         raise DfkdError("generator", "an lr that large does not fit Adam's first step in float32")
     if dc.augment not in AUGMENTS:
-        raise DfkdError("augment", f"{dc.augment!r} is not one of {', '.join(AUGMENTS)}")
+        raise DfkdError("augment", f"{dc.augment!r} is not {AUGMENT_FORM}")
+    if rc.views not in SEEN:
+        raise DfkdError("views", f"{rc.views!r} is not {SEEN_FORM}")
     if gc.student_schedule not in ("cosine", "constant"):
         raise DfkdError("student_schedule", f"{gc.student_schedule!r} is not cosine or constant")
 
@@ -101,7 +103,7 @@ def generator_loss(x: torch.Tensor, z: torch.Tensor, y: torch.Tensor, teacher: n
     teacher's layers are read through ``acts`` (a ``tap`` on the objective's layers); both networks see
     ``x`` normalised and, with ``jitter``, rolled (one shift per batch, drawn from ``g``)."""
     xn = info.to_model(x)
-    xin = jitter(xn, rc.jitter, g)
+    xin = jitter(info.to_model(seen(x, rc.views, g, info.low, info.high)) if rc.views != "none" else xn, rc.jitter, g)
     logits = teacher(xin)
     tg = {k: v.to(x.device) for k, v in objective.targets(y.cpu(), g).items()}
     loss = (objective.loss(logits, acts, tg, y) + prior(xn, rc.tv, rc.l2)) / len(y) + gc.ce * F.cross_entropy(logits, y)

@@ -38,6 +38,7 @@ from .runtime import bars_off, pick_device, setup_threads
 from .specs import ModelRef, open_model
 from .synthetic import SyntheticSet
 from .taps import tap
+from .views import SEEN, SEEN_FORM, seen
 from .views import jitter as roll
 
 
@@ -88,8 +89,10 @@ def optimise_batch(teacher: nn.Module, objective: Objective, labels: torch.Tenso
     with tap(teacher, objective.layers(), alter=alter, inputs=objective.inputs()) as acts, \
             input_grad_by_fold(teacher, dev.type == "cpu"):
         for step in range(cfg.steps):
-            xn = info.to_model(torch.cat(leaves, 1) if len(leaves) > 1 else leaves[0])  # at the network's input
-            xin = roll(xn, cfg.jitter, g)
+            xr = torch.cat(leaves, 1) if len(leaves) > 1 else leaves[0]
+            xn = info.to_model(xr)  # at the network's input
+            xin = roll(info.to_model(seen(xr, cfg.views, g, info.low, info.high)) if cfg.views != "none" else xn,
+                       cfg.jitter, g)
             logits = teacher(xin * masks["input"] if masks else xin)
             loss = objective.loss(logits, acts, tg, ydev) + prior(xn, cfg.tv, cfg.l2)
             if not torch.isfinite(loss):
@@ -130,6 +133,8 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
     """
     if cfg.n <= 0 or cfg.batch_size <= 0 or cfg.steps < 0 or cfg.lr <= 0 or min(cfg.jitter, cfg.tv, cfg.l2) < 0:
         raise DfkdError("reconstruct", "n, batch size and lr must be > 0; steps, jitter, tv and l2 >= 0")
+    if cfg.views not in SEEN:
+        raise DfkdError("views", f"{cfg.views!r} is not {SEEN_FORM}")
     if not cfg.lr * 10 < torch.finfo(torch.float32).max:  # Adam's first step is 10 x lr (its bias correction)
         raise DfkdError("lr", f"{cfg.lr:g} is too large: Adam's first step (10 x lr) does not fit in float32")
     info = meta.data if meta is not None else info

@@ -9,7 +9,11 @@ import torch
 import torch.nn.functional as F
 
 BASES, MIXES = ("shift", "affine", "none"), ("mix", "cutmix")  # the views, then what is mixed into them
-AUGMENTS = tuple(b + m + c for b in BASES for m in ("", *(f"+{m}" for m in MIXES)) for c in ("", "+colour"))
+AUGMENTS = tuple(b + m + c + d for b in BASES for m in ("", *(f"+{m}" for m in MIXES)) for c in ("", "+colour")
+                 for d in ("", "+backdrop"))
+AUGMENT_FORM = "shift, affine or none, then optionally +mix or +cutmix, +colour and +backdrop, in that order"
+SEEN = tuple(b + c for b in BASES for c in ("", "+colour"))  # what a teacher may see of an input being made
+SEEN_FORM = "shift, affine or none, optionally +colour (nothing mixed: each input keeps its own label)"
 
 
 def cutmix(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -36,6 +40,42 @@ def recolour(x: torch.Tensor, g: torch.Generator, lo: float = 0.0, hi: float = 1
     gain = (0.6 + 0.8 * torch.rand(n, c, *[1] * (x.dim() - 2), generator=g)).to(x)
     offset = ((torch.rand(n, c, *[1] * (x.dim() - 2), generator=g) * 2 - 1) * 0.1 * (hi - lo)).to(x)
     return (x * gain + offset).clamp(lo, hi)
+
+
+def backdrops(n: int, c: int, h: int, w: int, g: torch.Generator, leaves: int = 48) -> torch.Tensor:
+    """``n`` procedural backgrounds ``[n, c, h, w]`` in ``[0, 1]``, made from no data: a dead-leaves image
+    (``leaves`` discs painted over each other, radii drawn from ``p(r) ~ r^-3`` between two pixels and the
+    image's side: flat regions with sharp edges and a 1/f-like spectrum; each disc a random brightness with
+    a weaker random tint, as photographs' colours mostly are), plus ``1/f^a`` noise (``a ~ U(1, 2)``) of
+    random contrast for texture."""
+    side, small = max(h, w), 2.0
+    r = 1 / (1 / small ** 2 - torch.rand(n, leaves, generator=g) * (1 / small ** 2 - 1 / side ** 2)).sqrt()
+    cy, cx = torch.rand(n, leaves, generator=g) * h, torch.rand(n, leaves, generator=g) * w
+    rows, cols = torch.arange(h).view(1, 1, h, 1) + 0.5, torch.arange(w).view(1, 1, 1, w) + 0.5
+    inside = (rows - cy[..., None, None]) ** 2 + (cols - cx[..., None, None]) ** 2 <= r[..., None, None] ** 2
+    top = (inside * torch.arange(1, leaves + 1).view(1, -1, 1, 1)).amax(1)  # the last disc over a pixel; 0: none
+    tint = (torch.rand(n, leaves + 1, c, generator=g) - 0.5) * 0.6 * torch.rand(n, leaves + 1, 1, generator=g)
+    colours = (torch.rand(n, leaves + 1, 1, generator=g) + tint).clamp(0, 1)  # index 0: the ground
+    leaf = torch.gather(colours, 1, top.view(n, -1, 1).expand(-1, -1, c)).view(n, h, w, c).permute(0, 3, 1, 2)
+    fy, fx = torch.fft.fftfreq(h).view(h, 1), torch.fft.rfftfreq(w).view(1, -1)
+    f = (fy ** 2 + fx ** 2).sqrt().clamp_min(1 / side)
+    spectrum = torch.complex(torch.randn(n, c, *f.shape, generator=g), torch.randn(n, c, *f.shape, generator=g))
+    noise = torch.fft.irfft2(spectrum * f ** -(1 + torch.rand(n, 1, 1, 1, generator=g)), s=(h, w))
+    noise = (noise - noise.mean((2, 3), keepdim=True)) / noise.std((2, 3), keepdim=True).clamp_min(1e-8)
+    return (leaf + noise * 0.15 * torch.rand(n, 1, 1, 1, generator=g)).clamp(0, 1)
+
+
+def backdrop(x: torch.Tensor, g: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    """Half the images (at random) composited onto a procedural background (``backdrops``, scaled to the raw
+    range ``[lo, hi]``), half of those by the difference ``|x - b|`` (MNIST-M's blend), the rest by a mean
+    weighted ``w x + (1 - w) b``, ``w ~ U(0.5, 0.9)``: the student sees the teacher's answer on cluttered
+    scenes that the reconstructed inputs, each drawn against a plain ground, never show."""
+    n = len(x)
+    b = (lo + (hi - lo) * backdrops(n, x.shape[1], x.shape[2], x.shape[3], g)).to(x)
+    on, diff = (torch.rand(n, generator=g) < 0.5).to(x.device), (torch.rand(n, generator=g) < 0.5).to(x.device)
+    wt = (0.5 + 0.4 * torch.rand(n, 1, 1, 1, generator=g)).to(x)
+    blended = torch.where(diff.view(-1, 1, 1, 1), lo + (x - b).abs(), wt * x + (1 - wt) * b)
+    return torch.where(on.view(-1, 1, 1, 1), blended.clamp(lo, hi), x)
 
 
 def augment(x: torch.Tensor, how: str, g: torch.Generator, pad: int = 2, lo: float = 0.0,
@@ -68,7 +108,17 @@ def augment(x: torch.Tensor, how: str, g: torch.Generator, pad: int = 2, lo: flo
         x = cutmix(x, g)
     if "colour" in rest and x.dim() == 4:
         x = recolour(x, g, lo, hi)
+    if "backdrop" in rest and x.dim() == 4:
+        x = backdrop(x, g, lo, hi)
     return x
+
+
+def seen(x: torch.Tensor, how: str, g: torch.Generator, lo: float, hi: float) -> torch.Tensor:
+    """What the teacher sees of raw inputs being made (``SEEN``: ``augment`` without a mix), differentiable in
+    ``x``; ``none`` is ``x`` itself, with nothing drawn from ``g``. Inputs made under the views the student
+    will be distilled on keep their class under them, instead of hiding it in detail a resampling or a colour
+    change wipes out (Plug-In Inversion, Ghiasi et al. 2022)."""
+    return x if how == "none" else augment(x, how, g, lo=lo, hi=hi)
 
 
 def jitter(x: torch.Tensor, pixels: int, g: torch.Generator) -> torch.Tensor:

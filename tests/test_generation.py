@@ -16,6 +16,7 @@ from dfkd.generators import Generator, build
 from dfkd.losses import disagreement, mode_seeking
 from dfkd.objectives import make_objective
 from dfkd.taps import tap
+from dfkd.views import recolour
 
 INFO = DataInfo(shape=(3, 8, 8), num_classes=4, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), name="t")
 
@@ -96,11 +97,13 @@ def test_bank_keeps_the_last_inputs_and_draws_only_filled_rows():
     assert sorted(big.x[:, 0].tolist()) == [3.0, 4.0]
 
 
-def test_generator_loss_matches_an_independent_computation():
+@pytest.mark.parametrize("views", ["none", "none+colour"])
+def test_generator_loss_matches_an_independent_computation(views):
     """bn-stats + CE - disagreement - diversity, with a TV prior and no jitter, recomputed here with hooks of
-    its own, in float64."""
+    its own, in float64; with ``+colour`` views both networks see each input recoloured (``recolour`` drawing
+    from a generator of the same seed), the priors and the diversity the input itself."""
     teacher, student = _teacher().double(), _student().double().eval()
-    rc = ReconstructConfig(objective="bn-stats", tv=0.3, bn_weight=0.7)
+    rc = ReconstructConfig(objective="bn-stats", tv=0.3, bn_weight=0.7, views=views)
     gc = GeneratorConfig(ce=1.3, disagreement=0.6, diversity=0.4)
     g = torch.Generator().manual_seed(3)
     x = torch.rand(8, 3, 8, 8, generator=g, dtype=torch.float64)
@@ -108,14 +111,17 @@ def test_generator_loss_matches_an_independent_computation():
     info = INFO
     objective = make_objective("bn-stats", None, teacher, rc)
     with tap(teacher, objective.layers(), inputs=objective.inputs()) as acts:
-        got = generator_loss(x, z, y, teacher, student, objective, acts, info, rc, gc, torch.Generator())
+        got = generator_loss(x, z, y, teacher, student, objective, acts, info, rc, gc, torch.Generator().manual_seed(11))
     # the oracle
     mean, std = torch.tensor(info.mean, dtype=torch.float64), torch.tensor(info.std, dtype=torch.float64)
     xn = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    xv = x if views == "none" else recolour(x, torch.Generator().manual_seed(11), info.low, info.high)
+    assert views == "none" or (xv - x).abs().max() > 0.05
+    xvn = (xv - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     seen = []
     hooks = [m.register_forward_hook(lambda m, i, o: seen.append((m, i[0]))) for m in teacher.modules()
              if isinstance(m, nn.BatchNorm2d)]
-    logits = teacher(xn)
+    logits = teacher(xvn)
     for h in hooks:
         h.remove()
     bn = sum(torch.linalg.vector_norm(a.mean((0, 2, 3)) - m.running_mean)
@@ -123,7 +129,7 @@ def test_generator_loss_matches_an_independent_computation():
     ce = F.cross_entropy(logits, y)
     tv = ((xn[..., 1:, :] - xn[..., :-1, :]).abs().flatten(1).mean(1)
           + (xn[..., :, 1:] - xn[..., :, :-1]).abs().flatten(1).mean(1)).sum()
-    p, s = logits.softmax(1), student(xn)
+    p, s = logits.softmax(1), student(xvn)
     kl = (p * (p.log() - s.log_softmax(1))).sum(1) * (s.argmax(1) == logits.argmax(1))
     ms = torch.stack([(xn[i] - xn[i + 4]).abs().mean() / (z[i] - z[i + 4]).abs().mean() for i in range(4)]).mean()
     want = 0.7 * bn + 1.3 * ce + ce + 0.3 * tv / 8 - 0.6 * kl.mean() - 0.4 * ms  # bn-stats carries its own CE
@@ -197,6 +203,8 @@ def test_generate_refuses_bad_settings(tmp_path, bad, match):
 def test_generate_refuses_objectives_that_cannot_train_it():
     with pytest.raises(DfkdError, match="noise"):
         generate(_teacher(), None, _student(), INFO, ReconstructConfig(objective="noise"))
+    with pytest.raises(DfkdError, match="views: 'affine[+]mix' is not shift, affine or none"):
+        generate(_teacher(), None, _student(), INFO, ReconstructConfig(objective="bn-stats", views="affine+mix"))
 
 
 def test_a_finished_state_is_returned_as_it_is_and_records_fall_on_the_last_step(tmp_path, monkeypatch):

@@ -212,3 +212,46 @@ def test_a_set_of_the_old_format_is_refused_in_one_line(teacher, meta, tmp_path)
     write_json(tmp_path / "s" / "manifest.json", dict(read_json(tmp_path / "s" / "manifest.json"), format=3))
     with pytest.raises(DfkdError, match="format 3; this dfkd reads format 2 .*newer dfkd"):
         SyntheticSet(tmp_path / "s").open()
+
+
+
+def _channel_fit(src, dst):
+    """Least squares ``dst ~ a * src + b`` in float64 over the pixels ``dst`` holds inside (0, 1) (not clamped):
+    ``a``, ``b`` and the largest residual."""
+    keep = (dst > 1e-6) & (dst < 1 - 1e-6)
+    A = torch.stack([src[keep].double(), torch.ones(int(keep.sum()), dtype=torch.float64)], 1)
+    sol = torch.linalg.lstsq(A, dst[keep].double()[:, None]).solution.flatten()
+    return sol[0].item(), sol[1].item(), (A @ sol - dst[keep].double()).abs().max().item()
+
+
+def test_the_teacher_sees_each_input_under_its_own_view_drawn_anew_each_step(teacher, meta, tmp_path):
+    """``views="none+colour"``, Adam's lr so small that the stored inputs are their start (to 1e-6): what the
+    teacher is given at each step (read by a hook) is, per input, the stored input under a gain in [0.6, 1.4]
+    and an offset within +-0.1 (fitted in float64 where unclamped), gains that differ input to input and step
+    to step; ``none`` gives it the inputs themselves; an unknown view, or one that mixes inputs, is refused."""
+    seen = []
+    hook = teacher.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    try:
+        cfg = replace(CFG, n=10, batch_size=10, steps=2, lr=1e-9, jitter=0)
+        for views in ("none", "none+colour"):
+            seen.clear()
+            reconstruct(teacher, meta, tmp_path / views, replace(cfg, views=views))
+            x = meta.data.to_model(_load(tmp_path / views)[0])  # raw [0, 1] is the teacher's [0, 1] here
+            steps = [s for s in seen if len(s) == 10]  # after the probes of its shape: two steps, the logits' pass
+            assert len(steps) == 3
+            steps = steps[:2]
+            config = read_json(tmp_path / views / "manifest.json")["config"]
+            assert config.get("views") == (None if views == "none" else views)  # a set made before views matches
+            if views == "none":
+                assert all((s - x).abs().max() < 1e-6 for s in steps)
+                continue
+            gains = [[_channel_fit(x[i, 0], s[i, 0]) for i in range(len(x))] for s in steps]
+            for a, b, res in gains[0] + gains[1]:
+                assert res < 1e-5 and 0.6 - 1e-5 <= a <= 1.4 + 1e-5 and abs(b) <= 0.1 + 1e-5
+            assert len({round(a, 4) for a, _, _ in gains[0]}) == 10  # each input its own
+            assert all(abs(p[0] - q[0]) > 1e-4 for p, q in zip(gains[0], gains[1]))  # drawn anew each step
+    finally:
+        hook.remove()
+    for bad in ("warp", "affine+cutmix", "none+mix+colour"):
+        with pytest.raises(DfkdError, match="views: .* is not shift, affine or none"):
+            reconstruct(teacher, meta, tmp_path / "bad", replace(CFG, views=bad))

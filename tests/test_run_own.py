@@ -103,6 +103,7 @@ def test_a_teacher_without_batchnorm_runs_on_its_statistics(own, tmp_path):
     manifest = json.loads((tmp_path / "own" / "synthetic" / "all-layers" / "manifest.json").read_text())
     with safe_open(str(stats), "pt") as f:
         assert manifest["stats_sha256"] == json.loads(f.metadata()["dfkd"])["tensors_sha256"]
+    assert manifest["config"]["views"] == "affine+colour"  # the teacher saw each input under the student's views
     # the baselines: the same student on the real images, for the distillation's epochs at its lr
     for name in ("real-data", "real-kd"):
         config = json.loads((tmp_path / "own" / "students" / f"{name}.json").read_text())["settings"]["config"]
@@ -158,6 +159,8 @@ def test_generator_synthesis_runs_the_same_objective_and_saves_its_generator(own
     assert rows[0]["history_epochs"] == [2, 3]  # every eval_every steps (tiny: 2) and the last
     gen, doc = load_generator(tmp_path / "own" / "students" / "bn-stats.generator.safetensors")
     assert gen.shape == (3, 32, 32) and doc["objective"] == "bn-stats" and not gen.anchored
+    saved = json.loads((tmp_path / "own" / "students" / "bn-stats.json").read_text())
+    assert "views" not in saved["reconstruct_config"]  # the generator's recipe: no seen views
     md = (tmp_path / "results.md").read_text()
     assert "| bn-stats (generator) |" in md and "](own/students/bn-stats.samples.png)" in md
     assert (tmp_path / "own" / "students" / "bn-stats.samples.png").read_bytes().startswith(b"\x89PNG")
