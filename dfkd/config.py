@@ -113,9 +113,11 @@ class ReconstructConfig:
     tv: float = opt(0.0, "weight of a total-variation prior (0: the paper's pure objective)")
     l2: float = opt(0.0, "weight of an l2 prior on the inputs (DeepInversion)")
     jitter: int = opt(0, "roll inputs by up to this many pixels each step (DeepInversion's jitter)")
-    views: str = opt("none", "what the teacher sees of the inputs each step: none, or a view drawn anew per input as "
-                     "the student's are (affine or shift, optionally +colour), so the inputs made keep their class "
-                     "under those views", flag="--seen-views", later=True)
+    views: str = opt("none", "what the teacher sees of the inputs each step: none, or views drawn anew each step as "
+                     "the student's are (affine: each input its own rotation, scale and shift; shift: one offset for "
+                     "the batch; none+colour, affine+colour, shift+colour: each input's colours jittered too), so the "
+                     "inputs made keep their class under those views; images only (other inputs are seen as they "
+                     "are)", flag="--seen-views", later=True)
     bn_weight: float = opt(1.0, "weight of the bn-stats term")
     whiten: bool = opt(True, "the paper's plain squared distance (by default each statistic's error is divided by "
                        "its std; all-layers and spectral objectives)")
@@ -130,7 +132,7 @@ class DistillConfig:
     lr: float = opt(1e-3, "Adam's learning rate", parse="positive")
     augment: str = opt("affine+cutmix", "affine, shift or none, optionally +mix (mixup with the reversed batch) or "
                        "+cutmix (a box pasted from it), then optionally +colour (each image's channels reordered, scaled "
-                       "and shifted at random), then optionally +backdrop (half the images composited onto procedural "
+                       "and shifted at random), then optionally +backdrop (each image with chance 1/2 composited onto procedural "
                        "scenes made from no data); the teacher labels every view (needs --teacher)")
     schedule: str = opt("constant", "constant (the paper's plain Adam) or cosine")
     adversarial: float = opt(0.0, "share of each batch pushed towards student-teacher disagreement before the teacher "

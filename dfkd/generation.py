@@ -101,7 +101,8 @@ def generator_loss(x: torch.Tensor, z: torch.Tensor, y: torch.Tensor, teacher: n
     """The generator's loss on its batch ``x = G(z, y)`` (raw): the objective and priors per sample, the
     intended labels' cross-entropy, less the disagreement and the diversity (the module's equation). The
     teacher's layers are read through ``acts`` (a ``tap`` on the objective's layers); both networks see
-    ``x`` normalised and, with ``jitter``, rolled (one shift per batch, drawn from ``g``)."""
+    ``x`` under ``rc.views`` (``views.seen``), normalised and, with ``jitter``, rolled (one shift per batch, all
+    drawn from ``g``); the priors and the diversity act on ``x`` itself, normalised."""
     xn = info.to_model(x)
     xin = jitter(info.to_model(seen(x, rc.views, g, info.low, info.high)) if rc.views != "none" else xn, rc.jitter, g)
     logits = teacher(xin)

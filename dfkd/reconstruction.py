@@ -66,8 +66,9 @@ def optimise_batch(teacher: nn.Module, objective: Objective, labels: torch.Tenso
                    start: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
     """Optimise one batch of raw inputs for ``objective``, starting from ``start[label]`` (raw class means
     ``[C, *shape]``) or ``init_mean`` plus ``N(0, init_std)`` noise, clamped to the data's range; the
-    network sees them normalised (and the priors act on that view, as ``lr`` does). Returns the raw inputs
-    and the [first, last] loss per sample."""
+    network sees them under ``cfg.views`` (``views.seen``), normalised and rolled by ``cfg.jitter``; the priors
+    act on them normalised, without the view (as ``lr`` does). Returns the raw inputs and the [first, last]
+    loss per sample."""
     dev = device_of(teacher)
     centre = start[labels] if start is not None else cfg.init_mean
     x = centre + cfg.init_std * torch.randn((len(labels), *info.shape), generator=g)

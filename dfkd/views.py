@@ -1,6 +1,8 @@
 """The views a student is distilled on: a batch of raw images (zero is black) transformed at random, per
 sample where it can be; the teacher labels the result, so a mixed view needs no mixed label. Distillation
-(on a synthetic set) and generation (on a generator's stream) use the same views."""
+(on a synthetic set) and generation (on a generator's stream) use the same views, and reconstruction and the
+generator's training may show the teacher the inputs being made under them (``seen``). Inputs that are not
+images ``[N, C, H, W]`` pass through every view but ``+mix`` unchanged."""
 from __future__ import annotations
 
 import math
@@ -52,8 +54,10 @@ def backdrops(n: int, c: int, h: int, w: int, g: torch.Generator, leaves: int = 
     r = 1 / (1 / small ** 2 - torch.rand(n, leaves, generator=g) * (1 / small ** 2 - 1 / side ** 2)).sqrt()
     cy, cx = torch.rand(n, leaves, generator=g) * h, torch.rand(n, leaves, generator=g) * w
     rows, cols = torch.arange(h).view(1, 1, h, 1) + 0.5, torch.arange(w).view(1, 1, 1, w) + 0.5
-    inside = (rows - cy[..., None, None]) ** 2 + (cols - cx[..., None, None]) ** 2 <= r[..., None, None] ** 2
-    top = (inside * torch.arange(1, leaves + 1).view(1, -1, 1, 1)).amax(1)  # the last disc over a pixel; 0: none
+    top = torch.zeros(n, h, w, dtype=torch.long)  # the last disc painted over each pixel; 0: none (the ground)
+    for k in range(leaves):  # one disc at a time: memory of one image batch, whatever the count
+        inside = (rows[0] - cy[:, k, None, None]) ** 2 + (cols[0] - cx[:, k, None, None]) ** 2 <= r[:, k, None, None] ** 2
+        top = torch.where(inside, k + 1, top)
     tint = (torch.rand(n, leaves + 1, c, generator=g) - 0.5) * 0.6 * torch.rand(n, leaves + 1, 1, generator=g)
     colours = (torch.rand(n, leaves + 1, 1, generator=g) + tint).clamp(0, 1)  # index 0: the ground
     leaf = torch.gather(colours, 1, top.view(n, -1, 1).expand(-1, -1, c)).view(n, h, w, c).permute(0, 3, 1, 2)
@@ -66,7 +70,7 @@ def backdrops(n: int, c: int, h: int, w: int, g: torch.Generator, leaves: int = 
 
 
 def backdrop(x: torch.Tensor, g: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
-    """Half the images (at random) composited onto a procedural background (``backdrops``, scaled to the raw
+    """Each image with probability one half composited onto a procedural background (``backdrops``, scaled to the raw
     range ``[lo, hi]``), half of those by the difference ``|x - b|`` (MNIST-M's blend), the rest by a mean
     weighted ``w x + (1 - w) b``, ``w ~ U(0.5, 0.9)``: the student sees the teacher's answer on cluttered
     scenes that the reconstructed inputs, each drawn against a plain ground, never show."""

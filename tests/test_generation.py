@@ -136,12 +136,13 @@ def test_generator_loss_matches_an_independent_computation(views):
     assert len(seen) == 2 and got.item() == pytest.approx(want.item(), rel=1e-10)
 
 
-def _run(tmp_path, iterations=4, restart=False, **gc):
+def _run(tmp_path, iterations=4, restart=False, views="none", **gc):
     tmp_path.mkdir(parents=True, exist_ok=True)
     teacher, student = _teacher(), _student()
     x = torch.rand(12, 3, 8, 8, generator=torch.Generator().manual_seed(5))
     test = (x, torch.arange(12) % 4)
-    hist, gen = generate(teacher, None, student, INFO, ReconstructConfig(objective="bn-stats", jitter=1, tv=0.05),
+    hist, gen = generate(teacher, None, student, INFO, ReconstructConfig(objective="bn-stats", jitter=1, tv=0.05,
+                                                                         views=views),
                          DistillConfig(batch_size=6, lr=0.01, augment="affine+cutmix+colour", schedule="cosine"),
                          GeneratorConfig(**dict(dict(iterations=iterations, batch_size=8, latent=4, width=4, bank=20,
                                                      student_steps=2, eval_every=2), **gc)),
@@ -198,6 +199,14 @@ def test_generator_is_saved_and_loaded_with_its_checksum(tmp_path):
 def test_generate_refuses_bad_settings(tmp_path, bad, match):
     with pytest.raises(DfkdError, match=match):
         _run(tmp_path, **bad)
+
+
+def test_a_generator_trained_under_seen_views_is_reproducible_and_another_one(tmp_path):
+    """``views="affine+colour"`` end to end: one seed gives one generator, not the one made without views."""
+    made = [_run(tmp_path / str(i), views=v)[1].state_dict()
+            for i, v in enumerate(("affine+colour", "affine+colour", "none"))]
+    assert all(torch.equal(made[0][k], made[1][k]) for k in made[0])
+    assert any(not torch.equal(made[0][k], made[2][k]) for k in made[0])
 
 
 def test_generate_refuses_objectives_that_cannot_train_it():

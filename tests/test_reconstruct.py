@@ -224,7 +224,7 @@ def _channel_fit(src, dst):
     return sol[0].item(), sol[1].item(), (A @ sol - dst[keep].double()).abs().max().item()
 
 
-def test_the_teacher_sees_each_input_under_its_own_view_drawn_anew_each_step(teacher, meta, tmp_path):
+def test_the_teacher_sees_the_inputs_under_views_drawn_anew_each_step(teacher, meta, tmp_path):
     """``views="none+colour"``, Adam's lr so small that the stored inputs are their start (to 1e-6): what the
     teacher is given at each step (read by a hook) is, per input, the stored input under a gain in [0.6, 1.4]
     and an offset within +-0.1 (fitted in float64 where unclamped), gains that differ input to input and step
@@ -252,6 +252,13 @@ def test_the_teacher_sees_each_input_under_its_own_view_drawn_anew_each_step(tea
             assert all(abs(p[0] - q[0]) > 1e-4 for p, q in zip(gains[0], gains[1]))  # drawn anew each step
     finally:
         hook.remove()
+    # affine views (each input its own warp) at a working lr: one seed gives one set, and another than none's
+    for name in ("affine-a", "affine-b"):
+        reconstruct(teacher, meta, tmp_path / name, replace(CFG, n=10, batch_size=10, steps=3, views="affine"))
+    a, b = _shards(tmp_path / "affine-a"), _shards(tmp_path / "affine-b")
+    assert all(torch.equal(sa[k], sb[k]) for sa, sb in zip(a, b) for k in sa)
+    reconstruct(teacher, meta, tmp_path / "plain", replace(CFG, n=10, batch_size=10, steps=3))
+    assert not torch.equal(_load(tmp_path / "plain")[0], _load(tmp_path / "affine-a")[0])
     for bad in ("warp", "affine+cutmix", "none+mix+colour"):
         with pytest.raises(DfkdError, match="views: .* is not shift, affine or none"):
             reconstruct(teacher, meta, tmp_path / "bad", replace(CFG, views=bad))
