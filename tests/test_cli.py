@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -197,21 +198,49 @@ SMALL = {"colour_digits.py": ["--train", "300", "--test", "100"], "run": ["--pro
          "export": ["--calibration-inputs", "16", "--check-inputs", "16"]}
 
 
+def _in_process(argv, where, limit=900):
+    """``dfkd.cli.main(argv)`` as the console script calls it, in ``where``: its exit code and stderr. The global
+    RNG is forked (what a command seeds stays its own), a hang past ``limit`` s ends it (``TimeoutError``,
+    which ``main`` reports as one line), and DFKD_TRACEBACK makes a failure show its traceback."""
+    def expire(*_):
+        raise TimeoutError(f"dfkd {argv[0]} ran past {limit} s")
+    err, before = io.StringIO(), signal.signal(signal.SIGALRM, expire)
+    signal.alarm(limit)
+    try:
+        with torch.random.fork_rng(devices=[]), contextlib.chdir(where), contextlib.redirect_stderr(err), \
+                _env(DFKD_TRACEBACK="1"):
+            return main(argv), err.getvalue()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+
+
+@contextlib.contextmanager
+def _env(**values):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
 def run_readme(cmds, tmp_path):
     """Run README commands as written, at ``SMALL`` sizes, in ``tmp_path`` (the examples named by their path).
-    A ``dfkd`` command runs through ``dfkd.cli.main`` in this process, as the console script calls it (its
-    exit code and stderr checked), which spares each one the seconds of importing torch again; the scripts
-    run as processes."""
-    for cmd in cmds:
+    Every ``dfkd`` command but the last runs through ``dfkd.cli.main`` in this process (``_in_process``), which
+    spares each the seconds of importing torch again; the last, and the scripts, run as new processes (the
+    console entry point's imports on their own)."""
+    last = max(i for i, c in enumerate(cmds) if c[0] == "dfkd")
+    for k, cmd in enumerate(cmds):
         name = cmd[1] if cmd[0] == "dfkd" else cmd[1].split("/")[-1]
         argv = [str(ROOT / a) if a.startswith("examples/") else a.replace("examples/", f"{ROOT}/examples/")
                 if "examples/" in a and ":" in a else a for a in cmd[1:]] + SMALL.get(name, [])
-        if cmd[0] == "dfkd":
-            err = io.StringIO()
-            with contextlib.chdir(tmp_path), contextlib.redirect_stderr(err):
-                code = main(argv + ["--quiet"])
-            assert code == 0, (cmd, err.getvalue())
+        if cmd[0] == "dfkd" and k != last:
+            code, err = _in_process(argv + ["--quiet"], tmp_path)
+            assert code == 0, (cmd, err)
             continue
+        argv = (["-m", "dfkd"] + argv + ["--quiet"]) if cmd[0] == "dfkd" else argv
         r = subprocess.run([sys.executable] + argv, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
         assert r.returncode == 0, (cmd, r.stderr)
