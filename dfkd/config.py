@@ -118,6 +118,9 @@ class ReconstructConfig:
                      "the batch; none+colour, affine+colour, shift+colour: each input's colours jittered too), so the "
                      "inputs made keep their class under those views; images only (other inputs are seen as they "
                      "are)", flag="--seen-views", later=True)
+    unit_targets: str = opt("draw", "an all-layers record kept per unit: draw (each input matches its own draw from its "
+                            "class Gaussian, the paper's) or batch (each class's inputs in the batch match its per-unit mean "
+                            "and standard deviation, so that they vary as the data's do)", choices=("draw", "batch"), later=True)
     bn_weight: float = opt(1.0, "weight of the bn-stats term")
     whiten: bool = opt(True, "the paper's plain squared distance (by default each statistic's error is divided by "
                        "its std; all-layers and spectral objectives)")

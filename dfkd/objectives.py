@@ -26,7 +26,7 @@ from .metadata import Metadata
 from .models import batchnorms
 from .objective import Objective
 from .normstats import NORMS, batch_moments, features, mixture, norm_rows
-from .stats import class_match, whitening
+from .stats import class_match, unit_match, whitening
 from .taps import input_key
 
 class TopLayer(Objective):
@@ -47,7 +47,9 @@ class TopLayer(Objective):
 
 class AllLayers(Objective):
     """Per recorded layer ``l`` of dimension ``d_l``: a per-unit layer adds
-    ``(1 / d_l) ||w (a_l(x) - t_l)||^2`` per sample, ``t_l`` drawn from its class Gaussian; a
+    ``(1 / d_l) ||w (a_l(x) - t_l)||^2`` per sample, ``t_l`` drawn from its class Gaussian (with
+    ``unit_targets`` batch instead, per class present, the batch's mean and per-unit standard deviation against
+    the stored ones: ``stats.unit_match``); a
     pooled layer (a conv map per channel, a token sequence per feature) matches, per class present in the batch, the
     pooled channel mean and covariance (variance when diagonal) of the batch's samples of that
     class against the stored ones, ``(1/d) ||w (m - mu)||^2 + (1/d^2) ||w w^T . (S - Sigma)||^2``,
@@ -56,14 +58,19 @@ class AllLayers(Objective):
 
     def __init__(self, meta, model, cfg):
         super().__init__(meta, model, cfg)
+        if cfg.unit_targets not in ("draw", "batch"):
+            raise DfkdError("unit_targets", f"{cfg.unit_targets!r} is not draw or batch")
         self._g, self._w, self._cov = {}, {}, {}
-        self._draw = {i.path: self.stored(i.path) for i in self.infos if i.stat == "unit"}
+        self._draw = {i.path: self.stored(i.path) for i in self.infos
+                      if i.stat == "unit" and cfg.unit_targets == "draw"}
         for i in self.infos:
             gauss = {k: v.to(self.dev) for k, v in self.stored(i.path).items()}
             self._g[i.path] = gauss
             self._w[i.path] = whitening(forms.std(gauss)) if cfg.whiten else torch.ones(i.dim, device=self.dev)
             if i.pooled:
                 self._cov[i.path] = forms.cov(gauss)
+            elif i.path not in self._draw:  # matched by the batch: the per-unit standard deviations
+                self._cov[i.path] = forms.std(gauss)
 
     def targets(self, labels, g):
         return {path: forms.draw(gauss, labels, g) for path, gauss in self._draw.items()}
@@ -72,8 +79,11 @@ class AllLayers(Objective):
         total = logits.new_zeros(())
         for i in self.infos:
             if i.pooled:
-                total = total + class_match(layer_rows(acts[i.path], i), labels, self._g[i.path]["mean"], self._cov[i.path],
-                                            self._w[i.path])
+                total = total + class_match(layer_rows(acts[i.path], i), labels, self._g[i.path]["mean"],
+                                            self._cov[i.path], self._w[i.path])
+            elif i.path not in self._draw:
+                total = total + unit_match(acts[i.path].flatten(1), labels, self._g[i.path]["mean"], self._cov[i.path],
+                                           self._w[i.path])
             else:
                 total = total + ((acts[i.path].flatten(1) - tg[i.path]) * self._w[i.path]).pow(2).mean(1).sum()
         return total

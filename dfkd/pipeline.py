@@ -174,7 +174,7 @@ def _preflight(cfg: RunConfig, pair: Pair) -> RunConfig:
             raise DfkdError("student", f"{pair.student} {e.problem} (--export {cfg.export})") from None
     for o in names:
         if meta is not None or not needs(o):
-            make_objective(o, meta, teacher, ReconstructConfig(**dict(pair.recipe, objective=o)))
+            make_objective(o, meta, teacher, ReconstructConfig(**dict(pair.recipe_for(o), objective=o)))
     return replace(cfg, objectives=names, **({"stats": str(spath)} if meta is not None and not cfg.stats else {}))
 
 

@@ -61,16 +61,20 @@ GENERATOR = {
 # student's views: natural-background digits 39.10 % -> 67.95 %, docs/colour.md) and the distillation's (its views
 # recoloured too: colour digits 71.20 % -> 87.70 %, README); the real-data students train for its epochs. Under
 # --synthesis generator the recipe's ``generator_recipe`` entries replace its own (the generator's student sees
-# the views on its stream already; seen views cost it 2 points on colour digits, 90.90 % -> 88.95 %).
-# The objective follows from what the teacher offers (``own.offered``).
+# the views on its stream already; seen views cost it 2 points on colour digits, 90.90 % -> 88.95 %), and
+# ``generator_without_bn`` entries replace those for all-layers without bn-stats (a teacher without BatchNorm:
+# a per-unit record matched by the batch, each class's inputs made to vary as the data's do; GroupNorm teacher
+# on colour digits 84.60 % -> 89.50 %, docs/beyond-bn.md). The objective follows from what the teacher offers
+# (``own.offered``).
 OWN = {
     "quick": dict(teacher_epochs=3, recipe=dict(n=2000, steps=200, batch_size=500, lr=0.2, jitter=2, tv=0.05,
                                                 views="affine+colour"),
                   distill=dict(epochs=30, batch_size=64, lr=0.01, augment="affine+cutmix+colour"),
-                  generator=dict(iterations=800, eval_every=100), generator_recipe=dict(views="none")),
+                  generator=dict(iterations=800, eval_every=100), generator_recipe=dict(views="none"),
+                  generator_without_bn=dict(unit_targets="batch")),
     "tiny": dict(teacher_epochs=1, recipe=dict(n=40, steps=5, batch_size=20, lr=0.2, jitter=2, tv=0.05, views="affine+colour"),
                  distill=dict(epochs=1, batch_size=64, lr=0.01, augment="affine+cutmix+colour"),
-                 generator_recipe=dict(views="none")),
+                 generator_recipe=dict(views="none"), generator_without_bn=dict(unit_targets="batch")),
 }
 
 
@@ -89,6 +93,13 @@ class Pair:
     student_args: dict | None = None
     own: bool = False       # a user's: no paper figures, its objective from what the teacher offers
     generator: dict | None = None  # GeneratorConfig fields but the seed (--synthesis generator)
+    without_bn: dict | None = None  # recipe entries that replace ``recipe``'s for all-layers without bn-stats
+
+    def recipe_for(self, objective: str) -> dict:
+        """The reconstruction recipe of one objective: ``recipe``, with ``without_bn`` where it is all-layers
+        without bn-stats (what a teacher without BatchNorm is given)."""
+        parts = objective.split("+")
+        return dict(self.recipe, **((self.without_bn or {}) if "all-layers" in parts and "bn-stats" not in parts else {}))
 
 
 def trains_generator(objective: str) -> bool:
@@ -212,7 +223,8 @@ def pairs(cfg: RunConfig) -> list[Pair]:
     return [Pair("own", cfg.teacher, cfg.student, o["teacher_epochs"], epochs, o["distill"]["lr"], _sized(recipe, cfg),
                  dict(o["distill"], epochs=epochs), parse_args(cfg.teacher_args, "teacher_args"),
                  parse_args(cfg.student_args, "student_args"), own=True,
-                 generator=generator_recipe(o.get("generator", GENERATOR[cfg.profile]), cfg))]
+                 generator=generator_recipe(o.get("generator", GENERATOR[cfg.profile]), cfg),
+                 without_bn=o.get("generator_without_bn") if cfg.synthesis == "generator" else None)]
 
 
 def objectives(cfg: RunConfig, net: str) -> tuple[str, ...]:

@@ -207,6 +207,22 @@ def whitening(std: torch.Tensor) -> torch.Tensor:
     return 1.0 / (s + 1e-3 * s.mean())
 
 
+def unit_match(rows: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+               w: torch.Tensor) -> torch.Tensor:
+    """Per class present in the batch, its per-unit mean ``m`` and standard deviation ``s`` (``rows [B, D]``;
+    unbiased, over the class's ``n`` samples) against the stored ``mu`` and ``sigma`` (``[K, D]``),
+    ``(1/d) ||w (m - mu)||^2 + (1/d) ||w (s - sigma)||^2``, weighted by ``n``; a class with one sample in the
+    batch has no spread, and only its mean term counts. Standard deviations, not variances: each unit's error
+    counts in its own sigma units, as a draw's does (a variance error weighted by ``w^2`` blows up where a unit
+    barely varies). Each unit on its own: a full record's correlations are not matched."""
+    onehot = F.one_hot(labels, len(mean)).to(rows.dtype)      # [B, K]
+    n = onehot.sum(0)
+    m = onehot.T @ rows / n.clamp(min=1)[:, None]
+    var = onehot.T @ (rows - m[labels]).pow(2) / (n - 1).clamp(min=1)[:, None]  # centred first: a unit that barely varies
+    spread = ((((var + 1e-12).sqrt() - std) * w).pow(2).mean(1)) * (n > 1)
+    return ((((m - mean) * w).pow(2).mean(1) + spread) * n).sum()
+
+
 def class_match(out: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor,
                 w: torch.Tensor) -> torch.Tensor:
     """Per class present in the batch, the batch's class mean ``m`` and (co)variance ``S`` of a map's

@@ -39,8 +39,8 @@ def configs(name: str, pair: Pair, seed: int, cfg: RunConfig) -> tuple:
     if name == "real-kd":
         return (DistillConfig(epochs=pair.student_epochs, lr=pair.student_lr, augment="affine", schedule="cosine",
                               seed=seed),)
-    rc, dc = ReconstructConfig(**dict(pair.recipe, objective=name, seed=seed)), DistillConfig(**dict(pair.distill,
-                                                                                                       seed=seed))
+    rc = ReconstructConfig(**dict(pair.recipe_for(name), objective=name, seed=seed))
+    dc = DistillConfig(**dict(pair.distill, seed=seed))
     return (rc, dc) if cfg.synthesis == "optimise" else (rc, dc, GeneratorConfig(**dict(pair.generator or {}, seed=seed)))
 
 

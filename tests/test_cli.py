@@ -271,6 +271,9 @@ def test_readme_teachers_without_batchnorm_run_as_written(tmp_path):
         md = (runs / out / "results.md").read_text()
         assert "| all-layers+norm-stats (generator) |" in md and "MNIST" not in md
         assert (runs / out / "own" / "students" / "all-layers+norm-stats.samples.png").is_file()
+        # no bn-stats: the per-unit record (the first layer) matched by the batch
+        saved = json.loads((runs / out / "own" / "students" / "all-layers+norm-stats.json").read_text())
+        assert saved["reconstruct_config"]["unit_targets"] == "batch"
 
 
 def test_readme_deploy_section_runs_as_written(tmp_path):
@@ -343,6 +346,9 @@ def test_readme_own_model_section_runs_as_written(tmp_path):
     grid = "own/students/all-layers+bn-stats.samples.png"  # what its generator makes
     assert f"]({grid})" in md and (out / grid).read_bytes().startswith(b"\x89PNG")
     assert (out / "own" / "students" / "all-layers+bn-stats.generator.safetensors").is_file()
+    # bn-stats matches the batch already: the per-unit records keep the paper's draws (left out at the default)
+    assert "unit_targets" not in json.loads((out / "own" / "students" / "all-layers+bn-stats.json").read_text())[
+        "reconstruct_config"]
     assert "| all-layers+bn-stats (generator) |" in md
     assert "](curve.svg)" in md
     svg = (out / "curve.svg").read_text()

@@ -152,6 +152,44 @@ def test_per_channel_loss_matches_the_class_moments(teacher, small):
         assert obj.loss(teacher(noise), acts, {}, labels) > 5 * got
 
 
+@pytest.mark.parametrize("whiten", [True, False])
+def test_unit_targets_batch_matches_each_class_mean_and_spread(teacher, small, whiten):
+    """unit_targets batch: a per-unit record (conv1 per unit, a diagonal Gaussian; fc1, a full one) is matched,
+    per class in the batch, on its mean and per-unit standard deviation (float64 oracle, loop over classes; a class
+    seen once, on its mean alone), and draws nothing. Unlike the paper's draws, it tells a varied batch from one real
+    image repeated per class."""
+    m = record(teacher, small.train, RecordConfig(kinds=("all-layers",), layers=("conv1", "fc1"), conv_stats="unit"))
+    obj = make_objective("all-layers", m, teacher, ReconstructConfig(unit_targets="batch", whiten=whiten))
+    draw = make_objective("all-layers", m, teacher, ReconstructConfig(whiten=whiten))
+    xs, ys = small.test[0][:400], small.test[1][:400]
+    keep = torch.cat([(ys != 9).nonzero()[:199, 0], (ys == 9).nonzero()[:1, 0]])  # class 9 once: no spread
+    x, labels = xs[keep], ys[keep]
+    assert obj.targets(labels, torch.Generator().manual_seed(0)) == {}
+    with torch.no_grad(), tap(teacher, ["conv1", "fc1"]) as acts:
+        got = obj.loss(teacher(x), acts, {}, labels).double()
+    oracle = 0.0
+    for path in ("conv1", "fc1"):
+        t = {k: v.double() for k, v in m.tensors.items() if k.startswith(f"all-layers/{path}/")}
+        pre = f"all-layers/{path}/"
+        var = t[pre + "std"] ** 2 if pre + "std" in t else torch.stack([c @ c.T for c in t[pre + "chol"]]).diagonal(dim1=1, dim2=2)
+        sd = var.sqrt().mean(0)
+        w = 1 / (sd + 1e-3 * sd.mean()) if whiten else torch.ones_like(sd)
+        a = acts[path].double().flatten(1)
+        for c in labels.unique():
+            rows = a[labels == c]
+            dm = ((rows.mean(0) - t[pre + "mean"][c]) * w).pow(2).mean()
+            dv = ((rows.std(0) - var[c].sqrt()) * w).pow(2).mean() if len(rows) > 1 else 0.0
+            oracle += len(rows) * (dm + dv)
+    assert torch.allclose(got, torch.as_tensor(oracle), rtol=1e-4), (got, oracle)
+    # one real image per class, repeated: no variation within a class
+    first = torch.stack([(labels == c).nonzero()[0, 0] for c in labels])
+    same = x[first]
+    assert _loss(obj, teacher, same, labels) > 2 * _loss(obj, teacher, x, labels)
+    assert _loss(draw, teacher, same, labels) < 1.5 * _loss(draw, teacher, x, labels)
+    with pytest.raises(DfkdError, match="'pairs' is not draw or batch"):
+        make_objective("all-layers", m, teacher, ReconstructConfig(unit_targets="pairs"))
+
+
 def test_bn_stats_is_deepinversion_loss(small):
     """The feature-distribution loss against an independent float64 computation, and the
     combination with a metadata objective is the sum of its parts."""
