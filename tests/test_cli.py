@@ -9,6 +9,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -208,22 +209,11 @@ def _in_process(argv, where, limit=900):
     signal.alarm(limit)
     try:
         with torch.random.fork_rng(devices=[]), contextlib.chdir(where), contextlib.redirect_stderr(err), \
-                _env(DFKD_TRACEBACK="1"):
+                mock.patch.dict(os.environ, DFKD_TRACEBACK="1"):
             return main(argv), err.getvalue()
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, before)
-
-
-@contextlib.contextmanager
-def _env(**values):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def run_readme(cmds, tmp_path):
