@@ -232,6 +232,13 @@ class RunConfig:
     export: str = opt("none", "end with each data-free student as an ONNX file beside it: fp32, or int8 calibrated "
                       "on the inputs it was distilled from (its synthetic set, or a batch of its generator's); the "
                       "report gives the file's accuracy, size and latency", choices=("none", "fp32", "int8"))
+    seen_views: str | None = opt(None, "what the teacher sees of the inputs being made (ReconstructConfig's views: none, "
+                                 "shift, affine, each optionally +colour); default: the profile's (your own pair under "
+                                 "optimise: affine+colour; else none)", later=True)
+    unit_targets: str | None = opt(None, "an all-layers record kept per unit: draw (each input its own draw, the "
+                                   "paper's) or batch (each class's inputs match its per-unit mean and std); default: "
+                                   "the profile's (batch for a generator on your own teacher without BatchNorm, else "
+                                   "draw)", choices=("draw", "batch"), later=True)
     baselines: bool = opt(True, "skip the real-data and real-KD students")
     seed: int = opt(0, "the teacher's seed, and the first student seed")
     seeds: int = opt(1, "students per cell (seeds --seed, --seed + 1, ...); the table gives their mean and spread",

@@ -36,10 +36,10 @@ from .models import build_model, code_sha256, device_of
 from .kinds import default_kinds
 from .objectives import make_objective, needs
 from .own import given_statistics, offered
-from .profiles import PAPER, Pair, given_teacher, objectives, pairs
+from .profiles import PAPER, Pair, configs, given_teacher, objectives, pairs
 from .recording import record
 from .results import paper_data, write_results
-from .students import baseline, configs, runtime_of, state_path, student_settings, synthetic_student, timed
+from .students import baseline, runtime_of, state_path, student_settings, synthetic_student, timed
 from .resume import canonical, config_settings, finished
 from .runtime import pick_device, seed_everything, setup_threads
 from .shipping import ship

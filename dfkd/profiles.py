@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .config import RunConfig, default
+from .config import DistillConfig, GeneratorConfig, ReconstructConfig, RunConfig, TrainConfig, default, flag_of, to_dict
 from .errors import DfkdError
 from .kinds import KINDS
 from .objectives import OBJECTIVES, known, needs
 from .specs import RANDOM_WEIGHTS, ModelRef, parse_args, require_weights
+from .views import SEEN, SEEN_FORM
 
 SYNTHESES = ("optimise", "generator")
 PAIRS = {"lenet5": "lenet5-half", "hinton-1200": "hinton-800"}
@@ -113,9 +114,16 @@ def generator_recipe(recipe: dict, cfg: RunConfig) -> dict:
 
 
 def _sized(r: dict, cfg: RunConfig) -> dict:
-    """A recipe with the run's overrides (``images``, ``steps``)."""
+    """A recipe with the run's overrides (``images``, ``steps``, ``seen_views``, ``unit_targets``)."""
     return dict(r, **({"n": cfg.images} if cfg.images is not None else {}),
-                **({"steps": cfg.steps} if cfg.steps is not None else {}))
+                **({"steps": cfg.steps} if cfg.steps is not None else {}), **_chosen(cfg))
+
+
+def _chosen(cfg: RunConfig) -> dict:
+    """The recipe entries the run sets itself (``--seen-views``, ``--unit-targets``): they win over the profile's,
+    the entries for a teacher without BatchNorm included."""
+    return dict(**({"views": cfg.seen_views} if cfg.seen_views is not None else {}),
+                **({"unit_targets": cfg.unit_targets} if cfg.unit_targets is not None else {}))
 
 
 def given_teacher(cfg: RunConfig) -> ModelRef | None:
@@ -194,6 +202,8 @@ def check(cfg: RunConfig) -> None:
     if bad:
         raise DfkdError("objectives", f"{', '.join(bad)} cannot train a generator (noise optimises nothing, dropout "
                         "masks are per optimised input); use another objective, or --synthesis optimise")
+    if cfg.seen_views is not None and cfg.seen_views not in SEEN:
+        raise DfkdError("seen_views", f"{cfg.seen_views!r} is not {SEEN_FORM}")
     if cfg.iterations is not None and cfg.iterations <= 0:
         raise DfkdError("iterations", "must be > 0")
     if cfg.seeds < 1:
@@ -224,7 +234,8 @@ def pairs(cfg: RunConfig) -> list[Pair]:
                  dict(o["distill"], epochs=epochs), parse_args(cfg.teacher_args, "teacher_args"),
                  parse_args(cfg.student_args, "student_args"), own=True,
                  generator=generator_recipe(o.get("generator", GENERATOR[cfg.profile]), cfg),
-                 without_bn=o.get("generator_without_bn") if cfg.synthesis == "generator" else None)]
+                 without_bn=dict(o["generator_without_bn"], **_chosen(cfg))
+                 if cfg.synthesis == "generator" and "generator_without_bn" in o else None)]
 
 
 def objectives(cfg: RunConfig, net: str) -> tuple[str, ...]:
@@ -236,3 +247,43 @@ def objectives(cfg: RunConfig, net: str) -> tuple[str, ...]:
     names = PROFILES[cfg.profile].get("objectives", {}).get(net, tuple(
         o for o, cls in OBJECTIVES.items() if o != "bn-stats" and cls.kind in (None, *KINDS)))
     return names if cfg.synthesis != "generator" else tuple(o for o in names if trains_generator(o))
+
+
+def configs(name: str, pair: Pair, seed: int, cfg: RunConfig) -> tuple:
+    """A student's stage configs: ``real-data``: its ``TrainConfig``; ``real-kd``: its ``DistillConfig``
+    (affine views labelled by the teacher, cosine lr); an objective: its reconstruction's and its
+    distillation's."""
+    if name == "real-data":
+        return (TrainConfig(epochs=pair.student_epochs, lr=pair.student_lr, seed=seed),)
+    if name == "real-kd":
+        return (DistillConfig(epochs=pair.student_epochs, lr=pair.student_lr, augment="affine", schedule="cosine",
+                              seed=seed),)
+    rc = ReconstructConfig(**dict(pair.recipe_for(name), objective=name, seed=seed))
+    dc = DistillConfig(**dict(pair.distill, seed=seed))
+    return (rc, dc) if cfg.synthesis == "optimise" else (rc, dc, GeneratorConfig(**dict(pair.generator or {}, seed=seed)))
+
+
+def run_flags(objective: str, saved: dict) -> list[str] | None:
+    """The ``dfkd run`` flags (beside the teacher, the student and the data) that make a generator student's
+    saved configs again (``saved``: its ``reconstruct_config``, ``distill_config`` and ``generator_config``): an
+    own pair's profile with the student's objective, iterations, seen views, unit targets and seed; None where no
+    profile makes them (a generator trained from Python with other settings)."""
+    rc, dc, gc = (saved.get(k) for k in ("reconstruct_config", "distill_config", "generator_config"))
+    if not all(isinstance(c, dict) for c in (rc, dc, gc)):
+        return None
+    chosen = dict(objectives=(objective,), synthesis="generator", iterations=gc.get("iterations"),
+                  seen_views=rc.get("views", default(ReconstructConfig, "views")),
+                  unit_targets=rc.get("unit_targets", default(ReconstructConfig, "unit_targets")), seed=gc.get("seed", 0))
+    for profile in OWN:
+        cfg = RunConfig(teacher="teacher.py:t", student="student.py:s", profile=profile, **chosen)
+        try:
+            made = [to_dict(c) for c in configs(objective, pairs(cfg)[0], cfg.seed, cfg)]
+        except (DfkdError, TypeError, ValueError):  # settings no run takes
+            return None
+        if made == [rc, dc, gc]:
+            given = dict(profile=profile, **chosen)
+            given = {k: v for k, v in given.items() if k not in ("profile", "seed") or v != default(RunConfig, k)}
+            return [a for k, v in given.items()
+                    for a in (flag_of(RunConfig, k), ",".join(v) if isinstance(v, tuple) else str(v))] + \
+                [flag_of(RunConfig, "baselines")]
+    return None

@@ -30,6 +30,7 @@ from .kinds import REGISTRY, means_kind
 from .metadata import load, summary
 from .models import spec_name
 from .privacy_report import clip_warnings, not_private
+from .profiles import run_flags
 from .specs import open_model, stats_path
 from .version import __version__
 
@@ -79,6 +80,8 @@ def _recipe(student: str) -> dict:
     desc_path, _, desc = read_model_desc(student)
     out = {"student": desc["model"], "student_accuracy": desc.get("test_accuracy"),
            "objective": desc.get("objective"), "distill": desc.get("distill_config")}
+    if desc.get("synthesis") == "generator":  # distilled online from a generator: its three configs
+        out["generator"] = {k: desc.get(k) for k in ("reconstruct_config", "distill_config", "generator_config")}
     synthetic = desc.get("synthetic")
     if synthetic and (Path(synthetic) / "manifest.json").is_file():
         out["reconstruct"] = read_json(Path(synthetic) / "manifest.json").get("config")
@@ -202,16 +205,34 @@ def model_card(config: dict, meta, name: str, repo: str | None, recipe: dict | N
                       + (f" ({e['fp32_bytes'] / e['bytes']:.2f}x smaller than float32)" if e["quantize"] == "int8" else "")
                       + f", {e['b1_ms']:.3f} ms per input at batch 1 on the CPU that made it"
                       + (f" ({e['threads']} thread(s))." if e.get("threads") else ".")]
-        lines += ["", "```bash", "# dfkd with its hub extra: pip install '.[hub]' in a dfkd checkout",
-                  card_command("reconstruct", rc, ["--teacher", ref + code, "--out", "synthetic"]),
-                  card_command("distill", dc, ["--synthetic", "synthetic", "--teacher", ref + code, "--student",
-                                           student["spec"] + sargs, "--out", "student"]), "```", ""]
+        if recipe.get("generator"):
+            lines += _generator_lines(recipe, ref + code, student["spec"] + sargs)
+        else:
+            lines += ["", "```bash", "# dfkd with its hub extra: pip install '.[hub]' in a dfkd checkout",
+                      card_command("reconstruct", rc, ["--teacher", ref + code, "--out", "synthetic"]),
+                      card_command("distill", dc, ["--synthetic", "synthetic", "--teacher", ref + code, "--student",
+                                                   student["spec"] + sargs, "--out", "student"]), "```", ""]
     else:
         lines += ["```bash", "# dfkd with its hub extra: pip install '.[hub]' in a dfkd checkout",
                   f"dfkd reconstruct --teacher {ref}{code} --objective {_suggested(meta.kinds)} --out synthetic",
                   f"dfkd distill --synthetic synthetic --teacher {ref}{code} --student YOUR_STUDENT --out student",
                   "```", ""]
     return "\n".join(lines)
+
+
+def _generator_lines(recipe: dict, teacher: str, student: str) -> list[str]:
+    """A generator student's recipe: the ``dfkd run`` line that trains the generator and distils the student
+    again (``profiles.run_flags``), or its settings where no run profile makes them."""
+    flags = run_flags(recipe["objective"], recipe["generator"])
+    lines = ["", "It was distilled online from a generator trained against this model and its statistics "
+             f"(`--synthesis generator`, objective `{recipe['objective']}`)."]
+    if flags is None:
+        return lines + ["No `dfkd run` profile makes its settings (it was trained from Python, `dfkd.generate`); "
+                        "they were:", "", "```json", json.dumps(recipe["generator"], indent=1, sort_keys=True), "```", ""]
+    return lines + ["", "```bash", "# dfkd with its hub extra: pip install '.[hub]' in a dfkd checkout; DIR: labelled "
+                    "images of these classes (DIR/test/<class>/...), on which the student is measured and nothing trained",
+                    " ".join(["dfkd run --teacher", teacher, "--student", student, "--data folder:DIR", *flags,
+                              "--out student"]), "```", ""]
 
 
 def _suggested(kinds: list[str]) -> str:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from .config import DistillConfig, GeneratorConfig, ReconstructConfig, RunConfig, Runtime, TrainConfig, to_dict
+from .config import DistillConfig, GeneratorConfig, ReconstructConfig, RunConfig, Runtime, to_dict
 from .distillation import distill
 from .generation import generate, save_generator
 from .images import save_grid
 from .own import own_settings
-from .profiles import Pair
+from .profiles import Pair, configs
 from .reconstruction import reconstruct
 from .resume import config_settings
 from .runtime import seed_everything
@@ -28,20 +28,6 @@ def timed(fn, *args, **kw):
     t0 = time.perf_counter()
     out = fn(*args, **kw)
     return out, time.perf_counter() - t0
-
-
-def configs(name: str, pair: Pair, seed: int, cfg: RunConfig) -> tuple:
-    """A student's stage configs: ``real-data``: its ``TrainConfig``; ``real-kd``: its ``DistillConfig``
-    (affine views labelled by the teacher, cosine lr); an objective: its reconstruction's and its
-    distillation's."""
-    if name == "real-data":
-        return (TrainConfig(epochs=pair.student_epochs, lr=pair.student_lr, seed=seed),)
-    if name == "real-kd":
-        return (DistillConfig(epochs=pair.student_epochs, lr=pair.student_lr, augment="affine", schedule="cosine",
-                              seed=seed),)
-    rc = ReconstructConfig(**dict(pair.recipe_for(name), objective=name, seed=seed))
-    dc = DistillConfig(**dict(pair.distill, seed=seed))
-    return (rc, dc) if cfg.synthesis == "optimise" else (rc, dc, GeneratorConfig(**dict(pair.generator or {}, seed=seed)))
 
 
 def student_settings(name: str, pair: Pair, seed: int, cfg: RunConfig, desc: dict, meta) -> dict:

@@ -229,6 +229,9 @@ CASES = [
     ("run-images-generator", "argument", "dfkd run --images with --synthesis generator",
      lambda w, t: ["run", "--networks", "lenet5", "--synthesis", "generator", "--images", "100", "--out", t / "run"],
      ["--images", "its budget: --iterations"]),
+    ("run-seen-views-unknown", "argument", "dfkd run --seen-views naming no view",
+     lambda w, t: ["run", "--networks", "lenet5", "--seen-views", "rotate", "--out", t / "run"],
+     ["--seen-views", "'rotate' is not shift, affine or none"]),
     ("run-synthesis-unknown", "argument", "dfkd run with an unknown synthesis",
      lambda w, t: ["run", "--synthesis", "gan", "--out", t / "run"], ["--synthesis", "invalid choice"]),
     # user model code

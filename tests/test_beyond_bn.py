@@ -14,7 +14,9 @@ from torch import nn
 
 from dfkd import noise as dfkd_noise
 from dfkd.checkpoint import load_model, save_model, stats_of
-from dfkd.config import ReconstructConfig, RecordConfig, RunConfig, Runtime
+from dfkd.cli_fields import config_from
+from dfkd.cli_parser import build_parser
+from dfkd.config import ReconstructConfig, RecordConfig, RunConfig, Runtime, to_dict
 from dfkd.data import DataInfo
 from dfkd.errors import DfkdError
 from dfkd.graph import layer_infos
@@ -24,6 +26,7 @@ from dfkd.normstats import mixture, norm_layers
 from dfkd.objectives import make_objective
 from dfkd.own import offered
 from dfkd.privacy_report import field_status
+from dfkd.profiles import configs, pairs, run_flags
 from dfkd.publishing import publish
 from dfkd.reconstruction import optimise_batch, reconstruct_file
 from dfkd.recording import record
@@ -274,6 +277,44 @@ def test_own_recipe_for_teachers_without_batchnorm(tmp_path):
     assert offered(cfg, nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), None, True, None) == ("all-layers",)
     meta = record(vit(), data(), RecordConfig(kinds=("top-layer", "all-layers")), info=INFO)
     assert offered(cfg, vit(), meta, True, None) == ("all-layers",)
+
+
+def test_run_flags_choose_seen_views_and_unit_targets():
+    """``dfkd run --seen-views`` / ``--unit-targets`` replace the profile's entries, those for a teacher without
+    BatchNorm included; unset, the profile's stand: a generator on an own pair matches a per-unit record by the
+    batch for all-layers without bn-stats only, and sees the inputs as they are."""
+    own = dict(teacher="t.py:t", student="s.py:s")
+    p = pairs(RunConfig(**own, synthesis="generator"))[0]
+    assert p.recipe_for("all-layers")["unit_targets"] == "batch" and p.recipe_for("all-layers")["views"] == "none"
+    assert "unit_targets" not in p.recipe_for("all-layers+bn-stats")
+    p = pairs(RunConfig(**own, synthesis="generator", unit_targets="draw", seen_views="affine"))[0]
+    assert p.recipe_for("all-layers")["unit_targets"] == "draw" == p.recipe_for("all-layers+bn-stats")["unit_targets"]
+    assert p.recipe_for("all-layers+norm-stats")["views"] == "affine"
+    p = pairs(RunConfig(**own, unit_targets="batch", seen_views="none"))[0]  # optimise: affine+colour by default
+    assert p.recipe_for("all-layers+bn-stats") == dict(pairs(RunConfig(**own))[0].recipe, unit_targets="batch",
+                                                        views="none")
+    p = pairs(RunConfig(networks=("lenet5",), seen_views="shift+colour", unit_targets="batch"))[0]
+    assert (p.recipe["views"], p.recipe["unit_targets"]) == ("shift+colour", "batch")
+    assert "views" not in pairs(RunConfig(networks=("lenet5",)))[0].recipe
+    with pytest.raises(DfkdError, match="'rotate' is not shift"):
+        pairs(RunConfig(networks=("lenet5",), seen_views="rotate"))
+
+
+def test_run_flags_remake_a_generator_students_configs():
+    """A generator student's saved configs give the ``dfkd run`` flags (a model card's recipe) that the command
+    line parses back into the very same configs; settings no profile makes give none."""
+    keys = ("reconstruct_config", "distill_config", "generator_config")
+    for profile, objective, extra in (("quick", "all-layers+norm-stats", {}), ("tiny", "all-layers+bn-stats",
+                                                                              dict(unit_targets="batch", seed=3))):
+        cfg = RunConfig(teacher="t.py:t", student="s.py:s", synthesis="generator", profile=profile, **extra)
+        saved = {k: to_dict(c) for k, c in zip(keys, configs(objective, pairs(cfg)[0], cfg.seed, cfg))}
+        flags = run_flags(objective, saved)
+        a = build_parser().parse_args(["run", "--teacher", "t.py:t", "--student", "s.py:s", *flags])
+        back = config_from(a, RunConfig, code=())
+        assert [to_dict(c) for c in configs(objective, pairs(back)[0], back.seed, back)] == [saved[k] for k in keys]
+        assert ("--profile" in flags) == (profile == "tiny") and ("--seed" in flags) == ("seed" in extra)
+        assert run_flags(objective, dict(saved, generator_config=dict(saved["generator_config"], diversity=0.7))) is None
+        assert run_flags(objective, dict(saved, distill_config=None)) is None
 
 
 def test_vit_private_record_accounts_every_record(monkeypatch, tmp_path):

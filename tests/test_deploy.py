@@ -4,6 +4,7 @@ shards read whole, the float32 network's own predictions on inputs held apart fr
 from __future__ import annotations
 
 import json
+import shlex
 
 import numpy as np
 import pytest
@@ -265,6 +266,16 @@ def test_run_export_with_a_generator_calibrates_on_its_samples_and_the_card_says
     config = json.loads((tmp_path / "pub" / "config.json").read_text())  # the user's code by spec and sha256, never copied
     assert config["model"]["code_sha256"] and not list((tmp_path / "pub").glob("*.py")) and "--code own_model.py" in card
     assert f"Exported by `dfkd run --export int8` beside the student as `{f.name}`" in card and f"**{100 * acc:.2f}%**" in card
+    # the card's recipe is the generator's dfkd run line, not a reconstruct/distill pair; run as a user would, from
+    # the published folder and the named code, it makes the very same student
+    line, = [ln for ln in card.splitlines() if ln.startswith("dfkd ")]
+    assert line.startswith("dfkd run --teacher path/to/pub --code own_model.py --student own_model.py:student ")
+    assert "--profile tiny" in line and "--synthesis generator" in line and "--unit-targets draw" in line
+    mine = {"path/to/pub": str(tmp_path / "pub"), "own_model.py": str(OWN), "own_model.py:student": f"{OWN}:student",
+            "folder:DIR": f"folder:{colour_dir}", "student": str(tmp_path / "again")}
+    assert main([mine.get(a, a) for a in shlex.split(line)[1:]] + ["--quiet"]) == 0
+    again = tmp_path / "again" / "own" / "students" / f"{row['objective']}.safetensors"
+    assert again.read_bytes() == stem.with_suffix(".safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
