@@ -91,6 +91,10 @@ def main() -> None:
         from . import deploy
         deploy.main(sys.argv[2:])
         return None
+    if sys.argv[1:2] == ["cpu-steps"]:
+        from . import cpu_steps
+        cpu_steps.main(sys.argv[2:])
+        return None
     if sys.argv[1:2] == ["own"]:
         from . import own_model
         own_model.main(sys.argv[2:])

@@ -237,8 +237,8 @@ class RunConfig:
                                  "optimise: affine+colour; else none)", later=True)
     unit_targets: str | None = opt(None, "an all-layers record kept per unit: draw (each input its own draw, the "
                                    "paper's) or batch (each class's inputs match its per-unit mean and std); default: "
-                                   "the profile's (batch for a generator on your own teacher without BatchNorm, else "
-                                   "draw)", choices=("draw", "batch"), later=True)
+                                   "the profile's (batch for a generator on your own pair's all-layers without bn-stats, "
+                                   "what a teacher without BatchNorm is given; else draw)", choices=("draw", "batch"), later=True)
     baselines: bool = opt(True, "skip the real-data and real-KD students")
     seed: int = opt(0, "the teacher's seed, and the first student seed")
     seeds: int = opt(1, "students per cell (seeds --seed, --seed + 1, ...); the table gives their mean and spread",

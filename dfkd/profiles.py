@@ -95,12 +95,16 @@ class Pair:
     own: bool = False       # a user's: no paper figures, its objective from what the teacher offers
     generator: dict | None = None  # GeneratorConfig fields but the seed (--synthesis generator)
     without_bn: dict | None = None  # recipe entries that replace ``recipe``'s for all-layers without bn-stats
+    unit_targets: str | None = None  # the run's --unit-targets: for every objective with an all-layers record
 
     def recipe_for(self, objective: str) -> dict:
         """The reconstruction recipe of one objective: ``recipe``, with ``without_bn`` where it is all-layers
-        without bn-stats (what a teacher without BatchNorm is given)."""
-        parts = objective.split("+")
-        return dict(self.recipe, **((self.without_bn or {}) if "all-layers" in parts and "bn-stats" not in parts else {}))
+        without bn-stats (what a teacher without BatchNorm is given), and the run's ``unit_targets`` where an
+        all-layers record is matched (the other objectives read no per-unit record, so their settings stay)."""
+        parts = set(objective.split("+"))
+        records = bool(parts & {"all-layers", "all-layers-dropout"})
+        r = dict(self.recipe, **((self.without_bn or {}) if "all-layers" in parts and "bn-stats" not in parts else {}))
+        return r if not records or self.unit_targets is None else dict(r, unit_targets=self.unit_targets)
 
 
 def trains_generator(objective: str) -> bool:
@@ -114,16 +118,10 @@ def generator_recipe(recipe: dict, cfg: RunConfig) -> dict:
 
 
 def _sized(r: dict, cfg: RunConfig) -> dict:
-    """A recipe with the run's overrides (``images``, ``steps``, ``seen_views``, ``unit_targets``)."""
+    """A recipe with the run's overrides (``images``, ``steps``, ``seen_views``)."""
     return dict(r, **({"n": cfg.images} if cfg.images is not None else {}),
-                **({"steps": cfg.steps} if cfg.steps is not None else {}), **_chosen(cfg))
-
-
-def _chosen(cfg: RunConfig) -> dict:
-    """The recipe entries the run sets itself (``--seen-views``, ``--unit-targets``): they win over the profile's,
-    the entries for a teacher without BatchNorm included."""
-    return dict(**({"views": cfg.seen_views} if cfg.seen_views is not None else {}),
-                **({"unit_targets": cfg.unit_targets} if cfg.unit_targets is not None else {}))
+                **({"steps": cfg.steps} if cfg.steps is not None else {}),
+                **({"views": cfg.seen_views} if cfg.seen_views is not None else {}))
 
 
 def given_teacher(cfg: RunConfig) -> ModelRef | None:
@@ -204,6 +202,12 @@ def check(cfg: RunConfig) -> None:
                         "masks are per optimised input); use another objective, or --synthesis optimise")
     if cfg.seen_views is not None and cfg.seen_views not in SEEN:
         raise DfkdError("seen_views", f"{cfg.seen_views!r} is not {SEEN_FORM}")
+    if cfg.unit_targets not in (None, "draw", "batch"):
+        raise DfkdError("unit_targets", f"{cfg.unit_targets!r} is not draw or batch")
+    if cfg.profile == "paper" and (cfg.seen_views not in (None, "none") or cfg.unit_targets not in (None, "draw")):
+        raise DfkdError("seen_views" if cfg.seen_views not in (None, "none") else "unit_targets", "the paper profile "
+                        "runs the paper's method as written (the teacher sees the inputs as they are, each input "
+                        "its own draw)")
     if cfg.iterations is not None and cfg.iterations <= 0:
         raise DfkdError("iterations", "must be > 0")
     if cfg.seeds < 1:
@@ -226,7 +230,8 @@ def pairs(cfg: RunConfig) -> list[Pair]:
         return [Pair(net, net, PAIRS[net], p["teacher_epochs"], p["baseline_epochs"][net], 1e-3,
                      _sized(dict(p["recipe"][net], batch_size=p["batch_size"]), cfg),
                      dict(p["distill"], **({"epochs": cfg.epochs} if cfg.epochs else {})),
-                     generator=generator_recipe(GENERATOR[cfg.profile], cfg)) for net in cfg.networks]
+                     generator=generator_recipe(GENERATOR[cfg.profile], cfg), unit_targets=cfg.unit_targets)
+                for net in cfg.networks]
     o = OWN[cfg.profile]
     epochs = cfg.epochs or o["distill"]["epochs"]
     recipe = dict(o["recipe"], **(o.get("generator_recipe", {}) if cfg.synthesis == "generator" else {}))
@@ -234,8 +239,8 @@ def pairs(cfg: RunConfig) -> list[Pair]:
                  dict(o["distill"], epochs=epochs), parse_args(cfg.teacher_args, "teacher_args"),
                  parse_args(cfg.student_args, "student_args"), own=True,
                  generator=generator_recipe(o.get("generator", GENERATOR[cfg.profile]), cfg),
-                 without_bn=dict(o["generator_without_bn"], **_chosen(cfg))
-                 if cfg.synthesis == "generator" and "generator_without_bn" in o else None)]
+                 without_bn=o.get("generator_without_bn") if cfg.synthesis == "generator" else None,
+                 unit_targets=cfg.unit_targets)]
 
 
 def objectives(cfg: RunConfig, net: str) -> tuple[str, ...]:
@@ -263,26 +268,31 @@ def configs(name: str, pair: Pair, seed: int, cfg: RunConfig) -> tuple:
     return (rc, dc) if cfg.synthesis == "optimise" else (rc, dc, GeneratorConfig(**dict(pair.generator or {}, seed=seed)))
 
 
-def run_flags(objective: str, saved: dict) -> list[str] | None:
-    """The ``dfkd run`` flags (beside the teacher, the student and the data) that make a generator student's
-    saved configs again (``saved``: its ``reconstruct_config``, ``distill_config`` and ``generator_config``): an
-    own pair's profile with the student's objective, iterations, seen views, unit targets and seed; None where no
-    profile makes them (a generator trained from Python with other settings)."""
+def run_flags(objective: str, saved: dict, student: str) -> list[str] | None:
+    """The ``dfkd run`` flags (beside ``--teacher``, ``--data`` and the student's arguments) that make a generator
+    student's saved configs again (``saved``: its ``reconstruct_config``, ``distill_config`` and
+    ``generator_config``): a registry student's network (``--networks``) or ``--student``, the profile, the
+    objective, iterations, seen views, unit targets and seed; None where no profile of this version makes them."""
     rc, dc, gc = (saved.get(k) for k in ("reconstruct_config", "distill_config", "generator_config"))
     if not all(isinstance(c, dict) for c in (rc, dc, gc)):
         return None
+    records = bool(set(objective.split("+")) & {"all-layers", "all-layers-dropout"})
     chosen = dict(objectives=(objective,), synthesis="generator", iterations=gc.get("iterations"),
                   seen_views=rc.get("views", default(ReconstructConfig, "views")),
-                  unit_targets=rc.get("unit_targets", default(ReconstructConfig, "unit_targets")), seed=gc.get("seed", 0))
-    for profile in OWN:
-        cfg = RunConfig(teacher="teacher.py:t", student="student.py:s", profile=profile, **chosen)
+                  unit_targets=rc.get("unit_targets", default(ReconstructConfig, "unit_targets")) if records else None,
+                  seed=gc.get("seed", 0))
+    nets = [n for n, s in PAIRS.items() if s == student]
+    tries = ([(p, {"networks": (nets[0],)}) for p in PROFILES] if nets else []) + [(p, {"student": student}) for p in OWN]
+    for profile, who in tries:
+        cfg = RunConfig(teacher="teacher", profile=profile, **who, **chosen)  # a saved teacher, as a card gives
         try:
             made = [to_dict(c) for c in configs(objective, pairs(cfg)[0], cfg.seed, cfg)]
-        except (DfkdError, TypeError, ValueError):  # settings no run takes
-            return None
+        except (DfkdError, TypeError, ValueError):  # settings this profile does not take
+            continue
         if made == [rc, dc, gc]:
-            given = dict(profile=profile, **chosen)
-            given = {k: v for k, v in given.items() if k not in ("profile", "seed") or v != default(RunConfig, k)}
+            given = dict(who, profile=profile, **chosen)
+            given = {k: v for k, v in given.items() if v is not None and (k not in ("profile", "seed") or
+                                                                         v != default(RunConfig, k))}
             return [a for k, v in given.items()
                     for a in (flag_of(RunConfig, k), ",".join(v) if isinstance(v, tuple) else str(v))] + \
                 [flag_of(RunConfig, "baselines")]

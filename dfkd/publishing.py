@@ -206,7 +206,7 @@ def model_card(config: dict, meta, name: str, repo: str | None, recipe: dict | N
                       + f", {e['b1_ms']:.3f} ms per input at batch 1 on the CPU that made it"
                       + (f" ({e['threads']} thread(s))." if e.get("threads") else ".")]
         if recipe.get("generator"):
-            lines += _generator_lines(recipe, ref + code, student["spec"] + sargs)
+            lines += _generator_lines(recipe, ref + code, student["spec"], sargs, str(data.get("name") or ""))
         else:
             lines += ["", "```bash", "# dfkd with its hub extra: pip install '.[hub]' in a dfkd checkout",
                       card_command("reconstruct", rc, ["--teacher", ref + code, "--out", "synthetic"]),
@@ -220,19 +220,25 @@ def model_card(config: dict, meta, name: str, repo: str | None, recipe: dict | N
     return "\n".join(lines)
 
 
-def _generator_lines(recipe: dict, teacher: str, student: str) -> list[str]:
+def _generator_lines(recipe: dict, teacher: str, student: str, sargs: str, data: str) -> list[str]:
     """A generator student's recipe: the ``dfkd run`` line that trains the generator and distils the student
-    again (``profiles.run_flags``), or its settings where no run profile makes them."""
-    flags = run_flags(recipe["objective"], recipe["generator"])
+    again (``profiles.run_flags``; ``data``: the kind of data spec the teacher was trained on), or its settings
+    where no run profile of this version makes them."""
+    flags = run_flags(recipe["objective"], recipe["generator"], student)
     lines = ["", "It was distilled online from a generator trained against this model and its statistics "
              f"(`--synthesis generator`, objective `{recipe['objective']}`)."]
     if flags is None:
-        return lines + ["No `dfkd run` profile makes its settings (it was trained from Python, `dfkd.generate`); "
-                        "they were:", "", "```json", json.dumps(recipe["generator"], indent=1, sort_keys=True), "```", ""]
-    return lines + ["", "```bash", "# dfkd with its hub extra: pip install '.[hub]' in a dfkd checkout; DIR: labelled "
-                    "images of these classes (DIR/test/<class>/...), on which the student is measured and nothing trained",
-                    " ".join(["dfkd run --teacher", teacher, "--student", student, "--data folder:DIR", *flags,
-                              "--out student"]), "```", ""]
+        return lines + ["No `dfkd run` profile of this version makes its settings; they were:", "", "```json",
+                        json.dumps(recipe["generator"], indent=1, sort_keys=True), "```", ""]
+    kind = data.partition(":")[0] if ":" in data else data
+    where = "FILE" if kind == "npz" else "DIR"
+    spec = kind if kind == "mnist" else f"{kind}:{where}"
+    return lines + ["", "```bash", "# dfkd with its hub extra: pip install '.[hub]' in a dfkd checkout; "
+                    + ("" if kind == "mnist" else f"{where}: labelled data of these classes, as `{kind}:` reads it; ")
+                    + "the student is measured on its test split, nothing is trained on it",
+                    " ".join(["dfkd run --teacher", teacher, *flags, *([sargs.strip()] if "--student" in flags and sargs
+                                                                      else []), "--data", spec, "--out student"]),
+                    "```", ""]
 
 
 def _suggested(kinds: list[str]) -> str:

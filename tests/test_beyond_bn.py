@@ -26,7 +26,7 @@ from dfkd.normstats import mixture, norm_layers
 from dfkd.objectives import make_objective
 from dfkd.own import offered
 from dfkd.privacy_report import field_status
-from dfkd.profiles import configs, pairs, run_flags
+from dfkd.profiles import PAIRS, configs, pairs, run_flags
 from dfkd.publishing import publish
 from dfkd.reconstruction import optimise_batch, reconstruct_file
 from dfkd.recording import record
@@ -294,27 +294,44 @@ def test_run_flags_choose_seen_views_and_unit_targets():
     assert p.recipe_for("all-layers+bn-stats") == dict(pairs(RunConfig(**own))[0].recipe, unit_targets="batch",
                                                         views="none")
     p = pairs(RunConfig(networks=("lenet5",), seen_views="shift+colour", unit_targets="batch"))[0]
-    assert (p.recipe["views"], p.recipe["unit_targets"]) == ("shift+colour", "batch")
+    assert (p.recipe_for("all-layers")["views"], p.recipe_for("all-layers-dropout")["unit_targets"]) == \
+        ("shift+colour", "batch")
+    # an objective that reads no per-unit record keeps its settings (a resumed run's students still match)
+    assert p.recipe_for("spectral-all") == dict(pairs(RunConfig(networks=("lenet5",)))[0].recipe, views="shift+colour")
     assert "views" not in pairs(RunConfig(networks=("lenet5",)))[0].recipe
     with pytest.raises(DfkdError, match="'rotate' is not shift"):
         pairs(RunConfig(networks=("lenet5",), seen_views="rotate"))
+    with pytest.raises(DfkdError, match="'pairs' is not draw or batch"):
+        pairs(RunConfig(networks=("lenet5",), unit_targets="pairs"))
+    with pytest.raises(DfkdError, match="paper profile runs the paper's method as written"):
+        pairs(RunConfig(networks=("lenet5",), profile="paper", unit_targets="batch"))
+    assert pairs(RunConfig(networks=("lenet5",), profile="paper", seen_views="none", unit_targets="draw"))
 
 
 def test_run_flags_remake_a_generator_students_configs():
     """A generator student's saved configs give the ``dfkd run`` flags (a model card's recipe) that the command
     line parses back into the very same configs; settings no profile makes give none."""
     keys = ("reconstruct_config", "distill_config", "generator_config")
-    for profile, objective, extra in (("quick", "all-layers+norm-stats", {}), ("tiny", "all-layers+bn-stats",
-                                                                              dict(unit_targets="batch", seed=3))):
-        cfg = RunConfig(teacher="t.py:t", student="s.py:s", synthesis="generator", profile=profile, **extra)
+    own = dict(teacher="t.py:t", student="s.py:s")
+    for profile, objective, extra in (("quick", "all-layers+norm-stats", own),
+                                      ("tiny", "all-layers+bn-stats", dict(own, unit_targets="batch", seed=3)),
+                                      ("quick", "all-layers+class-diag", dict(own, teacher="saved")),
+                                      ("best", "all-layers", dict(teacher="saved", networks=("hinton-1200",))),
+                                      ("tiny", "spectral-pairs", dict(teacher="saved", networks=("lenet5",), seed=1))):
+        cfg = RunConfig(synthesis="generator", profile=profile, **extra)
+        student = cfg.student or PAIRS[cfg.networks[0]]
         saved = {k: to_dict(c) for k, c in zip(keys, configs(objective, pairs(cfg)[0], cfg.seed, cfg))}
-        flags = run_flags(objective, saved)
-        a = build_parser().parse_args(["run", "--teacher", "t.py:t", "--student", "s.py:s", *flags])
+        flags = run_flags(objective, saved, student)
+        a = build_parser().parse_args(["run", "--teacher", "saved", *flags])
         back = config_from(a, RunConfig, code=())
         assert [to_dict(c) for c in configs(objective, pairs(back)[0], back.seed, back)] == [saved[k] for k in keys]
-        assert ("--profile" in flags) == (profile == "tiny") and ("--seed" in flags) == ("seed" in extra)
-        assert run_flags(objective, dict(saved, generator_config=dict(saved["generator_config"], diversity=0.7))) is None
-        assert run_flags(objective, dict(saved, distill_config=None)) is None
+        assert ("--profile" in flags) == (profile != "quick") and ("--seed" in flags) == ("seed" in extra)
+        assert (back.student, back.networks[:1] if cfg.student is None else None) == \
+            (cfg.student, cfg.networks if cfg.student is None else None)
+        assert ("--unit-targets" in flags) == objective.startswith("all-layers")
+        changed = dict(saved, generator_config=dict(saved["generator_config"], diversity=0.7))
+        assert run_flags(objective, changed, student) is None
+        assert run_flags(objective, dict(saved, distill_config=None), student) is None
 
 
 def test_vit_private_record_accounts_every_record(monkeypatch, tmp_path):
