@@ -232,6 +232,9 @@ CASES = [
     ("run-seen-views-unknown", "argument", "dfkd run --seen-views naming no view",
      lambda w, t: ["run", "--networks", "lenet5", "--seen-views", "rotate", "--out", t / "run"],
      ["--seen-views", "'rotate' is not shift, affine or none"]),
+    ("run-paper-seen-views", "argument", "dfkd run --profile paper with seen views (not the paper's method)",
+     lambda w, t: ["run", "--profile", "paper", "--seen-views", "affine", "--out", t / "run"],
+     ["--seen-views", "the paper profile runs the paper's method as written"]),
     ("run-synthesis-unknown", "argument", "dfkd run with an unknown synthesis",
      lambda w, t: ["run", "--synthesis", "gan", "--out", t / "run"], ["--synthesis", "invalid choice"]),
     # user model code
