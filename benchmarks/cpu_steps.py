@@ -1,5 +1,6 @@
 """Cheaper reconstruction steps on a CPU: image-steps/s of ``optimise_batch`` on a user's BatchNorm teacher
-(``examples/own_model.py``) under all-layers+bn-stats, fp32 at the recipe's batch against larger and smaller
+(``examples/own_model.py``) under all-layers+bn-stats and the own pair's optimise recipe (its priors and seen
+views), fp32 at the recipe's batch against larger and smaller
 batches, bf16 autocast, channels-last memory and ``torch.compile`` (inductor), each measured in this process.
 
 ``python -m benchmarks cpu-steps [--teacher SAVED --code FILE] [--data SPEC] [--batch 500] [--steps 10]
@@ -25,6 +26,7 @@ import dfkd
 from dfkd.config import ReconstructConfig, RecordConfig, Runtime
 from dfkd.files import write_json
 from dfkd.objectives import make_objective
+from dfkd.profiles import OWN
 from dfkd.reconstruction import optimise_batch
 from dfkd.specs import DataRef, ModelRef, build_student, open_with_data
 from dfkd.taps import tap
@@ -79,7 +81,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     spath = Path(a.stats) if a.stats else (Path(a.teacher + ".stats.safetensors") if a.teacher else None)
     meta = dfkd.metadata.load(spath) if spath and spath.is_file() else \
         dfkd.record(teacher, data, RecordConfig(), rt=QUIET)
-    rc = ReconstructConfig(objective="all-layers+bn-stats", steps=a.steps, lr=0.2, jitter=2, tv=0.05, init="noise")
+    # the own pair's optimise recipe (lr, jitter, tv, the teacher seeing each input under its own affine + colour
+    # view), from one noise start whatever the file reveals
+    rc = ReconstructConfig(**dict(OWN["quick"]["recipe"], objective="all-layers+bn-stats", steps=a.steps, init="noise"))
     obj = make_objective(rc.objective, meta, teacher, rc)
     info, k = data.info, data.info.num_classes
     names = [v.strip() for v in a.variants.split(",")]

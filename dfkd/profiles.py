@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .config import DistillConfig, GeneratorConfig, ReconstructConfig, RunConfig, TrainConfig, default, flag_of, to_dict
+from .config import DistillConfig, GeneratorConfig, ReconstructConfig, RunConfig, TrainConfig, default
 from .errors import DfkdError
 from .kinds import KINDS
 from .objectives import OBJECTIVES, known, needs
@@ -266,34 +266,3 @@ def configs(name: str, pair: Pair, seed: int, cfg: RunConfig) -> tuple:
     rc = ReconstructConfig(**dict(pair.recipe_for(name), objective=name, seed=seed))
     dc = DistillConfig(**dict(pair.distill, seed=seed))
     return (rc, dc) if cfg.synthesis == "optimise" else (rc, dc, GeneratorConfig(**dict(pair.generator or {}, seed=seed)))
-
-
-def run_flags(objective: str, saved: dict, student: str) -> list[str] | None:
-    """The ``dfkd run`` flags (beside ``--teacher``, ``--data`` and the student's arguments) that make a generator
-    student's saved configs again (``saved``: its ``reconstruct_config``, ``distill_config`` and
-    ``generator_config``): a registry student's network (``--networks``) or ``--student``, the profile, the
-    objective, iterations, seen views, unit targets and seed; None where no profile of this version makes them."""
-    rc, dc, gc = (saved.get(k) for k in ("reconstruct_config", "distill_config", "generator_config"))
-    if not all(isinstance(c, dict) for c in (rc, dc, gc)):
-        return None
-    records = bool(set(objective.split("+")) & {"all-layers", "all-layers-dropout"})
-    chosen = dict(objectives=(objective,), synthesis="generator", iterations=gc.get("iterations"),
-                  seen_views=rc.get("views", default(ReconstructConfig, "views")),
-                  unit_targets=rc.get("unit_targets", default(ReconstructConfig, "unit_targets")) if records else None,
-                  seed=gc.get("seed", 0))
-    nets = [n for n, s in PAIRS.items() if s == student]
-    tries = ([(p, {"networks": (nets[0],)}) for p in PROFILES] if nets else []) + [(p, {"student": student}) for p in OWN]
-    for profile, who in tries:
-        cfg = RunConfig(teacher="teacher", profile=profile, **who, **chosen)  # a saved teacher, as a card gives
-        try:
-            made = [to_dict(c) for c in configs(objective, pairs(cfg)[0], cfg.seed, cfg)]
-        except (DfkdError, TypeError, ValueError):  # settings this profile does not take
-            continue
-        if made == [rc, dc, gc]:
-            given = dict(who, profile=profile, **chosen)
-            given = {k: v for k, v in given.items() if v is not None and (k not in ("profile", "seed") or
-                                                                         v != default(RunConfig, k))}
-            return [a for k, v in given.items()
-                    for a in (flag_of(RunConfig, k), ",".join(v) if isinstance(v, tuple) else str(v))] + \
-                [flag_of(RunConfig, "baselines")]
-    return None

@@ -22,7 +22,7 @@ from pathlib import Path
 from safetensors.torch import save as st_save
 
 from .checkpoint import CARD, CONFIG, FOLDER_FORMAT, FOLDER_VERSION, STATS, WEIGHTS, read_config, read_model_desc
-from .config import DistillConfig, ReconstructConfig, default, flag_of
+from .config import DistillConfig, ReconstructConfig, RunConfig, default, flag_of, to_dict
 from .errors import DfkdError
 from .exporting import DEPLOY
 from .files import read_json, sweep_temps, weights_sha256, write_json
@@ -30,7 +30,8 @@ from .kinds import REGISTRY, means_kind
 from .metadata import load, summary
 from .models import spec_name
 from .privacy_report import clip_warnings, not_private
-from .profiles import run_flags
+from .profiles import OWN, PAIRS, PROFILES, configs, pairs
+from .sources import SOURCES
 from .specs import open_model, stats_path
 from .version import __version__
 
@@ -220,9 +221,40 @@ def model_card(config: dict, meta, name: str, repo: str | None, recipe: dict | N
     return "\n".join(lines)
 
 
+def run_flags(objective: str, saved: dict, student: str) -> list[str] | None:
+    """The ``dfkd run`` flags (beside ``--teacher``, ``--data`` and the student's arguments) that make a generator
+    student's saved configs again (``saved``: its ``reconstruct_config``, ``distill_config`` and
+    ``generator_config``): a registry student's network (``--networks``) or ``--student``, the profile, the
+    objective, iterations, seen views, unit targets and seed; None where no profile of this version makes them."""
+    rc, dc, gc = (saved.get(k) for k in ("reconstruct_config", "distill_config", "generator_config"))
+    if not all(isinstance(c, dict) for c in (rc, dc, gc)):
+        return None
+    records = bool(set(objective.split("+")) & {"all-layers", "all-layers-dropout"})
+    chosen = dict(objectives=(objective,), synthesis="generator", iterations=gc.get("iterations"),
+                  seen_views=rc.get("views", default(ReconstructConfig, "views")),
+                  unit_targets=rc.get("unit_targets", default(ReconstructConfig, "unit_targets")) if records else None,
+                  seed=gc.get("seed", 0))
+    nets = [n for n, s in PAIRS.items() if s == student]
+    tries = ([(p, {"networks": (nets[0],)}) for p in PROFILES] if nets else []) + [(p, {"student": student}) for p in OWN]
+    for profile, who in tries:
+        cfg = RunConfig(teacher="teacher", profile=profile, **who, **chosen)  # a saved teacher, as a card gives
+        try:
+            made = [to_dict(c) for c in configs(objective, pairs(cfg)[0], cfg.seed, cfg)]
+        except (DfkdError, TypeError, ValueError):  # settings this profile does not take
+            continue
+        if made == [rc, dc, gc]:
+            given = dict(who, profile=profile, **chosen)
+            given = {k: v for k, v in given.items() if v is not None and (k not in ("profile", "seed") or
+                                                                         v != default(RunConfig, k))}
+            return [a for k, v in given.items()
+                    for a in (flag_of(RunConfig, k), ",".join(v) if isinstance(v, tuple) else str(v))] + \
+                [flag_of(RunConfig, "baselines")]
+    return None
+
+
 def _generator_lines(recipe: dict, teacher: str, student: str, sargs: str, data: str) -> list[str]:
     """A generator student's recipe: the ``dfkd run`` line that trains the generator and distils the student
-    again (``profiles.run_flags``; ``data``: the kind of data spec the teacher was trained on), or its settings
+    again (``run_flags``; ``data``: the kind of data spec the teacher was trained on), or its settings
     where no run profile of this version makes them."""
     flags = run_flags(recipe["objective"], recipe["generator"], student)
     lines = ["", "It was distilled online from a generator trained against this model and its statistics "
@@ -232,9 +264,10 @@ def _generator_lines(recipe: dict, teacher: str, student: str, sargs: str, data:
                         json.dumps(recipe["generator"], indent=1, sort_keys=True), "```", ""]
     kind = data.partition(":")[0] if ":" in data else data
     where = "FILE" if kind == "npz" else "DIR"
-    spec = kind if kind == "mnist" else f"{kind}:{where}"
-    return lines + ["", "```bash", "# dfkd with its hub extra: pip install '.[hub]' in a dfkd checkout; "
-                    + ("" if kind == "mnist" else f"{where}: labelled data of these classes, as `{kind}:` reads it; ")
+    spec = kind if kind == "mnist" else f"{kind}:{where}" if kind in SOURCES else "SPEC"
+    said = "" if kind == "mnist" else f"{where}: labelled data of these classes, as `{kind}:` reads it; " \
+        if kind in SOURCES else "SPEC: labelled data of these classes (mnist, idx:DIR, folder:DIR, npz:FILE or cifar10:DIR); "
+    return lines + ["", "```bash", "# dfkd with its hub extra: pip install '.[hub]' in a dfkd checkout; " + said
                     + "the student is measured on its test split, nothing is trained on it",
                     " ".join(["dfkd run --teacher", teacher, *flags, *([sargs.strip()] if "--student" in flags and sargs
                                                                       else []), "--data", spec, "--out student"]),

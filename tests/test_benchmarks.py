@@ -29,5 +29,8 @@ def test_cpu_steps_measures_each_variant_against_fp32(colour_dir, tmp_path):
     assert [r["batch"] for r in rows] == [20, 10, 20, 20] and by["fp32"]["ratio"] == 1.0
     assert abs(by["fp32"]["grad_cosine"] - 1) < 1e-9 and abs(by["channels-last"]["grad_cosine"] - 1) < 1e-5
     assert 0.95 < by["bf16 autocast"]["grad_cosine"] < 1 - 1e-7
+    # the inputs made under autocast differ from fp32's (it reaches optimise_batch), channels-last's do not
+    assert by["bf16 autocast"]["objective_fp32"] != by["fp32"]["objective_fp32"]
+    assert abs(by["channels-last"]["objective_fp32"] / by["fp32"]["objective_fp32"] - 1) < 1e-3
     assert all(r["image_steps_per_s"] > 0 and 0 <= r["agreement"] <= 1 and r["objective_fp32"] > 0 for r in rows)
     assert json.loads((tmp_path / "r.json").read_text()) == rows

@@ -26,8 +26,8 @@ from dfkd.normstats import mixture, norm_layers
 from dfkd.objectives import make_objective
 from dfkd.own import offered
 from dfkd.privacy_report import field_status
-from dfkd.profiles import PAIRS, configs, pairs, run_flags
-from dfkd.publishing import publish
+from dfkd.profiles import PAIRS, configs, pairs
+from dfkd.publishing import _generator_lines, publish, run_flags
 from dfkd.reconstruction import optimise_batch, reconstruct_file
 from dfkd.recording import record
 from dfkd.specs import ModelRef
@@ -332,6 +332,14 @@ def test_run_flags_remake_a_generator_students_configs():
         changed = dict(saved, generator_config=dict(saved["generator_config"], diversity=0.7))
         assert run_flags(objective, changed, student) is None
         assert run_flags(objective, dict(saved, distill_config=None), student) is None
+        # the model card's line: the teacher's kind of data, a placeholder for a kind no spec reads
+        for data, spec in (("folder:/publisher/digits", "--data folder:DIR"), ("npz:/p/x.npz", "--data npz:FILE"),
+                           ("mnist", "--data mnist"), ("custom", "--data SPEC"), ("", "--data SPEC")):
+            line, = [x for x in _generator_lines(dict(objective=objective, generator=saved), "pub", student, "", data)
+                     if x.startswith("dfkd run ")]
+            assert spec in line and "/publisher" not in line and line.endswith("--out student")
+        assert "No `dfkd run` profile" in "".join(_generator_lines(dict(objective=objective, generator=changed), "pub",
+                                                                   student, "", "mnist"))
 
 
 def test_vit_private_record_accounts_every_record(monkeypatch, tmp_path):
