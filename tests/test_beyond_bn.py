@@ -299,6 +299,12 @@ def test_run_flags_choose_seen_views_and_unit_targets():
     # an objective that reads no per-unit record keeps its settings (a resumed run's students still match)
     assert p.recipe_for("spectral-all") == dict(pairs(RunConfig(networks=("lenet5",)))[0].recipe, views="shift+colour")
     assert "views" not in pairs(RunConfig(networks=("lenet5",)))[0].recipe
+    # the best profile's LeNet-5 matches its all-layers records by the batch, and only those; --unit-targets wins
+    best = pairs(RunConfig(networks=("lenet5", "hinton-1200"), profile="best"))
+    assert [p.recipe_for("all-layers").get("unit_targets") for p in best] == ["batch", None]
+    assert "unit_targets" not in best[0].recipe_for("spectral-pairs")
+    assert pairs(RunConfig(networks=("lenet5",), profile="best", unit_targets="draw"))[0].recipe_for(
+        "all-layers")["unit_targets"] == "draw"
     with pytest.raises(DfkdError, match="'rotate' is not shift"):
         pairs(RunConfig(networks=("lenet5",), seen_views="rotate"))
     with pytest.raises(DfkdError, match="'pairs' is not draw or batch"):
