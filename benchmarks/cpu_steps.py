@@ -123,11 +123,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
+def _objective(net, obj, x, tg, labels, info) -> torch.Tensor:
+    """The objective's value on raw inputs ``x`` through ``net`` (its layers tapped)."""
+    with tap(net, obj.layers(), inputs=obj.inputs()) as acts:
+        return obj.loss(net(info.to_model(x)), acts, tg, labels)
+
+
 def _loss(teacher, obj, x, labels, info) -> float:
     """The objective's fp32 value per input (the targets drawn afresh from one seed: the same for every variant)."""
-    tg = obj.targets(labels, torch.Generator().manual_seed(1))
-    with torch.no_grad(), tap(teacher, obj.layers(), inputs=obj.inputs()) as acts:
-        return float(obj.loss(teacher(info.to_model(x)), acts, tg, labels)) / len(labels)
+    with torch.no_grad():
+        return float(_objective(teacher, obj, x, obj.targets(labels, torch.Generator().manual_seed(1)), labels,
+                                info)) / len(labels)
 
 
 def _cosine(teacher, model, obj, name, b, k, info, rc) -> float:
@@ -138,8 +144,8 @@ def _cosine(teacher, model, obj, name, b, k, info, rc) -> float:
     grads = []
     for net, ctx in ((teacher, contextlib.nullcontext()), (model, _context(name))):
         z = x0.clone().requires_grad_(True)
-        with ctx, tap(net, obj.layers(), inputs=obj.inputs()) as acts:
-            loss = obj.loss(net(info.to_model(z)), acts, tg, labels)
+        with ctx:
+            loss = _objective(net, obj, z, tg, labels, info)
         grads.append(torch.autograd.grad(loss.float(), z)[0].flatten())
     return float(torch.nn.functional.cosine_similarity(grads[0].double(), grads[1].double(), dim=0))
 

@@ -104,9 +104,13 @@ class Pair:
         without bn-stats (what a teacher without BatchNorm is given), and the run's ``unit_targets`` where an
         all-layers record is matched (the other objectives read no per-unit record, so their settings stay)."""
         parts = set(objective.split("+"))
-        records = bool(parts & {"all-layers", "all-layers-dropout"})
         r = dict(self.recipe, **((self.without_bn or {}) if "all-layers" in parts and "bn-stats" not in parts else {}))
-        return r if not records or self.unit_targets is None else dict(r, unit_targets=self.unit_targets)
+        return r if not matches_records(objective) or self.unit_targets is None else dict(r, unit_targets=self.unit_targets)
+
+
+def matches_records(objective: str) -> bool:
+    """Whether an objective matches all-layers records (the ones ``unit_targets`` acts on)."""
+    return bool(set(objective.split("+")) & {"all-layers", "all-layers-dropout"})
 
 
 def trains_generator(objective: str) -> bool:

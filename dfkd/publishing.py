@@ -30,7 +30,7 @@ from .kinds import REGISTRY, means_kind
 from .metadata import load, summary
 from .models import spec_name
 from .privacy_report import clip_warnings, not_private
-from .profiles import OWN, PAIRS, PROFILES, configs, pairs
+from .profiles import OWN, PAIRS, PROFILES, configs, matches_records, pairs
 from .sources import SOURCES
 from .specs import open_model, stats_path
 from .version import __version__
@@ -229,10 +229,9 @@ def run_flags(objective: str, saved: dict, student: str) -> list[str] | None:
     rc, dc, gc = (saved.get(k) for k in ("reconstruct_config", "distill_config", "generator_config"))
     if not all(isinstance(c, dict) for c in (rc, dc, gc)):
         return None
-    records = bool(set(objective.split("+")) & {"all-layers", "all-layers-dropout"})
     chosen = dict(objectives=(objective,), synthesis="generator", iterations=gc.get("iterations"),
                   seen_views=rc.get("views", default(ReconstructConfig, "views")),
-                  unit_targets=rc.get("unit_targets", default(ReconstructConfig, "unit_targets")) if records else None,
+                  unit_targets=rc.get("unit_targets", default(ReconstructConfig, "unit_targets")) if matches_records(objective) else None,
                   seed=gc.get("seed", 0))
     nets = [n for n, s in PAIRS.items() if s == student]
     tries = ([(p, {"networks": (nets[0],)}) for p in PROFILES] if nets else []) + [(p, {"student": student}) for p in OWN]
