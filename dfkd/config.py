@@ -112,6 +112,11 @@ class ReconstructConfig:
     clamp: bool = opt(True, "do not clamp inputs to the data's range")
     tv: float = opt(0.0, "weight of a total-variation prior (0: the paper's pure objective)")
     l2: float = opt(0.0, "weight of an l2 prior on the inputs (DeepInversion)")
+    patch_tv: float = opt(0.0, "weight of a total-variation prior across the seams of a --patch grid only, on the "
+                          "inputs as the teacher sees them (after --jitter and --seen-views), so on a ViT's patch "
+                          "boundaries (0: none)", later=True)
+    patch: int = opt(0, "the side of the patches whose seams --patch-tv smooths, from the top left corner (a ViT's "
+                     "patch size; only with --patch-tv)", later=True)
     jitter: int = opt(0, "roll inputs by up to this many pixels each step (DeepInversion's jitter)")
     views: str = opt("none", "what the teacher sees of the inputs each step: none, or views drawn anew each step as "
                      "the student's are (affine: each input its own rotation, scale and shift; shift: one offset for "
@@ -150,7 +155,7 @@ class DistillConfig:
 class GeneratorConfig:
     """``--synthesis generator``: a conditional generator trained against the frozen teacher, the student
     distilled online on its batches. The objective and the priors are the reconstruction's
-    (``ReconstructConfig``: objective, init, tv, l2, jitter, bn_weight, whiten; ``init`` auto or class-mean
+    (``ReconstructConfig``: objective, init, tv, l2, patch_tv, jitter, bn_weight, whiten; ``init`` auto or class-mean
     anchors the generator on the class-mean inputs the statistics reveal), the student's steps the
     distillation's (``DistillConfig``: temperature, batch_size, lr, augment; its lr annealed by
     ``student_schedule``)."""

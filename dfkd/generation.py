@@ -38,7 +38,7 @@ from .fastgrad import input_grad_by_fold
 from .generators import Generator, build
 from .inversion import revealed_means
 from .loop import accuracy, nonfinite
-from .losses import disagreement, kd_loss, mode_seeking, prior
+from .losses import check_seams, disagreement, kd_loss, mode_seeking, prior, seam_prior
 from .metadata import Metadata
 from .models import device_of, num_outputs
 from .objectives import Noise, make_objective
@@ -91,6 +91,7 @@ def _check(rc: ReconstructConfig, dc: DistillConfig, gc: GeneratorConfig) -> Non
         raise DfkdError("augment", f"{dc.augment!r} is not {AUGMENT_FORM}")
     if rc.views not in SEEN:
         raise DfkdError("views", f"{rc.views!r} is not {SEEN_FORM}")
+    check_seams(rc.patch_tv, rc.patch)
     if gc.student_schedule not in ("cosine", "constant"):
         raise DfkdError("student_schedule", f"{gc.student_schedule!r} is not cosine or constant")
 
@@ -102,12 +103,14 @@ def generator_loss(x: torch.Tensor, z: torch.Tensor, y: torch.Tensor, teacher: n
     intended labels' cross-entropy, less the disagreement and the diversity (the module's equation). The
     teacher's layers are read through ``acts`` (a ``tap`` on the objective's layers); both networks see
     ``x`` under ``rc.views`` (``views.seen``), normalised and, with ``jitter``, rolled (one shift per batch, all
-    drawn from ``g``); the priors and the diversity act on ``x`` itself, normalised."""
+    drawn from ``g``); the priors and the diversity act on ``x`` itself, normalised, the seam prior on what the
+    teacher sees."""
     xn = info.to_model(x)
     xin = jitter(info.to_model(seen(x, rc.views, g, info.low, info.high)) if rc.views != "none" else xn, rc.jitter, g)
     logits = teacher(xin)
     tg = {k: v.to(x.device) for k, v in objective.targets(y.cpu(), g).items()}
-    loss = (objective.loss(logits, acts, tg, y) + prior(xn, rc.tv, rc.l2)) / len(y) + gc.ce * F.cross_entropy(logits, y)
+    loss = (objective.loss(logits, acts, tg, y) + prior(xn, rc.tv, rc.l2) + seam_prior(xin, rc.patch_tv, rc.patch)) \
+        / len(y) + gc.ce * F.cross_entropy(logits, y)
     if gc.disagreement:
         loss = loss - gc.disagreement * disagreement(student(xin), logits).mean()
     if gc.diversity:

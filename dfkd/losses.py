@@ -3,8 +3,12 @@ disagreement terms), the image priors (reconstruction's and the generator's), an
 Each is a plain function of tensors."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from .errors import DfkdError
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -38,6 +42,38 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     dh = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
     dw = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
     return dh + dw
+
+
+def patch_seams(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Per-sample mean absolute difference between neighbouring pixels that lie in different ``p`` x ``p``
+    patches of a grid from the top left corner (a ViT's patch embedding): total variation across the
+    patches' seams only, rows and columns summed as in ``total_variation``."""
+    h, w = x.shape[-2:]
+    dh = (x[..., p::p, :] - x[..., p - 1:h - 1:p, :]).abs().flatten(1).mean(1) if h > p else x.new_zeros(len(x))
+    dw = (x[..., :, p::p] - x[..., :, p - 1:w - 1:p]).abs().flatten(1).mean(1) if w > p else x.new_zeros(len(x))
+    return dh + dw
+
+
+def check_seams(patch_tv: float, patch: int) -> None:
+    """Refuses a seam prior that cannot be computed or does nothing: a negative or non-finite weight, a side
+    that is not a whole number >= 0, a weight without a side of at least 2, or a side without a weight."""
+    if not (math.isfinite(patch_tv) and patch_tv >= 0):
+        raise DfkdError("patch_tv", f"{patch_tv:g} is not a finite weight >= 0")
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 0:
+        raise DfkdError("patch", f"{patch!r} is not a whole number of pixels >= 0")
+    if patch_tv and patch < 2:
+        raise DfkdError("patch", f"--patch-tv {patch_tv:g} needs the patches' side, --patch >= 2 (a ViT's patch size), "
+                        f"not {patch}")
+    if patch and not patch_tv:
+        raise DfkdError("patch", f"--patch {patch} does nothing without a --patch-tv weight > 0")
+
+
+def seam_prior(x: torch.Tensor, patch_tv: float, patch: int) -> torch.Tensor:
+    """The seam prior's batch total, ``patch_tv * seams(x, patch)`` summed over samples (images only), on
+    ``x`` as the teacher sees it: its patch grid stays put when the inputs are rolled or viewed."""
+    if not patch_tv or x.dim() != 4:
+        return x.new_zeros(())
+    return patch_tv * patch_seams(x, patch).sum()
 
 
 def prior(x: torch.Tensor, tv: float, l2: float) -> torch.Tensor:

@@ -104,7 +104,8 @@ def _recipe(student: str) -> dict:
 # each against the command line's parser.
 CARD_FLAGS = {
     "reconstruct": (ReconstructConfig, ("objective", "n", "batch_size", "steps", "lr", "init", "init_mean", "init_std",
-                                        "clamp", "jitter", "views", "unit_targets", "tv", "l2", "bn_weight", "whiten")),
+                                        "clamp", "jitter", "views", "unit_targets", "tv", "l2", "patch_tv", "patch",
+                                        "bn_weight", "whiten")),
     "distill": (DistillConfig, ("augment", "temperature", "epochs", "batch_size", "lr", "schedule", "adversarial",
                                 "adversarial_steps", "adversarial_step", "eval_every")),
 }

@@ -29,7 +29,7 @@ from .files import exclusive, weights_sha256
 from .images import save_grid
 from .inversion import revealed_means
 from .kinds import means_kind
-from .losses import prior
+from .losses import check_seams, prior, seam_prior
 from .metadata import Metadata, load
 from .models import device_of, num_outputs
 from .objective import Objective
@@ -95,7 +95,8 @@ def optimise_batch(teacher: nn.Module, objective: Objective, labels: torch.Tenso
             xin = roll(info.to_model(seen(xr, cfg.views, g, info.low, info.high)) if cfg.views != "none" else xn,
                        cfg.jitter, g)
             logits = teacher(xin * masks["input"] if masks else xin)
-            loss = objective.loss(logits, acts, tg, ydev) + prior(xn, cfg.tv, cfg.l2)
+            loss = (objective.loss(logits, acts, tg, ydev) + prior(xn, cfg.tv, cfg.l2)
+                    + seam_prior(xin, cfg.patch_tv, cfg.patch))
             if not torch.isfinite(loss):
                 raise DfkdError("lr", f"loss became {loss.item()} at step {step}; finished shards are kept "
                                 "(try a lower lr)")
@@ -136,6 +137,7 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
         raise DfkdError("reconstruct", "n, batch size and lr must be > 0; steps, jitter, tv and l2 >= 0")
     if cfg.views not in SEEN:
         raise DfkdError("views", f"{cfg.views!r} is not {SEEN_FORM}")
+    check_seams(cfg.patch_tv, cfg.patch)
     if not cfg.lr * 10 < torch.finfo(torch.float32).max:  # Adam's first step is 10 x lr (its bias correction)
         raise DfkdError("lr", f"{cfg.lr:g} is too large: Adam's first step (10 x lr) does not fit in float32")
     info = meta.data if meta is not None else info

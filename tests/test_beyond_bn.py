@@ -20,6 +20,7 @@ from dfkd.config import ReconstructConfig, RecordConfig, RunConfig, Runtime, to_
 from dfkd.data import DataInfo
 from dfkd.errors import DfkdError
 from dfkd.graph import layer_infos
+from dfkd.leakage import measure
 from dfkd.metadata import load, save
 from dfkd.models import build_model
 from dfkd.normstats import mixture, norm_layers
@@ -371,7 +372,8 @@ def test_first_layer_per_unit_gives_the_class_mean_inputs(first):
     """With ``first_layer="unit"`` the first recorded layer keeps per-unit statistics while the others pool (a ViT's patch
     embedding: 8 channels x 2 x 2 positions): its class means are the per-position means of the test's own
     float64 outputs, and they give each class's mean input exactly (the embedding, 4x4 patches of 3 channels
-    into 8 features, has full column rank only per position), which the pooled record does not."""
+    into 8 features, has full column rank only per position), which the pooled record does not; the leakage
+    report finds the same."""
     from dfkd.inversion import revealed_means
     torch.manual_seed(0)
     model = VIT.ViT(3, 3, image=8, patch=4, dim=64, depth=1, heads=2, mlp=16).eval()
@@ -388,6 +390,9 @@ def test_first_layer_per_unit_gives_the_class_mean_inputs(first):
     for c in range(3):
         assert torch.allclose(meta.get("all-layers", "mean", "embed")[c].double(), out[y == c].mean(0), atol=1e-5)
         assert torch.allclose(means[c].double(), x[y == c].double().mean(0), atol=1e-4)
+    report, _ = measure(model, meta, (x, y))  # the leakage report (dfkd leakage) says as much
+    assert [(r["layer"], r["stat"], r["exact"]) for r in report["inversions"]] == [("embed", "unit", True)]
+    assert report["inversions"][0]["r2"] > 0.9999
 
 
 def test_layernorm_over_several_dimensions_and_unused_norms():

@@ -266,6 +266,33 @@ def test_readme_teachers_without_batchnorm_run_as_written(tmp_path):
         assert saved["reconstruct_config"]["unit_targets"] == "batch"
 
 
+def test_readme_python_run_is_the_commands_run(tmp_path, monkeypatch):
+    """The README's Python ``dfkd.run`` under "Teachers without BatchNorm" hands ``run`` the very RunConfig that
+    its first ``dfkd run`` command does through the command line (both captured where ``run`` is called, so
+    neither runs): the API and the CLI run the same job."""
+    import dfkd
+    import dfkd.cli_commands as commands
+    seen = []
+
+    def capture(cfg):
+        seen.append(cfg)
+        (tmp_path / "results.md").write_text("")
+        return tmp_path / "results.json"
+    body = (ROOT / "README.md").read_text()
+    body = body[body.index("## Teachers without BatchNorm"):]
+    block = re.search(r"```python\n(.*?)```", body, re.S).group(1)
+    first_run = next(c for c in readme_commands("## Teachers without BatchNorm") if c[:2] == ["dfkd", "run"])
+    assert dfkd.run is commands.run  # one function behind both
+    monkeypatch.setattr(commands, "run", capture)
+    assert main(first_run[1:]) == 0
+    monkeypatch.setattr(dfkd, "run", capture)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        exec(compile(block, "README.md", "exec"), {})
+    assert out.getvalue().strip() == str(tmp_path / "results.json")
+    assert len(seen) == 2 and seen[0].student == "examples/own_model.py:student" and seen[0].synthesis == "generator"
+    assert seen[1] == seen[0], (seen[1], seen[0])
+
+
 def test_readme_deploy_section_runs_as_written(tmp_path):
     """The README's deploy commands at tiny sizes: the run ends with its data-free student as an int8 ONNX file
     whose accuracy the report states; dfkd export writes a float32 file that gives the student's own logits on

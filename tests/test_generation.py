@@ -99,11 +99,11 @@ def test_bank_keeps_the_last_inputs_and_draws_only_filled_rows():
 
 @pytest.mark.parametrize("views", ["none", "none+colour"])
 def test_generator_loss_matches_an_independent_computation(views):
-    """bn-stats + CE - disagreement - diversity, with a TV prior and no jitter, recomputed here with hooks of
+    """bn-stats + CE - disagreement - diversity, with a TV prior, a seam prior on 4 x 4 patches (on the view) and no jitter, recomputed here with hooks of
     its own, in float64; with ``+colour`` views both networks see each input recoloured (``recolour`` drawing
     from a generator of the same seed), the priors and the diversity the input itself."""
     teacher, student = _teacher().double(), _student().double().eval()
-    rc = ReconstructConfig(objective="bn-stats", tv=0.3, bn_weight=0.7, views=views)
+    rc = ReconstructConfig(objective="bn-stats", tv=0.3, bn_weight=0.7, views=views, patch_tv=0.2, patch=4)
     gc = GeneratorConfig(ce=1.3, disagreement=0.6, diversity=0.4)
     g = torch.Generator().manual_seed(3)
     x = torch.rand(8, 3, 8, 8, generator=g, dtype=torch.float64)
@@ -129,10 +129,12 @@ def test_generator_loss_matches_an_independent_computation(views):
     ce = F.cross_entropy(logits, y)
     tv = ((xn[..., 1:, :] - xn[..., :-1, :]).abs().flatten(1).mean(1)
           + (xn[..., :, 1:] - xn[..., :, :-1]).abs().flatten(1).mean(1)).sum()
+    seams = ((xvn[..., 4, :] - xvn[..., 3, :]).abs().flatten(1).mean(1)  # 8 x 8 in 4 x 4 patches: one seam each
+             + (xvn[..., :, 4] - xvn[..., :, 3]).abs().flatten(1).mean(1)).sum()  # way, as the teacher sees them
     p, s = logits.softmax(1), student(xvn)
     kl = (p * (p.log() - s.log_softmax(1))).sum(1) * (s.argmax(1) == logits.argmax(1))
     ms = torch.stack([(xn[i] - xn[i + 4]).abs().mean() / (z[i] - z[i + 4]).abs().mean() for i in range(4)]).mean()
-    want = 0.7 * bn + 1.3 * ce + ce + 0.3 * tv / 8 - 0.6 * kl.mean() - 0.4 * ms  # bn-stats carries its own CE
+    want = 0.7 * bn + 1.3 * ce + ce + (0.3 * tv + 0.2 * seams) / 8 - 0.6 * kl.mean() - 0.4 * ms  # bn-stats carries its own CE
     assert len(seen) == 2 and got.item() == pytest.approx(want.item(), rel=1e-10)
 
 

@@ -11,7 +11,7 @@ from dfkd.config import ReconstructConfig
 from dfkd.data import DataInfo
 from dfkd.errors import DfkdError
 from dfkd.files import load_tensors, read_json, write_json
-from dfkd.losses import prior
+from dfkd.losses import check_seams, patch_seams, prior, seam_prior, total_variation
 from dfkd.images import class_grid
 from dfkd.reconstruction import reconstruct
 from dfkd.synthetic import SyntheticSet
@@ -173,7 +173,7 @@ def test_raw_inputs_take_the_steps_adam_takes_in_the_networks_space():
                                   torch.nn.Linear(4 * 6 * 6, 5)).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    cfg = ReconstructConfig(n=6, batch_size=6, steps=25, lr=0.05, tv=0.3, l2=0.01, jitter=0)
+    cfg = ReconstructConfig(n=6, batch_size=6, steps=25, lr=0.05, tv=0.3, l2=0.01, jitter=0, patch_tv=0.5, patch=4)
     labels = torch.arange(6) % 5
     for mean, std in (((0.5,), (0.25,)), ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))):
         info = DataInfo(shape=(3, 8, 8), num_classes=5, mean=mean, std=std)
@@ -184,7 +184,8 @@ def test_raw_inputs_take_the_steps_adam_takes_in_the_networks_space():
         lo, hi = info.to_model(torch.zeros(1, 3, 8, 8)), info.to_model(torch.ones(1, 3, 8, 8))
         opt = torch.optim.Adam([x], lr=cfg.lr)
         for _ in range(cfg.steps):
-            loss = torch.nn.functional.cross_entropy(teacher(x), labels, reduction="sum") + prior(x, cfg.tv, cfg.l2)
+            loss = torch.nn.functional.cross_entropy(teacher(x), labels, reduction="sum") + prior(x, cfg.tv, cfg.l2) \
+                + seam_prior(x, cfg.patch_tv, cfg.patch)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -193,6 +194,36 @@ def test_raw_inputs_take_the_steps_adam_takes_in_the_networks_space():
         want = info.to_raw(x.detach())
         assert got.min() >= 0 and got.max() <= 1 and (got - start).abs().max() > 0.05  # raw, and it moved
         assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+
+
+@pytest.mark.parametrize("shape,p", [((2, 3, 8, 8), 4), ((3, 2, 10, 7), 3), ((1, 1, 4, 9), 4)])
+def test_patch_seams_is_total_variation_across_the_patch_grid_only(shape, p):
+    """The seam prior against a loop over every pair of neighbouring pixels in float64: a pair counts where its
+    two pixels fall in different patches of side ``p`` from the top left corner; rows and columns are each
+    averaged over their pairs and channels, then added. A picture constant in each patch has no other edges,
+    so there its seams are its whole total variation, and refusals name the flag at fault."""
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    n, c, h, w = shape
+    for i in range(n):
+        rows = [abs(x[i, k, r + 1, q] - x[i, k, r, q]) for k in range(c) for r in range(h - 1) for q in range(w)
+                if (r + 1) // p != r // p]
+        cols = [abs(x[i, k, r, q + 1] - x[i, k, r, q]) for k in range(c) for r in range(h) for q in range(w - 1)
+                if (q + 1) // p != q // p]
+        want = (sum(rows) / len(rows) if rows else 0) + (sum(cols) / len(cols) if cols else 0)
+        assert patch_seams(x, p)[i].item() == pytest.approx(float(want), rel=1e-12)
+    blocks = torch.rand(2, 3, 3, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    flat = blocks.repeat_interleave(4, 2).repeat_interleave(4, 3)  # 12 x 12 in 4 x 4 patches
+    assert torch.allclose(patch_seams(flat, 4) * 2 / 11, total_variation(flat))  # 2 of 11 pairs a line cross seams
+    assert (patch_seams(flat, 4) > 0).all() and (patch_seams(flat, 3) != patch_seams(flat, 4)).all()
+    for args, where, problem in (((0.1, 1), "patch", "--patch-tv 0.1 needs the patches' side"),
+                                 ((float("nan"), 4), "patch_tv", "nan is not a finite weight"),
+                                 ((0.1, 4.0), "patch", "4.0 is not a whole number"),
+                                 ((0.0, 4), "patch", "--patch 4 does nothing without a --patch-tv")):
+        with pytest.raises(DfkdError, match=problem) as e:
+            check_seams(*args)
+        assert e.value.where == where
+    check_seams(0.1, 4)
+    check_seams(0.0, 0)
 
 
 def test_a_set_of_the_old_format_is_refused_in_one_line(teacher, meta, tmp_path):
