@@ -1,6 +1,6 @@
 """The losses the stages share: Hinton's soft-target loss (distillation's, and the generator's student and
 disagreement terms), the image priors (reconstruction's and the generator's), and the generator's diversity.
-Each is a plain function of tensors."""
+Each is a plain function of tensors; ``check_seams`` refuses a seam prior's settings that cannot work."""
 from __future__ import annotations
 
 import math
