@@ -196,7 +196,7 @@ def test_raw_inputs_take_the_steps_adam_takes_in_the_networks_space():
         assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
 
 
-@pytest.mark.parametrize("shape,p", [((2, 3, 8, 8), 4), ((3, 2, 10, 7), 3), ((1, 1, 4, 9), 4)])
+@pytest.mark.parametrize("shape,p", [((2, 3, 8, 8), 4), ((3, 2, 10, 7), 3), ((1, 1, 4, 9), 4), ((2, 3, 5, 6), 1)])
 def test_patch_seams_is_total_variation_across_the_patch_grid_only(shape, p):
     """The seam prior against a loop over every pair of neighbouring pixels in float64: a pair counts where its
     two pixels fall in different patches of side ``p`` from the top left corner; rows and columns are each
@@ -211,6 +211,8 @@ def test_patch_seams_is_total_variation_across_the_patch_grid_only(shape, p):
                 if (q + 1) // p != q // p]
         want = (sum(rows) / len(rows) if rows else 0) + (sum(cols) / len(cols) if cols else 0)
         assert patch_seams(x, p)[i].item() == pytest.approx(float(want), rel=1e-12)
+        if p == 1:  # every pair crosses a seam: the plain total variation
+            assert total_variation(x)[i].item() == pytest.approx(float(want), rel=1e-12)
     blocks = torch.rand(2, 3, 3, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     flat = blocks.repeat_interleave(4, 2).repeat_interleave(4, 3)  # 12 x 12 in 4 x 4 patches
     assert torch.allclose(patch_seams(flat, 4) * 2 / 11, total_variation(flat))  # 2 of 11 pairs a line cross seams
