@@ -227,7 +227,9 @@ class RunConfig:
                                "statistics")
     images: int | None = opt(None, "synthetic images per objective (default: the profile's)", parse="positive")
     steps: int | None = opt(None, "Adam steps per image (default: the profile's)")
-    epochs: int | None = opt(None, "distillation epochs (default: the profile's)", parse="positive")
+    epochs: int | None = opt(None, "distillation epochs, and for your own pair its baselines' epochs too (default: "
+                             "the profile's; your own pair under optimise: 100, annealed by a cosine, its baselines 30)",
+                             parse="positive")
     synthesis: str = opt("optimise", "optimise: a synthetic set, each input optimised for the objective, then the "
                          "student distilled on it; generator: a conditional generator trained against the teacher "
                          "with the same objective, the student distilled online on its batches",

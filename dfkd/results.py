@@ -122,8 +122,8 @@ def _xml(text: str) -> str:
 
 
 def curve(rows: list[dict], width: int = 720) -> bytes:
-    """The students' test accuracy per epoch as an SVG line chart, one line (and legend entry) per student,
-    from its first measured epoch; 0..100 %. Beside a generator's student (measured every so many generator
+    """The students' test accuracy along their training as an SVG line chart, one line (and legend entry) per
+    student, from its first measured epoch (every ``eval_every`` epochs and the last, which a dot marks); 0..100 %. Beside a generator's student (measured every so many generator
     steps), each line spans its own budget."""
     runs = [r for r in rows if r.get("history") and r.get("history_epochs")]
     last = max([e for r in runs for e in r["history_epochs"]] or [1])
@@ -144,7 +144,9 @@ def curve(rows: list[dict], width: int = 720) -> bytes:
         scale = last / max(r["history_epochs"]) if mixed else 1
         pts = " ".join(f"{x(e * scale):.1f},{y(a):.1f}" for e, a in zip(r["history_epochs"], r["history"]))
         label = f"{_label(r, runs)}: {100 * r['history'][-1]:.2f}%"
+        end = f"{x(r['history_epochs'][-1] * scale):.1f}", f"{y(r['history'][-1]):.1f}"  # marked: one point is a line too
         out.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="1.5"/>'
+                   f'<circle cx="{end[0]}" cy="{end[1]}" r="2.5" fill="{c}"/>'
                    f'<text x="{right + 8}" y="{top + 16 * i + 4}" fill="{c}">{_xml(label)}</text>')
     return ("\n".join(out) + "\n</svg>\n").encode()
 
@@ -200,7 +202,9 @@ def write_results(out: Path, rows: list[dict], cfg: RunConfig, t0: float, final:
     rows on the paper's data only (``paper_data``)."""
     data = {"spec": cfg.data, "class_names": list(class_names) if class_names else None}
     recipe = OWN[cfg.profile] if cfg.student is not None else PROFILES[cfg.profile]
-    recipe = {k: v for k, v in recipe.items() if k != "generator"}  # a run's recipe as written before the mode
+    # a run's recipe as written before the modes had their own entries: a generator run's without optimise's
+    recipe = {k: v for k, v in recipe.items() if k != "generator" and not (k == "optimise_distill" and
+                                                                          cfg.synthesis == "generator")}
     if cfg.synthesis == "generator":  # as the run took it: with its --iterations
         recipe["generator"] = generator_recipe(OWN[cfg.profile].get("generator", GENERATOR[cfg.profile])
                                                if cfg.student is not None else GENERATOR[cfg.profile], cfg)

@@ -338,7 +338,7 @@ def test_run_under_the_generator_keeps_to_objectives_that_can_train_one(monkeypa
 
 def test_the_curve_gives_a_generators_student_and_an_epoch_student_each_its_own_budget():
     """results.curve: beside a generator's student (800 steps) a 30-epoch student's last point also ends at the
-    right edge; without one the x axis stays in epochs (the curve of a run before the mode, byte for byte)."""
+    right edge; without one the x axis stays in epochs."""
     import re
     from dfkd.results import curve
     epochs = {"teacher": "t", "objective": "real-data", "history": [0.5, 0.9], "history_epochs": [15, 30]}
@@ -351,6 +351,11 @@ def test_the_curve_gives_a_generators_student_and_an_epoch_student_each_its_own_
     assert last_x(mixed)[0] == last_x(mixed)[1] and "share of each student's budget" in mixed
     alone = curve([epochs]).decode()
     assert "epoch (of 30)" in alone and last_x(alone) == last_x(mixed)[:1]
+    # each line's last point is marked, so a student measured once (a one-epoch run) shows as a dot
+    ends = [p.split()[-1] for p in re.findall(r'points="([^"]+)"', mixed)]
+    assert re.findall(r'<circle cx="([^"]+)" cy="([^"]+)"', mixed) == [tuple(e.split(",")) for e in ends]
+    once = curve([dict(epochs, history=[0.7], history_epochs=[1])]).decode()
+    assert once.count("<circle") == 1 and once.count("<polyline") == 1
 
 
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28), (20,), (2, 6, 5)])

@@ -104,7 +104,7 @@ def test_a_teacher_without_batchnorm_runs_on_its_statistics(own, tmp_path):
     with safe_open(str(stats), "pt") as f:
         assert manifest["stats_sha256"] == json.loads(f.metadata()["dfkd"])["tensors_sha256"]
     assert manifest["config"]["views"] == "affine+colour"  # the teacher saw each input under the student's views
-    # the baselines: the same student on the real images, for the distillation's epochs at its lr
+    # the baselines: the same student on the real images, for the profile's distillation epochs (not optimise's) at its lr
     for name in ("real-data", "real-kd"):
         config = json.loads((tmp_path / "own" / "students" / f"{name}.json").read_text())["settings"]["config"]
         assert (config["epochs"], config["lr"]) == (OWN_RECIPES["tiny"]["distill"]["epochs"], 0.01)
@@ -144,6 +144,26 @@ def test_the_paper_networks_settings_are_those_runs_made_before(tmp_path):
                                                              schedule="cosine", seed=0))
 
 
+def test_an_own_pairs_optimised_set_is_distilled_longer_than_its_baselines_train():
+    """Under --synthesis optimise the own pair's student takes ``optimise_distill`` (quick: 100 epochs, cosine) and
+    the baselines the distillation's own 30; the generator's student keeps the distillation as it was (its saved
+    settings, so its runs resume); --epochs sets the student's and the baselines' epochs alike."""
+    from dfkd.config import DistillConfig, RunConfig
+    from dfkd.profiles import configs, pairs
+    own = dict(teacher="t.py:net", weights="w.safetensors", student="s.py:net")
+    before = dict(epochs=30, batch_size=64, lr=0.01, augment="affine+cutmix+colour")  # the settings runs were saved with
+    (p,) = pairs(RunConfig(**own))
+    assert p.distill == dict(before, epochs=100, schedule="cosine", eval_every=10) and p.student_epochs == 30
+    cfg = RunConfig(**own, synthesis="generator")
+    (g,) = pairs(cfg)
+    assert g.distill == before and g.student_epochs == 30
+    assert configs("all-layers", g, 3, cfg)[1] == DistillConfig(**before, seed=3)  # its runs resume
+    (e,) = pairs(RunConfig(**own, epochs=7))
+    assert (e.distill["epochs"], e.distill["schedule"], e.student_epochs) == (7, "cosine", 7)
+    (t,) = pairs(RunConfig(**own, profile="tiny"))
+    assert (t.distill["epochs"], t.distill["schedule"], t.student_epochs) == (1, "cosine", 1)
+
+
 def test_generator_synthesis_runs_the_same_objective_and_saves_its_generator(own, tmp_path, capsys):
     """--synthesis generator on a given BN teacher (bn-stats: no statistics file): the student is distilled on a
     generator's batches, the generator saved beside it (loadable, of the data's shape and range, its grid in the
@@ -161,6 +181,9 @@ def test_generator_synthesis_runs_the_same_objective_and_saves_its_generator(own
     assert gen.shape == (3, 32, 32) and doc["objective"] == "bn-stats" and not gen.anchored
     saved = json.loads((tmp_path / "own" / "students" / "bn-stats.json").read_text())
     assert "views" not in saved["reconstruct_config"]  # the generator's recipe: no seen views
+    # its recipe as results.json states it: the generator's, not the optimise mode's distillation
+    profile = json.loads((tmp_path / "results.json").read_text())["profile"]
+    assert "optimise_distill" not in profile and profile["generator"]["iterations"] == 3
     md = (tmp_path / "results.md").read_text()
     assert "| bn-stats (generator) |" in md and "](own/students/bn-stats.samples.png)" in md
     assert (tmp_path / "own" / "students" / "bn-stats.samples.png").read_bytes().startswith(b"\x89PNG")
