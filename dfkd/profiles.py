@@ -65,8 +65,8 @@ GENERATOR = {
 # recoloured too: colour digits 71.20 % -> 87.70 %, README); the real-data students train for its epochs. Under
 # --synthesis optimise ``optimise_distill`` replaces its entries: the student, distilled on a set of 2,000, takes
 # 100 epochs with its lr annealed by a cosine (3,200 steps, where the baselines' 30 epochs of a 10,000-image set are
-# 4,700; 30 epochs at a constant lr left it swinging between 61 and 72 %: natural digits 67.95 % -> 83.45 %,
-# docs/colour.md); --epochs sets both. Under
+# 4,700; 30 epochs at a constant lr left it swinging between 61 and 72 %: natural digits 68.52 % (2 seeds) ->
+# 82.13 % (3 seeds, a teacher trained again), docs/colour.md); --epochs sets both. Under
 # --synthesis generator the recipe's ``generator_recipe`` entries replace its own (the generator's student sees
 # the views on its stream already; seen views cost it 2 points on colour digits, 90.90 % -> 88.95 %), and
 # ``generator_without_bn`` entries replace those for all-layers without bn-stats (a teacher without BatchNorm:

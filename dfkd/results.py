@@ -123,8 +123,9 @@ def _xml(text: str) -> str:
 
 def curve(rows: list[dict], width: int = 720) -> bytes:
     """The students' test accuracy along their training as an SVG line chart, one line (and legend entry) per
-    student, from its first measured epoch (every ``eval_every`` epochs and the last, which a dot marks); 0..100 %. Beside a generator's student (measured every so many generator
-    steps), each line spans its own budget."""
+    student, from its first measured epoch (every ``eval_every`` epochs and the last, which a dot marks);
+    0..100 %. Beside a generator's student (measured every so many generator steps), each line spans its own
+    budget."""
     runs = [r for r in rows if r.get("history") and r.get("history_epochs")]
     last = max([e for r in runs for e in r["history_epochs"]] or [1])
     height = max(320, 48 + 16 * len(runs))
