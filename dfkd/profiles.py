@@ -82,7 +82,8 @@ OWN = {
                   generator_without_bn=dict(unit_targets="batch")),
     "tiny": dict(teacher_epochs=1, recipe=dict(n=40, steps=5, batch_size=20, lr=0.2, jitter=2, tv=0.05, views="affine+colour"),
                  distill=dict(epochs=1, batch_size=64, lr=0.01, augment="affine+cutmix+colour"),
-                 optimise_distill=dict(schedule="cosine"), generator_recipe=dict(views="none"), generator_without_bn=dict(unit_targets="batch")),
+                 optimise_distill=dict(schedule="cosine"), generator_recipe=dict(views="none"),
+                 generator_without_bn=dict(unit_targets="batch")),
 }
 
 

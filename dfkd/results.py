@@ -145,7 +145,8 @@ def curve(rows: list[dict], width: int = 720) -> bytes:
         scale = last / max(r["history_epochs"]) if mixed else 1
         pts = " ".join(f"{x(e * scale):.1f},{y(a):.1f}" for e, a in zip(r["history_epochs"], r["history"]))
         label = f"{_label(r, runs)}: {100 * r['history'][-1]:.2f}%"
-        end = f"{x(r['history_epochs'][-1] * scale):.1f}", f"{y(r['history'][-1]):.1f}"  # marked: one point is a line too
+        # the last point marked: a student measured once draws no line
+        end = f"{x(r['history_epochs'][-1] * scale):.1f}", f"{y(r['history'][-1]):.1f}"
         out.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="1.5"/>'
                    f'<circle cx="{end[0]}" cy="{end[1]}" r="2.5" fill="{c}"/>'
                    f'<text x="{right + 8}" y="{top + 16 * i + 4}" fill="{c}">{_xml(label)}</text>')
