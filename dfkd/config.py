@@ -271,3 +271,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def default(cls: type, name: str) -> Any:
     """A config field's default (the command line shows and uses it)."""
     return next(f.default for f in fields(cls) if f.name == name)
+
+
+def spelt_otherwise() -> dict[str, str]:
+    """The stages' settings whose flag is spelt otherwise than their name (``n``: ``--images``), by name, for
+    messages that name a setting (``resume.differences``)."""
+    return {f.name: f.metadata["flag"] for c in (TrainConfig, RecordConfig, ReconstructConfig, DistillConfig,
+                                                  GeneratorConfig, ExportConfig) for f in fields(c) if f.metadata.get("flag")}

@@ -205,7 +205,7 @@ def write_results(out: Path, rows: list[dict], cfg: RunConfig, t0: float, final:
     data = {"spec": cfg.data, "class_names": list(class_names) if class_names else None}
     recipe = OWN[cfg.profile] if cfg.student is not None else PROFILES[cfg.profile]
     # a run's recipe as written before the modes had their own entries: a generator run's without optimise's
-    recipe = {k: v for k, v in recipe.items() if k != "generator" and not (k == "optimise_distill" and
+    recipe = {k: v for k, v in recipe.items() if k != "generator" and not (k.startswith("optimise_") and
                                                                           cfg.synthesis == "generator")}
     if cfg.synthesis == "generator":  # as the run took it: with its --iterations
         recipe["generator"] = generator_recipe(OWN[cfg.profile].get("generator", GENERATOR[cfg.profile])
@@ -217,9 +217,12 @@ def write_results(out: Path, rows: list[dict], cfg: RunConfig, t0: float, final:
             and isinstance(old.get("rows"), list) and len(old["rows"]) > len(rows):
         return
     wall = old.pop("wall_seconds", None) if old is not None else None
-    # the same results, however this run runs (device, progress bars, restart), and a file from before "data"
-    rows_kept = old is not None and {k: v for k, v in _made(old).items() if k != "data"} == \
-        {k: v for k, v in _made(doc).items() if k != "data"}
+    # the same results, however this run runs (device, progress bars, restart), and a file from before "data";
+    # or the very rows (their measured seconds too: nothing made again) under a config spelt otherwise (a run
+    # resumed with the settings it was made with given as flags)
+    rows_kept = old is not None and ({k: v for k, v in _made(old).items() if k != "data"} ==
+                                     {k: v for k, v in _made(doc).items() if k != "data"}
+                                     or bool(doc["rows"]) and old.get("rows") == doc["rows"])
     wall = float(wall) if rows_kept and isinstance(wall, (int, float)) and not isinstance(wall, bool) else None
     if wall is None or _made(old) != _made(doc):
         wall = time.perf_counter() - t0 if wall is None else wall

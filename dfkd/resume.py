@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import to_dict
+from .config import spelt_otherwise, to_dict
 from .errors import DfkdError
 from .files import load_tensors, parse_json, read_json, save_tensors, weights_sha256
 
@@ -49,15 +49,17 @@ def canonical(obj: Any) -> Any:
 
 
 def differences(old: Any, new: Any, limit: int = 3) -> str:
-    """The settings that differ, e.g. ``lr 0.001 -> 0.01, epochs 2 -> 3``."""
+    """The settings that differ, e.g. ``lr 0.001 -> 0.01, epochs 2 -> 3``; one whose flag is spelt otherwise
+    with it (``n (--images) 2000 -> 3000``)."""
     found: list[str] = []
+    flags = spelt_otherwise()
 
     def walk(a, b, name):
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b), key=lambda k: (k != "verb", str(k))):  # another verb's first
                 walk(a.get(k), b.get(k), str(k))
         elif a != b:
-            found.append(f"{name} {_short(a)} -> {_short(b)}")
+            found.append(f"{name}{f' ({flags[name]})' if name in flags else ''} {_short(a)} -> {_short(b)}")
 
     walk(canonical(old), canonical(new), "settings")
     found = list(dict.fromkeys(found))
@@ -235,8 +237,8 @@ def finished(out: Path, settings: dict, restart: bool = False, state: Path | Non
     if restart or (state is not None and state.is_file()):
         return False
     what = f"other settings ({differences(old, settings)})" if isinstance(old, dict) else "unknown settings"
-    raise DfkdError(desc_path, f"holds a finished model made with {what}; choose another output, or rerun with "
-                    "--restart to replace it")
+    raise DfkdError(desc_path, f"holds a finished model made with {what}; choose another output, give the "
+                    "settings it was made with, or rerun with --restart to replace it")
 
 
 def check_finished(out: Path, settings: dict, restart: bool = False) -> bool:

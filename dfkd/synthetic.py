@@ -76,7 +76,8 @@ class SyntheticSet:
         if m is not None and old != canonical(key):
             if not restart:
                 raise DfkdError(self.dir, f"holds a synthetic set made with other settings ({differences(old, key)}); "
-                                "use another output folder, or rerun with --restart to start it over")
+                                "use another output folder, give the settings it was made with, or rerun with "
+                                "--restart to start it over")
             if ranks.world > 1:
                 raise DfkdError("restart", "ranks cannot start one set over together; delete the set's files once, "
                                 "then start every rank")

@@ -206,7 +206,8 @@ def test_run_resumed_with_other_settings_is_refused_or_restarted(world, tmp_path
     d = tmp_path / "prev" / "lenet5"
     teacher = (d / "teacher.safetensors").read_bytes()
     student = (d / "students" / "top-layer.safetensors").read_bytes()
-    for more, words in ((["--epochs", "2"], ["epochs 1 -> 2"]), (["--images", "30"], ["n 20 -> 30"])):
+    for more, words in ((["--epochs", "2"], ["epochs 1 -> 2"]),
+                        (["--images", "30"], ["n (--images) 20 -> 30", "give the settings it was made with"])):
         code, err = outcome(base + more, capsys)
         check_one_line(code, err, ["top-layer.json", "other settings", *words, "--restart"])
         assert (d / "students" / "top-layer.safetensors").read_bytes() == student

@@ -74,6 +74,28 @@ def test_a_resumed_own_run_with_other_settings_is_refused(own, tmp_path, capsys,
     assert {p: p.read_bytes() for p in before} == before
 
 
+def test_a_run_resumed_with_its_recipe_spelt_as_flags_keeps_its_work_and_wall_time(own, tmp_path, capsys):
+    """A finished run given the recipe it was made with as flags (what a run made before a recipe's default
+    changed is resumed with): nothing is made again, the report keeps its rows and the wall time they took and
+    gives the command as now spelt; flags that differ are refused naming the flag (``n`` is ``--images``)."""
+    d, data = own
+    given = ["--teacher", f"{OWN}:teacher", "--teacher-args", ARGS, "--weights", d / "teacher.safetensors",
+             "--normalize", "auto", "--data", data]
+    rows = run(tmp_path, *given)
+    first = json.loads((tmp_path / "results.json").read_text())
+    models = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.suffix == ".safetensors"}
+    capsys.readouterr()
+    run(tmp_path, *given, "--images", 41, code=2)  # tiny: 40 x 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "n (--images) 40 -> 41" in err[0] and "give the settings it was made with" in err[0]
+    assert run(tmp_path, *given, "--images", 40, "--steps", 5) == rows
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["wall_seconds"] == first["wall_seconds"] and (again["config"]["images"], again["config"]["steps"]) == (40, 5)
+    md = (tmp_path / "results.md").read_text()
+    assert f"wall time so far: {first['wall_seconds']:.0f} s" in md and "--images 40 --steps 5" in md
+    assert {p: p.read_bytes() for p in models} == models
+
+
 def test_a_statistics_file_beside_a_bn_teacher_adds_the_metadata_objective(own, tmp_path):
     """The same teacher, its statistics recorded beside it (the publisher's file): both objectives, the
     synthetic set made from that very file, which the run leaves as it was."""
@@ -144,24 +166,36 @@ def test_the_paper_networks_settings_are_those_runs_made_before(tmp_path):
                                                              schedule="cosine", seed=0))
 
 
-def test_an_own_pairs_optimised_set_is_distilled_longer_than_its_baselines_train():
-    """Under --synthesis optimise the own pair's student takes ``optimise_distill`` (quick: 100 epochs, cosine) and
-    the baselines the distillation's own 30; the generator's student keeps the distillation as it was (its saved
-    settings, so its runs resume); --epochs sets the student's and the baselines' epochs alike."""
+def test_an_own_pairs_optimised_set_is_distilled_longer_than_its_baselines_train(tmp_path):
+    """Under --synthesis optimise the own pair's set is ``optimise_recipe``'s size (quick: 3,000 x 120) and its
+    student takes ``optimise_distill`` (100 epochs, cosine), the baselines the distillation's own 30; the
+    generator keeps the recipe and distillation as they were (its saved settings, so its runs resume); --images,
+    --steps and --epochs override them (--epochs the student's and the baselines' alike)."""
     from dfkd.config import DistillConfig, RunConfig
     from dfkd.profiles import configs, pairs
     own = dict(teacher="t.py:net", weights="w.safetensors", student="s.py:net")
     before = dict(epochs=30, batch_size=64, lr=0.01, augment="affine+cutmix+colour")  # the settings runs were saved with
     (p,) = pairs(RunConfig(**own))
     assert p.distill == dict(before, epochs=100, schedule="cosine", eval_every=10) and p.student_epochs == 30
+    assert (p.recipe["n"], p.recipe["steps"], p.recipe["views"]) == (3000, 120, "affine+colour")
     cfg = RunConfig(**own, synthesis="generator")
     (g,) = pairs(cfg)
     assert g.distill == before and g.student_epochs == 30
+    assert (g.recipe["n"], g.recipe["steps"], g.recipe["views"]) == (2000, 200, "none")  # as its runs were saved
+    (s,) = pairs(RunConfig(**own, images=500, steps=7))
+    assert (s.recipe["n"], s.recipe["steps"]) == (500, 7)
     assert configs("all-layers", g, 3, cfg)[1] == DistillConfig(**before, seed=3)  # its runs resume
     (e,) = pairs(RunConfig(**own, epochs=7))
     assert (e.distill["epochs"], e.distill["schedule"], e.student_epochs) == (7, "cosine", 7)
     (t,) = pairs(RunConfig(**own, profile="tiny"))
     assert (t.distill["epochs"], t.distill["schedule"], t.student_epochs) == (1, "cosine", 1)
+    # results.json states each mode's recipe: the generator's without the optimise mode's entries
+    from dfkd.results import write_results
+    for synthesis, has in (("generator", False), ("optimise", True)):
+        write_results(tmp_path / synthesis, [], RunConfig(**own, synthesis=synthesis), 0.0)
+        profile = json.loads((tmp_path / synthesis / "results.json").read_text())["profile"]
+        assert ("optimise_recipe" in profile, "optimise_distill" in profile, "generator_recipe" in profile) == \
+            (has, has, True)
 
 
 def test_generator_synthesis_runs_the_same_objective_and_saves_its_generator(own, tmp_path, capsys):
