@@ -65,9 +65,10 @@ GENERATOR = {
 # recoloured too: colour digits 71.20 % -> 87.70 %, README); the real-data students train for its epochs. Under
 # --synthesis optimise ``optimise_recipe`` replaces the recipe's entries: 3,000 inputs x 120 steps (natural digits,
 # mean of 3 seeds: 2,000 x 200 82.13 %, 3,000 x 120 84.43 % at 0.9x the image-steps, docs/colour.md), and
-# ``optimise_distill`` the distillation's: 100 epochs with the lr annealed by a cosine (4,700 steps on 3,000 inputs,
-# as the baselines' 30 epochs of a 10,000-image set; 30 epochs at a constant lr left the student swinging between
-# 61 and 72 %: natural digits 68.52 % (2 seeds) -> 82.13 % (3 seeds)); --epochs sets both. Under
+# ``optimise_distill`` the distillation's: 100 epochs with the lr annealed by a cosine (4,700 steps on 3,000
+# inputs, about the baselines' 4,710 in 30 epochs of a 10,000-image set; 30 epochs at a constant lr left the
+# student swinging between 61 and 72 %: natural digits 68.52 % (2 seeds) -> 82.13 % (3 seeds)); --epochs sets
+# both. Under
 # --synthesis generator the recipe's ``generator_recipe`` entries replace its own (the generator's student sees
 # the views on its stream already; seen views cost it 2 points on colour digits, 90.90 % -> 88.95 %), and
 # ``generator_without_bn`` entries replace those for all-layers without bn-stats (a teacher without BatchNorm:
