@@ -49,8 +49,8 @@ def canonical(obj: Any) -> Any:
 
 
 def differences(old: Any, new: Any, limit: int = 3) -> str:
-    """The settings that differ, e.g. ``lr 0.001 -> 0.01, epochs 2 -> 3``; one whose flag is spelt otherwise
-    with it (``n (--images) 2000 -> 3000``)."""
+    """The settings that differ, e.g. ``lr 0.001 -> 0.01, epochs 2 -> 3``, each with its flag where that is
+    spelt otherwise (``n (--images) 2000 -> 3000``)."""
     found: list[str] = []
     flags = spelt_otherwise()
 
