@@ -249,8 +249,7 @@ def pairs(cfg: RunConfig) -> list[Pair]:
                      unit_targets=cfg.unit_targets or p.get("unit_targets", {}).get(net)) for net in cfg.networks]
     o = OWN[cfg.profile]
     recipe = dict(o["recipe"], **o.get(f"{cfg.synthesis}_recipe", {}))
-    distill = {**o["distill"], **(o.get("optimise_distill", {}) if cfg.synthesis == "optimise" else {}),
-               **({"epochs": cfg.epochs} if cfg.epochs else {})}
+    distill = {**o["distill"], **o.get(f"{cfg.synthesis}_distill", {}), **({"epochs": cfg.epochs} if cfg.epochs else {})}
     return [Pair("own", cfg.teacher, cfg.student, o["teacher_epochs"], cfg.epochs or o["distill"]["epochs"],
                  o["distill"]["lr"], _sized(recipe, cfg), distill, parse_args(cfg.teacher_args, "teacher_args"),
                  parse_args(cfg.student_args, "student_args"), own=True,
