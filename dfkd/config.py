@@ -60,6 +60,9 @@ class TrainConfig:
     batch_size: int = opt(64, "examples per step", parse="positive")
     lr: float = opt(1e-3, "Adam's learning rate", parse="positive")
     schedule: str = opt("cosine", "cosine (anneal to 0; the last epoch is the stable one) or constant")
+    augment: str = opt("none", "each batch's views before the network sees them: shift, affine (each image its own small "
+                       "rotation, scale and shift) or none, optionally +colour (channels reordered, scaled and shifted); "
+                       "every view keeps its image's label", later=True)
     seed: int = opt(0, SEED)
 
 

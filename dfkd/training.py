@@ -12,7 +12,8 @@ from torch import nn
 from . import distributed
 from .checkpoint import save_model
 from .config import Runtime, TrainConfig, to_dict
-from .data import DataSource, at_input, data_len, info_of
+from .data import DataInfo, DataSource, at_input, data_len, info_of
+from .errors import DfkdError
 from .files import exclusive, weights_sha256
 from .loop import accuracy, fit
 from .models import train_logits
@@ -21,10 +22,29 @@ from .resume import state_path as state_file
 from .runtime import pick_device, seed_everything, setup_threads, whole
 from .sources import data_sha256
 from .specs import DataRef, ModelRef, open_with_data, require_spec
+from .views import SEEN, SEEN_FORM, augment
 
 
 def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, _g: torch.Generator) -> torch.Tensor:
     return F.cross_entropy(train_logits(model, x), y)
+
+
+def check_augment(how: str) -> None:
+    if how not in SEEN:
+        raise DfkdError("augment", f"{how!r} is not {SEEN_FORM}")
+
+
+def augmented_loss(how: str, info: DataInfo | None):
+    """``cross_entropy_loss`` on each batch's ``how`` views (``views.SEEN``: nothing mixed, so each view keeps
+    its label), drawn from the epoch's generator within the raw range of ``info`` (else the batch's own)."""
+    check_augment(how)
+    if how == "none":
+        return cross_entropy_loss
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        lo, hi = (info.low, info.high) if info is not None else (float(x.min()), float(x.max()))
+        return F.cross_entropy(train_logits(model, augment(x, how, g, lo=lo, hi=hi)), y)
+    return loss
 
 
 def train(model: nn.Module, data, cfg: TrainConfig = TrainConfig(), test=None,
@@ -40,7 +60,7 @@ def train(model: nn.Module, data, cfg: TrainConfig = TrainConfig(), test=None,
         data, test = data.train, test if test is not None else data.test
     test_info = None if info_of(test) is not None else info  # a test set without its own description: info's
     on_epoch = (lambda m: {"test_accuracy": accuracy(at_input(m, test_info), test)}) if test is not None else None
-    return fit(model, data, cross_entropy_loss, info=info, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+    return fit(model, data, augmented_loss(cfg.augment, info), info=info, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                seed=cfg.seed, schedule=cfg.schedule, state_path=state_path, on_epoch=on_epoch,
                desc="train", progress=rt.progress, settings=settings, restart=restart)
 
@@ -63,6 +83,7 @@ def train_file(model: ModelRef, data: DataRef, out: str | Path, cfg: TrainConfig
     weights, hyperparameters, seed) is refused, or with ``restart`` started over; a finished model
     made with the same settings is kept (nothing to do)."""
     require_spec(model, "model")
+    check_augment(cfg.augment)
     setup_threads()
     ranks = distributed.group(rt.device)  # under torchrun: data-parallel, rank 0 writes
     seed_everything(cfg.seed)

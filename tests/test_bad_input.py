@@ -175,6 +175,8 @@ CASES = [
     ("arg-augment", "argument", "unknown --augment",
      lambda w, t: ["distill", "--synthetic", w.synthetic, "--teacher", w.teacher, "--augment", "warp",
                    "--out", t / "s"] + T, ["--augment"]),
+    ("arg-train-augment", "argument", "dfkd train --augment that mixes inputs (a view keeps its image's label)",
+     lambda w, t: ["train", "--augment", "affine+mix", "--out", t / "t"], ["--augment", "each input keeps its own label"]),
     ("arg-seen-views", "argument", "--seen-views that mixes inputs",
      lambda w, t: ["reconstruct", "--teacher", w.teacher, "--objective", "all-layers", "--seen-views", "affine+mix",
                    "--out", t / "r"], ["--seen-views", "each input keeps its own label"]),

@@ -4,12 +4,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from dfkd.config import TrainConfig
+from dfkd.config import TrainConfig, to_dict
+from dfkd.data import at_input
 from dfkd.evaluation import evaluate
 from dfkd.loop import fit
 from dfkd.models import build_model
 from dfkd.sources import open_data
-from dfkd.training import cross_entropy_loss, train
+from dfkd.training import augmented_loss, cross_entropy_loss, train
 from tests.conftest import assert_count, near_ties
 
 
@@ -63,6 +64,47 @@ def test_a_dataloader_trains_like_a_dataset(small):
     hist = train(m, DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True), TrainConfig(epochs=2, lr=3e-3),
                  test=small.test)
     assert hist[-1]["test_accuracy"] > 0.5
+
+
+def test_an_augmented_batch_is_the_batch_shifted_by_the_epochs_draw(small):
+    """``--augment shift``: a batch's loss is the cross-entropy on the batch translated, zero-filled, by the offset the
+    epoch's generator gives (up to 2 pixels each way), built here by slicing into zeros; ``none`` is the plain loss."""
+    x, y = small.train[0][:64], small.train[1][:64]
+    torch.manual_seed(0)
+    m, _ = build_model("lenet5-half", small.info)
+    net = at_input(m, small.info).eval()
+    got = augmented_loss("shift", small.info)(net, x, y, torch.Generator().manual_seed(5))
+    ox, oy = (v - 2 for v in torch.randint(0, 5, (2,), generator=torch.Generator().manual_seed(5)).tolist())
+    h, w = x.shape[2:]
+    want = torch.zeros_like(x)  # want[i, j] = x[i + oy, j + ox] where that lies in the image
+    want[:, :, max(0, -oy):h - max(0, oy), max(0, -ox):w - max(0, ox)] = \
+        x[:, :, max(0, oy):h + min(0, oy), max(0, ox):w + min(0, ox)]
+    assert (ox, oy) != (0, 0) and not torch.equal(want, x)
+    assert torch.allclose(got, torch.nn.functional.cross_entropy(net(want), y), atol=1e-6)
+    assert augmented_loss("none", small.info) is cross_entropy_loss
+    assert "augment" not in to_dict(TrainConfig()) and to_dict(TrainConfig(augment="shift"))["augment"] == "shift"
+
+
+def test_affine_augmentation_makes_a_model_that_reads_shifted_digits(small):
+    """Trained on the same 2,000 real digits, the model trained on affine views reads test digits moved 2 pixels
+    right and down far better than the one trained on the digits as they are; both are exact reruns of a seed."""
+    x, y = small.train[0][:2000], small.train[1][:2000]
+    xt, yt = small.test
+    moved = torch.zeros_like(xt)
+    moved[:, :, 2:, 2:] = xt[:, :, :-2, :-2]
+
+    def trained(how):
+        torch.manual_seed(0)
+        m, _ = build_model("lenet5-half", small.info)
+        train(m, (x, y), TrainConfig(epochs=6, lr=3e-3, augment=how))
+        return m
+
+    plain, augmented = trained("none"), trained("affine")
+    acc = {k: (at_input(m, small.info)(moved).argmax(1) == yt).float().mean().item()
+           for k, m in (("plain", plain), ("augmented", augmented))}
+    assert acc["augmented"] > acc["plain"] + 0.10, acc  # 0.689 against 0.506 here
+    again = trained("affine")
+    assert all(torch.equal(a, b) for a, b in zip(augmented.state_dict().values(), again.state_dict().values()))
 
 
 def test_resumed_training_equals_uninterrupted(small, tmp_path):
