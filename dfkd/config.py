@@ -60,9 +60,11 @@ class TrainConfig:
     batch_size: int = opt(64, "examples per step", parse="positive")
     lr: float = opt(1e-3, "Adam's learning rate", parse="positive")
     schedule: str = opt("cosine", "cosine (anneal to 0; the last epoch is the stable one) or constant")
-    augment: str = opt("none", "each batch's views before the network sees them: shift, affine (each image its own small "
-                       "rotation, scale and shift) or none, optionally +colour (channels reordered, scaled and shifted); "
-                       "every view keeps its image's label", later=True)
+    augment: str = opt("none", "images only: each batch seen through random views, every view keeping its image's "
+                       "label: shift (the whole batch moved by one offset of up to 2 pixels), affine (each image its own "
+                       "rotation up to 15 degrees, scale 0.9 to 1.1 and shift up to 2 pixels; edges filled with the "
+                       "data's black) or none, optionally +colour (an RGB image's channels reordered, each channel "
+                       "scaled and offset)", later=True)
     seed: int = opt(0, SEED)
 
 
@@ -274,6 +276,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def default(cls: type, name: str) -> Any:
     """A config field's default (the command line shows and uses it)."""
     return next(f.default for f in fields(cls) if f.name == name)
+
+
+def later_defaults() -> dict[str, Any]:
+    """The stages' settings added after work was saved (``later``), by name, with the default that work was made
+    under: a message naming one that saved work lacks shows that default (``resume.differences``)."""
+    return {f.name: f.default for c in (TrainConfig, RecordConfig, ReconstructConfig, DistillConfig, GeneratorConfig,
+                                         ExportConfig) for f in fields(c) if f.metadata.get("later")}
 
 
 def spelt_otherwise() -> dict[str, str]:

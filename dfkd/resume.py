@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import spelt_otherwise, to_dict
+from .config import later_defaults, spelt_otherwise, to_dict
 from .errors import DfkdError
 from .files import load_tensors, parse_json, read_json, save_tensors, weights_sha256
 
@@ -52,12 +52,12 @@ def differences(old: Any, new: Any, limit: int = 3) -> str:
     """The settings that differ, e.g. ``lr 0.001 -> 0.01, epochs 2 -> 3``, each with its flag where that is
     spelt otherwise (``n (--images) 2000 -> 3000``)."""
     found: list[str] = []
-    flags = spelt_otherwise()
+    flags, later = spelt_otherwise(), later_defaults()
 
     def walk(a, b, name):
         if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b), key=lambda k: (k != "verb", str(k))):  # another verb's first
-                walk(a.get(k), b.get(k), str(k))
+            for k in sorted(set(a) | set(b), key=lambda k: (k != "verb", str(k))):  # a setting saved work lacks:
+                walk(a.get(k, later.get(k)), b.get(k, later.get(k)), str(k))   # its default, if added later
         elif a != b:
             found.append(f"{name}{f' ({flags[name]})' if name in flags else ''} {_short(a)} -> {_short(b)}")
 

@@ -29,19 +29,24 @@ def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, _g: t
     return F.cross_entropy(train_logits(model, x), y)
 
 
-def check_augment(how: str) -> None:
+def check_augment(how: str, shape: tuple[int, ...] | None = None) -> None:
+    """``how`` is a view ``train`` takes (``views.SEEN``), and inputs of ``shape`` (one input's, where known) are
+    images, which views need."""
     if how not in SEEN:
         raise DfkdError("augment", f"{how!r} is not {SEEN_FORM}")
+    if how != "none" and shape is not None and len(shape) != 3:
+        raise DfkdError("augment", f"views need images [C, H, W]; these inputs are {tuple(shape)}")
 
 
 def augmented_loss(how: str, info: DataInfo | None):
     """``cross_entropy_loss`` on each batch's ``how`` views (``views.SEEN``: nothing mixed, so each view keeps
     its label), drawn from the epoch's generator within the raw range of ``info`` (else the batch's own)."""
-    check_augment(how)
+    check_augment(how, info.shape if info is not None else None)
     if how == "none":
         return cross_entropy_loss
 
     def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        check_augment(how, tuple(x.shape[1:]))
         lo, hi = (info.low, info.high) if info is not None else (float(x.min()), float(x.max()))
         return F.cross_entropy(train_logits(model, augment(x, how, g, lo=lo, hi=hi)), y)
     return loss
@@ -88,6 +93,7 @@ def train_file(model: ModelRef, data: DataRef, out: str | Path, cfg: TrainConfig
     ranks = distributed.group(rt.device)  # under torchrun: data-parallel, rank 0 writes
     seed_everything(cfg.seed)
     net, desc, source = open_with_data(model, data)
+    check_augment(cfg.augment, source.info.shape)
     settings = {"verb": "train", "model": desc["model"], "start_sha256": weights_sha256(net.state_dict()),
                 "data": data_settings(source, data.test), "config": config_settings(cfg)}
     net.to(pick_device(rt.device))

@@ -1,4 +1,4 @@
-"""The views a student is distilled on: a batch of raw images (zero is black) transformed at random, per
+"""The views a student is distilled on: a batch of raw images (the range's low end is black) transformed at random, per
 sample where it can be; the teacher labels the result, so a mixed view needs no mixed label. Distillation
 (on a synthetic set) and generation (on a generator's stream) use the same views, and reconstruction and the
 generator's training may show the teacher the inputs being made under them (``seen``). Inputs that are not
@@ -84,9 +84,9 @@ def backdrop(x: torch.Tensor, g: torch.Generator, lo: float = 0.0, hi: float = 1
 
 def augment(x: torch.Tensor, how: str, g: torch.Generator, pad: int = 2, lo: float = 0.0,
             hi: float = 1.0) -> torch.Tensor:
-    """Augment a batch of raw images (zero is black): ``shift`` translates the whole batch by up
-    to ``pad`` pixels (zero-filled); ``affine`` gives every sample its own random rotation
-    (+-15 degrees), scale (0.9 to 1.1) and translation (+-``pad`` pixels), bilinear with zero fill;
+    """Augment a batch of raw images (``lo`` is black): ``shift`` translates the whole batch by up
+    to ``pad`` pixels (filled with ``lo``); ``affine`` gives every sample its own random rotation
+    (+-15 degrees), scale (0.9 to 1.1) and translation (+-``pad`` pixels), bilinear, filled with ``lo``;
     then ``+mix`` mixes each sample with its partner in the reversed batch (``lam ~ U(0, 1)`` per
     sample; vectors too) and ``+cutmix`` pastes a box of the partner into it (``cutmix``); last,
     ``+colour`` jitters each image's colours within the raw range ``[lo, hi]`` (``recolour``). The
@@ -101,10 +101,10 @@ def augment(x: torch.Tensor, how: str, g: torch.Generator, pad: int = 2, lo: flo
         cos, sin = torch.cos(ang) * scale, torch.sin(ang) * scale
         theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
         grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        x = F.grid_sample(x - lo, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + lo
     elif x.dim() == 4 and base == "shift":
         dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
-        x = F.pad(x, (pad, pad, pad, pad))[:, :, dy:dy + x.shape[2], dx:dx + x.shape[3]]
+        x = F.pad(x, (pad, pad, pad, pad), value=lo)[:, :, dy:dy + x.shape[2], dx:dx + x.shape[3]]
     if mix == "mix":
         lam = torch.rand((len(x), *[1] * (x.dim() - 1)), generator=g).to(x.device)
         x = lam * x + (1 - lam) * x.flip(0)

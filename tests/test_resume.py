@@ -260,6 +260,9 @@ def test_settings_ignore_how_a_run_runs():
     assert config_settings(DistillConfig(lr=1e-3)) != config_settings(DistillConfig(lr=2e-3))
     assert differences({"config": {"lr": 0.001, "epochs": 2}}, {"config": {"lr": 0.01, "epochs": 2}}) \
         == "lr 0.001 -> 0.01"
+    # work saved before a setting was added lacks it, and was made under its default (not "null")
+    old, new = config_settings(TrainConfig()), config_settings(TrainConfig(augment="shift"))
+    assert "augment" not in old and differences({"config": old}, {"config": new}) == "augment none -> shift"
 
 
 # --- what a finished model and its data are -------------------------------------------------------

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -67,22 +68,53 @@ def test_a_dataloader_trains_like_a_dataset(small):
 
 
 def test_an_augmented_batch_is_the_batch_shifted_by_the_epochs_draw(small):
-    """``--augment shift``: a batch's loss is the cross-entropy on the batch translated, zero-filled, by the offset the
-    epoch's generator gives (up to 2 pixels each way), built here by slicing into zeros; ``none`` is the plain loss."""
-    x, y = small.train[0][:64], small.train[1][:64]
+    """``--augment shift``: a batch's loss is the cross-entropy on the batch translated by the offset the epoch's
+    generator gives (up to 2 pixels each way), the uncovered edge filled with the data's black (``info.low``, here
+    -2, not the batch's own minimum -1), built here by slicing into a filled tensor; ``none`` is the plain loss."""
+    x, y = small.train[0][:64] * 2 - 1, small.train[1][:64]
+    info = dataclasses.replace(small.info, low=-2.0, high=2.0)
     torch.manual_seed(0)
-    m, _ = build_model("lenet5-half", small.info)
-    net = at_input(m, small.info).eval()
-    got = augmented_loss("shift", small.info)(net, x, y, torch.Generator().manual_seed(5))
+    net, _ = build_model("lenet5-half", small.info)
+    got = augmented_loss("shift", info)(net, x, y, torch.Generator().manual_seed(5))
     ox, oy = (v - 2 for v in torch.randint(0, 5, (2,), generator=torch.Generator().manual_seed(5)).tolist())
     h, w = x.shape[2:]
-    want = torch.zeros_like(x)  # want[i, j] = x[i + oy, j + ox] where that lies in the image
+    want = torch.full_like(x, -2.0)  # want[i, j] = x[i + oy, j + ox] where that lies in the image
     want[:, :, max(0, -oy):h - max(0, oy), max(0, -ox):w - max(0, ox)] = \
         x[:, :, max(0, oy):h + min(0, oy), max(0, ox):w + min(0, ox)]
-    assert (ox, oy) != (0, 0) and not torch.equal(want, x)
+    assert ox != oy and not torch.equal(want, x)  # a swapped x and y would differ
     assert torch.allclose(got, torch.nn.functional.cross_entropy(net(want), y), atol=1e-6)
     assert augmented_loss("none", small.info) is cross_entropy_loss
     assert "augment" not in to_dict(TrainConfig()) and to_dict(TrainConfig(augment="shift"))["augment"] == "shift"
+
+
+def test_a_resumed_augmented_training_equals_an_uninterrupted_one(small, tmp_path):
+    """Affine and colour views are drawn from each epoch's own generator: a run killed in its third epoch and
+    resumed makes the very weights of one run straight through."""
+    x, y = small.train[0][:500], small.train[1][:500]
+    loss = augmented_loss("affine+colour", small.info)
+
+    def run(state, on_epoch=None):
+        torch.manual_seed(0)
+        m, _ = build_model("lenet5-half", small.info)
+        fit(m, (x, y), loss, epochs=3, batch_size=64, lr=1e-3, seed=3, state_path=state, on_epoch=on_epoch,
+            progress=False)
+        return m
+
+    whole = run(None)
+
+    def interrupt(_m):
+        if interrupt.calls == 2:
+            raise KeyboardInterrupt
+        interrupt.calls += 1
+        return {}
+    interrupt.calls = 0
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "s.safetensors", interrupt)
+    torch.manual_seed(123)
+    ran = []
+    resumed = run(tmp_path / "s.safetensors", lambda _m: ran.append(1) or {})
+    assert len(ran) == 1  # only the third epoch ran again
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
 
 
 def test_affine_augmentation_makes_a_model_that_reads_shifted_digits(small):
