@@ -30,8 +30,10 @@ DAFL_NOISE = {"lenet5": 88.01, "hinton-1200": 87.58}
 # synthetic images ``n``, Adam ``steps`` per image, priors, start) and, where a profile picks them,
 # the objectives it runs by default. ``paper``: the paper's losses as written (plain squared
 # distance, no whitening, no priors, noise start, no augmentation) at its sizes; ``quick`` and
-# ``best``: dfkd's recipe (see README) at two budgets (``best``'s LeNet-5 matches its all-layers per-unit records
-# by the batch, ``unit_targets``: 98.70 % -> 98.87 %, mean of 3 seeds); ``tiny``: the tests' smoke run.
+# ``best``: dfkd's recipe (see README) at two budgets (``best`` matches both networks' all-layers per-unit records
+# by the batch, ``unit_targets``: LeNet-5 98.70 % -> 98.87 %, mean of 3 seeds; its Hinton-800 is distilled under
+# --synthesis optimise with half of each batch pushed towards student-teacher disagreement, ``optimise_distill``:
+# 97.32 % -> 98.18 % on one set and seed, 98.15 % mean of 3 seeds); ``tiny``: the tests' smoke run.
 PROFILES = {
     "quick": dict(teacher_epochs=10, baseline_epochs={"lenet5": 10, "hinton-1200": 2}, batch_size=500,
                   distill=dict(epochs=20, batch_size=64, lr=1e-3, augment="affine+cutmix", eval_every=5),
@@ -40,7 +42,8 @@ PROFILES = {
                  distill=dict(epochs=60, batch_size=64, lr=1e-3, augment="affine+cutmix", schedule="cosine",
                               eval_every=10),
                  recipe={"lenet5": dict(n=24000, steps=40), "hinton-1200": dict(n=24000, steps=20, jitter=2)},
-                 unit_targets={"lenet5": "batch"},
+                 unit_targets={"lenet5": "batch", "hinton-1200": "batch"},
+                 optimise_distill={"hinton-1200": dict(adversarial=0.5)},
                  objectives={"lenet5": ("all-layers",), "hinton-1200": ("all-layers",)}),
     "paper": dict(teacher_epochs=10, baseline_epochs={"lenet5": 10, "hinton-1200": 10}, batch_size=1000,
                   distill=dict(epochs=30, batch_size=64, lr=1e-3, augment="none"),
@@ -244,7 +247,8 @@ def pairs(cfg: RunConfig) -> list[Pair]:
     if cfg.student is None:
         return [Pair(net, net, PAIRS[net], p["teacher_epochs"], p["baseline_epochs"][net], 1e-3,
                      _sized(dict(p["recipe"][net], batch_size=p["batch_size"]), cfg),
-                     dict(p["distill"], **({"epochs": cfg.epochs} if cfg.epochs else {})),
+                     {**p["distill"], **p.get(f"{cfg.synthesis}_distill", {}).get(net, {}),
+                      **({"epochs": cfg.epochs} if cfg.epochs else {})},
                      generator=generator_recipe(GENERATOR[cfg.profile], cfg),
                      unit_targets=cfg.unit_targets or p.get("unit_targets", {}).get(net)) for net in cfg.networks]
     o = OWN[cfg.profile]

@@ -300,12 +300,16 @@ def test_run_flags_choose_seen_views_and_unit_targets():
     # an objective that reads no per-unit record keeps its settings (a resumed run's students still match)
     assert p.recipe_for("spectral-all") == dict(pairs(RunConfig(networks=("lenet5",)))[0].recipe, views="shift+colour")
     assert "views" not in pairs(RunConfig(networks=("lenet5",)))[0].recipe
-    # the best profile's LeNet-5 matches its all-layers records by the batch, and only those; --unit-targets wins
+    # the best profile matches both networks' all-layers records by the batch, and only those; --unit-targets wins;
+    # its Hinton-800 alone is distilled on disagreement views, and only under optimise (a generator ignores them)
     best = pairs(RunConfig(networks=("lenet5", "hinton-1200"), profile="best"))
-    assert [p.recipe_for("all-layers").get("unit_targets") for p in best] == ["batch", None]
+    assert [p.recipe_for("all-layers").get("unit_targets") for p in best] == ["batch", "batch"]
+    assert [p.distill.get("adversarial") for p in best] == [None, 0.5]
+    assert "adversarial" not in pairs(RunConfig(networks=("hinton-1200",), profile="best", synthesis="generator"))[0].distill
+    assert pairs(RunConfig(networks=("hinton-1200",), profile="best", epochs=7))[0].distill["epochs"] == 7
     assert "unit_targets" not in best[0].recipe_for("spectral-pairs")
-    assert pairs(RunConfig(networks=("lenet5",), profile="best", unit_targets="draw"))[0].recipe_for(
-        "all-layers")["unit_targets"] == "draw"
+    assert [p.recipe_for("all-layers")["unit_targets"] for p in pairs(RunConfig(
+        networks=("lenet5", "hinton-1200"), profile="best", unit_targets="draw"))] == ["draw", "draw"]
     with pytest.raises(DfkdError, match="'rotate' is not shift"):
         pairs(RunConfig(networks=("lenet5",), seen_views="rotate"))
     with pytest.raises(DfkdError, match="'pairs' is not draw or batch"):
