@@ -66,3 +66,17 @@ def test_backdrop_comes_last_and_is_reproducible():
     v = torch.rand(8, 20)
     assert torch.equal(augment(v, "none+backdrop", torch.Generator().manual_seed(0)), v)
     assert not math.isclose((got - augment(x, "affine+cutmix+colour", torch.Generator().manual_seed(5))).abs().max(), 0)
+
+
+def test_shift_and_affine_fill_the_uncovered_edge_with_the_ranges_black():
+    """A batch that is black everywhere stays black under every shift and affine view, for a range whose black is
+    not zero (-1..1): the edge a view uncovers is filled with ``lo``; bright images gain exactly ``lo`` there."""
+    for lo in (-1.0, 0.0):
+        black = torch.full((6, 3, 16, 16), lo)
+        for how in ("shift", "affine"):
+            for seed in range(4):  # shift's one offset per batch is (0, 0) with chance 1/25: four draws
+                out = augment(black, how, torch.Generator().manual_seed(seed), lo=lo, hi=1.0)
+                assert torch.allclose(out, black, atol=1e-6), (lo, how, seed)
+    white = torch.ones(6, 3, 16, 16)
+    moved = [augment(white, "shift", torch.Generator().manual_seed(s), lo=-1.0) for s in range(4)]
+    assert any((m == -1.0).any() for m in moved) and all(((m == 1.0) | (m == -1.0)).all() for m in moved)
