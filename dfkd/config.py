@@ -278,15 +278,19 @@ def default(cls: type, name: str) -> Any:
     return next(f.default for f in fields(cls) if f.name == name)
 
 
+def _stage_fields() -> list[Field]:
+    """Every field of the stages' configs (what saved work's settings hold)."""
+    return [f for c in (TrainConfig, RecordConfig, ReconstructConfig, DistillConfig, GeneratorConfig, ExportConfig)
+            for f in fields(c)]
+
+
 def later_defaults() -> dict[str, Any]:
     """The stages' settings added after work was saved (``later``), by name, with the default that work was made
     under: a message naming one that saved work lacks shows that default (``resume.differences``)."""
-    return {f.name: f.default for c in (TrainConfig, RecordConfig, ReconstructConfig, DistillConfig, GeneratorConfig,
-                                         ExportConfig) for f in fields(c) if f.metadata.get("later")}
+    return {f.name: f.default for f in _stage_fields() if f.metadata.get("later")}
 
 
 def spelt_otherwise() -> dict[str, str]:
     """The stages' settings whose flag is spelt otherwise than their name (``n``: ``--images``), by name, for
     messages that name a setting (``resume.differences``)."""
-    return {f.name: f.metadata["flag"] for c in (TrainConfig, RecordConfig, ReconstructConfig, DistillConfig,
-                                                  GeneratorConfig, ExportConfig) for f in fields(c) if f.metadata.get("flag")}
+    return {f.name: f.metadata["flag"] for f in _stage_fields() if f.metadata.get("flag")}

@@ -46,9 +46,10 @@ def augmented_loss(how: str, info: DataInfo | None):
         return cross_entropy_loss
 
     def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        check_augment(how, tuple(x.shape[1:]))
-        lo, hi = (info.low, info.high) if info is not None else (float(x.min()), float(x.max()))
-        return F.cross_entropy(train_logits(model, augment(x, how, g, lo=lo, hi=hi)), y)
+        if info is None:  # plain tensors: checked, and their range read, batch by batch
+            check_augment(how, tuple(x.shape[1:]))
+            return F.cross_entropy(train_logits(model, augment(x, how, g, lo=float(x.min()), hi=float(x.max()))), y)
+        return F.cross_entropy(train_logits(model, augment(x, how, g, lo=info.low, hi=info.high)), y)
     return loss
 
 
