@@ -235,6 +235,9 @@ class RunConfig:
     epochs: int | None = opt(None, "distillation epochs, and for your own pair its baselines' epochs too (default: "
                              "the profile's; your own pair under optimise: 100, annealed by a cosine, its baselines 30)",
                              parse="positive")
+    teacher_epochs: int | None = opt(None, "epochs of the teacher the run trains (a registry network's, or yours given "
+                                     "as code without --weights; Adam lr 1e-3 annealed by a cosine); default: the "
+                                     "profile's (quick: 10, your own pair 3)", parse="positive", later=True)
     synthesis: str = opt("optimise", "optimise: a synthetic set, each input optimised for the objective, then the "
                          "student distilled on it; generator: a conditional generator trained against the teacher "
                          "with the same objective, the student distilled online on its batches",

@@ -226,6 +226,15 @@ def check(cfg: RunConfig) -> None:
         raise DfkdError("seen_views" if cfg.seen_views not in (None, "none") else "unit_targets", "the paper profile "
                         "runs the paper's method as written (the teacher sees the inputs as they are, each input "
                         "its own draw)")
+    if cfg.teacher_epochs is not None and cfg.teacher_epochs <= 0:
+        raise DfkdError("teacher_epochs", "must be > 0")
+    if cfg.teacher_epochs is not None and cfg.profile == "paper":
+        raise DfkdError("teacher_epochs", "the paper profile trains the paper's teachers as written (10 epochs)")
+    if cfg.teacher_epochs is not None and (cfg.teachers or given_teacher(cfg) is not None):
+        raise DfkdError("teacher_epochs", "sets the epochs of a teacher the run trains; " + (
+            "--teachers uses an earlier run's teachers as they are (and trains those it lacks at the profile's count)"
+            if cfg.teachers else f"{cfg.teacher} is given trained"
+            + (" (a teacher the run trains: code without --weights)" if cfg.student is not None else "")))
     if cfg.iterations is not None and cfg.iterations <= 0:
         raise DfkdError("iterations", "must be > 0")
     if cfg.seeds < 1:
@@ -245,7 +254,7 @@ def pairs(cfg: RunConfig) -> list[Pair]:
     check(cfg)
     p = PROFILES[cfg.profile]
     if cfg.student is None:
-        return [Pair(net, net, PAIRS[net], p["teacher_epochs"], p["baseline_epochs"][net], 1e-3,
+        return [Pair(net, net, PAIRS[net], cfg.teacher_epochs or p["teacher_epochs"], p["baseline_epochs"][net], 1e-3,
                      _sized(dict(p["recipe"][net], batch_size=p["batch_size"]), cfg),
                      {**p["distill"], **p.get(f"{cfg.synthesis}_distill", {}).get(net, {}),
                       **({"epochs": cfg.epochs} if cfg.epochs else {})},
@@ -254,7 +263,7 @@ def pairs(cfg: RunConfig) -> list[Pair]:
     o = OWN[cfg.profile]
     recipe = dict(o["recipe"], **o.get(f"{cfg.synthesis}_recipe", {}))
     distill = {**o["distill"], **o.get(f"{cfg.synthesis}_distill", {}), **({"epochs": cfg.epochs} if cfg.epochs else {})}
-    return [Pair("own", cfg.teacher, cfg.student, o["teacher_epochs"], cfg.epochs or o["distill"]["epochs"],
+    return [Pair("own", cfg.teacher, cfg.student, cfg.teacher_epochs or o["teacher_epochs"], cfg.epochs or o["distill"]["epochs"],
                  o["distill"]["lr"], _sized(recipe, cfg), distill, parse_args(cfg.teacher_args, "teacher_args"),
                  parse_args(cfg.student_args, "student_args"), own=True,
                  generator=generator_recipe(o.get("generator", GENERATOR[cfg.profile]), cfg),

@@ -210,6 +210,8 @@ def write_results(out: Path, rows: list[dict], cfg: RunConfig, t0: float, final:
     if cfg.synthesis == "generator":  # as the run took it: with its --iterations
         recipe["generator"] = generator_recipe(OWN[cfg.profile].get("generator", GENERATOR[cfg.profile])
                                                if cfg.student is not None else GENERATOR[cfg.profile], cfg)
+    if cfg.teacher_epochs is not None:  # as the run took it: with its --teacher-epochs
+        recipe["teacher_epochs"] = cfg.teacher_epochs
     doc = json.loads(json.dumps({"config": _config(cfg), "profile": recipe, "data": data,
                                  "rows": rows, "cells": cells(rows)}))
     old = _old(out / "results.json")

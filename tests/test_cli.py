@@ -293,6 +293,47 @@ def test_readme_python_run_is_the_commands_run(tmp_path, monkeypatch):
     assert seen[1] == seen[0], (seen[1], seen[0])
 
 
+def test_readme_cifar10_recipe_runs_as_written(tmp_path):
+    """The README's CIFAR-10 recipe (ResNet-34 -> ResNet-18), as written but on the CPU, at a width of 4, on a few
+    random images this test writes in CIFAR-10's python format where the commands read it: the teacher trained
+    and recorded, the run's generator student is the README's ResNet-18, and the nets are the published pair's
+    (their parameter counts, and the state-dict names the published codes use)."""
+    from tests.test_data import _cifar_dir
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import cifar_resnet
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    counts = [sum(p.numel() for p in f().parameters()) for f in (cifar_resnet.resnet34, cifar_resnet.resnet18)]
+    assert counts == [21_282_122, 11_173_962]
+    keys = set(cifar_resnet.resnet18().state_dict())
+    assert {"conv1.weight", "bn1.running_var", "layer1.0.conv1.weight", "layer2.0.shortcut.0.weight",
+            "layer4.1.bn2.running_mean", "linear.weight", "linear.bias"} <= keys
+    cmds = readme_commands("### CIFAR-10: the field's standard pair")
+    assert [c[1] for c in cmds] == ["train", "record", "run"] and all(c[c.index("--device") + 1] == "cuda" for c in cmds)
+    _cifar_dir(tmp_path / "data" / "cifar10")
+    small = {"train": ["--model-args", '{"width": 4}'], "run": ["--student-args", '{"width": 4}', "--iterations", "4"]}
+    cmds = [["cpu" if w == "cuda" else w for w in c] + small.get(c[1], []) for c in cmds]
+    run_readme(cmds, tmp_path)
+    res = json.loads((tmp_path / "runs" / "cifar-r18" / "results.json").read_text())
+    assert [(r["objective"], r["student"]) for r in res["rows"]][-1] == \
+        ("all-layers+bn-stats", f"{ROOT}/examples/cifar_resnet.py:resnet18")
+    assert res["rows"][-1]["synthesis"] == "generator" and res["data"]["class_names"][0] == "airplane"
+    # a teacher trained elsewhere: the same net as code and a weights file, recorded to --out, read with --stats
+    given = ["--teacher", f"{ROOT}/examples/cifar_resnet.py:resnet34", "--teacher-args", '{"width": 4}', "--weights",
+             "runs/cifar/teacher.safetensors", "--normalize", "auto"]
+    code, err = _in_process(["record", *given, "--data", "cifar10:data/cifar10", "--first-layer", "unit", "--out",
+                             "resnet34.stats.safetensors", "--quiet"], tmp_path)
+    assert code == 0, err
+    code, err = _in_process(["run", *given, "--stats", "resnet34.stats.safetensors", "--student",
+                             f"{ROOT}/examples/cifar_resnet.py:resnet18", "--student-args", '{"width": 4}', "--data",
+                             "cifar10:data/cifar10", "--synthesis", "generator", "--profile", "tiny", "--iterations", "2",
+                             "--no-baselines", "--out", "runs/elsewhere", "--quiet"], tmp_path)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "runs" / "elsewhere" / "results.json").read_text())["rows"]
+    assert [r["objective"] for r in rows] == ["all-layers+bn-stats"]
+
+
 def test_readme_deploy_section_runs_as_written(tmp_path):
     """The README's deploy commands at tiny sizes: the run ends with its data-free student as an int8 ONNX file
     whose accuracy the report states; dfkd export writes a float32 file that gives the student's own logits on

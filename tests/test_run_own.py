@@ -230,3 +230,30 @@ def test_generator_synthesis_runs_the_same_objective_and_saves_its_generator(own
     assert main(["run", "--profile", "tiny", "--student", f"{OWN}:student", "--student-args", ARGS, "--quiet",
                  "--out", str(tmp_path), "--no-baselines", *map(str, given)]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_teacher_epochs_sets_the_epochs_of_the_teacher_the_run_trains(own, tmp_path, capsys):
+    """--teacher-epochs: the teacher a run trains (the user's, given as code without weights) is trained that many
+    epochs, which its saved history shows; the report's command names the flag; the same folder with another count
+    is refused as other settings, its files kept. Without the flag a pair keeps its profile's count."""
+    from dfkd.config import RunConfig
+    from dfkd.profiles import PROFILES, pairs
+    d, data = own
+    given = ["--teacher", f"{OWN}:teacher", "--teacher-args", ARGS, "--normalize", "auto", "--data", data,
+             "--objectives", "bn-stats"]
+    rows = run(tmp_path, *given, "--teacher-epochs", 2)
+    saved = json.loads((tmp_path / "own" / "teacher.json").read_text())
+    assert [h["epoch"] for h in saved["history"]] == [1, 2] and rows[0]["seconds"]["teacher_train"] > 0
+    assert "--teacher-epochs 2" in (tmp_path / "results.md").read_text()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and ".lock" not in p.name}
+    capsys.readouterr()
+    run(tmp_path, *given, "--teacher-epochs", 3, code=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0] and "epochs 2 -> 3" in err[0], err
+    assert {p: p.read_bytes() for p in before} == before
+    assert json.loads((tmp_path / "results.json").read_text())["profile"]["teacher_epochs"] == 2
+    own_pair = dict(teacher="t.py:net", student="s.py:net")
+    assert pairs(RunConfig(**own_pair))[0].teacher_epochs == OWN_RECIPES["quick"]["teacher_epochs"] == 3
+    assert pairs(RunConfig(**own_pair, teacher_epochs=7))[0].teacher_epochs == 7
+    assert [p.teacher_epochs for p in pairs(RunConfig())] == [PROFILES["quick"]["teacher_epochs"]] * 2
+    assert [p.teacher_epochs for p in pairs(RunConfig(teacher_epochs=4))] == [4, 4]
