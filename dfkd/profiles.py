@@ -25,15 +25,14 @@ PAPER = {
 # DAFL (Chen et al. 2019) distilled on its own Gaussian noise (N(0, 1) after normalisation, unclamped);
 # ours is the paper's starting distribution N(0.15, 0.1) clamped to [0, 1]: not the same baseline.
 DAFL_NOISE = {"lenet5": 88.01, "hinton-1200": 87.58}
-# Per profile: epochs for the teacher and, per network, the real-data baselines; the reconstruction
-# batch; the distillation recipe; per network the reconstruction recipe (``ReconstructConfig`` fields:
-# synthetic images ``n``, Adam ``steps`` per image, priors, start) and, where a profile picks them,
-# the objectives it runs by default. ``paper``: the paper's losses as written (plain squared
-# distance, no whitening, no priors, noise start, no augmentation) at its sizes; ``quick`` and
-# ``best``: dfkd's recipe (see README) at two budgets (``best`` matches both networks' all-layers per-unit records
-# by the batch, ``unit_targets``: LeNet-5 98.70 % -> 98.87 %, mean of 3 seeds; its Hinton-800 is distilled under
-# --synthesis optimise with half of each batch pushed towards student-teacher disagreement, ``optimise_distill``:
-# 97.32 % -> 98.18 % on one set and seed, 98.15 % mean of 3 seeds); ``tiny``: the tests' smoke run.
+# Per profile: epochs for the teacher (--teacher-epochs overrides) and, per network, the real-data baselines; the
+# reconstruction batch; the distillation recipe; per network the reconstruction recipe (``ReconstructConfig`` fields:
+# synthetic images ``n``, Adam ``steps`` per image, priors, start) and, where a profile picks them, the objectives it
+# runs by default. ``paper``: the paper's losses as written (plain squared distance, no whitening, no priors, noise
+# start, no augmentation) at its sizes; ``quick`` and ``best``: dfkd's recipe (see README) at two budgets (``best``
+# matches both networks' all-layers per-unit records by the batch, ``unit_targets``: LeNet-5 98.70 % -> 98.87 %,
+# mean of 3 seeds; its Hinton-800 is distilled under --synthesis optimise with half of each batch pushed towards
+# student-teacher disagreement, ``optimise_distill``: 98.15 % mean of 3 seeds); ``tiny``: the tests' smoke run.
 PROFILES = {
     "quick": dict(teacher_epochs=10, baseline_epochs={"lenet5": 10, "hinton-1200": 2}, batch_size=500,
                   distill=dict(epochs=20, batch_size=64, lr=1e-3, augment="affine+cutmix", eval_every=5),
@@ -178,6 +177,18 @@ def _check_own(cfg: RunConfig) -> None:
                         "give --weights for a trained one")
 
 
+def _check_teacher_epochs(cfg: RunConfig) -> None:
+    """Refuse a --teacher-epochs that no teacher of the run would be trained for."""
+    if cfg.teacher_epochs <= 0:
+        raise DfkdError("teacher_epochs", "must be > 0")
+    if cfg.profile == "paper":
+        raise DfkdError("teacher_epochs", "the paper profile trains the paper's teachers as written (10 epochs)")
+    why = ("--teachers uses an earlier run's teachers as they are (and trains those it lacks at the profile's count)"
+           if cfg.teachers else f"{cfg.teacher} is given trained{' (code without --weights: trained here)' if cfg.student else ''}")
+    if cfg.teachers or given_teacher(cfg) is not None:
+        raise DfkdError("teacher_epochs", f"sets the epochs of a teacher the run trains; {why}")
+
+
 def check(cfg: RunConfig) -> None:
     """Refuse, in one line each, a run config that cannot run."""
     if cfg.profile not in PROFILES:
@@ -226,15 +237,8 @@ def check(cfg: RunConfig) -> None:
         raise DfkdError("seen_views" if cfg.seen_views not in (None, "none") else "unit_targets", "the paper profile "
                         "runs the paper's method as written (the teacher sees the inputs as they are, each input "
                         "its own draw)")
-    if cfg.teacher_epochs is not None and cfg.teacher_epochs <= 0:
-        raise DfkdError("teacher_epochs", "must be > 0")
-    if cfg.teacher_epochs is not None and cfg.profile == "paper":
-        raise DfkdError("teacher_epochs", "the paper profile trains the paper's teachers as written (10 epochs)")
-    if cfg.teacher_epochs is not None and (cfg.teachers or given_teacher(cfg) is not None):
-        raise DfkdError("teacher_epochs", "sets the epochs of a teacher the run trains; " + (
-            "--teachers uses an earlier run's teachers as they are (and trains those it lacks at the profile's count)"
-            if cfg.teachers else f"{cfg.teacher} is given trained"
-            + (" (a teacher the run trains: code without --weights)" if cfg.student is not None else "")))
+    if cfg.teacher_epochs is not None:
+        _check_teacher_epochs(cfg)
     if cfg.iterations is not None and cfg.iterations <= 0:
         raise DfkdError("iterations", "must be > 0")
     if cfg.seeds < 1:
