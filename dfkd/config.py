@@ -43,10 +43,10 @@ def _progress() -> Any:
 @dataclass(frozen=True)
 class Runtime:
     """How a stage runs, not what it makes: the device, progress bars, and the process's share of the work.
-    train, record, reconstruct and distill (and their ``*_file`` forms) take one (``rt``) beside their
-    method config; none of it is compared by a resume or saved in the settings of what a stage makes. The
-    ``*_file`` forms move the model they load to ``device``; the object forms run where the model is. Only
-    reconstruct splits its work by ``rank`` / ``world_size`` (the others refuse them)."""
+    train, record, reconstruct and distill (and their ``*_file`` forms) take one (``rt``) beside their method
+    config; none of it is compared by a resume or saved in the settings of what a stage makes. The ``*_file`` forms
+    move the model they load to ``device``, the object forms run where the model is; only reconstruct splits its
+    work by ``rank`` / ``world_size`` (the others refuse them)."""
     device: str = _device()
     progress: bool = _progress()
     rank: int | None = opt(None, "this process's share of the shards, 0..W-1, with no process group (a job array; "
@@ -247,13 +247,14 @@ class RunConfig:
     export: str = opt("none", "end with each data-free student as an ONNX file beside it: fp32, or int8 calibrated "
                       "on the inputs it was distilled from (its synthetic set, or a batch of its generator's); the "
                       "report gives the file's accuracy, size and latency", choices=("none", "fp32", "int8"))
-    seen_views: str | None = opt(None, "what the teacher sees of the inputs being made (ReconstructConfig's views: none, "
-                                 "shift, affine, each optionally +colour); default: the profile's (your own pair under "
-                                 "optimise: affine+colour; else none)", later=True)
-    unit_targets: str | None = opt(None, "an all-layers record kept per unit: draw (each input its own draw, the "
-                                   "paper's) or batch (each class's inputs match its per-unit mean and std); default: "
-                                   "the profile's (batch for a generator on your own pair's all-layers without bn-stats, "
-                                   "what a teacher without BatchNorm is given; else draw)", choices=("draw", "batch"), later=True)
+    seen_views: str | None = opt(None, "what the teacher sees of the inputs being made (none, shift, affine, each optionally "
+                                 "+colour); default: the profile's (your own pair under optimise: affine+colour; else none)", later=True)
+    colour: str = opt("auto", "your own pair's colour views (seen, distilled): keep, drop, or auto: dropped where inputs "
+                      "made for a probe lose the teacher's label recoloured (colour is the class)", choices=("auto", "keep", "drop"), later=True)
+    unit_targets: str | None = opt(None, "an all-layers record kept per unit: draw (each input its own draw, the paper's) "
+                                   "or batch (each class's inputs match its per-unit mean and std); default: the profile's "
+                                   "(batch: best's networks, and a generator on your own pair's all-layers without "
+                                   "bn-stats, what a teacher without BatchNorm is given; else draw)", choices=("draw", "batch"), later=True)
     baselines: bool = opt(True, "skip the real-data and real-KD students")
     seed: int = opt(0, "the teacher's seed, and the first student seed")
     seeds: int = opt(1, "students per cell (seeds --seed, --seed + 1, ...); the table gives their mean and spread",

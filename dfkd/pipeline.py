@@ -4,7 +4,8 @@ For each teacher -> student pair (``profiles.pairs``: the paper's networks, or w
 own): train the teacher (unless given), record its metadata (unless given a teacher: then its statistics
 file is read where there is one), distill a student on real data (``real-kd``) and train one on real labels
 (``real-data``) as baselines, then reconstruct and distill for every objective (the
-profile's, the ones asked for, or for the user's own pair the one its teacher's offer calls for). With ``seeds`` > 1 every student is made once per seed
+profile's, the ones asked for, or for the user's own pair the one its teacher's offer calls for; its colour
+views kept or dropped first, ``colour.decide``). With ``seeds`` > 1 every student is made once per seed
 (seeds ``seed``, ``seed + 1``, ...; the teacher and its statistics are shared): reconstruction,
 distillation and the baselines' training all follow the seed. Every stage skips finished work,
 so an interrupted run resumes where it stopped; work made with other settings (the run's own
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .colour import check_colour, decide, refused
 from .checkpoint import load_model, save_model
 from .config import ReconstructConfig, RecordConfig, RunConfig, TrainConfig, to_dict
 from .errors import DfkdError
@@ -181,6 +183,7 @@ def _preflight(cfg: RunConfig, pair: Pair) -> RunConfig:
 def run(cfg: RunConfig = RunConfig()) -> Path:
     """Run the pipeline; returns the path of ``results.json``."""
     todo = pairs(cfg)  # or refused, in one line
+    check_colour(cfg)
     if cfg.export != "none":  # the deploy extra, before anything is trained
         for name in ("onnx", "onnxscript", "onnxruntime.quantization"):
             deploy_module(name)
@@ -202,6 +205,7 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
             teacher, desc, data, tsecs = _teacher(cfg, pair, td, dev, ranks)
             t_acc = accuracy(teacher, data.test)
             meta, rsecs, spath = _statistics(cfg, td, teacher, desc, data, ranks)
+            colour, decided = None, not pair.own  # an own pair's colour views: decided before its first data-free student
             names = (("real-data", "real-kd") if cfg.baselines else ()) + \
                 (cfg.objectives if pair.own else objectives(cfg, pair.name))  # own: pinned by the preflight
             for name, seed in ((n, cfg.seed + k) for n in names for k in range(cfg.seeds)):
@@ -209,9 +213,15 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                 spath_student = d / "students" / f"{name}{tag}"
                 paper = PAPER[pair.name].get(name) if paper_data(cfg) and not pair.own else None  # on its data only
                 paper = None if paper is None else paper / 100
+                if not decided and not name.startswith("real"):
+                    pair, colour = decide(cfg, pair, teacher, meta, data.info, d, ranks, cfg.device)
+                    decided = True
                 settings = student_settings(name, pair, seed, cfg, desc, meta)
-                fresh = not (finished(spath_student, settings, cfg.restart, state_path(d, name, tag))
-                             and _student_row(spath_student) is not None)
+                try:
+                    fresh = not (finished(spath_student, settings, cfg.restart, state_path(d, name, tag))
+                                 and _student_row(spath_student) is not None)
+                except DfkdError as e:
+                    raise refused(e, colour) from None
                 if not fresh:
                     if ranks.main:  # left by a run killed after saving the student
                         state_path(d, name, tag).unlink(missing_ok=True)
@@ -233,6 +243,8 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                                 else res["samples"] and str(res["samples"].relative_to(out))
                         if cfg.synthesis != "optimise" and not name.startswith("real"):  # not the baselines
                             row["synthesis"] = cfg.synthesis
+                        if colour is not None and not name.startswith("real"):  # its views kept or dropped, and why
+                            row["colour"] = colour
                         save_model(res["model"].cpu(), spath_student, pair.student, pair.student_args or {}, data.info,
                                    **dict(res.get("saved", {}), test_accuracy=row["accuracy"], objective=name,
                                           teacher_sha256=desc["sha256"], row=row, settings=canonical(settings)))

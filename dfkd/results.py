@@ -66,8 +66,11 @@ def table(rows: list[dict], paper: bool = True) -> str:
         s = stages.setdefault(r["teacher"], {"train teacher": 0.0, "record": 0.0})
         s["train teacher"] = max(s["train teacher"], r["seconds"].get("teacher_train", 0.0))
         s["record"] = max(s["record"], r["seconds"].get("record", 0.0))
+        if isinstance(r.get("colour"), dict) and isinstance(r["colour"].get("seconds"), (int, float)):
+            s["colour probe"] = max(s.get("colour probe", 0.0), r["colour"]["seconds"])
     lines.append("")
     lines += [f"{_md(t)}: " + ", ".join(f"{k} {v:.0f} s" for k, v in s.items()) + "  " for t, s in stages.items()]
+    lines += colour_lines(rows)
     if paper:
         lines.append("noise: the paper has no noise baseline; DAFL's, with other noise, reports "
                      + ", ".join(f"{v:.2f}% ({k})" for k, v in DAFL_NOISE.items()) + ".")
@@ -151,6 +154,22 @@ def curve(rows: list[dict], width: int = 720) -> bytes:
                    f'<circle cx="{end[0]}" cy="{end[1]}" r="2.5" fill="{c}"/>'
                    f'<text x="{right + 8}" y="{top + 16 * i + 4}" fill="{c}">{_xml(label)}</text>')
     return ("\n".join(out) + "\n</svg>\n").encode()
+
+
+def colour_lines(rows: list[dict]) -> list[str]:
+    """What decided a user's pair's colour views (``colour.decide``), once per decision."""
+    out = []
+    for c in (r["colour"] for r in rows if isinstance(r.get("colour"), dict)):
+        why = {"keep": "as --colour keep asks", "drop": "as --colour drop asks"}.get(c.get("by"), "nothing to probe with")
+        if c.get("survival") is not None and c.get("intended", 0) >= c.get("least_intended", 0):
+            why = (f"the teacher gave {c['intended']} of {c['inputs']} inputs made for a probe their class, and "
+                   f"recoloured they kept it {100 * c['survival']:.1f}% of the time (the bar: {100 * c['bar']:.1f}%)")
+        elif c.get("inputs"):
+            why = (f"the teacher gave {c.get('intended')} of {c['inputs']} inputs made for a probe their class, too few "
+                   f"to tell (fewer than {c.get('least_intended')})")
+        line = f"\ncolour views ({' and '.join(map(str, c.get('of') or ()))}): {c.get('views')}: {why}."
+        out += [line] if line not in out else []
+    return out
 
 
 def deployed(rows: list[dict]) -> str:

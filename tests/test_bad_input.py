@@ -253,6 +253,9 @@ CASES = [
     ("run-teacher-epochs-paper", "argument", "dfkd run --profile paper --teacher-epochs (not the paper's teachers)",
      lambda w, t: ["run", "--profile", "paper", "--teacher-epochs", "5", "--out", t / "run"],
      ["--teacher-epochs", "the paper profile trains the paper's teachers as written"]),
+    ("run-colour-paper-networks", "argument", "dfkd run --colour drop for the paper's networks (no colour views)",
+     lambda w, t: ["run", "--networks", "lenet5", "--colour", "drop", "--out", t / "run"],
+     ["--colour", "decides the colour views of your own pair's recipe (--student)"]),
     ("run-synthesis-unknown", "argument", "dfkd run with an unknown synthesis",
      lambda w, t: ["run", "--synthesis", "gan", "--out", t / "run"], ["--synthesis", "invalid choice"]),
     # user model code
