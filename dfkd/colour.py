@@ -8,7 +8,8 @@ keep its class under a view that takes away what tells it, and a student distill
 its test images never show. So before the first data-free student is made, ``auto`` makes a few inputs for the
 teacher (the run's first objective that is not noise, its priors, its views without colour), recolours each of them
 as the views would, and keeps the colour views only where the teacher's label survives well above chance
-(``decide``). The decision is written once beside the probe's inputs and read back by every rank and every resume.
+(``decide``). The decision is written beside the probe's inputs (one per probe settings and teacher) and read back
+by every rank and every resume; ``--restart`` measures it again.
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def check_colour(cfg: RunConfig) -> None:
 
 
 def decide(cfg: RunConfig, pair: Pair, teacher: nn.Module, meta: Metadata | None, info: DataInfo, d: Path,
-           ranks: Ranks = Ranks(), device: str = "cpu") -> tuple[Pair, dict | None]:
+           ranks: Ranks = Ranks(), device: str = "cpu", teacher_sha: str | None = None) -> tuple[Pair, dict | None]:
     """An own pair with its colour views kept or dropped (``cfg.colour``), and what decided it: ``views`` kept or
     dropped, ``of`` which (the recipe's seen views unless ``--seen-views`` was given, the distillation's), ``by``
     the choice, and for ``auto`` the probe's counts; None where the pair has no colour views to decide on (not
@@ -104,7 +105,8 @@ def decide(cfg: RunConfig, pair: Pair, teacher: nn.Module, meta: Metadata | None
         n = max(p["least"], min(p["per_class"] * info.num_classes, p["most"]))
         rc = ReconstructConfig(**dict(pair.recipe_for(names[0]), objective=names[0], views=without_colour(seen), n=n,
                                       batch_size=n, steps=p["steps"], seed=cfg.seed))
-        key = json.dumps([config_settings(rc), meta.header.get("tensors_sha256") if meta else None], sort_keys=True)
+        key = json.dumps([config_settings(rc), meta.header.get("tensors_sha256") if meta else None, teacher_sha,
+                          info.mean, info.std], sort_keys=True)
         out = d / "synthetic" / f"colour-probe-{hashlib.sha256(key.encode()).hexdigest()[:12]}"  # one per settings
         found = out.with_suffix(".json")
         if ranks.main and (cfg.restart or not found.is_file()):

@@ -214,7 +214,7 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                 paper = PAPER[pair.name].get(name) if paper_data(cfg) and not pair.own else None  # on its data only
                 paper = None if paper is None else paper / 100
                 if not decided and not name.startswith("real"):
-                    pair, colour = decide(cfg, pair, teacher, meta, data.info, d, ranks, cfg.device)
+                    pair, colour = decide(cfg, pair, teacher, meta, data.info, d, ranks, cfg.device, desc.get("sha256"))
                     decided = True
                 settings = student_settings(name, pair, seed, cfg, desc, meta)
                 try:
@@ -227,9 +227,12 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                         state_path(d, name, tag).unlink(missing_ok=True)
                 else:
                     confs, at = configs(name, pair, seed, cfg), (seed, cfg, d, dev, tag)
-                    res = baseline(name, teacher, data, pair, settings, *at, *confs) \
-                        if name.startswith("real") else synthetic_student(name, teacher, meta, data, pair, settings,
-                                                                   *at, *confs)
+                    try:  # half-made work (a synthetic set, a resume state) refused as the finished student is
+                        res = baseline(name, teacher, data, pair, settings, *at, *confs) \
+                            if name.startswith("real") else synthetic_student(name, teacher, meta, data, pair,
+                                                                              settings, *at, *confs)
+                    except DfkdError as e:
+                        raise refused(e, colour) from None
                     if ranks.main:  # the rank that measured the test accuracy
                         row = {"teacher": pair.teacher, "student": pair.student, "objective": name, "seed": seed,
                                "accuracy": res["history"][-1]["test_accuracy"], "teacher_accuracy": t_acc,

@@ -125,7 +125,7 @@ def test_a_teacher_without_batchnorm_runs_on_its_statistics(own, tmp_path):
     manifest = json.loads((tmp_path / "own" / "synthetic" / "all-layers" / "manifest.json").read_text())
     with safe_open(str(stats), "pt") as f:
         assert manifest["stats_sha256"] == json.loads(f.metadata()["dfkd"])["tensors_sha256"]
-    assert rows[-1]["colour"]["views"] == "kept"  # the probe (a teacher of colour digits): colour is not the class
+    assert rows[-1]["colour"]["views"] == "kept"  # so the teacher sees the student's colour views too (below)
     assert manifest["config"]["views"] == "affine+colour"  # the teacher saw each input under the student's views
     # the baselines: the same student on the real images, for the profile's distillation epochs (not optimise's) at its lr
     for name in ("real-data", "real-kd"):
