@@ -217,22 +217,19 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                     pair, colour = decide(cfg, pair, teacher, meta, data.info, d, ranks, cfg.device, desc.get("sha256"))
                     decided = True
                 settings = student_settings(name, pair, seed, cfg, desc, meta)
-                try:
+                try:  # work made with other settings (finished or half made) refused, with the colour hint
                     fresh = not (finished(spath_student, settings, cfg.restart, state_path(d, name, tag))
                                  and _student_row(spath_student) is not None)
+                    confs, at = configs(name, pair, seed, cfg), (seed, cfg, d, dev, tag)
+                    res = None if not fresh else (baseline(name, teacher, data, pair, settings, *at, *confs)
+                                                  if name.startswith("real") else
+                                                  synthetic_student(name, teacher, meta, data, pair, settings, *at, *confs))
                 except DfkdError as e:
                     raise refused(e, colour) from None
                 if not fresh:
                     if ranks.main:  # left by a run killed after saving the student
                         state_path(d, name, tag).unlink(missing_ok=True)
                 else:
-                    confs, at = configs(name, pair, seed, cfg), (seed, cfg, d, dev, tag)
-                    try:  # half-made work (a synthetic set, a resume state) refused as the finished student is
-                        res = baseline(name, teacher, data, pair, settings, *at, *confs) \
-                            if name.startswith("real") else synthetic_student(name, teacher, meta, data, pair,
-                                                                              settings, *at, *confs)
-                    except DfkdError as e:
-                        raise refused(e, colour) from None
                     if ranks.main:  # the rank that measured the test accuracy
                         row = {"teacher": pair.teacher, "student": pair.student, "objective": name, "seed": seed,
                                "accuracy": res["history"][-1]["test_accuracy"], "teacher_accuracy": t_acc,
