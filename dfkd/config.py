@@ -130,7 +130,8 @@ class ReconstructConfig:
                      "are)", flag="--seen-views", later=True)
     unit_targets: str = opt("draw", "an all-layers record kept per unit: draw (each input matches its own draw from its "
                             "class Gaussian, the paper's) or batch (each class's inputs in the batch match its per-unit mean "
-                            "and standard deviation, so that they vary as the data's do)", choices=("draw", "batch"), later=True)
+                            "and standard deviation, so that they vary as the data's do)", choices=("draw", "batch"),
+                            flag="--unit-targets", later=True)
     bn_weight: float = opt(1.0, "weight of the bn-stats term")
     whiten: bool = opt(True, "the paper's plain squared distance (by default each statistic's error is divided by "
                        "its std; all-layers and spectral objectives)")
@@ -252,9 +253,9 @@ class RunConfig:
     colour: str = opt("auto", "your own pair's colour views (seen, distilled): keep, drop, or auto: dropped where inputs "
                       "made for a probe lose the teacher's label recoloured (colour is the class)", choices=("auto", "keep", "drop"), later=True)
     unit_targets: str | None = opt(None, "an all-layers record kept per unit: draw (each input its own draw, the paper's) "
-                                   "or batch (each class's inputs match its per-unit mean and std); default: the profile's "
-                                   "(batch: best's networks, and a generator on your own pair's all-layers without "
-                                   "bn-stats, what a teacher without BatchNorm is given; else draw)", choices=("draw", "batch"), later=True)
+                                   "or batch (each class's inputs match its per-unit mean and std); default: the profile's (batch: "
+                                   "best's networks, your own pair under optimise, and a generator on your own pair's all-layers "
+                                   "without bn-stats, what a teacher without BatchNorm is given; else draw)", choices=("draw", "batch"), later=True)
     baselines: bool = opt(True, "skip the real-data and real-KD students")
     seed: int = opt(0, "the teacher's seed, and the first student seed")
     seeds: int = opt(1, "students per cell (seeds --seed, --seed + 1, ...); the table gives their mean and spread",
@@ -295,6 +296,5 @@ def later_defaults() -> dict[str, Any]:
 
 
 def spelt_otherwise() -> dict[str, str]:
-    """The stages' settings whose flag is spelt otherwise than their name (``n``: ``--images``), by name, for
-    messages that name a setting (``resume.differences``)."""
+    """The stages' settings given a flag by name (``n``: ``--images``), for messages that name one (``resume``)."""
     return {f.name: f.metadata["flag"] for f in _stage_fields() if f.metadata.get("flag")}

@@ -70,23 +70,23 @@ GENERATOR = {
 # ``optimise_distill`` the distillation's: 100 epochs with the lr annealed by a cosine (4,700 steps on 3,000
 # inputs, about the baselines' 4,710 in 30 epochs of a 10,000-image set; 30 epochs at a constant lr left the
 # student swinging between 61 and 72 %: natural digits 68.52 % (2 seeds) -> 82.13 % (3 seeds)); --epochs sets
-# both. Under --synthesis generator the recipe's ``generator_recipe`` entries replace its own (the generator's student sees
+# both; ``optimise_unit_targets`` matches every per-unit record by the batch (photograph patches, BN ResNet,
+# 74.13 % -> 79.80 %, docs/colour.md). Under --synthesis generator ``generator_recipe`` replaces the recipe's (it sees
 # the views on its stream already; seen views cost it 2 points on colour digits, 90.90 % -> 88.95 %), and
-# ``generator_without_bn`` entries replace those for all-layers without bn-stats (a teacher without BatchNorm:
-# a per-unit record matched by the batch, each class's inputs made to vary as the data's do; GroupNorm teacher
-# on colour digits 84.60 % -> 89.50 %, docs/beyond-bn.md). The objective follows from what the teacher offers
-# (``own.offered``). ``colour_probe``: --colour auto's inputs per class (``least`` to ``most`` in all), their steps,
-# and the fewest the teacher must give their class to decide (``colour.decide``).
+# ``generator_without_bn`` those for all-layers without bn-stats (a teacher without BatchNorm: per-unit records
+# matched by the batch; GroupNorm teacher on colour digits 84.60 % -> 89.50 %, docs/beyond-bn.md). The objective
+# follows from what the teacher offers (``own.offered``). ``colour_probe``: --colour auto's inputs per class
+# (``least`` to ``most`` in all), their steps, and the fewest the teacher must give their class (``colour.decide``).
 OWN = {
     "quick": dict(teacher_epochs=3, recipe=dict(n=2000, steps=200, batch_size=500, lr=0.2, jitter=2, tv=0.05,
                                                 views="affine+colour"),
                   distill=dict(epochs=30, batch_size=64, lr=0.01, augment="affine+cutmix+colour"),
-                  optimise_recipe=dict(n=3000, steps=120),
+                  optimise_recipe=dict(n=3000, steps=120), optimise_unit_targets="batch",
                   optimise_distill=dict(epochs=100, schedule="cosine", eval_every=10),
                   generator=dict(iterations=800, eval_every=100), generator_recipe=dict(views="none"),
                   generator_without_bn=dict(unit_targets="batch"), colour_probe=dict(per_class=10, least=100, most=200, steps=60, intended=10)),
     "tiny": dict(teacher_epochs=1, recipe=dict(n=40, steps=5, batch_size=20, lr=0.2, jitter=2, tv=0.05, views="affine+colour"),
-                 distill=dict(epochs=1, batch_size=64, lr=0.01, augment="affine+cutmix+colour"),
+                 distill=dict(epochs=1, batch_size=64, lr=0.01, augment="affine+cutmix+colour"), optimise_unit_targets="batch",
                  optimise_distill=dict(schedule="cosine"), generator_recipe=dict(views="none"),
                  generator_without_bn=dict(unit_targets="batch"), colour_probe=dict(per_class=4, least=20, most=40, steps=20, intended=10)),
 }
@@ -272,7 +272,7 @@ def pairs(cfg: RunConfig) -> list[Pair]:
                  parse_args(cfg.student_args, "student_args"), own=True,
                  generator=generator_recipe(o.get("generator", GENERATOR[cfg.profile]), cfg),
                  without_bn=o.get("generator_without_bn") if cfg.synthesis == "generator" else None,
-                 unit_targets=cfg.unit_targets)]
+                 unit_targets=cfg.unit_targets or o.get(f"{cfg.synthesis}_unit_targets"))]
 
 
 def objectives(cfg: RunConfig, net: str) -> tuple[str, ...]:

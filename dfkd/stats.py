@@ -218,7 +218,8 @@ def unit_match(rows: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std
     onehot = F.one_hot(labels, len(mean)).to(rows.dtype)      # [B, K]
     n = onehot.sum(0)
     m = onehot.T @ rows / n.clamp(min=1)[:, None]
-    var = onehot.T @ (rows - m[labels]).pow(2) / (n - 1).clamp(min=1)[:, None]  # centred first: a unit that barely varies
+    centred = rows - onehot @ m  # centred first: a unit that barely varies; a one-hot product, whose gradient is
+    var = onehot.T @ centred.pow(2) / (n - 1).clamp(min=1)[:, None]  # one too (m[labels]'s index_put took 26% of a step)
     spread = ((((var + 1e-12).sqrt() - std) * w).pow(2).mean(1)) * (n > 1)
     return ((((m - mean) * w).pow(2).mean(1) + spread) * n).sum()
 

@@ -283,7 +283,8 @@ def test_own_recipe_for_teachers_without_batchnorm(tmp_path):
 def test_run_flags_choose_seen_views_and_unit_targets():
     """``dfkd run --seen-views`` / ``--unit-targets`` replace the profile's entries, those for a teacher without
     BatchNorm included; unset, the profile's stand: a generator on an own pair matches a per-unit record by the
-    batch for all-layers without bn-stats only, and sees the inputs as they are."""
+    batch for all-layers without bn-stats only, and sees the inputs as they are; optimise matches it by the batch
+    for every objective that reads one."""
     own = dict(teacher="t.py:t", student="s.py:s")
     p = pairs(RunConfig(**own, synthesis="generator"))[0]
     assert p.recipe_for("all-layers")["unit_targets"] == "batch" and p.recipe_for("all-layers")["views"] == "none"
@@ -291,6 +292,13 @@ def test_run_flags_choose_seen_views_and_unit_targets():
     p = pairs(RunConfig(**own, synthesis="generator", unit_targets="draw", seen_views="affine"))[0]
     assert p.recipe_for("all-layers")["unit_targets"] == "draw" == p.recipe_for("all-layers+bn-stats")["unit_targets"]
     assert p.recipe_for("all-layers+norm-stats")["views"] == "affine"
+    # optimise on an own pair matches every per-unit record by the batch, bn-stats or not; objectives that read
+    # none keep their settings; --unit-targets draw gives the paper's draws back
+    for profile in ("quick", "tiny"):
+        p = pairs(RunConfig(**own, profile=profile))[0]
+        assert p.recipe_for("all-layers+bn-stats")["unit_targets"] == "batch" == p.recipe_for("all-layers")["unit_targets"]
+    assert "unit_targets" not in p.recipe_for("bn-stats") and "unit_targets" not in p.recipe_for("top-layer")
+    assert pairs(RunConfig(**own, unit_targets="draw"))[0].recipe_for("all-layers+bn-stats")["unit_targets"] == "draw"
     p = pairs(RunConfig(**own, unit_targets="batch", seen_views="none"))[0]  # optimise: affine+colour by default
     assert p.recipe_for("all-layers+bn-stats") == dict(pairs(RunConfig(**own))[0].recipe, unit_targets="batch",
                                                         views="none")

@@ -13,6 +13,7 @@ from dfkd.kinds import REGISTRY
 from dfkd.metadata import Metadata
 from dfkd.objectives import AllLayersDropout, OBJECTIVES, make_objective
 from dfkd.reconstruction import optimise_batch
+from dfkd.stats import unit_match
 from dfkd.recording import record
 from dfkd.taps import input_key, tap
 from tests.conftest import ROOT
@@ -188,6 +189,22 @@ def test_unit_targets_batch_matches_each_class_mean_and_spread(teacher, small, w
     assert _loss(draw, teacher, same, labels) < 1.5 * _loss(draw, teacher, x, labels)
     with pytest.raises(DfkdError, match="'pairs' is not draw or batch"):
         make_objective("all-layers", m, teacher, ReconstructConfig(unit_targets="pairs"))
+
+
+def test_unit_match_gradient_is_the_finite_differences_one():
+    """What reconstruction descends: unit_match's gradient with respect to the inputs' rows (float64) against
+    central finite differences (``torch.autograd.gradcheck``), on a batch with a class seen once (its mean alone
+    counts) and a class absent (nothing); and its value against a loop over the classes present."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 2, 0, 2, 2, 3, 0])  # class 1 absent, class 3 once
+    rows = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    mean, std = torch.randn(4, 5, generator=g, dtype=torch.float64), torch.rand(4, 5, generator=g, dtype=torch.float64) + 0.5
+    w = torch.rand(5, generator=g, dtype=torch.float64) + 0.1
+    assert torch.autograd.gradcheck(lambda r: unit_match(r, labels, mean, std, w), (rows,))
+    oracle = sum(len(r) * (((r.mean(0) - mean[c]) * w).pow(2).mean() +
+                           (((r.std(0) - std[c]) * w).pow(2).mean() if len(r) > 1 else 0))
+                 for c in (0, 2, 3) for r in [rows.detach()[labels == c]])
+    assert torch.allclose(unit_match(rows.detach(), labels, mean, std, w), oracle, rtol=1e-12)
 
 
 def test_bn_stats_is_deepinversion_loss(small):
