@@ -123,8 +123,10 @@ def decide(cfg: RunConfig, pair: Pair, teacher: nn.Module, meta: Metadata | None
 
 
 def refused(e: DfkdError, colour: dict | None) -> DfkdError:
-    """A student's refusal to resume, with the way back where the probe dropped the colour views it was made with."""
-    if colour is None or colour["views"] != "dropped" or "other settings" not in e.problem:
+    """A student's refusal to resume, with the way back where the probe dropped the colour views it was made with:
+    where what differs names the views (or more than the message shows), not where it is something else alone."""
+    if colour is None or colour["views"] != "dropped" or "other settings" not in e.problem or \
+            not any(w in e.problem for w in ("views", "augment", " more)")):
         return e
     way = "--colour keep keeps them" if colour["by"] == "auto" else "without --colour drop they stay"
     return DfkdError(e.where, f"{e.problem} (this run dropped the colour views: {way})")

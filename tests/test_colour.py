@@ -16,6 +16,7 @@ from dfkd import colour
 from dfkd.colour import bar, decide, survival
 from dfkd.config import RunConfig
 from dfkd.data import DataInfo
+from dfkd.errors import DfkdError
 from dfkd.profiles import OWN as OWN_RECIPES
 from dfkd.profiles import Pair
 from tests.conftest import OWN
@@ -180,3 +181,18 @@ def test_a_run_on_data_whose_class_is_its_colour_drops_the_colour_views(colours,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds a synthetic set made with other settings" in err[0] and err[0].endswith(
         "(this run dropped the colour views: --colour keep keeps them)")
+
+
+def test_the_colour_hint_is_given_only_where_the_views_differ():
+    """A refusal gets the way back to the colour views only where what differs names them (or is cut short):
+    a run made before another change (the unit targets) is refused without it."""
+    dropped = {"by": "auto", "views": "dropped"}
+    made = "holds a finished model made with other settings ({}); choose another output"
+    for differs, hinted in (("views (--seen-views) affine+colour -> affine", True),
+                            ("augment affine+cutmix+colour -> affine+cutmix", True),
+                            ("lr 0.1 -> 0.2, n 1 -> 2, steps 1 -> 2 and 1 more", True),
+                            ("unit_targets (--unit-targets) draw -> batch", False)):
+        e = colour.refused(DfkdError("f.json", made.format(differs)), dropped)
+        assert e.problem.endswith("(this run dropped the colour views: --colour keep keeps them)") == hinted
+        assert colour.refused(DfkdError("f.json", made.format(differs)), dict(dropped, views="kept")).problem == \
+            made.format(differs)
