@@ -25,7 +25,7 @@ from torch import nn
 from .config import ReconstructConfig, RunConfig, Runtime
 from .data import DataInfo, at_input
 from .distributed import Ranks
-from .errors import DfkdError
+from .errors import DfkdError, OtherSettings
 from .files import read_json, write_json
 from .metadata import Metadata
 from .profiles import OWN, Pair
@@ -124,9 +124,10 @@ def decide(cfg: RunConfig, pair: Pair, teacher: nn.Module, meta: Metadata | None
 
 def refused(e: DfkdError, colour: dict | None) -> DfkdError:
     """A student's refusal to resume, with the way back where the probe dropped the colour views it was made with:
-    where what differs names the views (or more than the message shows), not where it is something else alone."""
-    if colour is None or colour["views"] != "dropped" or "other settings" not in e.problem or \
-            not any(w in e.problem for w in ("views", "augment", " more)")):
+    where the views (``views``, a distillation's ``augment``) are among the settings that differ, not where only
+    something else does."""
+    if colour is None or colour["views"] != "dropped" or not isinstance(e, OtherSettings) or \
+            not {"views", "augment"} & set(e.differing):
         return e
     way = "--colour keep keeps them" if colour["by"] == "auto" else "without --colour drop they stay"
     return DfkdError(e.where, f"{e.problem} (this run dropped the colour views: {way})")

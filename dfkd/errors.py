@@ -8,3 +8,12 @@ class DfkdError(Exception):
         self.where = str(where)
         self.problem = problem
         super().__init__(f"{self.where}: {problem}")
+
+
+class OtherSettings(DfkdError):
+    """Work refused because other settings made it; ``differing`` names each setting that differs (every one,
+    where the message shows a few)."""
+
+    def __init__(self, where: object, problem: str, differing: tuple[str, ...] = ()):
+        super().__init__(where, problem)
+        self.differing = tuple(differing)

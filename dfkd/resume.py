@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .config import later_defaults, spelt_otherwise, to_dict
-from .errors import DfkdError
+from .errors import DfkdError, OtherSettings
 from .files import load_tensors, parse_json, read_json, save_tensors, weights_sha256
 
 STATE_SUFFIX = ".state.safetensors"
@@ -51,7 +51,17 @@ def canonical(obj: Any) -> Any:
 def differences(old: Any, new: Any, limit: int = 3) -> str:
     """The settings that differ, e.g. ``lr 0.001 -> 0.01, epochs 2 -> 3``, each with its flag where that is
     spelt otherwise (``n (--images) 2000 -> 3000``)."""
-    found: list[str] = []
+    found = list(dict.fromkeys(text for _, text in _differing(old, new)))
+    return ", ".join(found[:limit]) + (f" and {len(found) - limit} more" if len(found) > limit else "")
+
+
+def differing(old: Any, new: Any) -> tuple[str, ...]:
+    """The name of each setting that differs (``lr``, ``views``), once each."""
+    return tuple(dict.fromkeys(name for name, _ in _differing(old, new)))
+
+
+def _differing(old: Any, new: Any) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
     flags, later = spelt_otherwise(), later_defaults()
 
     def walk(a, b, name):
@@ -59,11 +69,10 @@ def differences(old: Any, new: Any, limit: int = 3) -> str:
             for k in sorted(set(a) | set(b), key=lambda k: (k != "verb", str(k))):  # a setting saved work lacks:
                 walk(a.get(k, later.get(k)), b.get(k, later.get(k)), str(k))   # its default, if added later
         elif a != b:
-            found.append(f"{name}{f' ({flags[name]})' if name in flags else ''} {_short(a)} -> {_short(b)}")
+            found.append((name, f"{name}{f' ({flags[name]})' if name in flags else ''} {_short(a)} -> {_short(b)}"))
 
     walk(canonical(old), canonical(new), "settings")
-    found = list(dict.fromkeys(found))
-    return ", ".join(found[:limit]) + (f" and {len(found) - limit} more" if len(found) > limit else "")
+    return found
 
 
 def _short(v: Any) -> str:
@@ -142,8 +151,9 @@ def _read_state(path: Path, settings: dict) -> tuple[dict[str, torch.Tensor], di
             and isinstance(doc.get("param_groups"), list) and isinstance(doc.get("optim_other"), dict)):
         raise DfkdError(path, f"cannot resume: not a dfkd resume state of this version; {REMEDY}")
     if doc.get("settings") != canonical(settings):
-        raise DfkdError(path, f"cannot resume: written by a run with other settings "
-                        f"({differences(doc.get('settings'), settings)}); {REMEDY}")
+        raise OtherSettings(path, f"cannot resume: written by a run with other settings "
+                            f"({differences(doc.get('settings'), settings)}); {REMEDY}",
+                            differing(doc.get("settings"), settings))
     return tensors, doc
 
 
@@ -237,8 +247,9 @@ def finished(out: Path, settings: dict, restart: bool = False, state: Path | Non
     if restart or (state is not None and state.is_file()):
         return False
     what = f"other settings ({differences(old, settings)})" if isinstance(old, dict) else "unknown settings"
-    raise DfkdError(desc_path, f"holds a finished model made with {what}; choose another output, give the "
-                    "settings it was made with, or rerun with --restart to replace it")
+    raise OtherSettings(desc_path, f"holds a finished model made with {what}; choose another output, give the "
+                        "settings it was made with, or rerun with --restart to replace it",
+                        differing(old, settings) if isinstance(old, dict) else ())
 
 
 def check_finished(out: Path, settings: dict, restart: bool = False) -> bool:

@@ -16,8 +16,9 @@ from dfkd import colour
 from dfkd.colour import bar, decide, survival
 from dfkd.config import RunConfig
 from dfkd.data import DataInfo
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, OtherSettings
 from dfkd.profiles import OWN as OWN_RECIPES
+from dfkd.resume import differences, differing
 from dfkd.profiles import Pair
 from tests.conftest import OWN
 
@@ -184,15 +185,24 @@ def test_a_run_on_data_whose_class_is_its_colour_drops_the_colour_views(colours,
 
 
 def test_the_colour_hint_is_given_only_where_the_views_differ():
-    """A refusal gets the way back to the colour views only where what differs names them (or is cut short):
-    a run made before another change (the unit targets) is refused without it."""
+    """A refusal gets the way back to the colour views only where the views are among the settings that differ
+    (however many more the message leaves out): a run made before another change (the unit targets) is refused
+    without it, and so is an error that is not a refusal over settings."""
     dropped = {"by": "auto", "views": "dropped"}
-    made = "holds a finished model made with other settings ({}); choose another output"
-    for differs, hinted in (("views (--seen-views) affine+colour -> affine", True),
-                            ("augment affine+cutmix+colour -> affine+cutmix", True),
-                            ("lr 0.1 -> 0.2, n 1 -> 2, steps 1 -> 2 and 1 more", True),
-                            ("unit_targets (--unit-targets) draw -> batch", False)):
-        e = colour.refused(DfkdError("f.json", made.format(differs)), dropped)
+    base = {"reconstruct": {"views": "affine+colour", "unit_targets": "draw", "lr": 0.1, "n": 1, "steps": 1,
+                            "seed": 0}, "distill": {"augment": "affine+cutmix+colour"}}
+    for change, hinted in (({"reconstruct": {"views": "affine"}}, True),
+                           ({"distill": {"augment": "affine+cutmix"}}, True),
+                           ({"reconstruct": {"lr": 0.2, "n": 2, "steps": 2, "seed": 1, "views": "affine"}}, True),
+                           ({"reconstruct": {"lr": 0.2, "n": 2, "steps": 2, "seed": 1}}, False),
+                           ({"reconstruct": {"unit_targets": "batch"}}, False)):
+        new = {k: dict(v, **change.get(k, {})) for k, v in base.items()}
+        made = f"holds a finished model made with other settings ({differences(base, new)}); choose another output"
+        if len(change["reconstruct"] if "reconstruct" in change else ()) == 5:  # the views past the three shown
+            assert "views" not in made and made.count(" -> ") == 3 and "and 2 more" in made
+        e = colour.refused(OtherSettings("f.json", made, differing(base, new)), dropped)
         assert e.problem.endswith("(this run dropped the colour views: --colour keep keeps them)") == hinted
-        assert colour.refused(DfkdError("f.json", made.format(differs)), dict(dropped, views="kept")).problem == \
-            made.format(differs)
+        assert colour.refused(OtherSettings("f.json", made, differing(base, new)), dict(dropped, views="kept")) \
+            .problem == made
+    plain = DfkdError("f.json", "holds other settings (views affine+colour -> affine)")  # words alone: no hint
+    assert colour.refused(plain, dropped) is plain

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -20,7 +21,8 @@ import dfkd.training as training
 from dfkd.cli import main
 from dfkd.config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, TrainConfig
 from dfkd.results import write_results
-from dfkd.resume import config_settings, differences, load_checked, save_checked
+from dfkd.errors import OtherSettings
+from dfkd.resume import check_finished, config_settings, differences, differing, load_checked, save_checked
 from tests.bad_cases_resume import changed_idx
 
 
@@ -155,6 +157,10 @@ def test_train_again_with_other_settings_is_refused_or_restarted(world, tmp_path
     once = train_argv(world, tmp_path, "--epochs", "1")
     assert main([str(a) for a in once]) == 0
     files = {p: p.read_bytes() for p in (tmp_path / "prev.safetensors", tmp_path / "prev.json")}
+    made = json.loads(files[tmp_path / "prev.json"])["settings"]  # the refusal names what differs, for its callers
+    with pytest.raises(OtherSettings) as e:
+        check_finished(tmp_path / "prev", dict(made, config=dict(made["config"], lr=0.002, epochs=2)))
+    assert e.value.differing == ("epochs", "lr") and "epochs 1 -> 2, lr 0.001 -> 0.002" in e.value.problem
     other_data = changed_idx(world, tmp_path / "idx")
     for more, words in ((["--lr", "0.002"], ["lr 0.001 -> 0.002"]), (["--epochs", "2"], ["epochs 1 -> 2"]),
                         (["--data", f"idx:{other_data}"], ["content_sha256"]), (["--seed", "1"], ["seed 0 -> 1"]),
@@ -260,6 +266,8 @@ def test_settings_ignore_how_a_run_runs():
     assert config_settings(DistillConfig(lr=1e-3)) != config_settings(DistillConfig(lr=2e-3))
     assert differences({"config": {"lr": 0.001, "epochs": 2}}, {"config": {"lr": 0.01, "epochs": 2}}) \
         == "lr 0.001 -> 0.01"
+    assert differing({"config": {"lr": 0.001, "n": 2, "epochs": 2}}, {"config": {"lr": 0.01, "n": 3, "epochs": 2}}) \
+        == ("lr", "n")
     # work saved before a setting was added lacks it, and was made under its default (not "null")
     old, new = config_settings(TrainConfig()), config_settings(TrainConfig(augment="shift"))
     assert "augment" not in old and differences({"config": old}, {"config": new}) == "augment none -> shift"
