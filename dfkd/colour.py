@@ -124,10 +124,11 @@ def decide(cfg: RunConfig, pair: Pair, teacher: nn.Module, meta: Metadata | None
 
 def refused(e: DfkdError, colour: dict | None) -> DfkdError:
     """A student's refusal to resume, with the way back where the probe dropped the colour views it was made with:
-    where the views (``views``, a distillation's ``augment``) are among the settings that differ, not where only
-    something else does."""
-    if colour is None or colour["views"] != "dropped" or not isinstance(e, OtherSettings) or \
-            not {"views", "augment"} & set(e.differing):
+    where a setting that differs (the seen ``views``, a distillation's ``augment``) is what it was but for its
+    recolouring, not where only something else differs."""
+    if colour is None or colour["views"] != "dropped" or not isinstance(e, OtherSettings) or not any(
+            name in ("views", "augment") and isinstance(a, str) and without_colour(a) == b
+            for name, a, b in e.differing):
         return e
     way = "--colour keep keeps them" if colour["by"] == "auto" else "without --colour drop they stay"
-    return DfkdError(e.where, f"{e.problem} (this run dropped the colour views: {way})")
+    return OtherSettings(e.where, f"{e.problem} (this run dropped the colour views: {way})", e.differing)

@@ -10,10 +10,17 @@ class DfkdError(Exception):
         super().__init__(f"{self.where}: {problem}")
 
 
-class OtherSettings(DfkdError):
-    """Work refused because other settings made it; ``differing`` names each setting that differs (every one,
-    where the message shows a few)."""
+    def __reduce__(self):  # pickled (a rank's error sent on) as it was made, not from its one-line text
+        return type(self), (self.where, self.problem)
 
-    def __init__(self, where: object, problem: str, differing: tuple[str, ...] = ()):
+
+class OtherSettings(DfkdError):
+    """Work refused because other settings made it; ``differing``: each setting that differs, as ``(name, old,
+    new)`` (every one, where the message shows a few)."""
+
+    def __init__(self, where: object, problem: str, differing: tuple[tuple[str, object, object], ...] = ()):
         super().__init__(where, problem)
         self.differing = tuple(differing)
+
+    def __reduce__(self):
+        return type(self), (self.where, self.problem, self.differing)

@@ -51,17 +51,25 @@ def canonical(obj: Any) -> Any:
 def differences(old: Any, new: Any, limit: int = 3) -> str:
     """The settings that differ, e.g. ``lr 0.001 -> 0.01, epochs 2 -> 3``, each with its flag where that is
     spelt otherwise (``n (--images) 2000 -> 3000``)."""
-    found = list(dict.fromkeys(text for _, text in _differing(old, new)))
-    return ", ".join(found[:limit]) + (f" and {len(found) - limit} more" if len(found) > limit else "")
+    return _said(_differing(old, new), limit)
 
 
-def differing(old: Any, new: Any) -> tuple[str, ...]:
-    """The name of each setting that differs (``lr``, ``views``), once each."""
-    return tuple(dict.fromkeys(name for name, _ in _differing(old, new)))
+def refusal(where: Any, made: str, old: Any, new: Any, remedy: str) -> OtherSettings:
+    """The refusal of work ``made`` (``holds a ... made with``) under settings ``old`` where ``new`` are asked for:
+    one line naming what differs and ``remedy``, and each ``(name, old, new)`` for its callers."""
+    found = _differing(old, new)
+    return OtherSettings(where, f"{made} other settings ({_said(found)}); {remedy}",
+                         tuple((name, a, b) for name, a, b, _ in found))
 
 
-def _differing(old: Any, new: Any) -> list[tuple[str, str]]:
-    found: list[tuple[str, str]] = []
+def _said(found: list[tuple[str, Any, Any, str]], limit: int = 3) -> str:
+    said = list(dict.fromkeys(text for *_, text in found))
+    return ", ".join(said[:limit]) + (f" and {len(said) - limit} more" if len(said) > limit else "")
+
+
+def _differing(old: Any, new: Any) -> list[tuple[str, Any, Any, str]]:
+    """Each setting that differs: its name, old and new value, and how a message says it."""
+    found: list[tuple[str, Any, Any, str]] = []
     flags, later = spelt_otherwise(), later_defaults()
 
     def walk(a, b, name):
@@ -69,7 +77,8 @@ def _differing(old: Any, new: Any) -> list[tuple[str, str]]:
             for k in sorted(set(a) | set(b), key=lambda k: (k != "verb", str(k))):  # a setting saved work lacks:
                 walk(a.get(k, later.get(k)), b.get(k, later.get(k)), str(k))   # its default, if added later
         elif a != b:
-            found.append((name, f"{name}{f' ({flags[name]})' if name in flags else ''} {_short(a)} -> {_short(b)}"))
+            said = f"{name}{f' ({flags[name]})' if name in flags else ''} {_short(a)} -> {_short(b)}"
+            found.append((name, a, b, said))
 
     walk(canonical(old), canonical(new), "settings")
     return found
@@ -151,9 +160,7 @@ def _read_state(path: Path, settings: dict) -> tuple[dict[str, torch.Tensor], di
             and isinstance(doc.get("param_groups"), list) and isinstance(doc.get("optim_other"), dict)):
         raise DfkdError(path, f"cannot resume: not a dfkd resume state of this version; {REMEDY}")
     if doc.get("settings") != canonical(settings):
-        raise OtherSettings(path, f"cannot resume: written by a run with other settings "
-                            f"({differences(doc.get('settings'), settings)}); {REMEDY}",
-                            differing(doc.get("settings"), settings))
+        raise refusal(path, "cannot resume: written by a run with", doc.get("settings"), settings, REMEDY)
     return tensors, doc
 
 
@@ -246,10 +253,10 @@ def finished(out: Path, settings: dict, restart: bool = False, state: Path | Non
         return True
     if restart or (state is not None and state.is_file()):
         return False
-    what = f"other settings ({differences(old, settings)})" if isinstance(old, dict) else "unknown settings"
-    raise OtherSettings(desc_path, f"holds a finished model made with {what}; choose another output, give the "
-                        "settings it was made with, or rerun with --restart to replace it",
-                        differing(old, settings) if isinstance(old, dict) else ())
+    remedy = "choose another output, give the settings it was made with, or rerun with --restart to replace it"
+    if not isinstance(old, dict):
+        raise DfkdError(desc_path, f"holds a finished model made with unknown settings; {remedy}")
+    raise refusal(desc_path, "holds a finished model made with", old, settings, remedy)
 
 
 def check_finished(out: Path, settings: dict, restart: bool = False) -> bool:

@@ -24,9 +24,9 @@ from safetensors import safe_open
 
 from .data import DataInfo
 from .distributed import Ranks
-from .errors import DfkdError, OtherSettings
+from .errors import DfkdError
 from .files import load_tensors, read_json, write_json
-from .resume import CHECKED, canonical, differences, differing, save_checked, verify
+from .resume import CHECKED, canonical, refusal, save_checked, verify
 
 _SHARD = re.compile(r"shard-(\d+)\.safetensors")
 WINDOW_BYTES = 512 * 2 ** 20  # shards shuffled together while streaming (all of them when the set is smaller)
@@ -75,9 +75,8 @@ class SyntheticSet:
         old = {k: m.get(k) for k in key} if m is not None else None
         if m is not None and old != canonical(key):
             if not restart:
-                raise OtherSettings(self.dir, f"holds a synthetic set made with other settings "
-                                    f"({differences(old, key)}); use another output folder, give the settings it "
-                                    "was made with, or rerun with --restart to start it over", differing(old, key))
+                raise refusal(self.dir, "holds a synthetic set made with", old, key, "use another output folder, "
+                              "give the settings it was made with, or rerun with --restart to start it over")
             if ranks.world > 1:
                 raise DfkdError("restart", "ranks cannot start one set over together; delete the set's files once, "
                                 "then start every rank")

@@ -18,8 +18,8 @@ from dfkd.config import RunConfig
 from dfkd.data import DataInfo
 from dfkd.errors import DfkdError, OtherSettings
 from dfkd.profiles import OWN as OWN_RECIPES
-from dfkd.resume import differences, differing
 from dfkd.profiles import Pair
+from dfkd.resume import refusal
 from tests.conftest import OWN
 
 INFO = DataInfo(shape=(3, 8, 8), num_classes=3)
@@ -185,24 +185,27 @@ def test_a_run_on_data_whose_class_is_its_colour_drops_the_colour_views(colours,
 
 
 def test_the_colour_hint_is_given_only_where_the_views_differ():
-    """A refusal gets the way back to the colour views only where the views are among the settings that differ
-    (however many more the message leaves out): a run made before another change (the unit targets) is refused
-    without it, and so is an error that is not a refusal over settings."""
+    """A refusal gets the way back to the colour views only where a view that differs is the saved one but for its
+    recolouring (however many more the message leaves out): not where the unit targets alone differ, nor where the
+    user chose other views, nor for an error that is not a refusal over settings."""
     dropped = {"by": "auto", "views": "dropped"}
+    hint = "(this run dropped the colour views: --colour keep keeps them)"
     base = {"reconstruct": {"views": "affine+colour", "unit_targets": "draw", "lr": 0.1, "n": 1, "steps": 1,
                             "seed": 0}, "distill": {"augment": "affine+cutmix+colour"}}
+    many = {"lr": 0.2, "n": 2, "steps": 2, "seed": 1}
     for change, hinted in (({"reconstruct": {"views": "affine"}}, True),
                            ({"distill": {"augment": "affine+cutmix"}}, True),
-                           ({"reconstruct": {"lr": 0.2, "n": 2, "steps": 2, "seed": 1, "views": "affine"}}, True),
-                           ({"reconstruct": {"lr": 0.2, "n": 2, "steps": 2, "seed": 1}}, False),
-                           ({"reconstruct": {"unit_targets": "batch"}}, False)):
+                           ({"reconstruct": dict(many, views="affine")}, True),  # the views past the three shown
+                           ({"reconstruct": many}, False),
+                           ({"reconstruct": {"unit_targets": "batch"}}, False),
+                           ({"reconstruct": {"views": "none"}}, False)):  # the user's own views, not the probe's
         new = {k: dict(v, **change.get(k, {})) for k, v in base.items()}
-        made = f"holds a finished model made with other settings ({differences(base, new)}); choose another output"
-        if len(change["reconstruct"] if "reconstruct" in change else ()) == 5:  # the views past the three shown
-            assert "views" not in made and made.count(" -> ") == 3 and "and 2 more" in made
-        e = colour.refused(OtherSettings("f.json", made, differing(base, new)), dropped)
-        assert e.problem.endswith("(this run dropped the colour views: --colour keep keeps them)") == hinted
-        assert colour.refused(OtherSettings("f.json", made, differing(base, new)), dict(dropped, views="kept")) \
-            .problem == made
+        e = refusal("f.json", "holds a finished model made with", base, new, "choose another output")
+        if len(change.get("reconstruct", ())) == 5:
+            assert "views" not in e.problem and "and 2 more" in e.problem
+        got = colour.refused(e, dropped)
+        assert got.problem == (f"{e.problem} {hint}" if hinted else e.problem)
+        assert isinstance(got, OtherSettings) and got.differing == e.differing
+        assert colour.refused(e, dict(dropped, views="kept")) is e
     plain = DfkdError("f.json", "holds other settings (views affine+colour -> affine)")  # words alone: no hint
     assert colour.refused(plain, dropped) is plain

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from dfkd.cli import main
 from dfkd.config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, TrainConfig
 from dfkd.results import write_results
 from dfkd.errors import OtherSettings
-from dfkd.resume import check_finished, config_settings, differences, differing, load_checked, save_checked
+from dfkd.resume import (check_finished, config_settings, differences, load_checked, load_state, refusal, save_checked,
+                         save_state)
 from tests.bad_cases_resume import changed_idx
 
 
@@ -160,7 +162,8 @@ def test_train_again_with_other_settings_is_refused_or_restarted(world, tmp_path
     made = json.loads(files[tmp_path / "prev.json"])["settings"]  # the refusal names what differs, for its callers
     with pytest.raises(OtherSettings) as e:
         check_finished(tmp_path / "prev", dict(made, config=dict(made["config"], lr=0.002, epochs=2)))
-    assert e.value.differing == ("epochs", "lr") and "epochs 1 -> 2, lr 0.001 -> 0.002" in e.value.problem
+    assert e.value.differing == (("epochs", 1, 2), ("lr", 0.001, 0.002)) and \
+        "epochs 1 -> 2, lr 0.001 -> 0.002" in e.value.problem
     other_data = changed_idx(world, tmp_path / "idx")
     for more, words in ((["--lr", "0.002"], ["lr 0.001 -> 0.002"]), (["--epochs", "2"], ["epochs 1 -> 2"]),
                         (["--data", f"idx:{other_data}"], ["content_sha256"]), (["--seed", "1"], ["seed 0 -> 1"]),
@@ -256,6 +259,21 @@ def test_a_huge_lr_stops_at_the_first_nonfinite_loss_and_saves_nothing(world, tm
     assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".")]  # (but the lock file)
 
 
+def test_a_resume_state_of_other_settings_names_what_differs(tmp_path):
+    """A half-made stage's state, refused for other settings, says which (the colour hint reads them)."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters())
+    settings = {"verb": "distill", "config": {"augment": "affine+cutmix+colour", "lr": 0.01}}
+    save_state(tmp_path / "s.state.safetensors", net, opt, 1, [{"epoch": 1}], settings)
+    other = {"verb": "distill", "config": {"augment": "affine+cutmix", "lr": 0.01}}
+    with pytest.raises(OtherSettings) as e:
+        load_state(tmp_path / "s.state.safetensors", net, opt, other)
+    assert e.value.differing == (("augment", "affine+cutmix+colour", "affine+cutmix"),)
+    assert "cannot resume: written by a run with other settings (augment" in e.value.problem
+    assert load_state(tmp_path / "s.state.safetensors", net, opt, settings)[0] == 1
+
+
 def test_settings_ignore_how_a_run_runs():
     a, b = RunConfig(device="cpu", progress=True), RunConfig(device="cuda", progress=False)
     assert config_settings(a) == config_settings(b) and "device" not in config_settings(a)
@@ -266,8 +284,13 @@ def test_settings_ignore_how_a_run_runs():
     assert config_settings(DistillConfig(lr=1e-3)) != config_settings(DistillConfig(lr=2e-3))
     assert differences({"config": {"lr": 0.001, "epochs": 2}}, {"config": {"lr": 0.01, "epochs": 2}}) \
         == "lr 0.001 -> 0.01"
-    assert differing({"config": {"lr": 0.001, "n": 2, "epochs": 2}}, {"config": {"lr": 0.01, "n": 3, "epochs": 2}}) \
-        == ("lr", "n")
+    e = refusal("f", "made with", {"config": {"lr": 0.001, "n": 2, "epochs": 2}}, {"config": {"lr": 0.01, "n": 3,
+                                                                                          "epochs": 2}}, "go on")
+    assert e.problem == "made with other settings (lr 0.001 -> 0.01, n (--images) 2 -> 3); go on" and \
+        e.differing == (("lr", 0.001, 0.01), ("n", 2, 3))
+    again = pickle.loads(pickle.dumps(e))  # a rank's error sent on arrives as it was made
+    assert type(again) is OtherSettings and (again.where, again.problem, again.differing) == \
+        (e.where, e.problem, e.differing)
     # work saved before a setting was added lacks it, and was made under its default (not "null")
     old, new = config_settings(TrainConfig()), config_settings(TrainConfig(augment="shift"))
     assert "augment" not in old and differences({"config": old}, {"config": new}) == "augment none -> shift"
