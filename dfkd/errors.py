@@ -9,8 +9,7 @@ class DfkdError(Exception):
         self.problem = problem
         super().__init__(f"{self.where}: {problem}")
 
-
-    def __reduce__(self):  # pickled (a rank's error sent on) as it was made, not from its one-line text
+    def __reduce__(self):  # a copy or a pickle rebuilt from its parts, not from its one-line text
         return type(self), (self.where, self.problem)
 
 

@@ -288,7 +288,7 @@ def test_settings_ignore_how_a_run_runs():
                                                                                           "epochs": 2}}, "go on")
     assert e.problem == "made with other settings (lr 0.001 -> 0.01, n (--images) 2 -> 3); go on" and \
         e.differing == (("lr", 0.001, 0.01), ("n", 2, 3))
-    again = pickle.loads(pickle.dumps(e))  # a rank's error sent on arrives as it was made
+    again = pickle.loads(pickle.dumps(e))  # rebuilt as it was made
     assert type(again) is OtherSettings and (again.where, again.problem, again.differing) == \
         (e.where, e.problem, e.differing)
     # work saved before a setting was added lacks it, and was made under its default (not "null")
