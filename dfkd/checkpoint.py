@@ -210,8 +210,10 @@ def read_config(folder: str | os.PathLike) -> tuple[Path, Path, dict]:
     """A published folder's ``config.json`` (checked), its path and the weights' path."""
     folder = Path(folder)
     missing = [f for f in (CONFIG, WEIGHTS, STATS) if not (folder / f).is_file()]
-    if missing:
-        raise DfkdError(folder, f"not a complete dfkd model folder (missing {', '.join(missing)})")
+    if missing:  # a folder `dfkd train --out` wrote holds a model by its stem (``<folder>/teacher``): named
+        stems = sorted(str(j.with_suffix("")) for j in folder.glob("*.json") if j.with_suffix(".safetensors").is_file())
+        held = f"; it holds a trained model: give its stem, {stems[0]}" if CONFIG in missing and stems else ""
+        raise DfkdError(folder, f"not a complete dfkd model folder (missing {', '.join(missing)}){held}")
     desc = read_json(folder / CONFIG)
     if desc.get("format") != FOLDER_FORMAT:
         raise DfkdError(folder / CONFIG, f"not a dfkd model folder's config (format {desc.get('format')!r})")

@@ -310,6 +310,9 @@ CASES = [
     ("folder-missing-part", "model folder", "a published folder without its statistics",
      lambda w, t: ["reconstruct", "--teacher", _folder_copy(w, t, lambda d: (d / "stats.safetensors").unlink()),
                    "--out", t / "r"], ["pub", "missing stats.safetensors"]),
+    ("folder-is-a-trained-model", "model folder", "the folder dfkd train --out wrote, not its model's stem",
+     lambda w, t: ["reconstruct", "--teacher", copy_model(w, _dir(t / "trained"), "teacher").parent, "--out", t / "r"],
+     ["trained", "missing config.json", "give its stem, ", "trained/teacher"]),
     ("folder-newer-format", "model folder", "a folder of a newer format version",
      lambda w, t: ["reconstruct", "--teacher", _folder_copy(w, t, lambda d: _edit_json(d / "config.json", version=2)),
                    "--out", t / "r"], ["config.json", "newer"]),
@@ -493,6 +496,11 @@ def _scaled_weights(w, factor) -> bytes:
     t = load((w.dir / "teacher.safetensors").read_bytes())
     t["conv1.weight"] = t["conv1.weight"] * factor
     return st_save(t)
+
+
+def _dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _folder_copy(w, t, edit) -> Path:
