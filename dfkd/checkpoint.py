@@ -210,10 +210,11 @@ def read_config(folder: str | os.PathLike) -> tuple[Path, Path, dict]:
     """A published folder's ``config.json`` (checked), its path and the weights' path."""
     folder = Path(folder)
     missing = [f for f in (CONFIG, WEIGHTS, STATS) if not (folder / f).is_file()]
-    if missing:  # a folder `dfkd train --out` wrote holds a model by its stem (``<folder>/teacher``): named
-        stems = sorted(str(j.with_suffix("")) for j in folder.glob("*.json") if j.with_suffix(".safetensors").is_file())
-        held = f"; it holds a trained model: give its stem, {stems[0]}" if CONFIG in missing and stems else ""
-        raise DfkdError(folder, f"not a complete dfkd model folder (missing {', '.join(missing)}){held}")
+    if missing:  # a folder `dfkd train --out` wrote holds models by their stems (``<folder>/teacher``): named
+        held = _models_in(folder) if CONFIG in missing else []
+        held_said = "" if not held else f"; it holds the trained model {held[0]}: pass that instead" if len(held) == 1 \
+            else f"; it holds the trained models {', '.join(held)}: pass one of them instead"
+        raise DfkdError(folder, f"not a complete dfkd model folder (missing {', '.join(missing)}){held_said}")
     desc = read_json(folder / CONFIG)
     if desc.get("format") != FOLDER_FORMAT:
         raise DfkdError(folder / CONFIG, f"not a dfkd model folder's config (format {desc.get('format')!r})")
@@ -222,6 +223,19 @@ def read_config(folder: str | os.PathLike) -> tuple[Path, Path, dict]:
                         f"({FOLDER_VERSION}); upgrade dfkd")
     check_model_desc(folder / CONFIG, desc)
     return folder / CONFIG, folder / WEIGHTS, desc
+
+
+def _models_in(folder: Path) -> list[str]:
+    """The stems of the trained models (``<stem>.json`` of format dfkd-model beside its weights) in ``folder``."""
+    found = []
+    for j in sorted(folder.glob("*.json")):
+        try:
+            model = j.with_suffix(".safetensors").is_file() and read_json(j).get("format") == MODEL_FORMAT
+        except (DfkdError, AttributeError):  # unreadable, or not an object: not a model
+            model = False
+        if model:
+            found.append(str(j.with_suffix("")))
+    return found
 
 
 def stats_of(folder: str | os.PathLike) -> Path:

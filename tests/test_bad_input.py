@@ -312,7 +312,10 @@ CASES = [
                    "--out", t / "r"], ["pub", "missing stats.safetensors"]),
     ("folder-is-a-trained-model", "model folder", "the folder dfkd train --out wrote, not its model's stem",
      lambda w, t: ["reconstruct", "--teacher", copy_model(w, _dir(t / "trained"), "teacher").parent, "--out", t / "r"],
-     ["trained", "missing config.json", "give its stem, ", "trained/teacher"]),
+     ["trained", "missing config.json", "it holds the trained model ", "trained/teacher: pass that instead"]),
+    ("folder-holds-models", "model folder", "a folder of two trained models and another file pair",
+     lambda w, t: ["reconstruct", "--teacher", _two_models(w, t / "two"), "--out", t / "r"],
+     ["two: not a complete", "the trained models ", "two/student, ", "two/teacher: pass one of them"]),
     ("folder-newer-format", "model folder", "a folder of a newer format version",
      lambda w, t: ["reconstruct", "--teacher", _folder_copy(w, t, lambda d: _edit_json(d / "config.json", version=2)),
                    "--out", t / "r"], ["config.json", "newer"]),
@@ -496,6 +499,15 @@ def _scaled_weights(w, factor) -> bytes:
     t = load((w.dir / "teacher.safetensors").read_bytes())
     t["conv1.weight"] = t["conv1.weight"] * factor
     return st_save(t)
+
+
+def _two_models(w, d: Path) -> Path:
+    """A folder with the models ``student`` and ``teacher``, and a JSON beside weights that is no model's."""
+    for name in ("teacher", "student"):
+        copy_model(w, _dir(d), name)
+    (d / "results.json").write_text(json.dumps({"format": "something else"}))
+    (d / "results.safetensors").write_bytes((d / "teacher.safetensors").read_bytes())
+    return d
 
 
 def _dir(path: Path) -> Path:
