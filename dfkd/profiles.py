@@ -71,7 +71,7 @@ GENERATOR = {
 # inputs, about the baselines' 4,710 in 30 epochs of a 10,000-image set; 30 epochs at a constant lr left the
 # student swinging between 61 and 72 %: natural digits 68.52 % (2 seeds) -> 82.13 % (3 seeds)); --epochs sets
 # both; ``optimise_unit_targets`` matches every per-unit record by the batch (photograph patches, BN ResNet:
-# 74.13 % -> 88.87 %, seed 1 78.87 %; docs/colour.md). Under --synthesis generator ``generator_recipe``
+# 74.13 % -> 88.87 %, seed 0; 85.00 % the mean of 3; docs/colour.md). Under --synthesis generator ``generator_recipe``
 # replaces the recipe's (its student sees the views already; seen views cost it 2 points on colour digits), and
 # ``generator_without_bn`` those for all-layers without bn-stats (a teacher without BatchNorm: per-unit records
 # matched by the batch; GroupNorm teacher on colour digits 84.60 % -> 89.50 %, docs/beyond-bn.md). The objective
