@@ -56,8 +56,9 @@ def differences(old: Any, new: Any, limit: int = 3) -> str:
 
 def refusal(where: Any, made: str, old: Any, new: Any, remedy: str) -> OtherSettings:
     """The refusal of work ``made`` (``holds a ... made with``) under settings ``old`` where ``new`` are asked for:
-    one line naming what differs and ``remedy``, and each ``(name, old, new)`` for its callers."""
-    found = _differing(old, new)
+    one line naming what differs and ``remedy``, and each ``(name, old, new)`` for its callers. A difference
+    only in a setting saved as its later default (which ``to_dict`` leaves out) is named as saved."""
+    found = _differing(old, new) or _differing(old, new, later={})
     return OtherSettings(where, f"{made} other settings ({_said(found)}); {remedy}",
                          tuple((name, a, b) for name, a, b, _ in found))
 
@@ -67,10 +68,11 @@ def _said(found: list[tuple[str, Any, Any, str]], limit: int = 3) -> str:
     return ", ".join(said[:limit]) + (f" and {len(said) - limit} more" if len(said) > limit else "")
 
 
-def _differing(old: Any, new: Any) -> list[tuple[str, Any, Any, str]]:
-    """Each setting that differs: its name, old and new value, and how a message says it."""
+def _differing(old: Any, new: Any, later: dict | None = None) -> list[tuple[str, Any, Any, str]]:
+    """Each setting that differs: its name, old and new value, and how a message says it. A setting one side
+    lacks is read as its ``later`` default (by default the stages' ``later_defaults``)."""
     found: list[tuple[str, Any, Any, str]] = []
-    flags, later = spelt_otherwise(), later_defaults()
+    flags, later = spelt_otherwise(), later_defaults() if later is None else later
 
     def walk(a, b, name):
         if isinstance(a, dict) and isinstance(b, dict):

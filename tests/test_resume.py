@@ -294,6 +294,10 @@ def test_settings_ignore_how_a_run_runs():
     # work saved before a setting was added lacks it, and was made under its default (not "null")
     old, new = config_settings(TrainConfig()), config_settings(TrainConfig(augment="shift"))
     assert "augment" not in old and differences({"config": old}, {"config": new}) == "augment none -> shift"
+    # a setting written at its later default (to_dict leaves it out, a hand-made file may not) still is named
+    e = refusal("f", "made with", {"config": {"lr": 0.001}}, {"config": {"lr": 0.001, "augment": "none"}}, "go on")
+    assert e.problem == "made with other settings (augment null -> none); go on" and \
+        e.differing == (("augment", None, "none"),)
 
 
 # --- what a finished model and its data are -------------------------------------------------------
