@@ -56,9 +56,11 @@ def differences(old: Any, new: Any, limit: int = 3) -> str:
 
 def refusal(where: Any, made: str, old: Any, new: Any, remedy: str) -> OtherSettings:
     """The refusal of work ``made`` (``holds a ... made with``) under settings ``old`` where ``new`` are asked for:
-    one line naming what differs and ``remedy``, and each ``(name, old, new)`` for its callers. A difference
-    only in a setting saved as its later default (which ``to_dict`` leaves out) is named as saved."""
-    found = _differing(old, new) or _differing(old, new, later={})
+    one line naming what differs and ``remedy``, and each ``(name, old, new)`` for its callers. Where the
+    difference is only a setting one side holds and the other lacks (a later setting at its default, a null),
+    which the callers' exact comparison refuses, that setting is named with the lacking side ``absent``
+    (``None`` in the list)."""
+    found = _differing(old, new) or _differing(old, new, exact=True)
     return OtherSettings(where, f"{made} other settings ({_said(found)}); {remedy}",
                          tuple((name, a, b) for name, a, b, _ in found))
 
@@ -68,25 +70,32 @@ def _said(found: list[tuple[str, Any, Any, str]], limit: int = 3) -> str:
     return ", ".join(said[:limit]) + (f" and {len(said) - limit} more" if len(said) > limit else "")
 
 
-def _differing(old: Any, new: Any, later: dict | None = None) -> list[tuple[str, Any, Any, str]]:
+_ABSENT = object()  # a setting one side of an exact comparison lacks
+
+
+def _differing(old: Any, new: Any, exact: bool = False) -> list[tuple[str, Any, Any, str]]:
     """Each setting that differs: its name, old and new value, and how a message says it. A setting one side
-    lacks is read as its ``later`` default (by default the stages' ``later_defaults``)."""
+    lacks is read as its default where it was added later (the stages' ``later_defaults``), or, ``exact``, as
+    absent (what an exact comparison sees)."""
     found: list[tuple[str, Any, Any, str]] = []
-    flags, later = spelt_otherwise(), later_defaults() if later is None else later
+    flags = spelt_otherwise()
+    defaults, lacking = ({}, _ABSENT) if exact else (later_defaults(), None)
 
     def walk(a, b, name):
         if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b), key=lambda k: (k != "verb", str(k))):  # a setting saved work lacks:
-                walk(a.get(k, later.get(k)), b.get(k, later.get(k)), str(k))   # its default, if added later
+            for k in sorted(set(a) | set(b), key=lambda k: (k != "verb", str(k))):  # a side lacks k: its later
+                walk(a.get(k, defaults.get(k, lacking)), b.get(k, defaults.get(k, lacking)), str(k))  # default
         elif a != b:
             said = f"{name}{f' ({flags[name]})' if name in flags else ''} {_short(a)} -> {_short(b)}"
-            found.append((name, a, b, said))
+            found.append((name, None if a is _ABSENT else a, None if b is _ABSENT else b, said))
 
     walk(canonical(old), canonical(new), "settings")
     return found
 
 
 def _short(v: Any) -> str:
+    if v is _ABSENT:
+        return "absent"
     s = v if isinstance(v, str) else json.dumps(v)
     return s if len(s) <= 40 else f"{s[:12]}...{s[-20:]}"
 

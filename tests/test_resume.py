@@ -23,8 +23,8 @@ from dfkd.cli import main
 from dfkd.config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, TrainConfig
 from dfkd.results import write_results
 from dfkd.errors import OtherSettings
-from dfkd.resume import (check_finished, config_settings, differences, load_checked, load_state, refusal, save_checked,
-                         save_state)
+from dfkd.resume import (canonical, check_finished, config_settings, differences, load_checked, load_state, refusal,
+                         save_checked, save_state)
 from tests.bad_cases_resume import changed_idx
 
 
@@ -294,10 +294,21 @@ def test_settings_ignore_how_a_run_runs():
     # work saved before a setting was added lacks it, and was made under its default (not "null")
     old, new = config_settings(TrainConfig()), config_settings(TrainConfig(augment="shift"))
     assert "augment" not in old and differences({"config": old}, {"config": new}) == "augment none -> shift"
-    # a setting written at its later default (to_dict leaves it out, a hand-made file may not) still is named
-    e = refusal("f", "made with", {"config": {"lr": 0.001}}, {"config": {"lr": 0.001, "augment": "none"}}, "go on")
-    assert e.problem == "made with other settings (augment null -> none); go on" and \
-        e.differing == (("augment", None, "none"),)
+
+
+def test_a_refusal_names_what_the_exact_comparison_saw():
+    """The callers compare saved settings exactly; where they differ only in a setting one side lacks and the
+    other holds at its later default (a hand-made file: ``to_dict`` leaves such a setting out), or as a null,
+    the refusal names that setting with the lacking side absent, never an empty list."""
+    saved, asked = {"config": {"lr": 0.001, "augment": "none"}}, {"config": {"lr": 0.001}}
+    assert canonical(saved) != canonical(asked) and differences(saved, asked) == ""  # refused, yet equal by default
+    e = refusal("f", "made with", saved, asked, "go on")
+    assert e.problem == "made with other settings (augment none -> absent); go on" and \
+        e.differing == (("augment", "none", None),)
+    e = refusal("f", "made with", {"config": {"lr": 1, "x": None}}, {"config": {"lr": 1}}, "go on")
+    assert e.problem == "made with other settings (x null -> absent); go on" and e.differing == (("x", None, None),)
+    e = refusal("f", "made with", {"config": {"lr": 1}}, {"config": {"lr": 2, "augment": "none"}}, "go on")
+    assert e.problem == "made with other settings (lr 1 -> 2); go on"  # a real difference: the defaults still read
 
 
 # --- what a finished model and its data are -------------------------------------------------------
