@@ -74,12 +74,12 @@ _ABSENT = object()  # a setting one side of an exact comparison lacks
 
 
 def _differing(old: Any, new: Any, exact: bool = False) -> list[tuple[str, Any, Any, str]]:
-    """Each setting that differs: its name, old and new value, and how a message says it. A setting one side
-    lacks is read as its default where it was added later (the stages' ``later_defaults``), or, ``exact``, as
-    absent (what an exact comparison sees)."""
+    """Each setting that differs: its name, old and new value (``None`` for a side that lacks it), and how a
+    message says it. A setting one side lacks is read as its default where it was added later (the stages'
+    ``later_defaults``; not where ``exact``, as an exact comparison sees it), else as absent."""
     found: list[tuple[str, Any, Any, str]] = []
     flags = spelt_otherwise()
-    defaults, lacking = ({}, _ABSENT) if exact else (later_defaults(), None)
+    defaults, lacking = {} if exact else later_defaults(), _ABSENT
 
     def walk(a, b, name):
         if isinstance(a, dict) and isinstance(b, dict):

@@ -75,7 +75,8 @@ class SyntheticSet:
         old = {k: m.get(k) for k in key} if m is not None else None
         if m is not None and old != canonical(key):
             if not restart:
-                raise refusal(self.dir, "holds a synthetic set made with", old, key, "use another output folder, "
+                raise refusal(self.dir, "holds a synthetic set made with", {k: m[k] for k in key if k in m}, key,
+                              "use another output folder, "
                               "give the settings it was made with, or rerun with --restart to start it over")
             if ranks.world > 1:
                 raise DfkdError("restart", "ranks cannot start one set over together; delete the set's files once, "

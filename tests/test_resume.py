@@ -23,6 +23,7 @@ from dfkd.cli import main
 from dfkd.config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, TrainConfig
 from dfkd.results import write_results
 from dfkd.errors import OtherSettings
+from dfkd.synthetic import SyntheticSet
 from dfkd.resume import (canonical, check_finished, config_settings, differences, load_checked, load_state, refusal,
                          save_checked, save_state)
 from tests.bad_cases_resume import changed_idx
@@ -307,8 +308,10 @@ def test_a_refusal_names_what_the_exact_comparison_saw():
         e.differing == (("augment", "none", None),)
     e = refusal("f", "made with", {"config": {"lr": 1, "x": None}}, {"config": {"lr": 1}}, "go on")
     assert e.problem == "made with other settings (x null -> absent); go on" and e.differing == (("x", None, None),)
-    e = refusal("f", "made with", {"config": {"lr": 1}}, {"config": {"lr": 2, "augment": "none"}}, "go on")
-    assert e.problem == "made with other settings (lr 1 -> 2); go on"  # a real difference: the defaults still read
+    e = refusal("f", "made with", {"config": {"lr": 1}}, {"config": {"lr": 1, "x": None}}, "go on")  # saved lacks
+    assert e.problem == "made with other settings (x absent -> null); go on" and e.differing == (("x", None, None),)
+    e = refusal("f", "made with", {"config": {"lr": 1}}, {"config": {"lr": 2, "augment": "none", "foo": 3}}, "go on")
+    assert e.problem == "made with other settings (foo absent -> 3, lr 1 -> 2); go on"  # a later default still reads
 
 
 # --- what a finished model and its data are -------------------------------------------------------
@@ -590,3 +593,16 @@ def test_results_ignore_how_the_run_ran(tmp_path):
     assert [p.read_bytes() for p in files] == before
     write_results(tmp_path, two, RunConfig(out=str(tmp_path), seeds=2), t0=1e12)  # what it makes: rewritten
     assert [p.read_bytes() for p in files] != before
+
+
+def test_a_synthetic_set_whose_manifest_lacks_a_setting_names_it_absent(tmp_path):
+    """A manifest lacking a setting of the set's key (hand-edited, or written before the setting existed) is
+    refused with that setting named absent, not as a null the user never gave."""
+    SyntheticSet(tmp_path / "set").begin({"settings": {"n": 4}, "teacher": "t"})
+    path = tmp_path / "set" / "manifest.json"
+    m = json.loads(path.read_text())
+    del m["teacher"]
+    path.write_text(json.dumps(m))
+    with pytest.raises(OtherSettings) as e:
+        SyntheticSet(tmp_path / "set").begin({"settings": {"n": 4}, "teacher": "t"})
+    assert "other settings (teacher absent -> t)" in e.value.problem and e.value.differing == (("teacher", None, "t"),)
