@@ -70,7 +70,7 @@ def _said(found: list[tuple[str, Any, Any, str]], limit: int = 3) -> str:
     return ", ".join(said[:limit]) + (f" and {len(said) - limit} more" if len(said) > limit else "")
 
 
-_ABSENT = object()  # a setting one side of an exact comparison lacks
+_ABSENT = object()  # a setting one side lacks, where no later default stands in for it
 
 
 def _differing(old: Any, new: Any, exact: bool = False) -> list[tuple[str, Any, Any, str]]:

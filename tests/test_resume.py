@@ -23,9 +23,9 @@ from dfkd.cli import main
 from dfkd.config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, TrainConfig
 from dfkd.results import write_results
 from dfkd.errors import OtherSettings
-from dfkd.synthetic import SyntheticSet
 from dfkd.resume import (canonical, check_finished, config_settings, differences, load_checked, load_state, refusal,
                          save_checked, save_state)
+from dfkd.synthetic import SyntheticSet
 from tests.bad_cases_resume import changed_idx
 
 
