@@ -233,12 +233,13 @@ class RunConfig:
                                "statistics")
     images: int | None = opt(None, "synthetic images per objective (default: the profile's)", parse="positive")
     steps: int | None = opt(None, "Adam steps per image (default: the profile's)")
-    epochs: int | None = opt(None, "distillation epochs, and for your own pair its baselines' epochs too (default: "
-                             "the profile's; your own pair under optimise: 100, annealed by a cosine, its baselines 30)",
-                             parse="positive")
+    epochs: int | None = opt(None, "distillation epochs, and for your own pair its baselines' epochs too (default: the "
+                             "profile's; your own pair under optimise: 100, annealed by a cosine, its baselines 30)", parse="positive")
     teacher_epochs: int | None = opt(None, "epochs of the teacher the run trains (a registry network's, or yours given "
                                      "as code without --weights; Adam lr 1e-3 annealed by a cosine); default: the "
                                      "profile's (quick: 10, your own pair 3)", parse="positive", later=True)
+    temperature: float | None = opt(None, "the data-free students' KD temperature (default: the profile's, 8 as in the "
+                                    "paper; the real-KD baseline keeps 8, the paper profile refuses another)", parse="positive", later=True)
     synthesis: str = opt("optimise", "optimise: a synthetic set, each input optimised for the objective, then the "
                          "student distilled on it; generator: a conditional generator trained against the teacher "
                          "with the same objective, the student distilled online on its batches",
@@ -285,8 +286,7 @@ def default(cls: type, name: str) -> Any:
 
 def _stage_fields() -> list[Field]:
     """Every field of the stages' configs (what saved work's settings hold)."""
-    return [f for c in (TrainConfig, RecordConfig, ReconstructConfig, DistillConfig, GeneratorConfig, ExportConfig)
-            for f in fields(c)]
+    return [f for c in (TrainConfig, RecordConfig, ReconstructConfig, DistillConfig, GeneratorConfig, ExportConfig) for f in fields(c)]
 
 
 def later_defaults() -> dict[str, Any]:

@@ -141,6 +141,10 @@ def _sized(r: dict, cfg: RunConfig) -> dict:
                 **({"views": cfg.seen_views} if cfg.seen_views is not None else {}))
 
 
+def _distill_given(cfg: RunConfig) -> dict:  # the run's overrides of a distillation recipe
+    return {k: getattr(cfg, k) for k in ("epochs", "temperature") if getattr(cfg, k) is not None}
+
+
 def given_teacher(cfg: RunConfig) -> ModelRef | None:
     """The trained teacher the run is given, or None: it trains one (a registry network, or the user's own
     teacher given as code without weights)."""
@@ -161,20 +165,16 @@ def _check_own(cfg: RunConfig) -> None:
     if not cfg.teacher:
         raise DfkdError("student", "your own student needs your teacher: give --teacher too")
     if cfg.profile not in OWN:
-        raise DfkdError("profile", f"profile {cfg.profile} is for the paper's networks; your own pair runs under "
-                        f"{' or '.join(OWN)}")
+        raise DfkdError("profile", f"profile {cfg.profile} is for the paper's networks; your own pair runs under {' or '.join(OWN)}")
     if cfg.teachers or cfg.networks != default(RunConfig, "networks"):
-        raise DfkdError("teachers" if cfg.teachers else "networks", "is for the paper's networks; your own pair is "
-                        "--teacher and --student")
+        raise DfkdError("teachers" if cfg.teachers else "networks", "is for the paper's networks; your own pair is --teacher and --student")
     spec = ModelRef(cfg.teacher).is_spec
     if cfg.weights == RANDOM_WEIGHTS:
         raise DfkdError("weights", "dfkd run distils a trained teacher: a freshly initialised one teaches nothing")
     if not spec and (cfg.weights or cfg.teacher_args):
-        raise DfkdError("teacher_args" if cfg.teacher_args else "weights", f"{cfg.teacher} is a saved model: it "
-                        "brings its own weights and arguments")
+        raise DfkdError("teacher_args" if cfg.teacher_args else "weights", f"{cfg.teacher} is a saved model: it brings its own weights and arguments")
     if spec and not cfg.weights and cfg.stats:
-        raise DfkdError("stats", "the run trains this teacher (no --weights) and records its statistics itself; "
-                        "give --weights for a trained one")
+        raise DfkdError("stats", "the run trains this teacher (no --weights) and records its statistics itself; give --weights for a trained one")
 
 
 def _check_teacher_epochs(cfg: RunConfig) -> None:
@@ -213,8 +213,10 @@ def check(cfg: RunConfig) -> None:
                         "reconstruct")
     if (cfg.images is not None and cfg.images <= 0) or (cfg.steps is not None and cfg.steps < 0):
         raise DfkdError("images", "images must be > 0 and steps >= 0")
-    if cfg.epochs is not None and cfg.epochs <= 0:
-        raise DfkdError("epochs", "must be > 0")
+    if cfg.epochs is not None and cfg.epochs <= 0 or cfg.temperature is not None and cfg.temperature <= 0:
+        raise DfkdError("epochs" if cfg.epochs is not None and cfg.epochs <= 0 else "temperature", "must be > 0")
+    if cfg.profile == "paper" and cfg.temperature not in (None, default(DistillConfig, "temperature")):
+        raise DfkdError("temperature", "the paper profile distils at the paper's temperature, 8")
     if cfg.synthesis not in SYNTHESES:
         raise DfkdError("synthesis", f"{cfg.synthesis!r} is not one of {', '.join(SYNTHESES)}")
     unused = ("iterations",) if cfg.synthesis == "optimise" else ("images", "steps", "epochs")
@@ -223,8 +225,7 @@ def check(cfg: RunConfig) -> None:
                         f"sizes {'a set of optimised inputs' if f != 'epochs' else 'epochs on a synthetic set'}, which "
                         "--synthesis generator does not make (its budget: --iterations)")
     if cfg.synthesis == "generator" and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
-        raise DfkdError("synthesis", "a generator is trained in one process; run --synthesis generator without "
-                        "torchrun")
+        raise DfkdError("synthesis", "a generator is trained in one process; run --synthesis generator without torchrun")
     bad = [o for o in cfg.objectives or () if cfg.synthesis == "generator" and not trains_generator(o)]
     if bad:
         raise DfkdError("objectives", f"{', '.join(bad)} cannot train a generator (noise optimises nothing, dropout "
@@ -260,13 +261,12 @@ def pairs(cfg: RunConfig) -> list[Pair]:
     if cfg.student is None:
         return [Pair(net, net, PAIRS[net], cfg.teacher_epochs or p["teacher_epochs"], p["baseline_epochs"][net], 1e-3,
                      _sized(dict(p["recipe"][net], batch_size=p["batch_size"]), cfg),
-                     {**p["distill"], **p.get(f"{cfg.synthesis}_distill", {}).get(net, {}),
-                      **({"epochs": cfg.epochs} if cfg.epochs else {})},
+                     {**p["distill"], **p.get(f"{cfg.synthesis}_distill", {}).get(net, {}), **_distill_given(cfg)},
                      generator=generator_recipe(GENERATOR[cfg.profile], cfg),
                      unit_targets=cfg.unit_targets or p.get("unit_targets", {}).get(net)) for net in cfg.networks]
     o = OWN[cfg.profile]
     recipe = dict(o["recipe"], **o.get(f"{cfg.synthesis}_recipe", {}))
-    distill = {**o["distill"], **o.get(f"{cfg.synthesis}_distill", {}), **({"epochs": cfg.epochs} if cfg.epochs else {})}
+    distill = {**o["distill"], **o.get(f"{cfg.synthesis}_distill", {}), **_distill_given(cfg)}
     return [Pair("own", cfg.teacher, cfg.student, cfg.teacher_epochs or o["teacher_epochs"], cfg.epochs or o["distill"]["epochs"],
                  o["distill"]["lr"], _sized(recipe, cfg), distill, parse_args(cfg.teacher_args, "teacher_args"),
                  parse_args(cfg.student_args, "student_args"), own=True,

@@ -226,13 +226,14 @@ def run_flags(objective: str, saved: dict, student: str) -> list[str] | None:
     """The ``dfkd run`` flags (beside ``--teacher``, ``--data`` and the student's arguments) that make a generator
     student's saved configs again (``saved``: its ``reconstruct_config``, ``distill_config`` and
     ``generator_config``): a registry student's network (``--networks``) or ``--student``, the profile, the
-    objective, iterations, seen views, unit targets and seed; None where no profile of this version makes them."""
+    objective, iterations, seen views, unit targets, temperature and seed; None where no profile of this version makes them."""
     rc, dc, gc = (saved.get(k) for k in ("reconstruct_config", "distill_config", "generator_config"))
     if not all(isinstance(c, dict) for c in (rc, dc, gc)):
         return None
     chosen = dict(objectives=(objective,), synthesis="generator", iterations=gc.get("iterations"),
                   seen_views=rc.get("views", default(ReconstructConfig, "views")),
                   unit_targets=rc.get("unit_targets", default(ReconstructConfig, "unit_targets")) if matches_records(objective) else None,
+                  temperature=None if dc.get("temperature") == default(DistillConfig, "temperature") else dc.get("temperature"),
                   seed=gc.get("seed", 0))
     nets = [n for n, s in PAIRS.items() if s == student]
     tries = ([(p, {"networks": (nets[0],)}) for p in PROFILES] if nets else []) + [(p, {"student": student}) for p in OWN]

@@ -334,6 +334,7 @@ def test_run_flags_remake_a_generator_students_configs():
     own = dict(teacher="t.py:t", student="s.py:s")
     for profile, objective, extra in (("quick", "all-layers+norm-stats", own),
                                       ("tiny", "all-layers+bn-stats", dict(own, unit_targets="batch", seed=3)),
+                                      ("quick", "bn-stats", dict(own, temperature=4.0)),
                                       ("quick", "all-layers+class-diag", dict(own, teacher="saved")),
                                       ("best", "all-layers", dict(teacher="saved", networks=("hinton-1200",))),
                                       ("tiny", "spectral-pairs", dict(teacher="saved", networks=("lenet5",), seed=1))):
@@ -345,6 +346,7 @@ def test_run_flags_remake_a_generator_students_configs():
         back = config_from(a, RunConfig, code=())
         assert [to_dict(c) for c in configs(objective, pairs(back)[0], back.seed, back)] == [saved[k] for k in keys]
         assert ("--profile" in flags) == (profile != "quick") and ("--seed" in flags) == ("seed" in extra)
+        assert ("--temperature" in flags) == ("temperature" in extra) and back.temperature == extra.get("temperature")
         assert (back.student, back.networks[:1] if cfg.student is None else None) == \
             (cfg.student, cfg.networks if cfg.student is None else None)
         assert ("--unit-targets" in flags) == objective.startswith("all-layers")

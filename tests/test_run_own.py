@@ -5,6 +5,7 @@ is (its statistics read, never recorded), and its accuracy in the table is the o
 tests/test_bad_input.py.)"""
 import json
 import shlex
+from dataclasses import replace as dataclass_replace
 from types import SimpleNamespace
 
 import pytest
@@ -258,3 +259,41 @@ def test_teacher_epochs_sets_the_epochs_of_the_teacher_the_run_trains(own, tmp_p
     assert pairs(RunConfig(**own_pair, teacher_epochs=7))[0].teacher_epochs == 7
     assert [p.teacher_epochs for p in pairs(RunConfig())] == [PROFILES["quick"]["teacher_epochs"]] * 2
     assert [p.teacher_epochs for p in pairs(RunConfig(teacher_epochs=4))] == [4, 4]
+
+
+def test_temperature_sets_the_data_free_students_kd_temperature(own, tmp_path, capsys):
+    """--temperature: the data-free student is distilled at it (its saved settings), the real-KD baseline keeps
+    its own recipe's 8, the report's command names the flag, and the same folder without it is refused as other
+    settings, its files kept. Every pair and both modes take it; the paper profile refuses any but the paper's 8,
+    and a temperature <= 0 is refused from Python as from the command line."""
+    from dfkd.config import RunConfig
+    from dfkd.errors import DfkdError
+    from dfkd.profiles import configs, pairs
+    d, data = own
+    given = ["--teacher", f"{OWN}:teacher", "--teacher-args", ARGS, "--weights", d / "teacher.safetensors",
+             "--normalize", "auto", "--data", data, "--objectives", "bn-stats"]
+    run(tmp_path, *given, "--temperature", 4)
+    saved = json.loads((tmp_path / "own" / "students" / "bn-stats.json").read_text())
+    assert saved["distill_config"]["temperature"] == 4.0
+    assert "--temperature 4.0" in (tmp_path / "results.md").read_text()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and ".lock" not in p.name}
+    capsys.readouterr()
+    run(tmp_path, *given, code=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0] and "temperature 4.0 -> 8.0" in err[0], err
+    assert {p: p.read_bytes() for p in before} == before
+    own_pair = dict(teacher="t.py:net", weights="w.safetensors", student="s.py:net")
+    for cfg in (RunConfig(**own_pair, temperature=2.0), RunConfig(**own_pair, temperature=2.0, synthesis="generator"),
+                RunConfig(networks=("lenet5",), temperature=2.0), RunConfig(networks=("hinton-1200",), profile="best",
+                                                                            temperature=2.0)):
+        (p,) = pairs(cfg)
+        assert configs("all-layers", p, 0, cfg)[1].temperature == 2.0
+        assert configs("real-kd", p, 0, cfg)[0].temperature == 8.0
+        assert configs("all-layers", pairs(dataclass_replace(cfg, temperature=None))[0], 0, cfg)[1].temperature == 8.0
+    assert pairs(RunConfig(networks=("lenet5",), profile="paper", temperature=8.0))
+    with pytest.raises(DfkdError, match="the paper's temperature, 8"):
+        pairs(RunConfig(networks=("lenet5",), profile="paper", temperature=4.0))
+    for bad in (0.0, -1.0):
+        with pytest.raises(DfkdError, match="must be > 0") as e:
+            pairs(RunConfig(**own_pair, temperature=bad))
+        assert e.value.where == "temperature"
