@@ -14,7 +14,7 @@ import torch
 
 from dfkd.kinds import KINDS
 from dfkd.objectives import OBJECTIVES
-from dfkd.profiles import PAIRS
+from dfkd.recipes import PAIRS
 
 from . import bench_distill, bench_evaluate, bench_reconstruct, bench_record, bench_train
 from .common import dump, in_child, matmul_peak_gflops

@@ -23,7 +23,7 @@ import dfkd
 from dfkd.config import DistillConfig, ReconstructConfig, Runtime
 from dfkd.files import atomic_write, read_json, write_json
 from dfkd.metadata import load
-from dfkd.profiles import PAIRS, PAPER, PROFILES
+from dfkd.recipes import PAIRS, PAPER, PROFILES
 from dfkd.runtime import setup_threads
 from dfkd.sources import open_data
 from dfkd.specs import build_student, stats_path

@@ -12,7 +12,7 @@ from dfkd.config import DistillConfig, Runtime
 from dfkd.distillation import distill
 from dfkd.data import at_input
 from dfkd.models import build_model, predict_logits
-from dfkd.profiles import PAIRS
+from dfkd.recipes import PAIRS
 
 from .bench_train import train_epoch_seconds
 from .common import forward_flops, network, row

@@ -12,7 +12,7 @@ import torch
 from dfkd.config import ReconstructConfig, RecordConfig, RunConfig, Runtime
 from dfkd.fastgrad import eligible, input_grad_by_fold
 from dfkd.objectives import make_objective
-from dfkd.profiles import PROFILES
+from dfkd.recipes import PROFILES
 from dfkd.reconstruction import optimise_batch
 from dfkd.recording import record
 

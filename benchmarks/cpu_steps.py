@@ -26,7 +26,7 @@ import dfkd
 from dfkd.config import ReconstructConfig, RecordConfig, Runtime
 from dfkd.files import write_json
 from dfkd.objectives import make_objective
-from dfkd.profiles import OWN
+from dfkd.recipes import OWN
 from dfkd.reconstruction import optimise_batch
 from dfkd.specs import DataRef, ModelRef, build_student, open_with_data
 from dfkd.taps import tap

@@ -19,7 +19,7 @@ from dfkd.files import atomic_write, read_json
 from dfkd.objectives import OBJECTIVES
 from dfkd.pipeline import run
 from dfkd.results import cells
-from dfkd.profiles import PAIRS, PAPER
+from dfkd.recipes import PAIRS, PAPER
 
 from .ablation import LADDER
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from dfkd.files import read_json, write_json
-from dfkd.profiles import PAIRS, PROFILES
+from dfkd.recipes import PAIRS, PROFILES
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 

@@ -28,7 +28,8 @@ from .distributed import Ranks
 from .errors import DfkdError, OtherSettings
 from .files import read_json, write_json
 from .metadata import Metadata
-from .profiles import OWN, Pair
+from .profiles import Pair
+from .recipes import OWN
 from .reconstruction import reconstruct
 from .resume import config_settings
 from .synthetic import SyntheticSet

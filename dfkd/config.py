@@ -239,7 +239,7 @@ class RunConfig:
                                      "as code without --weights; Adam lr 1e-3 annealed by a cosine); default: the "
                                      "profile's (quick: 10, your own pair 3)", parse="positive", later=True)
     temperature: float | None = opt(None, "the data-free students' KD temperature (default: the profile's, 8 as in the "
-                                    "paper; the real-KD baseline keeps 8, the paper profile refuses another)", parse="positive", later=True)
+                                    "paper; also the disagreement views' steps; the real-KD baseline keeps 8, the paper profile refuses another)", parse="positive", later=True)
     synthesis: str = opt("optimise", "optimise: a synthetic set, each input optimised for the objective, then the "
                          "student distilled on it; generator: a conditional generator trained against the teacher "
                          "with the same objective, the student distilled online on its batches",

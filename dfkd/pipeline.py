@@ -38,7 +38,8 @@ from .models import build_model, code_sha256, device_of
 from .kinds import default_kinds
 from .objectives import make_objective, needs
 from .own import given_statistics, offered
-from .profiles import PAPER, Pair, configs, given_teacher, objectives, pairs
+from .profiles import Pair, configs, given_teacher, objectives, pairs
+from .recipes import PAPER
 from .recording import record
 from .results import paper_data, write_results
 from .students import baseline, runtime_of, state_path, student_settings, synthetic_student, timed

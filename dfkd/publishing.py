@@ -30,7 +30,8 @@ from .kinds import REGISTRY, means_kind
 from .metadata import load, summary
 from .models import spec_name
 from .privacy_report import clip_warnings, not_private
-from .profiles import OWN, PAIRS, PROFILES, configs, matches_records, pairs
+from .profiles import configs, matches_records, pairs
+from .recipes import OWN, PAIRS, PROFILES
 from .sources import SOURCES
 from .specs import open_model, stats_path
 from .version import __version__

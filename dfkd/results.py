@@ -13,7 +13,8 @@ from pathlib import Path
 from .config import RunConfig, default, flag, to_dict
 from .errors import DfkdError
 from .files import atomic_write, read_bytes, read_json, write_json
-from .profiles import DAFL_NOISE, GENERATOR, OWN, OWN_FLAGS, PROFILES, generator_recipe
+from .profiles import OWN_FLAGS, generator_recipe
+from .recipes import DAFL_NOISE, GENERATOR, OWN, PROFILES
 
 
 def cells(rows: list[dict]) -> list[dict]:

@@ -22,7 +22,7 @@ LAYERS = {
                                   "cifar", "pickles", "sources", "generators", "normstats"}),
     2: ("formats and mechanisms", {"checkpoint", "metadata", "forms", "records", "kinds", "resume", "synthetic", "privacy_report",
                                    "accountant", "privacy", "audit", "inference", "exporting", "quantization"}),
-    3: ("shared method", {"specs", "objective", "objectives", "inversion", "loop", "profiles"}),
+    3: ("shared method", {"specs", "objective", "objectives", "inversion", "loop", "recipes", "profiles"}),
     4: ("stages", {"training", "recording", "reconstruction", "distillation", "evaluation", "leakage",
                    "publishing", "generation", "deployment"}),
     5: ("pipeline", {"pipeline", "own", "colour", "results", "students", "shipping"}),

@@ -27,8 +27,9 @@ from dfkd.normstats import mixture, norm_layers
 from dfkd.objectives import make_objective
 from dfkd.own import offered
 from dfkd.privacy_report import field_status
-from dfkd.profiles import PAIRS, configs, pairs
+from dfkd.profiles import configs, pairs
 from dfkd.publishing import _generator_lines, publish, run_flags
+from dfkd.recipes import PAIRS
 from dfkd.reconstruction import optimise_batch, reconstruct_file
 from dfkd.recording import record
 from dfkd.specs import ModelRef

@@ -17,8 +17,8 @@ from dfkd.colour import bar, decide, survival
 from dfkd.config import RunConfig
 from dfkd.data import DataInfo
 from dfkd.errors import DfkdError, OtherSettings
-from dfkd.profiles import OWN as OWN_RECIPES
 from dfkd.profiles import Pair
+from dfkd.recipes import OWN as OWN_RECIPES
 from dfkd.resume import refusal
 from tests.conftest import OWN
 

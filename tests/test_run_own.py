@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from dfkd.cli import main
 from dfkd.config import RecordConfig, TrainConfig
-from dfkd.profiles import OWN as OWN_RECIPES
+from dfkd.recipes import OWN as OWN_RECIPES
 from dfkd.recording import record_file
 from dfkd.sources import data_sha256
 from dfkd.specs import DataRef, ModelRef
@@ -148,7 +148,8 @@ def test_the_paper_networks_settings_are_those_runs_made_before(tmp_path):
     spelt as the run spelt them before own pairs: the same configs, keys and values, so its runs resume."""
     from dfkd.config import DistillConfig, ReconstructConfig, RunConfig
     from dfkd.students import student_settings
-    from dfkd.profiles import PROFILES, pairs
+    from dfkd.profiles import pairs
+    from dfkd.recipes import PROFILES
     from dfkd.resume import config_settings
     cfg = RunConfig(out=str(tmp_path))
     p = PROFILES["quick"]
@@ -239,7 +240,8 @@ def test_teacher_epochs_sets_the_epochs_of_the_teacher_the_run_trains(own, tmp_p
     epochs, which its saved history shows; the report's command names the flag; the same folder with another count
     is refused as other settings, its files kept. Without the flag a pair keeps its profile's count."""
     from dfkd.config import RunConfig
-    from dfkd.profiles import PROFILES, pairs
+    from dfkd.profiles import pairs
+    from dfkd.recipes import PROFILES
     d, data = own
     given = ["--teacher", f"{OWN}:teacher", "--teacher-args", ARGS, "--normalize", "auto", "--data", data,
              "--objectives", "bn-stats"]
@@ -265,20 +267,22 @@ def test_temperature_sets_the_data_free_students_kd_temperature(own, tmp_path, c
     """--temperature: the data-free student is distilled at it (its saved settings), the real-KD baseline keeps
     its own recipe's 8, the report's command names the flag, and the same folder without it is refused as other
     settings, its files kept. Every pair and both modes take it; the paper profile refuses any but the paper's 8,
-    and a temperature <= 0 is refused from Python as from the command line."""
+    and what is not a number in (0, 1000] is refused from Python in one line (the command line's: test_bad_input)."""
     from dfkd.config import RunConfig
     from dfkd.errors import DfkdError
     from dfkd.profiles import configs, pairs
     d, data = own
     given = ["--teacher", f"{OWN}:teacher", "--teacher-args", ARGS, "--weights", d / "teacher.safetensors",
              "--normalize", "auto", "--data", data, "--objectives", "bn-stats"]
-    run(tmp_path, *given, "--temperature", 4)
-    saved = json.loads((tmp_path / "own" / "students" / "bn-stats.json").read_text())
-    assert saved["distill_config"]["temperature"] == 4.0
+    run(tmp_path, *given, "--temperature", 4, baselines=True)
+    students = tmp_path / "own" / "students"
+    assert json.loads((students / "bn-stats.json").read_text())["distill_config"]["temperature"] == 4.0
+    assert json.loads((students / "real-kd.json").read_text())["settings"]["config"]["temperature"] == 8.0
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["temperature"] == 4.0
     assert "--temperature 4.0" in (tmp_path / "results.md").read_text()
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and ".lock" not in p.name}
     capsys.readouterr()
-    run(tmp_path, *given, code=2)
+    run(tmp_path, *given, baselines=True, code=2)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "other settings" in err[0] and "temperature 4.0 -> 8.0" in err[0], err
     assert {p: p.read_bytes() for p in before} == before
@@ -293,7 +297,8 @@ def test_temperature_sets_the_data_free_students_kd_temperature(own, tmp_path, c
     assert pairs(RunConfig(networks=("lenet5",), profile="paper", temperature=8.0))
     with pytest.raises(DfkdError, match="the paper's temperature, 8"):
         pairs(RunConfig(networks=("lenet5",), profile="paper", temperature=4.0))
-    for bad in (0.0, -1.0):
-        with pytest.raises(DfkdError, match="must be > 0") as e:
+    assert pairs(RunConfig(**own_pair, temperature=1000))[0].distill["temperature"] == 1000
+    for bad in (0.0, -1.0, float("nan"), float("inf"), 1e200, 1000.5, True, "4"):
+        with pytest.raises(DfkdError, match="is not a number > 0 and <= 1000") as e:
             pairs(RunConfig(**own_pair, temperature=bad))
         assert e.value.where == "temperature"
