@@ -13,6 +13,7 @@ from typing import Any
 
 from .config import flag
 from .data import FLOAT32_MAX
+from .losses import temperature_problem
 
 
 def _finite(s: str) -> float:
@@ -69,7 +70,16 @@ def _names(s: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in s.split(",") if p.strip())
 
 
-PARSERS = {"clip": _clip, "range": _range}  # a field's ``parse`` beyond ``positive``
+def _temperature(s: str) -> float:
+    """A softmax temperature: a finite number in (0, MAX_TEMPERATURE] (``losses.temperature_problem``)."""
+    v = _finite(s)
+    problem = temperature_problem(v)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return v
+
+
+PARSERS = {"clip": _clip, "range": _range, "temperature": _temperature}  # a field's ``parse`` beyond ``positive``
 
 
 def _base(hint: Any) -> tuple[Any, bool]:

@@ -11,7 +11,7 @@ from typing import Any
 def opt(default: Any, help: str, **cli: Any) -> Any:
     """A field with its flag: ``help``, and where needed ``flag`` (default ``--field-name``, for a bool
     that defaults to True ``--no-field-name``; ``None``: no flag, ``why`` says why), ``parse``
-    (``positive``, ``clip`` or ``range``; default: by the field's type), ``choices``, ``metavar``,
+    (``positive``, ``clip``, ``range`` or ``temperature``; default: by the field's type), ``choices``, ``metavar``,
     ``repeat`` (the flag is given once per item) and ``later`` (added after work was saved: ``to_dict``
     leaves it out at its default). Help is argparse's: a literal ``%`` is ``%%``."""
     return field(default=default, metadata=dict(cli, help=help))
@@ -87,7 +87,7 @@ class RecordConfig:
     token_stats: str = opt("feature", "token sequences' ([N, T, D]: a transformer's layers) all-layers statistics per "
                            "feature (pooled over tokens) or per unit (every token's own)", choices=("feature", "unit"))
     spectral_keep: float = opt(0.10, "fraction of Fourier coefficients kept", parse="positive")
-    temperature: float = opt(8.0, "softmax temperature of the top-layer record", parse="positive")
+    temperature: float = opt(8.0, "softmax temperature of the top-layer record", parse="temperature")
     batch_size: int = opt(1000, "inputs per forward pass", parse="positive")
     privacy: float | None = opt(None, "(epsilon, delta)-differential privacy for the whole file: clipped contributions, "
                                 "Gaussian noise, calibrated by dp-accounting (the privacy extra)", metavar="EPSILON")
@@ -140,7 +140,7 @@ class ReconstructConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    temperature: float = opt(8.0, "Hinton KD temperature (the paper: 8)", parse="positive")
+    temperature: float = opt(8.0, "Hinton KD temperature (the paper: 8)", parse="temperature")
     epochs: int = opt(30, "epochs (the paper: 30)", parse="positive")
     batch_size: int = opt(64, "examples per step", parse="positive")
     lr: float = opt(1e-3, "Adam's learning rate", parse="positive")
@@ -239,7 +239,7 @@ class RunConfig:
                                      "as code without --weights; Adam lr 1e-3 annealed by a cosine); default: the "
                                      "profile's (quick: 10, your own pair 3)", parse="positive", later=True)
     temperature: float | None = opt(None, "the data-free students' KD temperature (default: the profile's, 8 as in the "
-                                    "paper; also the disagreement views' steps; the real-KD baseline keeps 8, the paper profile refuses another)", parse="positive", later=True)
+                                    "paper; also the disagreement views' steps; the real-KD baseline keeps 8, the paper profile refuses another)", parse="temperature", later=True)
     synthesis: str = opt("optimise", "optimise: a synthetic set, each input optimised for the objective, then the "
                          "student distilled on it; generator: a conditional generator trained against the teacher "
                          "with the same objective, the student distilled online on its batches",

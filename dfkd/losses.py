@@ -11,6 +11,17 @@ import torch.nn.functional as F
 from .errors import DfkdError
 
 
+# above this a KD temperature flattens every soft label to near uniform (far above, its square, the loss's scale,
+# overflows): the flags refuse it (``cli_fields``, ``profiles``)
+MAX_TEMPERATURE = 1000.0
+
+
+def temperature_problem(t: object) -> str | None:
+    """Why ``t`` cannot be a softmax temperature (not a number in (0, MAX_TEMPERATURE]), or None."""
+    ok = not isinstance(t, bool) and isinstance(t, (int, float)) and 0 < t <= MAX_TEMPERATURE  # NaN fails the range
+    return None if ok else f"{t!r} is not a number > 0 and <= {MAX_TEMPERATURE:g}"
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton's soft-target loss, scaled by ``T^2`` so gradients keep their size across T."""
     log_p = F.log_softmax(student_logits / temperature, dim=1)

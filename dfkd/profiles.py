@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from .config import DistillConfig, GeneratorConfig, ReconstructConfig, RunConfig, TrainConfig, default
 from .errors import DfkdError
 from .kinds import KINDS
+from .losses import temperature_problem
 from .objectives import OBJECTIVES, known, needs
 from .recipes import GENERATOR, OWN, PAIRS, PROFILES, SYNTHESES
 from .specs import RANDOM_WEIGHTS, ModelRef, parse_args, require_weights
@@ -79,8 +80,6 @@ def given_teacher(cfg: RunConfig) -> ModelRef | None:
     return m
 
 
-# above this a KD temperature flattens every soft label to near uniform (far above, its square, the loss's scale, overflows)
-MAX_TEMPERATURE = 1000.0
 OWN_FLAGS = ("weights", "teacher_args", "student_args", "stats", "normalize")  # for an own pair only
 
 
@@ -106,11 +105,12 @@ def _check_own(cfg: RunConfig) -> None:
 
 
 def _check_temperature(cfg: RunConfig) -> None:
-    """Refuse a --temperature that is not a number in (0, MAX_TEMPERATURE], or any but the paper's under its profile."""
-    t = cfg.temperature
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= MAX_TEMPERATURE:  # NaN fails the range
-        raise DfkdError("temperature", f"{t!r} is not a number > 0 and <= {MAX_TEMPERATURE:g} (the paper: 8)")
-    if cfg.profile == "paper" and t != default(DistillConfig, "temperature"):
+    """Refuse a --temperature that is not a number in (0, 1000] (``losses.temperature_problem``), or any but the
+    paper's under its profile."""
+    problem = temperature_problem(cfg.temperature)
+    if problem:
+        raise DfkdError("temperature", problem)
+    if cfg.profile == "paper" and cfg.temperature != default(DistillConfig, "temperature"):
         raise DfkdError("temperature", "the paper profile distils at the paper's temperature, 8")
 
 
