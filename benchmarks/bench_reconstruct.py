@@ -9,7 +9,8 @@ import time
 
 import torch
 
-from dfkd.config import ReconstructConfig, RecordConfig, RunConfig, Runtime
+from dfkd.config import ReconstructConfig, RecordConfig, Runtime
+from dfkd.run_config import RunConfig
 from dfkd.fastgrad import eligible, input_grad_by_fold
 from dfkd.objectives import make_objective
 from dfkd.recipes import PROFILES

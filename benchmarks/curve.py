@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dfkd.config import RunConfig
+from dfkd.run_config import RunConfig
 from dfkd.files import atomic_write, read_json
 from dfkd.objectives import OBJECTIVES
 from dfkd.pipeline import run

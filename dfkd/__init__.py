@@ -10,7 +10,7 @@ whole pipeline on the paper's networks or a user's own pair. The modules are nam
 module. docs/architecture.md shows the layers.
 """
 from .checkpoint import load_model
-from .config import DistillConfig, ExportConfig, GeneratorConfig, ReconstructConfig, RecordConfig, RunConfig, TrainConfig
+from .config import DistillConfig, ExportConfig, GeneratorConfig, ReconstructConfig, RecordConfig, TrainConfig
 from .deployment import export_model
 from .distillation import distill
 from .errors import DfkdError
@@ -20,6 +20,7 @@ from .models import build_model
 from .pipeline import run
 from .reconstruction import reconstruct
 from .recording import record
+from .run_config import RunConfig
 from .sources import open_data
 from .training import train
 from .version import __version__

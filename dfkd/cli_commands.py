@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .cli_fields import config_from
-from .config import DistillConfig, ExportConfig, ReconstructConfig, RecordConfig, RunConfig, Runtime, TrainConfig
+from .config import DistillConfig, ExportConfig, ReconstructConfig, RecordConfig, Runtime, TrainConfig
 from .deployment import export_file
 from .distillation import distill_file
 from .evaluation import evaluate_file
@@ -22,6 +22,7 @@ from .objectives import known, needs
 from .publishing import publish
 from .reconstruction import reconstruct_file
 from .recording import record_file
+from .run_config import RunConfig
 from .specs import DataRef, ModelRef, beside, parse_args, require_weights, stats_path
 from .training import train_file
 

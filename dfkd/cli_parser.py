@@ -10,7 +10,8 @@ import re
 import sys
 
 from .cli_fields import add_fields
-from .config import DistillConfig, ExportConfig, ReconstructConfig, RecordConfig, RunConfig, Runtime, TrainConfig
+from .config import DistillConfig, ExportConfig, ReconstructConfig, RecordConfig, Runtime, TrainConfig
+from .run_config import RunConfig
 
 
 class _Parser(argparse.ArgumentParser):

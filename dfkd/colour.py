@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ReconstructConfig, RunConfig, Runtime
+from .config import ReconstructConfig, Runtime
 from .data import DataInfo, at_input
 from .distributed import Ranks
 from .errors import DfkdError, OtherSettings
@@ -32,6 +32,7 @@ from .profiles import Pair
 from .recipes import OWN
 from .reconstruction import reconstruct
 from .resume import config_settings
+from .run_config import RunConfig
 from .synthetic import SyntheticSet
 from .views import recolour
 

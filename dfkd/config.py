@@ -1,5 +1,5 @@
-"""Frozen configuration per stage (what it makes), for the whole run (``RunConfig``), and how a stage runs
-(``Runtime``: device, progress, rank); the method configs are saved as JSON beside what each stage writes.
+"""Frozen configuration per stage (what it makes) and how a stage runs (``Runtime``: device, progress, rank);
+the whole run's is ``run_config.RunConfig``. The method configs are saved as JSON beside what each stage writes.
 Each field carries its command-line spelling (``opt``): the command line makes
 one flag per field (``cli_fields``), its type, default and help read from the field."""
 from __future__ import annotations
@@ -32,11 +32,11 @@ def flag_of(cls: type, name: str) -> str | None:
 SEED = "random seed"
 
 
-def _device() -> Any:
+def device_opt() -> Any:
     return opt("cpu", "cpu, cuda, cuda:N or auto (auto: the rank's own GPU under torchrun, else a GPU if any, else the CPU)")
 
 
-def _progress() -> Any:
+def progress_opt() -> Any:
     return opt(True, "no progress bars (shown on a terminal only) nor per-epoch or per-student lines", flag="--quiet")
 
 
@@ -47,8 +47,8 @@ class Runtime:
     config; none of it is compared by a resume or saved in the settings of what a stage makes. The ``*_file`` forms
     move the model they load to ``device``, the object forms run where the model is; only reconstruct splits its
     work by ``rank`` / ``world_size`` (the others refuse them)."""
-    device: str = _device()
-    progress: bool = _progress()
+    device: str = device_opt()
+    progress: bool = progress_opt()
     rank: int | None = opt(None, "this process's share of the shards, 0..W-1, with no process group (a job array; "
                            "default: torchrun's RANK, or all)")
     world_size: int | None = opt(None, "how many shares (default: torchrun's WORLD_SIZE, or 1)")
@@ -200,75 +200,6 @@ class ExportConfig:
                           "points less than float32 does")
     opset: int = opt(20, "ONNX opset, 18 or newer (20: GELU as one node, for ONNX Runtime 1.17 and newer; 18 for "
                      "older runtimes)")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    out: str | None = opt(None, "run directory (default: runs/<profile>)")
-    profile: str = opt("quick", "quick (every objective, the whole table in minutes on CPU), best (dfkd's best "
-                       "student per network), paper (the paper's losses as written, at its sizes; GPU) or tiny")
-    networks: tuple[str, ...] = opt(("lenet5", "hinton-1200"), "teachers: lenet5 and/or hinton-1200")
-    objectives: tuple[str, ...] | None = opt(None, "comma-separated, of the default kinds' objectives and "
-                                             "noise (default: the profile's, else all of them: no bn-stats, no "
-                                             "BatchNorm here); for your own pair any objective or +-combination "
-                                             "(default: from what its teacher offers)")
-    teacher: str | None = opt(None, "a trained teacher instead of training one (one network only): a saved model, a "
-                              "published folder, hf:ORG/NAME, or code (FILE.py:factory) with --weights; with --student, "
-                              "your own teacher (code without --weights: trained here first)")
-    weights: str | None = opt(None, "weights for a teacher given as code: .safetensors, or a state dict (read with "
-                              "weights_only=True)")
-    teacher_args: str | None = opt(None, "keyword arguments for the teacher's factory, as JSON")
-    student: str | None = opt(None, "your own student (FILE.py:factory, module:factory or a registry name): with "
-                              "--teacher, one pair of your own instead of --networks, its objective from what the "
-                              "teacher offers (BatchNorm and statistics: all-layers+bn-stats; BatchNorm alone: "
-                              "bn-stats; statistics alone: all-layers)")
-    student_args: str | None = opt(None, "keyword arguments for the student's factory, as JSON")
-    stats: str | None = opt(None, "your teacher's statistics file (default: the one beside --teacher, or --weights: "
-                            "<stem>.stats.safetensors); dfkd run never records it for a teacher it is given")
-    normalize: str | None = opt(None, "for a teacher given as code: the normalisation of its inputs, none, auto (the "
-                                "training split's per-channel mean and std) or MEAN/STD (default: none)")
-    code: tuple[str, ...] = opt((), "user code dfkd may import for a saved model made from it",
-                                flag=None, why="--code, the flag every verb shares")
-    teachers: str | None = opt(None, "an earlier run directory: use (or train once) <dir>/<network>/teacher and its "
-                               "statistics")
-    images: int | None = opt(None, "synthetic images per objective (default: the profile's)", parse="positive")
-    steps: int | None = opt(None, "Adam steps per image (default: the profile's)")
-    epochs: int | None = opt(None, "distillation epochs, and for your own pair its baselines' epochs too (default: the "
-                             "profile's; your own pair under optimise: 100, annealed by a cosine, its baselines 30)", parse="positive")
-    teacher_epochs: int | None = opt(None, "epochs of the teacher the run trains (a registry network's, or yours given "
-                                     "as code without --weights; Adam lr 1e-3 annealed by a cosine); default: the "
-                                     "profile's (quick: 10, your own pair 3)", parse="positive", later=True)
-    temperature: float | None = opt(None, "the data-free students' KD temperature (default: the profile's, 8 as in the "
-                                    "paper; also the disagreement views' steps; the real-KD baseline keeps 8, the paper profile refuses another)", parse="temperature", later=True)
-    synthesis: str = opt("optimise", "optimise: a synthetic set, each input optimised for the objective, then the "
-                         "student distilled on it; generator: a conditional generator trained against the teacher "
-                         "with the same objective, the student distilled online on its batches",
-                         choices=("optimise", "generator"))
-    iterations: int | None = opt(None, "with --synthesis generator: generator steps (default: the profile's)",
-                                 parse="positive")
-    export: str = opt("none", "end with each data-free student as an ONNX file beside it: fp32, or int8 calibrated "
-                      "on the inputs it was distilled from (its synthetic set, or a batch of its generator's); the "
-                      "report gives the file's accuracy, size and latency", choices=("none", "fp32", "int8"))
-    seen_views: str | None = opt(None, "what the teacher sees of the inputs being made (none, shift, affine, each optionally "
-                                 "+colour); default: the profile's (your own pair under optimise: affine+colour; else none)", later=True)
-    colour: str = opt("auto", "your own pair's colour views (seen, distilled): keep, drop, or auto: dropped where inputs "
-                      "made for a probe lose the teacher's label recoloured (colour is the class)", choices=("auto", "keep", "drop"), later=True)
-    unit_targets: str | None = opt(None, "an all-layers record kept per unit: draw (each input its own draw, the paper's) "
-                                   "or batch (each class's inputs match its per-unit mean and std); default: the profile's (batch: "
-                                   "best's networks, your own pair under optimise, and a generator on your own pair's all-layers "
-                                   "without bn-stats, what a teacher without BatchNorm is given; else draw)", choices=("draw", "batch"), later=True)
-    baselines: bool = opt(True, "skip the real-data and real-KD students")
-    seed: int = opt(0, "the teacher's seed, and the first student seed")
-    seeds: int = opt(1, "students per cell (seeds --seed, --seed + 1, ...); the table gives their mean and spread",
-                     parse="positive")
-    data: str = opt("mnist", "a data spec: mnist, idx:DIR, folder:DIR, npz:FILE or cifar10:DIR")
-    conv_stats: str = opt("unit", "conv maps' all-layers statistics per unit (the paper's) or per channel",
-                          choices=("unit", "channel"))
-    device: str = _device()
-    progress: bool = _progress()
-    restart: bool = opt(False, "where the output holds work made with other settings, or a damaged resume file, "
-                        "shard, manifest or model, discard it and start that over instead of refusing (finished "
-                        "work of the same settings is kept)")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import RunConfig
 from .data import DataInfo
 from .errors import DfkdError
 from .kinds import default_kinds
@@ -17,6 +16,7 @@ from .metadata import load as load_stats
 from .models import batchnorms, code_sha256
 from .objectives import OBJECTIVES, needs
 from .profiles import Pair
+from .run_config import RunConfig
 from .specs import stats_path
 
 

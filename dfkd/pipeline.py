@@ -25,7 +25,7 @@ from torch import nn
 from . import distributed
 from .colour import check_colour, decide, refused
 from .checkpoint import load_model, save_model
-from .config import ReconstructConfig, RecordConfig, RunConfig, TrainConfig, to_dict
+from .config import ReconstructConfig, RecordConfig, TrainConfig, to_dict
 from .errors import DfkdError
 from .exporting import to_onnx
 from .inference import deploy_module
@@ -42,6 +42,7 @@ from .profiles import Pair, configs, given_teacher, objectives, pairs
 from .recipes import PAPER
 from .recording import record
 from .results import paper_data, write_results
+from .run_config import RunConfig
 from .students import baseline, runtime_of, state_path, student_settings, synthetic_student, timed
 from .resume import canonical, config_settings, finished
 from .runtime import pick_device, seed_everything, setup_threads

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .config import DistillConfig, GeneratorConfig, ReconstructConfig, RunConfig, TrainConfig, default
+from .config import DistillConfig, GeneratorConfig, ReconstructConfig, TrainConfig, default
 from .errors import DfkdError
 from .kinds import KINDS
 from .losses import temperature_problem
 from .objectives import OBJECTIVES, known, needs
 from .recipes import GENERATOR, OWN, PAIRS, PROFILES, SYNTHESES
+from .run_config import RunConfig
 from .specs import RANDOM_WEIGHTS, ModelRef, parse_args, require_weights
 from .views import SEEN, SEEN_FORM
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from safetensors.torch import save as st_save
 
 from .checkpoint import CARD, CONFIG, FOLDER_FORMAT, FOLDER_VERSION, STATS, WEIGHTS, read_config, read_model_desc
-from .config import DistillConfig, ReconstructConfig, RunConfig, default, flag_of, to_dict
+from .config import DistillConfig, ReconstructConfig, default, flag_of, to_dict
 from .errors import DfkdError
 from .exporting import DEPLOY
 from .files import read_json, sweep_temps, weights_sha256, write_json
@@ -32,6 +32,7 @@ from .models import spec_name
 from .privacy_report import clip_warnings, not_private
 from .profiles import configs, matches_records, pairs
 from .recipes import OWN, PAIRS, PROFILES
+from .run_config import RunConfig
 from .sources import SOURCES
 from .specs import open_model, stats_path
 from .version import __version__

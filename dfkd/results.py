@@ -10,11 +10,12 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from .config import RunConfig, default, flag, to_dict
+from .config import default, flag, to_dict
 from .errors import DfkdError
 from .files import atomic_write, read_bytes, read_json, write_json
 from .profiles import OWN_FLAGS, generator_recipe
 from .recipes import DAFL_NOISE, GENERATOR, OWN, PROFILES
+from .run_config import RunConfig
 
 
 def cells(rows: list[dict]) -> list[dict]:

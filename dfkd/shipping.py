@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ExportConfig, RunConfig
+from .config import ExportConfig
 from .data import at_input
 from .deployment import export_model, open_calibration, source_of
 from .errors import DfkdError
@@ -21,6 +21,7 @@ from .inference import INPUT, accuracy, session, speeds
 from .files import read_json, write_json
 from .generation import load_generator
 from .quantization import TensorInputs
+from .run_config import RunConfig
 
 
 def _generated(stem: Path, teacher: nn.Module, info, n: int, seed: int) -> TensorInputs:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DistillConfig, GeneratorConfig, ReconstructConfig, RunConfig, Runtime, to_dict
+from .config import DistillConfig, GeneratorConfig, ReconstructConfig, Runtime, to_dict
 from .distillation import distill
 from .generation import generate, save_generator
 from .images import save_grid
@@ -17,6 +17,7 @@ from .own import own_settings
 from .profiles import Pair, configs
 from .reconstruction import reconstruct
 from .resume import config_settings
+from .run_config import RunConfig
 from .runtime import seed_everything
 from .sources import data_sha256
 from .specs import build_student

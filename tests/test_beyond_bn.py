@@ -16,7 +16,8 @@ from dfkd import noise as dfkd_noise
 from dfkd.checkpoint import load_model, save_model, stats_of
 from dfkd.cli_fields import config_from
 from dfkd.cli_parser import build_parser
-from dfkd.config import ReconstructConfig, RecordConfig, RunConfig, Runtime, to_dict
+from dfkd.config import ReconstructConfig, RecordConfig, Runtime, to_dict
+from dfkd.run_config import RunConfig
 from dfkd.data import DataInfo
 from dfkd.errors import DfkdError
 from dfkd.graph import layer_infos

@@ -16,7 +16,8 @@ import torch
 from dfkd import cli, cli_commands
 from dfkd.cli_fields import config_from, dest
 from dfkd.cli_parser import build_parser
-from dfkd.config import DistillConfig, ReconstructConfig, RecordConfig, RunConfig, Runtime, TrainConfig, flag
+from dfkd.config import DistillConfig, ReconstructConfig, RecordConfig, Runtime, TrainConfig, flag
+from dfkd.run_config import RunConfig
 
 CONFIGS = {"train": TrainConfig, "record": RecordConfig, "reconstruct": ReconstructConfig, "distill": DistillConfig,
            "run": RunConfig}

@@ -14,7 +14,7 @@ from torch import nn
 from dfkd.cli import main
 from dfkd import colour
 from dfkd.colour import bar, decide, survival
-from dfkd.config import RunConfig
+from dfkd.run_config import RunConfig
 from dfkd.data import DataInfo
 from dfkd.errors import DfkdError, OtherSettings
 from dfkd.profiles import Pair

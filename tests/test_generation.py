@@ -315,7 +315,7 @@ def test_a_malformed_generator_description_is_one_line_before_anything_is_built(
 def test_run_under_the_generator_keeps_to_objectives_that_can_train_one(monkeypatch):
     """dfkd run --synthesis generator: a profile's objectives less noise and dropout (refused when asked for by
     name, in one line, before anything runs), and the optimise mode's sizes refused."""
-    from dfkd.config import RunConfig
+    from dfkd.run_config import RunConfig
     from dfkd.profiles import check, objectives
     every = objectives(RunConfig(), "lenet5")
     assert {"noise", "all-layers-dropout"} <= set(every)

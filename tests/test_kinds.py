@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from dfkd import cli_commands, noise, privacy
-from dfkd.config import ReconstructConfig, RecordConfig, RunConfig
+from dfkd.config import ReconstructConfig, RecordConfig
+from dfkd.run_config import RunConfig
 from dfkd.data import DataInfo
 from dfkd.errors import DfkdError
 from dfkd.kinds import KINDS, REGISTRY

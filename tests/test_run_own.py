@@ -146,7 +146,8 @@ def test_a_file_without_all_layers_serves_the_objective_its_kinds_do(own, tmp_pa
 def test_the_paper_networks_settings_are_those_runs_made_before(tmp_path):
     """A registry pair's resume settings (what an earlier run's students and teacher were saved with) are
     spelt as the run spelt them before own pairs: the same configs, keys and values, so its runs resume."""
-    from dfkd.config import DistillConfig, ReconstructConfig, RunConfig
+    from dfkd.config import DistillConfig, ReconstructConfig
+    from dfkd.run_config import RunConfig
     from dfkd.students import student_settings
     from dfkd.profiles import pairs
     from dfkd.recipes import PROFILES
@@ -174,7 +175,8 @@ def test_an_own_pairs_optimised_set_is_distilled_longer_than_its_baselines_train
     student takes ``optimise_distill`` (100 epochs, cosine), the baselines the distillation's own 30; the
     generator keeps the recipe and distillation as they were (its saved settings, so its runs resume); --images,
     --steps and --epochs override them (--epochs the student's and the baselines' alike)."""
-    from dfkd.config import DistillConfig, RunConfig
+    from dfkd.config import DistillConfig
+    from dfkd.run_config import RunConfig
     from dfkd.profiles import configs, pairs
     own = dict(teacher="t.py:net", weights="w.safetensors", student="s.py:net")
     before = dict(epochs=30, batch_size=64, lr=0.01, augment="affine+cutmix+colour")  # the settings runs were saved with
@@ -239,7 +241,7 @@ def test_teacher_epochs_sets_the_epochs_of_the_teacher_the_run_trains(own, tmp_p
     """--teacher-epochs: the teacher a run trains (the user's, given as code without weights) is trained that many
     epochs, which its saved history shows; the report's command names the flag; the same folder with another count
     is refused as other settings, its files kept. Without the flag a pair keeps its profile's count."""
-    from dfkd.config import RunConfig
+    from dfkd.run_config import RunConfig
     from dfkd.profiles import pairs
     from dfkd.recipes import PROFILES
     d, data = own
@@ -268,7 +270,7 @@ def test_temperature_sets_the_data_free_students_kd_temperature(own, tmp_path, c
     its own recipe's 8, the report's command names the flag, and the same folder without it is refused as other
     settings, its files kept. Every pair and both modes take it; the paper profile refuses any but the paper's 8,
     and what is not a number in (0, 1000] is refused from Python in one line (the command line's: test_bad_input)."""
-    from dfkd.config import RunConfig
+    from dfkd.run_config import RunConfig
     from dfkd.errors import DfkdError
     from dfkd.profiles import configs, pairs
     d, data = own
