@@ -10,12 +10,12 @@ import time
 import torch
 
 from dfkd.config import ReconstructConfig, RecordConfig, Runtime
-from dfkd.run_config import RunConfig
 from dfkd.fastgrad import eligible, input_grad_by_fold
 from dfkd.objectives import make_objective
 from dfkd.recipes import PROFILES
 from dfkd.reconstruction import optimise_batch
 from dfkd.recording import record
+from dfkd.run_config import RunConfig
 
 from .common import forward_flops, network, row
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dfkd.run_config import RunConfig
 from dfkd.files import atomic_write, read_json
 from dfkd.objectives import OBJECTIVES
 from dfkd.pipeline import run
 from dfkd.results import cells
 from dfkd.recipes import PAIRS, PAPER
+from dfkd.run_config import RunConfig
 
 from .ablation import LADDER
 

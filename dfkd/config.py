@@ -33,10 +33,12 @@ SEED = "random seed"
 
 
 def device_opt() -> Any:
+    """The ``device`` field that ``Runtime`` and ``RunConfig`` share."""
     return opt("cpu", "cpu, cuda, cuda:N or auto (auto: the rank's own GPU under torchrun, else a GPU if any, else the CPU)")
 
 
 def progress_opt() -> Any:
+    """The ``progress`` field (``--quiet``) that ``Runtime`` and ``RunConfig`` share."""
     return opt(True, "no progress bars (shown on a terminal only) nor per-epoch or per-student lines", flag="--quiet")
 
 

@@ -17,7 +17,6 @@ from dfkd.checkpoint import load_model, save_model, stats_of
 from dfkd.cli_fields import config_from
 from dfkd.cli_parser import build_parser
 from dfkd.config import ReconstructConfig, RecordConfig, Runtime, to_dict
-from dfkd.run_config import RunConfig
 from dfkd.data import DataInfo
 from dfkd.errors import DfkdError
 from dfkd.graph import layer_infos
@@ -33,6 +32,7 @@ from dfkd.publishing import _generator_lines, publish, run_flags
 from dfkd.recipes import PAIRS
 from dfkd.reconstruction import optimise_batch, reconstruct_file
 from dfkd.recording import record
+from dfkd.run_config import RunConfig
 from dfkd.specs import ModelRef
 from dfkd.synthetic import SyntheticSet
 from dfkd.taps import default_layers, tap

@@ -14,12 +14,12 @@ from torch import nn
 from dfkd.cli import main
 from dfkd import colour
 from dfkd.colour import bar, decide, survival
-from dfkd.run_config import RunConfig
 from dfkd.data import DataInfo
 from dfkd.errors import DfkdError, OtherSettings
 from dfkd.profiles import Pair
 from dfkd.recipes import OWN as OWN_RECIPES
 from dfkd.resume import refusal
+from dfkd.run_config import RunConfig
 from tests.conftest import OWN
 
 INFO = DataInfo(shape=(3, 8, 8), num_classes=3)

@@ -12,7 +12,6 @@ from torch import nn
 
 from dfkd import cli_commands, noise, privacy
 from dfkd.config import ReconstructConfig, RecordConfig
-from dfkd.run_config import RunConfig
 from dfkd.data import DataInfo
 from dfkd.errors import DfkdError
 from dfkd.kinds import KINDS, REGISTRY
@@ -24,6 +23,7 @@ from dfkd.privacy_report import HEADER_FIELDS
 from dfkd.profiles import objectives
 from dfkd.publishing import model_card
 from dfkd.recording import record
+from dfkd.run_config import RunConfig
 from dfkd.taps import tap
 
 INFO = DataInfo(shape=(2, 6, 6), num_classes=3, low=0.0, high=1.0, name="squares")

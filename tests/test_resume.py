@@ -21,11 +21,11 @@ from safetensors.torch import load_file
 import dfkd.training as training
 from dfkd.cli import main
 from dfkd.config import DistillConfig, ReconstructConfig, RecordConfig, TrainConfig
-from dfkd.run_config import RunConfig
 from dfkd.results import write_results
 from dfkd.errors import OtherSettings
 from dfkd.resume import (canonical, check_finished, config_settings, differences, load_checked, load_state, refusal,
                          save_checked, save_state)
+from dfkd.run_config import RunConfig
 from dfkd.synthetic import SyntheticSet
 from tests.bad_cases_resume import changed_idx
 
