@@ -1,10 +1,10 @@
 """Cheaper reconstruction steps on a CPU: image-steps/s of ``optimise_batch`` on a user's BatchNorm teacher
 (``examples/own_model.py``) under all-layers+bn-stats and the own pair's optimise recipe (its priors and seen
-views), fp32 at the recipe's batch against larger and smaller
-batches, bf16 autocast, channels-last memory and ``torch.compile`` (inductor), each measured in this process.
+views), fp32 at the recipe's batch (its losses fused: ``dfkd.moments``) against the losses as plain tensor
+expressions, larger and smaller batches, bf16 autocast, channels-last memory and ``torch.compile`` (inductor), each measured in this process.
 
 ``python -m benchmarks cpu-steps [--teacher SAVED --code FILE] [--data SPEC] [--batch 500] [--steps 10]
-[--out FILE.json]``. Without ``--teacher`` a freshly initialised 3-channel teacher is recorded on the colour
+[--unit-targets batch] [--out FILE.json]``. Without ``--teacher`` a freshly initialised 3-channel teacher is recorded on the colour
 digits of ``examples/colour_digits.py`` made at ``--data``'s folder (throughput does not depend on the
 weights; the accuracy columns then say little). What a variant costs in accuracy is read off the inputs it
 makes: from the same start and the same random draws, ``--steps`` steps, then the objective's fp32 loss on
@@ -25,6 +25,7 @@ import torch
 import dfkd
 from dfkd.config import ReconstructConfig, RecordConfig, Runtime
 from dfkd.files import write_json
+from dfkd.moments import unfused
 from dfkd.objectives import make_objective
 from dfkd.recipes import OWN
 from dfkd.reconstruction import optimise_batch
@@ -32,7 +33,7 @@ from dfkd.specs import DataRef, ModelRef, build_student, open_with_data
 from dfkd.taps import tap
 
 QUIET = Runtime(progress=False)
-VARIANTS = ("fp32", "fp32 half batch", "fp32 double batch", "bf16 autocast", "channels-last",
+VARIANTS = ("fp32", "plain losses", "fp32 half batch", "fp32 double batch", "bf16 autocast", "channels-last",
             "channels-last + bf16", "compile (inductor)")
 
 
@@ -47,6 +48,8 @@ def _teacher(a):
 
 
 def _context(name: str):
+    if name == "plain losses":  # the losses as autograd's tensor expressions, before dfkd.moments fused them
+        return unfused()
     return torch.autocast("cpu", dtype=torch.bfloat16) if "bf16" in name else contextlib.nullcontext()
 
 
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--data", default="folder:data/colour-digits")
     p.add_argument("--batch", type=int, default=500, help="the recipe's batch")
     p.add_argument("--steps", type=int, default=10, help="timed steps per call")
+    p.add_argument("--unit-targets", default=OWN["quick"]["optimise_unit_targets"], choices=("draw", "batch"),
+                   help="per-unit records matched by draws or by the batch (default: dfkd run's optimise recipe's)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", default=None, help="write the rows as JSON here too (atomically)")
     a = p.parse_args(argv)
@@ -83,7 +88,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         dfkd.record(teacher, data, RecordConfig(), rt=QUIET)
     # the own pair's optimise recipe (lr, jitter, tv, the teacher seeing each input under its own affine + colour
     # view), from one noise start whatever the file reveals
-    rc = ReconstructConfig(**dict(OWN["quick"]["recipe"], objective="all-layers+bn-stats", steps=a.steps, init="noise"))
+    rc = ReconstructConfig(**dict(OWN["quick"]["recipe"], objective="all-layers+bn-stats", steps=a.steps, init="noise",
+                                                unit_targets=a.unit_targets))
     obj = make_objective(rc.objective, meta, teacher, rc)
     info, k = data.info, data.info.num_classes
     names = [v.strip() for v in a.variants.split(",")]

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from .moments import moments
+
 NORMS = (nn.LayerNorm, nn.GroupNorm)
 
 
@@ -54,7 +56,7 @@ def norm_rows(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
 
 def batch_moments(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-feature mean and biased variance of ``rows [N, F, P]`` over samples and positions."""
-    return rows.mean((0, 2)), rows.var((0, 2), unbiased=False)
+    return moments(rows, (0, 2))
 
 
 def mixture(share: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

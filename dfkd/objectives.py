@@ -24,6 +24,7 @@ from .graph import layer_rows, signal
 from .kinds import REGISTRY
 from .metadata import Metadata
 from .models import batchnorms
+from .moments import moments, sq_distance
 from .objective import Objective
 from .normstats import NORMS, batch_moments, features, mixture, norm_rows
 from .stats import class_match, unit_match, whitening
@@ -85,7 +86,7 @@ class AllLayers(Objective):
                 total = total + unit_match(acts[i.path].flatten(1), labels, self._g[i.path]["mean"], self._cov[i.path],
                                            self._w[i.path])
             else:
-                total = total + ((acts[i.path].flatten(1) - tg[i.path]) * self._w[i.path]).pow(2).mean(1).sum()
+                total = total + sq_distance(acts[i.path].flatten(1), tg[i.path], self._w[i.path])
         return total
 
 
@@ -188,7 +189,7 @@ class BNStats(Objective):
         for p, m in self._bn:
             x = acts[input_key(p)]
             dims = [0] + list(range(2, x.dim()))
-            mean, var = x.mean(dims), x.var(dims, unbiased=False)
+            mean, var = moments(x, dims)
             total = total + torch.linalg.vector_norm(mean - m.running_mean) + \
                 torch.linalg.vector_norm(var - m.running_var)
         return len(labels) * self.cfg.bn_weight * total + F.cross_entropy(logits, labels.to(logits.device),

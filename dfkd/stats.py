@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .moments import cycle, moments
+
 
 class ClassMoments:
     """Per-class count, mean and (full or diagonal) second central moment, streamed."""
@@ -215,6 +217,12 @@ def unit_match(rows: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std
     batch has no spread, and only its mean term counts. Standard deviations, not variances: each unit's error
     counts in its own sigma units, as a draw's does (a variance error weighted by ``w^2`` blows up where a unit
     barely varies). Each unit on its own: a full record's correlations are not matched."""
+    p = cycle(labels)
+    if p:  # each class's rows a strided view: one pass each way (``moments``)
+        m, var = moments(rows.reshape(len(rows) // p, p, -1), (0,), correction=1)
+        first = labels[:p]
+        spread = (((var + 1e-12).sqrt() - std[first]) * w).pow(2).mean(1)
+        return (((m - mean[first]) * w).pow(2).mean(1) + spread).sum() * (len(rows) // p)
     onehot = F.one_hot(labels, len(mean)).to(rows.dtype)      # [B, K]
     n = onehot.sum(0)
     m = onehot.T @ rows / n.clamp(min=1)[:, None]
@@ -231,7 +239,15 @@ def class_match(out: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, cov
     (``cov [K, C, C]``; diagonal: variances ``[K, C]``),
     ``(1/d) ||w (m - mu)||^2 + (1/d^2) ||w w^T . (S - Sigma)||^2`` (diagonal: ``(1/d) ||w^2 (s - sigma^2)||^2``),
     weighted by the samples each class covers."""
-    m, second, rows = class_moments(out, labels, len(cov), cov.dim() == 3)
+    p = cycle(labels)
+    if p and cov.dim() == 2:  # diagonal, each class's rows a strided view: one pass each way (``moments``)
+        z = out.flatten(2)
+        m, second = moments(z.reshape(len(z) // p, p, *z.shape[1:]), (0, 3))
+        first = labels[:p]
+        mean, cov, rows = mean[first], cov[first], torch.full((p,), len(z) // p * z.shape[2], dtype=z.dtype,
+                                                              device=z.device)
+    else:
+        m, second, rows = class_moments(out, labels, len(cov), cov.dim() == 3)
     dm = ((m - mean) * w).pow(2).mean(1)
     ww = w[:, None] * w[None, :] if cov.dim() == 3 else w * w
     dc = ((second - cov) * ww).pow(2).flatten(1).mean(1)
