@@ -4,7 +4,7 @@ views), fp32 at the recipe's batch (its losses fused: ``dfkd.moments``) against 
 expressions, larger and smaller batches, bf16 autocast, channels-last memory and ``torch.compile`` (inductor), each measured in this process.
 
 ``python -m benchmarks cpu-steps [--teacher SAVED --code FILE] [--data SPEC] [--batch 500] [--steps 10]
-[--unit-targets batch] [--out FILE.json]``. Without ``--teacher`` a freshly initialised 3-channel teacher is recorded on the colour
+[--unit-targets draw|batch] [--out FILE.json]``. Without ``--teacher`` a freshly initialised 3-channel teacher is recorded on the colour
 digits of ``examples/colour_digits.py`` made at ``--data``'s folder (throughput does not depend on the
 weights; the accuracy columns then say little). What a variant costs in accuracy is read off the inputs it
 makes: from the same start and the same random draws, ``--steps`` steps, then the objective's fp32 loss on
@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--data", default="folder:data/colour-digits")
     p.add_argument("--batch", type=int, default=500, help="the recipe's batch")
     p.add_argument("--steps", type=int, default=10, help="timed steps per call")
-    p.add_argument("--unit-targets", default=OWN["quick"]["optimise_unit_targets"], choices=("draw", "batch"),
-                   help="per-unit records matched by draws or by the batch (default: dfkd run's optimise recipe's)")
+    p.add_argument("--unit-targets", default="draw", choices=("draw", "batch"),
+                   help="per-unit records matched by draws (the rows in docs/colour.md) or by the batch (dfkd run's "
+                   "optimise recipe)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", default=None, help="write the rows as JSON here too (atomically)")
     a = p.parse_args(argv)

@@ -1,69 +1,77 @@
-"""Batch moments and a weighted squared distance with a one-pass backward: the reconstruction losses' hot path.
+"""Batch moments and a weighted squared distance with a short backward: the reconstruction losses' hot path.
 
 Every reconstruction step matches large activation maps (a per-unit record of a ``[500, 16, 32, 32]`` map is
 8 million values a layer) against stored moments. Written as plain tensor expressions, autograd walks each map
-a dozen times a step (subtract, square, divide, and their backwards), and on a CPU those memory-bound passes,
-not the convolutions, took about four fifths of a step (``benchmarks/bench_losses.py``). The functions here
-give the same values and gradients with one pass forward and one backward:
+a dozen times a step (subtract, square, divide, and their backwards), and on a CPU those memory-bound passes
+took more of a step than the convolutions (``python -m benchmarks cpu-steps``, its "plain losses" row). Here:
 
-- ``moments(x, dims, correction)``: the mean and variance over ``dims`` by ``torch.var_mean``; the input's
-  gradient ``g_m / n + g_v 2 (x - m) / (n - correction)`` is one fused multiply-add (``torch.addcmul``).
-- ``sq_distance(x, t, w)``: ``sum_b mean_d (w_d (x_bd - t_bd))^2``, its gradient ``2 w^2 (x - t) / d`` kept
-  from the forward pass.
+- ``moments(x, dims, correction)``: the mean, then the variance of the centred values (two passes: exact where
+  a unit's mean dwarfs its spread, unlike ``E[x^2] - m^2``); the input's gradient
+  ``g_m / n + g_v 2 (x - m) / (n - correction)`` is one multiply-add over the centred values kept.
+  ``torch.var_mean``'s single pass is several times slower on a CPU. Inputs below float32 (bf16 autocast)
+  take the plain expression, which accumulates in float32.
+- ``sq_distance(x, t, w)``: ``sum_b mean_d (w_d (x_bd - t_bd))^2``; the weighted difference is kept from the
+  forward pass and is the gradient up to a factor (its value summed by one BLAS dot product).
 - ``cycle(labels)``: reconstruction lays a batch's intended labels out as one period repeated
   (``(arange(B) + offset) % K``), so each class's rows are a strided view; ``0`` where they are not.
 
-Each is checked against the plain expression in float64 (values and gradients) by the tests; within
-``unfused()`` all three take the plain expressions (what ``python -m benchmarks cpu-steps`` compares against).
+The backwards are first derivatives only (``once_differentiable``: a second one raises). Each is checked
+against the plain expression by the tests (float64 values and gradients, float32 far from zero mean); within
+``unfused()`` all three take the plain expressions (the benchmark's comparison).
 """
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Iterator
 
 import torch
+from torch.autograd.function import once_differentiable
 
-_FUSED = [True]
+_FUSED: ContextVar[bool] = ContextVar("dfkd_fused_losses", default=True)
+_EXACT = (torch.float32, torch.float64)
 
 
 @contextmanager
 def unfused() -> Iterator[None]:
-    """Within the block, the plain tensor expressions (autograd's many passes), for a comparison."""
-    _FUSED.append(False)
+    """Within the block (this thread or task), the plain tensor expressions (autograd's many passes)."""
+    token = _FUSED.set(False)
     try:
         yield
     finally:
-        _FUSED.pop()
+        _FUSED.reset(token)
 
 
 class _Moments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dims, correction):
         n = math.prod(x.shape[d] for d in dims)
-        mean = x.mean(dims)  # two plain reductions: torch.var_mean's one pass is several times slower on a CPU
-        var = ((x * x).mean(dims) - mean * mean).clamp_(min=0) * (n / (n - correction))
-        ctx.save_for_backward(x, mean)
-        ctx.keep = [1 if i in dims else s for i, s in enumerate(x.shape)]  # the moments' shape beside x's
-        ctx.n, ctx.correction = n, correction
-        return mean, var
+        mean = x.mean(dims, keepdim=True)
+        d = x - mean
+        var = (d * d).mean(dims) * (n / (n - correction))
+        ctx.save_for_backward(d)
+        ctx.keep, ctx.n, ctx.correction = mean.shape, n, correction
+        return mean.squeeze(dims), var
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gm, gv):
-        x, mean = ctx.saved_tensors
-        mean = mean.reshape(ctx.keep)
-        zero = torch.zeros_like(mean)
-        a = zero if gm is None else gm.reshape(ctx.keep) / ctx.n                               # d/dx of the mean
-        b = zero if gv is None else gv.reshape(ctx.keep) * (2.0 / (ctx.n - ctx.correction))   # d/dx of the variance
-        return torch.mul(x, b).add_(a - b * mean), None, None  # faster than one broadcast torch.addcmul on a CPU
+        (d,) = ctx.saved_tensors
+        a = gm.reshape(ctx.keep) / ctx.n if gm is not None else None                           # d/dx of the mean
+        if gv is None:
+            return a.expand(d.shape).contiguous(), None, None
+        b = gv.reshape(ctx.keep) * (2.0 / (ctx.n - ctx.correction))                             # d/dx of the variance
+        g = torch.mul(d, b)  # a multiply then an in-place add: faster than one broadcast torch.addcmul on a CPU
+        return (g.add_(a) if a is not None else g), None, None
 
 
 def moments(x: torch.Tensor, dims: tuple[int, ...], correction: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean and variance of ``x`` over ``dims`` (divided by ``n - correction``: 0 biased, 1 unbiased)."""
     dims = tuple(sorted({d % x.dim() for d in dims}))
     n = math.prod(x.shape[d] for d in dims)
-    if not x.requires_grad or n - correction <= 0 or not _FUSED[-1]:  # nothing to fuse, or a variance torch makes nan/inf itself
-        var, mean = torch.var_mean(x, dims, correction=correction)
+    if not (x.requires_grad and _FUSED.get()) or x.dtype not in _EXACT or n - correction <= 0:
+        var, mean = torch.var_mean(x, dims, correction=correction)  # torch's own (n - correction <= 0: nan, as it says)
         return mean, var
     return _Moments.apply(x, dims, correction)
 
@@ -77,6 +85,7 @@ class _SqDistance(torch.autograd.Function):
         return torch.dot(flat, flat) / d.shape[-1]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         d, w = ctx.saved_tensors
         return d * (w * (2.0 * g / d.shape[-1])), None, None
@@ -85,16 +94,17 @@ class _SqDistance(torch.autograd.Function):
 def sq_distance(x: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``((x - t) * w).pow(2).mean(-1).sum()`` for rows ``x, t [B, D]`` and weights ``w [D]``; the fused
     gradient is the input's alone, so a target or weight that needs one takes the plain expression."""
-    if not (x.requires_grad and _FUSED[-1]) or t.requires_grad or w.requires_grad or x.dim() != 2 or x.shape != t.shape:
-        return ((x - t) * w).pow(2).mean(-1).sum()
-    return _SqDistance.apply(x, t, w)
+    plain = (not (x.requires_grad and _FUSED.get()) or not isinstance(t, torch.Tensor) or not isinstance(w, torch.Tensor)
+             or t.requires_grad or w.requires_grad or x.dim() != 2 or x.shape != t.shape or x.dtype not in _EXACT
+             or t.dtype != x.dtype or w.dtype != x.dtype)
+    return ((x - t) * w).pow(2).mean(-1).sum() if plain else _SqDistance.apply(x, t, w)
 
 
 def cycle(labels: torch.Tensor) -> int:
     """The period ``p`` when ``labels`` is ``labels[:p]`` (``p`` distinct labels) repeated a whole number of times
     (at least twice), else 0."""
     b = len(labels)
-    p = int(labels.unique().numel()) if b and _FUSED[-1] else 0
+    p = int(labels.unique().numel()) if b and _FUSED.get() else 0
     if p == 0 or b % p or b // p < 2:
         return 0
     return p if torch.equal(labels.view(-1, p), labels[:p].expand(b // p, p)) else 0

@@ -220,14 +220,14 @@ def unit_match(rows: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std
     p = cycle(labels)
     if p:  # each class's rows a strided view: one pass each way (``moments``)
         m, var = moments(rows.reshape(len(rows) // p, p, -1), (0,), correction=1)
-        first = labels[:p]
-        spread = (((var + 1e-12).sqrt() - std[first]) * w).pow(2).mean(1)
-        return (((m - mean[first]) * w).pow(2).mean(1) + spread).sum() * (len(rows) // p)
-    onehot = F.one_hot(labels, len(mean)).to(rows.dtype)      # [B, K]
-    n = onehot.sum(0)
-    m = onehot.T @ rows / n.clamp(min=1)[:, None]
-    centred = rows - onehot @ m  # centred first: a unit that barely varies; a one-hot product, whose gradient is
-    var = onehot.T @ centred.pow(2) / (n - 1).clamp(min=1)[:, None]  # one too (m[labels]'s index_put took 26% of a step)
+        mean, std, n = mean[labels[:p]], std[labels[:p]], torch.full((p,), len(rows) // p, dtype=rows.dtype,
+                                                                         device=rows.device)
+    else:
+        onehot = F.one_hot(labels, len(mean)).to(rows.dtype)      # [B, K]
+        n = onehot.sum(0)
+        m = onehot.T @ rows / n.clamp(min=1)[:, None]
+        centred = rows - onehot @ m  # centred first: a unit that barely varies; a one-hot product, whose gradient is
+        var = onehot.T @ centred.pow(2) / (n - 1).clamp(min=1)[:, None]  # one too (m[labels]'s index_put took 26% of a step)
     spread = ((((var + 1e-12).sqrt() - std) * w).pow(2).mean(1)) * (n > 1)
     return ((((m - mean) * w).pow(2).mean(1) + spread) * n).sum()
 
@@ -243,9 +243,8 @@ def class_match(out: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, cov
     if p and cov.dim() == 2:  # diagonal, each class's rows a strided view: one pass each way (``moments``)
         z = out.flatten(2)
         m, second = moments(z.reshape(len(z) // p, p, *z.shape[1:]), (0, 3))
-        first = labels[:p]
-        mean, cov, rows = mean[first], cov[first], torch.full((p,), len(z) // p * z.shape[2], dtype=z.dtype,
-                                                              device=z.device)
+        mean, cov = mean[labels[:p]], cov[labels[:p]]
+        rows = torch.full((p,), len(z) // p * z.shape[2], dtype=z.dtype, device=z.device)
     else:
         m, second, rows = class_moments(out, labels, len(cov), cov.dim() == 3)
     dm = ((m - mean) * w).pow(2).mean(1)

@@ -111,3 +111,59 @@ def test_unfused_takes_the_plain_expressions():
         assert "Moments" not in type(moments(x, (0,))[0].grad_fn).__name__ and cycle(labels) == 0
         assert "SqDistance" not in type(sq_distance(x, x.detach() + 1, torch.ones(4)).grad_fn).__name__
     assert cycle(labels) == 3
+
+
+def _graph_has(loss: torch.Tensor, name: str) -> bool:
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        if name in type(f).__name__:
+            return True
+        todo += [g for g, _ in f.next_functions]
+    return False
+
+
+def test_the_matches_take_the_fused_path_on_a_cycle_only():
+    g = _g()
+    rows = torch.randn(12, 5, generator=g, requires_grad=True)
+    labels, mean, std, w = (torch.arange(12) + 1) % 4, torch.zeros(6, 5), torch.ones(6, 5), torch.ones(5)
+    assert _graph_has(unit_match(rows, labels, mean, std, w), "_Moments")
+    grouped = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 0, 1, 2, 3])  # the same classes, not one period repeated
+    assert not _graph_has(unit_match(rows, grouped, mean, std, w), "_Moments")
+    out = torch.randn(6, 4, 3, 3, generator=g, requires_grad=True)
+    assert _graph_has(class_match(out, torch.tensor([3, 0] * 3), torch.zeros(5, 4), torch.ones(5, 4), torch.ones(4)),
+                      "_Moments")
+
+
+def test_float32_moments_far_from_zero_mean_stay_exact():
+    """A unit whose mean is 1,000 times its spread (a unit that barely varies): the float32 variance and its
+    gradient against float64's, where ``E[x^2] - m^2`` would lose every digit."""
+    x64 = 10 + 0.01 * torch.randn(50, 10, 8, generator=_g(), dtype=torch.float64)
+    x = x64.float().requires_grad_(True)
+    m, v = moments(x, (0,), 1)
+    oracle = x64.float().double().var(0)
+    assert ((v.double() - oracle) / oracle).abs().max() < 1e-4
+    gv = torch.rand(10, 8, generator=_g(), dtype=torch.float64)
+    (got,) = torch.autograd.grad((v * gv.float()).sum(), x)
+    x2 = x.detach().double().requires_grad_(True)
+    (want,) = torch.autograd.grad((x2.var(0) * gv).sum(), x2)
+    assert ((got.double() - want).norm() / want.norm()) < 1e-4
+    # unit_match on such rows: the fused value against float64's
+    labels = torch.arange(50 * 10) % 10
+    rows = x.detach().reshape(500, 8)
+    mean, std, w = torch.full((10, 8), 10.0), torch.full((10, 8), 0.01), torch.full((8,), 100.0)
+    f32 = unit_match(rows.requires_grad_(True), labels, mean, std, w)
+    f64 = unit_match(rows.detach().double(), labels, mean.double(), std.double(), w.double())
+    assert abs(f32.item() / f64.item() - 1) < 1e-3
+
+
+def test_bf16_and_second_derivatives_take_no_fused_path():
+    x = torch.randn(8, 3, generator=_g()).bfloat16().requires_grad_(True)
+    assert not _graph_has(moments(x, (0,))[1].sum(), "_Moments")
+    y = torch.randn(8, 3, generator=_g(), dtype=torch.float64, requires_grad=True)
+    (gy,) = torch.autograd.grad(moments(y, (0,))[1].sum(), y, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gy.sum().backward()
