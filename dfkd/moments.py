@@ -5,19 +5,20 @@ Every reconstruction step matches large activation maps (a per-unit record of a 
 a dozen times a step (subtract, square, divide, and their backwards), and on a CPU those memory-bound passes
 took more of a step than the convolutions (``python -m benchmarks cpu-steps``, its "plain losses" row). Here:
 
-- ``moments(x, dims, correction)``: the mean, then the variance of the centred values (two passes: exact where
-  a unit's mean dwarfs its spread, unlike ``E[x^2] - m^2``); the input's gradient
-  ``g_m / n + g_v 2 (x - m) / (n - correction)`` is one multiply-add over the centred values kept.
-  ``torch.var_mean``'s single pass is several times slower on a CPU. Inputs below float32 (bf16 autocast)
-  take the plain expression, which accumulates in float32.
+- ``moments(x, dims, correction)``: the mean, then the variance of the centred values (accurate where a unit's
+  mean dwarfs its spread, unlike ``E[x^2] - m^2``); the input's gradient
+  ``g_m / n + g_v 2 (x - m) / (n - correction)`` is one multiply and one add over the centred values kept
+  (``torch.var_mean``'s single pass is several times slower on a CPU). Inputs below float32 (bf16 autocast)
+  take the plain expressions, ``x.mean`` and ``x.var``.
 - ``sq_distance(x, t, w)``: ``sum_b mean_d (w_d (x_bd - t_bd))^2``; the weighted difference is kept from the
   forward pass and is the gradient up to a factor (its value summed by one BLAS dot product).
 - ``cycle(labels)``: reconstruction lays a batch's intended labels out as one period repeated
   (``(arange(B) + offset) % K``), so each class's rows are a strided view; ``0`` where they are not.
 
-The backwards are first derivatives only (``once_differentiable``: a second one raises). Each is checked
-against the plain expression by the tests (float64 values and gradients, float32 far from zero mean); within
-``unfused()`` all three take the plain expressions (the benchmark's comparison).
+The backwards are first derivatives only (``once_differentiable``: a second one raises). The tests check each
+against the plain expressions in float64 (values, gradients, finite differences) and ``moments`` and
+``unit_match`` in float32 against float64 for a unit whose mean is 1,000 times its spread. Within ``unfused()``
+all three take the plain expressions the losses were written in before (the benchmark's comparison).
 """
 from __future__ import annotations
 
@@ -71,8 +72,7 @@ def moments(x: torch.Tensor, dims: tuple[int, ...], correction: int = 0) -> tupl
     dims = tuple(sorted({d % x.dim() for d in dims}))
     n = math.prod(x.shape[d] for d in dims)
     if not (x.requires_grad and _FUSED.get()) or x.dtype not in _EXACT or n - correction <= 0:
-        var, mean = torch.var_mean(x, dims, correction=correction)  # torch's own (n - correction <= 0: nan, as it says)
-        return mean, var
+        return x.mean(dims), x.var(dims, correction=correction)  # the plain expressions (n - correction <= 0: nan)
     return _Moments.apply(x, dims, correction)
 
 
