@@ -218,7 +218,7 @@ def unit_match(rows: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std
     counts in its own sigma units, as a draw's does (a variance error weighted by ``w^2`` blows up where a unit
     barely varies). Each unit on its own: a full record's correlations are not matched."""
     p = cycle(labels)
-    if p:  # each class's rows a strided view: one pass each way (``moments``)
+    if p:  # each class's rows a strided view: a short backward (``moments``)
         m, var = moments(rows.reshape(len(rows) // p, p, -1), (0,), correction=1)
         mean, std, n = mean[labels[:p]], std[labels[:p]], torch.full((p,), len(rows) // p, dtype=rows.dtype,
                                                                          device=rows.device)
@@ -240,7 +240,7 @@ def class_match(out: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, cov
     ``(1/d) ||w (m - mu)||^2 + (1/d^2) ||w w^T . (S - Sigma)||^2`` (diagonal: ``(1/d) ||w^2 (s - sigma^2)||^2``),
     weighted by the samples each class covers."""
     p = cycle(labels)
-    if p and cov.dim() == 2:  # diagonal, each class's rows a strided view: one pass each way (``moments``)
+    if p and cov.dim() == 2:  # diagonal, each class's rows a strided view: a short backward (``moments``)
         z = out.flatten(2)
         m, second = moments(z.reshape(len(z) // p, p, *z.shape[1:]), (0, 3))
         mean, cov = mean[labels[:p]], cov[labels[:p]]
