@@ -100,11 +100,21 @@ def sq_distance(x: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tens
     return ((x - t) * w).pow(2).mean(-1).sum() if plain else _SqDistance.apply(x, t, w)
 
 
+_LAST: list = [(None, -1, 0)]  # the labels last asked about, their version, their period (one tuple: read whole)
+
+
 def cycle(labels: torch.Tensor) -> int:
     """The period ``p`` when ``labels`` is ``labels[:p]`` (``p`` distinct labels) repeated a whole number of times
-    (at least twice), else 0."""
-    b = len(labels)
-    p = int(labels.unique().numel()) if b and _FUSED.get() else 0
-    if p == 0 or b % p or b // p < 2:
+    (at least twice), else 0. Worked out once per labels tensor (a batch's steps and layers all ask with the same
+    one; on a GPU each answer is a host sync), again when it is changed in place."""
+    if not _FUSED.get():
         return 0
-    return p if torch.equal(labels.view(-1, p), labels[:p].expand(b // p, p)) else 0
+    last, version, period = _LAST[0]
+    if last is labels and version == labels._version:
+        return period
+    b = len(labels)
+    p = int(labels.unique().numel()) if b else 0
+    if p and (b % p or b // p < 2 or not torch.equal(labels.view(-1, p), labels[:p].expand(b // p, p))):
+        p = 0
+    _LAST[0] = (labels, labels._version, p)
+    return p

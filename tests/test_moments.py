@@ -57,6 +57,11 @@ def test_cycle_finds_reconstructions_label_layout_only():
     assert cycle(torch.tensor([0, 1, 0, 1, 1, 0])) == 0       # not one period repeated
     assert cycle(torch.tensor([0, 1, 2, 0, 1])) == 0          # a broken last period
     assert cycle(torch.tensor([], dtype=torch.long)) == 0
+    # asked again with the same tensor (a batch's steps), and after it changed in place
+    labels = torch.arange(6) % 3
+    assert cycle(labels) == 3 and cycle(labels) == 3
+    labels[0] = 1
+    assert cycle(labels) == 0
 
 
 def _permuted(labels, g):
