@@ -182,6 +182,10 @@ def _preflight(cfg: RunConfig, pair: Pair) -> RunConfig:
     return replace(cfg, objectives=names, **({"stats": str(spath)} if meta is not None and not cfg.stats else {}))
 
 
+CONFIGS = {"TrainConfig": "train", "ReconstructConfig": "reconstruct", "DistillConfig": "distill",
+           "GeneratorConfig": "generator"}  # a row's configs, by what each is of
+
+
 def run(cfg: RunConfig = RunConfig()) -> Path:
     """Run the pipeline; returns the path of ``results.json``."""
     todo = pairs(cfg)  # or refused, in one line
@@ -239,7 +243,8 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                                "student_steps": res["student_steps"],
                                "seconds": dict(res["seconds"], teacher_train=tsecs, record=rsecs),
                                "history": [h["test_accuracy"] for h in res["history"] if "test_accuracy" in h],
-                               "history_epochs": [h["epoch"] for h in res["history"] if "test_accuracy" in h]}
+                               "history_epochs": [h["epoch"] for h in res["history"] if "test_accuracy" in h],
+                               "configs": {CONFIGS[type(c).__name__]: to_dict(c) for c in confs}}  # as made
                         if "saved" in res:  # its synthetic set's (or generator's) grid, for the report
                             row["samples"] = f"{pair.name}/synthetic/{name}{tag}/samples.png" if "samples" not in res \
                                 else res["samples"] and str(res["samples"].relative_to(out))

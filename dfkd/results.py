@@ -13,7 +13,7 @@ from pathlib import Path
 from .config import default, flag, to_dict
 from .errors import DfkdError
 from .files import atomic_write, read_bytes, read_json, write_json
-from .profiles import OWN_FLAGS, generator_recipe, pairs
+from .profiles import OWN_FLAGS, generator_recipe
 from .recipes import DAFL_NOISE, GENERATOR, OWN, PROFILES
 from .run_config import RunConfig
 
@@ -215,21 +215,6 @@ def _old(path: Path) -> dict | None:
         return None
 
 
-def ran(cfg: RunConfig) -> dict:
-    """Each pair's recipe as the run takes it, keyed by the pair's name: the profile's with the run's flags
-    (``--images``, ``--steps``, ``--seen-views``, ``--epochs``, ``--temperature``, ``--unit-targets``,
-    ``--iterations``) applied, where the "profile" block states the profile's own. ``recipe`` is the
-    reconstruction's (``unit_targets`` acts on its all-layers records), ``distill`` the data-free student's,
-    ``generator`` a generator run's."""
-    out = {}
-    for p in pairs(cfg):
-        r = {"recipe": p.recipe, "unit_targets": p.unit_targets, "distill": p.distill}
-        if cfg.synthesis == "generator":
-            r.update(generator=p.generator, **({"without_bn": p.without_bn} if p.without_bn else {}))
-        out[p.name] = r
-    return out
-
-
 def write_results(out: Path, rows: list[dict], cfg: RunConfig, t0: float, final: bool = True,
                   class_names: tuple[str, ...] | None = None) -> None:
     """Write results.json and results.md. A file that already holds exactly what it would be written with
@@ -248,7 +233,7 @@ def write_results(out: Path, rows: list[dict], cfg: RunConfig, t0: float, final:
                                                if cfg.student is not None else GENERATOR[cfg.profile], cfg)
     if cfg.teacher_epochs is not None:  # as the run took it: with its --teacher-epochs
         recipe["teacher_epochs"] = cfg.teacher_epochs
-    doc = json.loads(json.dumps({"config": _config(cfg), "profile": recipe, "ran": ran(cfg), "data": data,
+    doc = json.loads(json.dumps({"config": _config(cfg), "profile": recipe, "data": data,
                                  "rows": rows, "cells": cells(rows)}))
     old = _old(out / "results.json")
     if not final and old is not None and _made(old)["config"] == _made(doc)["config"] \

@@ -149,6 +149,8 @@ def _run(tmp, data, *args):
     row = json.loads((tmp / "results.json").read_text())["rows"][0]
     student = json.loads((tmp / "own" / "students" / f"{row['objective']}.json").read_text())
     views = json.loads((tmp / "own" / "synthetic" / row["objective"] / "manifest.json").read_text())["config"]["views"]
+    # results.json states the configs the student and its inputs were made with, the probe's verdict applied
+    assert (row["configs"]["distill"], row["configs"]["reconstruct"]["views"]) == (student["distill_config"], views)
     return row, student["distill_config"]["augment"], views
 
 

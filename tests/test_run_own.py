@@ -201,17 +201,6 @@ def test_an_own_pairs_optimised_set_is_distilled_longer_than_its_baselines_train
         profile = json.loads((tmp_path / synthesis / "results.json").read_text())["profile"]
         assert ("optimise_recipe" in profile, "optimise_distill" in profile, "generator_recipe" in profile) == \
             (has, has, True)
-    # and each pair's recipe as the run took it, flags applied (the profile block states the profile's own)
-    flags = dict(images=10000, steps=60, epochs=9, temperature=4.0, unit_targets="draw", seen_views="none")
-    for given, want in (({}, dict(n=3000, steps=120, views="affine+colour", epochs=100, temperature=None,
-                                  unit_targets="batch")), (flags, dict(flags, n=10000, views="none"))):
-        write_results(tmp_path / "ran", [], RunConfig(**own, **given), 0.0)
-        doc = json.loads((tmp_path / "ran" / "results.json").read_text())
-        r = doc["ran"]["own"]
-        assert (r["recipe"]["n"], r["recipe"]["steps"], r["recipe"]["views"], r["distill"]["epochs"],
-                r["distill"].get("temperature"), r["unit_targets"]) == tuple(want[k] for k in (
-                    "n", "steps", "views", "epochs", "temperature", "unit_targets"))
-        assert doc["profile"]["optimise_recipe"] == OWN_RECIPES["quick"]["optimise_recipe"]  # the profile's, untouched
 
 
 def test_generator_synthesis_runs_the_same_objective_and_saves_its_generator(own, tmp_path, capsys):
