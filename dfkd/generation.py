@@ -85,6 +85,9 @@ def _check(rc: ReconstructConfig, dc: DistillConfig, gc: GeneratorConfig) -> Non
         raise DfkdError("generator", "the ce, disagreement, diversity, tv, l2 and jitter weights must be finite and >= 0")
     if not (gc.lr > 0 and dc.lr > 0):
         raise DfkdError("generator", "the generator's and the student's lr must be > 0")
+    if rc.basis != "pixel":
+        raise DfkdError("basis", f"a generator makes its inputs itself; the {rc.basis} basis is the optimised inputs' "
+                        "(--synthesis optimise)")
     if not max(gc.lr, dc.lr) * 10 < torch.finfo(torch.float32).max:  # Adam's first step is 10 x lr
         raise DfkdError("generator", "an lr that large does not fit Adam's first step in float32")
     if dc.augment not in AUGMENTS:

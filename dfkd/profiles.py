@@ -59,10 +59,11 @@ def generator_recipe(recipe: dict, cfg: RunConfig) -> dict:
 
 
 def _sized(r: dict, cfg: RunConfig) -> dict:
-    """A recipe with the run's overrides (``images``, ``steps``, ``seen_views``)."""
+    """A recipe with the run's overrides (``images``, ``steps``, ``seen_views``, ``basis``)."""
     return dict(r, **({"n": cfg.images} if cfg.images is not None else {}),
                 **({"steps": cfg.steps} if cfg.steps is not None else {}),
-                **({"views": cfg.seen_views} if cfg.seen_views is not None else {}))
+                **({"views": cfg.seen_views} if cfg.seen_views is not None else {}),
+                **({"basis": cfg.basis} if cfg.basis is not None else {}))
 
 
 def _distill_given(cfg: RunConfig) -> dict:  # the run's overrides of a distillation recipe
@@ -171,6 +172,11 @@ def check(cfg: RunConfig) -> None:
                         "masks are per optimised input); use another objective, or --synthesis optimise")
     if cfg.seen_views is not None and cfg.seen_views not in SEEN:
         raise DfkdError("seen_views", f"{cfg.seen_views!r} is not {SEEN_FORM}")
+    if cfg.basis not in (None, "pixel", "fourier") or (cfg.basis == "fourier" and cfg.synthesis == "generator"):
+        raise DfkdError("basis", f"{cfg.basis!r} is not pixel or fourier" if cfg.basis not in (None, "pixel", "fourier")
+                        else "a generator makes its inputs itself; --basis fourier is for --synthesis optimise")
+    if cfg.basis == "fourier" and cfg.profile == "paper":
+        raise DfkdError("basis", "the paper profile optimises the pixels, as the paper does")
     if cfg.unit_targets not in (None, "draw", "batch"):
         raise DfkdError("unit_targets", f"{cfg.unit_targets!r} is not draw or batch")
     if cfg.profile == "paper" and (cfg.seen_views not in (None, "none") or cfg.unit_targets not in (None, "draw")):

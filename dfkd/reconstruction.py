@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed
+from .basis import BASES, Fourier
 from .config import ReconstructConfig, Runtime, to_dict
 from .data import DataInfo, at_input
 from .errors import DfkdError
@@ -80,17 +81,24 @@ def optimise_batch(teacher: nn.Module, objective: Objective, labels: torch.Tenso
     masks = {k: v.to(dev) for k, v in objective.masks(info.shape, len(labels), g).items()} \
         if hasattr(objective, "masks") else {}
     alter = (lambda p, out: out * masks[p] if p in masks else out) if masks else None
-    groups = _leaves(x.to(dev), info, cfg.lr)
-    leaves = [p for grp in groups for p in grp["params"]]
-    for p in leaves:
-        p.requires_grad_(True)
+    if cfg.basis == "fourier":  # the coefficients of the change from the start (``basis``), clamped as they are seen
+        four = Fourier(info.to_model(x.to(dev)))
+        groups, leaves = [{"params": [four.coef]}], [four.coef]
+        raw = lambda: info.to_raw(four.image()).clamp(info.low, info.high) if cfg.clamp \
+            else info.to_raw(four.image())  # noqa: E731
+    else:
+        groups = _leaves(x.to(dev), info, cfg.lr)
+        leaves = [p for grp in groups for p in grp["params"]]
+        for p in leaves:
+            p.requires_grad_(True)
+        raw = lambda: torch.cat(leaves, 1) if len(leaves) > 1 else leaves[0]  # noqa: E731
     ydev = labels.to(dev)
     opt = torch.optim.Adam(groups, lr=cfg.lr)
     losses = []
     with tap(teacher, objective.layers(), alter=alter, inputs=objective.inputs()) as acts, \
             input_grad_by_fold(teacher, dev.type == "cpu"):
         for step in range(cfg.steps):
-            xr = torch.cat(leaves, 1) if len(leaves) > 1 else leaves[0]
+            xr = raw()
             xn = info.to_model(xr)  # at the network's input
             xin = roll(info.to_model(seen(xr, cfg.views, g, info.low, info.high)) if cfg.views != "none" else xn,
                        cfg.jitter, g)
@@ -103,7 +111,7 @@ def optimise_batch(teacher: nn.Module, objective: Objective, labels: torch.Tenso
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if cfg.clamp:
+            if cfg.clamp and cfg.basis == "pixel":
                 with torch.no_grad():
                     for p in leaves:
                         info.clamp(p)
@@ -113,7 +121,8 @@ def optimise_batch(teacher: nn.Module, objective: Objective, labels: torch.Tenso
                 bar.update(1)
                 if step % 25 == 0:
                     bar.set_postfix(loss=f"{loss.item() / len(labels):.4g}", refresh=False)
-    return torch.cat(leaves, 1).detach().cpu() if len(leaves) > 1 else leaves[0].detach().cpu(), losses
+    with torch.no_grad():
+        return raw().detach().cpu(), losses
 
 
 def _manifest_key(cfg: ReconstructConfig, teacher_sha: str, meta: Metadata | None) -> dict:
@@ -135,6 +144,8 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
     """
     if cfg.n <= 0 or cfg.batch_size <= 0 or cfg.steps < 0 or cfg.lr <= 0 or min(cfg.jitter, cfg.tv, cfg.l2) < 0:
         raise DfkdError("reconstruct", "n, batch size and lr must be > 0; steps, jitter, tv and l2 >= 0")
+    if cfg.basis not in BASES:
+        raise DfkdError("basis", f"{cfg.basis!r} is not one of {', '.join(BASES)}")
     if cfg.views not in SEEN:
         raise DfkdError("views", f"{cfg.views!r} is not {SEEN_FORM}")
     check_seams(cfg.patch_tv, cfg.patch)
@@ -143,6 +154,8 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
     info = meta.data if meta is not None else info
     if info is None:
         raise DfkdError("reconstruct", "without a statistics file, give the data description (info)")
+    if cfg.basis == "fourier" and len(info.shape) != 3:
+        raise DfkdError("basis", f"the Fourier basis is for images [C, H, W], not inputs of shape {list(info.shape)}")
     if cfg.init not in INITS:
         raise DfkdError("init", f"{cfg.init!r} is not one of {', '.join(INITS)}")
     objective = make_objective(cfg.objective, meta, teacher, cfg)

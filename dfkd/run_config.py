@@ -57,6 +57,9 @@ class RunConfig:
                       "report gives the file's accuracy, size and latency", choices=("none", "fp32", "int8"))
     seen_views: str | None = opt(None, "what the teacher sees of the inputs being made (none, shift, affine, each optionally "
                                  "+colour); default: the profile's (your own pair under optimise: affine+colour; else none)", later=True)
+    basis: str | None = opt(None, "what reconstruction's Adam moves: pixel or fourier (each input's change from its "
+                            "start in a 1/f-scaled Fourier basis with decorrelated colour); --synthesis optimise only; "
+                            "default: the profile's (pixel)", choices=("pixel", "fourier"), later=True)
     colour: str = opt("auto", "your own pair's colour views (seen, distilled): keep, drop, or auto: dropped where inputs "
                       "made for a probe lose the teacher's label recoloured (colour is the class)", choices=("auto", "keep", "drop"), later=True)
     unit_targets: str | None = opt(None, "an all-layers record kept per unit: draw (each input its own draw, the paper's) "

@@ -16,7 +16,7 @@ MAX_LINES = 300
 
 # layer -> (name, modules); a module imports modules of its own layer or lower ones, never higher
 LAYERS = {
-    0: ("foundation", {"errors", "version", "faults", "noise", "config", "run_config", "stats", "moments", "fastgrad", "taps",
+    0: ("foundation", {"errors", "version", "faults", "noise", "config", "run_config", "stats", "moments", "basis", "fastgrad", "taps",
                        "distributed",
                        "runtime", "losses", "views"}),
     1: ("files, data, networks", {"files", "data", "models", "graph", "images", "digits", "folders", "npz",

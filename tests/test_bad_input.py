@@ -267,6 +267,9 @@ CASES = [
      ["--colour", "decides the colour views of your own pair's recipe (--student)"]),
     ("run-synthesis-unknown", "argument", "dfkd run with an unknown synthesis",
      lambda w, t: ["run", "--synthesis", "gan", "--out", t / "run"], ["--synthesis", "invalid choice"]),
+    ("run-basis-generator", "argument", "dfkd run --basis fourier for a generator, which makes its inputs itself",
+     lambda w, t: ["run", "--synthesis", "generator", "--basis", "fourier", "--out", t / "run"],
+     ["--basis", "a generator makes its inputs itself; --basis fourier is for --synthesis optimise"]),
     # user model code
     ("code-missing", "model code", "FILE.py:factory that does not exist",
      lambda w, t: ["train", "--model", f"{t / 'none.py'}:make"], ["none.py:make", "no such file"]),

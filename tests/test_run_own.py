@@ -189,6 +189,8 @@ def test_an_own_pairs_optimised_set_is_distilled_longer_than_its_baselines_train
     assert (g.recipe["n"], g.recipe["steps"], g.recipe["views"]) == (2000, 200, "none")  # as its runs were saved
     (s,) = pairs(RunConfig(**own, images=500, steps=7))
     assert (s.recipe["n"], s.recipe["steps"]) == (500, 7)
+    (f,) = pairs(RunConfig(**own, basis="fourier"))  # --basis: the optimised inputs' basis, in the student's config
+    assert configs("all-layers", f, 0, RunConfig(**own, basis="fourier"))[0].basis == "fourier" and "basis" not in p.recipe
     assert configs("all-layers", g, 3, cfg)[1] == DistillConfig(**before, seed=3)  # its runs resume
     (e,) = pairs(RunConfig(**own, epochs=7))
     assert (e.distill["epochs"], e.distill["schedule"], e.student_epochs) == (7, "cosine", 7)

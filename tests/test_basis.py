@@ -1,0 +1,99 @@
+"""The Fourier basis of reconstruction (``dfkd.basis``): its images against a closed form, its start, and
+reconstruction in it against plain Adam on the coefficients."""
+import math
+
+import pytest
+import torch
+
+import dfkd.reconstruction as rec
+from dfkd.basis import COLOUR, Fourier, colour_matrix, spectrum_scale
+from dfkd.config import ReconstructConfig
+from dfkd.data import DataInfo
+from dfkd.errors import DfkdError
+from dfkd.generation import generate
+from dfkd.losses import prior
+from tests.test_reconstruct import _CrossEntropy
+
+
+def test_spectrum_scale_is_one_over_f_with_rms_one():
+    s = spectrum_scale(8, 10, decay=1.0).double()
+    assert s.shape == (8, 6) and math.isclose(float(s.pow(2).mean()), 1.0, rel_tol=1e-6)
+    f = lambda ky, kx: math.hypot(min(ky, 8 - ky) / 8, kx / 10)  # noqa: E731  cycles per pixel
+    for (ky, kx), (qy, qx) in (((1, 0), (0, 3)), ((2, 2), (4, 5)), ((7, 1), (3, 4))):
+        assert math.isclose(float(s[ky, kx] / s[qy, qx]), f(qy, qx) / f(ky, kx), rel_tol=1e-5)
+    assert math.isclose(float(s[0, 0]), float(s[0, 1]), rel_tol=1e-6)  # the DC term weighs as the lowest frequency
+
+
+@pytest.mark.parametrize("ky,kx", [(0, 1), (1, 2), (3, 1), (6, 3)])
+def test_one_coefficient_is_a_cosine_through_the_colour_matrix(ky, kx):
+    """An interior column's real coefficient a on channel j adds a * s * 2 / sqrt(HW) * cos(2 pi (ky y / H + kx x / W))
+    times M[:, j] to every channel: the closed form, in float64, with no FFT."""
+    h, w = 8, 8
+    z0 = torch.randn((1, 3, h, w), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    four = Fourier(z0)
+    assert torch.equal(four.image(), z0)  # zero coefficients: the start itself
+    with torch.no_grad():
+        four.coef[0, 1, ky, kx, 0] = 0.7
+    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    wave = 0.7 * float(four.scale[ky, kx]) * 2 / math.sqrt(h * w) * torch.cos(2 * math.pi * (ky * y / h + kx * x / w))
+    m = torch.tensor(COLOUR, dtype=torch.float64)
+    m = m / m.norm(dim=0).max()
+    want = z0 + m[:, 1].view(1, 3, 1, 1) * wave
+    assert torch.allclose(four.image().detach(), want, atol=1e-12)
+    assert torch.equal(colour_matrix(1), torch.eye(1))
+
+
+def test_reconstruction_in_the_fourier_basis_is_adam_on_the_coefficients():
+    """optimise_batch with basis fourier: the start the pixel basis starts from, then Adam (lr) on the coefficients
+    of the change, the image clamped to the raw range as the network sees it. The oracle: that loop written out
+    here, on the normalised start, for one std and three different ones; the inputs stay in range and move."""
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GELU(), torch.nn.Flatten(),
+                                  torch.nn.Linear(4 * 6 * 6, 5)).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    cfg = ReconstructConfig(n=6, batch_size=6, steps=25, lr=0.05, tv=0.3, l2=0.01, jitter=0, basis="fourier")
+    labels = torch.arange(6) % 5
+    for mean, std in (((0.5,), (0.25,)), ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))):
+        info = DataInfo(shape=(3, 8, 8), num_classes=5, mean=mean, std=std)
+        got, losses = rec.optimise_batch(teacher, _CrossEntropy(None, teacher, cfg), labels, cfg,
+                                         torch.Generator().manual_seed(1), info)
+        start = (0.15 + 0.1 * torch.randn((6, 3, 8, 8), generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+        z0 = info.to_model(start)
+        coef = torch.zeros((6, 3, 8, 5, 2), requires_grad=True)
+        s, m = spectrum_scale(8, 8), colour_matrix(3)
+        opt = torch.optim.Adam([coef], lr=cfg.lr)
+
+        def image():
+            d = torch.fft.irfft2(torch.view_as_complex(coef) * s, s=(8, 8), norm="ortho")
+            return info.to_raw(z0 + torch.einsum("ij,njhw->nihw", m, d)).clamp(0, 1)
+        for _ in range(cfg.steps):
+            xn = info.to_model(image())
+            loss = torch.nn.functional.cross_entropy(teacher(xn), labels, reduction="sum") + prior(xn, cfg.tv, cfg.l2)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        want = image().detach()
+        assert got.min() >= 0 and got.max() <= 1 and (got - start).abs().max() > 0.05
+        assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+        assert losses[1] < losses[0]
+    zero = rec.optimise_batch(teacher, _CrossEntropy(None, teacher, cfg), labels, ReconstructConfig(steps=0, basis="fourier"),
+                              torch.Generator().manual_seed(1), info)[0]
+    pixel = rec.optimise_batch(teacher, _CrossEntropy(None, teacher, cfg), labels, ReconstructConfig(steps=0),
+                               torch.Generator().manual_seed(1), info)[0]
+    assert torch.equal(zero, pixel)
+
+
+def test_the_basis_is_saved_only_where_it_is_not_the_pixels(teacher, meta, tmp_path):
+    """A set made before the basis existed resumes (its config had no basis: the pixel default is left out); one
+    made in the Fourier basis says so, is deterministic, and is refused for vectors and by a generator."""
+    from dfkd.config import to_dict
+    assert "basis" not in to_dict(ReconstructConfig()) and to_dict(ReconstructConfig(basis="fourier"))["basis"] == "fourier"
+    cfg = ReconstructConfig(objective="all-layers", n=20, batch_size=10, steps=5, jitter=1, basis="fourier")
+    a, b = rec.reconstruct(teacher, meta, tmp_path / "a", cfg), rec.reconstruct(teacher, meta, tmp_path / "b", cfg)
+    assert [p.read_bytes() for p in sorted(a.parent.glob("shard-*"))] == [p.read_bytes() for p in sorted(b.parent.glob("shard-*"))]
+    vec = DataInfo(shape=(12,), num_classes=3)
+    with pytest.raises(DfkdError, match="basis"):
+        rec.reconstruct(torch.nn.Linear(12, 3), None, tmp_path / "v", ReconstructConfig(objective="bn-stats", basis="fourier"), vec)
+    with pytest.raises(DfkdError, match="basis"):
+        generate(teacher, None, torch.nn.Linear(1, 1), vec, rc=ReconstructConfig(objective="bn-stats", basis="fourier"))
