@@ -2,14 +2,18 @@
 
 ``pixel`` (the paper's): Adam on the raw values themselves. ``fourier``: Adam on the Fourier coefficients of
 the change from the start, in the network's input units (``Fourier``): the image is
-``z0 + M · irfft2(s ⊙ c)`` per input, with ``c`` the coefficients (zero at the start, so the first image is the
-start itself), ``s`` each frequency ``f`` (cycles per pixel) scaled by ``1 / max(f, 1 / max(H, W))^decay``
-(normalised to a root mean square of 1, so that a step's size in pixels is about ``lr``, as in the pixel basis)
-and ``M`` a colour matrix that mixes three channels from a luminance-led, decorrelated basis (``COLOUR``;
-the identity for other channel counts). Adam then moves the coarse, grey patterns of an input before its fine,
-coloured ones: the decorrelated parametrisation of feature visualisation (Olah, Mordvintsev & Schubert,
-"Feature Visualization", Distill 2017); ``COLOUR`` is the square root of ImageNet's colour correlation as
-published there.
+``z0 + M · irfft2(s ⊙ c)`` per input (``irfft2`` orthonormal), with ``c`` the coefficients (zero at the start,
+so the first image is the start itself), ``s`` each frequency ``f`` (cycles per pixel) weighted
+``1 / max(f, 1 / max(H, W))^decay``, normalised to a root mean square of 1, and ``M`` a colour matrix that
+mixes any three channels, in the network's input units, from a luminance-led, decorrelated basis
+(``COLOUR`` over its largest column norm; the identity for other channel counts). Adam then moves the
+coarse, grey patterns of an input faster than its fine, coloured ones (the chroma directions at about a
+quarter and an eighth of the luminance's rate): the decorrelated parametrisation of feature visualisation
+(Olah, Mordvintsev & Schubert, "Feature Visualization", Distill 2017); ``COLOUR`` is the square root of
+ImageNet's colour correlation as published there. The imaginary parts of the zero (and, for an even width,
+the last) column's coefficients do not reach the image (``irfft2`` drops them); they never move.
+Reconstruction clamps the image as the network sees it, not the coefficients: a pixel clamped at the range's
+edge gets no gradient until other coefficients' steps bring it back in range.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ COLOUR = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09, 0.03))
 
 def spectrum_scale(h: int, w: int, decay: float = 1.0) -> torch.Tensor:
     """``[h, w // 2 + 1]``: each rfft2 frequency's weight ``1 / max(f, 1 / max(h, w))^decay``, root mean square 1."""
-    f = (torch.fft.fftfreq(h)[:, None] ** 2 + torch.fft.rfftfreq(w)[None, :] ** 2).sqrt()
+    f = (torch.fft.fftfreq(h, dtype=torch.float64)[:, None] ** 2
+         + torch.fft.rfftfreq(w, dtype=torch.float64)[None, :] ** 2).sqrt()
     s = f.clamp(min=1.0 / max(h, w)) ** -decay
     return s / s.pow(2).mean().sqrt()
 

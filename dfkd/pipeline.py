@@ -169,6 +169,8 @@ def _preflight(cfg: RunConfig, pair: Pair) -> RunConfig:
                             f"{data.info.shape} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
     if outs[0] != outs[1]:
         raise DfkdError("student", f"{pair.student} gives {outs[1]} outputs, the teacher {outs[0]}")
+    if cfg.basis == "fourier" and len(data.info.shape) != 3:  # found now, not after the teacher and baselines
+        raise DfkdError("basis", f"the Fourier basis is for images [C, H, W], not inputs of shape {list(data.info.shape)}")
     if cfg.export != "none":  # a student ONNX cannot express is found now, not after its training
         try:
             to_onnx(student, data.info)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .basis import BASES
 from .config import DistillConfig, GeneratorConfig, ReconstructConfig, TrainConfig, default
 from .errors import DfkdError
 from .kinds import KINDS
@@ -172,9 +173,9 @@ def check(cfg: RunConfig) -> None:
                         "masks are per optimised input); use another objective, or --synthesis optimise")
     if cfg.seen_views is not None and cfg.seen_views not in SEEN:
         raise DfkdError("seen_views", f"{cfg.seen_views!r} is not {SEEN_FORM}")
-    if cfg.basis not in (None, "pixel", "fourier") or (cfg.basis == "fourier" and cfg.synthesis == "generator"):
-        raise DfkdError("basis", f"{cfg.basis!r} is not pixel or fourier" if cfg.basis not in (None, "pixel", "fourier")
-                        else "a generator makes its inputs itself; --basis fourier is for --synthesis optimise")
+    if cfg.basis is not None and (cfg.basis not in BASES or cfg.synthesis == "generator"):
+        raise DfkdError("basis", f"{cfg.basis!r} is not one of {', '.join(BASES)}" if cfg.basis not in BASES
+                        else f"a generator makes its inputs itself; --basis {cfg.basis} is for --synthesis optimise")
     if cfg.basis == "fourier" and cfg.profile == "paper":
         raise DfkdError("basis", "the paper profile optimises the pixels, as the paper does")
     if cfg.unit_targets not in (None, "draw", "batch"):

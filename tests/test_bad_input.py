@@ -270,6 +270,13 @@ CASES = [
     ("run-basis-generator", "argument", "dfkd run --basis fourier for a generator, which makes its inputs itself",
      lambda w, t: ["run", "--synthesis", "generator", "--basis", "fourier", "--out", t / "run"],
      ["--basis", "a generator makes its inputs itself; --basis fourier is for --synthesis optimise"]),
+    ("run-basis-vectors", "argument", "dfkd run --basis fourier on a pair whose inputs are not images (before any training)",
+     lambda w, t: ["run", "--teacher", "hinton-1200", "--student", "hinton-800", "--basis", "fourier", "--data",
+                   npz(t, x=np.linspace(0, 1, 8 * 20, dtype=np.float32).reshape(8, 20), y=np.arange(8) % 2),
+                   "--out", t / "run"], ["--basis", "the Fourier basis is for images [C, H, W], not inputs of shape [20]"]),
+    ("run-basis-paper", "argument", "dfkd run --profile paper --basis fourier (the paper optimises the pixels)",
+     lambda w, t: ["run", "--profile", "paper", "--basis", "fourier", "--out", t / "run"],
+     ["--basis", "the paper profile optimises the pixels, as the paper does"]),
     # user model code
     ("code-missing", "model code", "FILE.py:factory that does not exist",
      lambda w, t: ["train", "--model", f"{t / 'none.py'}:make"], ["none.py:make", "no such file"]),

@@ -163,16 +163,22 @@ class _CrossEntropy(rec.Objective):
         return torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
 
 
-def test_raw_inputs_take_the_steps_adam_takes_in_the_networks_space():
-    """One input space: inputs are optimised raw, with per-channel lr x std, and the network (and the
-    priors) see them normalised, with Adam's eps scaled as the gradient is. The oracle is plain Adam run on the normalised inputs with ``lr``,
-    clamped to the raw range mapped into the network's space: the two must end at the same inputs, for
-    one std and for three different ones."""
+def toy_teacher() -> torch.nn.Module:
+    """A frozen conv net on 3 x 8 x 8 inputs, 5 classes (seeded)."""
     torch.manual_seed(0)
     teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GELU(), torch.nn.Flatten(),
                                   torch.nn.Linear(4 * 6 * 6, 5)).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    return teacher
+
+
+def test_raw_inputs_take_the_steps_adam_takes_in_the_networks_space():
+    """One input space: inputs are optimised raw, with per-channel lr x std, and the network (and the
+    priors) see them normalised, with Adam's eps scaled as the gradient is. The oracle is plain Adam run on the normalised inputs with ``lr``,
+    clamped to the raw range mapped into the network's space: the two must end at the same inputs, for
+    one std and for three different ones."""
+    teacher = toy_teacher()
     cfg = ReconstructConfig(n=6, batch_size=6, steps=25, lr=0.05, tv=0.3, l2=0.01, jitter=0, patch_tv=0.5, patch=4)
     labels = torch.arange(6) % 5
     for mean, std in (((0.5,), (0.25,)), ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))):
