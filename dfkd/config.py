@@ -136,7 +136,7 @@ class ReconstructConfig:
                             flag="--unit-targets", later=True)
     basis: str = opt("pixel", "what Adam moves: pixel (the raw values, the paper's) or fourier (the Fourier "
                      "coefficients of each input's change from its start, each frequency f scaled by 1/f, through a "
-                     "decorrelating colour matrix: coarse grey patterns move before fine coloured ones)",
+                     "decorrelating colour matrix: coarse grey patterns move faster than fine coloured ones)",
                      choices=("pixel", "fourier"), later=True)
     bn_weight: float = opt(1.0, "weight of the bn-stats term")
     whiten: bool = opt(True, "the paper's plain squared distance (by default each statistic's error is divided by "
