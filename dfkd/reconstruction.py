@@ -5,7 +5,9 @@ paper's start) or from each sample's class mean input plus ``N(0, init_std)`` (`
 the mean the file reveals in closed form, ``inversion.revealed_means``; ``auto``: that where the
 file reveals it, else noise), draws its targets once, and runs Adam on the raw inputs only (the
 teacher sees them through its normalisation, ``data.at_input``; ``lr`` is a step in the teacher's input
-units), clamping them to the data's raw range after each step. Batch ``b`` uses a
+units), clamping them to the data's raw range after each step; with ``basis="fourier"`` Adam moves the Fourier
+coefficients of each input's change from its start instead (``basis.Fourier``), and the image is clamped as the
+teacher sees it. Batch ``b`` uses a
 generator seeded from ``(seed, b)`` and becomes one shard of the ``SyntheticSet``: an
 interrupted run resumes at the first unlisted shard and gives bit-identical shards; a set made with
 other settings is refused (``restart``: started over), and no shard holding a non-finite value is written.
