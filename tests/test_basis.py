@@ -13,7 +13,7 @@ from dfkd.data import DataInfo
 from dfkd.errors import DfkdError
 from dfkd.generation import generate
 from dfkd.losses import prior
-from tests.test_reconstruct import _CrossEntropy, toy_teacher
+from tests.test_reconstruct import TOY_INFOS, _CrossEntropy, toy_start, toy_teacher
 
 
 def test_spectrum_scale_is_one_over_f_with_rms_one():
@@ -53,11 +53,10 @@ def test_reconstruction_in_the_fourier_basis_is_adam_on_the_coefficients():
     teacher = toy_teacher()
     cfg = ReconstructConfig(n=6, batch_size=6, steps=25, lr=0.05, tv=0.3, l2=0.01, jitter=0, basis="fourier")
     labels = torch.arange(6) % 5
-    for mean, std in (((0.5,), (0.25,)), ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))):
-        info = DataInfo(shape=(3, 8, 8), num_classes=5, mean=mean, std=std)
+    for info in TOY_INFOS:
         got, losses = rec.optimise_batch(teacher, _CrossEntropy(None, teacher, cfg), labels, cfg,
                                          torch.Generator().manual_seed(1), info)
-        start = (0.15 + 0.1 * torch.randn((6, 3, 8, 8), generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+        start = toy_start()
         z0 = info.to_model(start)
         coef = torch.zeros((6, 3, 8, 5, 2), requires_grad=True)
         s, m = spectrum_scale(8, 8).float(), colour_matrix(3)

@@ -173,6 +173,16 @@ def toy_teacher() -> torch.nn.Module:
     return teacher
 
 
+# the toy teacher's inputs: one std for every channel, and three different ones
+TOY_INFOS = [DataInfo(shape=(3, 8, 8), num_classes=5, mean=m, std=s) for m, s in (((0.5,), (0.25,)),
+                                                                                   ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3)))]
+
+
+def toy_start() -> torch.Tensor:
+    """The raw start ``optimise_batch`` draws for six toy inputs from a generator seeded 1 (noise init, clamped)."""
+    return (0.15 + 0.1 * torch.randn((6, 3, 8, 8), generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+
+
 def test_raw_inputs_take_the_steps_adam_takes_in_the_networks_space():
     """One input space: inputs are optimised raw, with per-channel lr x std, and the network (and the
     priors) see them normalised, with Adam's eps scaled as the gradient is. The oracle is plain Adam run on the normalised inputs with ``lr``,
@@ -181,11 +191,10 @@ def test_raw_inputs_take_the_steps_adam_takes_in_the_networks_space():
     teacher = toy_teacher()
     cfg = ReconstructConfig(n=6, batch_size=6, steps=25, lr=0.05, tv=0.3, l2=0.01, jitter=0, patch_tv=0.5, patch=4)
     labels = torch.arange(6) % 5
-    for mean, std in (((0.5,), (0.25,)), ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))):
-        info = DataInfo(shape=(3, 8, 8), num_classes=5, mean=mean, std=std)
+    for info in TOY_INFOS:
         got, _ = rec.optimise_batch(teacher, _CrossEntropy(None, teacher, cfg), labels, cfg,
                                     torch.Generator().manual_seed(1), info)
-        start = (0.15 + 0.1 * torch.randn((6, 3, 8, 8), generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+        start = toy_start()
         x = info.to_model(start).requires_grad_(True)
         lo, hi = info.to_model(torch.zeros(1, 3, 8, 8)), info.to_model(torch.ones(1, 3, 8, 8))
         opt = torch.optim.Adam([x], lr=cfg.lr)
