@@ -92,12 +92,14 @@ def check_colour(cfg: RunConfig) -> None:
 def decide(cfg: RunConfig, pair: Pair, teacher: nn.Module, meta: Metadata | None, info: DataInfo, d: Path,
            ranks: Ranks = Ranks(), device: str = "cpu", teacher_sha: str | None = None) -> tuple[Pair, dict | None]:
     """An own pair with its colour views kept or dropped (``cfg.colour``), and what decided it: ``views`` kept or
-    dropped, ``of`` which (the recipe's seen views unless ``--seen-views`` was given, the distillation's), ``by``
-    the choice, and for ``auto`` the probe's counts; None where the pair has no colour views to decide on (not
-    images, or none in its recipe). ``auto`` keeps them where there is nothing to probe with (noise only) or the
-    teacher gives too few probe inputs their class to tell."""
+    dropped, ``of`` which (the recipe's seen views unless ``--seen-views`` was given, the distillation's unless
+    ``--augment`` was: views the user gave are kept as given), ``by`` the choice, and for ``auto`` the probe's
+    counts; None where the pair has no colour views to decide on (not images, or none in its recipe). ``auto``
+    keeps them where there is nothing to probe with (noise only) or the teacher gives too few probe inputs their
+    class to tell."""
     seen = pair.recipe.get("views", "none")
-    ours, distilled = cfg.seen_views is None and "+colour" in seen, "+colour" in pair.distill.get("augment", "")
+    ours = cfg.seen_views is None and "+colour" in seen
+    distilled = cfg.augment is None and "+colour" in pair.distill.get("augment", "")
     if len(info.shape) != 3 or not (ours or distilled):
         return pair, None
     how = {"by": cfg.colour, "of": ["seen views"] * ours + ["distillation views"] * distilled}
@@ -121,7 +123,8 @@ def decide(cfg: RunConfig, pair: Pair, teacher: nn.Module, meta: Metadata | None
     if keep:
         return pair, how
     recipe = dict(pair.recipe, views=without_colour(seen)) if ours else pair.recipe
-    return replace(pair, recipe=recipe, distill=dict(pair.distill, augment=without_colour(pair.distill["augment"]))), how
+    distill = dict(pair.distill, augment=without_colour(pair.distill["augment"])) if distilled else pair.distill
+    return replace(pair, recipe=recipe, distill=distill), how
 
 
 def refused(e: DfkdError, colour: dict | None) -> DfkdError:

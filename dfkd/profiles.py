@@ -14,7 +14,7 @@ from .objectives import OBJECTIVES, known, needs
 from .recipes import GENERATOR, OWN, PAIRS, PROFILES, SYNTHESES
 from .run_config import RunConfig
 from .specs import RANDOM_WEIGHTS, ModelRef, parse_args, require_weights
-from .views import SEEN, SEEN_FORM
+from .views import AUGMENT_FORM, AUGMENTS, SEEN, SEEN_FORM
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def _sized(r: dict, cfg: RunConfig) -> dict:
 
 
 def _distill_given(cfg: RunConfig) -> dict:  # the run's overrides of a distillation recipe
-    return {k: getattr(cfg, k) for k in ("epochs", "temperature") if getattr(cfg, k) is not None}
+    return {k: getattr(cfg, k) for k in ("epochs", "temperature", "augment") if getattr(cfg, k) is not None}
 
 
 def given_teacher(cfg: RunConfig) -> ModelRef | None:
@@ -173,6 +173,10 @@ def check(cfg: RunConfig) -> None:
                         "masks are per optimised input); use another objective, or --synthesis optimise")
     if cfg.seen_views is not None and cfg.seen_views not in SEEN:
         raise DfkdError("seen_views", f"{cfg.seen_views!r} is not {SEEN_FORM}")
+    if cfg.augment is not None and cfg.augment not in AUGMENTS:
+        raise DfkdError("augment", f"{cfg.augment!r} is not {AUGMENT_FORM}")
+    if cfg.profile == "paper" and cfg.augment not in (None, PROFILES["paper"]["distill"]["augment"]):
+        raise DfkdError("augment", "the paper profile distils on the synthetic inputs as they are, as the paper does")
     if cfg.basis is not None and (cfg.basis not in BASES or cfg.synthesis == "generator"):
         raise DfkdError("basis", f"{cfg.basis!r} is not one of {', '.join(BASES)}" if cfg.basis not in BASES
                         else f"a generator makes its inputs itself; --basis {cfg.basis} is for --synthesis optimise")

@@ -277,6 +277,12 @@ CASES = [
     ("run-basis-paper", "argument", "dfkd run --profile paper --basis fourier (the paper optimises the pixels)",
      lambda w, t: ["run", "--profile", "paper", "--basis", "fourier", "--out", t / "run"],
      ["--basis", "the paper profile optimises the pixels, as the paper does"]),
+    ("run-augment-unknown", "argument", "dfkd run --augment with views dfkd does not make",
+     lambda w, t: ["run", "--networks", "lenet5", "--augment", "affine+flip", "--out", t / "run"],
+     ["--augment", "'affine+flip' is not shift, affine or none, then optionally +mix or +cutmix, +colour and +backdrop"]),
+    ("run-augment-paper", "argument", "dfkd run --profile paper --augment affine (the paper distils on the inputs as they are)",
+     lambda w, t: ["run", "--profile", "paper", "--augment", "affine", "--out", t / "run"],
+     ["--augment", "the paper profile distils on the synthetic inputs as they are, as the paper does"]),
     # user model code
     ("code-missing", "model code", "FILE.py:factory that does not exist",
      lambda w, t: ["train", "--model", f"{t / 'none.py'}:make"], ["none.py:make", "no such file"]),

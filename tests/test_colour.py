@@ -92,6 +92,12 @@ def test_keep_and_drop_decide_without_a_probe_and_an_explicit_seen_views_stays(t
                         tmp_path)
     assert given.recipe["views"] == "affine+colour" and given.distill["augment"] == "affine+cutmix"
     assert how["of"] == ["distillation views"]
+    views = "affine+cutmix+colour+backdrop"  # --augment: the user's distillation views, kept as given
+    ours = replace(pair, distill=dict(pair.distill, augment=views))
+    given, how = decide(RunConfig(student="s.py:s", colour="drop", augment=views), ours, None, None, info, tmp_path)
+    assert given.recipe["views"] == "affine" and given.distill["augment"] == views and how["of"] == ["seen views"]
+    both_given = RunConfig(student="s.py:s", colour="drop", augment=views, seen_views="affine+colour")
+    assert decide(both_given, ours, None, None, info, tmp_path) == (ours, None)
     vectors = DataInfo(shape=(64,), num_classes=10)  # no images: no colour views to decide on
     assert decide(RunConfig(student="s.py:s", colour="drop"), pair, None, None, vectors, tmp_path) == (pair, None)
     assert list(tmp_path.iterdir()) == []  # keep and drop probe nothing

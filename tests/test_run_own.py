@@ -306,3 +306,35 @@ def test_temperature_sets_the_data_free_students_kd_temperature(own, tmp_path, c
         with pytest.raises(DfkdError, match="is not a number > 0 and <= 1000") as e:
             pairs(RunConfig(**own_pair, temperature=bad))
         assert e.value.where == "temperature"
+
+
+def test_augment_sets_the_data_free_students_views_and_keeps_them_as_given(own, tmp_path):
+    """--augment: the data-free student is distilled on the views given, kept as given where --colour drops the
+    profile's (its seen views lose their recolouring, the given views keep theirs), the real-KD baseline keeps its
+    own recipe's affine views, and the report's command names the flag. Every pair and both modes take it (the
+    refusals: test_bad_input)."""
+    from dfkd.run_config import RunConfig
+    from dfkd.profiles import configs, pairs
+    d, data = own
+    views = "affine+cutmix+colour+backdrop"
+    run(tmp_path, "--teacher", f"{OWN}:teacher", "--teacher-args", ARGS, "--weights", d / "teacher.safetensors",
+        "--normalize", "auto", "--data", data, "--objectives", "bn-stats", "--colour", "drop", "--augment", views,
+        baselines=True)
+    students = tmp_path / "own" / "students"
+    assert json.loads((students / "bn-stats.json").read_text())["distill_config"]["augment"] == views
+    assert json.loads((students / "real-kd.json").read_text())["settings"]["config"]["augment"] == "affine"
+    made = json.loads((tmp_path / "own" / "synthetic" / "bn-stats" / "manifest.json").read_text())["config"]
+    assert made["views"] == "affine"  # the profile's seen views, dropped by --colour drop
+    results = json.loads((tmp_path / "results.json").read_text())
+    (row,) = [r for r in results["rows"] if r["objective"] == "bn-stats"]
+    assert results["config"]["augment"] == views and row["colour"]["of"] == ["seen views"]
+    assert f"--augment {views}" in (tmp_path / "results.md").read_text()
+    own_pair = dict(teacher="t.py:net", weights="w.safetensors", student="s.py:net")
+    for cfg in (RunConfig(**own_pair, augment="shift"), RunConfig(**own_pair, augment="shift", synthesis="generator"),
+                RunConfig(networks=("lenet5",), augment="shift"),
+                RunConfig(networks=("hinton-1200",), profile="best", augment="shift")):
+        (p,) = pairs(cfg)
+        assert configs("all-layers", p, 0, cfg)[1].augment == "shift"
+        assert configs("real-kd", p, 0, cfg)[0].augment == "affine"
+        assert configs("all-layers", pairs(dataclass_replace(cfg, augment=None))[0], 0, cfg)[1].augment != "shift"
+    assert pairs(RunConfig(networks=("lenet5",), profile="paper", augment="none"))
