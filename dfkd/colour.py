@@ -28,7 +28,7 @@ from .distributed import Ranks
 from .errors import DfkdError, OtherSettings
 from .files import read_json, write_json
 from .metadata import Metadata
-from .profiles import Pair
+from .profiles import Pair, colour_views
 from .recipes import OWN
 from .reconstruction import reconstruct
 from .resume import config_settings
@@ -94,15 +94,15 @@ def decide(cfg: RunConfig, pair: Pair, teacher: nn.Module, meta: Metadata | None
     """An own pair with its colour views kept or dropped (``cfg.colour``), and what decided it: ``views`` kept or
     dropped, ``of`` which (the recipe's seen views unless ``--seen-views`` was given, the distillation's unless
     ``--augment`` was: views the user gave are kept as given), ``by`` the choice, and for ``auto`` the probe's
-    counts; None where the pair has no colour views to decide on (not images, or none in its recipe). ``auto``
+    counts; None where the pair has no colour views to decide on (not images, none in its recipe, or all of them
+    given by the user). ``auto``
     keeps them where there is nothing to probe with (noise only) or the teacher gives too few probe inputs their
     class to tell."""
-    seen = pair.recipe.get("views", "none")
-    ours = cfg.seen_views is None and "+colour" in seen
-    distilled = cfg.augment is None and "+colour" in pair.distill.get("augment", "")
-    if len(info.shape) != 3 or not (ours or distilled):
+    seen, of = pair.recipe.get("views", "none"), colour_views(cfg, pair.recipe, pair.distill)
+    ours, distilled = "seen views" in of, "distillation views" in of
+    if len(info.shape) != 3 or not of:
         return pair, None
-    how = {"by": cfg.colour, "of": ["seen views"] * ours + ["distillation views"] * distilled}
+    how = {"by": cfg.colour, "of": of}
     names = [o for o in cfg.objectives or () if "noise" not in o.split("+")]
     p = OWN[cfg.profile]["colour_probe"]
     if cfg.colour == "auto" and names:
@@ -129,11 +129,13 @@ def decide(cfg: RunConfig, pair: Pair, teacher: nn.Module, meta: Metadata | None
 
 def refused(e: DfkdError, colour: dict | None) -> DfkdError:
     """A student's refusal to resume, with the way back where the probe dropped the colour views it was made with:
-    where a setting that differs (the seen ``views``, a distillation's ``augment``) is what it was but for its
-    recolouring, not where only something else differs."""
+    where a setting that differs (the seen ``views``, a distillation's ``augment``: each only where the probe
+    decided it, not views the user gave) is what it was but for its recolouring, not where only something else
+    differs."""
+    decided = {n for n, of in (("views", "seen views"), ("augment", "distillation views"))
+               if colour is not None and of in colour["of"]}
     if colour is None or colour["views"] != "dropped" or not isinstance(e, OtherSettings) or not any(
-            name in ("views", "augment") and isinstance(a, str) and without_colour(a) == b
-            for name, a, b in e.differing):
+            name in decided and isinstance(a, str) and without_colour(a) == b for name, a, b in e.differing):
         return e
     way = "--colour keep keeps them" if colour["by"] == "auto" else "without --colour drop they stay"
     return OtherSettings(e.where, f"{e.problem} (this run dropped the colour views: {way})", e.differing)

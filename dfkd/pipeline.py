@@ -171,6 +171,10 @@ def _preflight(cfg: RunConfig, pair: Pair) -> RunConfig:
         raise DfkdError("student", f"{pair.student} gives {outs[1]} outputs, the teacher {outs[0]}")
     if cfg.basis == "fourier" and len(data.info.shape) != 3:  # found now, not after the teacher and baselines
         raise DfkdError("basis", f"the Fourier basis is for images [C, H, W], not inputs of shape {list(data.info.shape)}")
+    views = (cfg.augment or "none").split("+")
+    if (views[0] != "none" or set(views[1:]) - {"mix"}) and len(data.info.shape) != 3:  # +mix mixes vectors too
+        raise DfkdError("augment", f"{cfg.augment} needs images [C, H, W]; these inputs are {tuple(data.info.shape)} "
+                        "(vectors take none or none+mix)")
     if cfg.export != "none":  # a student ONNX cannot express is found now, not after its training
         try:
             to_onnx(student, data.info)

@@ -217,12 +217,24 @@ def pairs(cfg: RunConfig) -> list[Pair]:
     o = OWN[cfg.profile]
     recipe = dict(o["recipe"], **o.get(f"{cfg.synthesis}_recipe", {}))
     distill = {**o["distill"], **o.get(f"{cfg.synthesis}_distill", {}), **_distill_given(cfg)}
+    if cfg.colour != "auto" and not colour_views(cfg, _sized(recipe, cfg), distill):
+        raise DfkdError("colour", "decides the profile's colour views, and this run has none left to decide (the "
+                        "seen views and the distillation views are given, or a generator's teacher sees none): "
+                        "give the views you want with --seen-views and --augment instead")
     return [Pair("own", cfg.teacher, cfg.student, cfg.teacher_epochs or o["teacher_epochs"], cfg.epochs or o["distill"]["epochs"],
                  o["distill"]["lr"], _sized(recipe, cfg), distill, parse_args(cfg.teacher_args, "teacher_args"),
                  parse_args(cfg.student_args, "student_args"), own=True,
                  generator=generator_recipe(o.get("generator", GENERATOR[cfg.profile]), cfg),
                  without_bn=o.get("generator_without_bn") if cfg.synthesis == "generator" else None,
                  unit_targets=cfg.unit_targets or o.get(f"{cfg.synthesis}_unit_targets"))]
+
+
+def colour_views(cfg: RunConfig, recipe: dict, distill: dict) -> list[str]:
+    """Which of an own pair's views hold the profile's recolouring (``+colour``) for ``--colour`` to decide: the
+    ``seen views`` of its recipe unless ``--seen-views`` was given, the ``distillation views`` unless ``--augment``
+    was (views the user gave are kept as given)."""
+    return ["seen views"] * (cfg.seen_views is None and "+colour" in recipe.get("views", "none")) + \
+        ["distillation views"] * (cfg.augment is None and "+colour" in distill.get("augment", ""))
 
 
 def objectives(cfg: RunConfig, net: str) -> tuple[str, ...]:

@@ -58,9 +58,10 @@ class RunConfig:
     seen_views: str | None = opt(None, "what the teacher sees of the inputs being made (none, shift, affine, each optionally "
                                  "+colour); default: the profile's (your own pair under optimise: affine+colour; else none)", later=True)
     augment: str | None = opt(None, "the data-free students' distillation views (shift, affine or none, then optionally "
-                              "+mix or +cutmix, +colour and +backdrop); default: the profile's (your own pair: "
-                              "affine+cutmix+colour); views given here are kept as given (--colour decides the "
-                              "profile's)", later=True)
+                              "+mix or +cutmix, +colour and +backdrop; views other than none and +mix need images); default: the "
+                              "profile's (your own pair: affine+cutmix+colour; the paper's networks: affine+cutmix, "
+                              "the paper profile none, which it alone takes); views given here are kept as given "
+                              "(--colour decides the profile's)", later=True)
     basis: str | None = opt(None, "what reconstruction's Adam moves: pixel or fourier (each input's change from its "
                             "start in a 1/f-scaled Fourier basis with decorrelated colour); --synthesis optimise only; "
                             "default: the profile's (pixel)", choices=("pixel", "fourier"), later=True)

@@ -337,6 +337,8 @@ def test_run_flags_remake_a_generator_students_configs():
     for profile, objective, extra in (("quick", "all-layers+norm-stats", own),
                                       ("tiny", "all-layers+bn-stats", dict(own, unit_targets="batch", seed=3)),
                                       ("quick", "bn-stats", dict(own, temperature=4.0)),
+                                      ("quick", "all-layers+bn-stats", dict(own, augment="affine+cutmix+backdrop")),
+                                      ("tiny", "all-layers", dict(teacher="saved", networks=("lenet5",), augment="shift")),
                                       ("quick", "all-layers+class-diag", dict(own, teacher="saved")),
                                       ("best", "all-layers", dict(teacher="saved", networks=("hinton-1200",))),
                                       ("tiny", "spectral-pairs", dict(teacher="saved", networks=("lenet5",), seed=1))):
@@ -349,6 +351,7 @@ def test_run_flags_remake_a_generator_students_configs():
         assert [to_dict(c) for c in configs(objective, pairs(back)[0], back.seed, back)] == [saved[k] for k in keys]
         assert ("--profile" in flags) == (profile != "quick") and ("--seed" in flags) == ("seed" in extra)
         assert ("--temperature" in flags) == ("temperature" in extra) and back.temperature == extra.get("temperature")
+        assert ("--augment" in flags) == ("augment" in extra) and back.augment == extra.get("augment")
         assert (back.student, back.networks[:1] if cfg.student is None else None) == \
             (cfg.student, cfg.networks if cfg.student is None else None)
         assert ("--unit-targets" in flags) == objective.startswith("all-layers")

@@ -16,7 +16,7 @@ from dfkd import colour
 from dfkd.colour import bar, decide, survival
 from dfkd.data import DataInfo
 from dfkd.errors import DfkdError, OtherSettings
-from dfkd.profiles import Pair
+from dfkd.profiles import Pair, pairs
 from dfkd.recipes import OWN as OWN_RECIPES
 from dfkd.resume import refusal
 from dfkd.run_config import RunConfig
@@ -96,8 +96,14 @@ def test_keep_and_drop_decide_without_a_probe_and_an_explicit_seen_views_stays(t
     ours = replace(pair, distill=dict(pair.distill, augment=views))
     given, how = decide(RunConfig(student="s.py:s", colour="drop", augment=views), ours, None, None, info, tmp_path)
     assert given.recipe["views"] == "affine" and given.distill["augment"] == views and how["of"] == ["seen views"]
-    both_given = RunConfig(student="s.py:s", colour="drop", augment=views, seen_views="affine+colour")
-    assert decide(both_given, ours, None, None, info, tmp_path) == (ours, None)
+    both_given = RunConfig(student="s.py:s", teacher="t.py:t", weights="w.safetensors", colour="drop", augment=views,
+                           seen_views="affine+colour")
+    assert decide(replace(both_given, colour="auto"), ours, None, None, info, tmp_path) == (ours, None)
+    for cfg in (both_given, replace(both_given, seen_views=None, synthesis="generator")):  # nothing left to decide
+        with pytest.raises(DfkdError, match="this run has none left to decide") as e:
+            pairs(cfg)
+        assert e.value.where == "colour"
+    assert pairs(replace(both_given, augment=None, synthesis="generator"))  # the distillation's views: decided
     vectors = DataInfo(shape=(64,), num_classes=10)  # no images: no colour views to decide on
     assert decide(RunConfig(student="s.py:s", colour="drop"), pair, None, None, vectors, tmp_path) == (pair, None)
     assert list(tmp_path.iterdir()) == []  # keep and drop probe nothing
@@ -196,7 +202,7 @@ def test_the_colour_hint_is_given_only_where_the_views_differ():
     """A refusal gets the way back to the colour views only where a view that differs is the saved one but for its
     recolouring (however many more the message leaves out): not where the unit targets alone differ, nor where the
     user chose other views, nor for an error that is not a refusal over settings."""
-    dropped = {"by": "auto", "views": "dropped"}
+    dropped = {"by": "auto", "views": "dropped", "of": ["seen views", "distillation views"]}
     hint = "(this run dropped the colour views: --colour keep keeps them)"
     base = {"reconstruct": {"views": "affine+colour", "unit_targets": "draw", "lr": 0.1, "n": 1, "steps": 1,
                             "seed": 0}, "distill": {"augment": "affine+cutmix+colour"}}
@@ -217,3 +223,8 @@ def test_the_colour_hint_is_given_only_where_the_views_differ():
         assert colour.refused(e, dict(dropped, views="kept")) is e
     plain = DfkdError("f.json", "holds other settings (views affine+colour -> affine)")  # words alone: no hint
     assert colour.refused(plain, dropped) is plain
+    # --augment given: the probe dropped the seen views alone, so a distillation's recolouring is not its doing
+    seen_only = dict(dropped, of=["seen views"])
+    e = refusal("f.json", "holds a finished model made with", base,
+                dict(base, distill={"augment": "affine+cutmix"}), "choose another output")
+    assert colour.refused(e, seen_only) is e and colour.refused(e, dropped).problem.endswith(hint)
