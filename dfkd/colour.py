@@ -95,9 +95,8 @@ def decide(cfg: RunConfig, pair: Pair, teacher: nn.Module, meta: Metadata | None
     dropped, ``of`` which (the recipe's seen views unless ``--seen-views`` was given, the distillation's unless
     ``--augment`` was: views the user gave are kept as given), ``by`` the choice, and for ``auto`` the probe's
     counts; None where the pair has no colour views to decide on (not images, none in its recipe, or all of them
-    given by the user). ``auto``
-    keeps them where there is nothing to probe with (noise only) or the teacher gives too few probe inputs their
-    class to tell."""
+    given by the user). ``auto`` keeps them where there is nothing to probe with (noise only) or the teacher gives
+    too few probe inputs their class to tell."""
     seen, of = pair.recipe.get("views", "none"), colour_views(cfg, pair.recipe, pair.distill)
     ours, distilled = "seen views" in of, "distillation views" in of
     if len(info.shape) != 3 or not of:
