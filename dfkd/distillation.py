@@ -36,7 +36,7 @@ from .runtime import pick_device, seed_everything, setup_threads, whole
 from .sources import data_sha256, open_data
 from .specs import DataRef, ModelRef, build_student, open_model, require_spec
 from .synthetic import SyntheticSet
-from .views import AUGMENTS, AUGMENT_FORM, augment
+from .views import AUGMENTS, AUGMENT_FORM, augment, require_images
 
 
 def disagree(student: nn.Module, teacher: nn.Module, x: torch.Tensor, cfg: DistillConfig,
@@ -73,7 +73,9 @@ def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg
     Dataset / ``(x, teacher_logits)`` tensors) of raw inputs: soft targets from ``teacher`` on augmented
     views, or the stored logits without a teacher. Student and teacher see the inputs through ``info``'s
     normalisation (the set's own by default; none for plain tensors without ``info``). ``test`` (a DataSource or test set) is measured every ``eval_every``
-    epochs; the last epoch's student is the result."""
+    epochs; the last epoch's student is the result. Views other than the default that cannot act are refused
+    before any step: any without a teacher to label them, image views on inputs that are not images; so is a
+    share pushed towards disagreement (``adversarial``) without a teacher."""
     whole(rt, "distill")
     if cfg.augment not in AUGMENTS:
         raise DfkdError("augment", f"{cfg.augment!r} is not {AUGMENT_FORM}")
@@ -86,6 +88,14 @@ def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg
         synthetic = synthetic.dataset()
     info = info or info_of(synthetic)  # a source's split (real-data distillation) brings its own
     x0, t0 = first_batch(synthetic)
+    if cfg.augment != DistillConfig.augment:  # views chosen: the default's pass the stored logits and vectors through
+        if teacher is None and cfg.augment != "none":
+            raise DfkdError("teacher", f"the views {cfg.augment} are labelled by the teacher; give the teacher, or "
+                            "--augment none to distill on the stored logits of the inputs as they are")
+        require_images(cfg.augment, tuple(x0.shape[1:]))
+    if teacher is None and cfg.adversarial:
+        raise DfkdError("teacher", "the inputs pushed towards disagreement (--adversarial) are labelled by the teacher; "
+                        "give the teacher, or leave --adversarial at 0")
     with torch.no_grad():
         try:
             probe = at_input(student.eval(), info)(x0.to(device_of(student)))

@@ -50,6 +50,8 @@ from .shipping import ship
 from .sources import data_sha256, open_data
 from .specs import DataRef, build_student, open_with_data, stats_path
 from .training import train
+from .views import require_images
+
 
 def _code(spec: str, pair: Pair, cfg: RunConfig) -> tuple[str, ...]:
     """The code a saved network of the pair may import: its own file (a user's pair), then what the user named."""
@@ -171,10 +173,8 @@ def _preflight(cfg: RunConfig, pair: Pair) -> RunConfig:
         raise DfkdError("student", f"{pair.student} gives {outs[1]} outputs, the teacher {outs[0]}")
     if cfg.basis == "fourier" and len(data.info.shape) != 3:  # found now, not after the teacher and baselines
         raise DfkdError("basis", f"the Fourier basis is for images [C, H, W], not inputs of shape {list(data.info.shape)}")
-    views = (cfg.augment or "none").split("+")
-    if (views[0] != "none" or set(views[1:]) - {"mix"}) and len(data.info.shape) != 3:  # +mix mixes vectors too
-        raise DfkdError("augment", f"{cfg.augment} needs images [C, H, W]; these inputs are {tuple(data.info.shape)} "
-                        "(vectors take none or none+mix)")
+    if cfg.augment is not None:
+        require_images(cfg.augment, data.info.shape)
     if cfg.export != "none":  # a student ONNX cannot express is found now, not after its training
         try:
             to_onnx(student, data.info)

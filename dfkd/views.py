@@ -2,7 +2,8 @@
 sample where it can be; the teacher labels the result, so a mixed view needs no mixed label. Distillation
 (on a synthetic set) and generation (on a generator's stream) use the same views, and reconstruction and the
 generator's training may show the teacher the inputs being made under them (``seen``). Inputs that are not
-images ``[N, C, H, W]`` pass through every view but ``+mix`` unchanged."""
+images ``[N, C, H, W]`` pass through every view but ``+mix`` unchanged; distillation and ``dfkd run`` refuse
+views chosen for them that would (``require_images``), where the default views let them through."""
 from __future__ import annotations
 
 import math
@@ -10,12 +11,24 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .errors import DfkdError
+
 BASES, MIXES = ("shift", "affine", "none"), ("mix", "cutmix")  # the views, then what is mixed into them
 AUGMENTS = tuple(b + m + c + d for b in BASES for m in ("", *(f"+{m}" for m in MIXES)) for c in ("", "+colour")
                  for d in ("", "+backdrop"))
 AUGMENT_FORM = "shift, affine or none, then optionally +mix or +cutmix, +colour and +backdrop, in that order"
 SEEN = tuple(b + c for b in BASES for c in ("", "+colour"))  # what a teacher may see of an input being made
 SEEN_FORM = "shift, affine or none, optionally +colour (nothing mixed: each input keeps its own label)"
+
+
+def require_images(how: str, shape: tuple[int, ...]) -> None:
+    """Refuse views ``how`` (``AUGMENTS``) that act on images alone (a base view, ``+cutmix``, ``+colour``,
+    ``+backdrop``) for inputs of ``shape`` (one input's) that are not images ``[C, H, W]``: they would pass
+    through unchanged. ``none`` and ``none+mix`` (mixup mixes vectors too) are taken by any input."""
+    base, *rest = how.split("+")
+    if (base != "none" or set(rest) - {"mix"}) and len(shape) != 3:
+        raise DfkdError("augment", f"{how} needs images [C, H, W]; these inputs are {tuple(shape)} "
+                        "(vectors take none or none+mix)")
 
 
 def cutmix(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -1,11 +1,15 @@
 """Distillation: the KD loss against its formula; a student from synthetic data beats noise;
 augmentation in the raw range; the synthetic set streamed from its shards."""
+import re
 from dataclasses import replace
 
+import pytest
 import torch
+from torch import nn
 
 from dfkd.config import DistillConfig, ReconstructConfig
 from dfkd.distillation import distill
+from dfkd.errors import DfkdError
 from dfkd.losses import kd_loss
 from dfkd.views import augment, recolour
 from dfkd.models import build_model
@@ -201,3 +205,36 @@ def test_colour_views_stay_in_the_raw_range_and_tint_grey_images():
     v = augment(x, "affine+cutmix+colour", torch.Generator().manual_seed(1))
     assert v.min() >= 0 and v.max() <= 1
     assert ((v[:, 0] - v[:, 1]).abs().amax((1, 2)) > 0.05).float().mean() > 0.9
+
+
+def test_views_that_cannot_act_are_refused_not_skipped():
+    """Views chosen (not the default) on inputs they cannot act on are refused before any step: image views on
+    vectors, any view or disagreement push without a teacher to label it. What they can act on still runs, and
+    mixup on vectors really mixes: the teacher labels inputs that are none of the set's."""
+    g = torch.Generator().manual_seed(0)
+    x, logits = torch.rand(16, 20, generator=g), torch.randn(16, 10, generator=g)
+    seen = []
+
+    class Teacher(nn.Module):
+        def forward(self, v):
+            seen.append(v.detach().clone())
+            return torch.zeros(len(v), 10)
+
+    def run(augment=DistillConfig.augment, teacher=None, adversarial=0.0):
+        st = nn.Linear(20, 10)
+        before = [p.detach().clone() for p in st.parameters()]
+        distill(st, (x, logits), teacher, DistillConfig(epochs=1, batch_size=8, augment=augment, adversarial=adversarial))
+        return any(not torch.equal(a, b) for a, b in zip(before, st.parameters()))
+
+    for views in ("affine", "none+cutmix", "none+colour", "shift+mix+backdrop"):
+        with pytest.raises(DfkdError, match=rf"augment: {re.escape(views)} needs images \[C, H, W\]; these inputs are \(20,\)"):
+            run(views, Teacher())
+    with pytest.raises(DfkdError, match="teacher: the views none\\+mix are labelled by the teacher"):
+        run("none+mix")
+    with pytest.raises(DfkdError, match="teacher: the inputs pushed towards disagreement"):
+        run(adversarial=0.5)
+    assert not seen  # nothing was labelled before the refusals
+    assert run() and run("none")  # the default and none distill on the stored logits as they are
+    assert run("none+mix", Teacher())
+    mixed = torch.cat(seen[1:])  # the first call: the teacher's classes, on the first batch as it is
+    assert mixed.shape[1] == 20 and not any(torch.equal(m, r) for m in mixed for r in x)
