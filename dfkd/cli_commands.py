@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .cli_fields import config_from
+from .cli_fields import config_from, given
 from .config import DistillConfig, ExportConfig, ReconstructConfig, RecordConfig, Runtime, TrainConfig
 from .deployment import export_file
 from .distillation import distill_file
@@ -160,7 +160,7 @@ def _cmd_distill(a) -> int:
     cfg = config_from(a, DistillConfig)
     teacher = _model(a, weights=False) if a.teacher else None
     path = distill_file(a.synthetic, _model(a, "student", weights=False), a.out, cfg, teacher, _data_ref(a),
-                        a.restart, runtime_of(a))
+                        a.restart, runtime_of(a), views_chosen="augment" in given(a))
     desc = read_json(path.with_name(path.name.replace(".safetensors", ".json")))
     acc = f" (student test accuracy {100 * desc['test_accuracy']:.2f}%)" if "test_accuracy" in desc else ""
     _say(f"saved {path}{acc}")

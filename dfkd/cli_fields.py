@@ -107,6 +107,20 @@ def _parse(f: Field, base: Any):
     return {int: int, float: _finite}.get(base)
 
 
+class _Given(argparse.Action):
+    """Store a flag's value and note its field as given on the command line (``given``), where its default
+    may mean something else than the same value typed (``dfkd distill --augment``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
+
+
+def given(a: argparse.Namespace) -> frozenset:
+    """The fields whose flags the command line gave (those made by ``add_fields``)."""
+    return getattr(a, "given", frozenset())
+
+
 def dest(f: Field) -> str:
     """Where argparse keeps a field's value: the field's name, or for a bool its flag's (``no_clamp``)."""
     return flag(f).lstrip("-").replace("-", "_") if f.type in ("bool", bool) else f.name
@@ -131,7 +145,7 @@ def add_fields(p: argparse.ArgumentParser, cls: type, only: tuple[str, ...] | No
         if f.metadata.get("repeat"):
             kw.update(action="append", default=[])
         else:
-            kw.update(default=default)
+            kw.update(default=default, action=_Given)
         p.add_argument(name, dest=f.name, type=_parse(f, base), help=f.metadata["help"], **kw)
 
 

@@ -66,6 +66,25 @@ def disagree(student: nn.Module, teacher: nn.Module, x: torch.Tensor, cfg: Disti
     return x.detach(), logits
 
 
+def check_views(cfg: DistillConfig, teacher: bool, chosen: bool | None = None,
+                shape: tuple[int, ...] | None = None) -> None:
+    """Refuse what ``cfg`` asks that could not act, before any step: views ``chosen`` (by default: other than the
+    default's, which pass the stored logits and vectors through) that act on images alone, for inputs of ``shape``
+    that are not images (``views.require_images``); chosen views without a ``teacher`` to label them; a share
+    pushed towards disagreement without one."""
+    if cfg.augment not in AUGMENTS:
+        raise DfkdError("augment", f"{cfg.augment!r} is not {AUGMENT_FORM}")
+    chosen = cfg.augment != DistillConfig.augment if chosen is None else chosen
+    if chosen and shape is not None:
+        require_images(cfg.augment, shape)
+    if chosen and not teacher and cfg.augment != "none":
+        raise DfkdError("teacher", f"the views {cfg.augment} are labelled by the teacher; give the teacher, or "
+                        "--augment none to distill on the stored logits of the inputs as they are")
+    if not teacher and cfg.adversarial:
+        raise DfkdError("teacher", "the inputs pushed towards disagreement (--adversarial) are labelled by the teacher; "
+                        "give the teacher, or leave --adversarial at 0")
+
+
 def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg: DistillConfig = DistillConfig(),
             test=None, info: DataInfo | None = None, state_path: Path | None = None, settings: dict | None = None,
             restart: bool = False, rt: Runtime = Runtime()) -> list[dict]:
@@ -73,12 +92,10 @@ def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg
     Dataset / ``(x, teacher_logits)`` tensors) of raw inputs: soft targets from ``teacher`` on augmented
     views, or the stored logits without a teacher. Student and teacher see the inputs through ``info``'s
     normalisation (the set's own by default; none for plain tensors without ``info``). ``test`` (a DataSource or test set) is measured every ``eval_every``
-    epochs; the last epoch's student is the result. Views other than the default that cannot act are refused
-    before any step: any without a teacher to label them, image views on inputs that are not images; so is a
-    share pushed towards disagreement (``adversarial``) without a teacher."""
+    epochs; the last epoch's student is the result. Views other than the default's without a teacher to label
+    them, and a share pushed towards disagreement (``adversarial``) without one, are refused (``check_views``);
+    image views on inputs that are not images pass them through unchanged, as ``views`` says."""
     whole(rt, "distill")
-    if cfg.augment not in AUGMENTS:
-        raise DfkdError("augment", f"{cfg.augment!r} is not {AUGMENT_FORM}")
     if not 0 <= cfg.adversarial <= 1 or cfg.adversarial_steps < 0 or cfg.adversarial_step < 0:
         raise DfkdError("adversarial", f"the share must be in [0, 1] (got {cfg.adversarial}), steps and step size >= 0")
     if isinstance(synthetic, (str, Path)):
@@ -87,15 +104,8 @@ def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg
         info = info or synthetic.info
         synthetic = synthetic.dataset()
     info = info or info_of(synthetic)  # a source's split (real-data distillation) brings its own
+    check_views(cfg, teacher is not None)
     x0, t0 = first_batch(synthetic)
-    if cfg.augment != DistillConfig.augment:  # views chosen: the default's pass the stored logits and vectors through
-        if teacher is None and cfg.augment != "none":
-            raise DfkdError("teacher", f"the views {cfg.augment} are labelled by the teacher; give the teacher, or "
-                            "--augment none to distill on the stored logits of the inputs as they are")
-        require_images(cfg.augment, tuple(x0.shape[1:]))
-    if teacher is None and cfg.adversarial:
-        raise DfkdError("teacher", "the inputs pushed towards disagreement (--adversarial) are labelled by the teacher; "
-                        "give the teacher, or leave --adversarial at 0")
     with torch.no_grad():
         try:
             probe = at_input(student.eval(), info)(x0.to(device_of(student)))
@@ -133,9 +143,11 @@ def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg
 
 def distill_file(synthetic: str | Path, student: ModelRef, out: str | Path, cfg: DistillConfig = DistillConfig(),
                  teacher: ModelRef | None = None, data: DataRef = DataRef(), restart: bool = False,
-                 rt: Runtime = Runtime()) -> Path:
+                 rt: Runtime = Runtime(), views_chosen: bool | None = None) -> Path:
     """``dfkd distill``: a student spec trained on a synthetic set (labelled online by the saved
-    teacher if given), measured on the real test set of ``data``; saved like a teacher. Resumes
+    teacher if given), measured on the real test set of ``data``; saved like a teacher. Views chosen
+    (``views_chosen``: the command line says whether ``--augment`` was given; by default, views other than the
+    default's) that cannot act on the set's inputs, or without a teacher, are refused (``check_views``). Resumes
     from ``<out>.state.safetensors``; work made with other settings (the set, the teacher, the
     student and its starting weights, the test data, hyperparameters) is refused, or with
     ``restart`` started over; a student made with the same settings is kept (nothing to do)."""
@@ -145,6 +157,7 @@ def distill_file(synthetic: str | Path, student: ModelRef, out: str | Path, cfg:
     seed_everything(cfg.seed)
     synth = SyntheticSet(synthetic).open()
     info = synth.info
+    check_views(cfg, teacher is not None, views_chosen, tuple(info.shape))
     dev = pick_device(rt.device)
     tmodel = None
     if teacher is not None:

@@ -196,6 +196,9 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
     """Run the pipeline; returns the path of ``results.json``."""
     todo = pairs(cfg)  # or refused, in one line
     check_colour(cfg)
+    if open_data(cfg.data, normalize=cfg.normalize).test is None:  # before a teacher is trained without one
+        raise DfkdError("data", f"{cfg.data} has no test split, and dfkd run measures every model on one (an npz "
+                        "holds it as x_test and y_test)")
     if cfg.export != "none":  # the deploy extra, before anything is trained
         for name in ("onnx", "onnxscript", "onnxruntime.quantization"):
             deploy_module(name)

@@ -181,6 +181,10 @@ CASES = [
     ("arg-adversarial-no-teacher", "argument", "dfkd distill --adversarial without a teacher to label the pushed inputs",
      lambda w, t: ["distill", "--synthetic", w.synthetic, "--adversarial", "0.5", "--out", t / "s"] + T,
      ["--teacher", "pushed towards disagreement (--adversarial) are labelled by the teacher"]),
+    ("arg-augment-vectors", "argument", "dfkd distill --augment with image views, typed, on a set of vectors",
+     lambda w, t: ["distill", "--synthetic", _vector_set(t), "--teacher", t / "v" / "teacher", "--augment",
+                   "affine+cutmix", "--out", t / "s"] + T,
+     ["--augment", "affine+cutmix needs images [C, H, W]; these inputs are (20,) (vectors take none or none+mix)"]),
     ("arg-train-augment", "argument", "dfkd train --augment that mixes inputs (a view keeps its image's label)",
      lambda w, t: ["train", "--augment", "affine+mix", "--out", t / "t"], ["--augment", "each input keeps its own label"]),
     ("arg-train-augment-vectors", "argument", "dfkd train --augment on inputs that are not images",
@@ -278,18 +282,20 @@ CASES = [
      ["--basis", "a generator makes its inputs itself; --basis fourier is for --synthesis optimise"]),
     ("run-basis-vectors", "argument", "dfkd run --basis fourier on a pair whose inputs are not images (before any training)",
      lambda w, t: ["run", "--teacher", "hinton-1200", "--student", "hinton-800", "--basis", "fourier", "--data",
-                   npz(t, x=np.linspace(0, 1, 8 * 20, dtype=np.float32).reshape(8, 20), y=np.arange(8) % 2),
-                   "--out", t / "run"], ["--basis", "the Fourier basis is for images [C, H, W], not inputs of shape [20]"]),
+                   _vectors(t), "--out", t / "run"], ["--basis", "the Fourier basis is for images [C, H, W], not inputs of shape [20]"]),
     ("run-basis-paper", "argument", "dfkd run --profile paper --basis fourier (the paper optimises the pixels)",
      lambda w, t: ["run", "--profile", "paper", "--basis", "fourier", "--out", t / "run"],
      ["--basis", "the paper profile optimises the pixels, as the paper does"]),
     ("run-augment-unknown", "argument", "dfkd run --augment with views dfkd does not make",
      lambda w, t: ["run", "--networks", "lenet5", "--augment", "affine+flip", "--out", t / "run"],
      ["--augment", "'affine+flip' is not shift, affine or none, then optionally +mix or +cutmix, +colour and +backdrop"]),
+    ("run-data-no-test", "data", "dfkd run on data without a test split (before any training)",
+     lambda w, t: ["run", "--teacher", "hinton-1200", "--student", "hinton-800", "--data",
+                   npz(t, x=np.linspace(0, 1, 8 * 20, dtype=np.float32).reshape(8, 20), y=np.arange(8) % 2),
+                   "--out", t / "run"], ["--data", "has no test split, and dfkd run measures every model on one"]),
     ("run-augment-vectors", "argument", "dfkd run --augment with image views on a pair whose inputs are not images (before any training)",
      lambda w, t: ["run", "--teacher", "hinton-1200", "--student", "hinton-800", "--augment", "affine+cutmix", "--data",
-                   npz(t, x=np.linspace(0, 1, 8 * 20, dtype=np.float32).reshape(8, 20), y=np.arange(8) % 2),
-                   "--out", t / "run"], ["--augment", "affine+cutmix needs images [C, H, W]; these inputs are (20,)"]),
+                   _vectors(t), "--out", t / "run"], ["--augment", "affine+cutmix needs images [C, H, W]; these inputs are (20,)"]),
     ("run-colour-nothing-left", "argument", "dfkd run --colour drop where --seen-views and --augment give every view",
      lambda w, t: ["run", "--teacher", "t.py:t", "--weights", "w.safetensors", "--student", "s.py:s", "--colour", "drop",
                    "--seen-views", "affine", "--augment", "affine", "--out", t / "run"],
@@ -583,6 +589,24 @@ def _record(w, t, kinds) -> Path:
     out = t / "top.stats.safetensors"
     record_file(ModelRef(str(w.teacher)), DataRef(), out, RecordConfig(kinds=(kinds,)))
     return out
+
+
+def _vectors(t) -> str:
+    """An npz of 8 vectors (20 features, 2 classes) with a test split."""
+    x, y = np.linspace(0, 1, 8 * 20, dtype=np.float32).reshape(8, 20), np.arange(8) % 2
+    return npz(t, x=x, y=y, x_test=x, y_test=y)
+
+
+def _vector_set(t) -> Path:
+    """A synthetic set of vectors (20 features): Hinton-1200 trained one epoch on an npz of vectors, its
+    statistics recorded, four inputs made of one step."""
+    data = npz(t, x=np.linspace(0, 1, 8 * 20, dtype=np.float32).reshape(8, 20), y=np.arange(8) % 2)
+    for argv in (["train", "--model", "hinton-1200", "--data", data, "--epochs", "1", "--out", t / "v"],
+                 ["record", "--teacher", t / "v" / "teacher", "--data", data],
+                 ["reconstruct", "--teacher", t / "v" / "teacher", "--objective", "top-layer", "--images", "4",
+                  "--steps", "1", "--out", t / "vs"]):
+        assert main([str(a) for a in argv + T]) == 0
+    return t / "vs"
 
 
 def _nan_shard(raw: bytes) -> bytes:

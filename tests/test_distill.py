@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dfkd.config import DistillConfig, ReconstructConfig
-from dfkd.distillation import distill
+from dfkd.distillation import check_views, distill
 from dfkd.errors import DfkdError
 from dfkd.losses import kd_loss
 from dfkd.views import augment, recolour
@@ -208,9 +208,21 @@ def test_colour_views_stay_in_the_raw_range_and_tint_grey_images():
 
 
 def test_views_that_cannot_act_are_refused_not_skipped():
-    """Views chosen (not the default) on inputs they cannot act on are refused before any step: image views on
-    vectors, any view or disagreement push without a teacher to label it. What they can act on still runs, and
-    mixup on vectors really mixes: the teacher labels inputs that are none of the set's."""
+    """Views chosen (by the library: other than the default's) that cannot act are refused before any step: image
+    views on inputs that are not images (checked first), any view or disagreement push without a teacher to
+    label it. What they can act on still runs, and mixup on vectors really mixes: the teacher labels inputs that
+    are none of the set's."""
+    for views in ("affine", "none+cutmix", "none+colour", "shift+mix+backdrop"):
+        with pytest.raises(DfkdError, match=rf"augment: {re.escape(views)} needs images \[C, H, W\]; these inputs are \(20,\)"):
+            check_views(DistillConfig(augment=views), False, shape=(20,))  # the shape's refusal before the teacher's
+        check_views(DistillConfig(augment=views), True, shape=(3, 8, 8))  # images take them
+    with pytest.raises(DfkdError, match="needs images"):  # the default's views, typed (the command line says so)
+        check_views(DistillConfig(), True, chosen=True, shape=(20,))
+    check_views(DistillConfig(), True, shape=(20,))  # not typed: the default's pass vectors through
+    check_views(DistillConfig(augment="none+mix"), True, shape=(20,))
+    with pytest.raises(DfkdError, match="teacher: the views affine\\+cutmix are labelled by the teacher"):
+        check_views(DistillConfig(), False, chosen=True, shape=(3, 8, 8))
+
     g = torch.Generator().manual_seed(0)
     x, logits = torch.rand(16, 20, generator=g), torch.randn(16, 10, generator=g)
     seen = []
@@ -226,9 +238,6 @@ def test_views_that_cannot_act_are_refused_not_skipped():
         distill(st, (x, logits), teacher, DistillConfig(epochs=1, batch_size=8, augment=augment, adversarial=adversarial))
         return any(not torch.equal(a, b) for a, b in zip(before, st.parameters()))
 
-    for views in ("affine", "none+cutmix", "none+colour", "shift+mix+backdrop"):
-        with pytest.raises(DfkdError, match=rf"augment: {re.escape(views)} needs images \[C, H, W\]; these inputs are \(20,\)"):
-            run(views, Teacher())
     with pytest.raises(DfkdError, match="teacher: the views none\\+mix are labelled by the teacher"):
         run("none+mix")
     with pytest.raises(DfkdError, match="teacher: the inputs pushed towards disagreement"):
