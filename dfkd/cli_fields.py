@@ -108,17 +108,18 @@ def _parse(f: Field, base: Any):
 
 
 class _Given(argparse.Action):
-    """Store a flag's value and note its field as given on the command line (``given``), where its default
+    """Store a flag's value and note its field as typed on the command line (``given``), where its default
     may mean something else than the same value typed (``dfkd distill --augment``)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, values)
-        namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
+        namespace._given = getattr(namespace, "_given", frozenset()) | {self.dest}
 
 
 def given(a: argparse.Namespace) -> frozenset:
-    """The fields whose flags the command line gave (those made by ``add_fields``)."""
-    return getattr(a, "given", frozenset())
+    """The fields whose flags the command line gave, of those ``add_fields`` made that take a value (a bool's
+    or a repeated flag's are not noted)."""
+    return getattr(a, "_given", frozenset())
 
 
 def dest(f: Field) -> str:
@@ -149,12 +150,12 @@ def add_fields(p: argparse.ArgumentParser, cls: type, only: tuple[str, ...] | No
         p.add_argument(name, dest=f.name, type=_parse(f, base), help=f.metadata["help"], **kw)
 
 
-def config_from(a: argparse.Namespace, cls: type, **given: Any) -> Any:
-    """``cls`` made from the parsed flags of its fields; ``given``: fields set by the verb itself."""
+def config_from(a: argparse.Namespace, cls: type, **fixed: Any) -> Any:
+    """``cls`` made from the parsed flags of its fields; ``fixed``: fields set by the verb itself."""
     hints = typing.get_type_hints(cls)
-    values = dict(given)
+    values = dict(fixed)
     for f in fields(cls):
-        if f.name in given or flag(f) is None:
+        if f.name in fixed or flag(f) is None:
             continue
         v = getattr(a, dest(f))
         if hints[f.name] is bool:

@@ -173,8 +173,6 @@ def _preflight(cfg: RunConfig, pair: Pair) -> RunConfig:
         raise DfkdError("student", f"{pair.student} gives {outs[1]} outputs, the teacher {outs[0]}")
     if cfg.basis == "fourier" and len(data.info.shape) != 3:  # found now, not after the teacher and baselines
         raise DfkdError("basis", f"the Fourier basis is for images [C, H, W], not inputs of shape {list(data.info.shape)}")
-    if cfg.augment is not None:
-        require_images(cfg.augment, data.info.shape)
     if cfg.export != "none":  # a student ONNX cannot express is found now, not after its training
         try:
             to_onnx(student, data.info)
@@ -196,9 +194,12 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
     """Run the pipeline; returns the path of ``results.json``."""
     todo = pairs(cfg)  # or refused, in one line
     check_colour(cfg)
-    if open_data(cfg.data, normalize=cfg.normalize).test is None:  # before a teacher is trained without one
+    plain = open_data(cfg.data)  # as it is (normalisation pinned later), before anything is trained
+    if plain.test is None:
         raise DfkdError("data", f"{cfg.data} has no test split, and dfkd run measures every model on one (an npz "
-                        "holds it as x_test and y_test)")
+                        "holds it as x_test and y_test, a folder as DIR/test/<class>/)")
+    if cfg.augment is not None:  # every pair's data-free students
+        require_images(cfg.augment, plain.info.shape)
     if cfg.export != "none":  # the deploy extra, before anything is trained
         for name in ("onnx", "onnxscript", "onnxruntime.quantization"):
             deploy_module(name)

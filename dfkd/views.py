@@ -3,7 +3,7 @@ sample where it can be; the teacher labels the result, so a mixed view needs no 
 (on a synthetic set) and generation (on a generator's stream) use the same views, and reconstruction and the
 generator's training may show the teacher the inputs being made under them (``seen``). Inputs that are not
 images ``[N, C, H, W]`` pass through every view but ``+mix`` unchanged; ``dfkd distill`` and ``dfkd run`` refuse
-views the user gave that would (``require_images``)."""
+image views typed for such inputs instead of letting them pass (``require_images``)."""
 from __future__ import annotations
 
 import math
