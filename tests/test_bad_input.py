@@ -188,9 +188,7 @@ CASES = [
     ("arg-train-augment", "argument", "dfkd train --augment that mixes inputs (a view keeps its image's label)",
      lambda w, t: ["train", "--augment", "affine+mix", "--out", t / "t"], ["--augment", "each input keeps its own label"]),
     ("arg-train-augment-vectors", "argument", "dfkd train --augment on inputs that are not images",
-     lambda w, t: ["train", "--model", "hinton-1200", "--augment", "shift", "--data",
-                   npz(t, x=np.linspace(0, 1, 8 * 20, dtype=np.float32).reshape(8, 20), y=np.arange(8) % 2),
-                   "--out", t / "o"], ["--augment", "views need images"]),
+     lambda w, t: ["train", "--model", "hinton-1200", "--augment", "shift", "--data", _vectors(t), "--out", t / "o"], ["--augment", "views need images"]),
     ("arg-seen-views", "argument", "--seen-views that mixes inputs",
      lambda w, t: ["reconstruct", "--teacher", w.teacher, "--objective", "all-layers", "--seen-views", "affine+mix",
                    "--out", t / "r"], ["--seen-views", "each input keeps its own label"]),
@@ -291,8 +289,7 @@ CASES = [
      ["--augment", "'affine+flip' is not shift, affine or none, then optionally +mix or +cutmix, +colour and +backdrop"]),
     ("run-data-no-test", "data", "dfkd run on data without a test split (before any training)",
      lambda w, t: ["run", "--teacher", "hinton-1200", "--student", "hinton-800", "--data",
-                   npz(t, x=np.linspace(0, 1, 8 * 20, dtype=np.float32).reshape(8, 20), y=np.arange(8) % 2),
-                   "--out", t / "run"], ["--data", "has no test split, and dfkd run measures every model on one"]),
+                   _vectors(t, test=False), "--out", t / "run"], ["--data", "has no test split, and dfkd run measures every model on one"]),
     ("run-augment-vectors", "argument", "dfkd run --augment with image views on a pair whose inputs are not images (before any training)",
      lambda w, t: ["run", "--teacher", "hinton-1200", "--student", "hinton-800", "--augment", "affine+cutmix", "--data",
                    _vectors(t), "--out", t / "run"], ["--augment", "affine+cutmix needs images [C, H, W]; these inputs are (20,)"]),
@@ -594,16 +591,16 @@ def _record(w, t, kinds) -> Path:
     return out
 
 
-def _vectors(t) -> str:
-    """An npz of 8 vectors (20 features, 2 classes) with a test split."""
+def _vectors(t, test: bool = True) -> str:
+    """An npz of 8 vectors (20 features, 2 classes), with a test split (the same vectors) or without one."""
     x, y = np.linspace(0, 1, 8 * 20, dtype=np.float32).reshape(8, 20), np.arange(8) % 2
-    return npz(t, x=x, y=y, x_test=x, y_test=y)
+    return npz(t, x=x, y=y, **(dict(x_test=x, y_test=y) if test else {}))
 
 
 def _vector_set(t) -> Path:
     """A synthetic set of vectors (20 features): Hinton-1200 trained one epoch on an npz of vectors, its
     statistics recorded, four inputs made of one step."""
-    data = npz(t, x=np.linspace(0, 1, 8 * 20, dtype=np.float32).reshape(8, 20), y=np.arange(8) % 2)
+    data = _vectors(t)
     for argv in (["train", "--model", "hinton-1200", "--data", data, "--epochs", "1", "--out", t / "v"],
                  ["record", "--teacher", t / "v" / "teacher", "--data", data],
                  ["reconstruct", "--teacher", t / "v" / "teacher", "--objective", "top-layer", "--images", "4",
