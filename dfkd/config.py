@@ -160,6 +160,10 @@ class DistillConfig:
     adversarial_steps: int = opt(2, "signed-gradient steps per pushed view")
     adversarial_step: float = opt(0.05, "size of each such step, in the data's raw units")
     eval_every: int = opt(1, "log test accuracy every N epochs (and after the last)", parse="positive")
+    average: float = opt(0.0, "keep the mean of the student's weights after each of this last share of the epochs "
+                         "(rounded half up, at least two; stochastic weight averaging, its BatchNorm statistics computed "
+                         "again over the last epoch's first 8,192 views), not the last epoch's weights; 0: the last "
+                         "epoch's", later=True)
     seed: int = opt(0, SEED)
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .averaging import check_share
 from .checkpoint import save_model
 from .config import DistillConfig, Runtime, to_dict
 from .data import DataInfo, DataSource, at_input, first_batch, info_of
@@ -74,6 +75,7 @@ def check_views(cfg: DistillConfig, teacher: bool, chosen: bool | None = None,
     pushed towards disagreement without one."""
     if cfg.augment not in AUGMENTS:
         raise DfkdError("augment", f"{cfg.augment!r} is not {AUGMENT_FORM}")
+    check_share(cfg.average, cfg.epochs)
     chosen = cfg.augment != DistillConfig.augment if chosen is None else chosen
     if chosen and shape is not None:
         require_images(cfg.augment, shape)
@@ -138,7 +140,7 @@ def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg
                batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, schedule=cfg.schedule, state_path=state_path,
                on_epoch=on_epoch, eval_every=cfg.eval_every, prepare=label if teacher is not None else None,
                desc="distill", progress=rt.progress, settings=dict(settings or {}, config=config_settings(cfg)),
-               restart=restart)
+               restart=restart, average=cfg.average)
 
 
 def distill_file(synthetic: str | Path, student: ModelRef, out: str | Path, cfg: DistillConfig = DistillConfig(),

@@ -92,6 +92,8 @@ def _check(rc: ReconstructConfig, dc: DistillConfig, gc: GeneratorConfig) -> Non
         raise DfkdError("generator", "an lr that large does not fit Adam's first step in float32")
     if dc.augment not in AUGMENTS:
         raise DfkdError("augment", f"{dc.augment!r} is not {AUGMENT_FORM}")
+    if dc.average:
+        raise DfkdError("average", "averages epochs on a synthetic set, which a generator does not make")
     if rc.views not in SEEN:
         raise DfkdError("views", f"{rc.views!r} is not {SEEN_FORM}")
     check_seams(rc.patch_tv, rc.patch)

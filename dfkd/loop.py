@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import distributed
+from .averaging import Average
 from .data import DataInfo, as_batches, at_input, data_len, info_of
 from .errors import DfkdError
 from .models import device_of
@@ -90,7 +91,7 @@ def fit(model: nn.Module, data, batch_loss: BatchLoss, *, info: DataInfo | None 
         lr: float, seed: int, schedule: str = "cosine", state_path: Path | None = None,
         on_epoch: Callable[[nn.Module], dict] | None = None, eval_every: int = 1, prepare: Prepare | None = None,
         desc: str = "train", progress: bool = True, settings: dict | None = None,
-        restart: bool = False) -> list[dict]:
+        restart: bool = False, average: float = 0.0) -> list[dict]:
     """Adam over ``data`` (a Dataset, a DataLoader or ``(x, y)`` tensors) for ``epochs``; returns one
     dict per epoch (loss, seconds, and ``on_epoch``'s). Only a chunk of the data is in memory. The data are
     raw inputs: ``batch_loss`` gets the model behind ``info``'s normalisation (``data.at_input``); the
@@ -107,7 +108,12 @@ def fit(model: nn.Module, data, batch_loss: BatchLoss, *, info: DataInfo | None 
     ``state_path``: the resume state, written after every epoch with the run's ``settings`` (these
     arguments, plus the caller's: data, model, ...); one damaged or of other settings is refused,
     or with ``restart`` ignored. A non-finite loss or weights stop the run (``DfkdError`` on
-    ``lr``) before anything of that epoch is saved."""
+    ``lr``) before anything of that epoch is saved.
+
+    ``average`` (a share of the epochs, in [0, 1)): the model kept is the mean of the weights after each of the
+    last ``average * epochs`` epochs (rounded half up; at least two), its BatchNorm statistics computed again over
+    the last epoch's first chunk of views, in its batches (``averaging``); while it is being made, the logged ``test_accuracy`` is the average's and
+    ``running_test_accuracy`` the weights' own. The average travels in the resume state."""
     if schedule not in ("cosine", "constant"):
         raise DfkdError("schedule", f"{schedule!r} is not cosine or constant")
     dev = device_of(model)
@@ -118,9 +124,11 @@ def fit(model: nn.Module, data, batch_loss: BatchLoss, *, info: DataInfo | None 
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
     n = data_len(data)
-    settings = canonical(dict({"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "schedule": schedule,
-                               "eval_every": eval_every, "examples": n}, **(settings or {})))
-    start, history = load_state(state_path, model, opt, settings, restart)
+    settings = canonical({"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "schedule": schedule,
+                          "eval_every": eval_every, "examples": n, **({"average": average} if average else {}),
+                          **(settings or {})})
+    mean = Average(model, average, epochs) if average else None
+    start, history = load_state(state_path, model, opt, settings, restart, average=mean)
     steps_per_epoch = -(-n // batch_size)
     progress = progress and ranks.main
     for epoch in range(start, epochs):
@@ -134,9 +142,12 @@ def fit(model: nn.Module, data, batch_loss: BatchLoss, *, info: DataInfo | None 
         model.train()
         bar = tqdm(total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", disable=bars_off(progress), leave=False)
         gb = g if ranks.world == 1 else g_rank
+        averaged, views = mean is not None and mean.active(epoch), None
         for xe, ye, sizes in _epoch_chunks(data, order, batch_size, ranks):
             if prepare is not None:
                 xe, ye = prepare(xe, ye, gb)
+            if averaged and views is None:  # the first chunk as its steps see it: the average's BatchNorm statistics
+                views = (xe, sizes)
             for xb, yb in _batches(xe, ye, sizes):
                 if schedule == "cosine":  # a function of the global step, so resuming keeps it exact
                     t = (epoch * steps_per_epoch + j) / (epochs * steps_per_epoch)
@@ -159,14 +170,23 @@ def fit(model: nn.Module, data, batch_loss: BatchLoss, *, info: DataInfo | None 
         if not _finite(model):  # a last step can overflow the weights with a finite loss
             raise _diverged(f"the weights became NaN or infinite in epoch {epoch + 1}", epoch, state_path)
         rec = {"epoch": epoch + 1, "loss": total / max(n, 1) * ranks.world, "seconds": time.perf_counter() - t0}
-        if on_epoch is not None and ranks.main and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
+        measure = on_epoch is not None and ranks.main and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs)
+        if averaged:
+            mean.update(model)
+        if averaged and (measure or epoch + 1 == epochs):
+            kept = mean.refresh(*views, info, dev)
+            if measure:
+                rec.update({f"running_{k}": v for k, v in on_epoch(model).items()}, **on_epoch(kept))
+        elif measure:
             rec.update(on_epoch(model))
         history.append(rec)
         if progress:
             tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in rec.items() if k != "epoch"))
         if ranks.main and state_path is not None:
-            save_state(state_path, model, opt, epoch + 1, history, settings)
+            save_state(state_path, model, opt, epoch + 1, history, settings, average=mean)
+    if mean is not None and mean.count:  # the model kept: the average (its statistics refreshed after the last epoch)
+        model.load_state_dict(mean.mean.module.state_dict())
     model.eval()
     return history
 

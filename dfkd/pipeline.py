@@ -255,6 +255,10 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                                "history": [h["test_accuracy"] for h in res["history"] if "test_accuracy" in h],
                                "history_epochs": [h["epoch"] for h in res["history"] if "test_accuracy" in h],
                                "configs": {CONFIGS[type(c).__name__]: to_dict(c) for c in confs}}  # as made
+                        running = [(h["epoch"], h["running_test_accuracy"]) for h in res["history"]
+                                   if "running_test_accuracy" in h]
+                        if running:  # the kept student is an average (--average): its weights' own accuracy too
+                            row["running"] = {"epochs": [e for e, _ in running], "accuracy": [a for _, a in running]}
                         if "saved" in res:  # its synthetic set's (or generator's) grid, for the report
                             row["samples"] = f"{pair.name}/synthetic/{name}{tag}/samples.png" if "samples" not in res \
                                 else res["samples"] and str(res["samples"].relative_to(out))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .averaging import check_share
 from .basis import BASES
 from .config import DistillConfig, GeneratorConfig, ReconstructConfig, TrainConfig, default
 from .errors import DfkdError
@@ -68,7 +69,7 @@ def _sized(r: dict, cfg: RunConfig) -> dict:
 
 
 def _distill_given(cfg: RunConfig) -> dict:  # the run's overrides of a distillation recipe
-    return {k: getattr(cfg, k) for k in ("epochs", "temperature", "augment") if getattr(cfg, k) is not None}
+    return {k: getattr(cfg, k) for k in ("epochs", "temperature", "augment", "average") if getattr(cfg, k) is not None}
 
 
 def given_teacher(cfg: RunConfig) -> ModelRef | None:
@@ -159,11 +160,16 @@ def check(cfg: RunConfig) -> None:
         _check_temperature(cfg)
     if cfg.synthesis not in SYNTHESES:
         raise DfkdError("synthesis", f"{cfg.synthesis!r} is not one of {', '.join(SYNTHESES)}")
-    unused = ("iterations",) if cfg.synthesis == "optimise" else ("images", "steps", "epochs")
+    if cfg.average is not None:
+        check_share(cfg.average)
+        if cfg.profile == "paper" and cfg.average:
+            raise DfkdError("average", "the paper profile keeps the last epoch's student, as the paper does")
+    unused = ("iterations",) if cfg.synthesis == "optimise" else ("images", "steps", "epochs", "average")
     for f in (f for f in unused if getattr(cfg, f) is not None):
         raise DfkdError(f, "counts a generator's steps: give --synthesis generator too" if f == "iterations" else
-                        f"sizes {'a set of optimised inputs' if f != 'epochs' else 'epochs on a synthetic set'}, which "
-                        "--synthesis generator does not make (its budget: --iterations)")
+                        f"{'averages' if f == 'average' else 'sizes'} "
+                        f"{'a set of optimised inputs' if f in ('images', 'steps') else 'epochs on a synthetic set'}, "
+                        "which --synthesis generator does not make (its budget: --iterations)")
     if cfg.synthesis == "generator" and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
         raise DfkdError("synthesis", "a generator is trained in one process; run --synthesis generator without "
                         "torchrun")
@@ -209,11 +215,11 @@ def pairs(cfg: RunConfig) -> list[Pair]:
     check(cfg)
     p = PROFILES[cfg.profile]
     if cfg.student is None:
-        return [Pair(net, net, PAIRS[net], cfg.teacher_epochs or p["teacher_epochs"], p["baseline_epochs"][net], 1e-3,
+        return _averaging(cfg, [Pair(net, net, PAIRS[net], cfg.teacher_epochs or p["teacher_epochs"], p["baseline_epochs"][net], 1e-3,
                      _sized(dict(p["recipe"][net], batch_size=p["batch_size"]), cfg),
                      {**p["distill"], **p.get(f"{cfg.synthesis}_distill", {}).get(net, {}), **_distill_given(cfg)},
                      generator=generator_recipe(GENERATOR[cfg.profile], cfg),
-                     unit_targets=cfg.unit_targets or p.get("unit_targets", {}).get(net)) for net in cfg.networks]
+                     unit_targets=cfg.unit_targets or p.get("unit_targets", {}).get(net)) for net in cfg.networks])
     o = OWN[cfg.profile]
     recipe = dict(o["recipe"], **o.get(f"{cfg.synthesis}_recipe", {}))
     distill = {**o["distill"], **o.get(f"{cfg.synthesis}_distill", {}), **_distill_given(cfg)}
@@ -221,12 +227,19 @@ def pairs(cfg: RunConfig) -> list[Pair]:
         raise DfkdError("colour", "decides the profile's colour views, and this run has none left to decide (the "
                         "seen views and the distillation views are given, or a generator's teacher sees none): "
                         "give the views you want with --seen-views and --augment instead")
-    return [Pair("own", cfg.teacher, cfg.student, cfg.teacher_epochs or o["teacher_epochs"], cfg.epochs or o["distill"]["epochs"],
+    return _averaging(cfg, [Pair("own", cfg.teacher, cfg.student, cfg.teacher_epochs or o["teacher_epochs"], cfg.epochs or o["distill"]["epochs"],
                  o["distill"]["lr"], _sized(recipe, cfg), distill, parse_args(cfg.teacher_args, "teacher_args"),
                  parse_args(cfg.student_args, "student_args"), own=True,
                  generator=generator_recipe(o.get("generator", GENERATOR[cfg.profile]), cfg),
                  without_bn=o.get("generator_without_bn") if cfg.synthesis == "generator" else None,
-                 unit_targets=cfg.unit_targets or o.get(f"{cfg.synthesis}_unit_targets"))]
+                 unit_targets=cfg.unit_targets or o.get(f"{cfg.synthesis}_unit_targets"))])
+
+
+def _averaging(cfg: RunConfig, made: list[Pair]) -> list[Pair]:
+    """``made``, refused in one line where ``--average`` would average fewer than two of a pair's epochs."""
+    for pair in made if cfg.average else ():
+        check_share(cfg.average, pair.distill["epochs"])
+    return made
 
 
 def colour_views(cfg: RunConfig, recipe: dict, distill: dict) -> list[str]:

@@ -10,6 +10,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from .averaging import epochs_averaged
 from .config import default, flag, to_dict
 from .errors import DfkdError
 from .files import atomic_write, read_bytes, read_json, write_json
@@ -72,7 +73,7 @@ def table(rows: list[dict], paper: bool = True) -> str:
             s["colour probe"] = max(s.get("colour probe", 0.0), r["colour"]["seconds"])
     lines.append("")
     lines += [f"{_md(t)}: " + ", ".join(f"{k} {v:.0f} s" for k, v in s.items()) + "  " for t, s in stages.items()]
-    lines += colour_lines(rows)
+    lines += colour_lines(rows) + averaged_lines(rows)
     if paper:
         lines.append("noise: the paper has no noise baseline; DAFL's, with other noise, reports "
                      + ", ".join(f"{v:.2f}% ({k})" for k, v in DAFL_NOISE.items()) + ".")
@@ -171,6 +172,18 @@ def colour_lines(rows: list[dict]) -> list[str]:
                    f"to tell (fewer than {c.get('least_intended')})")
         line = f"\ncolour views ({' and '.join(map(str, c.get('of') or ()))}): {c.get('views')}: {why}."
         out += [line] if line not in out else []
+    return out
+
+
+def averaged_lines(rows: list[dict]) -> list[str]:
+    """Each student kept as its weights' average (``--average``): which epochs, and where its own weights ended."""
+    out = []
+    for r in (r for r in rows if isinstance(r.get("running"), dict) and r["running"].get("accuracy")):
+        dc = (r.get("configs") or {}).get("distill") or {}
+        k = epochs_averaged(dc.get("average", 0), dc.get("epochs", 0))
+        out.append(f"\n{_md(_label(r, rows))}: the mean of its weights after each of epochs {dc.get('epochs', 0) - k + 1} to "
+                   f"{dc.get('epochs', 0)} (--average {dc.get('average')}); the last epoch's own weights: "
+                   f"{100 * r['running']['accuracy'][-1]:.2f}%.")
     return out
 
 

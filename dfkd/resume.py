@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .averaging import Average
 from .config import later_defaults, spelt_otherwise, to_dict
 from .errors import DfkdError, OtherSettings
 from .files import load_tensors, parse_json, read_json, save_tensors, weights_sha256
@@ -145,9 +146,11 @@ def load_checked(path: str | Path, remedy: str) -> tuple[dict[str, torch.Tensor]
 
 # --- a stage's resume state ---------------------------------------------------------------------
 def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, history: list,
-               settings: dict) -> None:
-    """Write the resume state after ``epoch`` epochs (atomically, sealed by its sha256)."""
+               settings: dict, average: Average | None = None) -> None:
+    """Write the resume state after ``epoch`` epochs (atomically, sealed by its sha256), with the weights'
+    ``average`` where one is being made."""
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    tensors.update(average.tensors() if average is not None else {})
     osd, other = opt.state_dict(), {}
     for pid, st in osd["state"].items():
         for k, v in st.items():
@@ -176,8 +179,8 @@ def _read_state(path: Path, settings: dict) -> tuple[dict[str, torch.Tensor], di
 
 
 def load_state(path: Path | None, model: nn.Module, opt: torch.optim.Optimizer, settings: dict,
-               restart: bool = False) -> tuple[int, list]:
-    """Load the resume state at ``path`` into ``model`` and ``opt``: the epochs done and their
+               restart: bool = False, average: Average | None = None) -> tuple[int, list]:
+    """Load the resume state at ``path`` into ``model``, ``opt`` and the weights' ``average``: the epochs done and their
     history; ``(0, [])`` without one. A damaged state, or one written with other ``settings``, is
     refused, or with ``restart`` ignored (the first epoch then overwrites it); so is an old-format
     ``.pt`` state beside it (never read)."""
@@ -205,6 +208,8 @@ def load_state(path: Path | None, model: nn.Module, opt: torch.optim.Optimizer, 
             state.setdefault(int(pid), {}).update(fields)
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
         opt.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
+        if average is not None:
+            average.load(tensors)
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DfkdError(path, f"cannot resume: it does not fit this model ({type(e).__name__}); {REMEDY}") from None
     return doc["epoch"], doc["history"]

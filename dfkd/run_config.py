@@ -62,6 +62,9 @@ class RunConfig:
                               "profile's (your own pair: affine+cutmix+colour; the paper's networks: affine+cutmix, "
                               "the paper profile none, which it alone takes); views given here are kept as given "
                               "(--colour decides the profile's)", later=True)
+    average: float | None = opt(None, "the data-free students kept as their weights' mean after each of this last "
+                                "share of the distillation's epochs (stochastic weight averaging, e.g. 0.5; --synthesis "
+                                "optimise only, not the paper profile); default: 0, the last epoch's weights", later=True)
     basis: str | None = opt(None, "what reconstruction's Adam moves: pixel or fourier (each input's change from its "
                             "start in a 1/f-scaled Fourier basis with decorrelated colour); --synthesis optimise only; "
                             "default: the profile's (pixel)", choices=("pixel", "fourier"), later=True)

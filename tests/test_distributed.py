@@ -163,7 +163,8 @@ def test_killed_ranks_resume_at_their_first_missing_shard(world, tmp_path):
 def test_own_bn_model_on_colour_folder_two_ranks(colour_dir, tmp_path):
     """A model dfkd did not define (BatchNorm, residual, GELU, global pooling) on 3-channel images
     from a folder: bn-stats shards the same bytes on two ranks as on one, and the student (BN-free
-    GELU CNN) distilled data-parallel matches one process on stored logits."""
+    GELU CNN) distilled data-parallel matches one process on stored logits, also with its weights averaged
+    over two epochs (``--average``)."""
     from dfkd.checkpoint import save_model
     from dfkd.sources import open_data
     from dfkd.models import build_model
@@ -192,12 +193,17 @@ def test_own_bn_model_on_colour_folder_two_ranks(colour_dir, tmp_path):
     dist = ["distill", "--synthetic", str(tmp_path / "two"), "--student", f"{OWN}:student", "--student-args",
             '{"in_channels": 3, "width": 8}', "--epochs", "1", "--batch-size", "8", "--augment", "none",
             "--schedule", "constant", "--data", f"folder:{colour_dir}"]
-    one = single(dist + ["--out", str(tmp_path / "s1")])
-    assert one.returncode == 0, one.stderr
-    two = launch(dist + ["--out", str(tmp_path / "s2")], 2, tmp_path / "rdzv2")
-    assert all(r.returncode == 0 for r in two), [r.stderr for r in two]
-    w1, w2 = load_file(tmp_path / "s1.safetensors"), load_file(tmp_path / "s2.safetensors")
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4) for k in w1)
+    e = dist.index("--epochs") + 1  # and with the weights averaged over two epochs (--average)
+    made = []
+    for tag, argv in (("s", dist), ("a", dist[:e] + ["2"] + dist[e + 1:] + ["--average", "0.75"])):
+        one = single(argv + ["--out", str(tmp_path / f"{tag}1")])
+        assert one.returncode == 0, one.stderr
+        two = launch(argv + ["--out", str(tmp_path / f"{tag}2")], 2, tmp_path / f"rdzv-{tag}")
+        assert all(r.returncode == 0 for r in two), [r.stderr for r in two]
+        w1, w2 = load_file(tmp_path / f"{tag}1.safetensors"), load_file(tmp_path / f"{tag}2.safetensors")
+        assert all(torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4) for k in w1)
+        made.append(w1)
+    assert any(not torch.allclose(made[0][k], made[1][k], atol=1e-5) for k in made[0])  # not the one-epoch student
 
 
 def test_train_and_record_under_two_ranks(world, tmp_path):

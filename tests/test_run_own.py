@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from dfkd.cli import main
 from dfkd.config import RecordConfig, TrainConfig
+from dfkd.evaluation import evaluate_file
 from dfkd.recipes import OWN as OWN_RECIPES
 from dfkd.recording import record_file
 from dfkd.sources import data_sha256
@@ -340,6 +341,30 @@ def test_augment_sets_the_data_free_students_views_and_keeps_them_as_given(own, 
         assert configs("all-layers", profile, 0, cfg)[1].augment == ("affine+cutmix+colour" if cfg.student else
                                                                      "affine+cutmix")  # the profile's
     assert pairs(RunConfig(networks=("lenet5",), profile="paper", augment="none"))
+
+
+def test_average_keeps_the_data_free_students_mean_weights_and_leaves_the_baselines_alone(own, tmp_path):
+    """--average: the data-free student kept is its weights' mean over the last share of the epochs (both
+    accuracies logged while it is made, the average's the row's); the real-KD baseline keeps its last epoch's; the
+    report's command names the flag."""
+    d, data = own
+    run(tmp_path, "--teacher", f"{OWN}:teacher", "--teacher-args", ARGS, "--weights", d / "teacher.safetensors",
+        "--normalize", "auto", "--data", data, "--objectives", "bn-stats", "--epochs", 4, "--average", 0.5,
+        baselines=True)
+    students = tmp_path / "own" / "students"
+    made = json.loads((students / "bn-stats.json").read_text())
+    assert made["distill_config"]["average"] == 0.5
+    (row,) = [r for r in json.loads((tmp_path / "results.json").read_text())["rows"] if r["objective"] == "bn-stats"]
+    assert row["history_epochs"] == [1, 2, 3, 4] and row["running"]["epochs"] == [3, 4]  # epochs 3 and 4 averaged
+    assert row["accuracy"] == row["history"][-1] == made["test_accuracy"]
+    saved = evaluate_file(ModelRef(str(students / "bn-stats"), code=(str(OWN),)), DataRef(data))  # the file itself
+    assert saved["accuracy"] == pytest.approx(row["accuracy"], abs=1e-9)
+    kd = json.loads((students / "real-kd.json").read_text())
+    assert "average" not in kd["settings"]["config"] and "running" not in kd["row"]
+    report = (tmp_path / "results.md").read_text()
+    assert "--average 0.5" in report
+    assert (f"bn-stats seed 0: the mean of its weights after each of epochs 3 to 4 (--average 0.5); the last epoch's "
+            f"own weights: {100 * row['running']['accuracy'][-1]:.2f}%.") in report
 
 
 def test_an_own_pair_on_vectors_runs_end_to_end_with_its_baselines(tmp_path):
