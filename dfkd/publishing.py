@@ -109,7 +109,7 @@ CARD_FLAGS = {
                                         "clamp", "jitter", "views", "unit_targets", "tv", "l2", "patch_tv", "patch",
                                         "bn_weight", "whiten", "basis")),
     "distill": (DistillConfig, ("augment", "temperature", "epochs", "batch_size", "lr", "schedule", "adversarial",
-                                "adversarial_steps", "adversarial_step", "eval_every")),
+                                "adversarial_steps", "adversarial_step", "eval_every", "average")),
 }
 
 
