@@ -4,8 +4,10 @@ Garipov, Vetrov & Wilson 2018), the model a distillation keeps where ``--average
 After each of the run's last ``epochs_averaged(share, epochs)`` epochs (the share of the epochs rounded half
 up; at least two) the weights join an equal-weight running mean (``torch.optim.swa_utils.AveragedModel``); an
 average's BatchNorm statistics are those of no model that ran, so before it is measured or kept they are
-computed again (``swa_utils.update_bn``) over the views the epoch's steps saw, in its batches: its first chunk
-(up to ``loop.CHUNK`` inputs; under torchrun the rank's own rows). The average, its count included, travels in
+computed again (``swa_utils.update_bn``) over the epoch's views as prepared for its steps (before any share is
+pushed towards disagreement), in its batches: its first chunk (up to ``loop.CHUNK`` inputs; a DataLoader's first
+batch; under torchrun the rank's own rows, so each rank's statistics are its own, and rank 0's are saved). It is
+done after each epoch the average is measured (every ``eval_every``) and after the last: a pass over the chunk. The average, its count included, travels in
 the resume state, so a resumed run keeps the same mean.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ PREFIX = "average/"  # its tensors' keys in the resume state
 
 def epochs_averaged(share: float, epochs: int) -> int:
     """How many of the last ``epochs`` a ``share`` averages: ``share * epochs`` rounded half up."""
-    return math.floor(share * epochs + 0.5)
+    return math.floor(round(share * epochs, 9) + 0.5)  # 0.7 x 45 is 31.499999... in floats: 32
 
 
 def check_share(share: float, epochs: int | None = None) -> None:

@@ -142,11 +142,13 @@ def fit(model: nn.Module, data, batch_loss: BatchLoss, *, info: DataInfo | None 
         model.train()
         bar = tqdm(total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", disable=bars_off(progress), leave=False)
         gb = g if ranks.world == 1 else g_rank
+        measure = on_epoch is not None and ranks.main and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs)
         averaged, views = mean is not None and mean.active(epoch), None
+        refresh = averaged and (measure or epoch + 1 == epochs)  # the average measured or kept after this epoch
         for xe, ye, sizes in _epoch_chunks(data, order, batch_size, ranks):
             if prepare is not None:
                 xe, ye = prepare(xe, ye, gb)
-            if averaged and views is None:  # the first chunk as its steps see it: the average's BatchNorm statistics
+            if refresh and views is None:  # the first chunk as its steps see it: the average's BatchNorm statistics
                 views = (xe, sizes)
             for xb, yb in _batches(xe, ye, sizes):
                 if schedule == "cosine":  # a function of the global step, so resuming keeps it exact
@@ -170,10 +172,9 @@ def fit(model: nn.Module, data, batch_loss: BatchLoss, *, info: DataInfo | None 
         if not _finite(model):  # a last step can overflow the weights with a finite loss
             raise _diverged(f"the weights became NaN or infinite in epoch {epoch + 1}", epoch, state_path)
         rec = {"epoch": epoch + 1, "loss": total / max(n, 1) * ranks.world, "seconds": time.perf_counter() - t0}
-        measure = on_epoch is not None and ranks.main and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs)
         if averaged:
             mean.update(model)
-        if averaged and (measure or epoch + 1 == epochs):
+        if refresh:
             kept = mean.refresh(*views, info, dev)
             if measure:
                 rec.update({f"running_{k}": v for k, v in on_epoch(model).items()}, **on_epoch(kept))

@@ -270,7 +270,8 @@ def write_results(out: Path, rows: list[dict], cfg: RunConfig, t0: float, final:
     _keep_or_write(out / "curve.svg", curve(rows))
     grids = [f"![{_md(_label(r, rows))}]({r['samples']})" for r in rows
              if isinstance(r.get("samples"), str) and (out / r["samples"]).is_file()]
-    md = (f"# dfkd results: {what} against the true labels, last epoch{seeds}\n\n"
+    kept = ", last epoch" + (" (the weights' average where --average)" if any(r.get("running") for r in rows) else "")
+    md = (f"# dfkd results: {what} against the true labels{kept}{seeds}\n\n"
           + table(rows, paper_data(cfg)) + f"\nwall time so far: {wall:.0f} s\n\n"
           + f"Made by (from the folder the run was started in):\n\n```\n{command(cfg)}\n```\n\n"
           + deployed(rows) + "Test accuracy per epoch:\n\n![accuracy per epoch](curve.svg)\n"

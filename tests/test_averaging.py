@@ -59,7 +59,7 @@ def test_the_kept_model_is_the_mean_of_the_last_epochs_weights_and_the_run_is_no
     assert not averaged.training
 
 
-def test_the_averages_batchnorm_statistics_are_the_last_views_moments_batch_by_batch():
+def test_the_averages_batchnorm_statistics_are_the_last_views_moments_batch_by_batch(monkeypatch):
     seen = []
 
     def prepare(xe, ye, g):  # views unlike the stored inputs, other every epoch
@@ -71,6 +71,14 @@ def test_the_averages_batchnorm_statistics_are_the_last_views_moments_batch_by_b
     fit(net, _data(), _ce, epochs=4, batch_size=B, lr=0.05, seed=0, progress=False, average=0.5, prepare=prepare)
     with torch.no_grad():  # the first BatchNorm's input under the averaged convolution, for each batch of the last views
         pre = [net[0](xb).double() for xb in seen[-1].split(B)]
+    net_chunk = _net()  # an epoch of two chunks of one batch each: the first chunk's moments alone
+    monkeypatch.setattr("dfkd.loop.CHUNK", B)
+    seen.clear()
+    fit(net_chunk, _data(), _ce, epochs=4, batch_size=B, lr=0.05, seed=0, progress=False, average=0.5, prepare=prepare)
+    assert len(seen) == 8
+    with torch.no_grad():
+        first = net_chunk[0](seen[-2]).double()
+    assert torch.allclose(net_chunk[1].running_mean.double(), first.mean(dim=(0, 2, 3)), atol=1e-5)
     means = torch.stack([p.mean(dim=(0, 2, 3)) for p in pre])
     variances = torch.stack([p.transpose(0, 1).reshape(4, -1).var(dim=1) for p in pre])  # unbiased, as BatchNorm's
     bn = net[1]

@@ -203,7 +203,12 @@ def test_own_bn_model_on_colour_folder_two_ranks(colour_dir, tmp_path):
         w1, w2 = load_file(tmp_path / f"{tag}1.safetensors"), load_file(tmp_path / f"{tag}2.safetensors")
         assert all(torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4) for k in w1)
         made.append(w1)
-    assert any(not torch.allclose(made[0][k], made[1][k], atol=1e-5) for k in made[0])  # not the one-epoch student
+    # the average is the mean of the weights after epochs 1 and 2 (a constant lr: epoch 1 is the one-epoch run's)
+    two_epochs = single(dist[:e] + ["2"] + dist[e + 1:] + ["--out", str(tmp_path / "p1")])
+    assert two_epochs.returncode == 0, two_epochs.stderr
+    w2 = load_file(tmp_path / "p1.safetensors")
+    assert all(torch.allclose(made[1][k], (made[0][k] + w2[k]) / 2, atol=1e-5, rtol=1e-4) for k in w2)
+    assert any(not torch.allclose(made[1][k], w2[k], atol=1e-4) for k in w2)
 
 
 def test_train_and_record_under_two_ranks(world, tmp_path):
