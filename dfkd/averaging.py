@@ -7,8 +7,8 @@ average's BatchNorm statistics are those of no model that ran, so before it is m
 computed again (``swa_utils.update_bn``) over the epoch's views as prepared for its steps (before any share is
 pushed towards disagreement), in its batches: its first chunk (up to ``loop.CHUNK`` inputs; a DataLoader's first
 batch; under torchrun the rank's own rows, so each rank's statistics are its own, and rank 0's are saved). It is
-done after each epoch the average is measured (every ``eval_every``) and after the last: a pass over the chunk. The average, its count included, travels in
-the resume state, so a resumed run keeps the same mean.
+done after each epoch the average is measured (every ``eval_every``) and after the last: a pass over the chunk.
+The average, its count included, travels in the resume state, so a resumed run keeps the same mean.
 """
 from __future__ import annotations
 

@@ -112,8 +112,8 @@ def fit(model: nn.Module, data, batch_loss: BatchLoss, *, info: DataInfo | None 
 
     ``average`` (a share of the epochs, in [0, 1)): the model kept is the mean of the weights after each of the
     last ``average * epochs`` epochs (rounded half up; at least two), its BatchNorm statistics computed again over
-    the last epoch's first chunk of views, in its batches (``averaging``); while it is being made, the logged ``test_accuracy`` is the average's and
-    ``running_test_accuracy`` the weights' own. The average travels in the resume state."""
+    the last epoch's first chunk of views, in its batches (``averaging``); while it is being made, the logged
+    ``test_accuracy`` is the average's and ``running_test_accuracy`` the weights' own. The average travels in the resume state."""
     if schedule not in ("cosine", "constant"):
         raise DfkdError("schedule", f"{schedule!r} is not cosine or constant")
     dev = device_of(model)

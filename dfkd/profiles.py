@@ -215,11 +215,12 @@ def pairs(cfg: RunConfig) -> list[Pair]:
     check(cfg)
     p = PROFILES[cfg.profile]
     if cfg.student is None:
-        return _averaging(cfg, [Pair(net, net, PAIRS[net], cfg.teacher_epochs or p["teacher_epochs"], p["baseline_epochs"][net], 1e-3,
-                     _sized(dict(p["recipe"][net], batch_size=p["batch_size"]), cfg),
-                     {**p["distill"], **p.get(f"{cfg.synthesis}_distill", {}).get(net, {}), **_distill_given(cfg)},
-                     generator=generator_recipe(GENERATOR[cfg.profile], cfg),
-                     unit_targets=cfg.unit_targets or p.get("unit_targets", {}).get(net)) for net in cfg.networks])
+        return _averaging(cfg, [
+            Pair(net, net, PAIRS[net], cfg.teacher_epochs or p["teacher_epochs"], p["baseline_epochs"][net], 1e-3,
+                 _sized(dict(p["recipe"][net], batch_size=p["batch_size"]), cfg),
+                 {**p["distill"], **p.get(f"{cfg.synthesis}_distill", {}).get(net, {}), **_distill_given(cfg)},
+                 generator=generator_recipe(GENERATOR[cfg.profile], cfg),
+                 unit_targets=cfg.unit_targets or p.get("unit_targets", {}).get(net)) for net in cfg.networks])
     o = OWN[cfg.profile]
     recipe = dict(o["recipe"], **o.get(f"{cfg.synthesis}_recipe", {}))
     distill = {**o["distill"], **o.get(f"{cfg.synthesis}_distill", {}), **_distill_given(cfg)}
@@ -227,12 +228,13 @@ def pairs(cfg: RunConfig) -> list[Pair]:
         raise DfkdError("colour", "decides the profile's colour views, and this run has none left to decide (the "
                         "seen views and the distillation views are given, or a generator's teacher sees none): "
                         "give the views you want with --seen-views and --augment instead")
-    return _averaging(cfg, [Pair("own", cfg.teacher, cfg.student, cfg.teacher_epochs or o["teacher_epochs"], cfg.epochs or o["distill"]["epochs"],
-                 o["distill"]["lr"], _sized(recipe, cfg), distill, parse_args(cfg.teacher_args, "teacher_args"),
-                 parse_args(cfg.student_args, "student_args"), own=True,
-                 generator=generator_recipe(o.get("generator", GENERATOR[cfg.profile]), cfg),
-                 without_bn=o.get("generator_without_bn") if cfg.synthesis == "generator" else None,
-                 unit_targets=cfg.unit_targets or o.get(f"{cfg.synthesis}_unit_targets"))])
+    return _averaging(cfg, [
+        Pair("own", cfg.teacher, cfg.student, cfg.teacher_epochs or o["teacher_epochs"], cfg.epochs or o["distill"]["epochs"],
+             o["distill"]["lr"], _sized(recipe, cfg), distill, parse_args(cfg.teacher_args, "teacher_args"),
+             parse_args(cfg.student_args, "student_args"), own=True,
+             generator=generator_recipe(o.get("generator", GENERATOR[cfg.profile]), cfg),
+             without_bn=o.get("generator_without_bn") if cfg.synthesis == "generator" else None,
+             unit_targets=cfg.unit_targets or o.get(f"{cfg.synthesis}_unit_targets"))])
 
 
 def _averaging(cfg: RunConfig, made: list[Pair]) -> list[Pair]:

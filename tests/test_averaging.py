@@ -45,7 +45,8 @@ def test_the_kept_model_is_the_mean_of_the_last_epochs_weights_and_the_run_is_no
     plain = _net()
     _fit(plain, on_epoch=lambda m: snaps.append(_params(m)) or {})
     averaged = _net()
-    history = _fit(averaged, average=0.5, on_epoch=lambda m: {"weight_sum": float(sum(v.sum() for v in _params(m).values()))})
+    history = _fit(averaged, average=0.5,
+                   on_epoch=lambda m: {"weight_sum": float(sum(v.sum() for v in _params(m).values()))})
     # epochs 4, 5, 6 of 6 (0.5 x 6 = 3): the mean in float64 of the plain run's weights after each of them
     for name, p in averaged.named_parameters():
         mean = sum(s[name] for s in snaps[3:]) / 3
@@ -69,7 +70,7 @@ def test_the_averages_batchnorm_statistics_are_the_last_views_moments_batch_by_b
 
     net = _net()
     fit(net, _data(), _ce, epochs=4, batch_size=B, lr=0.05, seed=0, progress=False, average=0.5, prepare=prepare)
-    with torch.no_grad():  # the first BatchNorm's input under the averaged convolution, for each batch of the last views
+    with torch.no_grad():  # the first BatchNorm's input under the averaged convolution, each batch of the last views
         pre = [net[0](xb).double() for xb in seen[-1].split(B)]
     net_chunk = _net()  # an epoch of two chunks of one batch each: the first chunk's moments alone
     monkeypatch.setattr("dfkd.loop.CHUNK", B)
