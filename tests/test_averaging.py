@@ -167,3 +167,17 @@ def test_run_refuses_an_average_it_could_not_make(capsys):
         code = main(["run", "--networks", "lenet5", "--out", "/nonexistent/never", *argv])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_the_curve_draws_the_weights_own_accuracy_dashed_where_they_are_averaged():
+    """results.curve: a student kept as an average gets a second, dashed line at its own weights' accuracy, on the
+    same axes as the kept line (the same x for the same epoch, the same y for the same accuracy)."""
+    import re
+    from dfkd.results import curve
+    row = {"teacher": "t", "objective": "bn-stats", "history": [0.5, 0.6, 0.7, 0.8], "history_epochs": [10, 20, 30, 40]}
+    plain = curve([row]).decode()
+    assert "stroke-dasharray" not in plain and "dashed" not in plain
+    svg = curve([dict(row, running={"epochs": [30, 40], "accuracy": [0.7, 0.5]})]).decode()
+    solid, dashed = [[tuple(map(float, p.split(","))) for p in pts.split()] for pts in re.findall(r'points="([^"]+)"', svg)]
+    assert 'stroke-dasharray="4 3"' in svg and "(dashed: own weights)" in svg
+    assert dashed == [solid[2], (solid[3][0], solid[0][1])]  # epoch 30 at 70%, epoch 40 at 50%
