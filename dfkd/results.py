@@ -132,7 +132,7 @@ def curve(rows: list[dict], width: int = 720) -> bytes:
     student, from its first measured epoch (every ``eval_every`` epochs and the last, which a dot marks);
     0..100 %. Beside a generator's student (measured every so many generator steps), each line spans its own
     budget. A student kept as its weights' average (``--average``) also gets its own weights' accuracy over the
-    averaged epochs, dashed."""
+    averaged epochs, dashed, its last point a ring ("- - own" in the legend)."""
     runs = [r for r in rows if r.get("history") and r.get("history_epochs")]
     last = max([e for r in runs for e in r["history_epochs"]] or [1])
     height = max(320, 48 + 16 * len(runs))
@@ -151,17 +151,20 @@ def curve(rows: list[dict], width: int = 720) -> bytes:
         c = f"hsl({round(360 * i / len(runs))},70%,40%)"  # as many hues as students
         scale = last / max(r["history_epochs"]) if mixed else 1
         pts = " ".join(f"{x(e * scale):.1f},{y(a):.1f}" for e, a in zip(r["history_epochs"], r["history"]))
-        label = f"{_label(r, runs)}: {100 * r['history'][-1]:.2f}%" + (" (dashed: own weights)" if r.get("running") else "")
+        own = r.get("running") if isinstance(r.get("running"), dict) else {}
+        own = own if own.get("epochs") and len(own["epochs"]) == len(own.get("accuracy") or ()) else {}
+        label = f"{_label(r, runs)}: {100 * r['history'][-1]:.2f}%" + (" (- - own)" if own else "")
         # the last point marked: a student measured once draws no line
         end = f"{x(r['history_epochs'][-1] * scale):.1f}", f"{y(r['history'][-1]):.1f}"
         out.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="1.5"/>'
                    f'<circle cx="{end[0]}" cy="{end[1]}" r="2.5" fill="{c}"/>'
                    f'<text x="{right + 8}" y="{top + 16 * i + 4}" fill="{c}">{_xml(label)}</text>')
-        own = r.get("running") if isinstance(r.get("running"), dict) else {}
-        if own.get("epochs") and len(own["epochs"]) == len(own.get("accuracy") or ()):
-            pts = " ".join(f"{x(e * scale):.1f},{y(a):.1f}" for e, a in zip(own["epochs"], own["accuracy"]))
-            out.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="1" stroke-dasharray="4 3">'
-                       "<title>the weights' own accuracy while they are averaged</title></polyline>")
+        if own:  # the weights' own accuracy while they are averaged (--average), its last point ringed
+            pts = [(f"{x(e * scale):.1f}", f"{y(a):.1f}") for e, a in zip(own["epochs"], own["accuracy"])]
+            out.append(f'<polyline points="{" ".join(",".join(p) for p in pts)}" fill="none" stroke="{c}" '
+                       'stroke-width="1" stroke-dasharray="4 3"><title>the weights\' own accuracy while they are '
+                       f'averaged</title></polyline><circle cx="{pts[-1][0]}" cy="{pts[-1][1]}" r="2.5" fill="none" '
+                       f'stroke="{c}"/>')
     return ("\n".join(out) + "\n</svg>\n").encode()
 
 

@@ -171,13 +171,25 @@ def test_run_refuses_an_average_it_could_not_make(capsys):
 
 def test_the_curve_draws_the_weights_own_accuracy_dashed_where_they_are_averaged():
     """results.curve: a student kept as an average gets a second, dashed line at its own weights' accuracy, on the
-    same axes as the kept line (the same x for the same epoch, the same y for the same accuracy)."""
+    same axes as the kept line (the same x for the same epoch, the same y for the same accuracy), its last point
+    ringed; beside a generator's student too (each line on its own budget's scale); a malformed block draws nothing."""
     import re
     from dfkd.results import curve
     row = {"teacher": "t", "objective": "bn-stats", "history": [0.5, 0.6, 0.7, 0.8], "history_epochs": [10, 20, 30, 40]}
     plain = curve([row]).decode()
-    assert "stroke-dasharray" not in plain and "dashed" not in plain
-    svg = curve([dict(row, running={"epochs": [30, 40], "accuracy": [0.7, 0.5]})]).decode()
-    solid, dashed = [[tuple(map(float, p.split(","))) for p in pts.split()] for pts in re.findall(r'points="([^"]+)"', svg)]
-    assert 'stroke-dasharray="4 3"' in svg and "(dashed: own weights)" in svg
-    assert dashed == [solid[2], (solid[3][0], solid[0][1])]  # epoch 30 at 70%, epoch 40 at 50%
+    assert "stroke-dasharray" not in plain and "own" not in plain
+    averaged = dict(row, running={"epochs": [30, 40], "accuracy": [0.7, 0.5]})
+    gen = {"teacher": "t", "objective": "bn-stats", "history": [0.4, 0.8], "history_epochs": [400, 800],
+           "synthesis": "generator"}
+    for rows in ([averaged], [averaged, gen]):
+        svg = curve(rows).decode()
+        lines = [[tuple(map(float, p.split(","))) for p in pts.split()] for pts in re.findall(r'points="([^"]+)"', svg)]
+        solid, dashed = lines[:2]
+        assert svg.count('stroke-dasharray="4 3"') == 1 and svg.count("(- - own)") == 1
+        assert dashed == [solid[2], (solid[3][0], solid[0][1])]  # epoch 30 at 70%, epoch 40 at 50%
+        assert solid[-1][0] == lines[-1][-1][0]  # the last epoch and the generator's last step both at the right edge
+        ring = re.search(r'<circle cx="([^"]+)" cy="([^"]+)" r="2.5" fill="none"', svg).groups()
+        assert tuple(map(float, ring)) == dashed[-1]
+    for bad in ({"epochs": [30, 40], "accuracy": [0.7]}, {"epochs": [], "accuracy": []}, [30, 40]):
+        svg = curve([dict(row, running=bad)]).decode()
+        assert "stroke-dasharray" not in svg and "own" not in svg
