@@ -127,6 +127,12 @@ def _xml(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def _own(r: dict) -> dict:
+    """A row's own-weights accuracies while its student is an average (``--average``), or {} where it has none."""
+    own = r.get("running") if isinstance(r.get("running"), dict) else {}
+    return own if own.get("epochs") and len(own["epochs"]) == len(own.get("accuracy") or ()) else {}
+
+
 def curve(rows: list[dict], width: int = 720) -> bytes:
     """The students' test accuracy along their training as an SVG line chart, one line (and legend entry) per
     student, from its first measured epoch (every ``eval_every`` epochs and the last, which a dot marks);
@@ -139,6 +145,7 @@ def curve(rows: list[dict], width: int = 720) -> bytes:
     left, bottom, top, right = 48, height - 32, 16, width - 260
     def x(e): return left + (right - left) * e / max(last, 1)  # noqa: E704
     def y(a): return bottom - (bottom - top) * a  # noqa: E704
+    def points(es, accs, scale): return [(f"{x(e * scale):.1f}", f"{y(a):.1f}") for e, a in zip(es, accs)]  # noqa: E704
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
            'font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>']
     for a in range(0, 101, 20):
@@ -150,17 +157,14 @@ def curve(rows: list[dict], width: int = 720) -> bytes:
     for i, r in enumerate(runs):
         c = f"hsl({round(360 * i / len(runs))},70%,40%)"  # as many hues as students
         scale = last / max(r["history_epochs"]) if mixed else 1
-        pts = " ".join(f"{x(e * scale):.1f},{y(a):.1f}" for e, a in zip(r["history_epochs"], r["history"]))
-        own = r.get("running") if isinstance(r.get("running"), dict) else {}
-        own = own if own.get("epochs") and len(own["epochs"]) == len(own.get("accuracy") or ()) else {}
+        pts, own = points(r["history_epochs"], r["history"], scale), _own(r)
         label = f"{_label(r, runs)}: {100 * r['history'][-1]:.2f}%" + (" (- - own)" if own else "")
-        # the last point marked: a student measured once draws no line
-        end = f"{x(r['history_epochs'][-1] * scale):.1f}", f"{y(r['history'][-1]):.1f}"
-        out.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="1.5"/>'
+        end = pts[-1]  # the last point marked: a student measured once draws no line
+        out.append(f'<polyline points="{" ".join(",".join(p) for p in pts)}" fill="none" stroke="{c}" stroke-width="1.5"/>'
                    f'<circle cx="{end[0]}" cy="{end[1]}" r="2.5" fill="{c}"/>'
                    f'<text x="{right + 8}" y="{top + 16 * i + 4}" fill="{c}">{_xml(label)}</text>')
         if own:  # the weights' own accuracy while they are averaged (--average), its last point ringed
-            pts = [(f"{x(e * scale):.1f}", f"{y(a):.1f}") for e, a in zip(own["epochs"], own["accuracy"])]
+            pts = points(own["epochs"], own["accuracy"], scale)
             out.append(f'<polyline points="{" ".join(",".join(p) for p in pts)}" fill="none" stroke="{c}" '
                        'stroke-width="1" stroke-dasharray="4 3"><title>the weights\' own accuracy while they are '
                        f'averaged</title></polyline><circle cx="{pts[-1][0]}" cy="{pts[-1][1]}" r="2.5" fill="none" '
@@ -187,7 +191,7 @@ def colour_lines(rows: list[dict]) -> list[str]:
 def averaged_lines(rows: list[dict]) -> list[str]:
     """Each student kept as its weights' average (``--average``): which epochs, and where its own weights ended."""
     out = []
-    for r in (r for r in rows if isinstance(r.get("running"), dict) and r["running"].get("accuracy")):
+    for r in (r for r in rows if _own(r)):
         dc = (r.get("configs") or {}).get("distill") or {}
         k = epochs_averaged(dc.get("average", 0), dc.get("epochs", 0))
         out.append(f"\n{_md(_label(r, rows))}: the mean of its weights after each of epochs {dc.get('epochs', 0) - k + 1} to "
@@ -279,7 +283,7 @@ def write_results(out: Path, rows: list[dict], cfg: RunConfig, t0: float, final:
     _keep_or_write(out / "curve.svg", curve(rows))
     grids = [f"![{_md(_label(r, rows))}]({r['samples']})" for r in rows
              if isinstance(r.get("samples"), str) and (out / r["samples"]).is_file()]
-    kept = ", last epoch" + (" (the weights' average where --average)" if any(r.get("running") for r in rows) else "")
+    kept = ", last epoch" + (" (the weights' average where --average)" if any(map(_own, rows)) else "")
     md = (f"# dfkd results: {what} against the true labels{kept}{seeds}\n\n"
           + table(rows, paper_data(cfg)) + f"\nwall time so far: {wall:.0f} s\n\n"
           + f"Made by (from the folder the run was started in):\n\n```\n{command(cfg)}\n```\n\n"
