@@ -14,7 +14,7 @@ from .distillation import distill_file
 from .evaluation import evaluate_file
 from .files import read_json
 from .leakage import leakage_file
-from .kinds import REGISTRY, means_kind, means_kinds
+from .kinds import REGISTRY, entry_kind, means_kind, means_kinds
 from .metadata import load, summary
 from .pipeline import run
 from .privacy_report import clip_warnings, describe
@@ -86,9 +86,10 @@ def _print_reveals(h: dict) -> None:
     if h.get("privacy"):  # the closed form then gives the class means plus the calibrated noise only
         return
     kinds = h.get("kinds") or ()
-    kind, every = means_kind(kinds) or "all-layers", " and ".join(means_kinds(kinds)) or "all-layers"
     for r in h.get("closed_form") or []:
         if isinstance(r, dict) and r.get("class_means") == "exact":
+            kind = entry_kind(kinds, r)
+            every = kind if kind == "token-positions" else " and ".join(means_kinds(kinds)) or "all-layers"
             print(f"note: its {kind} record of {r['layer']} gives each class's mean training input exactly "
                   f"({'and its covariance ' if r.get('cov') == 'full' else ''}in closed form; see dfkd leakage). "
                   f"To ship less: --layers without {r['layer']}, or --kinds without {every}")
@@ -183,6 +184,7 @@ def _cmd_evaluate(a) -> int:
 def _cmd_leakage(a) -> int:
     out = a.out or str(beside(a.teacher) / (Path(a.teacher.rstrip("/")).with_suffix("").name + ".leakage"))
     path, rep = leakage_file(_model(a), a.stats, _data_ref(a), out, tuple(a.synthetic))
+    print(f"{rep['stats']} holds:\n" + "\n".join(f"  {line}" for line in rep["holds"]))
     print(f"{rep['stats']} ({', '.join(rep['kinds'])}) against the true class means of the training data:")
     if not rep["inversions"]:
         print(f"  no {means_kind(rep['kinds']) or 'all-layers'} record is affine in the input: no class mean follows "

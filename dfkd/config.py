@@ -74,8 +74,9 @@ class TrainConfig:
 class RecordConfig:
     kinds: tuple[str, ...] | None = opt(None, "comma-separated (default: the paper's four, top-layer, all-layers, "
                                         "spectral-all and spectral-pairs, with norm-stats, the LayerNorm/GroupNorm "
-                                        "layers' inputs, for a teacher that has such layers); also class-diag "
-                                        "(per-layer class means and stds)")
+                                        "layers' inputs, for a teacher that has such layers, and token-positions, "
+                                        "every token's mean and std, for token layers pooled per feature); also "
+                                        "class-diag (per-layer class means and stds)")
     layers: tuple[str, ...] | None = opt(None, "comma-separated module paths, any module (default: every Linear/Conv2d, "
                                          "an nn.MultiheadAttention for its out_proj)")
     cov: str = opt("auto", "all-layers covariance: auto, full, diag or lowrank:K")
@@ -107,7 +108,8 @@ class RecordConfig:
 @dataclass(frozen=True)
 class ReconstructConfig:
     objective: str = opt("spectral-pairs", "top-layer, all-layers, all-layers-dropout, spectral-all, spectral-pairs, "
-                         "class-diag, bn-stats or noise; combine with + (e.g. all-layers+bn-stats)")
+                         "class-diag, token-positions, bn-stats, norm-stats or noise; combine with + (e.g. "
+                         "all-layers+bn-stats)")
     n: int = opt(2000, "inputs to make (class-balanced)", flag="--images", parse="positive")
     batch_size: int = opt(500, "inputs optimised together (the paper: 64)", parse="positive")
     steps: int = opt(1000, "Adam steps per batch (the paper: 1000)")

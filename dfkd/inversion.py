@@ -1,5 +1,6 @@
 """What a statistics file gives in closed form: the class-mean inputs behind a record of the layers'
-class means (``kinds.means_kind``: all-layers, else class-diag; any kind whose entry says ``layer_means``).
+class means (``kinds.means_kind``: all-layers, else class-diag; any kind whose entry says ``layer_means``), and
+behind a token-positions record (a pooled token layer's class means at every position).
 
 Such a record (all-layers or class-diag) of a layer that the input reaches through affine maps only (a first
 Linear or Conv2d, after a flatten or the normalisation) stores each class's mean of
@@ -17,13 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from .graph import LayerInfo, layer_rows
-from .kinds import REGISTRY, means_kind
+from .kinds import REGISTRY, means_kind, pooled_tokens
 from .metadata import Metadata
 from .taps import output_of, resolve
 
@@ -33,7 +34,7 @@ MAX_INPUT_DIM = 16384  # inputs larger than this are not inverted column by colu
 @dataclass
 class Inversion:
     layer: str
-    stat: str          # "unit", "channel" or "feature"
+    stat: str          # "unit", "channel", "feature" or "position" (a token-positions record: per (token, feature))
     rank: int          # rank of J: equal to the input dimension means the means are exact
     input_dim: int
     cov: str           # the layer's stored covariance: full (class covariances follow too), diag, lowrank
@@ -96,14 +97,26 @@ def _solve(jac: torch.Tensor, rhs: torch.Tensor) -> tuple[int, torch.Tensor]:
     return rank, sol.clone()
 
 
+def _records(meta: Metadata) -> list[tuple[str, dict, LayerInfo]]:
+    """``(kind, layer header, the statistic's layer)`` of every record of class means of a chosen layer:
+    ``means_kind``'s (all-layers, else class-diag), then token-positions' (a pooled token layer's means at
+    every position: the layer seen per unit)."""
+    kind, layers = means_kind(meta.kinds), meta.header["layers"]
+    out = [(kind, layer, LayerInfo.from_dict(layer)) for layer in layers] if kind else []
+    if "token-positions" in meta.kinds:
+        out += [("token-positions", layer, replace(LayerInfo.from_dict(layer), stat="unit"))
+                for layer in pooled_tokens(layers)]
+    return out
+
+
 def _affine_records(model: nn.Module, meta: Metadata):
-    """``(layer header, J [dim, d], s(0) [1, dim])`` for every chosen layer affine in the input (float64)."""
+    """``(kind, layer header, J [dim, d], s(0) [1, dim])`` for every record of class means (``_records``) of a
+    layer affine in the input (float64)."""
     info = meta.data
     d = math.prod(info.shape)
     m = _float64(model)
     g = torch.Generator().manual_seed(0)
-    for layer in meta.header["layers"]:
-        li = LayerInfo.from_dict(layer)
+    for kind, layer, li in _records(meta):
         x, y = (torch.randn((2, *info.shape), generator=g, dtype=torch.float64) for _ in range(2))
         zero, calls = _stat(m, li, torch.zeros((1, *info.shape), dtype=torch.float64))
         s = lambda v: _stat(m, li, v, calls)[0]  # noqa: E731  (a layer called twice: its last call)
@@ -111,22 +124,22 @@ def _affine_records(model: nn.Module, meta: Metadata):
         if not torch.allclose(lhs, rhs, rtol=1e-6, atol=1e-8 * float(rhs.abs().max() + 1)):
             continue  # not affine in the input: a nonlinearity lies before this layer
         cols = [s(torch.eye(d, dtype=torch.float64)[i:i + 512].view(-1, *info.shape)) - zero for i in range(0, d, 512)]
-        yield layer, torch.cat(cols).T, zero
+        yield kind, layer, torch.cat(cols).T, zero
 
 
 @torch.no_grad()
 def invert(model: nn.Module, meta: Metadata) -> list[Inversion]:
     """Class-mean inputs recovered from every record of ``means_kind`` (all-layers, else class-diag) of a
     layer affine in the input."""
-    kind = means_kind(meta.kinds)  # all-layers, else class-diag: a kind that stores the layers' class means
-    if kind is None or math.prod(meta.data.shape) > MAX_INPUT_DIM:
+    if math.prod(meta.data.shape) > MAX_INPUT_DIM:
         return []
     out = []
-    for layer, jac, zero in _affine_records(model, meta):
+    for kind, layer, jac, zero in _affine_records(model, meta):
         mean = meta.get(kind, "mean", layer["path"]).double()
         rank, sol = _solve(jac, (mean - zero).T)  # min-norm least squares
         raw = meta.data.to_raw(sol.T.float().view(-1, *meta.data.shape))
-        out.append(Inversion(layer["path"], layer["stat"], rank, jac.shape[1], REGISTRY[kind].form(layer), raw))
+        stat = "position" if kind == "token-positions" else layer["stat"]
+        out.append(Inversion(layer["path"], stat, rank, jac.shape[1], REGISTRY[kind].form(layer), raw))
     return out
 
 
@@ -134,10 +147,9 @@ def invert(model: nn.Module, meta: Metadata) -> list[Inversion]:
 def revealed_means(model: nn.Module, meta: Metadata) -> torch.Tensor | None:
     """Each class's mean input ``[C, *shape]`` (raw units) where the file gives it exactly: from
     the first ``means_kind`` record (all-layers, else class-diag) affine in the input whose ``J`` has full column rank; else None."""
-    kind = means_kind(meta.kinds)
-    if kind is None or math.prod(meta.data.shape) > MAX_INPUT_DIM:
+    if math.prod(meta.data.shape) > MAX_INPUT_DIM:
         return None
-    for layer, jac, zero in _affine_records(model, meta):
+    for kind, layer, jac, zero in _affine_records(model, meta):
         mean = meta.get(kind, "mean", layer["path"]).double()
         rank, sol = _solve(jac, (mean - zero).T)
         if rank == jac.shape[1]:

@@ -23,6 +23,8 @@ A class Gaussian is stored in one of the forms of ``forms``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import forms
@@ -33,7 +35,8 @@ from .records import Batch, Kind, Private, Record, Setup, Shapes
 from .stats import ClassMoments, SpectralMoments
 from .taps import input_key
 
-__all__ = ["KINDS", "REGISTRY", "default_kinds", "Batch", "Kind", "Private", "Record", "Setup", "Shapes", "means_kind", "means_kinds"]
+__all__ = ["KINDS", "REGISTRY", "default_kinds", "pooled_tokens", "Batch", "Kind", "Private", "Record", "Setup", "Shapes", "means_kind", "means_kinds",
+           "entry_kind", "gives_means"]
 
 class TopLayer(Kind):
     """Per class, mean and full covariance (its Cholesky factor) of the logits / T."""
@@ -192,15 +195,50 @@ class NormStats(Kind):
                 for st, shape in forms.shapes("diag", c, int(n["features"])).items()}
 
 
+def pooled_tokens(layers) -> list:
+    """The token layers of ``layers`` (``LayerInfo``s or a header's ``layers[]`` rows) recorded per feature."""
+    row = lambda i: (i["type"], i.get("stat", "unit")) if isinstance(i, dict) else (i.type, i.stat)
+    return [i for i in layers if row(i) == ("token", "feature")]
+
+
+class TokenPositions(Kind):
+    """Per token layer recorded per feature (``--token-stats feature``, the default), per class, the mean and std
+    of every (token, feature) of its output: what pooling over tokens averages away, kept beside the pooled
+    record at the cost of two ``T x D`` rows a class (no covariance). ``dfkd record`` adds it by default for a
+    teacher with such layers (``default_kinds``)."""
+    name = "token-positions"
+    reveals = "each class's mean and std of every pooled token layer's output at each token position"
+    default = False
+
+    def check(self, s):
+        if not pooled_tokens(s.infos):
+            raise DfkdError("kinds", "token-positions needs a token layer recorded per feature (--token-stats "
+                            f"feature), and the chosen layers of {type(s.model).__name__} have none")
+
+    def records(self, s):
+        return [Record(self.name, i.path, "diag", lambda b, p=i.path: b.acts[p].flatten(1),
+                       lambda d=math.prod(i.shape): ClassMoments(s.c, d, full=False)) for i in pooled_tokens(s.infos)]
+
+    def form(self, layer):
+        return "diag"
+
+    def contract(self, h):
+        c = int(h["num_classes"])
+        return {forms.key(self.name, st, row["path"]): shape for row in pooled_tokens(h["layers"])
+                for st, shape in forms.shapes("diag", c, math.prod(row["shape"])).items()}
+
+
 REGISTRY: dict[str, Kind] = {k.name: k for k in (TopLayer(), AllLayers(), SpectralAll(), SpectralPairs(),
-                                                  ClassDiag(), NormStats())}
+                                                  ClassDiag(), NormStats(), TokenPositions())}
 KINDS = tuple(k for k, kind in REGISTRY.items() if kind.default)
 
 
-def default_kinds(model, example=None) -> tuple[str, ...]:
-    """The kinds ``dfkd record`` records when none are named: the paper's four, and norm-stats for a teacher
-    with LayerNorm or GroupNorm layers (given an ``example`` batch: layers its forward pass runs)."""
-    return KINDS + (("norm-stats",) if norm_layers(model, example) else ())
+def default_kinds(model, example=None, infos=()) -> tuple[str, ...]:
+    """The kinds ``dfkd record`` records when none are named: the paper's four, norm-stats for a teacher
+    with LayerNorm or GroupNorm layers (given an ``example`` batch: layers its forward pass runs), and
+    token-positions where the chosen layers (``infos``) hold a token layer recorded per feature."""
+    return KINDS + (("norm-stats",) if norm_layers(model, example) else ()) + \
+        (("token-positions",) if pooled_tokens(infos) else ())
 
 
 def means_kinds(kinds) -> list[str]:
@@ -212,3 +250,14 @@ def means_kind(kinds) -> str | None:
     """The kind of ``kinds`` whose class means ``inversion`` solves (all-layers, else class-diag), or None;
     the closed-form notes name it (a header's ``closed_form`` entries do not)."""
     return next(iter(means_kinds(kinds)), None)
+
+
+def entry_kind(kinds, entry: dict) -> str:
+    """The kind whose class means a header's ``closed_form`` entry solves: token-positions for an entry per
+    position, else ``means_kind`` (all-layers, else class-diag)."""
+    return "token-positions" if entry.get("stat") == "position" else means_kind(kinds) or "all-layers"
+
+
+def gives_means(kinds) -> bool:
+    """Whether ``kinds`` hold a record of class means that ``inversion`` solves (the header says what follows)."""
+    return bool(means_kinds(kinds)) or "token-positions" in kinds

@@ -20,6 +20,7 @@ from .errors import DfkdError
 from .files import write_json
 from .images import save_grid
 from .inversion import invert
+from .kinds import REGISTRY
 from .metadata import Metadata, load
 from .specs import DataRef, ModelRef, open_with_data, stats_path
 from .synthetic import SyntheticSet
@@ -63,9 +64,26 @@ def nearest_gap(synthetic_raw: torch.Tensor, train_raw: torch.Tensor, test_raw: 
             "ratio": float(d_train.mean() / d_test.mean()), "n_reference": n}
 
 
+def holds(meta: Metadata) -> list[str]:
+    """What the file holds and so reveals, one line per kind (its registry line) and per chosen layer (its shape
+    and the form of its statistics: a token sequence pooled over its tokens, a map over its positions)."""
+    out = [f"{k}: {REGISTRY[k].reveals}" for k in meta.kinds if k in REGISTRY]
+    positions = "token-positions" in meta.kinds
+    for row in meta.header.get("layers", []):
+        shape, stat = "x".join(map(str, row["shape"])), row.get("stat", "unit")
+        how = {"unit": f"every one of its {row['dim']:,} values (per unit)",
+               "channel": f"its {row['dim']:,} channels, each pooled over the map's positions",
+               "feature": f"its {row['dim']:,} features, each pooled over the sequence's {row['shape'][0]} tokens"
+               + ("; token-positions keeps every (token, feature)'s mean and std" if positions else
+                  " (where each token sits is not kept)")}[stat]
+        out.append(f"{row['path']} ({row['type']}, {shape}): {how}")
+    return out
+
+
 def measure(model: nn.Module, meta: Metadata, data, synthetic: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
             test=None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The leakage report of ``meta`` for ``model`` and the class images behind it. Analytic
+    """The leakage report of ``meta`` for ``model`` and the class images behind it: what the file holds
+    (``holds``), then what is measured. Analytic
     inversions are scored against ``data``'s true class means; so is each named synthetic set
     ``(raw inputs, labels)``, with its distance to training vs test inputs when ``test`` is given.
     The images: ``truth``, one per inverted layer (``inverted <layer> per <unit|channel|feature>``), one per
@@ -73,7 +91,7 @@ def measure(model: nn.Module, meta: Metadata, data, synthetic: dict[str, tuple[t
     info = meta.data
     truth = class_means(data, info, meta.num_classes)
     images = {"truth": truth}
-    report: dict = {"inversions": [], "synthetic": {}}
+    report: dict = {"holds": holds(meta), "inversions": [], "synthetic": {}}
     for inv in invert(model, meta):
         report["inversions"].append({"layer": inv.layer, "stat": inv.stat, "rank": inv.rank, "input_dim": inv.input_dim,
                                      "cov": inv.cov, "exact": inv.rank == inv.input_dim, **recovery(inv.means, truth)})

@@ -1,6 +1,6 @@
 """The reconstruction objectives, one small class each (the contract: ``objective.Objective``): Lopes, Fenu &
 Starner (2017) from metadata, DeepInversion's BatchNorm matching (Yin et al. 2020) from the teacher alone,
-its recorded analogue for LayerNorm / GroupNorm (``norm-stats``), and noise. ``z ~ N(0, I)`` below, drawn
+its recorded analogue for LayerNorm / GroupNorm (``norm-stats``; both in ``normobjectives``), and noise. ``z ~ N(0, I)`` below, drawn
 from the batch's own generator. Objectives combine with ``+`` (``all-layers+bn-stats``): their losses add.
 
 ``whiten`` (all-layers and spectral objectives) divides each coordinate's error by its
@@ -20,15 +20,13 @@ from torch import nn
 from . import forms
 from .config import ReconstructConfig
 from .errors import DfkdError
-from .graph import layer_rows, signal
-from .kinds import REGISTRY
+from .graph import LayerInfo, layer_rows, signal
+from .kinds import REGISTRY, pooled_tokens
 from .metadata import Metadata
-from .models import batchnorms
-from .moments import moments, sq_distance
+from .moments import sq_distance
 from .objective import Objective
-from .normstats import NORMS, batch_moments, features, mixture, norm_rows
+from .normobjectives import BNStats, NormStats
 from .stats import class_match, unit_match, whitening
-from .taps import input_key
 
 class TopLayer(Objective):
     """``L = mean_k (ReLU(t_k) - ReLU(f(x)_k / T))^2`` with ``t = mu_c + L_c z`` from the
@@ -153,83 +151,38 @@ class ClassDiag(Objective):
 
     def __init__(self, meta, model, cfg):
         super().__init__(meta, model, cfg)
+        self.infos = self.chosen(self.infos)
         self._g = {i.path: {k: v.to(self.dev) for k, v in self.stored(i.path).items()} for i in self.infos}
-        self._w = {i.path: whitening(g["std"]) if cfg.whiten else torch.ones(i.dim, device=self.dev)
+        self._w = {i.path: whitening(g["std"]) if cfg.whiten else torch.ones(g["std"].shape[1], device=self.dev)
                    for i, g in zip(self.infos, self._g.values())}
+
+    def chosen(self, infos: list[LayerInfo]) -> list[LayerInfo]:
+        """The recorded layers the kind stores a record of: every one."""
+        return infos
+
+    def rows(self, out: torch.Tensor, i: LayerInfo) -> torch.Tensor:
+        """A layer's output as the record's rows ``[N, d, P]`` (a pooled layer's positions as draws)."""
+        return layer_rows(out, i) if i.pooled else out.flatten(1).unsqueeze(2)
 
     def loss(self, logits, acts, tg, labels):
         total = logits.new_zeros(())
         for i in self.infos:
-            out = layer_rows(acts[i.path], i) if i.pooled else acts[i.path].flatten(1).unsqueeze(2)
             g = self._g[i.path]
-            total = total + class_match(out, labels, g["mean"], g["std"].pow(2), self._w[i.path])
+            total = total + class_match(self.rows(acts[i.path], i), labels, g["mean"], g["std"].pow(2), self._w[i.path])
         return total
 
 
-class BNStats(Objective):
-    """DeepInversion's feature-distribution loss, which needs no metadata: for every BatchNorm
-    layer ``l`` (teacher in eval mode), the batch mean ``mu_l`` and biased variance ``s2_l`` of
-    its input over samples and positions against its running statistics,
-    ``B * bn_weight * sum_l (||mu_l - running_mean_l||_2 + ||s2_l - running_var_l||_2)``, plus
-    the cross-entropy of the intended labels (which makes the batch class-conditional)."""
-    name, kind = "bn-stats", None
+class TokenPositions(ClassDiag):
+    """``class-diag``'s match on each token layer recorded per feature, at every (token, feature): per class
+    present in the batch, the batch's mean and variance of each of its ``T x D`` values against the stored
+    ones (needs ``token-positions``; combines with the pooled record's ``all-layers``)."""
+    name, kind = "token-positions", "token-positions"
 
-    def __init__(self, meta, model, cfg):
-        super().__init__(None, model, cfg)
-        self._bn = batchnorms(model)
-        if not self._bn:
-            raise DfkdError("objective", f"bn-stats needs BatchNorm layers with running statistics, and "
-                            f"{type(model).__name__} has none; use a metadata objective (e.g. all-layers)")
+    def chosen(self, infos):
+        return pooled_tokens(infos)
 
-    def inputs(self):
-        return [p for p, _ in self._bn]
-
-    def loss(self, logits, acts, tg, labels):
-        total = logits.new_zeros(())
-        for p, m in self._bn:
-            x = acts[input_key(p)]
-            dims = [0] + list(range(2, x.dim()))
-            mean, var = moments(x, dims)
-            total = total + torch.linalg.vector_norm(mean - m.running_mean) + \
-                torch.linalg.vector_norm(var - m.running_var)
-        return len(labels) * self.cfg.bn_weight * total + F.cross_entropy(logits, labels.to(logits.device),
-                                                                          reduction="sum")
-
-
-class NormStats(Objective):
-    """``bn-stats`` with recorded targets, for LayerNorm / GroupNorm (``normstats``; needs ``norm-stats``): for
-    every recorded norm layer ``l``, the batch's per-feature mean ``m_l`` and biased variance ``s2_l`` of its
-    input over samples and positions against the mixture of the stored class Gaussians in the batch's label
-    proportions, ``B * bn_weight * sum_l (||m_l - mu_l||_2 + ||s2_l - var_l||_2)``, plus the intended labels'
-    cross-entropy."""
-    name, kind = "norm-stats", "norm-stats"
-
-    def __init__(self, meta, model, cfg):
-        super().__init__(meta, model, cfg)
-        mods, self._norms = dict(model.named_modules()), []
-        for n in meta.header.get("norms", []):
-            m = mods.get(n["path"])
-            if not isinstance(m, NORMS) or features(m) != n["features"] or type(m).__name__ != n["type"]:
-                raise DfkdError("stats", f"its norm layer {n['path']} (a {n['type']} of {n['features']} features) is not "
-                                "one in the teacher")
-            g = self.stored(n["path"])
-            self._norms.append((n["path"], m, g["mean"].to(self.dev), g["std"].to(self.dev).pow(2)))
-
-    def layers(self):
-        return []
-
-    def inputs(self):
-        return [p for p, *_ in self._norms]
-
-    def loss(self, logits, acts, tg, labels):
-        labels = labels.to(logits.device)
-        share = torch.bincount(labels, minlength=logits.shape[1]).to(logits.dtype) / len(labels)
-        total = logits.new_zeros(())
-        for p, m, mean, var in self._norms:
-            bm, bv = batch_moments(norm_rows(acts[input_key(p)], m))
-            tm, tv = mixture(share, mean, var)
-            total = total + torch.linalg.vector_norm(bm - tm) + torch.linalg.vector_norm(bv - tv)
-        return len(labels) * self.cfg.bn_weight * total + F.cross_entropy(logits, labels, reduction="sum")
+    def rows(self, out, i):
+        return out.flatten(1).unsqueeze(2)
 
 
 class Noise(Objective):
@@ -263,7 +216,8 @@ class Combined(Objective):
 
 
 OBJECTIVES: dict[str, type[Objective]] = {c.name: c for c in (TopLayer, AllLayers, AllLayersDropout, SpectralAll,
-                                                               SpectralPairs, ClassDiag, BNStats, NormStats, Noise)}
+                                                               SpectralPairs, ClassDiag, TokenPositions, BNStats,
+                                                               NormStats, Noise)}
 
 
 def known(name: str) -> bool:

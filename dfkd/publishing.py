@@ -26,7 +26,7 @@ from .config import DistillConfig, ReconstructConfig, default, flag_of, to_dict
 from .errors import DfkdError
 from .exporting import DEPLOY
 from .files import read_json, sweep_temps, weights_sha256, write_json
-from .kinds import REGISTRY, means_kind
+from .kinds import REGISTRY, entry_kind
 from .metadata import load, summary
 from .models import spec_name
 from .privacy_report import clip_warnings, not_private
@@ -162,8 +162,8 @@ def model_card(config: dict, meta, name: str, repo: str | None, recipe: dict | N
     reveals = meta.header.get("closed_form")
     exact = [r for r in reveals or [] if isinstance(r, dict) and r.get("class_means") == "exact"]
     if exact:
-        kind = means_kind(meta.kinds) or "all-layers"  # the kind whose class means give them
-        lines.append(f"The {kind} record of {', '.join(r['layer'] for r in exact)} gives each class's mean "
+        by = " and ".join(f"the {entry_kind(meta.kinds, r)} record of {r['layer']}" for r in exact)  # whose means give them
+        lines.append(f"{by[0].upper()}{by[1:]} {'gives' if len(exact) == 1 else 'each give'} each class's mean "
                      "training input exactly (the layer is affine in the input); dfkd leakage shows it.")
     elif isinstance(reveals, list):
         lines.append("No class mean of the training inputs follows from these statistics in closed form "
@@ -279,5 +279,7 @@ def _generator_lines(recipe: dict, teacher: str, student: str, sargs: str, data:
 
 
 def _suggested(kinds: list[str]) -> str:
-    """The objective a card suggests for a file of ``kinds``: its last kind's, norm-stats joined to all-layers."""
+    """The objective a card suggests for a file of ``kinds``: its last kind's (token-positions, kept beside a
+    pooled record, aside unless alone), norm-stats joined to all-layers."""
+    kinds = [k for k in kinds if k != "token-positions"] or kinds
     return "all-layers+norm-stats" if kinds[-1] == "norm-stats" and "all-layers" in kinds else kinds[-1]

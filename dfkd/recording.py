@@ -37,7 +37,7 @@ from .files import exclusive, weights_sha256
 from .forms import cov_mode
 from .graph import LayerInfo, layer_infos
 from .inversion import reveals
-from .kinds import KINDS, REGISTRY, Batch, Private, Record, Setup
+from .kinds import KINDS, REGISTRY, Batch, Private, Record, Setup, default_kinds, gives_means
 from .normstats import norm_layers
 from .metadata import Metadata, load, new_header, save
 from .models import device_of
@@ -188,7 +188,7 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
     with torch.no_grad():
         c = model(x0[:1].to(dev)).shape[1]
     norms = norm_layers(model, x0[:7].to(dev))  # the LayerNorm / GroupNorm layers that run, batch first
-    kinds = list(dict.fromkeys(cfg.kinds if cfg.kinds is not None else KINDS + (("norm-stats",) if norms else ())))
+    kinds = list(dict.fromkeys(cfg.kinds if cfg.kinds is not None else default_kinds(model, x0[:7].to(dev), infos)))
     t0 = time.perf_counter()
     layers = [dict(i.as_dict(), cov=cov_mode(cfg.cov, i.dim)) for i in infos]
     records = _records(kinds, Setup(model, infos, layers, cfg, c, norms))  # the spectral kinds' bases are made here
@@ -228,7 +228,7 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
                      "sample_bytes": math.prod(info.shape), "input_min": lo.tolist(), "input_max": hi.tolist()},
         layers=layers, top={"path": "output", "dim": c}, privacy=private or None, **fields)
     meta = Metadata(header, tensors, timings={"basis_seconds": basis_s, "pass_seconds": pass_s})
-    if any(REGISTRY[k].layer_means for k in kinds):  # the file states what follows in closed form (dfkd.inversion)
+    if gives_means(kinds):  # the file states what follows in closed form (dfkd.inversion)
         header["closed_form"] = reveals(model, meta)
     return meta
 

@@ -8,18 +8,21 @@ from torch import nn
 
 
 class HandAttention(nn.Module):
-    """Multi-head self-attention written out: one qkv projection, softmax(q k^T / sqrt(d)) v, an output projection."""
+    """Multi-head self-attention written out: one qkv projection, softmax(q k^T / sqrt(d)) v, an output projection.
+    The softmax is a module, so the attention maps ``[heads, T, T]`` have a path to record
+    (``--layers blocks.0.att.softmax``)."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
+        self.softmax = nn.Softmax(-1)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        att = (q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5).softmax(-1)
+        att = self.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5)
         return self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
 
 

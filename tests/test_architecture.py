@@ -24,7 +24,7 @@ LAYERS = {
     2: ("formats and mechanisms", {"checkpoint", "metadata", "forms", "records", "kinds", "resume", "synthetic", "privacy_report",
                                    "accountant", "privacy", "audit", "inference", "exporting", "quantization",
                                    "averaging"}),
-    3: ("shared method", {"specs", "objective", "objectives", "inversion", "loop", "recipes", "profiles"}),
+    3: ("shared method", {"specs", "objective", "objectives", "normobjectives", "inversion", "loop", "recipes", "profiles"}),
     4: ("stages", {"training", "recording", "reconstruction", "distillation", "evaluation", "leakage",
                    "publishing", "generation", "deployment"}),
     5: ("pipeline", {"pipeline", "own", "colour", "results", "students", "shipping"}),

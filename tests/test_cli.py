@@ -194,7 +194,8 @@ def readme_commands(section: str) -> list[list[str]]:
 
 
 # appended to the README's commands in CI (argparse keeps the last value): small sizes only
-SMALL = {"colour_digits.py": ["--train", "300", "--test", "100"], "run": ["--profile", "tiny"], "train": ["--epochs", "1"],
+SMALL = {"colour_digits.py": ["--train", "300", "--test", "100"], "natural_digits.py": ["--train", "300", "--test", "100"],
+         "run": ["--profile", "tiny"], "train": ["--epochs", "1"],
          "reconstruct": ["--images", "20", "--batch-size", "10", "--steps", "2"],
          "export": ["--calibration-inputs", "16", "--check-inputs", "16"]}
 
@@ -249,7 +250,7 @@ def test_readme_teachers_without_batchnorm_run_as_written(tmp_path):
     vit = load(runs / "vit" / "teacher.stats.safetensors")
     stats = {row["path"]: row["stat"] for row in vit.header["layers"]}
     assert stats["embed"] == "unit" and stats["blocks.0.att"] == "feature" and stats["head"] == "unit"
-    assert vit.kinds[-1] == "norm-stats" and [n["path"] for n in vit.header["norms"]][:2] == \
+    assert vit.kinds[-2:] == ["norm-stats", "token-positions"] and [n["path"] for n in vit.header["norms"]][:2] == \
         ["blocks.0.norm1", "blocks.0.norm2"]
     gn = load(runs / "gn" / "teacher.stats.safetensors")
     assert gn.kinds[-1] == "norm-stats" and {n["type"] for n in gn.header["norms"]} == {"GroupNorm"}
@@ -264,6 +265,31 @@ def test_readme_teachers_without_batchnorm_run_as_written(tmp_path):
         # no bn-stats: the per-unit record (the first layer) matched by the batch
         saved = json.loads((runs / out / "own" / "students" / "all-layers+norm-stats.json").read_text())
         assert saved["reconstruct_config"]["unit_targets"] == "batch"
+
+
+def test_readme_natural_digits_run_as_written(tmp_path):
+    """The README's commands "On photographs: the natural digits", at tiny sizes (the 800 epochs cut to 2): each
+    publisher's record keeps its first layer per unit and norm-stats; each run makes its set in the Fourier basis,
+    distils with backdrop views, and its student is the one named; no report says MNIST."""
+    from dfkd.metadata import load
+    cmds = readme_commands("### On photographs: the natural digits")
+    assert [c[1] if c[0] == "dfkd" else c[1].split("/")[-1] for c in cmds] == \
+        ["natural_digits.py", "train", "record", "train", "record", "run", "run", "run"]
+    assert sum("800" in c for c in cmds) == 2
+    run_readme([c + ["--epochs", "2"] if c[:2] == ["dfkd", "run"] else c for c in cmds], tmp_path)
+    runs = tmp_path / "runs"
+    for teacher in ("nat-vit", "nat-gn"):
+        meta = load(runs / teacher / "teacher.stats.safetensors")
+        assert meta.header["layers"][0]["stat"] == "unit" and "norm-stats" in meta.kinds
+    for out, student in (("nat-vit-cnn", "own_model.py:student"), ("nat-vit-vit", "vit.py:student"),
+                         ("nat-gn-cnn", "own_model.py:student")):
+        res = json.loads((runs / out / "results.json").read_text())
+        assert [row["objective"] for row in res["rows"]] == ["all-layers+norm-stats"]
+        assert res["rows"][0]["student"] == f"{ROOT}/examples/{student}"
+        saved = json.loads((runs / out / "own" / "students" / "all-layers+norm-stats.json").read_text())
+        assert saved["reconstruct_config"]["basis"] == "fourier"
+        assert saved["distill_config"]["augment"] == "affine+cutmix+colour+backdrop"
+        assert "MNIST" not in (runs / out / "results.md").read_text()
 
 
 def test_readme_python_run_is_the_commands_run(tmp_path, monkeypatch):

@@ -56,11 +56,12 @@ def test_registry_declares_every_kind():
     """One entry per kind, the default four first; every kind says what it reveals, has an objective, and
     its header fields are placed in privacy_report.HEADER_FIELDS."""
     assert KINDS == ("top-layer", "all-layers", "spectral-all", "spectral-pairs") and RecordConfig().kinds is None
-    assert list(REGISTRY) == [*KINDS, "class-diag", "norm-stats"] and not REGISTRY["class-diag"].default
+    assert list(REGISTRY) == [*KINDS, "class-diag", "norm-stats", "token-positions"]
+    assert not any(REGISTRY[k].default for k in ("class-diag", "norm-stats", "token-positions"))
     assert all(k.reveals and k.name == n for n, k in REGISTRY.items())
     assert {n for n, k in REGISTRY.items()} <= {o.kind for o in OBJECTIVES.values()}
     for prof in ("quick", "tiny", "paper"):  # dfkd run records the default kinds: it runs no class-diag
-        assert {"class-diag", "norm-stats"}.isdisjoint(objectives(RunConfig(profile=prof), "lenet5"))
+        assert {"class-diag", "norm-stats", "token-positions"}.isdisjoint(objectives(RunConfig(profile=prof), "lenet5"))
     assert "noise" in objectives(RunConfig(profile="quick"), "lenet5")
     listed = [q for pats, _, _ in HEADER_FIELDS for q in pats]
     for kind in REGISTRY.values():  # each header field a kind writes has a status in a private file's header

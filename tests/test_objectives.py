@@ -18,15 +18,17 @@ from dfkd.recording import record
 from dfkd.taps import input_key, tap
 from tests.conftest import ROOT
 
-# on LeNet-5, which has no LayerNorm / GroupNorm: norm-stats is tested on such teachers in test_beyond_bn.py
-STAT_OBJECTIVES = [n for n, c in OBJECTIVES.items() if c.kind not in (None, "norm-stats")]
+# on LeNet-5, which has no LayerNorm / GroupNorm and no token layer: norm-stats and token-positions are tested on
+# such teachers in test_beyond_bn.py and test_tokens.py
+ELSEWHERE = ("norm-stats", "token-positions")
+STAT_OBJECTIVES = [n for n, c in OBJECTIVES.items() if c.kind not in (None, *ELSEWHERE)]
 CFG = ReconstructConfig()
 
 
 @pytest.fixture(scope="module")
 def every(teacher, small, meta):
     """The session's statistics (the default kinds) plus the registry's other kinds, recorded as it is."""
-    extra = tuple(k for k in REGISTRY if k not in meta.kinds and k != "norm-stats")
+    extra = tuple(k for k in REGISTRY if k not in meta.kinds and k not in ELSEWHERE)
     more = record(teacher, small.train, RecordConfig(kinds=extra, conv_stats="unit"), small.info)
     return Metadata(dict(meta.header, kinds=meta.kinds + list(extra)), {**meta.tensors, **more.tensors})
 

@@ -1,0 +1,207 @@
+"""Token sequences beyond the pooled record: token-positions (each (token, feature)'s class mean and std, kept
+beside the per-feature record), its objective, what it reveals (closed form, the leakage report, inspect), the
+attention maps and LayerNorm outputs recorded by path, and a ViT's private file through the command line."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dfkd import noise as dfkd_noise
+from dfkd.checkpoint import save_model
+from dfkd.cli import main
+from dfkd.config import ReconstructConfig, RecordConfig
+from dfkd.errors import DfkdError
+from dfkd.inversion import invert
+from dfkd.leakage import holds
+from dfkd.metadata import load, save
+from dfkd.models import build_model
+from dfkd.objectives import make_objective
+from dfkd.publishing import _suggested
+from dfkd.recording import record
+from dfkd.synthetic import SyntheticSet
+from tests.conftest import ROOT
+from tests.test_beyond_bn import GN, INFO, data, outputs64, vit
+
+TOKEN_LAYERS = ("blocks.0.mlp.0", "blocks.1.att", "blocks.1.mlp.2")
+
+
+def test_token_positions_are_every_positions_class_moments():
+    """By default a ViT's file keeps, beside each token layer's per-feature record, token-positions: per class
+    the mean and (unbiased) std of every (token, feature), equal to float64 moments of the outputs the test's own
+    hooks see; the first layer per unit and the non-token layers get none."""
+    model, (x, y) = vit(), data()
+    meta = record(model, (x, y), RecordConfig(first_layer="unit"), info=INFO)
+    assert meta.kinds[-1] == "token-positions"
+    rows = {r["path"]: r for r in meta.header["layers"]}
+    pooled = [p for p, r in rows.items() if r["type"] == "token" and r["stat"] == "feature"]
+    assert len(pooled) == 6 and rows["embed"]["stat"] == "unit"
+    kept = {k.split("/")[1] for k in meta.tensors if k.startswith("token-positions/")}
+    assert kept == set(pooled)
+    got = outputs64(model, x, pooled)
+    for p in pooled:
+        out = got[p].flatten(1)  # [N, T * D]
+        assert meta.get("token-positions", "mean", p).shape == (3, 5 * rows[p]["dim"]) == (3, out.shape[1])
+        for c in range(3):
+            assert torch.allclose(meta.get("token-positions", "mean", p)[c].double(), out[y == c].mean(0), atol=1e-5)
+            assert torch.allclose(meta.get("token-positions", "std", p)[c].double(), out[y == c].std(0),
+                                  atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("how", ["unit tokens", "groupnorm"])
+def test_token_positions_only_where_a_token_layer_is_pooled(how):
+    """Per-token records (``--token-stats unit``) and a CNN get no token-positions by default, and asking for it
+    there is refused in one line."""
+    torch.manual_seed(0)
+    model, (x, y) = (vit(), data()) if how == "unit tokens" else (GN.teacher(3, 3, width=4).eval(), data())
+    cfg = dict(token_stats="unit") if how == "unit tokens" else {}
+    assert "token-positions" not in record(model, (x, y), RecordConfig(**cfg), info=INFO).kinds
+    with pytest.raises(DfkdError, match="token-positions needs a token layer recorded per feature"):
+        record(model, (x, y), RecordConfig(kinds=("token-positions",), **cfg), info=INFO)
+
+
+def test_token_positions_objective_is_class_diag_of_per_token_records():
+    """The token-positions objective on a file recorded per feature equals class-diag on the same layers
+    recorded per token (``--token-stats unit``): the same per-(token, feature) moments, matched the same way;
+    its gradient reaches the input, and with all-layers the losses add."""
+    model, (x, y) = vit(), data()
+    pos = record(model, (x, y), RecordConfig(layers=TOKEN_LAYERS, kinds=("all-layers", "token-positions")), info=INFO)
+    unit = record(model, (x, y), RecordConfig(layers=TOKEN_LAYERS, kinds=("class-diag",), token_stats="unit"),
+                  info=INFO)
+    cfg = ReconstructConfig()
+    a, b = make_objective("token-positions", pos, model, cfg), make_objective("class-diag", unit, model, cfg)
+    assert a.layers() == b.layers() == list(TOKEN_LAYERS)
+    g = torch.Generator().manual_seed(5)
+    xs, labels = torch.rand(12, 3, 8, 8, generator=g, requires_grad=True), torch.arange(12) % 3
+    acts = outputs64(model.float(), xs.detach(), list(TOKEN_LAYERS))
+    acts = {k: v.float() for k, v in acts.items()}
+    logits = model(xs.detach())
+    la, lb = a.loss(logits, acts, {}, labels), b.loss(logits, acts, {}, labels)
+    assert la > 0 and torch.allclose(la, lb, rtol=1e-4)
+    both = make_objective("all-layers+token-positions", pos, model, cfg)
+    alone = make_objective("all-layers", pos, model, cfg)
+    tg = both.targets(labels, torch.Generator().manual_seed(1))
+    part = {n.partition("|")[2]: v for n, v in tg.items() if n.startswith("0|")}
+    assert torch.allclose(both.loss(logits, acts, tg, labels), alone.loss(logits, acts, part, labels) + la, rtol=1e-5)
+    got = {}
+    hooks = [dict(model.named_modules())[p].register_forward_hook(
+        lambda _m, _i, o, p=p: got.__setitem__(p, o[0] if isinstance(o, tuple) else o)) for p in TOKEN_LAYERS]
+    out = model(xs)
+    for h in hooks:
+        h.remove()
+    a.loss(out, got, {}, labels).backward()
+    assert xs.grad is not None and xs.grad.abs().sum() > 0
+
+
+class PatchNet(nn.Module):
+    """A ViT-like net whose first layer is a Linear over flattened 4x4 patches (a token layer affine in the input):
+    4 tokens of 48 features cover the 192 input values."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = nn.Linear(48, 48), nn.Linear(48, 3)
+
+    def forward(self, x):
+        p = x.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).reshape(len(x), 4, 48)
+        return self.head(torch.relu(self.proj(p)).mean(1))
+
+
+def test_token_positions_of_an_affine_token_layer_give_the_class_mean_inputs(capsys, tmp_path):
+    """A token layer affine in the input, pooled per feature, hides where each token sits (all-layers: a rank-48
+    projection of the 192 input values), but its token-positions record gives each class's mean input exactly:
+    the header says so, dfkd inspect names the record, and the inversion equals the true class means."""
+    torch.manual_seed(0)
+    model, (x, y) = PatchNet().eval(), data(90)
+    meta = record(model, (x, y), RecordConfig(kinds=("all-layers", "token-positions")), info=INFO)
+    form = {(r["layer"], r["stat"]): r for r in meta.header["closed_form"]}
+    assert form[("proj", "feature")]["class_means"] == "projection of rank 48"
+    assert form[("proj", "position")]["class_means"] == "exact"
+    inv = next(i for i in invert(model, meta) if i.stat == "position")
+    truth = torch.stack([x[y == c].double().mean(0) for c in range(3)])
+    assert torch.allclose(inv.means.double(), truth, atol=1e-4)
+    path = save(meta, tmp_path / "p.safetensors")
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "note: its token-positions record of proj gives each class's mean training input exactly" in out
+    assert "--kinds without token-positions" in out
+    assert _suggested(meta.kinds) == "all-layers"
+
+
+def test_inspect_and_leakage_say_what_a_vits_file_holds(capsys, tmp_path):
+    """dfkd inspect on a ViT's file lists its token layers per feature, its norm layers and each kind's line;
+    dfkd leakage's report says, per layer, what is pooled and that token-positions keeps the positions."""
+    code = str(ROOT / "examples" / "vit.py")
+    torch.manual_seed(0)
+    net, info = build_model(f"{code}:teacher", INFO, num_classes=3, image=8)
+    save_model(net.eval(), tmp_path / "vit", f"{code}:teacher", {"num_classes": 3, "image": 8}, info)
+    meta = record(net, data(60), RecordConfig(first_layer="unit"), info=INFO)
+    path = save(meta, tmp_path / "vit.stats.safetensors")
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.0.att (4, 64) per feature cov=full" in out  # mean pooling: 4 tokens of 64 features
+    assert "norm layers (norm-stats: their inputs per feature): blocks.0.norm1 (LayerNorm, 64 features)" in out
+    assert "token-positions: each class's mean and std of every pooled token layer's output at each token position" in out
+    assert "token-positions blocks.2.mlp.0/mean" in out and "total token-positions      18,432 floats" in out
+    lines = holds(meta)
+    assert "blocks.0.att (token, 4x64): its 64 features, each pooled over the sequence's 4 tokens; token-positions " \
+        "keeps every (token, feature)'s mean and std" in lines
+    assert "embed (conv, 64x2x2): every one of its 256 values (per unit)" in lines
+    without = record(net, data(60), RecordConfig(kinds=("all-layers",)), info=INFO)
+    assert any("(where each token sits is not kept)" in line for line in holds(without))
+
+
+def test_attention_maps_and_layernorm_outputs_are_recorded_by_path():
+    """The hand-written attention's softmax has a path: its maps ``[heads, T, T]`` record per head (pooled over
+    query and key: each row sums to 1, so the per-head mean is 1/T) or per unit (the maps themselves); a
+    LayerNorm's output records per feature. The class means equal float64 ones of the test's own hooks."""
+    model, (x, y) = vit("hand"), data()
+    paths = ["blocks.0.norm1", "blocks.0.att.softmax", "blocks.1.att.softmax"]
+    got = outputs64(model, x, paths)
+    for conv in ("channel", "unit"):
+        meta = record(model, (x, y), RecordConfig(layers=tuple(paths), kinds=("all-layers",), cov="diag",
+                                                   conv_stats=conv), info=INFO)
+        rows = {r["path"]: r for r in meta.header["layers"]}
+        assert rows["blocks.0.norm1"]["type"] == "token" and rows["blocks.0.norm1"]["stat"] == "feature"
+        assert rows["blocks.0.att.softmax"]["shape"] == [2, 5, 5] and rows["blocks.0.att.softmax"]["stat"] == conv
+        for c in range(3):
+            ln = got["blocks.0.norm1"][y == c].reshape(-1, 8).mean(0)
+            assert torch.allclose(meta.get("all-layers", "mean", "blocks.0.norm1")[c].double(), ln, atol=1e-5)
+            att = got["blocks.1.att.softmax"][y == c]
+            want = att.mean((0, 2, 3)) if conv == "channel" else att.flatten(1).mean(0)
+            assert torch.allclose(meta.get("all-layers", "mean", "blocks.1.att.softmax")[c].double(), want, atol=1e-5)
+        if conv == "channel":
+            assert torch.allclose(meta.get("all-layers", "mean", "blocks.0.att.softmax"), torch.full((3, 2), 0.2))
+
+
+def test_a_vits_private_file_from_the_command_line_serves_a_reconstruction(monkeypatch, tmp_path, capsys):
+    """dfkd record --privacy on a ViT saved from the user's code: every record (token-positions too) is an event
+    of the budget, epsilon meets the target, dfkd inspect says it is private, and dfkd reconstruct with
+    all-layers+norm-stats+token-positions makes its inputs from it."""
+    monkeypatch.setattr(dfkd_noise, "INSECURE_TEST_NOISE_SEED", 3)
+    code = str(ROOT / "examples" / "vit.py")
+    torch.manual_seed(0)
+    x, y = data(400)
+    np.savez(tmp_path / "d.npz", x=x.numpy(), y=y.numpy(), x_test=x[:30].numpy(), y_test=y[:30].numpy())
+    net, info = build_model(f"{code}:teacher", INFO, num_classes=3, image=8)
+    save_model(net.eval(), tmp_path / "vit", f"{code}:teacher", {"num_classes": 3, "image": 8}, info)
+    assert main(["record", "--teacher", str(tmp_path / "vit"), "--code", code, "--data", f"npz:{tmp_path / 'd.npz'}",
+                 "--privacy", "4", "--range", "0,1", "--quiet"]) == 0
+    stats = tmp_path / "vit.stats.safetensors"
+    meta = load(stats)
+    assert "token-positions" in meta.kinds and meta.header["privacy"]["epsilon"] <= 4.0
+    releases = {e["release"] for e in meta.header["privacy"]["events"]}
+    pooled = [r["path"] for r in meta.header["layers"] if r["type"] == "token" and r["stat"] == "feature"]
+    assert pooled and all(f"token-positions/{p}: sum" in releases for p in pooled)
+    capsys.readouterr()
+    assert main(["inspect", str(stats)]) == 0
+    assert "note: its" not in capsys.readouterr().out  # private: the closed form gives noise-covered means only
+    assert main(["reconstruct", "--teacher", str(tmp_path / "vit"), "--code", code, "--objective",
+                 "all-layers+norm-stats+token-positions", "--images", "6", "--steps", "2", "--out",
+                 str(tmp_path / "syn"), "--quiet"]) == 0
+    s = SyntheticSet(tmp_path / "syn").open()
+    xs, ys, _ = s.load()
+    assert xs.shape == (6, 3, 8, 8) and torch.isfinite(xs).all() and json.loads(
+        (tmp_path / "syn" / "manifest.json").read_text())["objective"] == "all-layers+norm-stats+token-positions"
