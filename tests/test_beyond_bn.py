@@ -370,12 +370,13 @@ def test_run_flags_remake_a_generator_students_configs():
                                                                    student, "", "mnist"))
 
 
-def test_vit_private_record_accounts_every_record(monkeypatch, tmp_path):
+@pytest.mark.parametrize("attention", ["torch", "hand"])
+def test_vit_private_record_accounts_every_record(monkeypatch, tmp_path, attention):
     """``--privacy`` on a ViT: every record (token layers per feature, the norm layers' inputs) is an event of
     the budget, the file's epsilon meets the target, the norm layers' description is a public header field,
     and the released file serves the norm-stats objective."""
     monkeypatch.setattr(dfkd_noise, "INSECURE_TEST_NOISE_SEED", 3)
-    model, (x, y) = vit(), data(300)
+    model, (x, y) = vit(attention), data(300)
     cfg = RecordConfig(kinds=("all-layers", "norm-stats"), privacy=4.0, value_range=(0.0, 1.0))
     m = record(model, (x, y), cfg)
     p = m.header["privacy"]
@@ -497,15 +498,17 @@ def test_a_norm_layer_that_never_runs_offers_no_norm_stats():
                 True, None, ex)
 
 
-def test_vit_is_published_and_reconstructed_by_two_shares_as_by_one(tmp_path):
-    """A ViT teacher saved from the user's code, its statistics recorded (token layers per feature, norm-stats),
-    goes through dfkd publish (the folder loads back only with its code named); dfkd reconstruct from the folder,
-    split over two shares (--rank / --world-size, as a job array or torchrun runs it), makes the very inputs one
-    process makes."""
+@pytest.mark.parametrize("attention", ["torch", "hand"])
+def test_vit_is_published_and_reconstructed_by_two_shares_as_by_one(tmp_path, attention):
+    """A ViT teacher saved from the user's code (nn.MultiheadAttention or hand-written attention), its statistics
+    recorded (token layers per feature, norm-stats), goes through dfkd publish (the folder loads back only with
+    its code named); dfkd reconstruct from the folder, split over two shares (--rank / --world-size, as a job
+    array or torchrun runs it), makes the very inputs one process makes."""
     code = str(ROOT / "examples" / "vit.py")
     torch.manual_seed(0)
-    net, info = build_model(f"{code}:teacher", INFO, num_classes=3, image=8)
-    save_model(net.eval(), tmp_path / "vit", f"{code}:teacher", {"num_classes": 3, "image": 8}, info)
+    args = {"num_classes": 3, "image": 8, "attention": attention}
+    net, info = build_model(f"{code}:teacher", INFO, **args)
+    save_model(net.eval(), tmp_path / "vit", f"{code}:teacher", args, info)
     save(record(net, data(120), RecordConfig(kinds=("all-layers", "norm-stats"))), tmp_path / "vit.stats.safetensors")
     folder = publish(ModelRef(str(tmp_path / "vit"), code=(code,)), tmp_path / "vit.stats.safetensors", tmp_path / "pub")
     with pytest.raises(DfkdError, match="--code"):
