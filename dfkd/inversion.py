@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .graph import LayerInfo, layer_rows
-from .kinds import REGISTRY, means_kind, pooled_tokens
+from .kinds import REGISTRY, means_kind, positions
 from .metadata import Metadata
 from .taps import output_of, resolve
 
@@ -105,8 +105,26 @@ def _records(meta: Metadata) -> list[tuple[str, dict, LayerInfo]]:
     out = [(kind, layer, LayerInfo.from_dict(layer)) for layer in layers] if kind else []
     if "token-positions" in meta.kinds:
         out += [("token-positions", layer, replace(LayerInfo.from_dict(layer), stat="unit"))
-                for layer in pooled_tokens(layers)]
+                for layer in positions(layers)]
     return out
+
+
+def _affine(m: nn.Module, li: LayerInfo, shape: tuple[int, ...], g: torch.Generator):
+    """``(s(0), the layer's calls)`` where the statistic of ``li`` is affine in the input of the float64 model
+    ``m`` (checked on two random inputs of ``shape``), else None: a nonlinearity lies before the layer."""
+    x, y = (torch.randn((2, *shape), generator=g, dtype=torch.float64) for _ in range(2))
+    zero, calls = _stat(m, li, torch.zeros((1, *shape), dtype=torch.float64))
+    s = lambda v: _stat(m, li, v, calls)[0]  # noqa: E731  (a layer called twice: its last call)
+    lhs, rhs = s(x + 0.5 * y) - zero, s(x) - zero + 0.5 * (s(y) - zero)
+    return (zero, calls) if torch.allclose(lhs, rhs, rtol=1e-6, atol=1e-8 * float(rhs.abs().max() + 1)) else None
+
+
+@torch.no_grad()
+def affine_in_input(model: nn.Module, infos: list[LayerInfo], shape: tuple[int, ...]) -> list[str]:
+    """The paths of ``infos`` whose outputs are affine in the model's input of ``shape`` (each class's mean of
+    them, per unit, gives each class's mean input wherever their map has full column rank)."""
+    m, g = _float64(model), torch.Generator().manual_seed(0)
+    return [i.path for i in infos if _affine(m, replace(i, stat="unit"), tuple(shape), g) is not None]
 
 
 def _affine_records(model: nn.Module, meta: Metadata):
@@ -117,13 +135,12 @@ def _affine_records(model: nn.Module, meta: Metadata):
     m = _float64(model)
     g = torch.Generator().manual_seed(0)
     for kind, layer, li in _records(meta):
-        x, y = (torch.randn((2, *info.shape), generator=g, dtype=torch.float64) for _ in range(2))
-        zero, calls = _stat(m, li, torch.zeros((1, *info.shape), dtype=torch.float64))
-        s = lambda v: _stat(m, li, v, calls)[0]  # noqa: E731  (a layer called twice: its last call)
-        lhs, rhs = s(x + 0.5 * y) - zero, s(x) - zero + 0.5 * (s(y) - zero)
-        if not torch.allclose(lhs, rhs, rtol=1e-6, atol=1e-8 * float(rhs.abs().max() + 1)):
-            continue  # not affine in the input: a nonlinearity lies before this layer
-        cols = [s(torch.eye(d, dtype=torch.float64)[i:i + 512].view(-1, *info.shape)) - zero for i in range(0, d, 512)]
+        found = _affine(m, li, info.shape, g)
+        if found is None:
+            continue
+        zero, calls = found
+        cols = [_stat(m, li, torch.eye(d, dtype=torch.float64)[i:i + 512].view(-1, *info.shape), calls)[0] - zero
+                for i in range(0, d, 512)]
         yield kind, layer, torch.cat(cols).T, zero
 
 

@@ -18,7 +18,8 @@ contract. Each entry declares
 - ``form`` (the layer kinds: a layer's stored form) and ``graphs`` (the spectral kinds: the graphs a header
   declares), declared on ``Kind`` for the callers that reach them through the registry; another kind raises.
 
-``KINDS`` are the kinds recorded by default (the paper's four); ``REGISTRY`` holds every kind.
+``KINDS`` are the paper's four, recorded by default; ``default_kinds`` adds norm-stats and token-positions where
+the teacher has what they record; ``REGISTRY`` holds every kind.
 A class Gaussian is stored in one of the forms of ``forms``.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .records import Batch, Kind, Private, Record, Setup, Shapes
 from .stats import ClassMoments, SpectralMoments
 from .taps import input_key
 
-__all__ = ["KINDS", "REGISTRY", "default_kinds", "pooled_tokens", "Batch", "Kind", "Private", "Record", "Setup", "Shapes", "means_kind", "means_kinds",
+__all__ = ["KINDS", "REGISTRY", "default_kinds", "pooled_tokens", "positions", "Batch", "Kind", "Private", "Record", "Setup", "Shapes", "means_kind", "means_kinds",
            "entry_kind", "gives_means"]
 
 class TopLayer(Kind):
@@ -197,34 +198,44 @@ class NormStats(Kind):
 
 def pooled_tokens(layers) -> list:
     """The token layers of ``layers`` (``LayerInfo``s or a header's ``layers[]`` rows) recorded per feature."""
-    row = lambda i: (i["type"], i.get("stat", "unit")) if isinstance(i, dict) else (i.type, i.stat)
+    row = lambda i: (i["type"], i.get("stat", "unit")) if isinstance(i, dict) else (i.type, i.stat)  # noqa: E731
     return [i for i in layers if row(i) == ("token", "feature")]
 
 
+def positions(layers: list[dict]) -> list[dict]:
+    """The header's ``layers[]`` rows that hold a token-positions record (``positions: true``)."""
+    return [row for row in layers if row.get("positions") is True]
+
+
 class TokenPositions(Kind):
-    """Per token layer recorded per feature (``--token-stats feature``, the default), per class, the mean and std
-    of every (token, feature) of its output: what pooling over tokens averages away, kept beside the pooled
-    record at the cost of two ``T x D`` rows a class (no covariance). ``dfkd record`` adds it by default for a
-    teacher with such layers (``default_kinds``)."""
+    """Per token layer recorded per feature that the header marks (``layers[].positions``), per class, the mean
+    and std of every (token, feature) of its output: what pooling over tokens averages away, kept beside the
+    pooled record at the cost of two ``T x D`` rows a class (no covariance). ``dfkd record`` adds it by default
+    (``default_kinds``) for the pooled token layers that are not affine in the input (whose per-position means
+    would give each class's mean input), and not under privacy (every record shares the budget); named in
+    ``--kinds``, for every pooled token layer."""
     name = "token-positions"
-    reveals = "each class's mean and std of every pooled token layer's output at each token position"
+    reveals = ("each class's mean and std of every pooled token layer's output at each token position; where "
+               "such a layer is affine in the input, each class's mean training input in closed form")
     default = False
 
     def check(self, s):
-        if not pooled_tokens(s.infos):
+        if not positions(s.layers):
             raise DfkdError("kinds", "token-positions needs a token layer recorded per feature (--token-stats "
-                            f"feature), and the chosen layers of {type(s.model).__name__} have none")
+                            "feature; under --first-layer unit the first layer is per unit), and the chosen layers "
+                            f"of {type(s.model).__name__} have none")
 
     def records(self, s):
         return [Record(self.name, i.path, "diag", lambda b, p=i.path: b.acts[p].flatten(1),
-                       lambda d=math.prod(i.shape): ClassMoments(s.c, d, full=False)) for i in pooled_tokens(s.infos)]
+                       lambda d=math.prod(i.shape): ClassMoments(s.c, d, full=False))
+                for i, row in zip(s.infos, s.layers) if row.get("positions") is True]
 
     def form(self, layer):
         return "diag"
 
     def contract(self, h):
         c = int(h["num_classes"])
-        return {forms.key(self.name, st, row["path"]): shape for row in pooled_tokens(h["layers"])
+        return {forms.key(self.name, st, row["path"]): shape for row in positions(h["layers"])
                 for st, shape in forms.shapes("diag", c, math.prod(row["shape"])).items()}
 
 
@@ -233,12 +244,13 @@ REGISTRY: dict[str, Kind] = {k.name: k for k in (TopLayer(), AllLayers(), Spectr
 KINDS = tuple(k for k, kind in REGISTRY.items() if kind.default)
 
 
-def default_kinds(model, example=None, infos=()) -> tuple[str, ...]:
+def default_kinds(model, example=None, infos=(), private: bool = False) -> tuple[str, ...]:
     """The kinds ``dfkd record`` records when none are named: the paper's four, norm-stats for a teacher
-    with LayerNorm or GroupNorm layers (given an ``example`` batch: layers its forward pass runs), and
-    token-positions where the chosen layers (``infos``) hold a token layer recorded per feature."""
+    with LayerNorm or GroupNorm layers (given an ``example`` batch: layers its forward pass runs), and, not
+    under privacy, token-positions where the chosen layers (``infos``) hold a token layer recorded per feature
+    (``record`` keeps it for those not affine in the input)."""
     return KINDS + (("norm-stats",) if norm_layers(model, example) else ()) + \
-        (("token-positions",) if pooled_tokens(infos) else ())
+        (("token-positions",) if pooled_tokens(infos) and not private else ())
 
 
 def means_kinds(kinds) -> list[str]:

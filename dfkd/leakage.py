@@ -10,6 +10,7 @@ to training images compared with unseen test images (a membership signal).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -68,14 +69,13 @@ def holds(meta: Metadata) -> list[str]:
     """What the file holds and so reveals, one line per kind (its registry line) and per chosen layer (its shape
     and the form of its statistics: a token sequence pooled over its tokens, a map over its positions)."""
     out = [f"{k}: {REGISTRY[k].reveals}" for k in meta.kinds if k in REGISTRY]
-    positions = "token-positions" in meta.kinds
     for row in meta.header.get("layers", []):
-        shape, stat = "x".join(map(str, row["shape"])), row.get("stat", "unit")
+        shape, stat, tokens = "x".join(map(str, row["shape"])), row.get("stat", "unit"), math.prod(row["shape"][:-1])
+        kept = ("; token-positions keeps every (token, feature)'s mean and std" if row.get("positions") is True
+                else " (where each token sits is not kept)")
         how = {"unit": f"every one of its {row['dim']:,} values (per unit)",
                "channel": f"its {row['dim']:,} channels, each pooled over the map's positions",
-               "feature": f"its {row['dim']:,} features, each pooled over the sequence's {row['shape'][0]} tokens"
-               + ("; token-positions keeps every (token, feature)'s mean and std" if positions else
-                  " (where each token sits is not kept)")}[stat]
+               "feature": f"its {row['dim']:,} features, each pooled over the sequence's {tokens:,} tokens{kept}"}[stat]
         out.append(f"{row['path']} ({row['type']}, {shape}): {how}")
     return out
 

@@ -121,6 +121,11 @@ def _check_fields(path: Path, h: dict) -> None:
                 layer["dim"] != LayerInfo.from_dict(layer).dim:
             raise DfkdError(path, f"header field layers[{i}].dim {layer['dim']} does not follow from its shape "
                             f"{layer['shape']} and stat {layer['stat']!r}")
+    marked = [i for i, layer in enumerate(h["layers"]) if "positions" in layer]
+    if any(h["layers"][i]["positions"] is not True or (h["layers"][i]["type"], h["layers"][i]["stat"]) !=
+           ("token", "feature") for i in marked) or ("token-positions" in h["kinds"]) != bool(marked):
+        raise DfkdError(path, "header field layers[].positions must be true on token layers recorded per feature, "
+                        "and on at least one exactly when kinds has token-positions")
     norms = h.get("norms", [])
     if not isinstance(norms, list) or ("norm-stats" in h["kinds"]) != bool(norms):
         raise DfkdError(path, "header field norms must list the norm layers exactly when kinds has norm-stats")

@@ -21,7 +21,7 @@ from . import forms
 from .config import ReconstructConfig
 from .errors import DfkdError
 from .graph import LayerInfo, layer_rows, signal
-from .kinds import REGISTRY, pooled_tokens
+from .kinds import REGISTRY
 from .metadata import Metadata
 from .moments import sq_distance
 from .objective import Objective
@@ -178,8 +178,8 @@ class TokenPositions(ClassDiag):
     ones (needs ``token-positions``; combines with the pooled record's ``all-layers``)."""
     name, kind = "token-positions", "token-positions"
 
-    def chosen(self, infos):
-        return pooled_tokens(infos)
+    def chosen(self, infos):  # the layers the header marks (``layers[].positions``), in the header's order
+        return [i for i, row in zip(infos, self.meta.header["layers"]) if row.get("positions") is True]
 
     def rows(self, out, i):
         return out.flatten(1).unsqueeze(2)

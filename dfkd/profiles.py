@@ -144,9 +144,9 @@ def check(cfg: RunConfig) -> None:
         raise DfkdError("objectives", f"unknown objective(s) {bad}; choose from {', '.join(OBJECTIVES)}"
                         + (" (a metadata objective and bn-stats combine with +)" if cfg.student else ""))
     # dfkd run records the default kinds only (its statistics are shared by every objective of a network), and
-    # norm-stats for a teacher with LayerNorm / GroupNorm layers (``kinds.default_kinds``)
+    # for a user's pair norm-stats and token-positions where the teacher has what they record (``kinds.default_kinds``)
     extra = [(o, k) for o in cfg.objectives or () for k in needs(o)
-             if k not in KINDS and not (k == "norm-stats" and cfg.student is not None)]
+             if k not in KINDS and not (k in ("norm-stats", "token-positions") and cfg.student is not None)]
     if extra and (cfg.student is None or given_teacher(cfg) is None):
         k = extra[0][1]
         raise DfkdError("objectives", f"{', '.join(dict.fromkeys(o for o, _ in extra))}: dfkd run records only the "

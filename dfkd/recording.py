@@ -12,7 +12,11 @@ statistics each reconstruction objective needs: one loop over the records of the
 - ``spectral-all`` / ``spectral-pairs``: per-class mean and std of the kept
   graph-Fourier coefficients of the node signal (see ``graph`` and ``stats``) on one
   graph over all chosen layers, or on one graph per pair of adjacent layers;
-- ``class-diag`` (not recorded by default): per chosen layer, mean and per-coordinate std of its output.
+- ``class-diag`` (not recorded by default): per chosen layer, mean and per-coordinate std of its output;
+- ``norm-stats`` (by default for a teacher with LayerNorm / GroupNorm layers): each such layer's input per
+  feature;
+- ``token-positions`` (by default, not under privacy, for the token layers recorded per feature that are not
+  affine in the input; named, for every such layer): each (token, feature)'s mean and std.
 
 With ``privacy=EPSILON`` the same statistics come from clipped per-example contributions with
 Gaussian noise (``privacy``): one more pass chooses the clip bounds the user did not give.
@@ -36,8 +40,8 @@ from .errors import DfkdError
 from .files import exclusive, weights_sha256
 from .forms import cov_mode
 from .graph import LayerInfo, layer_infos
-from .inversion import reveals
-from .kinds import KINDS, REGISTRY, Batch, Private, Record, Setup, default_kinds, gives_means
+from .inversion import affine_in_input, reveals
+from .kinds import KINDS, REGISTRY, Batch, Private, Record, Setup, default_kinds, gives_means, pooled_tokens
 from .normstats import norm_layers
 from .metadata import Metadata, load, new_header, save
 from .models import device_of
@@ -57,6 +61,16 @@ def _records(kinds: list[str], s: Setup) -> list[Record]:
     for kind in chosen:
         kind.check(s)
     return [r for kind in chosen for r in kind.records(s)]
+
+
+def _positions(model: nn.Module, infos: list[LayerInfo], x0: torch.Tensor, named: bool) -> list[str]:
+    """The token layers pooled per feature that get a token-positions record: every one where the kind is named,
+    else those not affine in the input (whose per-position class means would give each class's mean input)."""
+    pooled = [i.path for i in pooled_tokens(infos)]
+    if named or not pooled:
+        return pooled
+    affine = set(affine_in_input(model, pooled_tokens(infos), tuple(x0.shape[1:])))
+    return [p for p in pooled if p not in affine]
 
 
 def _check_batch(out: torch.Tensor, where: str, start: int) -> None:
@@ -188,9 +202,15 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
     with torch.no_grad():
         c = model(x0[:1].to(dev)).shape[1]
     norms = norm_layers(model, x0[:7].to(dev))  # the LayerNorm / GroupNorm layers that run, batch first
-    kinds = list(dict.fromkeys(cfg.kinds if cfg.kinds is not None else default_kinds(model, x0[:7].to(dev), infos)))
+    named = cfg.kinds is not None
+    kinds = list(dict.fromkeys(cfg.kinds if named else default_kinds(model, x0[:7].to(dev), infos,
+                                                                     private=cfg.privacy is not None)))
+    kept = _positions(model, infos, x0, named) if "token-positions" in kinds else []
+    if not named and not kept and "token-positions" in kinds:
+        kinds.remove("token-positions")
     t0 = time.perf_counter()
-    layers = [dict(i.as_dict(), cov=cov_mode(cfg.cov, i.dim)) for i in infos]
+    layers = [dict(i.as_dict(), cov=cov_mode(cfg.cov, i.dim), **({"positions": True} if i.path in kept else {}))
+              for i in infos]
     records = _records(kinds, Setup(model, infos, layers, cfg, c, norms))  # the spectral kinds' bases are made here
     basis_s = time.perf_counter() - t0
     t1 = time.perf_counter()

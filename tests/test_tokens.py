@@ -40,7 +40,7 @@ def test_token_positions_are_every_positions_class_moments():
     pooled = [p for p, r in rows.items() if r["type"] == "token" and r["stat"] == "feature"]
     assert len(pooled) == 6 and rows["embed"]["stat"] == "unit"
     kept = {k.split("/")[1] for k in meta.tensors if k.startswith("token-positions/")}
-    assert kept == set(pooled)
+    assert kept == set(pooled) == {p for p, r in rows.items() if r.get("positions") is True}
     got = outputs64(model, x, pooled)
     for p in pooled:
         out = got[p].flatten(1)  # [N, T * D]
@@ -81,6 +81,16 @@ def test_token_positions_objective_is_class_diag_of_per_token_records():
     logits = model(xs.detach())
     la, lb = a.loss(logits, acts, {}, labels), b.loss(logits, acts, {}, labels)
     assert la > 0 and torch.allclose(la, lb, rtol=1e-4)
+    want = 0.0  # written out in float64: per layer and class, n_c (mean_F (w (m - mu))^2 + mean_F (w^2 (s - sigma^2))^2)
+    for p in TOKEN_LAYERS:
+        mu, sd = (pos.get("token-positions", k, p).double() for k in ("mean", "std"))
+        w = 1 / (sd.mean(0) + 1e-3 * sd.mean(0).mean())
+        out = outputs64(model, xs.detach(), [p])[p].flatten(1)
+        for c in range(3):
+            r = out[labels == c]
+            want += len(r) * (((r.mean(0) - mu[c]) * w).pow(2).mean() +
+                              ((r.var(0, unbiased=False) - sd[c].pow(2)) * w * w).pow(2).mean())
+    assert abs(la.item() - float(want)) <= 1e-3 * float(want)
     both = make_objective("all-layers+token-positions", pos, model, cfg)
     alone = make_objective("all-layers", pos, model, cfg)
     tg = both.targets(labels, torch.Generator().manual_seed(1))
@@ -111,11 +121,15 @@ class PatchNet(nn.Module):
 
 def test_token_positions_of_an_affine_token_layer_give_the_class_mean_inputs(capsys, tmp_path):
     """A token layer affine in the input, pooled per feature, hides where each token sits (all-layers: a rank-48
-    projection of the 192 input values), but its token-positions record gives each class's mean input exactly:
-    the header says so, dfkd inspect names the record, and the inversion equals the true class means."""
+    projection of the 192 input values). By default it gets no token-positions record; named, its record gives
+    each class's mean input exactly: the header says so, dfkd inspect names the record, and the inversion equals
+    the true class means."""
     torch.manual_seed(0)
     model, (x, y) = PatchNet().eval(), data(90)
-    meta = record(model, (x, y), RecordConfig(kinds=("all-layers", "token-positions")), info=INFO)
+    default = record(model, (x, y), RecordConfig(), info=INFO)  # by default no record that would give them
+    assert "token-positions" not in default.kinds and not any("positions" in r for r in default.header["layers"])
+    assert all(r["class_means"] != "exact" for r in default.header["closed_form"])
+    meta = record(model, (x, y), RecordConfig(kinds=("all-layers", "token-positions")), info=INFO)  # named: kept
     form = {(r["layer"], r["stat"]): r for r in meta.header["closed_form"]}
     assert form[("proj", "feature")]["class_means"] == "projection of rank 48"
     assert form[("proj", "position")]["class_means"] == "exact"
@@ -177,8 +191,9 @@ def test_attention_maps_and_layernorm_outputs_are_recorded_by_path():
 
 
 def test_a_vits_private_file_from_the_command_line_serves_a_reconstruction(monkeypatch, tmp_path, capsys):
-    """dfkd record --privacy on a ViT saved from the user's code: every record (token-positions too) is an event
-    of the budget, epsilon meets the target, dfkd inspect says it is private, and dfkd reconstruct with
+    """dfkd record --privacy on a ViT saved from the user's code: token-positions only where named (each record
+    shares the budget); named, every record (token-positions too) is an event of the budget, its tensors are not
+    the exact ones, epsilon meets the target, dfkd inspect says it is private, and dfkd reconstruct with
     all-layers+norm-stats+token-positions makes its inputs from it."""
     monkeypatch.setattr(dfkd_noise, "INSECURE_TEST_NOISE_SEED", 3)
     code = str(ROOT / "examples" / "vit.py")
@@ -187,14 +202,21 @@ def test_a_vits_private_file_from_the_command_line_serves_a_reconstruction(monke
     np.savez(tmp_path / "d.npz", x=x.numpy(), y=y.numpy(), x_test=x[:30].numpy(), y_test=y[:30].numpy())
     net, info = build_model(f"{code}:teacher", INFO, num_classes=3, image=8)
     save_model(net.eval(), tmp_path / "vit", f"{code}:teacher", {"num_classes": 3, "image": 8}, info)
-    assert main(["record", "--teacher", str(tmp_path / "vit"), "--code", code, "--data", f"npz:{tmp_path / 'd.npz'}",
-                 "--privacy", "4", "--range", "0,1", "--quiet"]) == 0
+    record_argv = ["record", "--teacher", str(tmp_path / "vit"), "--code", code, "--data", f"npz:{tmp_path / 'd.npz'}",
+                   "--privacy", "4", "--range", "0,1", "--quiet"]
+    assert main(record_argv + ["--out", str(tmp_path / "default.stats.safetensors")]) == 0
+    assert "token-positions" not in load(tmp_path / "default.stats.safetensors").kinds  # not by default when private
+    assert main(record_argv + ["--kinds", "all-layers,norm-stats,token-positions"]) == 0
     stats = tmp_path / "vit.stats.safetensors"
     meta = load(stats)
     assert "token-positions" in meta.kinds and meta.header["privacy"]["epsilon"] <= 4.0
     releases = {e["release"] for e in meta.header["privacy"]["events"]}
     pooled = [r["path"] for r in meta.header["layers"] if r["type"] == "token" and r["stat"] == "feature"]
     assert pooled and all(f"token-positions/{p}: sum" in releases for p in pooled)
+    exact = record(net, (x, y), RecordConfig(kinds=("token-positions",)), info=INFO)
+    for p in pooled:  # released with noise: near the exact class means, never equal to them
+        got, want = meta.get("token-positions", "mean", p), exact.get("token-positions", "mean", p)
+        assert not torch.allclose(got, want, atol=1e-6) and torch.isfinite(got).all()
     capsys.readouterr()
     assert main(["inspect", str(stats)]) == 0
     assert "note: its" not in capsys.readouterr().out  # private: the closed form gives noise-covered means only
@@ -205,3 +227,29 @@ def test_a_vits_private_file_from_the_command_line_serves_a_reconstruction(monke
     xs, ys, _ = s.load()
     assert xs.shape == (6, 3, 8, 8) and torch.isfinite(xs).all() and json.loads(
         (tmp_path / "syn" / "manifest.json").read_text())["objective"] == "all-layers+norm-stats+token-positions"
+
+
+@pytest.mark.parametrize("bad", ["no row marked", "a conv row marked", "marked without the kind", "not true"])
+def test_a_header_that_misplaces_token_positions_is_refused(bad, tmp_path):
+    """The header marks exactly the token layers recorded per feature that hold a token-positions record
+    (``layers[].positions``); a file that marks none, marks a conv map, marks one without the kind, or marks with
+    anything but true is refused in one line naming the file."""
+    model, (x, y) = vit(), data()
+    meta = record(model, (x, y), RecordConfig(kinds=("all-layers", "token-positions")), info=INFO)
+    path = save(meta, tmp_path / "ok.safetensors")
+    assert load(path).kinds == ["all-layers", "token-positions"]
+    h = json.loads(json.dumps(meta.header))
+    rows = {r["path"]: r for r in h["layers"]}
+    if bad == "no row marked":
+        for r in h["layers"]:
+            r.pop("positions", None)
+    elif bad == "a conv row marked":
+        rows["embed"]["positions"] = True
+    elif bad == "marked without the kind":
+        h["kinds"] = ["all-layers"]
+    else:
+        rows["blocks.0.att"]["positions"] = 1
+    tensors = {k: v for k, v in meta.tensors.items() if bad != "marked without the kind" or
+               not k.startswith("token-positions/")}
+    with pytest.raises(DfkdError, match="bad.safetensors.*layers\\[\\]\\.positions"):
+        load(save(type(meta)(h, tensors), tmp_path / "bad.safetensors"))
