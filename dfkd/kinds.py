@@ -36,8 +36,8 @@ from .records import Batch, Kind, Private, Record, Setup, Shapes
 from .stats import ClassMoments, SpectralMoments
 from .taps import input_key
 
-__all__ = ["KINDS", "REGISTRY", "default_kinds", "pooled_tokens", "positions", "Batch", "Kind", "Private", "Record", "Setup", "Shapes", "means_kind", "means_kinds",
-           "entry_kind", "gives_means"]
+__all__ = ["KINDS", "REGISTRY", "default_kinds", "pooled_tokens", "positions", "Batch", "Kind", "Private", "Record",
+           "Setup", "Shapes", "means_kind", "means_kinds", "entry_kind", "gives_means"]
 
 class TopLayer(Kind):
     """Per class, mean and full covariance (its Cholesky factor) of the logits / T."""
