@@ -13,7 +13,7 @@ from .deployment import export_file
 from .distillation import distill_file
 from .evaluation import evaluate_file
 from .files import read_json
-from .leakage import leakage_file
+from .leakage import holds, leakage_file
 from .kinds import REGISTRY, entry_kind, means_kind, means_kinds
 from .metadata import load, summary
 from .pipeline import run
@@ -118,7 +118,7 @@ def _cmd_inspect(a) -> int:
     if h.get("norms"):
         print("norm layers (norm-stats: their inputs per feature): " +
               ", ".join(f"{n['path']} ({n['type']}, {n['features']} features)" for n in h["norms"]))
-    print("\n".join(f"{k}: {REGISTRY[k].reveals}" for k in h["kinds"]))  # what each kind holds and reveals
+    print("\n".join(holds(meta)))  # what each kind and each layer holds, as dfkd leakage says it
     print(f"{'kind':<16}{'record':<36}{'floats':>12}{'bytes':>14}")
     for r in s["rows"]:
         print(f"{r['kind']:<16}{r['record']:<36}{r['floats']:>12,}{r['bytes']:>14,}")

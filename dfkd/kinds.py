@@ -244,12 +244,13 @@ REGISTRY: dict[str, Kind] = {k.name: k for k in (TopLayer(), AllLayers(), Spectr
 KINDS = tuple(k for k, kind in REGISTRY.items() if kind.default)
 
 
-def default_kinds(model, example=None, infos=(), private: bool = False) -> tuple[str, ...]:
+def default_kinds(model, example=None, infos=(), private: bool = False, norms=None) -> tuple[str, ...]:
     """The kinds ``dfkd record`` records when none are named: the paper's four, norm-stats for a teacher
-    with LayerNorm or GroupNorm layers (given an ``example`` batch: layers its forward pass runs), and, not
-    under privacy, token-positions where the chosen layers (``infos``) hold a token layer recorded per feature
-    (``record`` keeps it for those not affine in the input)."""
-    return KINDS + (("norm-stats",) if norm_layers(model, example) else ()) + \
+    with LayerNorm or GroupNorm layers (given an ``example`` batch: layers its forward pass runs; ``norms``: those
+    layers, where the caller found them already), and, not under privacy, token-positions where the chosen layers
+    (``infos``) hold a token layer recorded per feature (``record`` keeps it for those not affine in the input)."""
+    norms = norm_layers(model, example) if norms is None else norms
+    return KINDS + (("norm-stats",) if norms else ()) + \
         (("token-positions",) if pooled_tokens(infos) and not private else ())
 
 

@@ -66,11 +66,9 @@ def _records(kinds: list[str], s: Setup) -> list[Record]:
 def _positions(model: nn.Module, infos: list[LayerInfo], x0: torch.Tensor, named: bool) -> list[str]:
     """The token layers pooled per feature that get a token-positions record: every one where the kind is named,
     else those not affine in the input (whose per-position class means would give each class's mean input)."""
-    pooled = [i.path for i in pooled_tokens(infos)]
-    if named or not pooled:
-        return pooled
-    affine = set(affine_in_input(model, pooled_tokens(infos), tuple(x0.shape[1:])))
-    return [p for p in pooled if p not in affine]
+    pooled = pooled_tokens(infos)
+    affine = set() if named or not pooled else set(affine_in_input(model, pooled, tuple(x0.shape[1:])))
+    return [i.path for i in pooled if i.path not in affine]
 
 
 def _check_batch(out: torch.Tensor, where: str, start: int) -> None:
@@ -203,8 +201,8 @@ def record(model: nn.Module, data, cfg: RecordConfig = RecordConfig(), info: Dat
         c = model(x0[:1].to(dev)).shape[1]
     norms = norm_layers(model, x0[:7].to(dev))  # the LayerNorm / GroupNorm layers that run, batch first
     named = cfg.kinds is not None
-    kinds = list(dict.fromkeys(cfg.kinds if named else default_kinds(model, x0[:7].to(dev), infos,
-                                                                     private=cfg.privacy is not None)))
+    kinds = list(dict.fromkeys(cfg.kinds if named else default_kinds(model, infos=infos, private=cfg.privacy is not None,
+                                                                     norms=norms)))
     kept = _positions(model, infos, x0, named) if "token-positions" in kinds else []
     if not named and not kept and "token-positions" in kinds:
         kinds.remove("token-positions")
