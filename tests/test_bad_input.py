@@ -52,6 +52,18 @@ def stats_with_header(w, tmp, header_edit=None, tensors_edit=None, raw_header=No
     return p
 
 
+def _norms_elsewhere(w, tmp) -> Path:
+    """The world's statistics with a well-formed norm-stats record (checksummed) of a LayerNorm at ``conv1``,
+    a path where the LeNet teacher has a Conv2d."""
+    from dfkd.metadata import Metadata, load, save
+    meta = load(w.stats)
+    header = dict(meta.header, kinds=[*meta.kinds, "norm-stats"],
+                  norms=[{"path": "conv1", "type": "LayerNorm", "features": 6}])
+    c = meta.num_classes
+    tensors = dict(meta.tensors, **{f"norm-stats/conv1/{s}": torch.ones(c, 6) for s in ("mean", "std")})
+    return save(Metadata(header, tensors), tmp / "n.stats.safetensors")
+
+
 def synthetic_copy(w, tmp, manifest_edit=None, shard_bytes=None) -> Path:
     d = tmp / "syn"
     d.mkdir()
@@ -435,6 +447,9 @@ CASES = [
      lambda w, t: ["reconstruct", "--teacher", copy_model(w, t, "m", weights=_scaled_weights(w, 1.01),
                                                           desc_edit=lambda d: d.pop("sha256")),
                    "--stats", w.stats, "--out", t / "r"], ["teacher.stats.safetensors", "another teacher"]),
+    ("stats-norm-not-in-teacher", "stats file", "norm-stats of a norm layer the teacher does not have",
+     lambda w, t: ["reconstruct", "--teacher", w.teacher, "--stats", _norms_elsewhere(w, t), "--objective", "norm-stats",
+                   "--out", t / "r"], ["n.stats.safetensors", "norm layer conv1 (a LayerNorm of 6 features) is not one"]),
     ("stats-missing-kind", "stats file", "without the kind the objective needs",
      lambda w, t: ["reconstruct", "--teacher", w.teacher, "--stats", _record(w, t, "top-layer"), "--objective",
                    "all-layers", "--out", t / "r"], ["top.stats.safetensors", "--kinds all-layers"]),

@@ -226,13 +226,23 @@ def test_norm_stats_loss_against_an_independent_computation():
 
 
 def test_norm_stats_composes_and_a_reconstruction_lowers_it():
-    """``all-layers+norm-stats`` builds; 30 Adam steps on noise lower the norm-stats loss of a ViT teacher."""
+    """``all-layers+norm-stats``'s loss is all-layers' (no cross-entropy) plus norm-stats' (with it), on the union
+    of their taps; 30 Adam steps on noise lower the norm-stats loss of a ViT teacher."""
     model, (x, y) = vit(), data()
     meta = record(model, (x, y), RecordConfig(kinds=("all-layers", "norm-stats")), info=INFO)
-    make_objective("all-layers+norm-stats", meta, model, ReconstructConfig())
+    both = make_objective("all-layers+norm-stats", meta, model, ReconstructConfig())
     obj = make_objective("norm-stats", meta, model, ReconstructConfig())
+    alone = make_objective("all-layers", meta, model, ReconstructConfig())
     g = torch.Generator().manual_seed(0)
     lb = torch.arange(12) % 3
+    tg = both.targets(lb, torch.Generator().manual_seed(1))
+    part = {n.partition("|")[2]: v for n, v in tg.items() if n.startswith("0|")}
+    assert both.inputs() == obj.inputs() and both.layers() == alone.layers()
+    with torch.no_grad(), tap(model, both.layers(), inputs=both.inputs()) as acts:
+        logits = model(torch.rand(12, 3, 8, 8, generator=g))
+        la, ln, lab = alone.loss(logits, acts, part, lb), obj.loss(logits, acts, {}, lb), both.loss(logits, acts, tg, lb)
+    assert ln > nn.functional.cross_entropy(logits, lb, reduction="sum") > 0 and la > 0
+    assert torch.allclose(lab, la + ln, rtol=1e-5)
     z = torch.rand(12, 3, 8, 8, generator=g).requires_grad_(True)
     opt = torch.optim.Adam([z], lr=0.05)
 
@@ -385,6 +395,11 @@ def test_vit_private_record_accounts_every_record(monkeypatch, tmp_path, attenti
     releases = {e["release"] for e in p["events"]}
     assert all(f"{r}: sum" in releases and f"{r}: second moment" in releases for r in records)
     assert p["epsilon"] <= 4.0 and field_status("norms[].features") == "public"
+    exact = record(model, (x, y), RecordConfig(kinds=("all-layers", "norm-stats")))
+    for n in m.header["norms"]:  # every norm record released with noise: near the exact one, never equal to it
+        for stat in ("mean", "std"):
+            got, want = m.get("norm-stats", stat, n["path"]), exact.get("norm-stats", stat, n["path"])
+            assert got.shape == want.shape and torch.isfinite(got).all() and not torch.allclose(got, want, atol=1e-6)
     back = load(save(m, tmp_path / "p.safetensors"))
     make_objective("all-layers+norm-stats", back, model, ReconstructConfig())
 
@@ -519,6 +534,12 @@ def test_vit_is_published_and_reconstructed_by_two_shares_as_by_one(tmp_path, at
     reconstruct_file(ref, stats, tmp_path / "one", rc)
     for rank in (0, 1):
         reconstruct_file(ref, stats, tmp_path / "two", rc, rt=Runtime(rank=rank, world_size=2))
+        # each share makes its own shards (batch b is rank b % 2's): after rank 0 alone, half the set, unfinished
+        assert sorted(f.name for f in (tmp_path / "two").glob("shard-*")) == \
+            [f"shard-{b:05d}.safetensors" for b in ((0, 2) if rank == 0 else (0, 1, 2, 3))]
+        if rank == 0:
+            with pytest.raises(DfkdError, match="incomplete"):
+                SyntheticSet(tmp_path / "two").open()
     one, two = SyntheticSet(tmp_path / "one").open(), SyntheticSet(tmp_path / "two").open()
     assert len(one) == len(two) == 16
     for a, b in zip(one.load(), two.load()):

@@ -1,6 +1,7 @@
 """The command line as a user runs it: each sub-command end to end at tiny sizes, and the README's
 own-model section as written (bad input: tests/test_bad_input.py)."""
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -265,6 +266,21 @@ def test_readme_teachers_without_batchnorm_run_as_written(tmp_path):
         # no bn-stats: the per-unit record (the first layer) matched by the batch
         saved = json.loads((runs / out / "own" / "students" / "all-layers+norm-stats.json").read_text())
         assert saved["reconstruct_config"]["unit_targets"] == "batch"
+    # the README's Python block, run for real at the same tiny sizes: the same student, figure by figure
+    import dfkd
+    body = (ROOT / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", body[body.index("## Teachers without BatchNorm"):], re.S).group(1)
+    real = dfkd.run
+
+    def tiny(cfg):
+        return real(dataclasses.replace(cfg, profile="tiny", progress=False, out="runs/vit-cnn-api",
+                                        student=f"{ROOT}/{cfg.student}", code=tuple(f"{ROOT}/{c}" for c in cfg.code)))
+    with mock.patch.object(dfkd, "run", tiny), contextlib.chdir(tmp_path), contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(block, "README.md", "exec"), {})
+    cli, api = (json.loads((runs / out / "results.json").read_text())["rows"] for out in ("vit-cnn", "vit-cnn-api"))
+    assert [r["objective"] for r in api] == [r["objective"] for r in cli] and len(api) == 3
+    for a, c in zip(api, cli):
+        assert a["accuracy"] == c["accuracy"] and a["history"] == c["history"] and a["configs"] == c["configs"], a["objective"]
 
 
 def test_readme_natural_digits_run_as_written(tmp_path):
