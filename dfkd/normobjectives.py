@@ -58,8 +58,8 @@ class NormStats(Objective):
         for n in meta.header.get("norms", []):
             m = mods.get(n["path"])
             if not isinstance(m, NORMS) or features(m) != n["features"] or type(m).__name__ != n["type"]:
-                raise DfkdError(meta.path or "stats", f"its norm layer {n['path']} (a {n['type']} of {n['features']} features) is not "
-                                "one in the teacher")
+                raise DfkdError(meta.path or "stats", f"its norm layer {n['path']} (a {n['type']} of "
+                                f"{n['features']} features) is not one in the teacher")
             g = self.stored(n["path"])
             self._norms.append((n["path"], m, g["mean"].to(self.dev), g["std"].to(self.dev).pow(2)))
 
