@@ -58,8 +58,11 @@ class NormStats(Objective):
         for n in meta.header.get("norms", []):
             m = mods.get(n["path"])
             if not isinstance(m, NORMS) or features(m) != n["features"] or type(m).__name__ != n["type"]:
+                there = "no such layer" if m is None else f"{n['path']} is a {type(m).__name__}" + (
+                    f" of {features(m)} features" if isinstance(m, NORMS) else "")
                 raise DfkdError(meta.path or "stats", f"its norm layer {n['path']} (a {n['type']} of "
-                                f"{n['features']} features) is not one in the teacher")
+                                f"{n['features']} features) is not in this teacher ({there}): record its "
+                                "statistics from this teacher (dfkd record --teacher TEACHER)")
             g = self.stored(n["path"])
             self._norms.append((n["path"], m, g["mean"].to(self.dev), g["std"].to(self.dev).pow(2)))
 

@@ -449,7 +449,7 @@ CASES = [
                    "--stats", w.stats, "--out", t / "r"], ["teacher.stats.safetensors", "another teacher"]),
     ("stats-norm-not-in-teacher", "stats file", "norm-stats of a norm layer the teacher does not have",
      lambda w, t: ["reconstruct", "--teacher", w.teacher, "--stats", _norms_elsewhere(w, t), "--objective", "norm-stats",
-                   "--out", t / "r"], ["n.stats.safetensors", "norm layer conv1 (a LayerNorm of 6 features) is not one"]),
+                   "--out", t / "r"], ["n.stats.safetensors", "norm layer conv1 (a LayerNorm of 6 features) is not in this teacher (conv1 is a Conv2d)"]),
     ("stats-missing-kind", "stats file", "without the kind the objective needs",
      lambda w, t: ["reconstruct", "--teacher", w.teacher, "--stats", _record(w, t, "top-layer"), "--objective",
                    "all-layers", "--out", t / "r"], ["top.stats.safetensors", "--kinds all-layers"]),
