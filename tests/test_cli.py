@@ -194,6 +194,13 @@ def readme_commands(section: str) -> list[list[str]]:
     return cmds
 
 
+def readme_python(section: str) -> str:
+    """The first python block under a README heading, within that heading's section."""
+    body = (ROOT / "README.md").read_text()
+    body = body[body.index(section):]
+    return re.search(r"```python\n(.*?)```", body[:body.index("\n## ", 3)], re.S).group(1)
+
+
 # appended to the README's commands in CI (argparse keeps the last value): small sizes only
 SMALL = {"colour_digits.py": ["--train", "300", "--test", "100"], "natural_digits.py": ["--train", "300", "--test", "100"],
          "run": ["--profile", "tiny"], "train": ["--epochs", "1"],
@@ -268,10 +275,7 @@ def test_readme_teachers_without_batchnorm_run_as_written(tmp_path):
         assert saved["reconstruct_config"]["unit_targets"] == "batch"
     # the README's Python block, run for real at the same tiny sizes: the same student, figure by figure
     import dfkd
-    body = (ROOT / "README.md").read_text()
-    section = body[body.index("## Teachers without BatchNorm"):]
-    block = re.search(r"```python\n(.*?)```", section[:section.index("\n## ", 3)], re.S).group(1)
-    real = dfkd.run
+    block, real = readme_python("## Teachers without BatchNorm"), dfkd.run
 
     def tiny(cfg):  # the block's config at the tests' sizes, with the examples found where they are
         return real(dataclasses.replace(cfg, profile="tiny", progress=False, out="runs/vit-cnn-api",
@@ -323,9 +327,7 @@ def test_readme_python_run_is_the_commands_run(tmp_path, monkeypatch):
         seen.append(cfg)
         (tmp_path / "results.md").write_text("")
         return tmp_path / "results.json"
-    body = (ROOT / "README.md").read_text()
-    body = body[body.index("## Teachers without BatchNorm"):]
-    block = re.search(r"```python\n(.*?)```", body, re.S).group(1)
+    block = readme_python("## Teachers without BatchNorm")
     first_run = next(c for c in readme_commands("## Teachers without BatchNorm") if c[:2] == ["dfkd", "run"])
     assert dfkd.run is commands.run  # one function behind both
     monkeypatch.setattr(commands, "run", capture)
