@@ -2,12 +2,15 @@
 ``recipes`` and the run's overrides, each student's stage configs, and the checks of a run's config."""
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from dataclasses import dataclass
 
 from .averaging import check_share
 from .basis import BASES
 from .config import DistillConfig, GeneratorConfig, ReconstructConfig, TrainConfig, default
+from .data import FLOAT32_MAX
 from .errors import DfkdError
 from .kinds import KINDS
 from .losses import temperature_problem
@@ -69,7 +72,8 @@ def _sized(r: dict, cfg: RunConfig) -> dict:
 
 
 def _distill_given(cfg: RunConfig) -> dict:  # the run's overrides of a distillation recipe
-    return {k: getattr(cfg, k) for k in ("epochs", "temperature", "augment", "average") if getattr(cfg, k) is not None}
+    given = {k: getattr(cfg, k) for k in ("epochs", "lr", "temperature", "augment", "average") if getattr(cfg, k) is not None}
+    return dict(given, lr=float(cfg.lr)) if cfg.lr is not None else given
 
 
 def given_teacher(cfg: RunConfig) -> ModelRef | None:
@@ -118,6 +122,18 @@ def _check_temperature(cfg: RunConfig) -> None:
         raise DfkdError("temperature", "the paper profile distils at the paper's temperature, 8")
 
 
+def _check_lr(cfg: RunConfig) -> None:
+    """Refuse a --lr that is not a real number > 0 whose Adam first step (10 x lr) fits in float32, or any but the
+    paper's 1e-3 under its profile."""
+    lr = cfg.lr
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
+        raise DfkdError("lr", f"{lr!r} is not a finite number > 0")
+    if not float(lr) * 10 < FLOAT32_MAX:  # Adam's first step is 10 x lr (its bias correction)
+        raise DfkdError("lr", f"{float(lr):g} is too large: Adam's first step (10 x lr) does not fit in float32")
+    if cfg.profile == "paper" and lr != PROFILES["paper"]["distill"]["lr"]:
+        raise DfkdError("lr", "the paper profile distils at the paper's learning rate (Adam, 1e-3)")
+
+
 def _check_teacher_epochs(cfg: RunConfig) -> None:
     """Refuse a --teacher-epochs that no teacher of the run would be trained for."""
     if cfg.teacher_epochs <= 0:
@@ -158,6 +174,8 @@ def check(cfg: RunConfig) -> None:
         raise DfkdError("epochs", "must be > 0")
     if cfg.temperature is not None:
         _check_temperature(cfg)
+    if cfg.lr is not None:
+        _check_lr(cfg)
     if cfg.synthesis not in SYNTHESES:
         raise DfkdError("synthesis", f"{cfg.synthesis!r} is not one of {', '.join(SYNTHESES)}")
     if cfg.average is not None:
@@ -230,7 +248,7 @@ def pairs(cfg: RunConfig) -> list[Pair]:
                         "give the views you want with --seen-views and --augment instead")
     return _averaging(cfg, [
         Pair("own", cfg.teacher, cfg.student, cfg.teacher_epochs or o["teacher_epochs"], cfg.epochs or o["distill"]["epochs"],
-             o["distill"]["lr"], _sized(recipe, cfg), distill, parse_args(cfg.teacher_args, "teacher_args"),
+             float(cfg.lr or o["distill"]["lr"]), _sized(recipe, cfg), distill, parse_args(cfg.teacher_args, "teacher_args"),
              parse_args(cfg.student_args, "student_args"), own=True,
              generator=generator_recipe(o.get("generator", GENERATOR[cfg.profile]), cfg),
              without_bn=o.get("generator_without_bn") if cfg.synthesis == "generator" else None,

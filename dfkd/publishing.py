@@ -228,8 +228,8 @@ def run_flags(objective: str, saved: dict, student: str) -> list[str] | None:
     """The ``dfkd run`` flags (beside ``--teacher``, ``--data`` and the student's arguments) that make a generator
     student's saved configs again (``saved``: its ``reconstruct_config``, ``distill_config`` and
     ``generator_config``): a registry student's network (``--networks``) or ``--student``, the profile, the
-    objective, iterations, seen views, unit targets, temperature, distillation views (where not the profile's) and
-    seed; None where no profile of this version makes them."""
+    objective, iterations, seen views, unit targets, temperature, distillation views and the students' lr (each
+    where not the profile's) and seed; None where no profile of this version makes them."""
     rc, dc, gc = (saved.get(k) for k in ("reconstruct_config", "distill_config", "generator_config"))
     if not all(isinstance(c, dict) for c in (rc, dc, gc)):
         return None
@@ -240,14 +240,15 @@ def run_flags(objective: str, saved: dict, student: str) -> list[str] | None:
                   seed=gc.get("seed", 0))
     nets = [n for n, s in PAIRS.items() if s == student]
     tries = ([(p, {"networks": (nets[0],)}) for p in PROFILES] if nets else []) + [(p, {"student": student}) for p in OWN]
-    for (profile, who), augment in ((t, a) for t in tries for a in (None, dc.get("augment"))):
-        cfg = RunConfig(teacher="teacher", profile=profile, **who, **chosen, augment=augment)  # a saved teacher
+    for (profile, who), augment, lr in ((t, a, r) for t in tries for a in (None, dc.get("augment"))
+                                        for r in (None, dc.get("lr"))):
+        cfg = RunConfig(teacher="teacher", profile=profile, **who, **chosen, augment=augment, lr=lr)  # a saved teacher
         try:
             made = [to_dict(c) for c in configs(objective, pairs(cfg)[0], cfg.seed, cfg)]
         except (DfkdError, TypeError, ValueError):  # settings this profile does not take
             continue
         if made == [rc, dc, gc]:
-            given = dict(who, profile=profile, **chosen, augment=augment)
+            given = dict(who, profile=profile, **chosen, augment=augment, lr=lr)
             given = {k: v for k, v in given.items() if v is not None and (k not in ("profile", "seed") or
                                                                          v != default(RunConfig, k))}
             return [a for k, v in given.items()

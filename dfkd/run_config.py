@@ -44,6 +44,9 @@ class RunConfig:
     teacher_epochs: int | None = opt(None, "epochs of the teacher the run trains (a registry network's, or yours given "
                                      "as code without --weights; Adam lr 1e-3 annealed by a cosine); default: the "
                                      "profile's (quick: 10, your own pair 3)", parse="positive", later=True)
+    lr: float | None = opt(None, "the students' Adam learning rate: the data-free students' and, for your own pair, its "
+                           "baselines' too (the paper's networks' baselines keep 1e-3); default: the profile's (your "
+                           "own pair 0.01, the paper's networks 1e-3; the paper profile refuses another)", parse="positive", later=True)
     temperature: float | None = opt(None, "the data-free students' KD temperature (default: the profile's, 8 as in the "
                                     "paper; also the disagreement views' steps; the real-KD baseline keeps 8, the paper profile refuses another)", parse="temperature", later=True)
     synthesis: str = opt("optimise", "optimise: a synthetic set, each input optimised for the objective, then the "

@@ -349,6 +349,8 @@ def test_run_flags_remake_a_generator_students_configs():
     for profile, objective, extra in (("quick", "all-layers+norm-stats", own),
                                       ("tiny", "all-layers+bn-stats", dict(own, unit_targets="batch", seed=3)),
                                       ("quick", "bn-stats", dict(own, temperature=4.0)),
+                                      ("quick", "all-layers+norm-stats", dict(own, lr=0.002)),
+                                      ("tiny", "all-layers", dict(teacher="saved", networks=("lenet5",), lr=0.003)),
                                       ("quick", "all-layers+bn-stats", dict(own, augment="affine+cutmix+backdrop")),
                                       ("tiny", "all-layers", dict(teacher="saved", networks=("lenet5",), augment="shift")),
                                       ("quick", "all-layers+class-diag", dict(own, teacher="saved")),
@@ -364,6 +366,7 @@ def test_run_flags_remake_a_generator_students_configs():
         assert ("--profile" in flags) == (profile != "quick") and ("--seed" in flags) == ("seed" in extra)
         assert ("--temperature" in flags) == ("temperature" in extra) and back.temperature == extra.get("temperature")
         assert ("--augment" in flags) == ("augment" in extra) and back.augment == extra.get("augment")
+        assert ("--lr" in flags) == ("lr" in extra) and back.lr == extra.get("lr")
         assert (back.student, back.networks[:1] if cfg.student is None else None) == \
             (cfg.student, cfg.networks if cfg.student is None else None)
         assert ("--unit-targets" in flags) == objective.startswith("all-layers")

@@ -9,6 +9,7 @@ from dataclasses import replace as dataclass_replace
 from types import SimpleNamespace
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from dfkd.cli import main
@@ -307,6 +308,74 @@ def test_temperature_sets_the_data_free_students_kd_temperature(own, tmp_path, c
         with pytest.raises(DfkdError, match="is not a number > 0 and <= 1000") as e:
             pairs(RunConfig(**own_pair, temperature=bad))
         assert e.value.where == "temperature"
+
+
+def test_lr_sets_the_students_learning_rate_and_a_resume_with_another_is_refused(own, tmp_path, capsys, monkeypatch):
+    """--lr: the data-free student and, for a user's own pair, both baselines are trained at it: every Adam the
+    run builds for a student starts at it (a spy on torch.optim.Adam; the generator's own Adam group keeps its
+    1e-3), and their saved settings say so; the report's command names it, the student's weights differ from the
+    same run's at the profile's lr, and the same folder without it is refused as other settings, its files kept.
+    The paper's networks take it for their data-free students only (their baselines keep 1e-3), the paper
+    profile refuses any but its 1e-3, and what is not a finite number > 0 whose Adam first step fits in float32
+    is refused from Python in one line (the command line's: test_bad_input)."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from dfkd.errors import DfkdError
+    from dfkd.profiles import configs, pairs
+    from dfkd.run_config import RunConfig
+    d, data = own
+    given = ["--teacher", f"{OWN}:teacher", "--teacher-args", ARGS, "--weights", d / "teacher.safetensors",
+             "--normalize", "auto", "--data", data, "--objectives", "bn-stats"]
+    made = []
+
+    class Spy(torch.optim.Adam):
+        def __init__(self, params, *a, **kw):
+            super().__init__(params, *a, **kw)
+            made.append([g["lr"] for g in self.param_groups])
+
+    monkeypatch.setattr(torch.optim, "Adam", Spy)
+    run(tmp_path / "a", *given, "--lr", 0.003, baselines=True)
+    # one group each: real-data, real-kd, the bn-stats student; the inputs' Adam (reconstruction, colour probe)
+    # keeps one group per colour channel at the recipe's rates
+    assert [m for m in made if len(m) == 1] == [[0.003]] * 3, made
+    assert all(len(m) == 3 and 0.003 not in m and 0.01 not in m for m in made if len(m) != 1), made
+    made.clear()
+    run(tmp_path / "g", *given, "--lr", 0.003, "--synthesis", "generator")
+    assert [m for m in made if len(m) != 3] == [[1e-3, 0.003]], made  # the generator's group, the student's
+    made.clear()
+    students = tmp_path / "a" / "own" / "students"
+    assert json.loads((students / "bn-stats.json").read_text())["distill_config"]["lr"] == 0.003
+    for base in ("real-data", "real-kd"):
+        assert json.loads((students / f"{base}.json").read_text())["settings"]["config"]["lr"] == 0.003
+    assert "--lr 0.003" in (tmp_path / "a" / "results.md").read_text()
+    run(tmp_path / "b", *given)
+    assert [m for m in made if len(m) == 1] == [[0.01]], made
+    weights = [load_file(tmp_path / k / "own" / "students" / "bn-stats.safetensors") for k in ("a", "b")]
+    assert weights[0].keys() == weights[1].keys()
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    before = {p: p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file() and ".lock" not in p.name}
+    capsys.readouterr()
+    run(tmp_path / "a", *given, baselines=True, code=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0] and "lr 0.003 -> 0.01" in err[0], err
+    assert {p: p.read_bytes() for p in before} == before
+    own_pair = dict(teacher="t.py:net", weights="w.safetensors", student="s.py:net")
+    for cfg, base in ((RunConfig(**own_pair, lr=0.002), 0.002), (RunConfig(**own_pair, lr=0.002, synthesis="generator"), 0.002),
+                      (RunConfig(networks=("lenet5",), lr=0.002), 1e-3)):
+        (p,) = pairs(cfg)
+        assert configs("all-layers", p, 0, cfg)[1].lr == 0.002
+        assert configs("real-kd", p, 0, cfg)[0].lr == configs("real-data", p, 0, cfg)[0].lr == base
+    assert pairs(RunConfig(**own_pair))[0].distill["lr"] == 0.01
+    assert pairs(RunConfig(**own_pair, lr=np.float64(0.002)))[0].distill["lr"] == 0.002
+    assert type(pairs(RunConfig(**own_pair, lr=np.float32(0.5)))[0].distill["lr"]) is float
+    assert pairs(RunConfig(networks=("lenet5",), profile="paper", lr=1e-3))
+    with pytest.raises(DfkdError, match="the paper profile distils at the paper's learning rate"):
+        pairs(RunConfig(networks=("lenet5",), profile="paper", lr=0.002))
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "0.1", 1e38):
+        with pytest.raises(DfkdError, match="is not a finite number > 0|is too large: Adam's first step") as e:
+            pairs(RunConfig(**own_pair, lr=bad))
+        assert e.value.where == "lr"
 
 
 def test_augment_sets_the_data_free_students_views_and_keeps_them_as_given(own, tmp_path):
