@@ -273,6 +273,8 @@ def test_readme_teachers_without_batchnorm_run_as_written(tmp_path):
         # no bn-stats: the per-unit record (the first layer) matched by the batch
         saved = json.loads((runs / out / "own" / "students" / "all-layers+norm-stats.json").read_text())
         assert saved["reconstruct_config"]["unit_targets"] == "batch"
+        # the smaller ViT at its own learning rate (--lr 0.002), the small CNN at the default 0.01
+        assert saved["distill_config"]["lr"] == (0.002 if out == "vit-vit" else 0.01)
     # the README's Python block, run for real at the same tiny sizes: the same student, figure by figure
     import dfkd
     block, real = readme_python("## Teachers without BatchNorm"), dfkd.run
