@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+from dataclasses import replace as dataclass_replace
 
 import pytest
 import torch
@@ -350,6 +351,7 @@ def test_run_flags_remake_a_generator_students_configs():
                                       ("tiny", "all-layers+bn-stats", dict(own, unit_targets="batch", seed=3)),
                                       ("quick", "bn-stats", dict(own, temperature=4.0)),
                                       ("quick", "all-layers+norm-stats", dict(own, lr=0.002)),
+                                      ("quick", "all-layers+norm-stats", dict(own, lr=0.01)),  # the profile's own
                                       ("tiny", "all-layers", dict(teacher="saved", networks=("lenet5",), lr=0.003)),
                                       ("quick", "all-layers+bn-stats", dict(own, augment="affine+cutmix+backdrop")),
                                       ("tiny", "all-layers", dict(teacher="saved", networks=("lenet5",), augment="shift")),
@@ -366,7 +368,9 @@ def test_run_flags_remake_a_generator_students_configs():
         assert ("--profile" in flags) == (profile != "quick") and ("--seed" in flags) == ("seed" in extra)
         assert ("--temperature" in flags) == ("temperature" in extra) and back.temperature == extra.get("temperature")
         assert ("--augment" in flags) == ("augment" in extra) and back.augment == extra.get("augment")
-        assert ("--lr" in flags) == ("lr" in extra) and back.lr == extra.get("lr")
+        own_lr = pairs(dataclass_replace(cfg, lr=None))[0].distill["lr"]  # a rate the profile gives needs no flag
+        flagged = extra.get("lr", own_lr) != own_lr
+        assert ("--lr" in flags) == flagged and back.lr == (extra["lr"] if flagged else None)
         assert (back.student, back.networks[:1] if cfg.student is None else None) == \
             (cfg.student, cfg.networks if cfg.student is None else None)
         assert ("--unit-targets" in flags) == objective.startswith("all-layers")

@@ -373,7 +373,8 @@ def test_lr_sets_the_students_learning_rate_and_a_resume_with_another_is_refused
     with pytest.raises(DfkdError, match="the paper profile distils at the paper's learning rate"):
         pairs(RunConfig(networks=("lenet5",), profile="paper", lr=0.002))
     for bad in (0.0, -1.0, float("nan"), float("inf"), True, "0.1", 1e38):
-        with pytest.raises(DfkdError, match="is not a finite number > 0|is too large: Adam's first step") as e:
+        why = "is too large: Adam's first step" if bad == 1e38 else "is not a finite number > 0"
+        with pytest.raises(DfkdError, match=why) as e:
             pairs(RunConfig(**own_pair, lr=bad))
         assert e.value.where == "lr"
 
