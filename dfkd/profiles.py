@@ -73,7 +73,7 @@ def _sized(r: dict, cfg: RunConfig) -> dict:
 
 def _distill_given(cfg: RunConfig) -> dict:  # the run's overrides of a distillation recipe
     given = {k: getattr(cfg, k) for k in ("epochs", "lr", "temperature", "augment", "average") if getattr(cfg, k) is not None}
-    return dict(given, lr=float(cfg.lr)) if cfg.lr is not None else given
+    return dict(given, lr=float(given["lr"])) if "lr" in given else given  # a numpy float saved as a JSON number
 
 
 def given_teacher(cfg: RunConfig) -> ModelRef | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from itertools import product
 from pathlib import Path
 
 from safetensors.torch import save as st_save
@@ -240,8 +241,7 @@ def run_flags(objective: str, saved: dict, student: str) -> list[str] | None:
                   seed=gc.get("seed", 0))
     nets = [n for n, s in PAIRS.items() if s == student]
     tries = ([(p, {"networks": (nets[0],)}) for p in PROFILES] if nets else []) + [(p, {"student": student}) for p in OWN]
-    for (profile, who), augment, lr in ((t, a, r) for t in tries for a in (None, dc.get("augment"))
-                                        for r in (None, dc.get("lr"))):
+    for (profile, who), augment, lr in product(tries, (None, dc.get("augment")), (None, dc.get("lr"))):
         cfg = RunConfig(teacher="teacher", profile=profile, **who, **chosen, augment=augment, lr=lr)  # a saved teacher
         try:
             made = [to_dict(c) for c in configs(objective, pairs(cfg)[0], cfg.seed, cfg)]
