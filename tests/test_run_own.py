@@ -337,9 +337,10 @@ def test_lr_sets_the_students_learning_rate_and_a_resume_with_another_is_refused
     monkeypatch.setattr(torch.optim, "Adam", Spy)
     run(tmp_path / "a", *given, "--lr", 0.003, baselines=True)
     # one group each: real-data, real-kd, the bn-stats student; the inputs' Adam (reconstruction, colour probe)
-    # keeps one group per colour channel at the recipe's rates
+    # keeps one group per colour channel at the recipe's rates: the very groups of run b, made without --lr
     assert [m for m in made if len(m) == 1] == [[0.003]] * 3, made
-    assert all(len(m) == 3 and 0.003 not in m and 0.01 not in m for m in made if len(m) != 1), made
+    inputs = [m for m in made if len(m) != 1]
+    assert inputs and all(len(m) == 3 for m in inputs), made
     made.clear()
     run(tmp_path / "g", *given, "--lr", 0.003, "--synthesis", "generator")
     assert [m for m in made if len(m) != 3] == [[1e-3, 0.003]], made  # the generator's group, the student's
@@ -351,6 +352,7 @@ def test_lr_sets_the_students_learning_rate_and_a_resume_with_another_is_refused
     assert "--lr 0.003" in (tmp_path / "a" / "results.md").read_text()
     run(tmp_path / "b", *given)
     assert [m for m in made if len(m) == 1] == [[0.01]], made
+    assert [m for m in made if len(m) != 1] == inputs, made
     weights = [load_file(tmp_path / k / "own" / "students" / "bn-stats.safetensors") for k in ("a", "b")]
     assert weights[0].keys() == weights[1].keys()
     assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
@@ -369,6 +371,7 @@ def test_lr_sets_the_students_learning_rate_and_a_resume_with_another_is_refused
     assert pairs(RunConfig(**own_pair))[0].distill["lr"] == 0.01
     assert pairs(RunConfig(**own_pair, lr=np.float64(0.002)))[0].distill["lr"] == 0.002
     assert type(pairs(RunConfig(**own_pair, lr=np.float32(0.5)))[0].distill["lr"]) is float
+    assert pairs(RunConfig(**own_pair, lr=3e37))[0].distill["lr"] == 3e37  # 10 * lr still fits in float32
     assert pairs(RunConfig(networks=("lenet5",), profile="paper", lr=1e-3))
     with pytest.raises(DfkdError, match="the paper profile distils at the paper's learning rate"):
         pairs(RunConfig(networks=("lenet5",), profile="paper", lr=0.002))

@@ -214,7 +214,7 @@ def test_a_vits_private_file_from_the_command_line_serves_a_reconstruction(monke
     pooled = [r["path"] for r in meta.header["layers"] if r["type"] == "token" and r["stat"] == "feature"]
     assert pooled and all(f"token-positions/{p}: sum" in releases for p in pooled)
     exact = record(net, (x, y), RecordConfig(kinds=("token-positions",)), info=INFO)
-    for p in pooled:  # released with noise: near the exact class means, never equal to them
+    for p in pooled:  # released with noise: finite, and never the exact class means (how near: test_privacy)
         got, want = meta.get("token-positions", "mean", p), exact.get("token-positions", "mean", p)
         assert not torch.allclose(got, want, atol=1e-6) and torch.isfinite(got).all()
     capsys.readouterr()
