@@ -99,6 +99,15 @@ def export_model(model: torch.nn.Module, info: DataInfo, cfg: ExportConfig = Exp
     return int8, report
 
 
+def drop_beyond(check: dict | None, max_drop: float) -> float | None:
+    """The points of agreement int8 loses against float32 on the checked inputs (``check``'s ``fp32`` and ``int8``
+    shares) where that is more than ``max_drop`` points, else None (no check, or a drop within it)."""
+    if not check:
+        return None
+    drop = 100 * (check["fp32"] - check["int8"])
+    return drop if drop > max_drop else None
+
+
 def export_file(model: ModelRef, out: str | Path, cfg: ExportConfig = ExportConfig(), calibration: str | None = None,
                 calibration_npz: str | None = None, data: DataRef = DataRef()) -> tuple[Path, dict]:
     """``dfkd export``: a saved model (or a spec with weights: its input shape and normalisation from ``data``)
@@ -144,8 +153,9 @@ def export_file(model: ModelRef, out: str | Path, cfg: ExportConfig = ExportConf
         raise
     report["bytes"] = len(raw)
     check = report.get("check")
-    if check and 100 * (check["fp32"] - check["int8"]) > cfg.max_drop:
+    drop = drop_beyond(check, cfg.max_drop)
+    if drop is not None:
         print(f"dfkd: warning: {out}: int8 agrees with the teacher's labels on {100 * check['int8']:.2f}% of "
               f"{check['n']} synthetic inputs ({check['inputs']}), float32 on {100 * check['fp32']:.2f}%: a drop of "
-              f"{100 * (check['fp32'] - check['int8']):.2f} points, more than --max-drop {cfg.max_drop:g}", file=sys.stderr)
+              f"{drop:.2f} points, more than --max-drop {cfg.max_drop:g}", file=sys.stderr)
     return out, report

@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import ExportConfig
 from .data import at_input
-from .deployment import export_model, open_calibration, source_of
+from .deployment import drop_beyond, export_model, open_calibration, source_of
 from .errors import DfkdError
 from .exporting import DEPLOY, write
 from .inference import INPUT, accuracy, session, speeds
@@ -80,7 +80,7 @@ def ship(stem: Path, student: nn.Module, teacher: nn.Module, data, cfg: RunConfi
            **speeds(lambda b: sess.run(None, {INPUT: b.numpy()}), data.info, (1, 64), 0.5)}
     write_json(stem.with_name(stem.name + DEPLOY), out)
     c = out["check"]
-    if c and 100 * (c["fp32"] - c["int8"]) > ec.max_drop:
+    if drop_beyond(c, ec.max_drop) is not None:
         print(f"dfkd: warning: {path}: int8 agrees with the teacher's labels on {100 * c['int8']:.2f}% of {c['n']} "
               f"synthetic inputs, float32 on {100 * c['fp32']:.2f}%: a drop of more than {ec.max_drop:g} point",
               file=sys.stderr)

@@ -12,6 +12,7 @@ from dfkd.averaging import Average, epochs_averaged
 from dfkd.cli import main
 from dfkd.config import DistillConfig
 from dfkd.distillation import distill
+from dfkd import loop
 from dfkd.loop import fit
 
 N, B = 64, 32  # two batches an epoch
@@ -105,17 +106,21 @@ def _stop_at(call: int):
 
 
 @pytest.mark.parametrize("call", [3, 6], ids=["before-the-average", "inside-it"])
-def test_a_resumed_average_equals_an_uninterrupted_one(tmp_path, call):
+def test_a_resumed_average_equals_an_uninterrupted_one(tmp_path, monkeypatch, call):
     """on_epoch runs once an epoch, twice (running, average) from epoch 4: call 3 stops epoch 3 before its state is
-    saved (epoch 2's: nothing averaged yet), call 6 epoch 5 (epoch 4's: a mean of one)."""
+    saved (epoch 2's: nothing averaged yet), call 6 epoch 5 (epoch 4's: a mean of one). The resumed run trains
+    only the epochs after the saved one (the states it saves say which), the finished one none."""
     whole = _net()
     _fit(whole, average=0.5, state_path=tmp_path / "a.state.safetensors")
     state = tmp_path / "b.state.safetensors"
     with pytest.raises(Stop):
         _fit(_net(), average=0.5, state_path=state, on_epoch=_stop_at(call))
-    for _ in range(2):  # resumed; then again on the finished state (as a kill while saving the model leaves it)
+    real, saved = loop.save_state, []
+    monkeypatch.setattr(loop, "save_state", lambda *a, **k: saved.append(a[3]) or real(*a, **k))
+    for want in ({3: [3, 4, 5, 6], 6: [5, 6]}[call], []):  # resumed; then on the finished state (as a kill while
+        saved.clear()                                        # saving the model leaves it): nothing redone
         resumed = _net()
-        assert len(_fit(resumed, average=0.5, state_path=state)) == 6
+        assert len(_fit(resumed, average=0.5, state_path=state)) == 6 and saved == want, saved
         for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
             assert torch.equal(a, b), name
     with pytest.raises(Exception, match="other settings"):  # the share is a setting: another is refused

@@ -1,5 +1,6 @@
 """The Fourier basis of reconstruction (``dfkd.basis``): its images against a closed form, its start, and
 reconstruction in it against plain Adam on the coefficients."""
+import json
 import math
 from dataclasses import replace
 
@@ -88,7 +89,15 @@ def test_the_basis_is_saved_only_where_it_is_not_the_pixels(teacher, meta, tmp_p
     assert "basis" not in to_dict(ReconstructConfig()) and to_dict(ReconstructConfig(basis="fourier"))["basis"] == "fourier"
     cfg = ReconstructConfig(objective="all-layers", n=20, batch_size=10, steps=5, jitter=1, basis="fourier")
     a, b = rec.reconstruct(teacher, meta, tmp_path / "a", cfg), rec.reconstruct(teacher, meta, tmp_path / "b", cfg)
-    assert [p.read_bytes() for p in sorted(a.parent.glob("shard-*"))] == [p.read_bytes() for p in sorted(b.parent.glob("shard-*"))]
+    shards = [sorted(x.parent.glob("shard-*")) for x in (a, b)]
+    assert len(shards[0]) == 2 and [p.read_bytes() for p in shards[0]] == [p.read_bytes() for p in shards[1]]
+    assert json.loads((a.parent / "manifest.json").read_text())["config"]["basis"] == "fourier"
+    pix = rec.reconstruct(teacher, meta, tmp_path / "p", replace(cfg, basis="pixel"))
+    assert "basis" not in json.loads((pix.parent / "manifest.json").read_text())["config"]  # as before the basis
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in pix.parent.glob("shard-*")}
+    assert len(before) == 2 and before[shards[0][0].name][0] != shards[0][0].read_bytes()  # the pixels' own inputs
+    rec.reconstruct(teacher, meta, tmp_path / "p", replace(cfg, basis="pixel"))  # resumed: finished, kept as it is
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in pix.parent.glob("shard-*")} == before
     vec = DataInfo(shape=(12,), num_classes=3)
     with pytest.raises(DfkdError, match="basis"):
         rec.reconstruct(torch.nn.Linear(12, 3), None, tmp_path / "v", ReconstructConfig(objective="bn-stats", basis="fourier"), vec)

@@ -15,7 +15,7 @@ from dfkd.checkpoint import save_model
 from dfkd.cli import main
 from dfkd.config import ExportConfig, ReconstructConfig
 from dfkd.data import DataInfo, as_batches
-from dfkd.deployment import export_file, export_model
+from dfkd.deployment import drop_beyond, export_file, export_model
 from dfkd.errors import DfkdError
 from dfkd.exporting import read_metadata, to_onnx
 from dfkd.inference import example_inputs, run_onnx, session
@@ -142,11 +142,11 @@ def test_int8_keeps_agreement_on_held_apart_inputs_and_says_where_it_came_from(w
     assert c["n"] == 256 and c["inputs"] == "held apart"
     assert c["int8_vs_fp32"] == pytest.approx(agree, abs=1 / 256 + 1e-9)  # ONNX float32 may differ from PyTorch's at a tie
     assert c["int8"] == pytest.approx((int8 == y[128:]).float().mean().item())
-    assert r["calibration_inputs"] == 128 and r["bytes"] == out.stat().st_size
+    assert r["calibration_inputs"] == 128 and r["bytes"] == out.stat().st_size == r["int8_bytes"] < r["fp32_bytes"] / 2
     q = json.loads(read_metadata(out)["quantization"])
     assert q["calibration"]["inputs"] == 128 and q["method"] == "minmax"
     assert q["calibration"]["fingerprint"] == SyntheticSet(cal).open().fingerprint()
-    assert json.loads(read_metadata(out)["class_names"])  # the float32 file's metadata kept
+    assert json.loads(read_metadata(out)["class_names"]) == [str(c) for c in range(10)]  # the float32 file's kept
     raw = out.read_bytes()
     assert str(tmp_path).encode() not in raw and str(cal.parent).encode() not in raw and q["calibration"]["set"] == "syn"
     with np.load(npz) as z:  # the calibration set itself, as the exported file takes it
@@ -209,6 +209,17 @@ def test_a_drop_beyond_max_drop_is_warned_with_its_figures(world, cal, tmp_path,
     c = json.loads(read_metadata(out)["quantization"])["check"]
     assert f"{100 * c['int8']:.2f}% of 64 synthetic inputs" in err[0] and f"float32 on {100 * c['fp32']:.2f}%" in err[0]
     assert main(argv + ["--max-drop", "100"]) == 0 and capsys.readouterr().err == ""  # no drop beyond 100 points
+
+
+def test_the_drop_is_float32_minus_int8_in_points_and_warned_only_beyond_max_drop():
+    """The one rule both dfkd export and dfkd run --export warn by, at its edge: 87.5% against 100% is a drop of
+    12.5 points, beyond 12.4 and -12.6 but not beyond 12.5 itself; a gain is no drop; no check, no warning."""
+    check = {"fp32": 1.0, "int8": 0.875}
+    assert drop_beyond(check, 12.4) == pytest.approx(12.5) and drop_beyond(check, -12.6) == pytest.approx(12.5)
+    assert drop_beyond(check, 12.5) is None and drop_beyond(check, 12.6) is None
+    assert drop_beyond({"fp32": 0.875, "int8": 1.0}, -12.4) is None  # int8 12.5 points higher: -12.5 is not beyond
+    assert drop_beyond({"fp32": 0.875, "int8": 1.0}, -12.6) == pytest.approx(-12.5)
+    assert drop_beyond(None, -101) is None and drop_beyond({}, -101) is None
 
 
 def test_without_the_deploy_extra_one_line_says_how_to_install(world, tmp_path, monkeypatch, capsys):
