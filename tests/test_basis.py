@@ -94,10 +94,10 @@ def test_the_basis_is_saved_only_where_it_is_not_the_pixels(teacher, meta, tmp_p
     assert json.loads((a.parent / "manifest.json").read_text())["config"]["basis"] == "fourier"
     pix = rec.reconstruct(teacher, meta, tmp_path / "p", replace(cfg, basis="pixel"))
     assert "basis" not in json.loads((pix.parent / "manifest.json").read_text())["config"]  # as before the basis
-    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in pix.parent.glob("shard-*")}
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_ino) for p in pix.parent.glob("shard-*")}
     assert len(before) == 2 and before[shards[0][0].name][0] != shards[0][0].read_bytes()  # the pixels' own inputs
     rec.reconstruct(teacher, meta, tmp_path / "p", replace(cfg, basis="pixel"))  # resumed: finished, kept as it is
-    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in pix.parent.glob("shard-*")} == before
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_ino) for p in pix.parent.glob("shard-*")} == before
     vec = DataInfo(shape=(12,), num_classes=3)
     with pytest.raises(DfkdError, match="basis"):
         rec.reconstruct(torch.nn.Linear(12, 3), None, tmp_path / "v", ReconstructConfig(objective="bn-stats", basis="fourier"), vec)

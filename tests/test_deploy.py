@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from dfkd import deployment, shipping
 from dfkd.checkpoint import save_model
 from dfkd.cli import main
 from dfkd.config import ExportConfig, ReconstructConfig
@@ -199,20 +200,24 @@ def test_a_module_onnx_cannot_express_is_named():
     assert "module 1.1 (CumMax)" in e.value.problem and "aten.cummax" in e.value.problem
 
 
-def test_a_drop_beyond_max_drop_is_warned_with_its_figures(world, cal, tmp_path, capsys):
+def test_a_drop_beyond_max_drop_is_warned_with_its_figures(world, cal, tmp_path, capsys, monkeypatch):
     out = tmp_path / "w.onnx"
     argv = ["export", str(world.teacher), "--out", str(out), "--quantize", "int8", "--calibration", str(cal),
             "--calibration-inputs", "64", "--check-inputs", "64"]
+    calls, real = [], deployment.drop_beyond
+    monkeypatch.setattr(deployment, "drop_beyond", lambda c, m: calls.append((c, m)) or real(c, m))
     assert main(argv + ["--max-drop", "-101"]) == 0  # any figure is a drop beyond -101 points
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"dfkd: warning: {out}: int8 agrees with the teacher's labels on ")
     c = json.loads(read_metadata(out)["quantization"])["check"]
     assert f"{100 * c['int8']:.2f}% of 64 synthetic inputs" in err[0] and f"float32 on {100 * c['fp32']:.2f}%" in err[0]
     assert main(argv + ["--max-drop", "100"]) == 0 and capsys.readouterr().err == ""  # no drop beyond 100 points
+    assert [m for _, m in calls] == [-101.0, 100.0]  # each run's own check, as its file records it
+    assert all((got["fp32"], got["int8"]) == (c["fp32"], c["int8"]) for got, _ in calls), calls
 
 
 def test_the_drop_is_float32_minus_int8_in_points_and_warned_only_beyond_max_drop():
-    """The one rule both dfkd export and dfkd run --export warn by, at its edge: 87.5% against 100% is a drop of
+    """The drop rule dfkd export and dfkd run --export call (their wiring: the tests above), at its edge: 87.5% against 100% is a drop of
     12.5 points, beyond 12.4 and -12.6 but not beyond 12.5 itself; a gain is no drop; no check, no warning."""
     check = {"fp32": 1.0, "int8": 0.875}
     assert drop_beyond(check, 12.4) == pytest.approx(12.5) and drop_beyond(check, -12.6) == pytest.approx(12.5)
@@ -239,9 +244,13 @@ def test_export_model_refuses_int8_without_calibration():
         export_model(nn.Linear(4, 2), info, ExportConfig(quantize="int8"))
 
 
-def test_run_export_with_a_generator_calibrates_on_its_samples_and_the_card_says_so(colour_dir, tmp_path):
+def test_run_export_with_a_generator_calibrates_on_its_samples_and_the_card_says_so(colour_dir, tmp_path, monkeypatch,
+                                                                                    capsys):
     """dfkd run --synthesis generator --export int8 on a user's BN pair and colour images: the int8 file is
-    calibrated on the saved generator's samples, matches the report's figures, and the model card states it."""
+    calibrated on the saved generator's samples, matches the report's figures, and the model card states it; its
+    warning follows the drop rule (drop_beyond) on the file's own check at --max-drop's default."""
+    calls = []
+    monkeypatch.setattr(shipping, "drop_beyond", lambda c, m: calls.append((c, m)) or 5.0)
     out = tmp_path / "r"
     pair = ["--teacher", f"{OWN}:teacher", "--teacher-args", '{"in_channels": 3, "width": 4}', "--student",
             f"{OWN}:student", "--student-args", '{"in_channels": 3, "width": 4}', "--data", f"folder:{colour_dir}",
@@ -250,6 +259,8 @@ def test_run_export_with_a_generator_calibrates_on_its_samples_and_the_card_says
             "--out", str(out), "--quiet"]
     assert main(argv) == 0
     row = json.loads((out / "results.json").read_text())["rows"][0]
+    assert calls == [(row["deploy"]["check"], 1.0)], calls
+    assert "int8 agrees with the teacher's labels on" in capsys.readouterr().err
     students = out / "own" / "students"
     stem = students / row["objective"]
     f = students / row["deploy"]["file"]

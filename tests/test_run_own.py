@@ -371,7 +371,9 @@ def test_lr_sets_the_students_learning_rate_and_a_resume_with_another_is_refused
     assert pairs(RunConfig(**own_pair))[0].distill["lr"] == 0.01
     assert pairs(RunConfig(**own_pair, lr=np.float64(0.002)))[0].distill["lr"] == 0.002
     assert type(pairs(RunConfig(**own_pair, lr=np.float32(0.5)))[0].distill["lr"]) is float
-    assert pairs(RunConfig(**own_pair, lr=3e37))[0].distill["lr"] == 3e37  # 10 * lr still fits in float32
+    assert pairs(RunConfig(**own_pair, lr=3.4e37))[0].distill["lr"] == 3.4e37  # 10 * lr still fits in float32
+    with pytest.raises(DfkdError, match="is too large: Adam's first step"):  # 10 * 3.41e37 does not
+        pairs(RunConfig(**own_pair, lr=3.41e37))
     assert pairs(RunConfig(networks=("lenet5",), profile="paper", lr=1e-3))
     with pytest.raises(DfkdError, match="the paper profile distils at the paper's learning rate"):
         pairs(RunConfig(networks=("lenet5",), profile="paper", lr=0.002))
