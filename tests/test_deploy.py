@@ -3,6 +3,7 @@ real test images (MNIST digits from IDX files, colour digits from an image folde
 shards read whole, the float32 network's own predictions on inputs held apart from the calibration."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 
@@ -286,7 +287,7 @@ def test_run_export_with_a_generator_calibrates_on_its_samples_and_the_card_says
                  "--out", str(tmp_path / "pub")]) == 0
     card = (tmp_path / "pub" / "README.md").read_text()
     config = json.loads((tmp_path / "pub" / "config.json").read_text())  # the user's code by spec and sha256, never copied
-    assert config["model"]["code_sha256"] and not list((tmp_path / "pub").glob("*.py")) and "--code own_model.py" in card
+    assert config["model"]["code_sha256"] == hashlib.sha256(OWN.read_bytes()).hexdigest() and not list((tmp_path / "pub").glob("*.py")) and "--code own_model.py" in card
     assert f"Exported by `dfkd run --export int8` beside the student as `{f.name}`" in card and f"**{100 * acc:.2f}%**" in card
     # the card's recipe is the generator's dfkd run line, not a reconstruct/distill pair; run as a user would, from
     # the published folder and the named code, it makes the very same student
