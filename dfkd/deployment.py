@@ -108,6 +108,16 @@ def drop_beyond(check: dict | None, max_drop: float) -> float | None:
     return drop if drop > max_drop else None
 
 
+def warn_drop(path: str | Path, check: dict | None, max_drop: float) -> None:
+    """The one warning line on stderr of ``dfkd export`` and ``dfkd run --export`` where int8 loses more than
+    ``max_drop`` points of agreement on the checked inputs (``drop_beyond``)."""
+    drop = drop_beyond(check, max_drop)
+    if drop is not None:
+        print(f"dfkd: warning: {path}: int8 agrees with the teacher's labels on {100 * check['int8']:.2f}% of "
+              f"{check['n']} synthetic inputs ({check['inputs']}), float32 on {100 * check['fp32']:.2f}%: a drop of "
+              f"{drop:.2f} points, more than --max-drop {max_drop:g}", file=sys.stderr)
+
+
 def export_file(model: ModelRef, out: str | Path, cfg: ExportConfig = ExportConfig(), calibration: str | None = None,
                 calibration_npz: str | None = None, data: DataRef = DataRef()) -> tuple[Path, dict]:
     """``dfkd export``: a saved model (or a spec with weights: its input shape and normalisation from ``data``)
@@ -152,10 +162,5 @@ def export_file(model: ModelRef, out: str | Path, cfg: ExportConfig = ExportConf
             Path(calibration_npz).unlink(missing_ok=True)
         raise
     report["bytes"] = len(raw)
-    check = report.get("check")
-    drop = drop_beyond(check, cfg.max_drop)
-    if drop is not None:
-        print(f"dfkd: warning: {out}: int8 agrees with the teacher's labels on {100 * check['int8']:.2f}% of "
-              f"{check['n']} synthetic inputs ({check['inputs']}), float32 on {100 * check['fp32']:.2f}%: a drop of "
-              f"{drop:.2f} points, more than --max-drop {cfg.max_drop:g}", file=sys.stderr)
+    warn_drop(out, report.get("check"), cfg.max_drop)
     return out, report

@@ -6,7 +6,6 @@ and the model card)."""
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 
 from .config import ExportConfig
 from .data import at_input
-from .deployment import drop_beyond, export_model, open_calibration, source_of
+from .deployment import export_model, open_calibration, source_of, warn_drop
 from .errors import DfkdError
 from .exporting import DEPLOY, write
 from .inference import INPUT, accuracy, session, speeds
@@ -79,9 +78,5 @@ def ship(stem: Path, student: nn.Module, teacher: nn.Module, data, cfg: RunConfi
            "accuracy": accuracy(sess, data.test), "check": rep.get("check"), "threads": threads,
            **speeds(lambda b: sess.run(None, {INPUT: b.numpy()}), data.info, (1, 64), 0.5)}
     write_json(stem.with_name(stem.name + DEPLOY), out)
-    c = out["check"]
-    if drop_beyond(c, ec.max_drop) is not None:
-        print(f"dfkd: warning: {path}: int8 agrees with the teacher's labels on {100 * c['int8']:.2f}% of {c['n']} "
-              f"synthetic inputs, float32 on {100 * c['fp32']:.2f}%: a drop of more than {ec.max_drop:g} point",
-              file=sys.stderr)
+    warn_drop(path, out["check"], ec.max_drop)
     return out

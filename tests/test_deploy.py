@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from dfkd import deployment, shipping
+from dfkd import deployment
 from dfkd.checkpoint import save_model
 from dfkd.cli import main
 from dfkd.config import ExportConfig, ReconstructConfig
@@ -218,8 +218,8 @@ def test_a_drop_beyond_max_drop_is_warned_with_its_figures(world, cal, tmp_path,
 
 
 def test_the_drop_is_float32_minus_int8_in_points_and_warned_only_beyond_max_drop():
-    """The drop rule dfkd export and dfkd run --export call (their wiring: the tests above), at its edge: 87.5% against 100% is a drop of
-    12.5 points, beyond 12.4 and -12.6 but not beyond 12.5 itself; a gain is no drop; no check, no warning."""
+    """The drop rule dfkd export and dfkd run --export warn by (warn_drop; their wiring: the tests above), at its
+    edge: 87.5% against 100% is a drop of 12.5 points, beyond 12.4 and -12.6 but not beyond 12.5 itself; a gain is no drop; no check, no warning."""
     check = {"fp32": 1.0, "int8": 0.875}
     assert drop_beyond(check, 12.4) == pytest.approx(12.5) and drop_beyond(check, -12.6) == pytest.approx(12.5)
     assert drop_beyond(check, 12.5) is None and drop_beyond(check, 12.6) is None
@@ -251,7 +251,7 @@ def test_run_export_with_a_generator_calibrates_on_its_samples_and_the_card_says
     calibrated on the saved generator's samples, matches the report's figures, and the model card states it; its
     warning follows the drop rule (drop_beyond) on the file's own check at --max-drop's default."""
     calls = []
-    monkeypatch.setattr(shipping, "drop_beyond", lambda c, m: calls.append((c, m)) or 5.0)
+    monkeypatch.setattr(deployment, "drop_beyond", lambda c, m: calls.append((c, m)) or 5.0)
     out = tmp_path / "r"
     pair = ["--teacher", f"{OWN}:teacher", "--teacher-args", '{"in_channels": 3, "width": 4}', "--student",
             f"{OWN}:student", "--student-args", '{"in_channels": 3, "width": 4}', "--data", f"folder:{colour_dir}",
@@ -261,7 +261,7 @@ def test_run_export_with_a_generator_calibrates_on_its_samples_and_the_card_says
     assert main(argv) == 0
     row = json.loads((out / "results.json").read_text())["rows"][0]
     assert calls == [(row["deploy"]["check"], 1.0)], calls
-    assert "int8 agrees with the teacher's labels on" in capsys.readouterr().err
+    assert f"{row['deploy']['file']}: int8 agrees with the teacher's labels on" in capsys.readouterr().err
     students = out / "own" / "students"
     stem = students / row["objective"]
     f = students / row["deploy"]["file"]
@@ -287,7 +287,8 @@ def test_run_export_with_a_generator_calibrates_on_its_samples_and_the_card_says
                  "--out", str(tmp_path / "pub")]) == 0
     card = (tmp_path / "pub" / "README.md").read_text()
     config = json.loads((tmp_path / "pub" / "config.json").read_text())  # the user's code by spec and sha256, never copied
-    assert config["model"]["code_sha256"] == hashlib.sha256(OWN.read_bytes()).hexdigest() and not list((tmp_path / "pub").glob("*.py")) and "--code own_model.py" in card
+    assert config["model"]["code_sha256"] == hashlib.sha256(OWN.read_bytes()).hexdigest()
+    assert not list((tmp_path / "pub").glob("*.py")) and "--code own_model.py" in card
     assert f"Exported by `dfkd run --export int8` beside the student as `{f.name}`" in card and f"**{100 * acc:.2f}%**" in card
     # the card's recipe is the generator's dfkd run line, not a reconstruct/distill pair; run as a user would, from
     # the published folder and the named code, it makes the very same student
