@@ -226,3 +226,59 @@ def test_train_and_record_under_two_ranks(world, tmp_path):
     one = json.loads((world.dir / "teacher.json").read_text())  # the same training in one process
     assert abs(desc["test_accuracy"] - one["test_accuracy"]) < 0.02, (desc["test_accuracy"], one["test_accuracy"])
     assert load(tmp_path / "teacher.stats.safetensors", desc["sha256"]).kinds == list(KINDS)  # the default: all four
+
+
+def test_vit_recorded_and_distilled_under_two_ranks(colour_dir, tmp_path):
+    """A ViT teacher from the user's code (examples/vit.py: nn.MultiheadAttention, LayerNorm, mean pooling) under
+    two ranks as torchrun starts them: ``dfkd record`` (rank 0 records, the other waits) writes the very statistics
+    one process writes, and its smaller-ViT student (hand-written attention) distilled data-parallel reaches one
+    process's weights, every tensor moved from the seeded start."""
+    from dfkd.checkpoint import save_model
+    from dfkd.config import ReconstructConfig
+    from dfkd.metadata import load
+    from dfkd.models import build_model
+    from dfkd.reconstruction import reconstruct_file
+    from dfkd.sources import open_data
+    from dfkd.specs import ModelRef
+    code = str(Path(__file__).resolve().parents[1] / "examples" / "vit.py")
+    info = open_data(f"folder:{colour_dir}", normalize="auto").info
+    torch.manual_seed(0)
+    net, info = build_model(f"{code}:teacher", info)
+    for d in ("one", "two"):
+        save_model(net.eval(), tmp_path / d / "teacher", f"{code}:teacher", {}, info)
+    rec = ["record", "--code", code, "--data", f"folder:{colour_dir}", "--first-layer", "unit"]
+    one = single(rec + ["--teacher", str(tmp_path / "one" / "teacher")])
+    assert one.returncode == 0, one.stderr
+    two = launch(rec + ["--teacher", str(tmp_path / "two" / "teacher")], 2, tmp_path / "rdzv")
+    assert all(r.returncode == 0 for r in two), [r.stderr for r in two]
+    s1 = load(tmp_path / "one" / "teacher.stats.safetensors")
+    s2 = load(tmp_path / "two" / "teacher.stats.safetensors")
+    assert s1.kinds == s2.kinds and "norm-stats" in s1.kinds
+    t1, t2 = load_file(tmp_path / "one" / "teacher.stats.safetensors"), load_file(tmp_path / "two" / "teacher.stats.safetensors")
+    assert t1.keys() == t2.keys() and any(".att" in k for k in t1)  # the attention blocks' outputs are recorded
+    assert all(torch.equal(t1[k], t2[k]) for k in t1)
+    reconstruct_file(ModelRef(str(tmp_path / "one" / "teacher"), code=(code,)),
+                     str(tmp_path / "one" / "teacher.stats.safetensors"), tmp_path / "synthetic",
+                     ReconstructConfig(objective="all-layers+norm-stats", n=16, batch_size=8, steps=2))
+    lr = 1e-3
+    dist = ["distill", "--synthetic", str(tmp_path / "synthetic"), "--student", f"{code}:student", "--epochs", "1",
+            "--batch-size", "4", "--augment", "none", "--lr", str(lr), "--schedule", "constant", "--seed", "0",
+            "--data", f"folder:{colour_dir}"]
+    one = single(dist + ["--out", str(tmp_path / "s1")])
+    assert one.returncode == 0, one.stderr
+    two = launch(dist + ["--out", str(tmp_path / "s2")], 2, tmp_path / "rdzv2")
+    assert all(r.returncode == 0 for r in two), [r.stderr for r in two]
+    w1, w2 = load_file(tmp_path / "s1.safetensors"), load_file(tmp_path / "s2.safetensors")
+    torch.manual_seed(0)  # the start, as distill_file makes it: the global RNG seeded with --seed, then the student
+    w0 = build_model(f"{code}:student", info)[0].state_dict()
+    assert w1.keys() == w2.keys() == w0.keys()
+    for k in w0:  # 4 Adam steps of lr 1e-3 move each trained coordinate by about lr, at most ~4.04 lr
+        assert lr / 2 < (w1[k] - w0[k]).abs().max().item() < 5 * lr, k
+    # the same 4 global steps, summed in another order (2 inputs a rank, then all-reduced): LayerNorm and the
+    # softmax pass float32 rounding on, so a few coordinates differ (here 63 of 21,098 by over lr * 1e-4, 2 by over
+    # lr * 1e-2, at most 0.02 lr); training each rank on its own rows, or without the all-reduce, moves nearly
+    # every coordinate by ~lr
+    diff = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1])
+    assert diff.max().item() < 10 * lr
+    assert (diff > lr * 1e-2).float().mean().item() < 1e-3, (diff > lr * 1e-2).sum()
+    assert (diff > lr * 1e-4).float().mean().item() < 2e-2, (diff > lr * 1e-4).sum()
