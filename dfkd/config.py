@@ -78,7 +78,8 @@ class RecordConfig:
                                         "every token's mean and std, for token layers pooled per feature); also "
                                         "class-diag (per-layer class means and stds)")
     layers: tuple[str, ...] | None = opt(None, "comma-separated module paths, any module (default: every Linear/Conv2d, "
-                                         "an nn.MultiheadAttention for its out_proj)")
+                                         "an nn.MultiheadAttention for its out_proj); PATH:maps: the attention "
+                                         "weights of the nn.MultiheadAttention at PATH")
     cov: str = opt("auto", "all-layers covariance: auto, full, diag or lowrank:K")
     conv_stats: str = opt("channel", "conv maps' all-layers statistics per channel (pooled over positions) or per unit")
     first_layer: str = opt("pooled", "the first recorded layer's all-layers statistics: pooled like the others, or per "

@@ -115,7 +115,7 @@ def layer_infos(model: nn.Module, paths: list[str], example: torch.Tensor, conv_
         paths, missing = [p for p in paths if p in shapes], []
     if missing:
         why = [f" ({p.rpartition('.')[0]} is an nn.MultiheadAttention, which applies {p}'s weights without "
-               f"calling it: record {p.rpartition('.')[0]} instead)" for p in missing
+               f"calling it: record {p.rpartition('.')[0]} instead, or {p.rpartition('.')[0]}:maps for its attention weights)" for p in missing
                if isinstance(dict(model.named_modules()).get(p.rpartition(".")[0]), nn.MultiheadAttention)]
         raise DfkdError("layers", f"{', '.join(missing)} never ran in a forward pass{''.join(why[:1])}")
     if bad:
@@ -158,7 +158,7 @@ def signal(acts: dict[str, torch.Tensor], infos: list[LayerInfo]) -> torch.Tenso
 
 def pair_edges(model: nn.Module, a: LayerInfo, b: LayerInfo) -> torch.Tensor | None:
     """Edge weights ``[a.nodes, b.nodes]`` from ``b``'s weights, or None if they do not connect."""
-    m = dict(model.named_modules())[b.path]
+    m = dict(model.named_modules()).get(b.path)  # None for an attention's weights (``PATH:maps``)
     if not isinstance(m, (nn.Linear, nn.Conv2d)):
         return None  # no weight matrix between the two: separate components
     w = m.weight.detach().abs().to(torch.float64).cpu()

@@ -26,7 +26,7 @@ from torch import nn
 from .graph import LayerInfo, layer_rows
 from .kinds import REGISTRY, means_kind, positions
 from .metadata import Metadata
-from .taps import output_of, resolve
+from .taps import tap
 
 MAX_INPUT_DIM = 16384  # inputs larger than this are not inverted column by column
 
@@ -48,22 +48,20 @@ class _Reached(Exception):
 def _stat(model: nn.Module, info: LayerInfo, x: torch.Tensor, calls: int = 0) -> tuple[torch.Tensor, int]:
     """The record's statistic of ``path`` for ``x`` as ``tap`` sees it (the layer's last call in the
     forward), and how many times the layer ran. Given ``calls``, the forward stops after that call."""
-    got: dict[str, torch.Tensor] = {}
     ran = [0]
 
-    def hook(_m, _inp, out):
-        got["out"], ran[0] = output_of(out), ran[0] + 1
+    def count(_p, out):
+        ran[0] += 1
         if ran[0] == calls:
             raise _Reached
+        return out
 
-    handle = resolve(model, [info.path])[info.path].register_forward_hook(hook)
-    try:
-        model(x)
-    except _Reached:
-        pass
-    finally:
-        handle.remove()
-    out = got["out"]
+    with tap(model, [info.path], alter=count) as acts:
+        try:
+            model(x)
+        except _Reached:
+            pass
+    out = acts[info.path]
     return (layer_rows(out, info).mean(2) if info.pooled else out.flatten(1)), ran[0]
 
 

@@ -25,6 +25,7 @@ from .kinds import REGISTRY
 from .metadata import Metadata, load
 from .specs import DataRef, ModelRef, open_with_data, stats_path
 from .synthetic import SyntheticSet
+from .taps import MAPS
 
 
 @torch.no_grad()
@@ -76,6 +77,10 @@ def holds(meta: Metadata) -> list[str]:
         how = {"unit": f"every one of its {row['dim']:,} values (per unit)",
                "channel": f"its {row['dim']:,} channels, each pooled over the map's positions",
                "feature": f"its {row['dim']:,} features, each pooled over the sequence's {tokens:,} tokens{kept}"}[stat]
+        if row["path"].endswith(MAPS) and stat == "feature":  # an attention's weights: a feature is a key token
+            how = (f"the attention weight each of its {row['dim']:,} key tokens gets, pooled over the {tokens:,} query "
+                   "tokens" + ("; token-positions keeps every (query, key) weight's mean and std"
+                               if row.get("positions") is True else " (which query gave each weight is not kept)"))
         out.append(f"{row['path']} ({row['type']}, {shape}): {how}")
     return out
 

@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -158,6 +159,12 @@ CASES = [
                    '{"in_channels": 1, "image": 28}', "--weights", "random", "--data", w.data,
                    "--layers", "blocks.0.att.out_proj", "--out", t / "s"],
      ["--layers", "never ran", "nn.MultiheadAttention", "record blocks.0.att instead"]),
+    ("arg-layers-maps", "argument", "--layers asking for the attention maps (PATH:maps) of a module that is not an "
+                                    "nn.MultiheadAttention",
+     lambda w, t: ["record", "--teacher", f"{ROOT / 'examples' / 'vit.py'}:teacher", "--teacher-args",
+                   '{"in_channels": 1, "image": 28}', "--weights", "random", "--data", w.data,
+                   "--layers", "blocks.0.norm1:maps", "--out", t / "s"],
+     ["--layers", "blocks.0.norm1:maps", "names an nn.MultiheadAttention's attention weights", "LayerNorm"]),
     ("arg-kinds-norm-stats", "argument", "--kinds norm-stats for a teacher without LayerNorm or GroupNorm",
      lambda w, t: ["record", "--teacher", w.teacher, "--kinds", "norm-stats", "--out", t / "s"],
      ["--kinds", "norm-stats needs LayerNorm or GroupNorm layers"]),
@@ -875,3 +882,9 @@ if __name__ == "__main__":  # python -m tests.test_bad_input: print the matrix f
         write_idx(idx / "t10k-images-idx3-ubyte", a["test_x"][:500])
         write_idx(idx / "t10k-labels-idx1-ubyte", a["test_y"][:500])
         print(table(t, idx))
+
+
+def test_readme_counts_the_cases():
+    """The README's count of tested bad-input cases is this matrix's (it had fallen behind, at 147 of 215)."""
+    said = re.search(r"(\d+) cases are tested", (ROOT / "README.md").read_text())
+    assert said and int(said.group(1)) == len(CASES) + len(SUBPROCESS), said

@@ -21,7 +21,7 @@ from dfkd.config import ReconstructConfig, RecordConfig, Runtime, to_dict
 from dfkd.data import DataInfo
 from dfkd.errors import DfkdError
 from dfkd.graph import layer_infos
-from dfkd.leakage import measure
+from dfkd.leakage import holds, measure
 from dfkd.metadata import load, save
 from dfkd.models import build_model
 from dfkd.normstats import mixture, norm_layers
@@ -143,6 +143,82 @@ def test_out_proj_of_attention_names_the_module_to_record_instead():
     with pytest.raises(DfkdError) as e:
         layer_infos(model, ["blocks.0.att.out_proj"], x)
     assert "never ran" in str(e.value) and "record blocks.0.att instead" in str(e.value)
+
+
+def attention_maps64(att: nn.MultiheadAttention, h: torch.Tensor) -> torch.Tensor:
+    """An nn.MultiheadAttention's head-averaged weights computed here from its in_proj in float64:
+    softmax(q k^T / sqrt(head dim)) per head, ``[N, T, T]``."""
+    w, b = att.in_proj_weight.double(), att.in_proj_bias.double()
+    q, k, _ = (h.double() @ w.T + b).chunk(3, -1)
+    n, t, d = q.shape
+    heads = att.num_heads
+    q, k = (z.view(n, t, heads, d // heads).transpose(1, 2) for z in (q, k))
+    return torch.softmax(q @ k.transpose(-1, -2) / (d // heads) ** 0.5, -1).mean(1)
+
+
+def test_attention_maps_are_tapped_by_path_against_their_own_computation():
+    """``PATH:maps`` keeps an nn.MultiheadAttention's head-averaged weights even though the model calls it with
+    need_weights=False (as examples/vit.py does), or with need_weights passed by position: they equal the
+    float64 softmax(q k^T / sqrt(d)) the test computes from the module's in_proj, the model's output is the same
+    as untapped, and an alter of the maps leaves the attended values alone."""
+    model, (x, y) = vit(), data(6)
+    with torch.no_grad():
+        want_logits = model(x)
+        with tap(model, ["blocks.0.norm1", "blocks.0.att:maps", "blocks.1.att:maps"]) as acts:
+            logits = model(x)
+    assert torch.allclose(logits, want_logits, atol=1e-6)
+    assert acts["blocks.0.att:maps"].shape == (6, 5, 5)
+    assert torch.allclose(acts["blocks.0.att:maps"].double(), attention_maps64(model.blocks[0].att,
+                                                                               acts["blocks.0.norm1"]), atol=1e-6)
+    assert not torch.allclose(acts["blocks.0.att:maps"], acts["blocks.1.att:maps"], atol=1e-3)
+    att, h = model.blocks[0].att, torch.randn(3, 5, 8)
+
+    class Positional(nn.Module):  # need_weights=False by position (query, key, value, key_padding_mask, need_weights)
+        def __init__(self):
+            super().__init__()
+            self.att = att
+
+        def forward(self, z):
+            return self.att(z, z, z, None, False)[0]
+    wrapper = Positional()
+    with torch.no_grad(), tap(wrapper, ["att:maps"], alter=lambda p, t: t * 0) as acts:
+        out = wrapper(h)
+    assert torch.allclose(acts["att:maps"].double(), attention_maps64(att, h), atol=1e-6)
+    assert torch.allclose(out, att(h, h, h, need_weights=False)[0], atol=1e-6)  # the maps' alter changes no value
+    info = layer_infos(model, ["blocks.0.att:maps"], x)[0]
+    assert (info.type, info.shape, info.nodes) == ("token", (5, 5), 5)
+    meta = record(model, (x, y), RecordConfig(kinds=("all-layers",), cov="diag", layers=("blocks.0.att:maps",)),
+                  info=INFO)
+    maps = attention_maps64(att, outputs64(model, x, ["blocks.0.norm1"])["blocks.0.norm1"])
+    want = torch.stack([maps[y == c].mean((0, 1)) for c in range(3)])  # per key token, pooled over the queries
+    assert torch.allclose(meta.get("all-layers", "mean", "blocks.0.att:maps").double(), want, atol=1e-6)
+    assert "blocks.0.att:maps (token, 5x5): the attention weight each of its 5 key tokens gets, pooled over the 5 " \
+        "query tokens (which query gave each weight is not kept)" in holds(meta)
+    with pytest.raises(DfkdError, match="blocks.0.norm1:maps: :maps names an nn.MultiheadAttention"):
+        layer_infos(model, ["blocks.0.norm1:maps"], x)
+    with pytest.raises(DfkdError, match="no layer 'blocks.9.att:maps'"):
+        layer_infos(model, ["blocks.9.att:maps"], x)
+
+
+def test_attention_maps_record_and_a_reconstruction_moves_them_towards_the_file():
+    """Recorded attention maps are an objective's layer like any other: a few steps of all-layers on them alone
+    lower the distance of the made inputs' maps to the file's class means, from the start's."""
+    model, (x, y) = vit(), data()
+    meta = record(model, (x, y), RecordConfig(kinds=("all-layers",), cov="diag",
+                                              layers=("blocks.0.att:maps", "blocks.1.att:maps")), info=INFO)
+    obj = make_objective("all-layers", meta, model)
+    assert obj.layers() == ["blocks.0.att:maps", "blocks.1.att:maps"]
+    labels = torch.arange(12) % 3
+    cfg = ReconstructConfig(objective="all-layers", n=12, batch_size=12, steps=30, lr=0.05, jitter=0, tv=0.0)
+
+    def gap(z):
+        with torch.no_grad(), tap(model, obj.layers()) as acts:
+            model(z)
+        return sum(((acts[p].mean(1) - meta.get("all-layers", "mean", p)[labels]) ** 2).sum().item()
+                   for p in obj.layers())
+    start, _ = optimise_batch(model, obj, labels, dataclass_replace(cfg, steps=1), torch.Generator().manual_seed(0), INFO)
+    made, _ = optimise_batch(model, obj, labels, cfg, torch.Generator().manual_seed(0), INFO)
+    assert gap(made) < 0.5 * gap(start), (gap(start), gap(made))
 
 
 @pytest.mark.parametrize("norm", ["group", "layer", "vit"])
