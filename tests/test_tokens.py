@@ -253,3 +253,37 @@ def test_a_header_that_misplaces_token_positions_is_refused(bad, tmp_path):
                not k.startswith("token-positions/")}
     with pytest.raises(DfkdError, match="bad.safetensors.*layers\\[\\]\\.positions"):
         load(save(type(meta)(h, tensors), tmp_path / "bad.safetensors"))
+
+
+def test_a_vit_through_the_command_line_published_leaked_and_split_into_shares(tmp_path, capsys):
+    """The commands a publisher and a user type, on a ViT saved from the user's code: dfkd record, dfkd publish
+    (the folder loads back only with --code), dfkd leakage (its report lists the token layers as dfkd.leakage.holds
+    does), and dfkd reconstruct from the published folder split over --rank/--world-size shares, which together
+    make the very inputs one process makes."""
+    code = str(ROOT / "examples" / "vit.py")
+    torch.manual_seed(0)
+    x, y = data(120)
+    np.savez(tmp_path / "d.npz", x=x.numpy(), y=y.numpy(), x_test=x[:30].numpy(), y_test=y[:30].numpy())
+    npz = f"npz:{tmp_path / 'd.npz'}"
+    net, info = build_model(f"{code}:teacher", INFO, num_classes=3, image=8)
+    save_model(net.eval(), tmp_path / "vit", f"{code}:teacher", {"num_classes": 3, "image": 8}, info)
+    assert main(["record", "--teacher", str(tmp_path / "vit"), "--code", code, "--data", npz, "--range", "0,1",
+                 "--first-layer", "unit", "--quiet"]) == 0
+    assert main(["publish", "--teacher", str(tmp_path / "vit"), "--code", code, "--out", str(tmp_path / "pub"),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["reconstruct", "--teacher", str(tmp_path / "pub"), "--objective", "all-layers+norm-stats",
+                 "--images", "4", "--steps", "1", "--out", str(tmp_path / "nocode"), "--quiet"]) == 2
+    assert "--code" in capsys.readouterr().err  # the folder's code runs only when the user names it
+    assert main(["leakage", "--teacher", str(tmp_path / "pub"), "--code", code, "--data", npz,
+                 "--out", str(tmp_path / "leak"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "leak.json").read_text())
+    meta = load(tmp_path / "vit.stats.safetensors")
+    assert report["holds"] == holds(meta) and any("pooled over the sequence's 4 tokens" in h for h in report["holds"])
+    rec = ["reconstruct", "--teacher", str(tmp_path / "pub"), "--code", code, "--objective", "all-layers+norm-stats",
+           "--images", "12", "--batch-size", "4", "--steps", "2", "--quiet"]
+    assert main(rec + ["--out", str(tmp_path / "one")]) == 0
+    for rank in ("0", "1"):
+        assert main(rec + ["--out", str(tmp_path / "two"), "--rank", rank, "--world-size", "2"]) == 0
+    one, two = SyntheticSet(tmp_path / "one").open().load(), SyntheticSet(tmp_path / "two").open().load()
+    assert one[0].shape == (12, 3, 8, 8) and torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
