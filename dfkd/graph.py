@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import DfkdError
 from .stats import block_adjacency, fourier_basis
-from .taps import resolve, tap
+from .taps import MAPS, maps_paths, resolve, tap
 
 
 # modules whose output keeps its features on the last axis (tokens ``[T, D]``, a channels-last map ``[H, W, C]``),
@@ -119,7 +119,7 @@ def layer_infos(model: nn.Module, paths: list[str], example: torch.Tensor, conv_
                if isinstance(dict(model.named_modules()).get(p.rpartition(".")[0]), nn.MultiheadAttention)]
         raise DfkdError("layers", f"{', '.join(missing)} never ran in a forward pass{''.join(why[:1])}")
     if bad:
-        mha = any(isinstance(mods[p], nn.MultiheadAttention) for p in bad)
+        mha = any(isinstance(mods[p], nn.MultiheadAttention) and not p.endswith(MAPS) for p in bad)
         raise DfkdError("layers", f"{', '.join(bad)}: the output is not a float tensor with one row per input"
                         + (" (an nn.MultiheadAttention needs batch_first=True)" if mha else ""))
     infos = []
@@ -159,8 +159,9 @@ def signal(acts: dict[str, torch.Tensor], infos: list[LayerInfo]) -> torch.Tenso
 def pair_edges(model: nn.Module, a: LayerInfo, b: LayerInfo) -> torch.Tensor | None:
     """Edge weights ``[a.nodes, b.nodes]`` from ``b``'s weights, or None if they do not connect."""
     m = dict(model.named_modules()).get(b.path)  # None for an attention's weights (``PATH:maps``)
-    if not isinstance(m, (nn.Linear, nn.Conv2d)):
-        return None  # no weight matrix between the two: separate components
+    if not isinstance(m, (nn.Linear, nn.Conv2d)) or maps_paths(model, [a.path]):
+        # no weight matrix between the two (an attention's weights, whose nodes are key tokens, feed no layer):
+        return None  # separate components
     w = m.weight.detach().abs().to(torch.float64).cpu()
     if isinstance(m, nn.Conv2d):
         if m.groups != 1 or m.in_channels != a.nodes:

@@ -20,7 +20,7 @@ from dfkd.cli_parser import build_parser
 from dfkd.config import ReconstructConfig, RecordConfig, Runtime, to_dict
 from dfkd.data import DataInfo
 from dfkd.errors import DfkdError
-from dfkd.graph import layer_infos
+from dfkd.graph import layer_infos, pair_edges
 from dfkd.leakage import holds, measure
 from dfkd.metadata import load, save
 from dfkd.models import build_model
@@ -200,9 +200,47 @@ def test_attention_maps_are_tapped_by_path_against_their_own_computation():
         layer_infos(model, ["blocks.9.att:maps"], x)
 
 
+def test_attention_maps_asked_per_head_or_of_a_forward_of_its_own_and_a_module_named_so():
+    """A caller asking for the weights per head (average_attn_weights=False) keeps getting them per head while
+    the record gets their mean over heads; an attention whose forward takes no need_weights is refused in one
+    line; a module whose own name ends in ':maps' is that module; and a maps layer joins no spectral graph edge."""
+    att, h = vit().blocks[0].att, torch.randn(3, 5, 8)
+
+    class PerHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = att
+
+        def forward(self, z):
+            out, w = self.att(z, z, z, need_weights=False, average_attn_weights=False)
+            return out, w
+    wrapper = PerHead()
+    with torch.no_grad(), tap(wrapper, ["att:maps"]) as acts:
+        _, passed = wrapper(h)
+    assert passed.shape == (3, 2, 5, 5)  # the caller's per-head weights, as it asked
+    assert torch.allclose(acts["att:maps"].double(), attention_maps64(att, h), atol=1e-6)
+
+    class Own(nn.MultiheadAttention):
+        def forward(self, z):
+            return super().forward(z, z, z)[0]
+    own = nn.Sequential(Own(8, 2, batch_first=True))
+    with pytest.raises(DfkdError, match="0:maps: 0's forward takes no need_weights"):
+        layer_infos(own, ["0:maps"], h)
+    named = nn.ModuleDict({"x:maps": nn.Linear(8, 4)})
+    with torch.no_grad(), tap(named, ["x:maps"]) as acts:
+        y = named["x:maps"](h)
+    assert torch.equal(acts["x:maps"], y)
+    model, (x, _) = vit(), data(6)
+    a, b = layer_infos(model, ["blocks.0.att:maps", "blocks.0.mlp.0"], x)
+    assert a.nodes == 5 and pair_edges(model, a, b) is None  # 5 key tokens, not fc1's 8 features folded
+    c, d = layer_infos(model, ["blocks.0.att", "blocks.0.mlp.0"], x)
+    assert pair_edges(model, c, d).shape == (8, 16)  # the attended values do feed it
+
+
 def test_attention_maps_record_and_a_reconstruction_moves_them_towards_the_file():
-    """Recorded attention maps are an objective's layer like any other: a few steps of all-layers on them alone
-    lower the distance of the made inputs' maps to the file's class means, from the start's."""
+    """Recorded attention maps are an objective's layer like any other: 30 steps of all-layers on them alone
+    bring the made inputs' maps nearer the file's class means than one step does (from the same start); the
+    dropout objective masks no maps (they are read, never passed on)."""
     model, (x, y) = vit(), data()
     meta = record(model, (x, y), RecordConfig(kinds=("all-layers",), cov="diag",
                                               layers=("blocks.0.att:maps", "blocks.1.att:maps")), info=INFO)
@@ -219,6 +257,8 @@ def test_attention_maps_record_and_a_reconstruction_moves_them_towards_the_file(
     start, _ = optimise_batch(model, obj, labels, dataclass_replace(cfg, steps=1), torch.Generator().manual_seed(0), INFO)
     made, _ = optimise_batch(model, obj, labels, cfg, torch.Generator().manual_seed(0), INFO)
     assert gap(made) < 0.5 * gap(start), (gap(start), gap(made))
+    drop = make_objective("all-layers-dropout", meta, model)
+    assert list(drop.masks(INFO.shape, 4, torch.Generator().manual_seed(0))) == ["input"]
 
 
 @pytest.mark.parametrize("norm", ["group", "layer", "vit"])

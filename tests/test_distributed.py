@@ -273,12 +273,14 @@ def test_vit_recorded_and_distilled_under_two_ranks(colour_dir, tmp_path):
     w0 = build_model(f"{code}:student", info)[0].state_dict()
     assert w1.keys() == w2.keys() == w0.keys()
     for k in w0:  # 4 Adam steps of lr 1e-3 move each trained coordinate by about lr, at most ~4.04 lr
-        assert lr / 2 < (w1[k] - w0[k]).abs().max().item() < 5 * lr, k
+        for w in (w1, w2):
+            assert lr / 2 < (w[k] - w0[k]).abs().max().item() < 5 * lr, k
     # the same 4 global steps, summed in another order (2 inputs a rank, then all-reduced): LayerNorm and the
     # softmax pass float32 rounding on, so a few coordinates differ (here 63 of 21,098 by over lr * 1e-4, 2 by over
     # lr * 1e-2, at most 0.02 lr); training each rank on its own rows, or without the all-reduce, moves nearly
-    # every coordinate by ~lr
+    # every coordinate by ~lr (97% by over lr * 1e-2, measured)
     diff = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1])
-    assert diff.max().item() < 10 * lr
+    # no tensor (a bias of 10 floats as well as a weight) may be left a step apart
+    assert diff.max().item() < 0.1 * lr, [(k, (w1[k] - w2[k]).abs().max().item()) for k in w1]
     assert (diff > lr * 1e-2).float().mean().item() < 1e-3, (diff > lr * 1e-2).sum()
     assert (diff > lr * 1e-4).float().mean().item() < 2e-2, (diff > lr * 1e-4).sum()

@@ -274,12 +274,19 @@ def test_a_vit_through_the_command_line_published_leaked_and_split_into_shares(t
     capsys.readouterr()
     assert main(["reconstruct", "--teacher", str(tmp_path / "pub"), "--objective", "all-layers+norm-stats",
                  "--images", "4", "--steps", "1", "--out", str(tmp_path / "nocode"), "--quiet"]) == 2
-    assert "--code" in capsys.readouterr().err  # the folder's code runs only when the user names it
+    err = capsys.readouterr().err.splitlines()  # the folder's code runs only when the user names it
+    assert len(err) == 1 and err[0].startswith("dfkd: ") and "--code" in err[0] and "vit.py" in err[0], err
+    assert not (tmp_path / "nocode").exists()
     assert main(["leakage", "--teacher", str(tmp_path / "pub"), "--code", code, "--data", npz,
                  "--out", str(tmp_path / "leak"), "--quiet"]) == 0
     report = json.loads((tmp_path / "leak.json").read_text())
-    meta = load(tmp_path / "vit.stats.safetensors")
-    assert report["holds"] == holds(meta) and any("pooled over the sequence's 4 tokens" in h for h in report["holds"])
+    assert "blocks.0.att (token, 4x64): its 64 features, each pooled over the sequence's 4 tokens; token-positions " \
+        "keeps every (token, feature)'s mean and std" in report["holds"]
+    # what it measured: the per-unit patch embedding (affine in the input, full rank) gives each class's mean
+    # training image in closed form (the inversion itself is checked against class means in test_leakage.py)
+    (inv,) = [i for i in report["inversions"] if i["layer"] == "embed"]
+    assert inv["exact"] and inv["rank"] == inv["input_dim"] == 3 * 8 * 8 and inv["r2"] > 0.999999
+    assert max(inv["rmse_per_class"]) < 1e-5
     rec = ["reconstruct", "--teacher", str(tmp_path / "pub"), "--code", code, "--objective", "all-layers+norm-stats",
            "--images", "12", "--batch-size", "4", "--steps", "2", "--quiet"]
     assert main(rec + ["--out", str(tmp_path / "one")]) == 0
