@@ -93,7 +93,8 @@ def fit(model: nn.Module, data, batch_loss: BatchLoss, *, info: DataInfo | None 
         desc: str = "train", progress: bool = True, settings: dict | None = None,
         restart: bool = False, average: float = 0.0) -> list[dict]:
     """Adam over ``data`` (a Dataset, a DataLoader or ``(x, y)`` tensors) for ``epochs``; returns one
-    dict per epoch (loss, seconds, and ``on_epoch``'s). Only a chunk of the data is in memory. The data are
+    dict per epoch (loss, seconds of training, wall: with its test, and ``on_epoch``'s), a resumed run's
+    restored epochs first. Only a chunk of the data is in memory. The data are
     raw inputs: ``batch_loss`` gets the model behind ``info``'s normalisation (``data.at_input``); the
     optimiser, the resume state and ``on_epoch`` get ``model`` itself.
 
@@ -180,6 +181,7 @@ def fit(model: nn.Module, data, batch_loss: BatchLoss, *, info: DataInfo | None 
                 rec.update({f"running_{k}": v for k, v in on_epoch(model).items()}, **on_epoch(kept))
         elif measure:
             rec.update(on_epoch(model))
+        rec["wall"] = time.perf_counter() - t0  # the epoch with its test: a resumed stage's time sums these
         history.append(rec)
         if progress:
             tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: " + ", ".join(

@@ -26,9 +26,15 @@ from .training import train
 
 
 def timed(fn, *args, **kw):
+    """``fn``'s result and the stage's seconds: this call's wall; for a history of epochs (a training), its epochs'
+    walls summed over every process that ran them if more, so that a resumed stage's time is not only its last
+    process's."""
     t0 = time.perf_counter()
     out = fn(*args, **kw)
-    return out, time.perf_counter() - t0
+    secs = time.perf_counter() - t0
+    if isinstance(out, list):
+        secs = max(secs, sum(r.get("wall", r.get("seconds", 0.0)) for r in out))
+    return out, secs
 
 
 def student_settings(name: str, pair: Pair, seed: int, cfg: RunConfig, desc: dict, meta) -> dict:

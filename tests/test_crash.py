@@ -57,7 +57,7 @@ def writes(log: Path, out: Path) -> list[str]:
     return [str(Path(line).relative_to(out)) for line in log.read_text().splitlines()]
 
 
-TIMING = ("seconds", "wall_seconds", "timings")
+TIMING = ("seconds", "wall", "wall_seconds", "timings")
 
 
 def _strip(obj):

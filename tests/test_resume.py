@@ -607,3 +607,30 @@ def test_a_synthetic_set_whose_manifest_lacks_a_setting_names_it_absent(tmp_path
     with pytest.raises(OtherSettings) as e:
         SyntheticSet(tmp_path / "set").begin({"settings": {"n": 4}, "teacher": "t"})
     assert "other settings (teacher absent -> t)" in e.value.problem and e.value.differing == (("teacher", None, "t"),)
+
+
+def test_a_resumed_stage_counts_the_epochs_of_every_process(world, tmp_path, monkeypatch):
+    """dfkd run's seconds for a stage that resumed (``students.timed``): the restored epochs' walls, kept in the
+    resume state, count beside the last process's, not only the last process's wall. The first process's clock
+    runs 100 s a reading, so its epoch's wall (at least 100 s) can reach the figure only through the state."""
+    from itertools import count
+
+    import dfkd.loop as loop
+    from dfkd.models import build_model
+    from dfkd.sources import open_data
+    from dfkd.students import timed
+    state = tmp_path / "s.state.safetensors"
+
+    def run():
+        torch.manual_seed(0)
+        model, info = build_model("lenet5", open_data(world.data).info)
+        return timed(training.train, model, open_data(world.data, info=info), TrainConfig(epochs=2, batch_size=500),
+                     state_path=state, settings={"test": 1})
+    fake = count(0.0, 100.0)
+    with interrupted_after_first_epoch(monkeypatch), monkeypatch.context() as m:
+        m.setattr(loop.time, "perf_counter", lambda: next(fake))
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    hist, secs = run()
+    assert [h["epoch"] for h in hist] == [1, 2] and hist[0]["wall"] >= 100 and hist[1]["wall"] > 0
+    assert secs >= hist[0]["wall"] + hist[1]["wall"]
