@@ -314,6 +314,7 @@ def test_readme_natural_digits_run_as_written(tmp_path):
         saved = json.loads((runs / out / "own" / "students" / "all-layers+norm-stats.json").read_text())
         assert saved["reconstruct_config"]["basis"] == "fourier"
         assert saved["distill_config"]["augment"] == "affine+cutmix+colour+backdrop"
+        assert saved["distill_config"]["temperature"] == (4.0 if out == "nat-ln-cnn" else 8.0)
         assert "MNIST" not in (runs / out / "results.md").read_text()
 
 
