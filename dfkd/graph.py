@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import DfkdError
 from .stats import block_adjacency, fourier_basis
-from .taps import MAPS, maps_paths, resolve, tap
+from .taps import maps_paths, resolve, tap
 
 
 # modules whose output keeps its features on the last axis (tokens ``[T, D]``, a channels-last map ``[H, W, C]``),
@@ -119,7 +119,7 @@ def layer_infos(model: nn.Module, paths: list[str], example: torch.Tensor, conv_
                if isinstance(dict(model.named_modules()).get(p.rpartition(".")[0]), nn.MultiheadAttention)]
         raise DfkdError("layers", f"{', '.join(missing)} never ran in a forward pass{''.join(why[:1])}")
     if bad:
-        mha = any(isinstance(mods[p], nn.MultiheadAttention) and not p.endswith(MAPS) for p in bad)
+        mha = any(isinstance(mods[p], nn.MultiheadAttention) for p in set(bad) - maps_paths(model, bad))
         raise DfkdError("layers", f"{', '.join(bad)}: the output is not a float tensor with one row per input"
                         + (" (an nn.MultiheadAttention needs batch_first=True)" if mha else ""))
     infos = []

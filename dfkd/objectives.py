@@ -25,7 +25,7 @@ from .kinds import REGISTRY
 from .metadata import Metadata
 from .moments import sq_distance
 from .objective import Objective
-from .taps import MAPS
+from .taps import maps_paths
 from .normobjectives import BNStats, NormStats
 from .stats import class_match, unit_match, whitening
 
@@ -99,8 +99,9 @@ class AllLayersDropout(AllLayers):
 
     def masks(self, input_shape, n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
         out = {"input": (torch.rand((n, *input_shape), generator=g) < self.keep_input).float() / self.keep_input}
+        maps = maps_paths(self.model, [i.path for i in self.infos])  # read, never passed on: nothing to mask
         for i in self.infos[:-1]:
-            if i.path.endswith(MAPS):  # an attention's weights are read, never passed on: nothing to mask
+            if i.path in maps:
                 continue
             out[i.path] = (torch.rand((n, *i.shape), generator=g) < self.keep_hidden).float() / self.keep_hidden
         return out

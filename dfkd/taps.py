@@ -56,11 +56,11 @@ def attention_maps(path: str, out) -> torch.Tensor:
     return w.mean(1) if w.dim() == 4 else w
 
 
-def resolve(model: nn.Module, paths: list[str] | tuple[str, ...]) -> dict[str, nn.Module]:
-    """Map paths to modules (a ``:maps`` path to its ``nn.MultiheadAttention``); an unknown path is one line
-    naming the nearest valid ones."""
+def resolve(model: nn.Module, paths: list[str] | tuple[str, ...], maps: set[str] | None = None) -> dict[str, nn.Module]:
+    """Map paths to modules (a ``:maps`` path to its ``nn.MultiheadAttention``; ``maps``: ``maps_paths`` where the
+    caller has it); an unknown path is one line naming the nearest valid ones."""
     mods = dict(model.named_modules())
-    maps = maps_paths(model, paths)
+    maps = maps_paths(model, paths) if maps is None else maps
     out = {}
     for p in paths:
         name = p.removesuffix(MAPS) if p in maps else p
@@ -121,8 +121,8 @@ def tap(model: nn.Module, paths: list[str] | tuple[str, ...],
         return hook
 
     try:
-        wanted = list(dict.fromkeys([*paths, *inputs]))
-        mods, maps = resolve(model, wanted), maps_paths(model, paths)
+        maps = maps_paths(model, paths)
+        mods = resolve(model, list(dict.fromkeys([*paths, *inputs])), maps)
         for p, m in mods.items():
             if p in maps:
                 handles.append(m.register_forward_pre_hook(_weights_on, with_kwargs=True))
