@@ -142,6 +142,8 @@ class ReconstructConfig:
                      "decorrelating colour matrix: coarse grey patterns move faster than fine coloured ones)",
                      choices=("pixel", "fourier"), later=True)
     bn_weight: float = opt(1.0, "weight of the bn-stats term")
+    ce: float = opt(0.0, "weight of a cross-entropy term towards each input's intended class (DeepInversion's; per "
+                    "input, as a generator's --ce; 0: none, the paper's)", later=True)
     whiten: bool = opt(True, "the paper's plain squared distance (by default each statistic's error is divided by "
                        "its std; all-layers and spectral objectives)")
     seed: int = opt(0, SEED)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import distributed
+from . import budget, distributed
 from .colour import check_colour, decide, refused
 from .checkpoint import load_model, save_model
 from .config import ReconstructConfig, RecordConfig, TrainConfig, to_dict
@@ -194,6 +194,7 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
     """Run the pipeline; returns the path of ``results.json``."""
     todo = pairs(cfg)  # or refused, in one line
     check_colour(cfg)
+    budget.check_minutes(cfg)
     plain = open_data(cfg.data)  # as it is (normalisation pinned later), before anything is trained
     if plain.test is None:
         raise DfkdError("data", f"{cfg.data} has no test split, and dfkd run measures every model on one (an npz "
@@ -221,17 +222,20 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
             teacher, desc, data, tsecs = _teacher(cfg, pair, td, dev, ranks)
             t_acc = accuracy(teacher, data.test)
             meta, rsecs, spath = _statistics(cfg, td, teacher, desc, data, ranks)
-            colour, decided = None, not pair.own  # an own pair's colour views: decided before its first data-free student
             names = (("real-data", "real-kd") if cfg.baselines else ()) + \
                 (cfg.objectives if pair.own else objectives(cfg, pair.name))  # own: pinned by the preflight
+            free = [n for n in names if not n.startswith("real")]  # an own pair's colour views, then (--minutes)
+            colour, budgets = None, {}  # each objective's sizes: decided before any student, the probe the first's
+            if pair.own and free:
+                pair, colour = decide(cfg, pair, teacher, meta, data.info, d, ranks, cfg.device, desc.get("sha256"))
+            for k, name in enumerate(free if cfg.minutes else ()):
+                pair, budgets[name] = budget.fit(cfg, pair, name, teacher, meta, data, d, None if k else colour,
+                                                 desc.get("sha256"))
             for name, seed in ((n, cfg.seed + k) for n in names for k in range(cfg.seeds)):
                 tag = f"-seed{seed}" if seed else ""
                 spath_student = d / "students" / f"{name}{tag}"
                 paper = PAPER[pair.name].get(name) if paper_data(cfg) and not pair.own else None  # on its data only
                 paper = None if paper is None else paper / 100
-                if not decided and not name.startswith("real"):
-                    pair, colour = decide(cfg, pair, teacher, meta, data.info, d, ranks, cfg.device, desc.get("sha256"))
-                    decided = True
                 settings = student_settings(name, pair, seed, cfg, desc, meta)
                 try:  # work made with other settings (finished or half made) refused, with the colour hint
                     fresh = not (finished(spath_student, settings, cfg.restart, state_path(d, name, tag))
@@ -266,6 +270,8 @@ def run(cfg: RunConfig = RunConfig()) -> Path:
                             row["synthesis"] = cfg.synthesis
                         if colour is not None and not name.startswith("real"):  # its views kept or dropped, and why
                             row["colour"] = colour
+                        if name in budgets:  # its sizes, and what chose them
+                            row["budget"] = budgets[name]
                         save_model(res["model"].cpu(), spath_student, pair.student, pair.student_args or {}, data.info,
                                    **dict(res.get("saved", {}), test_accuracy=row["accuracy"], objective=name,
                                           teacher_sha256=desc["sha256"], row=row, settings=canonical(settings)))

@@ -38,13 +38,15 @@ class Pair:
     generator: dict | None = None  # GeneratorConfig fields but the seed (--synthesis generator)
     without_bn: dict | None = None  # recipe entries that replace ``recipe``'s for all-layers without bn-stats
     unit_targets: str | None = None  # the run's --unit-targets: for every objective with an all-layers record
+    sized: dict | None = None  # inputs per objective, chosen by --minutes (``budget.fit``)
 
     def recipe_for(self, objective: str) -> dict:
         """The reconstruction recipe of one objective: ``recipe``, with ``without_bn`` where it is all-layers
         without bn-stats (what a teacher without BatchNorm is given), and the run's ``unit_targets`` where an
         all-layers record is matched (the other objectives read no per-unit record, so their settings stay)."""
         parts = set(objective.split("+"))
-        r = dict(self.recipe, **((self.without_bn or {}) if "all-layers" in parts and "bn-stats" not in parts else {}))
+        r = {**self.recipe, **((self.without_bn or {}) if "all-layers" in parts and "bn-stats" not in parts else {}),
+             **({"n": self.sized[objective]} if objective in (self.sized or {}) else {})}
         return r if not matches_records(objective) or self.unit_targets is None else dict(r, unit_targets=self.unit_targets)
 
 
@@ -64,11 +66,9 @@ def generator_recipe(recipe: dict, cfg: RunConfig) -> dict:
 
 
 def _sized(r: dict, cfg: RunConfig) -> dict:
-    """A recipe with the run's overrides (``images``, ``steps``, ``seen_views``, ``basis``)."""
-    return dict(r, **({"n": cfg.images} if cfg.images is not None else {}),
-                **({"steps": cfg.steps} if cfg.steps is not None else {}),
-                **({"views": cfg.seen_views} if cfg.seen_views is not None else {}),
-                **({"basis": cfg.basis} if cfg.basis is not None else {}))
+    """A recipe with the run's overrides (``images``, ``steps``, ``seen_views``, ``basis``, ``ce``)."""
+    given = {"n": cfg.images, "steps": cfg.steps, "views": cfg.seen_views, "basis": cfg.basis, "ce": cfg.ce}
+    return dict(r, **{k: v for k, v in given.items() if v is not None})
 
 
 def _distill_given(cfg: RunConfig) -> dict:  # the run's overrides of a distillation recipe
@@ -204,6 +204,12 @@ def check(cfg: RunConfig) -> None:
     if cfg.basis is not None and (cfg.basis not in BASES or cfg.synthesis == "generator"):
         raise DfkdError("basis", f"{cfg.basis!r} is not one of {', '.join(BASES)}" if cfg.basis not in BASES
                         else f"a generator makes its inputs itself; --basis {cfg.basis} is for --synthesis optimise")
+    bad = cfg.ce is not None and ("must be finite and >= 0" if not (math.isfinite(cfg.ce) and cfg.ce >= 0) else
+                                  "weights optimised inputs' cross-entropy: --synthesis optimise only"
+                                  if cfg.synthesis == "generator" else "the paper profile optimises the paper's "
+                                  "objective alone" if cfg.ce and cfg.profile == "paper" else None)
+    if bad:
+        raise DfkdError("ce", bad)
     if cfg.basis == "fourier" and cfg.profile == "paper":
         raise DfkdError("basis", "the paper profile optimises the pixels, as the paper does")
     if cfg.unit_targets not in (None, "draw", "batch"):
@@ -271,9 +277,8 @@ def colour_views(cfg: RunConfig, recipe: dict, distill: dict) -> list[str]:
 
 
 def objectives(cfg: RunConfig, net: str) -> tuple[str, ...]:
-    """A registry network's objectives: the run's, else the profile's, else every objective on the default
-    kinds (which dfkd run records) and noise; not bn-stats (with ``--synthesis generator``, those that can train
-    one: ``trains_generator``)."""
+    """A registry network's objectives: the run's, else the profile's, else every objective on the default kinds
+    (which dfkd run records) and noise; not bn-stats (with ``--synthesis generator``, those that train one)."""
     if cfg.objectives is not None:
         return tuple(cfg.objectives)
     names = PROFILES[cfg.profile].get("objectives", {}).get(net, tuple(
@@ -282,9 +287,8 @@ def objectives(cfg: RunConfig, net: str) -> tuple[str, ...]:
 
 
 def configs(name: str, pair: Pair, seed: int, cfg: RunConfig) -> tuple:
-    """A student's stage configs: ``real-data``: its ``TrainConfig``; ``real-kd``: its ``DistillConfig``
-    (affine views labelled by the teacher, cosine lr); an objective: its reconstruction's and its
-    distillation's."""
+    """A student's stage configs: ``real-data``: its ``TrainConfig``; ``real-kd``: its ``DistillConfig`` (affine
+    views labelled by the teacher, cosine lr); an objective: its reconstruction's and its distillation's."""
     if name == "real-data":
         return (TrainConfig(epochs=pair.student_epochs, lr=pair.student_lr, seed=seed),)
     if name == "real-kd":

@@ -15,11 +15,13 @@ other settings is refused (``restart``: started over), and no shard holding a no
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm import tqdm
 
 from . import distributed
@@ -107,6 +109,8 @@ def optimise_batch(teacher: nn.Module, objective: Objective, labels: torch.Tenso
             logits = teacher(xin * masks["input"] if masks else xin)
             loss = (objective.loss(logits, acts, tg, ydev) + prior(xn, cfg.tv, cfg.l2)
                     + seam_prior(xin, cfg.patch_tv, cfg.patch))
+            if cfg.ce:  # summed over the batch, as the objective is: per input, a generator's ce
+                loss = loss + cfg.ce * F.cross_entropy(logits.float(), ydev, reduction="sum")
             if not torch.isfinite(loss):
                 raise DfkdError("lr", f"loss became {loss.item()} at step {step}; finished shards are kept "
                                 "(try a lower lr)")
@@ -146,6 +150,8 @@ def reconstruct(teacher: nn.Module, meta: Metadata | None, out: str | Path,
     """
     if cfg.n <= 0 or cfg.batch_size <= 0 or cfg.steps < 0 or cfg.lr <= 0 or min(cfg.jitter, cfg.tv, cfg.l2) < 0:
         raise DfkdError("reconstruct", "n, batch size and lr must be > 0; steps, jitter, tv and l2 >= 0")
+    if not (math.isfinite(cfg.ce) and cfg.ce >= 0):
+        raise DfkdError("ce", f"the cross-entropy weight must be finite and >= 0 (got {cfg.ce})")
     if cfg.basis not in BASES:
         raise DfkdError("basis", f"{cfg.basis!r} is not one of {', '.join(BASES)}")
     if cfg.views not in SEEN:

@@ -10,6 +10,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from . import budget
 from .averaging import epochs_averaged
 from .config import default, flag, to_dict
 from .errors import DfkdError
@@ -73,7 +74,7 @@ def table(rows: list[dict], paper: bool = True) -> str:
             s["colour probe"] = max(s.get("colour probe", 0.0), r["colour"]["seconds"])
     lines.append("")
     lines += [f"{_md(t)}: " + ", ".join(f"{k} {v:.0f} s" for k, v in s.items()) + "  " for t, s in stages.items()]
-    lines += colour_lines(rows) + averaged_lines(rows)
+    lines += colour_lines(rows) + averaged_lines(rows) + budget.lines(rows)
     if paper:
         lines.append("noise: the paper has no noise baseline; DAFL's, with other noise, reports "
                      + ", ".join(f"{v:.2f}% ({k})" for k, v in DAFL_NOISE.items()) + ".")

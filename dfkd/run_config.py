@@ -39,6 +39,10 @@ class RunConfig:
                                "statistics")
     images: int | None = opt(None, "synthetic images per objective (default: the profile's)", parse="positive")
     steps: int | None = opt(None, "Adam steps per image (default: the profile's)")
+    minutes: float | None = opt(None, "your own pair under optimise: choose the synthetic inputs (instead of --images) "
+                                "so that each data-free student's reconstruction and distillation fit this many minutes "
+                                "on this machine, its costs measured first; the sizes are kept in <out>/own/budget.json",
+                                parse="positive", later=True)
     epochs: int | None = opt(None, "distillation epochs, and for your own pair its baselines' epochs too (default: the "
                              "profile's; your own pair under optimise: 100, annealed by a cosine, its baselines 30)", parse="positive")
     teacher_epochs: int | None = opt(None, "epochs of the teacher the run trains (a registry network's, or yours given "
@@ -68,6 +72,8 @@ class RunConfig:
     average: float | None = opt(None, "the data-free students kept as their weights' mean after each of this last "
                                 "share of the distillation's epochs (stochastic weight averaging, e.g. 0.5; --synthesis "
                                 "optimise only, not the paper profile); default: 0, the last epoch's weights", later=True)
+    ce: float | None = opt(None, "--synthesis optimise: weight of a cross-entropy term towards each input's intended "
+                           "class (per input; DeepInversion's); default: the profile's (0: none)", later=True)
     basis: str | None = opt(None, "what reconstruction's Adam moves: pixel or fourier (each input's change from its "
                             "start in a 1/f-scaled Fourier basis with decorrelated colour); --synthesis optimise only; "
                             "default: the profile's (pixel)", choices=("pixel", "fourier"), later=True)

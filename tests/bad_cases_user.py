@@ -153,6 +153,26 @@ CASES: list = [
      ["w.safetensors", "without the dfkd description", "--weights w.safetensors"]),
     ("teacher-pt-missing", "--teacher .pt", "a .pt file that does not exist",
      lambda w, t: ["record", "--teacher", t / "none.pt", "--out", t / "s"] + T, ["none.pt: no such file"]),
+    # a time budget (dfkd run --minutes) that cannot be kept, or that sizes nothing it was given
+    ("arg-minutes-networks", "argument", "dfkd run --minutes for the paper's networks (no --student)",
+     lambda w, t: ["run", "--minutes", "15", "--out", t / "run"], ["--minutes", "your own pair"]),
+    ("arg-minutes-generator", "argument", "dfkd run --minutes with --synthesis generator",
+     lambda w, t: ["run", "--teacher", w.teacher, "--student", "lenet5-half", "--data", w.data, "--synthesis",
+                   "generator", "--minutes", "15", "--out", t / "run"], ["--minutes", "--iterations"]),
+    ("arg-minutes-images", "argument", "dfkd run --minutes with --images (the budget chooses them)",
+     lambda w, t: ["run", "--teacher", w.teacher, "--student", "lenet5-half", "--data", w.data, "--images", "100",
+                   "--minutes", "15", "--out", t / "run"], ["--minutes", "not both"]),
+    ("arg-minutes-nan", "argument", "dfkd run --minutes nan",
+     lambda w, t: ["run", "--minutes", "nan", "--out", t / "run"], ["--minutes", "'nan' is not a finite number"]),
+    # the optimised inputs' cross-entropy weight
+    ("arg-ce-negative", "argument", "dfkd reconstruct --ce below 0",
+     lambda w, t: ["reconstruct", "--teacher", w.teacher, "--stats", w.stats, "--ce", "-1", "--out", t / "r"] + T,
+     ["--ce", "finite and >= 0"]),
+    ("arg-ce-generator", "argument", "dfkd run --ce with --synthesis generator (a generator has its own)",
+     lambda w, t: ["run", "--teacher", w.teacher, "--student", "lenet5-half", "--data", w.data, "--synthesis",
+                   "generator", "--ce", "1", "--out", t / "run"], ["--ce", "--synthesis optimise"]),
+    ("arg-ce-paper", "argument", "dfkd run --profile paper --ce 1 (the paper's objective alone)",
+     lambda w, t: ["run", "--profile", "paper", "--ce", "1", "--out", t / "run"], ["--ce", "paper profile"]),
 ]
 ENV: dict = {}
 # cases that cannot be met on this machine: id -> why (the matrix skips them)

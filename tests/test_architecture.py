@@ -27,7 +27,7 @@ LAYERS = {
     3: ("shared method", {"specs", "objective", "objectives", "normobjectives", "inversion", "loop", "recipes", "profiles"}),
     4: ("stages", {"training", "recording", "reconstruction", "distillation", "evaluation", "leakage",
                    "publishing", "generation", "deployment"}),
-    5: ("pipeline", {"pipeline", "own", "colour", "results", "students", "shipping"}),
+    5: ("pipeline", {"pipeline", "own", "colour", "budget", "results", "students", "shipping"}),
     6: ("command line", {"cli_fields", "cli_parser", "cli_commands", "cli", "__main__"}),
 }
 PEERS = 4  # the stages' layer: its modules import none of each other (the pipeline composes them)

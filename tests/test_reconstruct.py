@@ -1,5 +1,6 @@
 """Reconstruction: deterministic shards, resume after a kill, NaN handling, bad settings, the
 teacher's input space honoured, and the synthetic set read back."""
+import copy
 from dataclasses import replace
 
 import numpy as np
@@ -8,9 +9,10 @@ import torch
 
 import dfkd.reconstruction as rec
 from dfkd.config import ReconstructConfig
-from dfkd.data import DataInfo
+from dfkd.data import DataInfo, at_input
 from dfkd.errors import DfkdError
 from dfkd.files import load_tensors, read_json, write_json
+from dfkd.objectives import make_objective
 from dfkd.losses import check_seams, patch_seams, prior, seam_prior, total_variation
 from dfkd.images import class_grid
 from dfkd.reconstruction import reconstruct
@@ -310,3 +312,25 @@ def test_the_teacher_sees_the_inputs_under_views_drawn_anew_each_step(teacher, m
     for bad in ("warp", "affine+cutmix", "none+mix+colour"):
         with pytest.raises(DfkdError, match="views: .* is not shift, affine or none"):
             reconstruct(teacher, meta, tmp_path / "bad", replace(CFG, views=bad))
+
+
+def test_ce_adds_the_intended_classes_cross_entropy_per_input(teacher, meta):
+    """``ce`` adds w x the cross-entropy of the teacher's logits to each input's intended class, per input: the first
+    step's loss with it less the one without equals w x that cross-entropy at the start, computed in float64 from a
+    copy of the teacher (no views, jitter or priors, so the first step sees the start as it is)."""
+    cfg = ReconstructConfig(objective="all-layers", batch_size=20, steps=2, lr=0.05)
+    labels = torch.arange(20) % 10
+    obj = make_objective("all-layers", meta, teacher, cfg)
+    start, _ = rec.optimise_batch(teacher, obj, labels, replace(cfg, steps=0), torch.Generator().manual_seed(3), meta.data)
+    first = [rec.optimise_batch(teacher, obj, labels, replace(cfg, ce=w), torch.Generator().manual_seed(3),
+                                meta.data)[1][0] for w in (0.0, 2.5)]
+    t64 = at_input(copy.deepcopy(teacher).double().eval(), meta.data)
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(t64(start.double()), labels).item()
+    assert first[1] - first[0] == pytest.approx(2.5 * ce, rel=1e-4, abs=1e-6) and ce > 0.1
+
+
+def test_ce_must_be_finite_and_not_negative(teacher, meta, tmp_path):
+    for w in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(DfkdError, match="cross-entropy weight"):
+            reconstruct(teacher, meta, tmp_path / "r", replace(CFG, ce=w))
