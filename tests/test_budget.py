@@ -48,8 +48,8 @@ def pair(colour_dir):
 
 def test_measure_reads_the_clock_between_steps_epochs_and_the_test(pair):
     """With a clock that moves one second a reading, the costs are exactly what the readings say: a second a
-    reconstruction step (after the first) over the batch's inputs, a second an epoch over the epoch's inputs, a
-    second a test; and the student was trained (two epochs moved its weights)."""
+    reconstruction step (after the first) over the batch's inputs, a second an epoch over the timed epoch's inputs
+    (the batch's repeated to the recipe's n), a second a test; and the student was trained (its weights moved)."""
     teacher, data = pair
     ticks = iter(range(10**6))
     student = build_model(f"{OWN}:student", data.info, in_channels=3, width=4)[0]
@@ -57,12 +57,15 @@ def test_measure_reads_the_clock_between_steps_epochs_and_the_test(pair):
     rc = ReconstructConfig(objective="bn-stats", batch_size=30, steps=120, lr=0.2, jitter=2)
     dc = DistillConfig(epochs=100, batch_size=8)
     costs = budget.measure(teacher, None, student, data.info, rc, dc, data.test, clock=lambda: float(next(ticks)))
-    assert costs["image_step"] == 1 / 30 and costs["input_epoch"] == 1 / 30 and costs["test"] == 1.0
+    assert costs["image_step"] == 1 / 30 and costs["input_epoch"] == 1 / rc.n and costs["test"] == 1.0
     assert costs["seconds"] == budget.STEPS + 3  # readings 0 (start), 1..5 (the steps), 6, 7 (an epoch), 8 (a test)
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
     noise = budget.measure(teacher, None, student, data.info, replace(rc, objective="noise"), dc, data.test,
                            clock=lambda: float(next(ticks)))
-    assert noise["image_step"] == 0.0 and noise["input_epoch"] == 1 / 30  # nothing optimised: no step to time
+    assert noise["image_step"] == 0.0 and noise["input_epoch"] == 1 / rc.n  # nothing optimised: no step to time
+    small = budget.measure(teacher, None, student, data.info, replace(rc, n=10), dc, data.test,
+                           clock=lambda: float(next(ticks)))
+    assert small["input_epoch"] == 1 / 30  # a recipe smaller than the batch: the batch's epoch
 
 
 def test_evaluations_count_the_test_passes_of_the_distillation():
