@@ -1,7 +1,8 @@
 """``dfkd run --minutes``: a user's pair's synthetic set sized to a time budget.
 
 A recipe's sizes are fixed (3,000 inputs x 120 steps, 100 epochs), and what they cost grows with the teacher and
-the student: the same recipe took 12 minutes on one outside pair and 25 on a wider teacher (docs/colour.md). With
+the student: the same recipe took 12 to 15 minutes a seed on one outside pair, 25 on a wider teacher
+(docs/colour.md). With
 ``--minutes M`` the number of inputs is chosen instead, so that each data-free student's making (its
 reconstruction and its distillation, the seconds its row reports; for the run's first student also the colour
 probe and this measurement) fits ``M`` minutes. Before any student the costs are measured on this machine with
@@ -110,8 +111,8 @@ def measure(teacher: nn.Module, meta: Metadata | None, student: nn.Module, info:
     the steps after the first; 0 where nothing is optimised), an input-epoch of distillation (``student``, moved to
     the teacher's device and trained there in place, without weight averaging: an epoch on that batch's inputs warms
     up, then one on them repeated to the recipe's ``n`` inputs, at most a chunk, is timed: on 500 inputs an epoch
-    cost 0.68 ms an input, on 3,000 0.82, on 4,800 read from disk 0.81) and a pass over ``test``; and the seconds the
-    measurement took."""
+    cost 0.68 ms an input, on 3,000 0.82, on 4,800 read from disk 0.81: docs/colour.md, "A time budget") and a pass
+    over ``test``; and the seconds the measurement took."""
     t0 = clock()
     teacher.eval()
     for p in teacher.parameters():
@@ -186,9 +187,9 @@ def fit(cfg: RunConfig, pair: Pair, name: str, teacher: nn.Module, meta: Metadat
         n = plan(60 * cfg.minutes, spent, costs, rc, dc, classes)
         if n < LEAST * classes:
             per = rc.steps * costs["image_step"] + dc.epochs * costs["input_epoch"]
-            raise DfkdError("minutes", f"{cfg.minutes:g} minutes fit {n} inputs of {name} at this machine's costs ({per:.3g} s "
-                            f"an input: {rc.steps} steps, {dc.epochs} epochs), under {LEAST} a class: give more "
-                            "minutes, or fewer --steps or --epochs")
+            raise DfkdError("minutes", f"{cfg.minutes:g} minutes fit {n} inputs of {name} at this machine's costs "
+                            f"({per:.3g} s an input: {rc.steps} steps, {dc.epochs} epochs), under {LEAST} a class: "
+                            "give more minutes, or fewer --steps or --epochs")
         how = {"minutes": cfg.minutes, "images": n, "steps": rc.steps, "epochs": dc.epochs,
                "evaluations": evaluations(dc), "spent": spent, "probe": probed, "share": SHARE,
                **{k: costs[k] for k in ("image_step", "input_epoch", "test")}, "measure": costs["seconds"],
@@ -210,8 +211,9 @@ def lines(rows: list[dict]) -> list[str]:
             out.append(f"\n{r['objective']}: {b['images']:,} inputs, fitted to {b['minutes']:g} minutes a student "
                        f"(measured: {1e3 * b['image_step']:.3g} ms an image-step x {b['steps']} steps, "
                        f"{1e3 * b['input_epoch']:.3g} ms an input-epoch x {b['epochs']} epochs, {b['test']:.2f} s a "
-                       f"test x {b['evaluations']}; {b['spent']:.0f} s spent first, the probe's and the measurement's); in place "
-                       f"of --minutes, --images {b['images']} makes this objective's students again.")
+                       f"test x {b['evaluations']}; {b['spent']:.0f} s spent first, the probe's and the "
+                       f"measurement's); in place of --minutes, --images {b['images']} makes this objective's "
+                       "students again.")
         except (KeyError, TypeError, ValueError):  # a hand-edited document: its rows still shown
             continue
     return out
