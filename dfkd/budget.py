@@ -45,8 +45,8 @@ from .files import read_json, write_json
 from .inversion import revealed_means
 from .loop import CHUNK, accuracy
 from .metadata import Metadata
-from .models import device_of, num_outputs
-from .objectives import make_objective
+from .models import code_sha256, device_of, num_outputs
+from .objectives import Noise, make_objective
 from .profiles import Pair
 from .reconstruction import optimise_batch
 from .resume import config_settings
@@ -122,19 +122,19 @@ def measure(teacher: nn.Module, meta: Metadata | None, student: nn.Module, info:
     objective = make_objective(rc.objective, meta, teacher, rc)
     classes = meta.num_classes if meta is not None else num_outputs(teacher, info)
     labels = torch.arange(rc.batch_size) % classes
-    start = revealed_means(teacher, meta) if meta is not None and rc.init != "noise" else None
+    start = revealed_means(teacher, meta) if meta is not None and rc.init != "noise" \
+        and not isinstance(objective, Noise) else None
     ticks = _Ticks(clock)
     x, _ = optimise_batch(teacher, objective, labels, replace(rc, steps=STEPS), torch.Generator().manual_seed(rc.seed),
-                          info, ticks, start)
-    x = x.to(dev)
+                          info, ticks, start)  # on the host, as a synthetic set's inputs are read
     with torch.no_grad():
-        logits = at_input(teacher, info)(x).float()
+        logits = at_input(teacher, info)(x.to(dev)).float().cpu()
     one, quiet = replace(dc, epochs=1, eval_every=1, average=0.0), Runtime(device=str(dev), progress=False)
     distill(student, (x, logits), teacher, one, None, info, rt=quiet)  # warms up
     m = min(max(rc.n, len(x)), CHUNK)  # an epoch of the recipe's size: per input, a larger chunk labels slower
-    tiled = [t.repeat(-(-m // len(x)), *[1] * (t.dim() - 1))[:m] for t in (x, logits)]
+    every = torch.arange(m) % len(x)
     t1 = clock()
-    distill(student, tuple(tiled), teacher, one, None, info, rt=quiet)
+    distill(student, (x[every], logits[every]), teacher, one, None, info, rt=quiet)
     t2 = clock()
     accuracy(student, test)  # the time of a pass; its figure is not used
     t3 = clock()
@@ -143,10 +143,12 @@ def measure(teacher: nn.Module, meta: Metadata | None, student: nn.Module, info:
 
 
 def _key(cfg: RunConfig, pair: Pair, name: str, teacher_sha: str | None, meta: Metadata | None, info: DataInfo) -> str:
-    """What a size is chosen for: the budget, the teacher and its statistics, the student, the data as the run sees
-    it and the recipe but its size and seed (not the device: a run resumed elsewhere keeps its sizes)."""
+    """What a size is chosen for: the budget, the teacher's weights and its statistics, the student (its code too),
+    the data as the run sees it and the recipe but its size and seed (not the device: a run resumed elsewhere keeps
+    its sizes)."""
     rc = config_settings(ReconstructConfig(**dict(pair.recipe_for(name), objective=name)))
     made = {"minutes": cfg.minutes, "teacher": teacher_sha, "student": pair.student, "student_args": pair.student_args,
+            "student_code": code_sha256(pair.student),
             "stats": meta.header.get("tensors_sha256") if meta else None, "data": data_sha256(cfg.data),
             "normalize": cfg.normalize, "info": info.as_dict(),
             "reconstruct": {k: v for k, v in rc.items() if k not in ("n", "seed")},

@@ -46,7 +46,7 @@ def pair(colour_dir):
     return teacher, open_data(f"folder:{colour_dir}", info=info)
 
 
-def test_measure_reads_the_clock_between_steps_epochs_and_the_test(pair):
+def test_measure_reads_the_clock_between_steps_epochs_and_the_test(pair, monkeypatch):
     """With a clock that moves one second a reading, the costs are exactly what the readings say: a second a
     reconstruction step (after the first) over the batch's inputs, a second an epoch over the timed epoch's inputs
     (the batch's repeated to the recipe's n), a second a test; and the student was trained (its weights moved)."""
@@ -55,9 +55,17 @@ def test_measure_reads_the_clock_between_steps_epochs_and_the_test(pair):
     student = build_model(f"{OWN}:student", data.info, in_channels=3, width=4)[0]
     before = [p.detach().clone() for p in student.parameters()]
     rc = ReconstructConfig(objective="bn-stats", batch_size=30, steps=120, lr=0.2, jitter=2)
-    dc = DistillConfig(epochs=100, batch_size=8)
+    dc = DistillConfig(epochs=100, batch_size=8, average=0.5)  # measured without averaging (one epoch cannot average)
+    seen, real = [], budget.distill
+    monkeypatch.setattr(budget, "distill", lambda s, d, t, c, *a, **k: seen.append((d, c)) or real(s, d, t, c, *a, **k))
     costs = budget.measure(teacher, None, student, data.info, rc, dc, data.test, clock=lambda: float(next(ticks)))
     assert costs["image_step"] == 1 / 30 and costs["input_epoch"] == 1 / rc.n and costs["test"] == 1.0
+    (warm, c1), (timed, c2) = seen
+    assert [len(warm[0]), len(timed[0]), len(timed[1])] == [30, rc.n, rc.n] and c1 == c2
+    assert c2.epochs == 1 and c2.average == 0.0 and c2.batch_size == 8
+    k = torch.arange(rc.n)
+    assert torch.equal(timed[0], warm[0][k % 30]) and torch.equal(timed[1], warm[1][k % 30])  # the batch, repeated
+    assert timed[0].device.type == "cpu"  # on the host, as a synthetic set's inputs are read
     assert costs["seconds"] == budget.STEPS + 3  # readings 0 (start), 1..5 (the steps), 6, 7 (an epoch), 8 (a test)
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
     noise = budget.measure(teacher, None, student, data.info, replace(rc, objective="noise"), dc, data.test,
