@@ -108,7 +108,7 @@ def _recipe(student: str) -> dict:
 CARD_FLAGS = {
     "reconstruct": (ReconstructConfig, ("objective", "n", "batch_size", "steps", "lr", "init", "init_mean", "init_std",
                                         "clamp", "jitter", "views", "unit_targets", "tv", "l2", "patch_tv", "patch",
-                                        "bn_weight", "whiten", "basis")),
+                                        "bn_weight", "ce", "whiten", "basis")),
     "distill": (DistillConfig, ("augment", "temperature", "epochs", "batch_size", "lr", "schedule", "adversarial",
                                 "adversarial_steps", "adversarial_step", "eval_every", "average")),
 }
