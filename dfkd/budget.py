@@ -43,7 +43,7 @@ from .distillation import distill
 from .errors import DfkdError
 from .files import read_json, write_json
 from .inversion import revealed_means
-from .loop import CHUNK, accuracy
+from .loop import CHUNK, accuracy, tested
 from .metadata import Metadata
 from .models import code_sha256, device_of, num_outputs
 from .objectives import Noise, make_objective
@@ -80,7 +80,7 @@ def check_minutes(cfg: RunConfig) -> None:
 def evaluations(dc: DistillConfig) -> int:
     """How many test passes a distillation makes: after every ``eval_every``-th epoch and after the last, twice
     where the weights' average is measured beside the weights (``--average``'s epochs)."""
-    at = [e for e in range(1, dc.epochs + 1) if e % dc.eval_every == 0 or e == dc.epochs]
+    at = [e for e in range(1, dc.epochs + 1) if tested(e, dc.epochs, dc.eval_every)]
     last = epochs_averaged(dc.average, dc.epochs) if dc.average else 0
     return len(at) + sum(e > dc.epochs - last for e in at)
 

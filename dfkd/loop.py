@@ -72,6 +72,11 @@ def _epoch_chunks(data, order: torch.Tensor | None, batch_size: int, ranks):
         i += sum(group)
 
 
+def tested(epoch: int, epochs: int, eval_every: int) -> bool:
+    """Whether ``fit`` measures the model after (1-based) ``epoch``: every ``eval_every``-th and the last."""
+    return epoch % eval_every == 0 or epoch == epochs
+
+
 def nonfinite(loss: torch.Tensor, ranks=None) -> str | None:
     """``"NaN"`` or ``"infinite"`` if the loss of this step is so on any rank (NaN first), else None.
     Under a process group every rank takes part (one all-reduce of two flags), so that all ranks stop
@@ -143,7 +148,7 @@ def fit(model: nn.Module, data, batch_loss: BatchLoss, *, info: DataInfo | None 
         model.train()
         bar = tqdm(total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", disable=bars_off(progress), leave=False)
         gb = g if ranks.world == 1 else g_rank
-        measure = on_epoch is not None and ranks.main and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs)
+        measure = on_epoch is not None and ranks.main and tested(epoch + 1, epochs, eval_every)
         averaged, views = mean is not None and mean.active(epoch), None
         refresh = averaged and (measure or epoch + 1 == epochs)  # the average measured or kept after this epoch
         for xe, ye, sizes in _epoch_chunks(data, order, batch_size, ranks):
