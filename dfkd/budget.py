@@ -2,8 +2,8 @@
 
 A recipe's sizes are fixed (3,000 inputs x 120 steps, 100 epochs), and what they cost grows with the teacher and
 the student: the same recipe took 12 to 15 minutes a seed on one outside pair, 25 on a wider teacher
-(docs/colour.md). With
-``--minutes M`` the number of inputs is chosen instead, so that each data-free student's making (its
+(docs/colour.md). With ``--minutes M`` the number of inputs (and where the budget is tight the steps) is chosen
+instead, so that each data-free student's making (its
 reconstruction and its distillation, the seconds its row reports; for the run's first student also the colour
 probe and this measurement) fits ``M`` minutes. Before any student the costs are measured on this machine with
 the run's own recipe and models (``measure``): a few of reconstruction's Adam steps on one batch (seconds an
@@ -14,14 +14,17 @@ Then
 
     n = share * (M * 60 - spent - evaluations * test) / (steps * image_step + epochs * input_epoch)
 
-rounded down to a multiple of the classes; the steps, the epochs and everything else stay the recipe's, and fewer
-than ``LEAST`` inputs a class is refused. ``share`` (0.9) leaves room for what is not measured (a shard's labels and
-file, a slower shard: one outside pair's shards ranged over 7%).
+rounded down to a multiple of the classes, and fewer than ``LEAST`` inputs a class is refused. Where that is
+fewer than the recipe's inputs and ``--steps`` is not given, the plan is made again at the profile's
+``optimise_budget_steps`` (60 against 120: a tight budget buys more from more inputs at fewer steps, docs/colour.md,
+"Fewer steps, more inputs"); the epochs and everything else stay the recipe's. ``share`` (0.8) leaves room for
+what is not measured (a shard's labels and file, a slower shard: one outside pair's shards ranged over 7%) and for
+a measured epoch that runs faster than the run's (colour digits: 0.457 ms an input-epoch measured, 0.64 taken).
 
 The sizes are written to ``<run>/<pair>/budget.json`` with what they were measured on and read back by every
 resume, so that a run's sizes (and so its students) do not change with the machine's speed once chosen; another
-budget, teacher, statistics, student or recipe measures again. The report says the sizes and the ``--images`` that
-makes the same students without a budget (``lines``).
+budget, teacher, statistics, student or recipe measures again. The report says the sizes and the ``--images`` and
+``--steps`` that make the same students without a budget (``lines``).
 """
 from __future__ import annotations
 
@@ -48,13 +51,15 @@ from .metadata import Metadata
 from .models import code_sha256, device_of, num_outputs
 from .objectives import Noise, make_objective
 from .profiles import Pair
+from .recipes import OWN
 from .reconstruction import optimise_batch
 from .resume import config_settings
 from .run_config import RunConfig
 from .sources import data_sha256
 from .specs import build_student
 
-SHARE = 0.9  # of the time left, planned
+SHARE = 0.8  # of the time left, planned (0.9 overran the colour digits: a distillation epoch measured 0.457 ms an
+# input, taken 0.64; docs/colour.md, "Fewer steps, more inputs")
 STEPS = 5  # reconstruction steps measured (the first one's time is left out)
 LEAST = 10  # inputs a class
 MOST = 100_000  # minutes (about 70 days)
@@ -144,28 +149,32 @@ def measure(teacher: nn.Module, meta: Metadata | None, student: nn.Module, info:
 
 def _key(cfg: RunConfig, pair: Pair, name: str, teacher_sha: str | None, meta: Metadata | None, info: DataInfo) -> str:
     """What a size is chosen for: the budget, the teacher's weights and its statistics, the student (its code too),
-    the data as the run sees it and the recipe but its size and seed (not the device: a run resumed elsewhere keeps
-    its sizes)."""
+    the data as the run sees it, the recipe but its size and seed, and whether --steps was given (the budget may
+    choose the steps only without it); not the device: a run resumed elsewhere keeps its sizes."""
     rc = config_settings(ReconstructConfig(**dict(pair.recipe_for(name), objective=name)))
     made = {"minutes": cfg.minutes, "teacher": teacher_sha, "student": pair.student, "student_args": pair.student_args,
             "student_code": code_sha256(pair.student),
             "stats": meta.header.get("tensors_sha256") if meta else None, "data": data_sha256(cfg.data),
             "normalize": cfg.normalize, "info": info.as_dict(),
             "reconstruct": {k: v for k, v in rc.items() if k not in ("n", "seed")},
+            **({"steps_given": True} if cfg.steps is not None else {}),  # the budget may choose steps only without
             "distill": {k: v for k, v in config_settings(DistillConfig(**pair.distill)).items() if k != "seed"}}
     return hashlib.sha256(json.dumps(made, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _pinned(path: Path, doc: dict, name: str, key: str, classes: int) -> dict | None:
     """The sizes ``path`` holds for ``name`` under ``key``, or None; refused in one line where they cannot be a
-    run's (a hand edit: not a whole number of inputs, a multiple of the classes and at least ``LEAST`` a class)."""
+    run's (a hand edit: not a whole number of inputs, a multiple of the classes and at least ``LEAST`` a class, or
+    steps not a whole number >= 0)."""
     how = doc.get(name, {}).get(key) if isinstance(doc.get(name), dict) else None
     if how is None:
         return None
-    n = how.get("images") if isinstance(how, dict) else None
-    if not (isinstance(n, int) and not isinstance(n, bool) and n >= LEAST * classes and n % classes == 0):
+    n, steps = (how.get("images"), how.get("steps")) if isinstance(how, dict) else (None, None)
+    whole = [isinstance(v, int) and not isinstance(v, bool) for v in (n, steps)]
+    if not (all(whole) and n >= LEAST * classes and n % classes == 0 and steps >= 0):
         raise DfkdError(str(path), f"holds no valid size for {name} (a whole number of inputs, a multiple of the "
-                        f"{classes} classes, at least {LEAST} a class): delete it to measure again")
+                        f"{classes} classes, at least {LEAST} a class, and steps a whole number >= 0): delete it to "
+                        "measure again")
     return how
 
 
@@ -187,18 +196,22 @@ def fit(cfg: RunConfig, pair: Pair, name: str, teacher: nn.Module, meta: Metadat
         probed = float(probe.get("seconds") or 0.0) if isinstance(probe, dict) else 0.0
         spent = costs["seconds"] + probed
         n = plan(60 * cfg.minutes, spent, costs, rc, dc, classes)
+        fewer = OWN.get(cfg.profile, {}).get("optimise_budget_steps")
+        if cfg.steps is None and fewer is not None and fewer < rc.steps and n < rc.n:  # tight: more inputs instead
+            rc = replace(rc, steps=fewer)
+            n = plan(60 * cfg.minutes, spent, costs, rc, dc, classes)
         if n < LEAST * classes:
             per = rc.steps * costs["image_step"] + dc.epochs * costs["input_epoch"]
             raise DfkdError("minutes", f"{cfg.minutes:g} minutes fit {n} inputs of {name} at this machine's costs "
                             f"({per:.3g} s an input: {rc.steps} steps, {dc.epochs} epochs), under {LEAST} a class: "
-                            "give more minutes, or fewer --steps or --epochs")
+                            f"give more minutes, or fewer than {rc.steps} --steps, or fewer --epochs")
         how = {"minutes": cfg.minutes, "images": n, "steps": rc.steps, "epochs": dc.epochs,
                "evaluations": evaluations(dc), "spent": spent, "probe": probed, "share": SHARE,
                **{k: costs[k] for k in ("image_step", "input_epoch", "test")}, "measure": costs["seconds"],
                "device": str(device_of(teacher))}
         mine = doc.get(name) if isinstance(doc.get(name), dict) else {}
         write_json(path, dict(doc, **{name: dict(mine, **{key: how})}))
-    return replace(pair, sized=dict(pair.sized or {}, **{name: how["images"]})), how
+    return replace(pair, sized=dict(pair.sized or {}, **{name: {"n": how["images"], "steps": how["steps"]}})), how
 
 
 def lines(rows: list[dict]) -> list[str]:
@@ -214,8 +227,8 @@ def lines(rows: list[dict]) -> list[str]:
                        f"(measured: {1e3 * b['image_step']:.3g} ms an image-step x {b['steps']} steps, "
                        f"{1e3 * b['input_epoch']:.3g} ms an input-epoch x {b['epochs']} epochs, {b['test']:.2f} s a "
                        f"test x {b['evaluations']}; {b['spent']:.0f} s spent first, the probe's and the "
-                       f"measurement's); in place of --minutes, --images {b['images']} makes this objective's "
-                       "students again.")
+                       f"measurement's); in place of --minutes, --images {b['images']} --steps {b['steps']} makes "
+                       "this objective's students again.")
         except (KeyError, TypeError, ValueError):  # a hand-edited document: its rows still shown
             continue
     return out

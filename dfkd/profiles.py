@@ -38,7 +38,7 @@ class Pair:
     generator: dict | None = None  # GeneratorConfig fields but the seed (--synthesis generator)
     without_bn: dict | None = None  # recipe entries that replace ``recipe``'s for all-layers without bn-stats
     unit_targets: str | None = None  # the run's --unit-targets: for every objective with an all-layers record
-    sized: dict | None = None  # inputs per objective, chosen by --minutes (``budget.fit``)
+    sized: dict | None = None  # recipe entries per objective (its inputs and steps) chosen by --minutes (``budget.fit``)
 
     def recipe_for(self, objective: str) -> dict:
         """The reconstruction recipe of one objective: ``recipe``, with ``without_bn`` where it is all-layers
@@ -46,7 +46,7 @@ class Pair:
         all-layers record is matched (the other objectives read no per-unit record, so their settings stay)."""
         parts = set(objective.split("+"))
         r = {**self.recipe, **((self.without_bn or {}) if "all-layers" in parts and "bn-stats" not in parts else {}),
-             **({"n": self.sized[objective]} if objective in (self.sized or {}) else {})}
+             **(self.sized or {}).get(objective, {})}
         return r if not matches_records(objective) or self.unit_targets is None else dict(r, unit_targets=self.unit_targets)
 
 

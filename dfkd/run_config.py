@@ -41,7 +41,8 @@ class RunConfig:
     steps: int | None = opt(None, "Adam steps per image (default: the profile's)")
     minutes: float | None = opt(None, "your own pair under optimise: choose the synthetic inputs (instead of --images) "
                                 "so that each data-free student's reconstruction and distillation fit this many minutes "
-                                "on this machine, its costs measured first; the sizes are kept in <out>/own/budget.json",
+                                "on this machine, its costs measured first (where the profile's inputs do not fit, at "
+                                "fewer steps unless --steps is given); the sizes are kept in <out>/own/budget.json",
                                 parse="positive", later=True)
     epochs: int | None = opt(None, "distillation epochs, and for your own pair its baselines' epochs too (default: the "
                              "profile's; your own pair under optimise: 100, annealed by a cosine, its baselines 30)", parse="positive")

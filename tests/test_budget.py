@@ -97,9 +97,10 @@ def test_the_colour_probe_counts_against_the_first_objective_and_the_sizes_are_k
              student_args={"in_channels": 3, "width": 4}, own=True)
     sized, how = budget.fit(cfg, p, "bn-stats", teacher, None, data, tmp_path, {"seconds": 7.0}, "sha")
     rc, dc = ReconstructConfig(steps=20), DistillConfig(epochs=30, eval_every=10)
-    want = budget.plan(60.0, 12.0, costs, rc, dc, 10)
-    assert how["images"] == want > 0 and how["spent"] == 12.0 and how["probe"] == 7.0
+    want = budget.plan(60.0, 12.0, costs, rc, dc, 10)  # quick's fewer steps (60) above the recipe's 20: its 20
+    assert how["images"] == want > 0 and how["spent"] == 12.0 and how["probe"] == 7.0 and how["steps"] == 20
     assert sized.recipe_for("bn-stats")["n"] == want and sized.recipe_for("all-layers")["n"] == 40
+    assert sized.recipe_for("bn-stats")["steps"] == 20 and sized.recipe_for("all-layers")["steps"] == 20
     (entry,) = json.loads((tmp_path / "budget.json").read_text())["bn-stats"].values()
     assert entry["images"] == want
     again, _ = budget.fit(cfg, p, "bn-stats", teacher, None, data, tmp_path, {"seconds": 7.0}, "sha")
@@ -108,12 +109,38 @@ def test_the_colour_probe_counts_against_the_first_objective_and_the_sizes_are_k
     assert len(calls) == 2  # another budget: measured, and kept beside the first, which still resumes
     assert budget.fit(cfg, p, "bn-stats", teacher, None, data, tmp_path, None, "sha")[0] == sized and len(calls) == 2
     doc = json.loads((tmp_path / "budget.json").read_text())
-    for bad in ("140", 3.5, True, 5, 145):  # a hand edit: not a whole multiple of the classes, at least 10 a class
-        for entry in doc["bn-stats"].values():
-            entry["images"] = bad
-        (tmp_path / "budget.json").write_text(json.dumps(doc))
+    for field, bad in [("images", b) for b in ("140", 3.5, True, 5, 145)] + [("steps", b) for b in ("20", 2.5, -1, None)]:
+        edited = json.loads(json.dumps(doc))  # a hand edit: inputs not a whole multiple of the classes, at least
+        for entry in edited["bn-stats"].values():  # 10 a class; steps not a whole number >= 0
+            entry[field] = bad
+        (tmp_path / "budget.json").write_text(json.dumps(edited))
         with pytest.raises(DfkdError, match="holds no valid size for bn-stats"):
             budget.fit(cfg, p, "bn-stats", teacher, None, data, tmp_path, None, "sha")
+
+
+def test_a_tight_budget_buys_inputs_at_fewer_steps_unless_steps_are_given(pair, tmp_path, monkeypatch):
+    """Where the recipe's inputs do not fit at its steps, the inputs are planned, and made, at the profile's
+    ``optimise_budget_steps`` (quick: 60 against 120); where they fit, at the recipe's; with --steps, at the
+    user's, also in a folder whose sizes were chosen without (the key holds a --steps given)."""
+    teacher, data = pair
+    costs = {"image_step": 1e-3, "input_epoch": 1e-3, "test": 2.0, "seconds": 5.0}
+    monkeypatch.setattr(budget, "measure", lambda *a, **k: dict(costs))
+    p = Pair("own", "t", f"{OWN}:student", 1, 1, 0.01, dict(n=3000, steps=120, batch_size=20),
+             dict(epochs=30, eval_every=10), student_args={"in_channels": 3, "width": 4}, own=True)
+    cfg = RunConfig(student=f"{OWN}:student", teacher="t", minutes=2.0)
+    dc, fewer = DistillConfig(epochs=30, eval_every=10), budget.OWN["quick"]["optimise_budget_steps"]
+    at = {s: budget.plan(120.0, 5.0, costs, ReconstructConfig(steps=s), dc, 10) for s in (120, fewer)}
+    assert fewer == 60 and at[120] < at[fewer] < 3000  # 2 minutes: under the recipe's 3,000 at 120 steps
+    tight, how = budget.fit(cfg, p, "bn-stats", teacher, None, data, tmp_path, None, "sha")
+    assert how["steps"] == fewer and how["images"] == at[fewer] and tight.recipe_for("bn-stats")["steps"] == fewer
+    mine, how = budget.fit(replace(cfg, steps=120), p, "bn-stats", teacher, None, data, tmp_path, None,
+                           "sha")  # the same folder: measured again for the --steps given
+    assert how["steps"] == 120 and how["images"] == at[120] and mine.recipe_for("bn-stats")["steps"] == 120
+    assert len(json.loads((tmp_path / "budget.json").read_text())["bn-stats"]) == 2
+    roomy, how = budget.fit(replace(cfg, minutes=20.0), p, "bn-stats", teacher, None, data, tmp_path, None, "sha")
+    assert how["steps"] == 120 and how["images"] >= 3000  # the recipe's inputs fit: its steps
+    assert budget.fit(replace(cfg, profile="paper"), p, "bn-stats", teacher, None, data, tmp_path / "p", None,
+                      "sha")[1]["steps"] == 120  # a profile without fewer steps: the recipe's
 
 
 def test_minutes_is_refused_under_torchrun_and_beyond_its_bound(monkeypatch):
@@ -139,7 +166,8 @@ def test_a_run_sized_by_minutes_makes_what_its_images_make(colour_dir, tmp_path,
     measured = []
     real = budget.measure
     monkeypatch.setattr(budget, "measure", lambda *a, **k: measured.append(1) or real(*a, **k))
-    monkeypatch.setattr(budget, "plan", lambda *a, **k: 140)
+    steps = budget.OWN["tiny"]["optimise_budget_steps"]  # under the tiny recipe's 5 and n 40
+    monkeypatch.setattr(budget, "plan", lambda *a, **k: 140 if a[3].steps == steps else 30)  # 30 < 40: tight
     given = ["--teacher", f"{OWN}:teacher", "--teacher-args", ARGS, "--data", f"folder:{colour_dir}",
              "--normalize", "auto"]
     assert _run(tmp_path / "a", *given, "--minutes", "0.2") == 0 and measured == [1]
@@ -149,10 +177,12 @@ def test_a_run_sized_by_minutes_makes_what_its_images_make(colour_dir, tmp_path,
     shards = sorted((tmp_path / "a" / "own" / "synthetic").rglob("shard-*.safetensors"))
     assert sum(len(load_file(s)["label"]) for s in shards) == 140
     report = (tmp_path / "a" / "results.md").read_text()
-    assert "140 inputs, fitted to 0.2 minutes" in report and "--images 140 makes this objective's students" in report
+    assert row["configs"]["reconstruct"]["steps"] == row["budget"]["steps"] == steps < 5
+    assert "140 inputs, fitted to 0.2 minutes" in report
+    assert f"--images 140 --steps {steps} makes this objective's students" in report
     monkeypatch.setattr(budget, "measure", lambda *a, **k: pytest.fail("measured again on a resume"))
     assert _run(tmp_path / "a", *given, "--minutes", "0.2") == 0
-    assert _run(tmp_path / "b", *given, "--images", 140) == 0
+    assert _run(tmp_path / "b", *given, "--images", 140, "--steps", steps) == 0
     others = sorted((tmp_path / "b" / "own" / "synthetic").rglob("shard-*.safetensors"))
     assert [s.relative_to(tmp_path / "a") for s in shards] == [s.relative_to(tmp_path / "b") for s in others]
     for a, b in zip(shards, others):
