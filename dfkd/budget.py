@@ -15,16 +15,19 @@ Then
     n = share * (M * 60 - spent - evaluations * test) / (steps * image_step + epochs * input_epoch)
 
 rounded down to a multiple of the classes, and fewer than ``LEAST`` inputs a class is refused. Where that is
-fewer than the recipe's inputs and ``--steps`` is not given, the plan is made again at the profile's
-``optimise_budget_steps`` (60 against 120: a tight budget buys more from more inputs at fewer steps, docs/colour.md,
-"Fewer steps, more inputs"); the epochs and everything else stay the recipe's. ``share`` (0.8) leaves room for
-what is not measured (a shard's labels and file, a slower shard: one outside pair's shards ranged over 7%) and for
-a measured epoch that runs faster than the run's (colour digits: 0.457 ms an input-epoch measured, 0.64 taken).
+fewer than the recipe's inputs, ``--steps`` is not given and the profile's ``optimise_budget_steps`` are fewer than
+the recipe's, the plan is made again at them (60 against 120: a tight budget buys more from more inputs at fewer
+steps, docs/colour.md, "Fewer steps, more inputs"; a budget just above the recipe's inputs gets its 120 steps and
+about two-thirds the inputs of one just under, on the pairs measured); the epochs and everything else stay the
+recipe's. ``share`` (0.8) leaves room for what is not measured (a shard's labels and file, a slower shard: one
+outside pair's shards ranged over 7%) and for a measured epoch that runs faster than the run's (colour digits:
+0.457 ms an input-epoch measured, 0.64 taken; that run replayed on 80% would have used about 97% of the budget: a
+thin margin, not a bound).
 
 The sizes are written to ``<run>/<pair>/budget.json`` with what they were measured on and read back by every
 resume, so that a run's sizes (and so its students) do not change with the machine's speed once chosen; another
-budget, teacher, statistics, student or recipe measures again. The report says the sizes and the ``--images`` and
-``--steps`` that make the same students without a budget (``lines``).
+budget, teacher, statistics, student, recipe or a ``--steps`` given measures again. The report says the sizes and
+the ``--images`` and ``--steps`` that make the same students without a budget (``lines``).
 """
 from __future__ import annotations
 
@@ -157,7 +160,7 @@ def _key(cfg: RunConfig, pair: Pair, name: str, teacher_sha: str | None, meta: M
             "stats": meta.header.get("tensors_sha256") if meta else None, "data": data_sha256(cfg.data),
             "normalize": cfg.normalize, "info": info.as_dict(),
             "reconstruct": {k: v for k, v in rc.items() if k not in ("n", "seed")},
-            **({"steps_given": True} if cfg.steps is not None else {}),  # the budget may choose steps only without
+            **({"steps_given": True} if cfg.steps is not None else {}),  # the budget chooses steps only without it
             "distill": {k: v for k, v in config_settings(DistillConfig(**pair.distill)).items() if k != "seed"}}
     return hashlib.sha256(json.dumps(made, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -180,14 +183,18 @@ def _pinned(path: Path, doc: dict, name: str, key: str, classes: int) -> dict | 
 
 def fit(cfg: RunConfig, pair: Pair, name: str, teacher: nn.Module, meta: Metadata | None, data, d: Path,
         probe: dict | None, teacher_sha: str | None, clock=time.perf_counter) -> tuple[Pair, dict]:
-    """``pair`` with objective ``name``'s inputs sized to ``cfg.minutes`` (read back from ``d/budget.json`` where
-    they were chosen for these settings, else measured and added there: sizes chosen for other settings are kept
-    beside them, so that the run they were chosen for still resumes), and what chose them. ``probe``: the colour
-    probe's report where its seconds fall in this objective's budget (the run's first)."""
+    """``pair`` with objective ``name``'s inputs (and steps) sized to ``cfg.minutes`` (read back from
+    ``d/budget.json`` where they were chosen for these settings, else measured and added there: sizes chosen for
+    other settings are kept beside them, so that the run they were chosen for still resumes), and what chose them.
+    ``probe``: the colour probe's report where its seconds fall in this objective's budget (the run's first)."""
     path, key = d / "budget.json", _key(cfg, pair, name, teacher_sha, meta, data.info)
     doc = read_json(path) if path.is_file() else {}
     classes = meta.num_classes if meta is not None else num_outputs(teacher, data.info)
     how = _pinned(path, doc, name, key, classes)
+    if how is None and cfg.steps is not None:  # sizes pinned before a given --steps entered the key: at those steps
+        before = _key(replace(cfg, steps=None), pair, name, teacher_sha, meta, data.info)
+        old = _pinned(path, doc, name, before, classes)
+        how = old if old is not None and old["steps"] == cfg.steps else None
     if how is None:
         rc = ReconstructConfig(**dict(pair.recipe_for(name), objective=name))
         dc = DistillConfig(**pair.distill)
@@ -197,14 +204,16 @@ def fit(cfg: RunConfig, pair: Pair, name: str, teacher: nn.Module, meta: Metadat
         spent = costs["seconds"] + probed
         n = plan(60 * cfg.minutes, spent, costs, rc, dc, classes)
         fewer = OWN.get(cfg.profile, {}).get("optimise_budget_steps")
-        if cfg.steps is None and fewer is not None and fewer < rc.steps and n < rc.n:  # tight: more inputs instead
+        tight = n < rc.n // classes * classes and costs["image_step"] > 0  # the recipe's inputs do not fit
+        if cfg.steps is None and fewer is not None and fewer < rc.steps and tight:  # more inputs at fewer steps
             rc = replace(rc, steps=fewer)
             n = plan(60 * cfg.minutes, spent, costs, rc, dc, classes)
         if n < LEAST * classes:
             per = rc.steps * costs["image_step"] + dc.epochs * costs["input_epoch"]
             raise DfkdError("minutes", f"{cfg.minutes:g} minutes fit {n} inputs of {name} at this machine's costs "
                             f"({per:.3g} s an input: {rc.steps} steps, {dc.epochs} epochs), under {LEAST} a class: "
-                            f"give more minutes, or fewer than {rc.steps} --steps, or fewer --epochs")
+                            f"give more minutes, {f'or fewer than {rc.steps} --steps, ' if rc.steps else ''}or fewer "
+                            "--epochs")
         how = {"minutes": cfg.minutes, "images": n, "steps": rc.steps, "epochs": dc.epochs,
                "evaluations": evaluations(dc), "spent": spent, "probe": probed, "share": SHARE,
                **{k: costs[k] for k in ("image_step", "input_epoch", "test")}, "measure": costs["seconds"],

@@ -141,6 +141,32 @@ def test_a_tight_budget_buys_inputs_at_fewer_steps_unless_steps_are_given(pair, 
     assert how["steps"] == 120 and how["images"] >= 3000  # the recipe's inputs fit: its steps
     assert budget.fit(replace(cfg, profile="paper"), p, "bn-stats", teacher, None, data, tmp_path / "p", None,
                       "sha")[1]["steps"] == 120  # a profile without fewer steps: the recipe's
+    few = replace(p, recipe=dict(p.recipe, steps=20))  # a recipe already under the profile's fewer steps: its own
+    assert budget.fit(cfg, few, "bn-stats", teacher, None, data, tmp_path / "f", None, "sha")[1]["steps"] == 20
+    small = replace(p, recipe=dict(p.recipe, n=200))  # more fit at 120 steps than this recipe's 200
+    assert at[120] > 200
+    assert budget.fit(cfg, small, "bn-stats", teacher, None, data, tmp_path / "s", None, "sha")[1]["steps"] == 120
+    rounded = replace(p, recipe=dict(p.recipe, n=at[120] + 5))  # in whole multiples of the 10 classes: what fits
+    assert budget.fit(cfg, rounded, "bn-stats", teacher, None, data, tmp_path / "r", None, "sha")[1]["steps"] == 120
+
+
+def test_sizes_pinned_before_a_given_steps_keyed_them_still_resume(pair, tmp_path, monkeypatch):
+    """An entry written without --steps in the key (before this field, or a run without --steps) is read back by a
+    run given --steps where it was made at those steps, and only there: at other steps the run measures again."""
+    teacher, data = pair
+    calls = []
+    monkeypatch.setattr(budget, "measure", lambda *a, **k: calls.append(1) or
+                        {"image_step": 1e-3, "input_epoch": 1e-3, "test": 2.0, "seconds": 5.0})
+    p = Pair("own", "t", f"{OWN}:student", 1, 1, 0.01, dict(n=3000, steps=120, batch_size=20),
+             dict(epochs=30, eval_every=10), student_args={"in_channels": 3, "width": 4}, own=True)
+    cfg = RunConfig(student=f"{OWN}:student", teacher="t", minutes=20.0)  # roomy: 120 steps, keyed without --steps
+    made, how = budget.fit(cfg, p, "bn-stats", teacher, None, data, tmp_path, None, "sha")
+    assert how["steps"] == 120 and len(calls) == 1
+    again, _ = budget.fit(replace(cfg, steps=120), p, "bn-stats", teacher, None, data, tmp_path, None, "sha")
+    assert again == made and len(calls) == 1  # the same steps: read back, not measured
+    budget.fit(replace(cfg, minutes=2.0), p, "bn-stats", teacher, None, data, tmp_path, None, "sha")  # tight: 60
+    budget.fit(replace(cfg, minutes=2.0, steps=120), p, "bn-stats", teacher, None, data, tmp_path, None, "sha")
+    assert len(calls) == 3  # pinned at 60 without --steps: a run given --steps 120 measures again
 
 
 def test_minutes_is_refused_under_torchrun_and_beyond_its_bound(monkeypatch):
