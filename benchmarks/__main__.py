@@ -95,10 +95,6 @@ def main() -> None:
         from . import cpu_steps
         cpu_steps.main(sys.argv[2:])
         return None
-    if sys.argv[1:2] == ["labels"]:
-        from . import labels
-        labels.main(sys.argv[2:])
-        return None
     if sys.argv[1:2] == ["own"]:
         from . import own_model
         own_model.main(sys.argv[2:])

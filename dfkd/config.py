@@ -30,18 +30,6 @@ def flag_of(cls: type, name: str) -> str | None:
 
 
 SEED = "random seed"
-LABEL_PRECISIONS = ("fp32", "bf16")  # the teacher's labelling passes in distillation
-
-
-def label_precision_problem(precision: str | None, synthesis: str = "optimise", profile: str | None = None) -> str | None:
-    """Why a run cannot label its students' views at ``precision`` (None: it can, or it was not given)."""
-    if precision in (None, "fp32"):
-        return None
-    if precision not in LABEL_PRECISIONS:
-        return f"{precision!r} is not {' or '.join(LABEL_PRECISIONS)}"
-    if synthesis == "generator":
-        return "a generator's batches are labelled in float32; bf16 labels a synthetic set's views (--synthesis optimise)"
-    return "the paper profile labels in float32, as the paper does" if profile == "paper" else None
 
 
 def device_opt() -> Any:
@@ -181,10 +169,6 @@ class DistillConfig:
                          "(rounded half up, at least two; stochastic weight averaging, its BatchNorm statistics computed "
                          "again over the last epoch's first 8,192 views), not the last epoch's weights; 0: the last "
                          "epoch's", later=True)
-    label_precision: str = opt("fp32", "the teacher's forward passes that label each epoch's views: fp32, or bf16 "
-                               "(autocast; the logits returned as float32, their values rounded to bf16; faster where "
-                               "the CPU has native bf16, e.g. AVX-512 bf16 or AMX: python -m benchmarks labels measures "
-                               "it)", choices=LABEL_PRECISIONS, later=True)
     seed: int = opt(0, SEED)
 
 

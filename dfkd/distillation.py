@@ -10,8 +10,7 @@ black whatever the normalisation), and the teacher labels what the student sees,
 one bulk pass before its steps; without one, the logits stored in the shards
 are the targets and the inputs are used as they are. ``adversarial`` replaces a share of each
 batch by views pushed towards the student's disagreement with the teacher (``disagree``),
-labelled by the teacher. ``label_precision`` bf16 runs the epoch's labelling passes under bf16 autocast (the logits returned
-as float32, their values rounded to bf16; the disagreement views keep float32). The student's accuracy on the
+labelled by the teacher. The student's accuracy on the
 real test set is logged (every ``eval_every`` epochs) but never picks the model: the
 last epoch's student is the one saved.
 """
@@ -25,7 +24,7 @@ from torch import nn
 from . import distributed
 from .averaging import check_share
 from .checkpoint import save_model
-from .config import DistillConfig, Runtime, label_precision_problem, to_dict
+from .config import DistillConfig, Runtime, to_dict
 from .data import DataInfo, DataSource, at_input, first_batch, info_of
 from .errors import DfkdError
 from .files import exclusive, weights_sha256
@@ -68,11 +67,6 @@ def disagree(student: nn.Module, teacher: nn.Module, x: torch.Tensor, cfg: Disti
     return x.detach(), logits
 
 
-def labelling(precision: str, teacher: nn.Module):
-    """The context of the teacher's labelling passes: bf16 autocast on its device for ``"bf16"``, else none."""
-    return torch.autocast(device_of(teacher).type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 def check_views(cfg: DistillConfig, teacher: bool, chosen: bool | None = None,
                 shape: tuple[int, ...] | None = None) -> None:
     """Refuse what ``cfg`` asks that could not act, before any step: views ``chosen`` (by default: other than the
@@ -85,11 +79,6 @@ def check_views(cfg: DistillConfig, teacher: bool, chosen: bool | None = None,
     chosen = cfg.augment != DistillConfig.augment if chosen is None else chosen
     if chosen and shape is not None:
         require_images(cfg.augment, shape)
-    if problem := label_precision_problem(cfg.label_precision):
-        raise DfkdError("label_precision", problem)
-    if cfg.label_precision != "fp32" and not teacher:
-        raise DfkdError("label_precision", f"{cfg.label_precision} is the teacher's labelling passes; without a "
-                        "teacher the stored logits are the targets: give the teacher, or leave it at fp32")
     if chosen and not teacher and cfg.augment != "none":
         raise DfkdError("teacher", f"the views {cfg.augment} are labelled by the teacher; give the teacher, or "
                         "--augment none to distill on the stored logits of the inputs as they are")
@@ -126,8 +115,6 @@ def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg
             raise DfkdError("synthetic", f"inputs of shape {tuple(x0.shape[1:])} do not fit the student: "
                             f"{str(e).splitlines()[0]}") from None
     net_teacher = at_input(teacher, info) if teacher is not None else None  # the teacher on raw inputs
-    if cfg.label_precision == "bf16" and device_of(teacher).type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise DfkdError("label_precision", "this GPU has no bf16: leave it at fp32")
     classes = predict_logits(net_teacher, x0).shape[1] if teacher is not None else t0.shape[-1]
     if probe.shape[1] != classes:
         raise DfkdError("synthetic", f"the teacher has {classes} classes, the student {probe.shape[1]}")
@@ -140,8 +127,7 @@ def distill(student: nn.Module, synthetic, teacher: nn.Module | None = None, cfg
         lo, hi = (info.low, info.high) if info is not None else (float(xe.min()), float(xe.max()))  # else the chunk's
         xa = torch.cat([augment(xe[i:i + cfg.batch_size], cfg.augment, g, lo=lo, hi=hi)
                         for i in range(0, len(xe), cfg.batch_size)])
-        with labelling(cfg.label_precision, net_teacher):
-            return xa, predict_logits(net_teacher, xa)  # float32 logits either way
+        return xa, predict_logits(net_teacher, xa)
 
     k = round(cfg.adversarial * cfg.batch_size)
 

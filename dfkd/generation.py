@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed
-from .config import DistillConfig, GeneratorConfig, ReconstructConfig, Runtime, label_precision_problem
+from .config import DistillConfig, GeneratorConfig, ReconstructConfig, Runtime
 from .data import DataInfo, at_input
 from .errors import DfkdError
 from .files import parse_json, weights_sha256
@@ -94,8 +94,6 @@ def _check(rc: ReconstructConfig, dc: DistillConfig, gc: GeneratorConfig) -> Non
         raise DfkdError("augment", f"{dc.augment!r} is not {AUGMENT_FORM}")
     if dc.average:
         raise DfkdError("average", "averages epochs on a synthetic set, which a generator does not make")
-    if problem := label_precision_problem(dc.label_precision, "generator"):
-        raise DfkdError("label_precision", problem)
     if rc.views not in SEEN:
         raise DfkdError("views", f"{rc.views!r} is not {SEEN_FORM}")
     check_seams(rc.patch_tv, rc.patch)

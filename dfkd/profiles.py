@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .averaging import check_share
 from .basis import BASES
-from .config import DistillConfig, GeneratorConfig, ReconstructConfig, TrainConfig, default, label_precision_problem
+from .config import DistillConfig, GeneratorConfig, ReconstructConfig, TrainConfig, default
 from .data import FLOAT32_MAX
 from .errors import DfkdError
 from .kinds import KINDS
@@ -72,8 +72,7 @@ def _sized(r: dict, cfg: RunConfig) -> dict:
 
 
 def _distill_given(cfg: RunConfig) -> dict:  # the run's overrides of a distillation recipe
-    given = {k: getattr(cfg, k) for k in ("epochs", "lr", "temperature", "augment", "average", "label_precision")
-             if getattr(cfg, k) is not None}
+    given = {k: getattr(cfg, k) for k in ("epochs", "lr", "temperature", "augment", "average") if getattr(cfg, k) is not None}
     return dict(given, lr=float(given["lr"])) if "lr" in given else given  # a numpy float saved as a JSON number
 
 
@@ -114,7 +113,8 @@ def _check_own(cfg: RunConfig) -> None:
 
 
 def _check_temperature(cfg: RunConfig) -> None:
-    """Refuse a --temperature outside (0, 1000] (``losses.temperature_problem``), or another under the paper's profile."""
+    """Refuse a --temperature that is not a number in (0, 1000] (``losses.temperature_problem``), or any but the
+    paper's under its profile."""
     problem = temperature_problem(cfg.temperature)
     if problem:
         raise DfkdError("temperature", problem)
@@ -123,7 +123,8 @@ def _check_temperature(cfg: RunConfig) -> None:
 
 
 def _check_lr(cfg: RunConfig) -> None:
-    """Refuse a --lr not a real number > 0 whose Adam first step (10 x lr) fits float32, or another under the paper's."""
+    """Refuse a --lr that is not a real number > 0 whose Adam first step (10 x lr) fits in float32, or any but the
+    paper's 1e-3 under its profile."""
     lr = cfg.lr
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
         raise DfkdError("lr", f"{lr!r} is not a finite number > 0")
@@ -209,8 +210,6 @@ def check(cfg: RunConfig) -> None:
                                   "objective alone" if cfg.ce and cfg.profile == "paper" else None)
     if bad:
         raise DfkdError("ce", bad)
-    if problem := label_precision_problem(cfg.label_precision, cfg.synthesis, cfg.profile):
-        raise DfkdError("label_precision", problem)
     if cfg.basis == "fourier" and cfg.profile == "paper":
         raise DfkdError("basis", "the paper profile optimises the pixels, as the paper does")
     if cfg.unit_targets not in (None, "draw", "batch"):

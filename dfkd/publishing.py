@@ -110,7 +110,7 @@ CARD_FLAGS = {
                                         "clamp", "jitter", "views", "unit_targets", "tv", "l2", "patch_tv", "patch",
                                         "bn_weight", "ce", "whiten", "basis")),
     "distill": (DistillConfig, ("augment", "temperature", "epochs", "batch_size", "lr", "schedule", "adversarial",
-                                "adversarial_steps", "adversarial_step", "eval_every", "average", "label_precision")),
+                                "adversarial_steps", "adversarial_step", "eval_every", "average")),
 }
 
 

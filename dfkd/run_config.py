@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import LABEL_PRECISIONS, device_opt, opt, progress_opt
+from .config import device_opt, opt, progress_opt
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,6 @@ class RunConfig:
                                    "or batch (each class's inputs match its per-unit mean and std); default: the profile's (batch: "
                                    "best's networks, your own pair under optimise, and a generator on your own pair's all-layers "
                                    "without bn-stats, what a teacher without BatchNorm is given; else draw)", choices=("draw", "batch"), later=True)
-    label_precision: str | None = opt(None, "the data-free students' labelling passes in distillation (--synthesis "
-                                      "optimise, not the paper profile): fp32, or bf16 (autocast; faster where the CPU "
-                                      "has native bf16: python -m benchmarks labels); default: fp32", choices=LABEL_PRECISIONS, later=True)
     baselines: bool = opt(True, "skip the real-data and real-KD students")
     seed: int = opt(0, "the teacher's seed, and the first student seed")
     seeds: int = opt(1, "students per cell (seeds --seed, --seed + 1, ...); the table gives their mean and spread",

@@ -38,22 +38,3 @@ def test_cpu_steps_measures_each_variant_against_fp32(colour_dir, tmp_path):
     assert abs(by["channels-last"]["objective_fp32"] / by["fp32"]["objective_fp32"] - 1) < 1e-3
     assert all(r["image_steps_per_s"] > 0 and 0 <= r["agreement"] <= 1 and r["objective_fp32"] > 0 for r in rows)
     assert json.loads((tmp_path / "r.json").read_text()) == rows
-
-
-def test_labels_measures_bf16_against_fp32(colour_dir, tmp_path, monkeypatch):
-    """benchmarks labels on a fresh own-model pair on colour digits: a row per precision, each timed epoch's
-    labelling run at its row's precision (two rounds), bf16's labels visibly not fp32's (the autocast acts) and close
-    (the softened targets at T=8); the rows written are the rows returned."""
-    import json
-
-    import dfkd.distillation as distillation
-    from benchmarks import labels
-    asked, real = [], distillation.labelling
-    monkeypatch.setattr(distillation, "labelling", lambda q, net: asked.append(q) or real(q, net))
-    rows = labels.main(["--data", f"folder:{colour_dir}", "--inputs", "96", "--out", str(tmp_path / "r.json")])
-    assert asked == ["fp32", "bf16", "fp32", "bf16"]  # one chunk an epoch, the epochs in the rows' precisions
-    fp32, bf16 = rows
-    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16") and fp32["inputs"] == bf16["inputs"] == 96
-    assert 0 < bf16["kl"] < 1e-3 and 0 < bf16["max_prob_change"] < 0.05
-    assert all(r["epoch_s"] > 0 and r["label_s"] > 0 for r in rows)
-    assert json.loads((tmp_path / "r.json").read_text()) == rows

@@ -254,39 +254,3 @@ def test_views_that_cannot_act_are_refused_not_skipped():
     assert run("none+mix", Teacher())
     mixed = torch.cat(seen[1:])  # the first call: the teacher's classes, on the first batch as it is
     assert mixed.shape[1] == 20 and not any(torch.equal(m, r) for m in mixed for r in x)
-
-
-def test_bf16_labels_are_the_teachers_logits_under_bf16_autocast(monkeypatch):
-    """``label_precision="bf16"``: the student learns float32 targets equal to the teacher's logits under bf16
-    autocast (the oracle: a linear teacher's product in float64 of its bf16-rounded operands, rounded to bf16),
-    which differ from fp32's; ``"fp32"`` learns the float32 product itself. A precision without a teacher to label,
-    or one other than fp32 and bf16, is refused before any step."""
-    import dfkd.distillation as distillation
-    g = torch.Generator().manual_seed(0)
-    x, stored = torch.rand(64, 20, generator=g), torch.randn(64, 10, generator=g)
-    torch.manual_seed(0)
-    teacher = nn.Linear(20, 10).eval()
-    w, b = teacher.weight.detach(), teacher.bias.detach()
-    seen = []
-
-    def kd(s, t, temperature):  # the targets each step learns, beside the inputs they belong to
-        seen.append(t.detach().clone())
-        return kd_loss(s, t, temperature)
-    monkeypatch.setattr(distillation, "kd_loss", kd)
-    targets = {}
-    for precision in ("fp32", "bf16"):
-        seen.clear()
-        cfg = DistillConfig(epochs=1, batch_size=64, augment="none", label_precision=precision)
-        order = torch.randperm(64, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003))  # fit's epoch order
-        distill(nn.Linear(20, 10), (x, stored), teacher, cfg)
-        assert len(seen) == 1 and seen[0].dtype == torch.float32
-        targets[precision], xs = seen[0], x[order]
-    exact = xs.double() @ w.double().T + b.double()
-    assert torch.allclose(targets["fp32"].double(), exact, atol=1e-5)
-    rounded = (xs.bfloat16().double() @ w.bfloat16().double().T + b.bfloat16().double()).bfloat16().double()
-    assert torch.allclose(targets["bf16"].double(), rounded, rtol=2 ** -7, atol=1e-6)
-    assert (targets["bf16"] - targets["fp32"]).abs().max() > 1e-4  # bf16's rounding, not fp32's products
-    with pytest.raises(DfkdError, match="label_precision: bf16 is the teacher's labelling passes; without a teacher"):
-        distill(nn.Linear(20, 10), (x, stored), None, DistillConfig(epochs=1, augment="none", label_precision="bf16"))
-    with pytest.raises(DfkdError, match="label_precision: 'fp16' is not fp32 or bf16"):
-        check_views(DistillConfig(label_precision="fp16"), True)

@@ -45,7 +45,7 @@ def test_card_commands_parse_with_the_command_line():
     parser = build_parser()
     fixed = {"reconstruct": ["--teacher", "t"], "distill": ["--synthetic", "s", "--out", "o"]}
     other = {"objective": "all-layers", "init": "noise", "augment": "shift+cutmix", "schedule": "cosine",
-             "views": "affine+colour", "unit_targets": "batch", "basis": "fourier", "label_precision": "bf16"}
+             "views": "affine+colour", "unit_targets": "batch", "basis": "fourier"}
     for verb, (cls, flags) in CARD_FLAGS.items():
         sub = parser.parse_args([verb, *fixed[verb]])
         values = {}

@@ -269,46 +269,6 @@ def test_teacher_epochs_sets_the_epochs_of_the_teacher_the_run_trains(own, tmp_p
     assert [p.teacher_epochs for p in pairs(RunConfig(teacher_epochs=4))] == [4, 4]
 
 
-def test_label_precision_reaches_the_data_free_students_distillation(own, tmp_path, capsys):
-    """--label-precision bf16: the data-free student is distilled with bf16 labels (its saved settings), the real-KD
-    baseline keeps fp32, the report's command names the flag, and the same folder without it is refused as other
-    settings. A generator (the run's check, and the library's generate), the paper profile and another precision are
-    refused in one line; at fp32 the setting is left out of saved settings, so work made before it resumes."""
-    from dfkd import generation
-    from dfkd.config import DistillConfig, GeneratorConfig, ReconstructConfig, to_dict
-    from dfkd.run_config import RunConfig
-    from dfkd.errors import DfkdError
-    from dfkd.profiles import configs, pairs
-    d, data = own
-    given = ["--teacher", f"{OWN}:teacher", "--teacher-args", ARGS, "--weights", d / "teacher.safetensors",
-             "--normalize", "auto", "--data", data, "--objectives", "bn-stats"]
-    run(tmp_path, *given, "--label-precision", "bf16")
-    student = json.loads((tmp_path / "own" / "students" / "bn-stats.json").read_text())
-    assert student["distill_config"]["label_precision"] == "bf16"
-    assert student["settings"]["config"]["label_precision"] == "bf16"
-    assert "--label-precision bf16" in (tmp_path / "results.md").read_text()
-    capsys.readouterr()
-    run(tmp_path, *given, code=2)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "other settings" in err[0] and "label_precision bf16 -> fp32" in err[0], err
-    own_pair = dict(teacher="t.py:net", weights="w.safetensors", student="s.py:net")
-    cfg = RunConfig(**own_pair, label_precision="bf16")
-    (p,) = pairs(cfg)
-    assert configs("all-layers", p, 0, cfg)[1].label_precision == "bf16"
-    assert configs("real-kd", p, 0, cfg)[0].label_precision == "fp32"
-    assert configs("all-layers", pairs(RunConfig(**own_pair))[0], 0, cfg)[1].label_precision == "fp32"
-    for bad, why in ((dict(own_pair, synthesis="generator"), "a generator's batches are labelled in float32"),
-                     (dict(networks=("lenet5",), profile="paper"), "the paper profile labels in float32")):
-        with pytest.raises(DfkdError, match=why):
-            pairs(RunConfig(**bad, label_precision="bf16"))
-    with pytest.raises(DfkdError, match="'fp16' is not fp32 or bf16"):
-        pairs(RunConfig(**own_pair, label_precision="fp16"))
-    assert "label_precision" not in to_dict(DistillConfig()) and "label_precision" not in to_dict(RunConfig())
-    assert to_dict(DistillConfig(label_precision="bf16"))["label_precision"] == "bf16"  # later: left out at fp32 alone
-    with pytest.raises(DfkdError, match="label_precision: a generator's batches are labelled in float32"):
-        generation._check(ReconstructConfig(), DistillConfig(label_precision="bf16"), GeneratorConfig())
-
-
 def test_temperature_sets_the_data_free_students_kd_temperature(own, tmp_path, capsys):
     """--temperature: the data-free student is distilled at it (its saved settings), the real-KD baseline keeps
     its own recipe's 8, the report's command names the flag, and the same folder without it is refused as other
